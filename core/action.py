@@ -1,0 +1,159 @@
+"""Actions: what an agent wants to do next, in framework- and provider-neutral terms."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+from clearance._model import InputModel
+from clearance.plan import Plan
+from clearance.pricing import price_nano_usd
+from clearance.units import USD_SCALE, from_step_map, to_step_map
+from pydantic import Field, PrivateAttr, field_validator
+
+_WORD_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_LABEL_RE = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+
+KINDS = ("model_call", "tool_call", "step", "side_effect")
+RISKS = ("read", "write", "external", "payment")
+
+
+class Action(InputModel):
+    """What the agent wants to do next.
+
+    ``kind`` is ``model_call``, ``tool_call``, ``step``, ``side_effect`` or another lower-case word;
+    ``amounts`` are the estimated amounts per unit (the worst case to hold); ``optional`` marks a step
+    a policy may skip; ``risk`` is ``read``, ``write``, ``external``, ``payment`` or a user word.
+
+    >>> Action("tool_call", "send_email", amounts={"emails": 1}, risk="external")
+    """
+
+    kind: str
+    name: str
+    amounts: dict[str, Decimal] = Field(default_factory=dict)
+    optional: bool = False
+    risk: str | None = None
+    provider: str | None = Field(default=None, max_length=128)
+    model: str | None = Field(default=None, max_length=256)
+    tool: str | None = Field(default=None, max_length=256)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    _steps: dict[str, int] = PrivateAttr(default_factory=dict)
+    _plan: Plan | None = PrivateAttr(default=None)
+
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        amounts: Mapping[str, Any] | None = None,
+        *,
+        optional: bool = False,
+        risk: str | None = None,
+        provider: str | None = None,
+        model: str | None = None,
+        tool: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        steps = to_step_map(amounts, "action amounts")
+        super().__init__(
+            kind=kind,
+            name=name,
+            amounts=from_step_map(steps),
+            optional=optional,
+            risk=risk,
+            provider=provider,
+            model=model,
+            tool=tool,
+            metadata=dict(metadata or {}),
+        )
+        self._steps = steps
+
+    @field_validator("kind", "risk")
+    @classmethod
+    def _check_word(cls, value: str | None) -> str | None:
+        if value is not None and not _WORD_RE.fullmatch(value):
+            raise ValueError("must be a lower-case word [a-z][a-z0-9_]{0,31}")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _LABEL_RE.fullmatch(value):
+            raise ValueError("must be 1-256 printable characters")
+        return value
+
+    @property
+    def steps(self) -> dict[str, int]:
+        """The estimated amounts in exact integer steps (see :mod:`clearance.units`)."""
+        return self._steps
+
+    @property
+    def label(self) -> str:
+        """``kind:name``, as shown in decisions and the audit trail."""
+        return f"{self.kind}:{self.name}"
+
+    def as_plan(self) -> Plan:
+        """The action as requested: its amounts, no caps (cached)."""
+        plan = self._plan
+        if plan is None:
+            plan = Plan(self.amounts)
+            self._plan = plan
+        return plan
+
+    @classmethod
+    def model_call(
+        cls,
+        provider: str | None,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        *,
+        name: str | None = None,
+        optional: bool = False,
+        risk: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Action:
+        """A model call priced at its worst case: ``usd`` for ``input_tokens`` plus
+        ``max_output_tokens`` at the model's genai-prices rate, and ``tokens`` for both.
+
+        An unknown model raises :class:`InvalidRequest` unless a fallback price is configured
+        (:func:`clearance.pricing.set_fallback_price`). ``extra`` adds amounts of other units.
+        """
+        nano = price_nano_usd(provider, model, input_tokens, max_output_tokens)
+        amounts: dict[str, Any] = {"usd": Decimal(nano) / USD_SCALE, "tokens": input_tokens + max_output_tokens}
+        if extra:
+            amounts.update(extra)
+        meta = {"input_tokens": input_tokens, "max_output_tokens": max_output_tokens, **(metadata or {})}
+        return cls(
+            "model_call",
+            name or model,
+            amounts,
+            optional=optional,
+            risk=risk,
+            provider=provider,
+            model=model,
+            metadata=meta,
+        )
+
+    @classmethod
+    def tool_call(
+        cls,
+        tool: str,
+        amounts: Mapping[str, Any] | None = None,
+        *,
+        optional: bool = False,
+        risk: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Action:
+        """A tool call; counts one ``calls`` unless ``amounts`` say otherwise."""
+        return cls(
+            "tool_call",
+            tool,
+            amounts if amounts is not None else {"calls": 1},
+            optional=optional,
+            risk=risk,
+            tool=tool,
+            metadata=metadata,
+        )

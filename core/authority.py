@@ -1,0 +1,605 @@
+"""The Authority: the one object an application talks to.
+
+It turns an :class:`Action` at a scope into plans (the caller's, or the action as requested),
+asks the store to hold the first plan that fits — atomically, across every level of the scope
+and every worker — and answers with a :class:`Decision`. It also settles reservations, reports
+balances, and turns store trouble into a decision (fail closed by default).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+from clearance.action import Action
+from clearance.budget import Budget
+from clearance.decision import Balance, Decision, Mode, Outcome, Reason, Reservation, Settlement, balance_of
+from clearance.errors import Denied, InvalidRequest, ReservationNotFound, StoreUnavailable
+from clearance.ledger import (
+    AccountState,
+    Amounts,
+    AuditEvent,
+    HoldRequest,
+    HoldResult,
+    PlanSpec,
+    Rejection,
+    ReservationRecord,
+    SettleResult,
+)
+from clearance.periods import Period, period_key, windows_at
+from clearance.plan import Caps, Plan, check_plans
+from clearance.scope import Scope, parse_scope
+from clearance.stores import Store, store_from_url
+from clearance.units import from_steps, to_step_map
+
+logger = logging.getLogger("clearance")
+
+Clock = Callable[[], float]
+AmountsLike = Mapping[str, Any]
+ReservationRef = Reservation | str
+
+MAX_TTL = 7 * 24 * 3600.0
+_LOCAL_PREFIX = "local-"
+
+
+def _check_ttl(ttl: object) -> float:
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or not 0 < ttl <= MAX_TTL:
+        raise InvalidRequest(f"ttl must be a number of seconds in (0, {MAX_TTL:.0f}], got {ttl!r}")
+    return float(ttl)
+
+
+def _check_key(key: object) -> str | None:
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 0 < len(key) <= 200 or not key.isprintable():
+        raise InvalidRequest("idempotency_key must be 1-200 printable characters")
+    return key
+
+
+def _reservation_id(reservation: object) -> str:
+    if isinstance(reservation, Reservation):
+        return reservation.id
+    if isinstance(reservation, str):
+        return reservation
+    raise InvalidRequest(f"expected a Reservation or its id, got {type(reservation).__name__}")
+
+
+def _reason(rejection: Rejection, plan_count: int) -> Reason:
+    unit = rejection.unit
+    needed = from_steps(unit, rejection.needed)
+    remaining = from_steps(unit, rejection.remaining)
+    where = f"{rejection.scope} {unit}" + (f" ({rejection.period})" if rejection.period else "")
+    prefix = f"plan {rejection.plan_index}: " if plan_count > 1 else ""
+    if rejection.code == "min_headroom":
+        threshold = from_steps(unit, rejection.required)
+        message = f"{prefix}{where} would keep {remaining - needed} < required headroom {threshold}"
+        return Reason(
+            rejection.code,
+            message,
+            rejection.scope,
+            unit,
+            rejection.period or None,
+            rejection.plan_index,
+            needed,
+            remaining,
+            threshold,
+        )
+    if rejection.code == "budget_overage":
+        message = f"{prefix}{where} is over its limit by {-remaining}"
+    else:
+        message = f"{prefix}{where} needs {needed}, {remaining} remains"
+    return Reason(
+        rejection.code,
+        message,
+        rejection.scope,
+        unit,
+        rejection.period or None,
+        rejection.plan_index,
+        needed,
+        remaining,
+    )
+
+
+def _reservation(record: ReservationRecord) -> Reservation:
+    return Reservation(
+        id=record.id,
+        scope=record.scope,
+        steps=record.amounts,
+        expires_at=record.expires_at,
+        plan_index=record.plan_index,
+        status=record.status,
+        created_at=record.created_at,
+        label=record.label,
+        idempotency_key=record.idempotency_key,
+        committed_steps=record.committed,
+        flags=record.flags,
+    )
+
+
+class _EmergencyCap:
+    """What this process may spend, per unit, while the store is unreachable (fail open)."""
+
+    def __init__(self, limits: dict[str, int]) -> None:
+        self.limits = limits
+        self.used: dict[str, int] = dict.fromkeys(limits, 0)
+        self.holds: dict[str, Amounts] = {}
+        self.lock = threading.Lock()
+
+    def take(self, rid: str, steps: Amounts) -> str | None:
+        """Hold ``steps`` against the cap; return the unit that does not fit, or None."""
+        with self.lock:
+            for unit, amount in steps:
+                if unit in self.limits and self.used[unit] + amount > self.limits[unit]:
+                    return unit
+            for unit, amount in steps:
+                if unit in self.limits:
+                    self.used[unit] += amount
+            self.holds[rid] = steps
+            return None
+
+    def settle(self, rid: str, actual: Amounts | None) -> Amounts:
+        with self.lock:
+            held = self.holds.pop(rid, ())
+            charged = held if actual is None else actual
+            for unit, amount in held:
+                if unit in self.limits:
+                    self.used[unit] -= amount
+            for unit, amount in charged:
+                if unit in self.limits:
+                    self.used[unit] += amount
+            return charged
+
+
+class Grant:
+    """What ``guard`` yields: the decision, and :meth:`settle` to record the actual amounts."""
+
+    __slots__ = ("_actual", "decision", "settlement")
+
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+        self._actual: Amounts | None = None
+        self.settlement: Settlement | None = None
+
+    @property
+    def reservation(self) -> Reservation | None:
+        return self.decision.reservation
+
+    @property
+    def caps(self) -> Caps | None:
+        return self.decision.caps
+
+    @property
+    def skipped(self) -> bool:
+        """True when the decision says to skip this optional step."""
+        caps = self.decision.caps
+        return caps is not None and caps.skip_optional
+
+    def settle(self, actual: AmountsLike) -> None:
+        """Record what the action actually cost; committed when the ``with`` block ends
+        (even if it then raises: money spent is spent)."""
+        self._actual = tuple(to_step_map(actual, "actual amounts").items())
+
+
+class Authority:
+    """Budget and action authority for agents.
+
+    >>> authority = Authority()                       # in-memory; or Authority.from_url("sqlite:///ledger.db")
+    >>> authority.set_budget(Budget("tenant:acme", "usd", "5.00", period="day"))
+    >>> decision = authority.reserve(Action.model_call("openai", "gpt-4o", 1200, 800), "tenant:acme/run:r1")
+    >>> authority.commit(decision.reservation, {"usd": "0.0071"})
+
+    ``store`` is a :class:`Store` or a URL; by default the ``CLEARANCE_STORE`` environment variable,
+    else ``memory://``. ``fail_open`` (``True`` or a list of scope prefixes) lets actions go ahead
+    while the store is unreachable, bounded per process by ``emergency_limits`` (default 1 USD).
+    """
+
+    def __init__(
+        self,
+        store: Store | str | None = None,
+        *,
+        clock: Clock | None = None,
+        default_ttl: float = 60.0,
+        fail_open: bool | Iterable[str] = False,
+        emergency_limits: AmountsLike | None = None,
+    ) -> None:
+        if store is None:
+            store = os.environ.get("CLEARANCE_STORE") or "memory://"
+        self.store: Store = store_from_url(store) if isinstance(store, str) else store
+        if not isinstance(self.store, Store):
+            raise InvalidRequest(f"store must be a Store or a URL, got {type(store).__name__}")
+        self.clock: Clock = clock or time.time
+        self.default_ttl = _check_ttl(default_ttl)
+        if isinstance(fail_open, bool):
+            self._fail_open: bool | tuple[Scope, ...] = fail_open
+        else:
+            self._fail_open = tuple(parse_scope(prefix) for prefix in fail_open)
+        limits = to_step_map(emergency_limits if emergency_limits is not None else {"usd": 1}, "emergency_limits")
+        self._emergency = _EmergencyCap(limits)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Authority:
+        """An Authority on the store at ``url`` (``memory://``, ``sqlite:///path.db``, ``redis://…``)."""
+        return cls(store_from_url(url), **options)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Authority:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- reserve -----------------------------------------------------------------------------
+    def _request(
+        self,
+        action: object,
+        scope: object,
+        plans: Sequence[Plan] | None,
+        ttl: float | None,
+        idempotency_key: str | None,
+    ) -> tuple[HoldRequest, Action, Scope, tuple[Plan, ...]]:
+        if not isinstance(action, Action):
+            raise InvalidRequest(f"expected an Action, got {type(action).__name__}")
+        parsed = parse_scope(scope)  # type: ignore[arg-type]
+        chosen = (action.as_plan(),) if plans is None else check_plans(plans)
+        kinds = parsed.kinds
+        specs = tuple(PlanSpec(tuple(plan.steps.items()), plan.headroom_ppm(kinds)) for plan in chosen)
+        now = self.clock()
+        lifetime = self.default_ttl if ttl is None else _check_ttl(ttl)
+        request = HoldRequest(
+            reservation_id=f"{os.urandom(10).hex()}.{parsed.root}",
+            chain=parsed.chain,
+            plans=specs,
+            now=now,
+            expires_at=now + lifetime,
+            windows=windows_at(now),
+            idempotency_key=_check_key(idempotency_key),
+            label=action.label,
+        )
+        return request, action, parsed, chosen
+
+    def _decide(
+        self, result: HoldResult, action: Action, scope: Scope, plans: tuple[Plan, ...], now: float
+    ) -> Decision:
+        count = len(plans)
+        reasons = [_reason(r, count) for r in result.rejections] if result.rejections else []
+        index = result.plan_index
+        if index < 0:
+            return Decision(Outcome.DENY, scope.path, action.label, None, None, tuple(reasons), result.accounts)
+        plan = plans[index]
+        caps = plan.caps if plan.caps is not None and not plan.caps.is_empty else None
+        if index == 0 and caps is None:
+            outcome = Outcome.ALLOW
+        else:
+            outcome = Outcome.ALLOW_WITH_CAPS
+            caps = caps or Caps()
+            reasons.append(Reason("plan_selected", f"plan {index} of {count} fits", scope.path, plan=index))
+        reservation = Reservation(
+            id=result.reservation_id or "",
+            scope=scope.path,
+            steps=tuple(plan.steps.items()),
+            expires_at=result.expires_at,
+            plan_index=index,
+            created_at=now,
+            label=action.label,
+        )
+        return Decision(
+            outcome,
+            scope.path,
+            action.label,
+            reservation,
+            caps,
+            tuple(reasons),
+            result.accounts,
+            index,
+            Mode.ENFORCED,
+            result.replayed,
+        )
+
+    def _unavailable(
+        self, error: StoreUnavailable, request: HoldRequest, action: Action, scope: Scope, plans: tuple[Plan, ...]
+    ) -> Decision:
+        fail_open = self._fail_open
+        if fail_open is not True and not (
+            isinstance(fail_open, tuple) and any(scope.is_within(prefix) for prefix in fail_open)
+        ):
+            logger.warning("clearance store unavailable, denying %s at %s: %s", action.label, scope.path, error)
+            reason = Reason("store_unavailable", f"store unavailable, failing closed: {error}", scope.path)
+            return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_CLOSED)
+        plan = plans[0]
+        rid = _LOCAL_PREFIX + request.reservation_id
+        steps = tuple(plan.steps.items())
+        over = self._emergency.take(rid, steps)
+        if over is not None:
+            reason = Reason(
+                "emergency_cap",
+                f"store unavailable and this process's emergency cap of {over} is used",
+                scope.path,
+                unit=over,
+            )
+            return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_OPEN)
+        logger.warning("clearance store unavailable, failing open for %s at %s: %s", action.label, scope.path, error)
+        reservation = Reservation(rid, scope.path, steps, request.expires_at, 0, label=action.label, local=True)
+        reason = Reason("fail_open", f"store unavailable, allowed within the emergency cap: {error}", scope.path)
+        caps = plan.caps if plan.caps is not None and not plan.caps.is_empty else None
+        outcome = Outcome.ALLOW if caps is None else Outcome.ALLOW_WITH_CAPS
+        return Decision(outcome, scope.path, action.label, reservation, caps, (reason,), (), 0, Mode.FAIL_OPEN)
+
+    def reserve(
+        self,
+        action: Action,
+        scope: str | Scope,
+        *,
+        plans: Sequence[Plan] | None = None,
+        ttl: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Decision:
+        """Decide whether ``action`` may go ahead at ``scope`` and hold its budget if so.
+
+        With ``plans`` (best first), atomically holds the first plan that fits every budget on every
+        level of the scope; otherwise holds the action's own amounts. A denial is a Decision, not an
+        exception. Retrying with the same ``idempotency_key`` returns the same reservation.
+        """
+        request, action, parsed, chosen = self._request(action, scope, plans, ttl, idempotency_key)
+        try:
+            result = self.store.hold(request)
+        except StoreUnavailable as error:
+            return self._unavailable(error, request, action, parsed, chosen)
+        return self._decide(result, action, parsed, chosen, request.now)
+
+    async def areserve(
+        self,
+        action: Action,
+        scope: str | Scope,
+        *,
+        plans: Sequence[Plan] | None = None,
+        ttl: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Decision:
+        """Async twin of :meth:`reserve`."""
+        request, action, parsed, chosen = self._request(action, scope, plans, ttl, idempotency_key)
+        try:
+            result = await self.store.ahold(request)
+        except StoreUnavailable as error:
+            return self._unavailable(error, request, action, parsed, chosen)
+        return self._decide(result, action, parsed, chosen, request.now)
+
+    # --- settle ------------------------------------------------------------------------------
+    def _local(self, rid: str, actual: Amounts | None, commit: bool) -> Settlement:
+        charged = self._emergency.settle(rid, actual if commit else ())
+        return Settlement(rid, "committed" if commit else "released", charged if commit else ())
+
+    @staticmethod
+    def _settlement(result: SettleResult) -> Settlement:
+        return Settlement(result.reservation_id, result.status, result.charged, result.flags, result.replayed)
+
+    @staticmethod
+    def _actual(actual: AmountsLike | None) -> Amounts | None:
+        return None if actual is None else tuple(to_step_map(actual, "actual amounts").items())
+
+    def commit(self, reservation: ReservationRef, actual: AmountsLike | None = None) -> Settlement:
+        """Record what the action actually cost and free the rest of its hold.
+
+        ``actual=None`` commits the held amounts. A commit above the hold, after a release or after
+        expiry is still recorded (flagged ``over_hold``/``overage``/``after_release``/``late``); a
+        repeated commit changes nothing (``replayed``).
+        """
+        rid = _reservation_id(reservation)
+        steps = self._actual(actual)
+        if rid.startswith(_LOCAL_PREFIX):
+            return self._local(rid, steps, commit=True)
+        return self._settlement(self.store.commit(rid, steps, self.clock()))
+
+    async def acommit(self, reservation: ReservationRef, actual: AmountsLike | None = None) -> Settlement:
+        """Async twin of :meth:`commit`."""
+        rid = _reservation_id(reservation)
+        steps = self._actual(actual)
+        if rid.startswith(_LOCAL_PREFIX):
+            return self._local(rid, steps, commit=True)
+        return self._settlement(await self.store.acommit(rid, steps, self.clock()))
+
+    def release(self, reservation: ReservationRef) -> Settlement:
+        """Return the whole hold to the budgets (the action did not run). Idempotent."""
+        rid = _reservation_id(reservation)
+        if rid.startswith(_LOCAL_PREFIX):
+            return self._local(rid, None, commit=False)
+        return self._settlement(self.store.release(rid, self.clock()))
+
+    async def arelease(self, reservation: ReservationRef) -> Settlement:
+        """Async twin of :meth:`release`."""
+        rid = _reservation_id(reservation)
+        if rid.startswith(_LOCAL_PREFIX):
+            return self._local(rid, None, commit=False)
+        return self._settlement(await self.store.arelease(rid, self.clock()))
+
+    def extend(self, reservation: ReservationRef, ttl: float) -> Reservation:
+        """Keep a held reservation alive for ``ttl`` more seconds from now."""
+        rid = _reservation_id(reservation)
+        lifetime = _check_ttl(ttl)
+        now = self.clock()
+        return _reservation(self.store.extend(rid, now + lifetime, now))
+
+    async def aextend(self, reservation: ReservationRef, ttl: float) -> Reservation:
+        """Async twin of :meth:`extend`."""
+        rid = _reservation_id(reservation)
+        lifetime = _check_ttl(ttl)
+        now = self.clock()
+        return _reservation(await self.store.aextend(rid, now + lifetime, now))
+
+    def reservation(self, reservation: ReservationRef) -> Reservation:
+        """The current state of a reservation (``ReservationNotFound`` if unknown)."""
+        rid = _reservation_id(reservation)
+        if rid.startswith(_LOCAL_PREFIX):
+            raise ReservationNotFound(rid)
+        return _reservation(self.store.reservation(rid, self.clock()))
+
+    def reservations(
+        self, scope: str | Scope | None = None, *, status: str | None = "held", limit: int = 1000
+    ) -> list[Reservation]:
+        """Reservations at or under ``scope`` (default: all held ones), newest first."""
+        path = None if scope is None else parse_scope(scope).path
+        if status is not None and status not in ("held", "committed", "released", "expired"):
+            raise InvalidRequest(f"unknown reservation status {status!r}")
+        records = self.store.reservations(path, status, limit, self.clock())
+        return [_reservation(r) for r in records]
+
+    # --- budgets -----------------------------------------------------------------------------
+    def set_budget(self, budget: Budget) -> None:
+        """Create or change a budget. Counters are kept, so lowering a limit below what is spent
+        puts the scope in overage (it denies until it has room again)."""
+        if not isinstance(budget, Budget):
+            raise InvalidRequest(f"expected a Budget, got {type(budget).__name__}")
+        self.store.set_budget(budget.scope, budget.unit, budget.period_key, budget.steps, self.clock())
+
+    async def aset_budget(self, budget: Budget) -> None:
+        """Async twin of :meth:`set_budget`."""
+        if not isinstance(budget, Budget):
+            raise InvalidRequest(f"expected a Budget, got {type(budget).__name__}")
+        await self.store.aset_budget(budget.scope, budget.unit, budget.period_key, budget.steps, self.clock())
+
+    def remove_budget(self, scope: str | Scope, unit: str, period: Period | str | None = None) -> bool:
+        """Remove one budget; returns False when there was none."""
+        path = parse_scope(scope).path
+        Budget(path, unit, 0, period)  # validates unit and period the same way set_budget does
+        return self.store.remove_budget(path, unit, period_key(period), self.clock())
+
+    def balance(self, scope: str | Scope) -> dict[str, Balance]:
+        """Budgets at exactly ``scope``, one per unit: when a unit has several periods, the one
+        with the least remaining (the binding one). See :meth:`budgets` for all of them."""
+        path = parse_scope(scope).path
+        now = self.clock()
+        return self._by_unit(self.store.accounts(path, windows_at(now), now, False))
+
+    async def abalance(self, scope: str | Scope) -> dict[str, Balance]:
+        """Async twin of :meth:`balance`."""
+        path = parse_scope(scope).path
+        now = self.clock()
+        return self._by_unit(await self.store.aaccounts(path, windows_at(now), now, False))
+
+    @staticmethod
+    def _by_unit(accounts: list[AccountState]) -> dict[str, Balance]:
+        tightest: dict[str, AccountState] = {}
+        for account in accounts:
+            best = tightest.get(account.unit)
+            if best is None or account.remaining < best.remaining:
+                tightest[account.unit] = account
+        return {unit: balance_of(account) for unit, account in tightest.items()}
+
+    def budgets(self, scope: str | Scope | None = None) -> list[Balance]:
+        """Every budget at or under ``scope`` (all when ``None``) with its current window's balance."""
+        path = None if scope is None else parse_scope(scope).path
+        now = self.clock()
+        return [balance_of(a) for a in self.store.accounts(path, windows_at(now), now, True)]
+
+    # --- maintenance -------------------------------------------------------------------------
+    def sweep(self) -> int:
+        """Return every expired hold to its budgets now; returns how many expired. Not needed for
+        correctness (expiry is also reclaimed lazily), but keeps balances and listings tidy."""
+        return self.store.sweep(self.clock())
+
+    async def asweep(self) -> int:
+        """Async twin of :meth:`sweep`."""
+        return await self.store.asweep(self.clock())
+
+    def events(self, *, after: int = 0, limit: int = 100, scope: str | Scope | None = None) -> list[AuditEvent]:
+        """The audit trail: ledger changes with sequence number above ``after``, oldest first."""
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise InvalidRequest("after must be a non-negative int")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 100_000:
+            raise InvalidRequest("limit must be an int in 1..100000")
+        path = None if scope is None else parse_scope(scope).path
+        return self.store.events(after, limit, path)
+
+    # --- context managers --------------------------------------------------------------------
+    def _finish_sync(self, grant: Grant, failed: bool) -> None:
+        reservation = grant.decision.reservation
+        if reservation is None:
+            return
+        if failed and grant._actual is None:
+            try:
+                grant.settlement = self.release(reservation)
+            except Exception:  # never mask the caller's own exception
+                logger.exception("clearance: could not release %s", reservation.id)
+            return
+        if failed:
+            try:
+                grant.settlement = self._commit_steps(reservation, grant._actual)
+            except Exception:
+                logger.exception("clearance: could not commit %s", reservation.id)
+            return
+        grant.settlement = self._commit_steps(reservation, grant._actual)
+
+    def _commit_steps(self, reservation: Reservation, steps: Amounts | None) -> Settlement:
+        if reservation.local:
+            return self._local(reservation.id, steps, commit=True)
+        return self._settlement(self.store.commit(reservation.id, steps, self.clock()))
+
+    async def _acommit_steps(self, reservation: Reservation, steps: Amounts | None) -> Settlement:
+        if reservation.local:
+            return self._local(reservation.id, steps, commit=True)
+        return self._settlement(await self.store.acommit(reservation.id, steps, self.clock()))
+
+    @contextmanager
+    def guard(
+        self,
+        action: Action,
+        scope: str | Scope,
+        *,
+        plans: Sequence[Plan] | None = None,
+        ttl: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Iterator[Grant]:
+        """Reserve on enter (raise :class:`Denied` on DENY), commit on exit, release on exception.
+
+        >>> with authority.guard(action, "tenant:acme/run:r1") as grant:
+        ...     reply = call_model(model=grant.caps.model if grant.caps else None)
+        ...     grant.settle({"usd": reply.cost})
+        """
+        decision = self.reserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key)
+        if decision.denied:
+            raise Denied(decision)
+        grant = Grant(decision)
+        try:
+            yield grant
+        except BaseException:
+            self._finish_sync(grant, failed=True)
+            raise
+        self._finish_sync(grant, failed=False)
+
+    @asynccontextmanager
+    async def aguard(
+        self,
+        action: Action,
+        scope: str | Scope,
+        *,
+        plans: Sequence[Plan] | None = None,
+        ttl: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncIterator[Grant]:
+        """Async twin of :meth:`guard`."""
+        decision = await self.areserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key)
+        if decision.denied:
+            raise Denied(decision)
+        grant = Grant(decision)
+        reservation = decision.reservation
+        try:
+            yield grant
+        except BaseException:
+            if reservation is not None:
+                try:
+                    if grant._actual is None:
+                        grant.settlement = await self.arelease(reservation)
+                    else:
+                        grant.settlement = await self._acommit_steps(reservation, grant._actual)
+                except Exception:  # never mask the caller's own exception
+                    logger.exception("clearance: could not settle %s", reservation.id)
+            raise
+        if reservation is not None:
+            grant.settlement = await self._acommit_steps(reservation, grant._actual)

@@ -1,0 +1,214 @@
+"""The ledger's records and its one algorithm, shared by the embedded stores.
+
+Stores speak integers (smallest steps) and plain tuples; the :class:`~clearance.Authority` turns
+them into public ``Decision``/``Reservation``/``Balance`` objects. The Redis store implements the same
+algorithm in Lua; the contract suite holds every store to the same results.
+
+The invariant every store keeps, for every budget and window at every moment::
+
+    spent + held <= limit          (unless a commit recorded overage: reality wins)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from clearance.periods import Windows
+
+Amounts = tuple[tuple[str, int], ...]
+"""``((unit, steps), ...)`` — the stores' form of an amount map."""
+
+HELD = "held"
+COMMITTED = "committed"
+RELEASED = "released"
+EXPIRED = "expired"
+STATUSES = (HELD, COMMITTED, RELEASED, EXPIRED)
+
+# Why a plan did not fit one budget.
+EXHAUSTED = "budget_exhausted"
+OVERAGE = "budget_overage"
+MIN_HEADROOM = "min_headroom"
+
+# Flags a commit can carry.
+OVER_HOLD = "over_hold"  # actual above what was held for a unit
+OVER_LIMIT = "overage"  # a budget ended above its limit
+LATE = "late"  # committed after the hold expired
+AFTER_RELEASE = "after_release"  # committed after an explicit release
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSpec:
+    """A plan in store terms: what to hold, and the headroom (ppm of limit) each level must keep."""
+
+    amounts: Amounts
+    headroom_ppm: tuple[int, ...]  # one per chain level; 0 = no requirement
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRequest:
+    reservation_id: str
+    chain: tuple[str, ...]  # scope paths, root first
+    plans: tuple[PlanSpec, ...]
+    now: float
+    expires_at: float
+    windows: Windows
+    idempotency_key: str | None = None
+    label: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AccountState:
+    """One budget and its current window's counters."""
+
+    scope: str
+    unit: str
+    period: str
+    window: str
+    limit: int
+    spent: int
+    held: int
+
+    @property
+    def remaining(self) -> int:
+        return self.limit - self.spent - self.held
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """The first budget that stopped a plan."""
+
+    plan_index: int
+    code: str
+    scope: str
+    unit: str
+    period: str
+    needed: int
+    remaining: int
+    required: int = 0  # for min_headroom: what must remain
+
+
+@dataclass(frozen=True, slots=True)
+class HoldResult:
+    reservation_id: str | None  # None when denied
+    plan_index: int  # -1 when denied
+    expires_at: float
+    accounts: tuple[AccountState, ...]  # the chain's budgets for the plans' units, after the hold
+    rejections: tuple[Rejection, ...]
+    replayed: bool = False  # an idempotent retry answered with the original reservation
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationRecord:
+    id: str
+    scope: str
+    root: str
+    status: str
+    plan_index: int
+    amounts: Amounts  # what the chosen plan holds
+    holds: tuple[tuple[str, str, str, str, int], ...]  # (scope, unit, period, window, steps)
+    windows: Windows
+    created_at: float
+    expires_at: float
+    settled_at: float | None = None
+    committed: Amounts | None = None
+    flags: tuple[str, ...] = ()
+    idempotency_key: str | None = None
+    label: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SettleResult:
+    """What commit or release did."""
+
+    reservation_id: str
+    status: str  # the reservation's status afterwards
+    charged: Amounts = ()
+    flags: tuple[str, ...] = ()
+    replayed: bool = False  # nothing changed: the reservation was already in this state
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One ledger change, written in the same transaction (or script) as the change itself."""
+
+    seq: int
+    at: float
+    kind: str  # hold, commit, release, expire, extend, budget_set, budget_remove
+    scope: str
+    reservation_id: str | None = None
+    amounts: Amounts = ()
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Choice:
+    plan_index: int
+    holds: list[tuple[AccountState, int]] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+
+
+def choose_plan(plans: Sequence[PlanSpec], chain: Sequence[str], budgets: Iterable[AccountState]) -> Choice:
+    """Pick the first plan that fits every budget on the chain (the ladder), or none.
+
+    ``budgets`` are the current-window states of every budget on the chain. A plan fits when, for
+    each budget of a unit it names, ``spent + held + amount <= limit`` and the fraction the plan asks
+    to keep at that level would remain. A budget already past its limit (overage) stops any plan
+    naming its unit, even with amount 0.
+    """
+    level_of = {path: index for index, path in enumerate(chain)}
+    by_unit: dict[str, list[AccountState]] = {}
+    for account in budgets:
+        by_unit.setdefault(account.unit, []).append(account)
+    choice = Choice(plan_index=-1)
+    for index, plan in enumerate(plans):
+        holds: list[tuple[AccountState, int]] = []
+        rejection: Rejection | None = None
+        for unit, amount in plan.amounts:
+            for account in by_unit.get(unit, ()):
+                remaining = account.limit - account.spent - account.held
+                code = ""
+                required = 0
+                if remaining < 0:
+                    code = OVERAGE
+                elif amount > remaining:
+                    code = EXHAUSTED
+                else:
+                    ppm = plan.headroom_ppm[level_of[account.scope]]
+                    if ppm:
+                        required = -(-account.limit * ppm // 1_000_000)  # ceil
+                        if remaining - amount < required:
+                            code = MIN_HEADROOM
+                if code:
+                    rejection = Rejection(index, code, account.scope, unit, account.period, amount, remaining, required)
+                    break
+                if amount:
+                    holds.append((account, amount))
+            if rejection is not None:
+                break
+        if rejection is None:
+            choice.plan_index = index
+            choice.holds = holds
+            return choice
+        choice.rejections.append(rejection)
+    return choice
+
+
+def sum_amounts(amounts: Iterable[tuple[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for unit, steps in amounts:
+        total[unit] = total.get(unit, 0) + steps
+    return total
+
+
+def commit_flags(prior_status: str, held: Amounts, actual: Amounts) -> list[str]:
+    """Flags for a commit of ``actual`` against a reservation that held ``held``."""
+    flags: list[str] = []
+    if prior_status == EXPIRED:
+        flags.append(LATE)
+    elif prior_status == RELEASED:
+        flags.append(AFTER_RELEASE)
+    held_by_unit = dict(held)
+    if any(steps > held_by_unit.get(unit, 0) for unit, steps in actual):
+        flags.append(OVER_HOLD)
+    return flags

@@ -1,0 +1,77 @@
+"""Budget periods and their UTC calendar windows.
+
+A period budget counts each window on its own: ``day`` windows start at 00:00 UTC, ``week``
+windows on Monday 00:00 UTC (ISO weeks), ``month`` windows on the 1st. A hold is settled in the
+window it was made in, so the store keeps the window ids it reserved against. Window ids are
+computed here, once per minute, and handed to the stores as plain strings (the Redis store's Lua
+has no calendar).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from clearance.errors import InvalidRequest
+
+
+class Period(StrEnum):
+    """A budget's calendar period; ``None`` on a budget means lifetime."""
+
+    MINUTE = "minute"
+    HOUR = "hour"
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+
+
+LIFETIME = ""
+"""The period key of a budget without a period (its single window is also ``""``)."""
+
+ALL_PERIODS: tuple[str, ...] = (LIFETIME, *(p.value for p in Period))
+
+Windows = tuple[tuple[str, str], ...]
+"""``((period, window_id), ...)`` for every period, lifetime first."""
+
+
+def period_key(period: Period | str | None) -> str:
+    """Normalise a user period (``None``, ``"day"``, ``Period.DAY``) to its store key."""
+    if period is None or period == LIFETIME:
+        return LIFETIME
+    try:
+        return Period(period).value
+    except ValueError:
+        raise InvalidRequest(
+            f"invalid period {period!r}: expected one of {', '.join(p.value for p in Period)} or None"
+        ) from None
+
+
+_cache: tuple[int, Windows] = (-1, ())
+
+
+def windows_at(now: float) -> Windows:
+    """The window id of every period at ``now`` (epoch seconds, UTC)."""
+    global _cache  # noqa: PLW0603 - a one-entry cache; races only recompute the same value
+    minute = int(now // 60)
+    cached_minute, cached = _cache
+    if minute == cached_minute:
+        return cached
+    t = datetime.fromtimestamp(minute * 60, UTC)
+    iso_year, iso_week, _ = t.isocalendar()
+    result: Windows = (
+        (LIFETIME, ""),
+        ("minute", t.strftime("%Y-%m-%dT%H:%M")),
+        ("hour", t.strftime("%Y-%m-%dT%H")),
+        ("day", t.strftime("%Y-%m-%d")),
+        ("week", f"{iso_year:04d}-W{iso_week:02d}"),
+        ("month", t.strftime("%Y-%m")),
+    )
+    _cache = (minute, result)
+    return result
+
+
+def window_of(windows: Windows, period: str) -> str:
+    for key, window in windows:
+        if key == period:
+            return window
+    raise InvalidRequest(f"no window for period {period!r}")

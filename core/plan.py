@@ -1,0 +1,111 @@
+"""Plans and caps: the concrete ways an action may be performed.
+
+A policy (or the caller) turns an :class:`~clearance.Action` into an ordered list of plans, best
+first; ``reserve`` atomically holds the first one that fits every budget. A plan's ``caps`` tell the
+adapter what changed compared with the request: another model, fewer output tokens, fewer tools,
+or "skip this optional step".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+from clearance._model import InputModel
+from clearance.errors import InvalidRequest
+from clearance.units import from_step_map, to_step_map
+from pydantic import Field, PrivateAttr, field_validator
+
+_KIND_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+class Caps(InputModel):
+    """What a degraded plan changes. Every field left at its default means "as requested".
+
+    >>> Caps(model="gpt-4.1-mini", max_output_tokens=300)
+    Caps(model='gpt-4.1-mini', max_output_tokens=300, ...)
+    """
+
+    model: str | None = Field(default=None, max_length=256)
+    max_output_tokens: int | None = Field(default=None, ge=0)
+    max_input_tokens: int | None = Field(default=None, ge=0)
+    disabled_tools: tuple[str, ...] = ()
+    max_tool_calls: int | None = Field(default=None, ge=0)
+    skip_optional: bool = False
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the caps change nothing."""
+        return self == _NO_CAPS
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self if v != Caps.model_fields[k].default)
+        return f"Caps({fields})"
+
+
+_NO_CAPS = Caps()
+
+
+class Plan(InputModel):
+    """One way to perform an action: the amounts to hold, the caps it implies, and the headroom
+    it demands.
+
+    ``min_headroom`` is a fraction of a budget's limit that must *remain* after this plan's hold:
+    a number applies to every budgeted level; a mapping applies per scope kind, e.g.
+    ``{"workflow": 0.25}`` = "only while at least 25% of the workflow budget would remain".
+    """
+
+    amounts: dict[str, Decimal]
+    caps: Caps | None = None
+    min_headroom: float | dict[str, float] = 0.0
+    _steps: dict[str, int] = PrivateAttr(default_factory=dict)
+
+    def __init__(
+        self,
+        amounts: Mapping[str, Any] | None = None,
+        caps: Caps | None = None,
+        min_headroom: float | Mapping[str, float] = 0.0,
+        **extra: Any,
+    ) -> None:
+        steps = to_step_map(amounts, "plan amounts")
+        super().__init__(amounts=from_step_map(steps), caps=caps, min_headroom=min_headroom, **extra)
+        self._steps = steps
+
+    @field_validator("min_headroom")
+    @classmethod
+    def _check_headroom(cls, value: float | dict[str, float]) -> float | dict[str, float]:
+        fractions = value.values() if isinstance(value, dict) else (value,)
+        for fraction in fractions:
+            if not 0.0 <= fraction <= 1.0:
+                raise ValueError("min_headroom must be a fraction between 0 and 1")
+        if isinstance(value, dict):
+            for kind in value:
+                if not kind or not set(kind) <= _KIND_CHARS:
+                    raise ValueError(f"min_headroom key {kind!r} is not a scope kind")
+        return value
+
+    @property
+    def steps(self) -> dict[str, int]:
+        """The amounts in exact integer steps (see :mod:`clearance.units`)."""
+        return self._steps
+
+    def headroom_ppm(self, kinds: tuple[str, ...]) -> tuple[int, ...]:
+        """The required remaining fraction per chain level, in parts per million."""
+        value = self.min_headroom
+        if isinstance(value, dict):
+            required = {kind: round(fraction * 1_000_000) for kind, fraction in value.items()}
+            return tuple(required.get(kind, 0) for kind in kinds)
+        ppm = round(value * 1_000_000)
+        return (ppm,) * len(kinds)
+
+
+def check_plans(plans: object) -> tuple[Plan, ...]:
+    if not isinstance(plans, list | tuple) or not plans:
+        raise InvalidRequest("plans must be a non-empty list of Plan")
+    if len(plans) > 16:
+        raise InvalidRequest("at most 16 plans per reservation")
+    for plan in plans:
+        if not isinstance(plan, Plan):
+            raise InvalidRequest(f"plans must contain Plan objects, got {type(plan).__name__}")
+    return tuple(plans)

@@ -1,0 +1,120 @@
+"""Token usage → USD, from genai-prices' maintained price table.
+
+genai-prices works offline from its bundled table, but one ``calc_price`` costs ~80 µs, so the
+per-token rates of a model are looked up once and cached; a flat-rate model is then priced with two
+integer multiplications. Models with tiered prices (e.g. long-context surcharges) fall back to
+``calc_price`` for the exact token counts, memoised.
+
+Prices are in nano-dollars per token, kept as ``Decimal`` so sub-nano rates stay exact until the
+final round-up.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal
+from functools import lru_cache
+from typing import Any
+
+from clearance.errors import InvalidRequest
+from clearance.units import USD_SCALE
+
+_NANO_PER_MTOK = Decimal(USD_SCALE) / Decimal(1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRate:
+    """USD per million tokens for one model (input, output)."""
+
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+
+    def nano_usd(self, input_tokens: int, output_tokens: int) -> int:
+        nano = (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) * _NANO_PER_MTOK
+        return int(nano.to_integral_value(rounding=ROUND_CEILING))
+
+
+_lock = threading.Lock()
+_custom: dict[tuple[str | None, str], ModelRate] = {}
+_fallback: ModelRate | None = None
+_rates: dict[tuple[str | None, str], ModelRate | None] = {}
+
+
+def register_price(model: str, input_per_mtok: Any, output_per_mtok: Any, *, provider: str | None = None) -> None:
+    """Price a model genai-prices does not know (or override one), in USD per million tokens."""
+    rate = ModelRate(Decimal(str(input_per_mtok)), Decimal(str(output_per_mtok)))
+    if rate.input_per_mtok < 0 or rate.output_per_mtok < 0 or not rate.input_per_mtok.is_finite():
+        raise InvalidRequest("prices must be finite and non-negative")
+    with _lock:
+        _custom[(provider, model)] = rate
+        _rates.clear()
+
+
+def set_fallback_price(input_per_mtok: Any | None, output_per_mtok: Any | None = None) -> None:
+    """Price unknown models at this rate instead of raising ``InvalidRequest``; ``None`` turns it off."""
+    global _fallback  # noqa: PLW0603 - process-wide configuration by design
+    with _lock:
+        if input_per_mtok is None:
+            _fallback = None
+        else:
+            _fallback = ModelRate(Decimal(str(input_per_mtok)), Decimal(str(output_per_mtok or input_per_mtok)))
+        _rates.clear()
+
+
+def _lookup(provider: str | None, model: str) -> ModelRate | None:
+    """Flat rate of a model, or ``None`` when its prices are tiered (use :func:`_tiered`)."""
+    key = (provider, model)
+    if key in _rates:
+        return _rates[key]
+    custom = _custom.get(key) or _custom.get((None, model))
+    if custom is not None:
+        _rates[key] = custom
+        return custom
+    from genai_prices import Usage, calc_price  # imported on first use: keeps `import clearance` light
+
+    try:
+        calc = calc_price(Usage(input_tokens=1, output_tokens=1), model_ref=model, provider_id=provider)
+    except LookupError:
+        if _fallback is not None:
+            _rates[key] = _fallback
+            return _fallback
+        raise InvalidRequest(
+            f"no price known for model {model!r}"
+            + (f" of provider {provider!r}" if provider else "")
+            + "; register one with clearance.pricing.register_price() or set_fallback_price()"
+        ) from None
+    price = calc.model_price
+    rate: ModelRate | None = None
+    if isinstance(price.input_mtok, Decimal | int) and isinstance(price.output_mtok, Decimal | int | None):
+        rate = ModelRate(Decimal(price.input_mtok), Decimal(price.output_mtok or 0))
+    _rates[key] = rate
+    return rate
+
+
+@lru_cache(maxsize=4096)
+def _tiered(provider: str | None, model: str, input_tokens: int, output_tokens: int) -> int:
+    from genai_prices import Usage, calc_price
+
+    calc = calc_price(
+        Usage(input_tokens=input_tokens, output_tokens=output_tokens), model_ref=model, provider_id=provider
+    )
+    return int((calc.total_price * USD_SCALE).to_integral_value(rounding=ROUND_CEILING))
+
+
+def price_nano_usd(provider: str | None, model: str, input_tokens: int, output_tokens: int) -> int:
+    """Price of a call in nano-dollars (rounded up)."""
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("a model name is required to price a model call")
+    for name, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value > 2**40:
+            raise InvalidRequest(f"{name} must be a non-negative int, got {value!r}")
+    rate = _lookup(provider, model)
+    if rate is not None:
+        return rate.nano_usd(input_tokens, output_tokens)
+    return _tiered(provider, model, input_tokens, output_tokens)
+
+
+def price_usd(provider: str | None, model: str, input_tokens: int, output_tokens: int) -> Decimal:
+    """Price of a call in USD, as an exact ``Decimal`` (nano-dollar resolution)."""
+    return Decimal(price_nano_usd(provider, model, input_tokens, output_tokens)).scaleb(-9)

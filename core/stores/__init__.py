@@ -1,0 +1,65 @@
+"""Ledger stores, chosen by URL scheme.
+
+=================================  ==============================================================
+``memory://``                      this process only (threads, asyncio tasks)
+``sqlite:///path/to/ledger.db``    one machine: many processes and threads, durable (WAL)
+``redis://host:port/db``           many machines (``rediss://`` for TLS); needs ``clearance[redis]``
+``redis+cluster://host:port``      Redis Cluster, any node as the seed; needs ``clearance[redis]``
+=================================  ==============================================================
+
+Drivers are imported only when their store is constructed, so ``import clearance`` stays light.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlsplit
+
+from clearance.errors import InvalidRequest
+from clearance.stores.base import DEFAULT_RETENTION, Store
+
+__all__ = ["Store", "store_from_url"]
+
+
+def store_from_url(url: str) -> Store:
+    """Build the store a URL names. Query parameters become options, e.g.
+    ``sqlite:///ledger.db?retention=86400``."""
+    if not isinstance(url, str) or "://" not in url:
+        raise InvalidRequest(f"a store URL looks like memory://, sqlite:///path.db or redis://host:port, got {url!r}")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    options = dict(parse_qsl(parts.query))
+    if scheme == "memory":
+        from clearance.stores.memory import MemoryStore
+
+        return MemoryStore(retention=_floats(options, "retention").get("retention", DEFAULT_RETENTION))
+    if scheme == "sqlite":
+        from clearance.stores.sqlite import SQLiteStore
+
+        # sqlite:///ledger.db is relative, sqlite:////var/lib/ledger.db absolute (SQLAlchemy's convention)
+        path = url[len("sqlite://") :].split("?", 1)[0]
+        path = path[1:] if path.startswith("/") else path
+        if not path:
+            raise InvalidRequest("sqlite URL needs a path: sqlite:///ledger.db or sqlite:////abs/ledger.db")
+        values = _floats(options, "retention", "busy_timeout")
+        return SQLiteStore(
+            path,
+            retention=values.get("retention", DEFAULT_RETENTION),
+            busy_timeout=values.get("busy_timeout", 5.0),
+        )
+    if scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix"):
+        try:
+            from clearance.stores.redis import RedisStore
+        except ImportError as error:  # pragma: no cover - depends on installed extras
+            raise ImportError('the Redis store needs redis-py: pip install "clearance[redis]"') from error
+        return RedisStore.from_url(url)
+    raise InvalidRequest(f"unknown store scheme {scheme!r} in {url!r}")
+
+
+def _floats(options: dict[str, str], *names: str) -> dict[str, float]:
+    unknown = set(options) - set(names)
+    if unknown:
+        raise InvalidRequest(f"unknown store option(s): {', '.join(sorted(unknown))}")
+    try:
+        return {name: float(options[name]) for name in names if name in options}
+    except ValueError as error:
+        raise InvalidRequest(f"bad store option: {error}") from None

@@ -1,0 +1,141 @@
+"""The store contract: the ledger behind an Authority.
+
+Stores speak integers (smallest steps) and the records of :mod:`clearance.ledger`; every operation
+is atomic on its own (one lock section in memory, one transaction on SQLite, one Lua script on
+Redis). Every store passes the same contract suite (``tests/contract``).
+
+Time comes from the caller (``now``), so a test can drive expiry with a fake clock and all workers
+of one deployment agree on windows as far as their clocks agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from clearance.errors import InvalidRequest
+from clearance.ledger import (
+    AccountState,
+    Amounts,
+    AuditEvent,
+    HoldRequest,
+    HoldResult,
+    ReservationRecord,
+    SettleResult,
+)
+from clearance.periods import Windows
+
+DEFAULT_RETENTION = 48 * 3600.0
+"""How long a settled or expired reservation is remembered (so a late commit is recorded once)."""
+
+
+def root_of(reservation_id: str) -> str:
+    """The root scope encoded in a reservation id (``<hex>.<root>``), validating its shape."""
+    if not isinstance(reservation_id, str):
+        raise InvalidRequest(f"a reservation id must be a string, got {type(reservation_id).__name__}")
+    token, dot, root = reservation_id.partition(".")
+    if not dot or len(token) != 20 or not all(c in "0123456789abcdef" for c in token) or ":" not in root:
+        raise InvalidRequest(f"malformed reservation id {reservation_id[:80]!r}")
+    from clearance.scope import parse_scope
+
+    scope = parse_scope(root)
+    if len(scope.chain) != 1:
+        raise InvalidRequest(f"malformed reservation id {reservation_id[:80]!r}")
+    return root
+
+
+class Store(ABC):
+    """Base class of ledger backends. Subclasses implement the sync face; the async face runs it
+    in a worker thread unless a backend has a native one (Redis)."""
+
+    scheme: ClassVar[str] = ""
+    url: str = ""
+
+    # --- reservations -------------------------------------------------------------------------
+    @abstractmethod
+    def hold(self, request: HoldRequest) -> HoldResult:
+        """Atomically hold the first plan that fits every budget on the chain, or none."""
+
+    @abstractmethod
+    def commit(self, reservation_id: str, actual: Amounts | None, now: float) -> SettleResult:
+        """Settle ``actual`` (``None``: the held amounts) and free the rest of the hold."""
+
+    @abstractmethod
+    def release(self, reservation_id: str, now: float) -> SettleResult:
+        """Free the whole hold; idempotent."""
+
+    @abstractmethod
+    def extend(self, reservation_id: str, expires_at: float, now: float) -> ReservationRecord:
+        """Push a held reservation's expiry to ``expires_at``."""
+
+    @abstractmethod
+    def reservation(self, reservation_id: str, now: float) -> ReservationRecord:
+        """One reservation, whatever its status (``ReservationNotFound`` if unknown)."""
+
+    @abstractmethod
+    def reservations(self, scope: str | None, status: str | None, limit: int, now: float) -> list[ReservationRecord]:
+        """Reservations at or under ``scope`` (all when ``None``), newest first."""
+
+    # --- budgets ------------------------------------------------------------------------------
+    @abstractmethod
+    def set_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
+        """Create or change a budget's limit (counters are kept)."""
+
+    @abstractmethod
+    def remove_budget(self, scope: str, unit: str, period: str, now: float) -> bool:
+        """Remove a budget; its level no longer constrains that unit. False if there was none."""
+
+    @abstractmethod
+    def accounts(self, scope: str | None, windows: Windows, now: float, subtree: bool) -> list[AccountState]:
+        """Budgets at ``scope`` (or under it with ``subtree``; every budget when ``None``), each with
+        its current window's counters, expired holds reclaimed first."""
+
+    # --- maintenance --------------------------------------------------------------------------
+    @abstractmethod
+    def sweep(self, now: float) -> int:
+        """Return every expired hold to its budgets and forget reservations past retention.
+        Returns how many holds expired."""
+
+    @abstractmethod
+    def events(self, after: int, limit: int, scope: str | None) -> list[AuditEvent]:
+        """Audit records with ``seq > after``, oldest first."""
+
+    def close(self) -> None:
+        """Release connections; the store must not be used afterwards."""
+
+    # --- async face (worker thread by default) ----------------------------------------------
+    async def ahold(self, request: HoldRequest) -> HoldResult:
+        return await asyncio.to_thread(self.hold, request)
+
+    async def acommit(self, reservation_id: str, actual: Amounts | None, now: float) -> SettleResult:
+        return await asyncio.to_thread(self.commit, reservation_id, actual, now)
+
+    async def arelease(self, reservation_id: str, now: float) -> SettleResult:
+        return await asyncio.to_thread(self.release, reservation_id, now)
+
+    async def aextend(self, reservation_id: str, expires_at: float, now: float) -> ReservationRecord:
+        return await asyncio.to_thread(self.extend, reservation_id, expires_at, now)
+
+    async def aset_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
+        await asyncio.to_thread(self.set_budget, scope, unit, period, limit, now)
+
+    async def aremove_budget(self, scope: str, unit: str, period: str, now: float) -> bool:
+        return await asyncio.to_thread(self.remove_budget, scope, unit, period, now)
+
+    async def aaccounts(self, scope: str | None, windows: Windows, now: float, subtree: bool) -> list[AccountState]:
+        return await asyncio.to_thread(self.accounts, scope, windows, now, subtree)
+
+    async def areservation(self, reservation_id: str, now: float) -> ReservationRecord:
+        return await asyncio.to_thread(self.reservation, reservation_id, now)
+
+    async def asweep(self, now: float) -> int:
+        return await asyncio.to_thread(self.sweep, now)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+
+def in_subtree(path: str, scope: str | None) -> bool:
+    """True when ``path`` is ``scope`` or below it (every path when ``scope`` is None)."""
+    return scope is None or path == scope or path.startswith(scope + "/")

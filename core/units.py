@@ -1,0 +1,121 @@
+"""Units and exact amounts.
+
+The ledger stores every amount as an integer count of the unit's smallest step:
+
+* ``usd`` is kept in **nano-dollars** (1 USD = 10**9). Estimates and actuals with more than nine
+  decimals are rounded *up* to the next nano-dollar, so money is never under-counted.
+* every other unit (``tokens``, ``calls``, ``emails``, user-defined ones) counts whole steps; a
+  fractional amount such as ``1.5`` tokens is an :class:`InvalidRequest`.
+
+The largest amount, limit or balance is ``MAX_AMOUNT = 2**53 - 1`` steps (about 9,007,199 USD,
+or 9.0e15 tokens): the Redis store computes in Lua, whose numbers are doubles and exact only up to
+2**53, and every store enforces the same bound so that a budget means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
+
+from clearance.errors import InvalidRequest
+
+MAX_AMOUNT = 2**53 - 1
+"""Largest amount in smallest steps any store accepts."""
+
+USD_SCALE = 10**9
+_SCALES: dict[str, int] = {"usd": USD_SCALE}
+_UNIT_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+_known_units: dict[str, int] = {}
+
+AmountLike = int | str | Decimal | float
+"""What the API accepts for an amount: int, str, Decimal or finite float."""
+
+
+def check_unit(unit: object) -> str:
+    """Return ``unit`` if it is a valid unit name (``[a-z][a-z0-9_.-]{0,63}``), else raise."""
+    if isinstance(unit, str):
+        if unit in _known_units:
+            return unit
+        if _UNIT_RE.fullmatch(unit):
+            _known_units[unit] = _SCALES.get(unit, 1)
+            return unit
+    raise InvalidRequest(f"invalid unit name {unit!r}: expected [a-z][a-z0-9_.-]{{0,63}}")
+
+
+def scale_of(unit: str) -> int:
+    """How many smallest steps make one ``unit``."""
+    return _SCALES.get(unit, 1)
+
+
+def _as_decimal(value: object, what: str) -> Decimal:
+    if isinstance(value, bool):
+        raise InvalidRequest(f"{what}: a bool is not an amount")
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidRequest(f"{what}: {value!r} is not a finite amount")
+        # repr() gives the shortest string that round-trips, so 0.1 stays 0.1, not 0.1000000000000000055…
+        return Decimal(repr(value))
+    if isinstance(value, Decimal):
+        result = value
+    elif isinstance(value, str):
+        if len(value) > 64:
+            raise InvalidRequest(f"{what}: amount string too long")
+        try:
+            result = Decimal(value.strip())
+        except InvalidOperation:
+            raise InvalidRequest(f"{what}: {value!r} is not a number") from None
+    else:
+        raise InvalidRequest(f"{what}: {type(value).__name__} is not an amount (use int, str, Decimal or float)")
+    if not result.is_finite():
+        raise InvalidRequest(f"{what}: {value!r} is not a finite amount")
+    return result
+
+
+def to_steps(unit: str, value: object) -> int:
+    """Convert a user amount of ``unit`` into exact integer steps, validating it."""
+    check_unit(unit)
+    d = _as_decimal(value, f"amount of {unit}")
+    if d < 0:
+        raise InvalidRequest(f"amount of {unit} must not be negative, got {d}")
+    scale = _SCALES.get(unit, 1)
+    if d > MAX_AMOUNT // scale + 1:  # cheap guard before scaling huge exponents
+        raise InvalidRequest(f"amount of {unit} {d} exceeds the largest supported amount")
+    if scale == 1:
+        if d != d.to_integral_value():
+            raise InvalidRequest(f"amount of {unit} must be a whole number, got {d}")
+        steps = int(d)
+    else:
+        steps = int((d * scale).to_integral_value(rounding=ROUND_CEILING))
+    if steps > MAX_AMOUNT:
+        raise InvalidRequest(
+            f"amount of {unit} {d} exceeds the largest supported amount ({from_steps(unit, MAX_AMOUNT)})"
+        )
+    return steps
+
+
+def to_step_map(amounts: Mapping[str, object] | None, what: str = "amounts") -> dict[str, int]:
+    """Convert ``{unit: amount}`` into ``{unit: steps}``; raise on anything malformed."""
+    if amounts is None:
+        return {}
+    if not isinstance(amounts, Mapping):
+        raise InvalidRequest(f"{what} must be a mapping of unit to amount, got {type(amounts).__name__}")
+    if len(amounts) > 64:
+        raise InvalidRequest(f"{what}: at most 64 units")
+    return {check_unit(unit): to_steps(unit, value) for unit, value in amounts.items()}
+
+
+def from_steps(unit: str, steps: int) -> Decimal:
+    """Convert integer steps back into a ``Decimal`` amount of ``unit``."""
+    scale = _SCALES.get(unit, 1)
+    if scale == 1:
+        return Decimal(steps)
+    return Decimal(steps) / scale  # exact, and with the shortest exponent: 7500000 nano → Decimal("0.0075")
+
+
+def from_step_map(steps: Mapping[str, int]) -> dict[str, Decimal]:
+    """Convert ``{unit: steps}`` back into ``{unit: Decimal}``."""
+    return {unit: from_steps(unit, n) for unit, n in steps.items()}
