@@ -1,0 +1,55 @@
+"""Shared fixtures: every contract test runs once per store backend.
+
+Backends: ``memory`` and ``sqlite`` always; ``redis`` and ``cluster`` when a throwaway
+``redis-server`` can be started (tests/redis_servers.py). With ``CI=true`` a missing redis-server
+fails the run instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from clearance import Authority
+from clearance.testing import FakeClock
+
+pytest_plugins = ["redis_servers"]
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+STORE_KINDS = ["memory", "sqlite", "redis", "cluster"]
+
+
+def make_store_url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty store of ``kind`` for one test."""
+    if kind == "memory":
+        return "memory://"
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    if kind in ("redis", "cluster"):
+        fixture = "redis_url" if kind == "redis" else "redis_cluster_url"
+        try:
+            return str(request.getfixturevalue(fixture))
+        except pytest.FixtureLookupError:
+            pytest.skip(f"the {kind} store is not available in this checkout")
+    raise AssertionError(kind)
+
+
+@pytest.fixture(params=[pytest.param(kind, marks=getattr(pytest.mark, kind)) for kind in STORE_KINDS])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return make_store_url(request.param, request, tmp_path)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def authority(store_url: str, clock: FakeClock) -> Iterator[Authority]:
+    auth = Authority(store_url, clock=clock)
+    yield auth
+    auth.close()
