@@ -1,0 +1,393 @@
+"""The ledger contract (design.md points 1-8), run against every store backend."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from clearance import (
+    Action,
+    Authority,
+    Budget,
+    Caps,
+    Denied,
+    InvalidRequest,
+    Outcome,
+    Plan,
+    ReservationClosed,
+    ReservationNotFound,
+)
+from clearance.testing import FakeClock
+
+CHAIN = "tenant:acme/workspace:eu/app:support/workflow:triage/agent:planner/run:r1"
+
+
+def usd(amount: str | int) -> Action:
+    return Action("step", "work", {"usd": amount})
+
+
+def test_allow_holds_on_every_level(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    authority.set_budget(Budget("tenant:acme/workspace:eu/app:support", "usd", 5))
+    decision = authority.reserve(usd("1.5"), CHAIN)
+    assert decision.outcome is Outcome.ALLOW
+    assert decision.reservation is not None
+    assert decision.caps is None
+    assert authority.balance("tenant:acme")["usd"].held == Decimal("1.5")
+    app = authority.balance("tenant:acme/workspace:eu/app:support")["usd"]
+    assert (app.limit, app.spent, app.held, app.remaining) == (5, 0, Decimal("1.5"), Decimal("3.5"))
+    remaining = {(h.scope, h.unit): h.remaining for h in decision.headroom}
+    assert remaining == {("tenant:acme", "usd"): Decimal("8.5"),
+                         ("tenant:acme/workspace:eu/app:support", "usd"): Decimal("3.5")}
+    assert decision.remaining("usd") == Decimal("3.5")
+
+
+def test_deny_when_any_level_lacks_room_and_holds_nothing(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    authority.set_budget(Budget("tenant:acme/workspace:eu", "usd", 1))
+    decision = authority.reserve(usd(2), CHAIN)
+    assert decision.outcome is Outcome.DENY
+    assert decision.reservation is None
+    (reason,) = decision.reasons
+    assert reason.code == "budget_exhausted"
+    assert reason.scope == "tenant:acme/workspace:eu"
+    assert (reason.needed, reason.remaining) == (2, 1)
+    assert authority.balance("tenant:acme")["usd"].held == 0
+
+
+def test_unbudgeted_levels_do_not_constrain(authority: Authority) -> None:
+    decision = authority.reserve(usd(10**6), CHAIN)
+    assert decision.outcome is Outcome.ALLOW
+    assert decision.headroom == ()
+
+
+def test_units_are_independent(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 1))
+    authority.set_budget(Budget("tenant:acme", "calls", 2))
+    assert authority.reserve(Action("tool_call", "search", {"calls": 1}), CHAIN).allowed
+    assert authority.reserve(Action("tool_call", "search", {"calls": 1}), CHAIN).allowed
+    denied = authority.reserve(Action("tool_call", "search", {"calls": 1, "usd": "0.1"}), CHAIN)
+    assert denied.outcome is Outcome.DENY
+    assert denied.reasons[0].unit == "calls"
+    assert authority.balance("tenant:acme")["usd"].held == 0
+
+
+def test_ladder_holds_first_plan_that_fits(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme/workspace:eu", "usd", "0.5"))
+    plans = [
+        Plan({"usd": 1}),
+        Plan({"usd": "0.4"}, caps=Caps(model="mini")),
+        Plan({"usd": "0.1"}, caps=Caps(model="nano")),
+    ]
+    decision = authority.reserve(usd(1), CHAIN, plans=plans)
+    assert decision.outcome is Outcome.ALLOW_WITH_CAPS
+    assert decision.plan_index == 1
+    assert decision.caps == Caps(model="mini")
+    assert decision.reservation is not None and decision.reservation.amounts == {"usd": Decimal("0.4")}
+    assert [r.code for r in decision.reasons] == ["budget_exhausted", "plan_selected"]
+    second = authority.reserve(usd(1), CHAIN, plans=plans)
+    assert second.plan_index == 2 and second.caps == Caps(model="nano")
+    assert authority.reserve(usd(1), CHAIN, plans=plans).outcome is Outcome.DENY
+    assert authority.balance("tenant:acme/workspace:eu")["usd"].held == Decimal("0.5")
+
+
+def test_first_plan_fitting_is_plain_allow(authority: Authority) -> None:
+    decision = authority.reserve(usd(1), CHAIN, plans=[Plan({"usd": 1}), Plan({"usd": 0}, caps=Caps(model="x"))])
+    assert decision.outcome is Outcome.ALLOW
+    assert decision.caps is None
+
+
+def test_min_headroom_per_level(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 100))
+    authority.set_budget(Budget("tenant:acme/workspace:eu/app:support/workflow:triage", "usd", 10))
+    flagship = Plan({"usd": 3}, min_headroom={"workflow": 0.25})
+    mini = Plan({"usd": 1}, caps=Caps(model="mini"))
+    assert authority.reserve(usd(3), CHAIN, plans=[flagship, mini]).plan_index == 0  # 7 of 10 left
+    assert authority.reserve(usd(3), CHAIN, plans=[flagship, mini]).plan_index == 0  # 4 left >= 2.5
+    third = authority.reserve(usd(3), CHAIN, plans=[flagship, mini])  # would leave 1 < 2.5
+    assert third.plan_index == 1
+    reason = third.reasons[0]
+    assert reason.code == "min_headroom"
+    assert reason.threshold == Decimal("2.5")
+    assert reason.scope == "tenant:acme/workspace:eu/app:support/workflow:triage"
+
+
+def test_min_headroom_fraction_applies_to_every_level(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    plan = Plan({"usd": 5}, min_headroom=0.5)
+    assert authority.reserve(usd(5), CHAIN, plans=[plan]).allowed
+    assert authority.reserve(usd(5), CHAIN, plans=[Plan({"usd": 1}, min_headroom=0.5)]).denied
+
+
+def test_commit_settles_actual_and_frees_rest(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    decision = authority.reserve(usd(4), CHAIN)
+    assert decision.reservation is not None
+    settlement = authority.commit(decision.reservation, {"usd": "1.25"})
+    assert settlement.status == "committed"
+    assert settlement.charged == {"usd": Decimal("1.25")}
+    assert settlement.flags == ()
+    balance = authority.balance("tenant:acme")["usd"]
+    assert (balance.spent, balance.held, balance.remaining) == (Decimal("1.25"), 0, Decimal("8.75"))
+
+
+def test_commit_none_commits_the_hold(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    decision = authority.reserve(usd(4), CHAIN)
+    assert decision.reservation is not None
+    authority.commit(decision.reservation.id)
+    assert authority.balance("tenant:acme")["usd"].spent == 4
+
+
+def test_commit_is_idempotent(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    decision = authority.reserve(usd(4), CHAIN)
+    assert decision.reservation is not None
+    authority.commit(decision.reservation, {"usd": 2})
+    again = authority.commit(decision.reservation, {"usd": 3})
+    assert again.replayed
+    assert again.charged == {"usd": 2}
+    assert authority.balance("tenant:acme")["usd"].spent == 2
+
+
+def test_commit_above_hold_is_recorded_and_overage_denies(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    decision = authority.reserve(usd(4), CHAIN)
+    assert decision.reservation is not None
+    settlement = authority.commit(decision.reservation, {"usd": 12})
+    assert "over_hold" in settlement.flags
+    assert "overage" in settlement.flags
+    balance = authority.balance("tenant:acme")["usd"]
+    assert (balance.spent, balance.remaining) == (12, -2)
+    denied = authority.reserve(usd(0), CHAIN)
+    assert denied.outcome is Outcome.DENY
+    assert denied.reasons[0].code == "budget_overage"
+    # Other units are not affected by the usd overage.
+    assert authority.reserve(Action("tool_call", "t", {"calls": 1}), CHAIN).allowed
+    authority.set_budget(Budget("tenant:acme", "usd", 20))  # room again
+    assert authority.reserve(usd(1), CHAIN).allowed
+
+
+def test_commit_after_release_is_recorded_once(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    decision = authority.reserve(usd(4), CHAIN)
+    assert decision.reservation is not None
+    released = authority.release(decision.reservation)
+    assert released.status == "released"
+    assert authority.balance("tenant:acme")["usd"].held == 0
+    settlement = authority.commit(decision.reservation, {"usd": 1})
+    assert settlement.flags == ("after_release",)
+    assert authority.commit(decision.reservation, {"usd": 1}).replayed
+    balance = authority.balance("tenant:acme")["usd"]
+    assert (balance.spent, balance.held) == (1, 0)
+
+
+def test_release_is_idempotent_and_never_undoes_a_commit(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    decision = authority.reserve(usd(4), CHAIN)
+    assert decision.reservation is not None
+    authority.release(decision.reservation)
+    assert authority.release(decision.reservation).replayed
+    other = authority.reserve(usd(4), CHAIN)
+    assert other.reservation is not None
+    authority.commit(other.reservation, {"usd": 3})
+    after = authority.release(other.reservation)
+    assert after.replayed and after.status == "committed"
+    balance = authority.balance("tenant:acme")["usd"]
+    assert (balance.spent, balance.held) == (3, 0)
+
+
+def test_expired_hold_returns_lazily(authority: Authority, clock: FakeClock) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    first = authority.reserve(usd(8), CHAIN, ttl=30)
+    assert first.allowed
+    assert authority.reserve(usd(8), CHAIN).denied
+    clock.advance(30)
+    assert authority.reserve(usd(8), CHAIN).allowed  # the first hold expired and came back
+    assert first.reservation is not None
+    assert authority.reservation(first.reservation).status == "expired"
+    balance = authority.balance("tenant:acme")["usd"]
+    assert (balance.spent, balance.held) == (0, 8)
+
+
+def test_commit_after_expiry_is_recorded_as_late(authority: Authority, clock: FakeClock) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    decision = authority.reserve(usd(4), CHAIN, ttl=5)
+    assert decision.reservation is not None
+    clock.advance(10)
+    settlement = authority.commit(decision.reservation, {"usd": 3})
+    assert settlement.flags == ("late",)
+    balance = authority.balance("tenant:acme")["usd"]
+    assert (balance.spent, balance.held) == (3, 0)
+    assert authority.commit(decision.reservation, {"usd": 3}).replayed
+    assert authority.balance("tenant:acme")["usd"].spent == 3
+
+
+def test_sweep_returns_expired_holds(authority: Authority, clock: FakeClock) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    authority.set_budget(Budget("tenant:globex", "usd", 10))
+    authority.reserve(usd(1), CHAIN, ttl=5)
+    authority.reserve(usd(2), "tenant:globex/run:x", ttl=5)
+    authority.reserve(usd(3), "tenant:globex/run:y", ttl=50)
+    clock.advance(6)
+    assert authority.sweep() == 2
+    assert authority.sweep() == 0
+    assert authority.balance("tenant:globex")["usd"].held == 3
+    assert [r.scope for r in authority.reservations()] == ["tenant:globex/run:y"]
+
+
+def test_extend_pushes_expiry(authority: Authority, clock: FakeClock) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    decision = authority.reserve(usd(4), CHAIN, ttl=10)
+    assert decision.reservation is not None
+    clock.advance(8)
+    extended = authority.extend(decision.reservation, 30)
+    assert extended.expires_at == pytest.approx(clock() + 30)
+    clock.advance(20)
+    assert authority.balance("tenant:acme")["usd"].held == 4
+    clock.advance(11)
+    assert authority.balance("tenant:acme")["usd"].held == 0
+    with pytest.raises(ReservationClosed):
+        authority.extend(decision.reservation, 30)
+
+
+def test_idempotent_reserve_holds_once(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    first = authority.reserve(usd(4), CHAIN, idempotency_key="call-1")
+    second = authority.reserve(usd(4), CHAIN, idempotency_key="call-1")
+    assert first.reservation is not None and second.reservation is not None
+    assert second.reservation.id == first.reservation.id
+    assert second.replayed
+    assert authority.balance("tenant:acme")["usd"].held == 4
+    # The same key in another tenant is another reservation.
+    other = authority.reserve(usd(4), "tenant:globex/run:r1", idempotency_key="call-1")
+    assert other.reservation is not None and other.reservation.id != first.reservation.id
+
+
+def test_periods_count_each_window_and_settle_where_held(authority: Authority, clock: FakeClock) -> None:
+    clock.set(1_798_847_940.0)  # 2027-01-01T23:59:00Z
+    authority.set_budget(Budget("tenant:acme", "usd", 10, period="day"))
+    authority.set_budget(Budget("tenant:acme", "usd", 100, period="month"))
+    late_night = authority.reserve(usd(9), CHAIN)
+    assert late_night.reservation is not None
+    assert authority.reserve(usd(2), CHAIN).denied
+    clock.advance(120)  # next day
+    assert authority.balance("tenant:acme")["usd"].period == "day"
+    assert authority.reserve(usd(2), CHAIN).allowed
+    authority.commit(late_night.reservation, {"usd": 9})  # settles in yesterday's window
+    today = {b.period: b for b in authority.budgets("tenant:acme")}
+    assert today["day"].spent == 0 and today["day"].held == 2
+    assert today["month"].spent == 9 and today["month"].held == 2
+
+
+def test_balance_reports_the_tightest_period(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 100))
+    authority.set_budget(Budget("tenant:acme", "usd", 5, period="hour"))
+    balance = authority.balance("tenant:acme")["usd"]
+    assert (balance.limit, balance.period) == (5, "hour")
+    assert {b.period for b in authority.budgets("tenant:acme")} == {None, "hour"}
+
+
+def test_remove_budget(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 1))
+    assert authority.reserve(usd(2), CHAIN).denied
+    assert authority.remove_budget("tenant:acme", "usd")
+    assert not authority.remove_budget("tenant:acme", "usd")
+    assert authority.reserve(usd(2), CHAIN).allowed
+    assert authority.balance("tenant:acme") == {}
+
+
+def test_tenants_are_isolated(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 1))
+    authority.set_budget(Budget("tenant:acme-eu", "usd", 1))
+    decision = authority.reserve(usd(1), "tenant:acme-eu/run:r1")
+    assert decision.allowed
+    assert authority.balance("tenant:acme")["usd"].held == 0
+    assert [b.scope for b in authority.budgets("tenant:acme")] == ["tenant:acme"]
+
+
+def test_unknown_and_malformed_reservation_ids(authority: Authority) -> None:
+    with pytest.raises(ReservationNotFound):
+        authority.commit("0123456789abcdef0123.tenant:acme")
+    with pytest.raises(ReservationNotFound):
+        authority.release("0123456789abcdef0123.tenant:acme")
+    for bad in ["", "nope", "0123456789abcdef0123.tenant:acme/run:x", "xyz.tenant:acme", "0123456789abcdef0123.{x}"]:
+        with pytest.raises(InvalidRequest):
+            authority.commit(bad)
+
+
+def test_audit_trail_records_every_change(authority: Authority, clock: FakeClock) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    held = authority.reserve(usd(1), CHAIN)
+    released = authority.reserve(usd(1), CHAIN)
+    expiring = authority.reserve(usd(1), CHAIN, ttl=1)
+    assert held.reservation and released.reservation and expiring.reservation
+    authority.commit(held.reservation, {"usd": "0.5"})
+    authority.release(released.reservation)
+    clock.advance(2)
+    authority.sweep()
+    events = authority.events(scope="tenant:acme")
+    kinds = [e.kind for e in events]
+    assert kinds == ["budget_set", "hold", "hold", "hold", "commit", "release", "expire"]
+    assert [e.seq for e in events] == sorted(e.seq for e in events)
+    assert events[4].reservation_id == held.reservation.id
+    assert dict(events[4].amounts) == {"usd": 500_000_000}
+    assert authority.events(after=events[3].seq, scope="tenant:acme")[0].kind == "commit"
+    assert authority.events(scope="tenant:globex") == []
+
+
+def test_guard_commits_settled_actual(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    with authority.guard(usd(4), CHAIN) as grant:
+        assert grant.decision.outcome is Outcome.ALLOW
+        grant.settle({"usd": "1.5"})
+    assert grant.settlement is not None and grant.settlement.status == "committed"
+    assert authority.balance("tenant:acme")["usd"].spent == Decimal("1.5")
+
+
+def test_guard_releases_on_exception_and_raises_denied(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    with pytest.raises(RuntimeError), authority.guard(usd(4), CHAIN):
+        raise RuntimeError("tool failed")
+    assert authority.balance("tenant:acme")["usd"].held == 0
+    assert authority.balance("tenant:acme")["usd"].spent == 0
+    with pytest.raises(Denied) as info, authority.guard(usd(11), CHAIN):
+        pytest.fail("must not run")
+    assert info.value.decision.reasons[0].code == "budget_exhausted"
+
+
+def test_guard_commits_what_was_spent_before_an_exception(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    with pytest.raises(ValueError, match="parse"), authority.guard(usd(4), CHAIN) as grant:
+        grant.settle({"usd": 2})
+        raise ValueError("parse error after the model answered")
+    assert authority.balance("tenant:acme")["usd"].spent == 2
+
+
+@pytest.mark.asyncio
+async def test_async_twins(authority: Authority, clock: FakeClock) -> None:
+    await authority.aset_budget(Budget("tenant:acme", "usd", 10))
+    decision = await authority.areserve(usd(4), CHAIN, ttl=10)
+    assert decision.reservation is not None
+    await authority.aextend(decision.reservation, 20)
+    await authority.acommit(decision.reservation, {"usd": 1})
+    released = await authority.areserve(usd(2), CHAIN)
+    assert released.reservation is not None
+    await authority.arelease(released.reservation)
+    async with authority.aguard(usd(3), CHAIN) as grant:
+        grant.settle({"usd": 2})
+    with pytest.raises(KeyError):
+        async with authority.aguard(usd(3), CHAIN):
+            raise KeyError("boom")
+    balance = (await authority.abalance("tenant:acme"))["usd"]
+    assert (balance.spent, balance.held) == (3, 0)
+    assert await authority.asweep() == 0
+
+
+def test_model_call_prices_worst_case(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", "0.02"))
+    action = Action.model_call("openai", "gpt-4o", 1000, 800)
+    assert action.amounts == {"usd": Decimal("0.0105"), "tokens": 1800}
+    assert authority.reserve(action, CHAIN).allowed
+    assert authority.reserve(action, CHAIN).denied
