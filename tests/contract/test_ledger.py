@@ -38,8 +38,10 @@ def test_allow_holds_on_every_level(authority: Authority) -> None:
     app = authority.balance("tenant:acme/workspace:eu/app:support")["usd"]
     assert (app.limit, app.spent, app.held, app.remaining) == (5, 0, Decimal("1.5"), Decimal("3.5"))
     remaining = {(h.scope, h.unit): h.remaining for h in decision.headroom}
-    assert remaining == {("tenant:acme", "usd"): Decimal("8.5"),
-                         ("tenant:acme/workspace:eu/app:support", "usd"): Decimal("3.5")}
+    assert remaining == {
+        ("tenant:acme", "usd"): Decimal("8.5"),
+        ("tenant:acme/workspace:eu/app:support", "usd"): Decimal("3.5"),
+    }
     assert decision.remaining("usd") == Decimal("3.5")
 
 
