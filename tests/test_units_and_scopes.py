@@ -1,0 +1,80 @@
+"""Exact amounts, the scope grammar, periods and pricing."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clearance import Action, InvalidRequest, Scope
+from clearance.periods import windows_at
+from clearance.pricing import price_usd, register_price, set_fallback_price
+from clearance.units import MAX_AMOUNT, from_steps, to_steps
+
+
+@given(st.decimals(min_value=0, max_value=9_000_000, places=9, allow_nan=False, allow_infinity=False))
+def test_usd_round_trips_exactly(amount: Decimal) -> None:
+    assert from_steps("usd", to_steps("usd", amount)) == amount
+
+
+def test_usd_rounds_up_below_a_nano_dollar() -> None:
+    assert to_steps("usd", "0.0000000001") == 1
+    assert to_steps("usd", 0.1) == 100_000_000  # the float's shortest repr, not its binary expansion
+
+
+def test_whole_units_reject_fractions_and_bounds_hold() -> None:
+    assert to_steps("tokens", "12") == 12
+    with pytest.raises(InvalidRequest):
+        to_steps("tokens", "1.5")
+    assert to_steps("tokens", MAX_AMOUNT) == MAX_AMOUNT
+    with pytest.raises(InvalidRequest):
+        to_steps("tokens", MAX_AMOUNT + 1)
+    with pytest.raises(InvalidRequest):
+        to_steps("usd", 10_000_000)
+
+
+def test_scope_chain_and_helpers() -> None:
+    scope = Scope.of(tenant="acme", workflow="triage", run="r-1")
+    assert scope.path == "tenant:acme/workflow:triage/run:r-1"
+    assert scope.chain == ("tenant:acme", "tenant:acme/workflow:triage", "tenant:acme/workflow:triage/run:r-1")
+    assert scope.root == "tenant:acme"
+    assert scope.level_of("workflow") == 1
+    assert scope.is_within("tenant:acme")
+    assert not scope.is_within("tenant:ac")
+    assert scope.child("tool", "search").path.endswith("/tool:search")
+
+
+@pytest.mark.parametrize(
+    "bad", ["tenant:a/", "tenant:a b", "tenant:{a}", "TENANT:a", "a" * 40 + ":x", "t:" + "x" * 129]
+)
+def test_scope_grammar_rejects(bad: str) -> None:
+    with pytest.raises(InvalidRequest):
+        Scope.parse(bad)
+
+
+def test_windows_are_utc_calendar_windows() -> None:
+    windows = dict(windows_at(1_798_847_940.0))  # 2027-01-01T23:59:00Z, a Friday in ISO week 53 of 2026
+    assert windows == {
+        "": "",
+        "minute": "2027-01-01T23:59",
+        "hour": "2027-01-01T23",
+        "day": "2027-01-01",
+        "week": "2026-W53",
+        "month": "2027-01",
+    }
+
+
+def test_pricing_uses_genai_prices_and_custom_rates() -> None:
+    assert price_usd("openai", "gpt-4o", 1000, 800) == Decimal("0.0105")
+    register_price("house-model", 1, 2)
+    assert price_usd(None, "house-model", 1_000_000, 1_000_000) == 3
+    with pytest.raises(InvalidRequest, match="no price known"):
+        Action.model_call(None, "unheard-of-model", 1, 1)
+    set_fallback_price(10, 30)
+    try:
+        action = Action.model_call(None, "unheard-of-model", 100_000, 10_000)
+        assert action.amounts["usd"] == Decimal("1.3")
+    finally:
+        set_fallback_price(None)
