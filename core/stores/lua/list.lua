@@ -1,0 +1,42 @@
+-- list: the tenant's reservations at or under a scope, newest first.
+-- ARGV[5] scope ('' = the whole tenant), [6] status ('' = any), [7] limit.
+-- Reply: {token, record, token, record, ...}. Held ones come from the expiry index, settled ones from
+-- the retention index, so no third index is kept on the hot path.
+
+local scope, status, limit = ARGV[5], ARGV[6], tonumber(ARGV[7])
+reclaim()
+local tokens = {}
+if status == '' or status == 'held' then
+  for _, t in ipairs(redis.call('ZRANGE', K_EXP, 0, -1)) do
+    tokens[#tokens + 1] = t
+  end
+end
+if status ~= 'held' then
+  for _, t in ipairs(redis.call('ZRANGE', K_FORGET, 0, -1)) do
+    tokens[#tokens + 1] = t
+  end
+end
+local prefix = scope .. '/'
+local found = {}
+for _, t in ipairs(tokens) do
+  local raw = redis.call('HGET', K_RES, t)
+  if raw then
+    local rec = cjson.decode(raw)
+    if (status == '' or rec.st == status)
+        and (scope == '' or rec.s == scope or string.sub(rec.s, 1, #prefix) == prefix) then
+      found[#found + 1] = {tonumber(rec.c), t, raw}
+    end
+  end
+end
+table.sort(found, function(a, b)
+  if a[1] ~= b[1] then
+    return a[1] > b[1]
+  end
+  return a[2] > b[2]
+end)
+local reply = {}
+for i = 1, math.min(limit, #found) do
+  reply[#reply + 1] = found[i][2]
+  reply[#reply + 1] = found[i][3]
+end
+return reply

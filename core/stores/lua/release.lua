@@ -1,0 +1,16 @@
+-- release: free the whole hold; idempotent (a settled reservation is answered as it is).
+-- ARGV[5] token. Reply: {'notfound'} or {status, '', flags, replayed '1'/'0'}.
+
+local token = ARGV[5]
+reclaim()
+local rec = load(token)
+if not rec then
+  return {'notfound'}
+end
+if rec.st ~= 'held' then
+  return {rec.st, '', rec.f or '', '1'}
+end
+unhold(rec)
+settle(token, rec, 'released')
+audit('release', rec.s, token, rec.a, '')
+return {'released', '', '', '0'}

@@ -1,0 +1,647 @@
+"""The Redis store: many workers on many machines, one Lua script per ledger operation.
+
+``redis://host:port/db``, ``rediss://…`` (TLS), ``unix:///path/redis.sock`` and
+``redis+cluster://host:port`` (any node of a Redis Cluster as the seed). Options go in the query
+string: ``key_prefix`` (default ``clearance:``), ``socket_timeout`` and ``connect_timeout`` (seconds,
+default 0.5 each), ``max_connections`` (pool size, default 64), ``retention`` (seconds a settled
+reservation is remembered, default 48 h), ``audit_capacity`` (events kept per tenant, default
+100,000), ``reclaim_batch`` (expired holds returned per script call, default 1,000). Any other query
+parameter is passed on to redis-py (``ssl_ca_certs``, ``ssl_cert_reqs``, ``username``, …).
+
+Every operation — reserve (idempotency, the ladder over chain x units x plans, lazy reclaim),
+commit, release, extend, set/remove budget, balance — is one ``EVALSHA`` of a script in
+``clearance/stores/lua/``: one round trip, atomic on the server. All keys of one tenant share the hash
+tag ``{<root scope>}`` and are passed in ``KEYS``, so a whole reservation lands on one cluster slot::
+
+    <prefix>{<root>}:b   hash    "<scope>|<unit>|<period>" -> limit; "@<scope>" -> its budgets
+    <prefix>{<root>}:c   hash    "s|<scope>|<unit>|<period>|<window>" -> spent, "h|…" -> held
+    <prefix>{<root>}:r   hash    "<token>" -> reservation record (JSON of strings)
+    <prefix>{<root>}:i   hash    "<idempotency key>" -> "<token>"
+    <prefix>{<root>}:x   zset    held reservations by expires_at (the expiry index)
+    <prefix>{<root>}:f   zset    settled reservations by the time they are forgotten
+    <prefix>{<root>}:log stream  audit events, capped (XADD MAXLEN ~)
+    <prefix>roots        set     every tenant root, for sweep() and listings across tenants
+
+Reservation ids are ``<20 hex>.<root>``; the token (hex part) names the reservation inside its tenant.
+
+Trouble is a decision: connection errors, refusals (OOM, READONLY, ACL, cluster down) and timeouts
+all become :class:`~clearance.errors.StoreUnavailable` within the configured timeouts (redis-py's own
+retries are disabled), which the Authority turns into DENY or a bounded fail-open. A connection lost
+after a request was written is retried once with the same reservation id: the reserve script answers
+an id it has already seen as a replay, and commit/release are idempotent by reservation state, so a
+lost reply never holds or charges twice. A reserve whose outcome stays unknown (timeout, Redis gone)
+was answered DENY; its id is kept "in doubt" and released on the next successful call, so its hold
+(if the write did land) does not wait for its TTL.
+
+Audit sequence numbers come from the stream ids: ``seq = ms * 1_000_000 + n`` for stream id
+``ms-n``. They increase per tenant stream; across tenants they are merged by that number, which
+orders events by the server's clock (on a cluster, by each node's clock), so a reader tailing *all*
+tenants with ``after=`` may miss an event written by another tenant in the same millisecond —
+tail per tenant (``scope=``) for an exact feed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import logging
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from functools import cache, lru_cache
+from importlib import resources
+from typing import Any, ClassVar, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from clearance.errors import InvalidRequest, ReservationClosed, ReservationNotFound, StoreUnavailable
+from clearance.ledger import (
+    AccountState,
+    Amounts,
+    AuditEvent,
+    HoldRequest,
+    HoldResult,
+    Rejection,
+    ReservationRecord,
+    SettleResult,
+)
+from clearance.periods import Windows
+from clearance.scope import parse_scope
+from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
+
+logger = logging.getLogger("clearance.redis")
+
+_SCRIPTS = (
+    "reserve",
+    "commit",
+    "release",
+    "extend",
+    "get",
+    "list",
+    "set_budget",
+    "remove_budget",
+    "accounts",
+    "sweep",
+)
+_PERIOD_ORDER = {"": 0, "day": 1, "hour": 2, "minute": 3, "month": 4, "week": 5}
+_SEQ_SPLIT = 1_000_000
+_MAX_IN_DOUBT = 10_000
+_T = TypeVar("_T")
+
+
+@cache
+def script_source(name: str) -> str:
+    """The full text of one ledger script: the shared prelude followed by the operation."""
+    folder = resources.files("clearance.stores") / "lua"
+    common = (folder / "common.lua").read_text(encoding="utf-8")
+    return common + "\n" + (folder / f"{name}.lua").read_text(encoding="utf-8")
+
+
+def _unavailable(error: Exception) -> StoreUnavailable:
+    failure = StoreUnavailable(f"Redis: {type(error).__name__}: {error}")
+    failure.__cause__ = error
+    return failure
+
+
+def _maybe_sent(error: Exception) -> bool:
+    """False when the request certainly never left (the connection could not be opened)."""
+    return not (isinstance(error, redis.ConnectionError) and "connecting to" in str(error))
+
+
+def _amounts(text: str | None) -> Amounts:
+    if not text:
+        return ()
+    words = text.split()
+    return tuple((words[i], int(words[i + 1])) for i in range(0, len(words), 2))
+
+
+def _amounts_text(amounts: Amounts) -> str:
+    return " ".join(f"{unit} {steps}" for unit, steps in amounts)
+
+
+@lru_cache(maxsize=64)
+def _windows_text(windows: Windows) -> str:
+    return ";".join(f"{period}={window}" for period, window in windows)
+
+
+def _windows(text: str) -> Windows:
+    pairs = []
+    for item in text.split(";"):
+        period, _, window = item.partition("=")
+        pairs.append((period, window))
+    return tuple(pairs)
+
+
+def _float(value: float) -> str:
+    return repr(float(value))
+
+
+def _state(reply: Sequence[str], i: int) -> AccountState:
+    return AccountState(
+        reply[i], reply[i + 1], reply[i + 2], reply[i + 3], int(reply[i + 4]), int(reply[i + 5]), int(reply[i + 6])
+    )
+
+
+def _seq(stream_id: str) -> int:
+    ms, _, n = stream_id.partition("-")
+    return int(ms) * _SEQ_SPLIT + int(n)
+
+
+def _stream_id(seq: int) -> str:
+    return f"{seq // _SEQ_SPLIT}-{seq % _SEQ_SPLIT}"
+
+
+class RedisStore(Store):
+    """``redis://`` — the ledger in Redis (or Redis Cluster), shared by every worker that can reach it.
+
+    >>> store = RedisStore.from_url("redis://localhost:6379/0?key_prefix=ledger:&socket_timeout=0.25")
+    >>> authority = Authority(store)
+    """
+
+    scheme: ClassVar[str] = "redis"
+
+    def __init__(
+        self,
+        url: str = "redis://localhost:6379/0",
+        *,
+        cluster: bool = False,
+        key_prefix: str = "clearance:",
+        retention: float = DEFAULT_RETENTION,
+        socket_timeout: float = 0.5,
+        connect_timeout: float = 0.5,
+        max_connections: int = 64,
+        audit_capacity: int = 100_000,
+        reclaim_batch: int = 1000,
+        **redis_options: Any,
+    ) -> None:
+        if "{" in key_prefix or "}" in key_prefix:
+            raise InvalidRequest("key_prefix must not contain '{' or '}' (they choose the cluster slot)")
+        for name, value in (("socket_timeout", socket_timeout), ("connect_timeout", connect_timeout)):
+            if not 0 < value <= 3600:
+                raise InvalidRequest(f"{name} must be in (0, 3600] seconds, got {value}")
+        if max_connections < 1 or audit_capacity < 1 or reclaim_batch < 1 or retention <= 0:
+            raise InvalidRequest("max_connections, audit_capacity, reclaim_batch and retention must be positive")
+        self.url = url
+        self.cluster = cluster
+        self.key_prefix = key_prefix
+        self._retention = _float(retention)
+        self._cap = str(int(audit_capacity))
+        self._batch = int(reclaim_batch)
+        self._batch_text = str(self._batch)
+        self._timeouts = (float(socket_timeout), float(connect_timeout))
+        self._max_connections = int(max_connections)
+        self._options = dict(redis_options)
+        self._options.setdefault("decode_responses", True)
+        self._roots_key = f"{key_prefix}roots"
+        self._known_roots: set[str] = set()
+        self._in_doubt: set[str] = set()
+        self._in_doubt_lock = threading.Lock()
+        self._client: Any = self._make_client(asynchronous=False)
+        self._scripts: dict[str, Any] = {name: self._client.register_script(script_source(name)) for name in _SCRIPTS}
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, dict[str, Any]]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisStore:
+        """Build a store from ``redis://``, ``rediss://``, ``unix://`` or ``redis+cluster://`` URLs."""
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        cluster = scheme.endswith("+cluster")
+        ours: dict[str, Any] = {}
+        passed: list[tuple[str, str]] = []
+        floats = ("retention", "socket_timeout", "connect_timeout")
+        ints = ("max_connections", "audit_capacity", "reclaim_batch")
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            try:
+                if key in floats:
+                    ours[key] = float(value)
+                elif key in ints:
+                    ours[key] = int(value)
+                elif key == "key_prefix":
+                    ours[key] = value
+                else:
+                    passed.append((key, value))
+            except ValueError:
+                raise InvalidRequest(f"bad Redis store option {key}={value!r}") from None
+        base = urlunsplit((scheme.removesuffix("+cluster"), parts.netloc, parts.path, urlencode(passed), ""))
+        return cls(base, cluster=cluster, **ours)
+
+    # --- clients ---------------------------------------------------------------------------------
+    def _make_client(self, *, asynchronous: bool) -> Any:
+        socket_timeout, connect_timeout = self._timeouts
+        options: dict[str, Any] = {
+            **self._options,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
+            # One retry, ours, with the same reservation id; redis-py's backoff loop could outlast the timeout.
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if self.cluster:
+            options["max_connections"] = self._max_connections
+            if asynchronous:
+                return redis.asyncio.cluster.RedisCluster.from_url(self.url, **options)
+            return redis.cluster.RedisCluster.from_url(self.url, **options)
+        pool_options = {**options, "max_connections": self._max_connections, "timeout": connect_timeout}
+        if asynchronous:
+            pool = redis.asyncio.BlockingConnectionPool.from_url(self.url, **pool_options)
+            return redis.asyncio.Redis(connection_pool=pool)
+        return redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(self.url, **pool_options))
+
+    def _async_client(self) -> tuple[Any, dict[str, Any]]:
+        """The asyncio client of the running loop (redis.asyncio connections belong to one loop)."""
+        loop = asyncio.get_running_loop()
+        found = self._async.get(loop)
+        if found is None:
+            client = self._make_client(asynchronous=True)
+            found = (client, {name: client.register_script(script_source(name)) for name in _SCRIPTS})
+            self._async[loop] = found
+        return found
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+            if not self.cluster:
+                self._client.connection_pool.disconnect()
+        except redis.RedisError:  # pragma: no cover - closing a dead connection
+            pass
+
+    async def aclose(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+            found = self._async.pop(loop, None)
+            if found is not None:
+                await found[0].aclose()
+        except redis.RedisError:  # pragma: no cover
+            pass
+        self.close()
+
+    # --- keys ------------------------------------------------------------------------------------
+    @lru_cache(maxsize=65536)  # noqa: B019 - one store per process; the cache holds key lists only
+    def _keys(self, root: str) -> list[str]:
+        tag = f"{self.key_prefix}{{{root}}}:"
+        return [tag + suffix for suffix in ("b", "c", "r", "i", "x", "f", "log")]
+
+    def _head(self, now: float) -> list[str]:
+        return [_float(now), self._retention, self._cap, self._batch_text]
+
+    # --- running scripts -------------------------------------------------------------------------
+    def _run(self, name: str, root: str, args: list[str]) -> Any:
+        """One script, one round trip; one retry after a lost connection; every failure is StoreUnavailable."""
+        self._settle_in_doubt(args[0])
+        script = self._scripts[name]
+        keys = self._keys(root)
+        try:
+            return script(keys, args)
+        except redis.ConnectionError:
+            pass  # the connection died, possibly after the server ran the script: run it again
+        except redis.RedisError as error:
+            raise _unavailable(error) from error
+        try:
+            return script(keys, args)
+        except redis.RedisError as error:
+            raise _unavailable(error) from error
+
+    async def _arun(self, name: str, root: str, args: list[str]) -> Any:
+        client, scripts = self._async_client()
+        await self._asettle_in_doubt(client, scripts, args[0])
+        script = scripts[name]
+        keys = self._keys(root)
+        try:
+            return await script(keys, args, client=client)
+        except redis.ConnectionError:
+            pass
+        except redis.RedisError as error:
+            raise _unavailable(error) from error
+        try:
+            return await script(keys, args, client=client)
+        except redis.RedisError as error:
+            raise _unavailable(error) from error
+
+    def _call(self, command: Callable[[], _T]) -> _T:
+        try:
+            return command()
+        except redis.RedisError as error:
+            raise _unavailable(error) from error
+
+    async def _acall(self, command: Callable[[], Awaitable[_T]]) -> _T:
+        try:
+            return await command()
+        except redis.RedisError as error:
+            raise _unavailable(error) from error
+
+    # --- in-doubt holds --------------------------------------------------------------------------
+    def _doubt(self, reservation_id: str, error: BaseException) -> None:
+        cause = error.__cause__
+        if isinstance(cause, Exception) and not _maybe_sent(cause):
+            return
+        with self._in_doubt_lock:
+            if len(self._in_doubt) < _MAX_IN_DOUBT:
+                self._in_doubt.add(reservation_id)
+
+    def _take_in_doubt(self) -> list[str]:
+        with self._in_doubt_lock:
+            taken = list(self._in_doubt)[:32]
+            self._in_doubt.difference_update(taken)
+            return taken
+
+    def _settle_in_doubt(self, now: str) -> None:
+        if not self._in_doubt:
+            return
+        for rid in self._take_in_doubt():
+            try:
+                self._scripts["release"](self._keys(root_of(rid)), [now, *self._head(0.0)[1:], rid[:20]])
+            except redis.RedisError:
+                with self._in_doubt_lock:
+                    self._in_doubt.add(rid)
+                return
+
+    async def _asettle_in_doubt(self, client: Any, scripts: dict[str, Any], now: str) -> None:
+        if not self._in_doubt:
+            return
+        for rid in self._take_in_doubt():
+            try:
+                args = [now, *self._head(0.0)[1:], rid[:20]]
+                await scripts["release"](self._keys(root_of(rid)), args, client=client)
+            except redis.RedisError:
+                with self._in_doubt_lock:
+                    self._in_doubt.add(rid)
+                return
+
+    # --- roots registry --------------------------------------------------------------------------
+    def _register(self, root: str) -> None:
+        if root not in self._known_roots:
+            self._call(lambda: self._client.sadd(self._roots_key, root))
+            self._known_roots.add(root)
+
+    async def _aregister(self, root: str) -> None:
+        if root not in self._known_roots:
+            client = self._async_client()[0]
+            await self._acall(lambda: client.sadd(self._roots_key, root))
+            self._known_roots.add(root)
+
+    def _roots(self) -> list[str]:
+        return sorted(self._call(lambda: self._client.smembers(self._roots_key)))
+
+    # --- reservations ----------------------------------------------------------------------------
+    def _hold_args(self, request: HoldRequest) -> list[str]:
+        chain = request.chain
+        args = self._head(request.now)
+        args += [
+            request.reservation_id[:20],
+            _float(request.expires_at),
+            request.idempotency_key or "",
+            request.label,
+            _windows_text(request.windows),
+            str(len(chain)),
+            *chain,
+            str(len(request.plans)),
+        ]
+        for plan in request.plans:
+            args.append(str(len(plan.amounts)))
+            for unit, steps in plan.amounts:
+                args.append(unit)
+                args.append(str(steps))
+            args.extend(map(str, plan.headroom_ppm))
+        return args
+
+    @staticmethod
+    def _hold_result(request: HoldRequest, reply: list[str]) -> HoldResult:
+        kind = reply[0]
+        n = int(reply[4])
+        accounts = tuple(_state(reply, i) for i in range(5, 5 + 7 * n, 7))
+        at = 5 + 7 * n
+        m = int(reply[at])
+        rejections = tuple(
+            Rejection(int(reply[i]), reply[i + 1], reply[i + 2], reply[i + 3], reply[i + 4], int(reply[i + 5]),
+                      int(reply[i + 6]), int(reply[i + 7]))
+            for i in range(at + 1, at + 1 + 8 * m, 8)
+        )  # fmt: skip
+        if kind == "denied":
+            return HoldResult(None, -1, 0.0, accounts, rejections)
+        rid = f"{reply[1]}.{request.chain[0]}"
+        # 'replay_id' is this very call seen again after a lost reply: for the caller it is the first answer.
+        return HoldResult(rid, int(reply[2]), float(reply[3]), accounts, rejections, replayed=kind == "replay_key")
+
+    def hold(self, request: HoldRequest) -> HoldResult:
+        root = request.chain[0]
+        self._register(root)
+        try:
+            reply = self._run("reserve", root, self._hold_args(request))
+        except StoreUnavailable as error:
+            self._doubt(request.reservation_id, error)
+            raise
+        return self._hold_result(request, reply)
+
+    async def ahold(self, request: HoldRequest) -> HoldResult:
+        root = request.chain[0]
+        await self._aregister(root)
+        try:
+            reply = await self._arun("reserve", root, self._hold_args(request))
+        except StoreUnavailable as error:
+            self._doubt(request.reservation_id, error)
+            raise
+        return self._hold_result(request, reply)
+
+    @staticmethod
+    def _settled(reservation_id: str, reply: list[str]) -> SettleResult:
+        if reply[0] == "notfound":
+            raise ReservationNotFound(reservation_id)
+        flags = tuple(reply[2].split(",")) if reply[2] else ()
+        return SettleResult(reservation_id, reply[0], _amounts(reply[1]), flags, replayed=reply[3] == "1")
+
+    def _commit_args(self, reservation_id: str, actual: Amounts | None, now: float) -> list[str]:
+        return [*self._head(now), reservation_id[:20], "-" if actual is None else _amounts_text(actual)]
+
+    def commit(self, reservation_id: str, actual: Amounts | None, now: float) -> SettleResult:
+        root = root_of(reservation_id)
+        return self._settled(reservation_id, self._run("commit", root, self._commit_args(reservation_id, actual, now)))
+
+    async def acommit(self, reservation_id: str, actual: Amounts | None, now: float) -> SettleResult:
+        root = root_of(reservation_id)
+        args = self._commit_args(reservation_id, actual, now)
+        return self._settled(reservation_id, await self._arun("commit", root, args))
+
+    def release(self, reservation_id: str, now: float) -> SettleResult:
+        root = root_of(reservation_id)
+        return self._settled(reservation_id, self._run("release", root, [*self._head(now), reservation_id[:20]]))
+
+    async def arelease(self, reservation_id: str, now: float) -> SettleResult:
+        root = root_of(reservation_id)
+        reply = await self._arun("release", root, [*self._head(now), reservation_id[:20]])
+        return self._settled(reservation_id, reply)
+
+    @staticmethod
+    def _record(reservation_id: str, root: str, raw: str) -> ReservationRecord:
+        data = json.loads(raw)
+        holds_raw = data.get("h") or []
+        holds = []
+        for i in range(0, len(holds_raw), 2):
+            scope, unit, period, window = holds_raw[i].split("|")
+            holds.append((scope, unit, period, window, int(holds_raw[i + 1])))
+        return ReservationRecord(
+            id=reservation_id,
+            scope=data["s"],
+            root=root,
+            status=data["st"],
+            plan_index=int(data["p"]),
+            amounts=_amounts(data["a"]),
+            holds=tuple(holds),
+            windows=_windows(data["w"]),
+            created_at=float(data["c"]),
+            expires_at=float(data["e"]),
+            settled_at=float(data["t"]) if "t" in data else None,
+            committed=_amounts(data["ca"]) if "ca" in data else None,
+            flags=tuple(data["f"].split(",")) if data.get("f") else (),
+            idempotency_key=data.get("i"),
+            label=data.get("l", ""),
+        )
+
+    def _extended(self, reservation_id: str, root: str, reply: list[str]) -> ReservationRecord:
+        if reply[0] == "notfound":
+            raise ReservationNotFound(reservation_id)
+        if reply[0] == "closed":
+            raise ReservationClosed(reservation_id, reply[1])
+        return self._record(reservation_id, root, reply[1])
+
+    def _extend_args(self, reservation_id: str, expires_at: float, now: float) -> list[str]:
+        return [*self._head(now), reservation_id[:20], _float(expires_at), f"expires_at={expires_at:.3f}"]
+
+    def extend(self, reservation_id: str, expires_at: float, now: float) -> ReservationRecord:
+        root = root_of(reservation_id)
+        reply = self._run("extend", root, self._extend_args(reservation_id, expires_at, now))
+        return self._extended(reservation_id, root, reply)
+
+    async def aextend(self, reservation_id: str, expires_at: float, now: float) -> ReservationRecord:
+        root = root_of(reservation_id)
+        reply = await self._arun("extend", root, self._extend_args(reservation_id, expires_at, now))
+        return self._extended(reservation_id, root, reply)
+
+    def reservation(self, reservation_id: str, now: float) -> ReservationRecord:
+        root = root_of(reservation_id)
+        reply = self._run("get", root, [*self._head(now), reservation_id[:20]])
+        return self._extended(reservation_id, root, reply)
+
+    async def areservation(self, reservation_id: str, now: float) -> ReservationRecord:
+        root = root_of(reservation_id)
+        reply = await self._arun("get", root, [*self._head(now), reservation_id[:20]])
+        return self._extended(reservation_id, root, reply)
+
+    def reservations(self, scope: str | None, status: str | None, limit: int, now: float) -> list[ReservationRecord]:
+        roots = [parse_scope(scope).root] if scope is not None else self._roots()
+        found: list[ReservationRecord] = []
+        for root in roots:
+            args = [*self._head(now), scope or "", status or "", str(limit)]
+            reply = self._run("list", root, args)
+            found.extend(self._record(f"{reply[i]}.{root}", root, reply[i + 1]) for i in range(0, len(reply), 2))
+        return heapq.nsmallest(limit, found, key=lambda r: (-r.created_at, r.id))
+
+    # --- budgets ---------------------------------------------------------------------------------
+    def _budget_args(self, scope: str, unit: str, period: str, limit: int, now: float) -> list[str]:
+        return [*self._head(now), scope, unit, period, str(limit), f"period={period or 'lifetime'}"]
+
+    def set_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
+        root = parse_scope(scope).root
+        self._register(root)
+        self._run("set_budget", root, self._budget_args(scope, unit, period, limit, now))
+
+    async def aset_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
+        root = parse_scope(scope).root
+        await self._aregister(root)
+        await self._arun("set_budget", root, self._budget_args(scope, unit, period, limit, now))
+
+    def _remove_args(self, scope: str, unit: str, period: str, now: float) -> list[str]:
+        return [*self._head(now), scope, unit, period, f"period={period or 'lifetime'}"]
+
+    def remove_budget(self, scope: str, unit: str, period: str, now: float) -> bool:
+        root = parse_scope(scope).root
+        return bool(self._run("remove_budget", root, self._remove_args(scope, unit, period, now)))
+
+    async def aremove_budget(self, scope: str, unit: str, period: str, now: float) -> bool:
+        root = parse_scope(scope).root
+        return bool(await self._arun("remove_budget", root, self._remove_args(scope, unit, period, now)))
+
+    @staticmethod
+    def _states(reply: Sequence[str]) -> list[AccountState]:
+        states = [_state(reply, i) for i in range(0, len(reply), 7)]
+        states.sort(key=lambda s: (s.scope, s.unit, _PERIOD_ORDER.get(s.period, 9)))
+        return states
+
+    def accounts(self, scope: str | None, windows: Windows, now: float, subtree: bool) -> list[AccountState]:
+        text = _windows_text(windows)
+        if scope is None:
+            states: list[AccountState] = []
+            for root in self._roots():
+                states += self._states(self._run("accounts", root, [*self._head(now), "", "1", text]))
+            return self._states_sorted(states)
+        root = parse_scope(scope).root
+        return self._states(self._run("accounts", root, [*self._head(now), scope, "1" if subtree else "0", text]))
+
+    async def aaccounts(self, scope: str | None, windows: Windows, now: float, subtree: bool) -> list[AccountState]:
+        if scope is None:
+            return await asyncio.to_thread(self.accounts, scope, windows, now, subtree)
+        root = parse_scope(scope).root
+        args = [*self._head(now), scope, "1" if subtree else "0", _windows_text(windows)]
+        return self._states(await self._arun("accounts", root, args))
+
+    @staticmethod
+    def _states_sorted(states: list[AccountState]) -> list[AccountState]:
+        states.sort(key=lambda s: (s.scope, s.unit, _PERIOD_ORDER.get(s.period, 9)))
+        return states
+
+    # --- maintenance -----------------------------------------------------------------------------
+    def sweep(self, now: float) -> int:
+        expired = 0
+        for root in self._roots():
+            while True:
+                count, due, forgotten = self._run("sweep", root, self._head(now))
+                expired += int(count)
+                if int(due) < self._batch and int(forgotten) < self._batch:
+                    break
+        return expired
+
+    async def asweep(self, now: float) -> int:
+        return await asyncio.to_thread(self.sweep, now)
+
+    def _read_stream(self, root: str, after: int, count: int) -> list[AuditEvent]:
+        key = self._keys(root)[6]
+        start = "-" if after <= 0 else "(" + _stream_id(after)
+        entries = self._call(lambda: self._client.xrange(key, min=start, max="+", count=count))
+        events = []
+        for stream_id, fields in entries:
+            token = fields.get("r", "")
+            events.append(
+                AuditEvent(
+                    seq=_seq(stream_id),
+                    at=float(fields["at"]),
+                    kind=fields["k"],
+                    scope=fields["s"],
+                    reservation_id=f"{token}.{root}" if token else None,
+                    amounts=_amounts(fields.get("a")),
+                    detail=fields.get("d", ""),
+                )
+            )
+        return events
+
+    def events(self, after: int, limit: int, scope: str | None) -> list[AuditEvent]:
+        roots = [parse_scope(scope).root] if scope is not None else self._roots()
+        found: list[AuditEvent] = []
+        for root in roots:
+            cursor = after
+            kept: list[AuditEvent] = []
+            while len(kept) < limit:
+                page = self._read_stream(root, cursor, max(limit, 100))
+                if not page:
+                    break
+                kept.extend(e for e in page if in_subtree(e.scope, scope))
+                cursor = page[-1].seq
+            found.extend(kept[:limit])
+        found.sort(key=lambda e: e.seq)
+        return found[:limit]
