@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from clearance.errors import InvalidRequest
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from clearance.errors import InvalidRequest
 
 
 class InvalidModel(InvalidRequest):

@@ -7,11 +7,12 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
+from pydantic import Field, field_validator
+
 from clearance._model import InputModel
 from clearance.plan import Plan
 from clearance.pricing import price_nano_usd
 from clearance.units import USD_SCALE, from_step_map, to_step_map
-from pydantic import Field, PrivateAttr, field_validator
 
 _WORD_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _LABEL_RE = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
@@ -39,8 +40,8 @@ class Action(InputModel):
     model: str | None = Field(default=None, max_length=256)
     tool: str | None = Field(default=None, max_length=256)
     metadata: dict[str, Any] = Field(default_factory=dict)
-    _steps: dict[str, int] = PrivateAttr(default_factory=dict)
-    _plan: Plan | None = PrivateAttr(default=None)
+    steps: tuple[tuple[str, int], ...] = Field(default=(), exclude=True, repr=False)
+    """The estimated amounts in exact integer steps (see :mod:`clearance.units`), as the stores take them."""
 
     def __init__(
         self,
@@ -66,8 +67,8 @@ class Action(InputModel):
             model=model,
             tool=tool,
             metadata=dict(metadata or {}),
+            steps=tuple(steps.items()),
         )
-        self._steps = steps
 
     @field_validator("kind", "risk")
     @classmethod
@@ -84,22 +85,13 @@ class Action(InputModel):
         return value
 
     @property
-    def steps(self) -> dict[str, int]:
-        """The estimated amounts in exact integer steps (see :mod:`clearance.units`)."""
-        return self._steps
-
-    @property
     def label(self) -> str:
         """``kind:name``, as shown in decisions and the audit trail."""
         return f"{self.kind}:{self.name}"
 
     def as_plan(self) -> Plan:
-        """The action as requested: its amounts, no caps (cached)."""
-        plan = self._plan
-        if plan is None:
-            plan = Plan(self.amounts)
-            self._plan = plan
-        return plan
+        """The action as requested: its amounts, no caps."""
+        return Plan(self.amounts)
 
     @classmethod
     def model_call(

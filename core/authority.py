@@ -33,7 +33,7 @@ from clearance.ledger import (
     SettleResult,
 )
 from clearance.periods import Period, period_key, windows_at
-from clearance.plan import Caps, Plan, check_plans
+from clearance.plan import Caps, Plan, _zeros, check_plans
 from clearance.scope import Scope, parse_scope
 from clearance.stores import Store, store_from_url
 from clearance.units import from_steps, to_step_map
@@ -104,6 +104,15 @@ def _reason(rejection: Rejection, plan_count: int) -> Reason:
         needed,
         remaining,
     )
+
+
+def _chosen(action: Action, plans: tuple[Plan, ...] | None, index: int) -> tuple[Amounts, Caps | None]:
+    """The held steps and the caps (``None`` when they change nothing) of the chosen plan."""
+    if plans is None:
+        return action.steps, None
+    plan = plans[index]
+    caps = plan.caps
+    return plan.steps, (caps if caps is not None and not caps.is_empty else None)
 
 
 def _reservation(record: ReservationRecord) -> Reservation:
@@ -244,13 +253,17 @@ class Authority:
         plans: Sequence[Plan] | None,
         ttl: float | None,
         idempotency_key: str | None,
-    ) -> tuple[HoldRequest, Action, Scope, tuple[Plan, ...]]:
+    ) -> tuple[HoldRequest, Action, Scope, tuple[Plan, ...] | None]:
+        """Validate everything and build the store request; ``None`` plans mean "the action as asked"."""
         if not isinstance(action, Action):
             raise InvalidRequest(f"expected an Action, got {type(action).__name__}")
         parsed = parse_scope(scope)  # type: ignore[arg-type]
-        chosen = (action.as_plan(),) if plans is None else check_plans(plans)
-        kinds = parsed.kinds
-        specs = tuple(PlanSpec(tuple(plan.steps.items()), plan.headroom_ppm(kinds)) for plan in chosen)
+        chosen = None if plans is None else check_plans(plans)
+        if chosen is None:
+            specs: tuple[PlanSpec, ...] = (PlanSpec(action.steps, _zeros(len(parsed.chain))),)
+        else:
+            kinds = parsed.kinds
+            specs = tuple(PlanSpec(plan.steps, plan.headroom_ppm(kinds)) for plan in chosen)
         now = self.clock()
         lifetime = self.default_ttl if ttl is None else _check_ttl(ttl)
         request = HoldRequest(
@@ -266,15 +279,14 @@ class Authority:
         return request, action, parsed, chosen
 
     def _decide(
-        self, result: HoldResult, action: Action, scope: Scope, plans: tuple[Plan, ...], now: float
+        self, result: HoldResult, action: Action, scope: Scope, plans: tuple[Plan, ...] | None, now: float
     ) -> Decision:
-        count = len(plans)
+        count = 1 if plans is None else len(plans)
         reasons = [_reason(r, count) for r in result.rejections] if result.rejections else []
         index = result.plan_index
         if index < 0:
             return Decision(Outcome.DENY, scope.path, action.label, None, None, tuple(reasons), result.accounts)
-        plan = plans[index]
-        caps = plan.caps if plan.caps is not None and not plan.caps.is_empty else None
+        steps, caps = _chosen(action, plans, index)
         if index == 0 and caps is None:
             outcome = Outcome.ALLOW
         else:
@@ -284,7 +296,7 @@ class Authority:
         reservation = Reservation(
             id=result.reservation_id or "",
             scope=scope.path,
-            steps=tuple(plan.steps.items()),
+            steps=steps,
             expires_at=result.expires_at,
             plan_index=index,
             created_at=now,
@@ -304,7 +316,12 @@ class Authority:
         )
 
     def _unavailable(
-        self, error: StoreUnavailable, request: HoldRequest, action: Action, scope: Scope, plans: tuple[Plan, ...]
+        self,
+        error: StoreUnavailable,
+        request: HoldRequest,
+        action: Action,
+        scope: Scope,
+        plans: tuple[Plan, ...] | None,
     ) -> Decision:
         fail_open = self._fail_open
         if fail_open is not True and not (
@@ -313,9 +330,8 @@ class Authority:
             logger.warning("clearance store unavailable, denying %s at %s: %s", action.label, scope.path, error)
             reason = Reason("store_unavailable", f"store unavailable, failing closed: {error}", scope.path)
             return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_CLOSED)
-        plan = plans[0]
         rid = _LOCAL_PREFIX + request.reservation_id
-        steps = tuple(plan.steps.items())
+        steps, caps = _chosen(action, plans, 0)
         over = self._emergency.take(rid, steps)
         if over is not None:
             reason = Reason(
@@ -328,7 +344,6 @@ class Authority:
         logger.warning("clearance store unavailable, failing open for %s at %s: %s", action.label, scope.path, error)
         reservation = Reservation(rid, scope.path, steps, request.expires_at, 0, label=action.label, local=True)
         reason = Reason("fail_open", f"store unavailable, allowed within the emergency cap: {error}", scope.path)
-        caps = plan.caps if plan.caps is not None and not plan.caps.is_empty else None
         outcome = Outcome.ALLOW if caps is None else Outcome.ALLOW_WITH_CAPS
         return Decision(outcome, scope.path, action.label, reservation, caps, (reason,), (), 0, Mode.FAIL_OPEN)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+from pydantic import Field
+
 from clearance._model import InputModel
 from clearance.periods import Period, period_key
 from clearance.scope import parse_scope
 from clearance.units import check_unit, from_steps, to_steps
-from pydantic import PrivateAttr
 
 
 class Budget(InputModel):
@@ -25,20 +26,17 @@ class Budget(InputModel):
     unit: str
     limit: Decimal
     period: Period | None = None
-    _steps: int = PrivateAttr(default=0)
+    steps: int = Field(default=0, exclude=True, repr=False)
+    """The limit in exact integer steps."""
 
     def __init__(self, scope: str, unit: str, limit: Any, period: Period | str | None = None) -> None:
         path = parse_scope(scope).path
         check_unit(unit)
         steps = to_steps(unit, limit)
         key = period_key(period)
-        super().__init__(scope=path, unit=unit, limit=from_steps(unit, steps), period=Period(key) if key else None)
-        self._steps = steps
-
-    @property
-    def steps(self) -> int:
-        """The limit in exact integer steps."""
-        return self._steps
+        super().__init__(
+            scope=path, unit=unit, limit=from_steps(unit, steps), period=Period(key) if key else None, steps=steps
+        )
 
     @property
     def period_key(self) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from clearance.periods import Windows
 
@@ -37,7 +38,7 @@ LATE = "late"  # committed after the hold expired
 AFTER_RELEASE = "after_release"  # committed after an explicit release
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PlanSpec:
     """A plan in store terms: what to hold, and the headroom (ppm of limit) each level must keep."""
 
@@ -45,7 +46,7 @@ class PlanSpec:
     headroom_ppm: tuple[int, ...]  # one per chain level; 0 = no requirement
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HoldRequest:
     reservation_id: str
     chain: tuple[str, ...]  # scope paths, root first
@@ -57,9 +58,8 @@ class HoldRequest:
     label: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class AccountState:
-    """One budget and its current window's counters."""
+class AccountState(NamedTuple):
+    """One budget and its current window's counters (a tuple: built on every reserve)."""
 
     scope: str
     unit: str
@@ -74,7 +74,7 @@ class AccountState:
         return self.limit - self.spent - self.held
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Rejection:
     """The first budget that stopped a plan."""
 
@@ -88,7 +88,7 @@ class Rejection:
     required: int = 0  # for min_headroom: what must remain
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HoldResult:
     reservation_id: str | None  # None when denied
     plan_index: int  # -1 when denied
@@ -98,7 +98,7 @@ class HoldResult:
     replayed: bool = False  # an idempotent retry answered with the original reservation
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReservationRecord:
     id: str
     scope: str
@@ -117,7 +117,7 @@ class ReservationRecord:
     label: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SettleResult:
     """What commit or release did."""
 
@@ -128,7 +128,7 @@ class SettleResult:
     replayed: bool = False  # nothing changed: the reservation was already in this state
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuditEvent:
     """One ledger change, written in the same transaction (or script) as the change itself."""
 
@@ -144,46 +144,47 @@ class AuditEvent:
 @dataclass(slots=True)
 class Choice:
     plan_index: int
-    holds: list[tuple[AccountState, int]] = field(default_factory=list)
+    holds: list[tuple[int, int]] = field(default_factory=list)  # (index into the budgets given, steps)
     rejections: list[Rejection] = field(default_factory=list)
 
 
-def choose_plan(plans: Sequence[PlanSpec], chain: Sequence[str], budgets: Iterable[AccountState]) -> Choice:
+def choose_plan(plans: Sequence[PlanSpec], chain: Sequence[str], budgets: Sequence[AccountState]) -> Choice:
     """Pick the first plan that fits every budget on the chain (the ladder), or none.
 
     ``budgets`` are the current-window states of every budget on the chain. A plan fits when, for
     each budget of a unit it names, ``spent + held + amount <= limit`` and the fraction the plan asks
     to keep at that level would remain. A budget already past its limit (overage) stops any plan
-    naming its unit, even with amount 0.
+    naming its unit, even with amount 0. The chosen holds are returned as indexes into ``budgets``.
     """
-    level_of = {path: index for index, path in enumerate(chain)}
-    by_unit: dict[str, list[AccountState]] = {}
-    for account in budgets:
-        by_unit.setdefault(account.unit, []).append(account)
     choice = Choice(plan_index=-1)
     for index, plan in enumerate(plans):
-        holds: list[tuple[AccountState, int]] = []
+        holds: list[tuple[int, int]] = []
         rejection: Rejection | None = None
+        headroom = plan.headroom_ppm
+        demands_headroom = any(headroom)
         for unit, amount in plan.amounts:
-            for account in by_unit.get(unit, ()):
-                remaining = account.limit - account.spent - account.held
+            for position, account in enumerate(budgets):
+                if account[1] != unit:
+                    continue
+                limit = account[4]
+                remaining = limit - account[5] - account[6]
                 code = ""
                 required = 0
                 if remaining < 0:
                     code = OVERAGE
                 elif amount > remaining:
                     code = EXHAUSTED
-                else:
-                    ppm = plan.headroom_ppm[level_of[account.scope]]
+                elif demands_headroom:
+                    ppm = headroom[chain.index(account[0])]
                     if ppm:
-                        required = -(-account.limit * ppm // 1_000_000)  # ceil
+                        required = -(-limit * ppm // 1_000_000)  # ceil
                         if remaining - amount < required:
                             code = MIN_HEADROOM
                 if code:
-                    rejection = Rejection(index, code, account.scope, unit, account.period, amount, remaining, required)
+                    rejection = Rejection(index, code, account[0], unit, account[2], amount, remaining, required)
                     break
                 if amount:
-                    holds.append((account, amount))
+                    holds.append((position, amount))
             if rejection is not None:
                 break
         if rejection is None:
@@ -192,6 +193,15 @@ def choose_plan(plans: Sequence[PlanSpec], chain: Sequence[str], budgets: Iterab
             return choice
         choice.rejections.append(rejection)
     return choice
+
+
+def with_holds(budgets: Sequence[AccountState], holds: Sequence[tuple[int, int]]) -> tuple[AccountState, ...]:
+    """``budgets`` as they are after ``holds`` were added (the decision's headroom)."""
+    after = list(budgets)
+    for position, steps in holds:
+        account = after[position]
+        after[position] = account._replace(held=account.held + steps)
+    return tuple(after)
 
 
 def sum_amounts(amounts: Iterable[tuple[str, int]]) -> dict[str, int]:

@@ -12,10 +12,11 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
+from pydantic import Field, field_validator
+
 from clearance._model import InputModel
 from clearance.errors import InvalidRequest
 from clearance.units import from_step_map, to_step_map
-from pydantic import Field, PrivateAttr, field_validator
 
 _KIND_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 
@@ -59,18 +60,17 @@ class Plan(InputModel):
     amounts: dict[str, Decimal]
     caps: Caps | None = None
     min_headroom: float | dict[str, float] = 0.0
-    _steps: dict[str, int] = PrivateAttr(default_factory=dict)
+    steps: tuple[tuple[str, int], ...] = Field(default=(), exclude=True, repr=False)
+    """The amounts in exact integer steps (see :mod:`clearance.units`), as the stores take them."""
 
     def __init__(
         self,
         amounts: Mapping[str, Any] | None = None,
         caps: Caps | None = None,
         min_headroom: float | Mapping[str, float] = 0.0,
-        **extra: Any,
     ) -> None:
         steps = to_step_map(amounts, "plan amounts")
-        super().__init__(amounts=from_step_map(steps), caps=caps, min_headroom=min_headroom, **extra)
-        self._steps = steps
+        super().__init__(amounts=from_step_map(steps), caps=caps, min_headroom=min_headroom, steps=tuple(steps.items()))
 
     @field_validator("min_headroom")
     @classmethod
@@ -85,19 +85,24 @@ class Plan(InputModel):
                     raise ValueError(f"min_headroom key {kind!r} is not a scope kind")
         return value
 
-    @property
-    def steps(self) -> dict[str, int]:
-        """The amounts in exact integer steps (see :mod:`clearance.units`)."""
-        return self._steps
-
     def headroom_ppm(self, kinds: tuple[str, ...]) -> tuple[int, ...]:
         """The required remaining fraction per chain level, in parts per million."""
         value = self.min_headroom
+        if not value:
+            return _zeros(len(kinds))
         if isinstance(value, dict):
             required = {kind: round(fraction * 1_000_000) for kind, fraction in value.items()}
             return tuple(required.get(kind, 0) for kind in kinds)
         ppm = round(value * 1_000_000)
         return (ppm,) * len(kinds)
+
+
+_ZEROS = tuple((0,) * n for n in range(17))
+
+
+def _zeros(depth: int) -> tuple[int, ...]:
+    """No headroom demanded at any of ``depth`` levels (shared tuples: this is on the hot path)."""
+    return _ZEROS[depth] if depth < len(_ZEROS) else (0,) * depth
 
 
 def check_plans(plans: object) -> tuple[Plan, ...]:

@@ -77,7 +77,10 @@ def _as_decimal(value: object, what: str) -> Decimal:
 
 def to_steps(unit: str, value: object) -> int:
     """Convert a user amount of ``unit`` into exact integer steps, validating it."""
-    check_unit(unit)
+    if type(unit) is not str or unit not in _known_units:
+        check_unit(unit)
+    if type(value) is int and value >= 0 and unit not in _SCALES and value <= MAX_AMOUNT:
+        return value  # the common case for tokens, calls and other whole units
     d = _as_decimal(value, f"amount of {unit}")
     if d < 0:
         raise InvalidRequest(f"amount of {unit} must not be negative, got {d}")
@@ -105,7 +108,7 @@ def to_step_map(amounts: Mapping[str, object] | None, what: str = "amounts") -> 
         raise InvalidRequest(f"{what} must be a mapping of unit to amount, got {type(amounts).__name__}")
     if len(amounts) > 64:
         raise InvalidRequest(f"{what}: at most 64 units")
-    return {check_unit(unit): to_steps(unit, value) for unit, value in amounts.items()}
+    return {unit: to_steps(unit, value) for unit, value in amounts.items()}
 
 
 def from_steps(unit: str, steps: int) -> Decimal:

@@ -3,6 +3,10 @@
 Every operation is one section under one lock, so the ladder, the holds and the audit record of
 a call are a single atomic step. Nothing survives the process; use it for tests, single-process
 services and as the reference behaviour of the contract suite.
+
+Layout, chosen for the hot path: each budget is an object holding its counters per window
+(``[spent, held]`` lists); a reservation keeps direct references to the counter lists it holds, so
+settling it touches no dictionary at all.
 """
 
 from __future__ import annotations
@@ -28,56 +32,68 @@ from clearance.ledger import (
     SettleResult,
     choose_plan,
     commit_flags,
+    with_holds,
 )
 from clearance.periods import Windows
 from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
 
-_AccountKey = tuple[str, str, str, str]  # scope, unit, period, window
+
+class _Budget:
+    __slots__ = ("counters", "limit", "period", "scope", "unit")
+
+    def __init__(self, scope: str, unit: str, period: str, limit: int) -> None:
+        self.scope = scope
+        self.unit = unit
+        self.period = period
+        self.limit = limit
+        self.counters: dict[str, list[int]] = {}  # window -> [spent, held]
+
+    def window(self, window: str) -> list[int]:
+        counters = self.counters.get(window)
+        if counters is None:
+            counters = self.counters[window] = [0, 0]
+        return counters
 
 
 class _Reservation:
-    """Mutable twin of :class:`ReservationRecord` (cheaper to update under the lock)."""
+    """A reservation; ``holds`` point straight at the counters they hold. What never changes is
+    read from the original request rather than copied (this is built on every reserve)."""
 
-    __slots__ = (
-        "amounts",
-        "chain",
-        "committed",
-        "created_at",
-        "expires_at",
-        "flags",
-        "holds",
-        "id",
-        "idem",
-        "label",
-        "plan_index",
-        "root",
-        "scope",
-        "settled_at",
-        "status",
-        "windows",
-    )
+    __slots__ = ("committed", "expires_at", "flags", "holds", "id", "plan_index", "request", "settled_at", "status")
 
-    def __init__(
-        self, request: HoldRequest, plan_index: int, holds: tuple[tuple[str, str, str, str, int], ...]
-    ) -> None:
+    def __init__(self, request: HoldRequest, plan_index: int, holds: list[tuple[_Budget, str, list[int], int]]) -> None:
         self.id = request.reservation_id
-        self.chain = request.chain
-        self.scope = request.chain[-1]
-        self.root = request.chain[0]
+        self.request = request
         self.status = HELD
         self.plan_index = plan_index
-        self.amounts = request.plans[plan_index].amounts
         self.holds = holds
-        self.windows = request.windows
-        self.created_at = request.now
         self.expires_at = request.expires_at
         self.settled_at: float | None = None
         self.committed: Amounts | None = None
         self.flags: tuple[str, ...] = ()
-        self.idem = request.idempotency_key
-        self.label = request.label
+
+    @property
+    def amounts(self) -> Amounts:
+        return self.request.plans[self.plan_index].amounts
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        return self.request.chain
+
+    @property
+    def scope(self) -> str:
+        return self.request.chain[-1]
+
+    @property
+    def root(self) -> str:
+        return self.request.chain[0]
+
+    @property
+    def idem(self) -> str | None:
+        return self.request.idempotency_key
 
     def record(self) -> ReservationRecord:
+        request = self.request
         return ReservationRecord(
             id=self.id,
             scope=self.scope,
@@ -85,16 +101,19 @@ class _Reservation:
             status=self.status,
             plan_index=self.plan_index,
             amounts=self.amounts,
-            holds=self.holds,
-            windows=self.windows,
-            created_at=self.created_at,
+            holds=tuple((b.scope, b.unit, b.period, window, steps) for b, window, _, steps in self.holds),
+            windows=request.windows,
+            created_at=request.now,
             expires_at=self.expires_at,
             settled_at=self.settled_at,
             committed=self.committed,
             flags=self.flags,
-            idempotency_key=self.idem,
-            label=self.label,
+            idempotency_key=request.idempotency_key,
+            label=request.label,
         )
+
+
+_PLAN_DETAIL = tuple(f"plan={index}" for index in range(17))
 
 
 class MemoryStore(Store):
@@ -105,33 +124,41 @@ class MemoryStore(Store):
     def __init__(self, *, retention: float = DEFAULT_RETENTION, audit_capacity: int = 100_000) -> None:
         self.url = "memory://"
         self._lock = threading.Lock()
-        self._budgets: dict[str, dict[tuple[str, str], int]] = {}  # scope -> (unit, period) -> limit
-        self._counters: dict[_AccountKey, list[int]] = {}  # -> [spent, held]
+        self._levels: dict[str, dict[tuple[str, str], _Budget]] = {}  # scope -> (unit, period) -> budget
+        self._parked: dict[tuple[str, str, str], _Budget] = {}  # removed budgets, kept for their counters
         self._reservations: dict[str, _Reservation] = {}
         self._idempotency: dict[tuple[str, str], str] = {}
         self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, id) for held reservations
         self._forget: list[tuple[float, str]] = []  # heap of (forget_at, id) for settled ones
         self._retention = retention
-        self._audit: deque[AuditEvent] = deque(maxlen=audit_capacity)
+        # Raw tuples (seq, at, kind, scope, id, amounts, detail); AuditEvents are built when read.
+        self._audit: deque[tuple[int, float, str, str, str | None, Amounts, str]] = deque(maxlen=audit_capacity)
         self._seq = 0
+        self._windows: Windows = ()
+        self._window_map: dict[str, str] = {}
 
     # --- helpers (call with the lock held) -----------------------------------------------------
-    def _log(
-        self, now: float, kind: str, scope: str, rid: str | None = None, amounts: Amounts = (), detail: str = ""
-    ) -> None:
+    def _log(self, at: float, kind: str, scope: str, rid: str | None, amounts: Amounts, detail: str = "") -> None:
         self._seq += 1
-        self._audit.append(AuditEvent(self._seq, now, kind, scope, rid, amounts, detail))
+        self._audit.append((self._seq, at, kind, scope, rid, amounts, detail))
 
     def _get(self, reservation_id: str) -> _Reservation:
         res = self._reservations.get(reservation_id)
         if res is None:
-            root_of(reservation_id)  # a malformed id is InvalidRequest, a well-formed unknown one is not found
+            root_of(reservation_id)  # a malformed id is InvalidRequest; a well-formed unknown one is not found
             raise ReservationNotFound(reservation_id)
         return res
 
-    def _unhold(self, res: _Reservation) -> None:
-        for scope, unit, period, window, steps in res.holds:
-            self._counters[(scope, unit, period, window)][1] -= steps
+    def _map(self, windows: Windows) -> dict[str, str]:
+        if windows is not self._windows:  # the Authority passes the same tuple all minute long
+            self._windows = windows
+            self._window_map = dict(windows)
+        return self._window_map
+
+    @staticmethod
+    def _unhold(res: _Reservation) -> None:
+        for _, _, counters, steps in res.holds:
+            counters[1] -= steps
 
     def _settle(self, res: _Reservation, status: str, now: float) -> None:
         res.status = status
@@ -153,102 +180,98 @@ class MemoryStore(Store):
         forget = self._forget
         while forget and forget[0][0] <= now:
             _, rid = heapq.heappop(forget)
-            res = self._reservations.pop(rid, None)
-            if res is not None and res.idem is not None:
-                self._idempotency.pop((res.root, res.idem), None)
+            gone = self._reservations.pop(rid, None)
+            if gone is not None and gone.idem is not None:
+                self._idempotency.pop((gone.root, gone.idem), None)
         return expired
 
-    def _states(self, chain: tuple[str, ...], units: set[str], windows: dict[str, str]) -> list[AccountState]:
+    def _chain_budgets(
+        self, chain: tuple[str, ...], units: object, windows: dict[str, str]
+    ) -> tuple[list[AccountState], list[tuple[_Budget, str, list[int]]]]:
         states: list[AccountState] = []
+        refs: list[tuple[_Budget, str, list[int]]] = []
+        levels = self._levels
         for scope in chain:
-            budgets = self._budgets.get(scope)
-            if not budgets:
+            level = levels.get(scope)
+            if level is None:
                 continue
-            for (unit, period), limit in budgets.items():
-                if unit in units:
-                    window = windows[period]
-                    counters = self._counters.get((scope, unit, period, window))
-                    spent, held = (counters[0], counters[1]) if counters else (0, 0)
-                    states.append(AccountState(scope, unit, period, window, limit, spent, held))
-        return states
+            for budget in level.values():
+                if budget.unit in units:  # type: ignore[operator]
+                    window = windows[budget.period]
+                    counters = budget.window(window)
+                    states.append(
+                        AccountState(scope, budget.unit, budget.period, window, budget.limit, counters[0], counters[1])
+                    )
+                    refs.append((budget, window, counters))
+        return states, refs
 
     # --- reservations --------------------------------------------------------------------------
     def hold(self, request: HoldRequest) -> HoldResult:
+        plans = request.plans
+        units = dict(plans[0].amounts) if len(plans) == 1 else {u for plan in plans for u, _ in plan.amounts}
         with self._lock:
-            self._reclaim(request.now)
+            now = request.now
+            if (self._expiry and self._expiry[0][0] <= now) or (self._forget and self._forget[0][0] <= now):
+                self._reclaim(now)
             if request.idempotency_key is not None:
                 existing = self._idempotency.get((request.chain[0], request.idempotency_key))
                 if existing is not None:
-                    return self._replay(self._reservations[existing], request)
-            units = {unit for plan in request.plans for unit, _ in plan.amounts}
-            states = self._states(request.chain, units, dict(request.windows))
-            choice = choose_plan(request.plans, request.chain, states)
+                    res = self._reservations[existing]
+                    states, _ = self._chain_budgets(res.chain, dict(res.amounts), dict(res.request.windows))
+                    return HoldResult(res.id, res.plan_index, res.expires_at, tuple(states), (), replayed=True)
+            states, refs = self._chain_budgets(request.chain, units, self._map(request.windows))
+            choice = choose_plan(plans, request.chain, states)
             if choice.plan_index < 0:
                 return HoldResult(None, -1, 0.0, tuple(states), tuple(choice.rejections))
-            added: dict[_AccountKey, int] = {}
-            for account, steps in choice.holds:
-                key = (account.scope, account.unit, account.period, account.window)
-                counters = self._counters.get(key)
-                if counters is None:
-                    counters = self._counters[key] = [0, 0]
+            holds = []
+            for position, steps in choice.holds:
+                budget, window, counters = refs[position]
                 counters[1] += steps
-                added[key] = steps
-            res = _Reservation(request, choice.plan_index, tuple((*key, steps) for key, steps in added.items()))
+                holds.append((budget, window, counters, steps))
+            index = choice.plan_index
+            res = _Reservation(request, index, holds)
             rid = res.id
             self._reservations[rid] = res
             heapq.heappush(self._expiry, (res.expires_at, rid))
-            if res.idem is not None:
-                self._idempotency[(res.root, res.idem)] = rid
-            self._log(request.now, "hold", res.scope, rid, res.amounts, f"plan={choice.plan_index}")
-            after = tuple(
-                AccountState(
-                    s.scope,
-                    s.unit,
-                    s.period,
-                    s.window,
-                    s.limit,
-                    s.spent,
-                    s.held + added.get((s.scope, s.unit, s.period, s.window), 0),
-                )
-                for s in states
-            )
-            return HoldResult(rid, choice.plan_index, res.expires_at, after, tuple(choice.rejections))
-
-    def _replay(self, res: _Reservation, request: HoldRequest) -> HoldResult:
-        units = {unit for unit, _ in res.amounts}
-        states = self._states(request.chain, units, dict(res.windows))
-        return HoldResult(res.id, res.plan_index, res.expires_at, tuple(states), (), replayed=True)
+            if request.idempotency_key is not None:
+                self._idempotency[(request.chain[0], request.idempotency_key)] = rid
+            self._log(now, "hold", request.chain[-1], rid, plans[index].amounts, _PLAN_DETAIL[index])
+        after = with_holds(states, choice.holds) if choice.holds else tuple(states)
+        return HoldResult(rid, choice.plan_index, res.expires_at, after, tuple(choice.rejections))
 
     def commit(self, reservation_id: str, actual: Amounts | None, now: float) -> SettleResult:
         with self._lock:
             res = self._get(reservation_id)
-            self._reclaim(now)
+            if self._expiry and self._expiry[0][0] <= now:
+                self._reclaim(now)
             if res.status == COMMITTED:
                 return SettleResult(res.id, COMMITTED, res.committed or (), res.flags, replayed=True)
             prior = res.status
             if actual is None:
                 actual = res.amounts
             if prior == HELD:
-                self._unhold(res)
-            flags = commit_flags(prior, res.amounts, actual)
-            windows = dict(res.windows)
-            over = False
-            for unit, steps in actual:
-                if not steps:
-                    continue
+                for _, _, counters, steps in res.holds:
+                    counters[1] -= steps
+            flags = commit_flags(prior, res.amounts, actual) if prior != HELD or actual != res.amounts else []
+            charges = {unit: steps for unit, steps in actual if steps}
+            if charges:
+                windows = None
+                over = False
                 for scope in res.chain:
-                    for (b_unit, period), limit in self._budgets.get(scope, {}).items():
-                        if b_unit != unit:
-                            continue
-                        key = (scope, unit, period, windows[period])
-                        counters = self._counters.get(key)
-                        if counters is None:
-                            counters = self._counters[key] = [0, 0]
-                        counters[0] += steps
-                        if counters[0] + counters[1] > limit:
-                            over = True
-            if over:
-                flags.append(OVER_LIMIT)
+                    level = self._levels.get(scope)
+                    if level is None:
+                        continue
+                    for budget in level.values():
+                        steps = charges.get(budget.unit, 0)
+                        if steps:
+                            if windows is None:
+                                windows = dict(res.request.windows)
+                            counters = budget.window(windows[budget.period])
+                            counters[0] += steps
+                            if counters[0] + counters[1] > budget.limit:
+                                over = True
+                if over:
+                    flags.append(OVER_LIMIT)
             res.committed = actual
             res.flags = tuple(flags)
             self._settle(res, COMMITTED, now)
@@ -291,23 +314,32 @@ class MemoryStore(Store):
                 for r in self._reservations.values()
                 if (status is None or r.status == status) and in_subtree(r.scope, scope)
             ]
-            found.sort(key=lambda r: r.created_at, reverse=True)
+            found.sort(key=lambda r: r.request.now, reverse=True)
             return [r.record() for r in found[:limit]]
 
     # --- budgets -------------------------------------------------------------------------------
     def set_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
         with self._lock:
-            self._budgets.setdefault(scope, {})[(unit, period)] = limit
+            level = self._levels.setdefault(scope, {})
+            budget = level.get((unit, period))
+            if budget is None:
+                budget = self._parked.pop((scope, unit, period), None) or _Budget(scope, unit, period, limit)
+                budget.limit = limit
+                level[(unit, period)] = budget
+            else:
+                budget.limit = limit
             self._log(now, "budget_set", scope, None, ((unit, limit),), f"period={period or 'lifetime'}")
 
     def remove_budget(self, scope: str, unit: str, period: str, now: float) -> bool:
         with self._lock:
-            budgets = self._budgets.get(scope)
-            if not budgets or (unit, period) not in budgets:
+            level = self._levels.get(scope)
+            if not level or (unit, period) not in level:
                 return False
-            del budgets[(unit, period)]
-            if not budgets:
-                del self._budgets[scope]
+            # Parked, not dropped: held reservations still point at its counters, and a budget set
+            # again later continues from them (the same as the SQLite and Redis stores).
+            self._parked[(scope, unit, period)] = level.pop((unit, period))
+            if not level:
+                del self._levels[scope]
             self._log(now, "budget_remove", scope, None, ((unit, 0),), f"period={period or 'lifetime'}")
             return True
 
@@ -316,13 +348,13 @@ class MemoryStore(Store):
             self._reclaim(now)
             window_of = dict(windows)
             states: list[AccountState] = []
-            for path, budgets in sorted(self._budgets.items()):
-                if not (path == scope if not subtree else in_subtree(path, scope)):
+            for path, level in sorted(self._levels.items()):
+                if not (in_subtree(path, scope) if subtree else path == scope):
                     continue
-                for (unit, period), limit in sorted(budgets.items()):
+                for (unit, period), budget in sorted(level.items()):
                     window = window_of[period]
-                    spent, held = self._counters.get((path, unit, period, window), (0, 0))
-                    states.append(AccountState(path, unit, period, window, limit, spent, held))
+                    spent, held = budget.counters.get(window, (0, 0))
+                    states.append(AccountState(path, unit, period, window, budget.limit, spent, held))
             return states
 
     # --- maintenance ---------------------------------------------------------------------------
@@ -333,9 +365,9 @@ class MemoryStore(Store):
     def events(self, after: int, limit: int, scope: str | None) -> list[AuditEvent]:
         with self._lock:
             found: list[AuditEvent] = []
-            for event in self._audit:
-                if event.seq > after and in_subtree(event.scope, scope):
-                    found.append(event)
+            for raw in self._audit:
+                if raw[0] > after and in_subtree(raw[3], scope):
+                    found.append(AuditEvent(*raw))
                     if len(found) >= limit:
                         break
             return found

@@ -36,6 +36,7 @@ from clearance.ledger import (
     SettleResult,
     choose_plan,
     commit_flags,
+    with_holds,
 )
 from clearance.periods import Windows
 from clearance.scope import parse_scope
@@ -270,7 +271,8 @@ class SQLiteStore(Store):
             if choice.plan_index < 0:
                 return HoldResult(None, -1, 0.0, tuple(states), tuple(choice.rejections))
             added: dict[tuple[str, str, str, str], int] = {}
-            for account, steps in choice.holds:
+            for position, steps in choice.holds:
+                account = states[position]
                 added[(account.scope, account.unit, account.period, account.window)] = steps
             db.executemany(_HOLD_SQL, [(*key, steps) for key, steps in added.items()])
             plan = request.plans[choice.plan_index]
@@ -294,18 +296,7 @@ class SQLiteStore(Store):
                 ),
             )
             self._log(db, now, "hold", scope, rid, plan.amounts, f"plan={choice.plan_index}")
-        after = tuple(
-            AccountState(
-                s.scope,
-                s.unit,
-                s.period,
-                s.window,
-                s.limit,
-                s.spent,
-                s.held + added.get((s.scope, s.unit, s.period, s.window), 0),
-            )
-            for s in states
-        )
+        after = with_holds(states, choice.holds)
         return HoldResult(rid, choice.plan_index, request.expires_at, after, tuple(choice.rejections))
 
     def _load(self, db: sqlite3.Connection, reservation_id: str) -> ReservationRecord:
