@@ -47,6 +47,7 @@ import heapq
 import json
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from functools import cache, lru_cache
@@ -94,6 +95,7 @@ _PERIOD_ORDER = {"": 0, "day": 1, "hour": 2, "minute": 3, "month": 4, "week": 5}
 _SEQ_SPLIT = 1_000_000
 _MAX_IN_DOUBT = 10_000
 _T = TypeVar("_T")
+_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 
 
 @cache
@@ -203,8 +205,8 @@ class RedisStore(Store):
         self._known_roots: set[str] = set()
         self._in_doubt: set[str] = set()
         self._in_doubt_lock = threading.Lock()
-        self._client: Any = self._make_client(asynchronous=False)
-        self._scripts: dict[str, Any] = {name: self._client.register_script(script_source(name)) for name in _SCRIPTS}
+        self._sync: tuple[Any, dict[str, Any]] | None = None  # built on first use: a cluster client connects
+        self._sync_lock = threading.Lock()
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, dict[str, Any]]] = (
             weakref.WeakKeyDictionary()
         )
@@ -255,22 +257,44 @@ class RedisStore(Store):
             return redis.asyncio.Redis(connection_pool=pool)
         return redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(self.url, **pool_options))
 
+    def _built(self, asynchronous: bool) -> tuple[Any, dict[str, Any]]:
+        try:
+            client = self._make_client(asynchronous=asynchronous)
+        except _ERRORS as error:
+            raise _unavailable(error) from error
+        return client, {name: client.register_script(script_source(name)) for name in _SCRIPTS}
+
+    def _sync_client(self) -> tuple[Any, dict[str, Any]]:
+        found = self._sync
+        if found is None:
+            with self._sync_lock:
+                if self._sync is None:
+                    self._sync = self._built(asynchronous=False)
+                found = self._sync
+        return found
+
+    @property
+    def _client(self) -> Any:
+        return self._sync_client()[0]
+
     def _async_client(self) -> tuple[Any, dict[str, Any]]:
         """The asyncio client of the running loop (redis.asyncio connections belong to one loop)."""
         loop = asyncio.get_running_loop()
         found = self._async.get(loop)
         if found is None:
-            client = self._make_client(asynchronous=True)
-            found = (client, {name: client.register_script(script_source(name)) for name in _SCRIPTS})
+            found = self._built(asynchronous=True)
             self._async[loop] = found
         return found
 
     def close(self) -> None:
+        found, self._sync = self._sync, None
+        if found is None:
+            return
         try:
-            self._client.close()
+            found[0].close()
             if not self.cluster:
-                self._client.connection_pool.disconnect()
-        except redis.RedisError:  # pragma: no cover - closing a dead connection
+                found[0].connection_pool.disconnect()
+        except _ERRORS:  # pragma: no cover - closing a dead connection
             pass
 
     async def aclose(self) -> None:
@@ -279,7 +303,7 @@ class RedisStore(Store):
             found = self._async.pop(loop, None)
             if found is not None:
                 await found[0].aclose()
-        except redis.RedisError:  # pragma: no cover
+        except _ERRORS:  # pragma: no cover
             pass
         self.close()
 
@@ -295,46 +319,56 @@ class RedisStore(Store):
     # --- running scripts -------------------------------------------------------------------------
     def _run(self, name: str, root: str, args: list[str]) -> Any:
         """One script, one round trip; one retry after a lost connection; every failure is StoreUnavailable."""
-        self._settle_in_doubt(args[0])
-        script = self._scripts[name]
+        script = self._sync_client()[1][name]
         keys = self._keys(root)
+        started = time.monotonic()
         try:
-            return script(keys, args)
-        except redis.ConnectionError:
-            pass  # the connection died, possibly after the server ran the script: run it again
-        except redis.RedisError as error:
+            reply = script(keys, args)
+        except redis.ConnectionError as error:
+            # The connection died, possibly after the server ran the script: run it again, once, if
+            # that can still answer within the timeout.
+            if time.monotonic() - started > self._timeouts[0]:
+                raise _unavailable(error) from error
+            try:
+                reply = script(keys, args)
+            except _ERRORS as again:
+                raise _unavailable(again) from again
+        except _ERRORS as error:
             raise _unavailable(error) from error
-        try:
-            return script(keys, args)
-        except redis.RedisError as error:
-            raise _unavailable(error) from error
+        if self._in_doubt:
+            self._settle_in_doubt(args[0])
+        return reply
 
     async def _arun(self, name: str, root: str, args: list[str]) -> Any:
         client, scripts = self._async_client()
-        await self._asettle_in_doubt(client, scripts, args[0])
         script = scripts[name]
         keys = self._keys(root)
+        started = time.monotonic()
         try:
-            return await script(keys, args, client=client)
-        except redis.ConnectionError:
-            pass
-        except redis.RedisError as error:
+            reply = await script(keys, args, client=client)
+        except redis.ConnectionError as error:
+            if time.monotonic() - started > self._timeouts[0]:
+                raise _unavailable(error) from error
+            try:
+                reply = await script(keys, args, client=client)
+            except _ERRORS as again:
+                raise _unavailable(again) from again
+        except _ERRORS as error:
             raise _unavailable(error) from error
-        try:
-            return await script(keys, args, client=client)
-        except redis.RedisError as error:
-            raise _unavailable(error) from error
+        if self._in_doubt:
+            await self._asettle_in_doubt(client, scripts, args[0])
+        return reply
 
     def _call(self, command: Callable[[], _T]) -> _T:
         try:
             return command()
-        except redis.RedisError as error:
+        except _ERRORS as error:
             raise _unavailable(error) from error
 
     async def _acall(self, command: Callable[[], Awaitable[_T]]) -> _T:
         try:
             return await command()
-        except redis.RedisError as error:
+        except _ERRORS as error:
             raise _unavailable(error) from error
 
     # --- in-doubt holds --------------------------------------------------------------------------
@@ -353,24 +387,21 @@ class RedisStore(Store):
             return taken
 
     def _settle_in_doubt(self, now: str) -> None:
-        if not self._in_doubt:
-            return
+        """Release holds whose reserve reply never came (the caller was denied): the store answers again."""
         for rid in self._take_in_doubt():
             try:
-                self._scripts["release"](self._keys(root_of(rid)), [now, *self._head(0.0)[1:], rid[:20]])
-            except redis.RedisError:
+                self._sync_client()[1]["release"](self._keys(root_of(rid)), [now, *self._head(0.0)[1:], rid[:20]])
+            except _ERRORS:
                 with self._in_doubt_lock:
                     self._in_doubt.add(rid)
                 return
 
     async def _asettle_in_doubt(self, client: Any, scripts: dict[str, Any], now: str) -> None:
-        if not self._in_doubt:
-            return
         for rid in self._take_in_doubt():
             try:
                 args = [now, *self._head(0.0)[1:], rid[:20]]
                 await scripts["release"](self._keys(root_of(rid)), args, client=client)
-            except redis.RedisError:
+            except _ERRORS:
                 with self._in_doubt_lock:
                     self._in_doubt.add(rid)
                 return
