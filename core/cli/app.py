@@ -1,0 +1,228 @@
+"""The ``clearance`` command: run the demo, set and inspect budgets, reservations and the audit trail.
+
+Which ledger a command talks to: ``--store URL`` (before or after the command name), else the
+``CLEARANCE_STORE`` environment variable, else ``sqlite:///clearance.db`` in the current directory.
+``clearance demo`` is the exception to the last rule: without a store it makes a fresh SQLite ledger
+in a temporary folder, so trying clearance never writes into a ledger you care about.
+
+Exit codes: 0 fine, 1 the demo's reconciliation failed, 2 bad input (scope, unit, amount, option),
+3 the store could not be reached.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from clearance import AuditEvent, Authority, Budget, ClearanceError, StoreUnavailable
+from clearance.cli import demo as demo_workload
+from clearance.cli.tables import amount, budgets_table, event_line, events_table, reservations_table, unit_label
+
+DEFAULT_STORE = "sqlite:///clearance.db"
+STATUSES = ("held", "committed", "released", "expired", "all")
+
+app = typer.Typer(
+    name="clearance",
+    help="Budget and action authority for AI agents: allow, degrade or deny before every action.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+budget_app = typer.Typer(help="Set and list budgets.", no_args_is_help=True)
+reservations_app = typer.Typer(help="Inspect reservations (holds and how they were settled).", no_args_is_help=True)
+events_app = typer.Typer(help="Read the audit trail.", no_args_is_help=True)
+app.add_typer(budget_app, name="budget")
+app.add_typer(reservations_app, name="reservations")
+app.add_typer(events_app, name="events")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        metavar="URL",
+        help="memory://, sqlite:///path.db or redis://host:port/db "
+        "[default: $CLEARANCE_STORE, else sqlite:///clearance.db; demo: a temporary SQLite file]",
+        show_default=False,
+    ),
+]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def _handled() -> Iterator[None]:
+    """Turn clearance's typed errors into one red line and an exit code a script can branch on."""
+    try:
+        yield
+    except StoreUnavailable as error:
+        raise _fail(f"store unavailable: {error}", 3) from None
+    except ClearanceError as error:
+        raise _fail(str(error), 2) from None
+    except ImportError as error:  # a store whose driver is not installed (e.g. redis without the extra)
+        raise _fail(str(error), 3) from None
+
+
+def _store_url(ctx: typer.Context, store: str | None) -> str | None:
+    """The URL given on this command, else on ``clearance`` itself, else ``CLEARANCE_STORE``."""
+    root = ctx.find_root().obj
+    return store or (root if isinstance(root, str) else None) or os.environ.get("CLEARANCE_STORE") or None
+
+
+def _authority(ctx: typer.Context, store: str | None) -> Authority:
+    return Authority.from_url(_store_url(ctx, store) or DEFAULT_STORE)
+
+
+@app.callback()
+def _root(ctx: typer.Context, store: StoreOption = None) -> None:
+    ctx.obj = store
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    store: StoreOption = None,
+    seed: Annotated[int, typer.Option(help="Seeds every random choice of the simulated workload.")] = 7,
+    workers: Annotated[int | None, typer.Option(min=1, max=64, help="Worker threads [default: 8; quick: 4]")] = None,
+    runs: Annotated[int | None, typer.Option(min=1, max=100_000, help="Agent runs [default: 240; quick: 40]")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A ~2 s version for tests and CI.")] = False,
+) -> None:
+    """Simulate agents of three tenants racing for their budgets, then reconcile the ledger."""
+    url = _store_url(ctx, store)
+    note = ""
+    folder: Path | None = None
+    if url is None:
+        folder = Path(tempfile.mkdtemp(prefix="clearance-demo-"))
+        url = f"sqlite:///{folder / 'ledger.db'}"
+        note = " (a fresh temporary ledger)"
+    settings = demo_workload.settings_for(seed, workers, runs, quick)
+    with _handled():
+        result = demo_workload.run(out, url, settings, note=note)
+    if folder is not None:
+        out.print(f"[dim]the ledger is kept for a look around: clearance --store {url} budget ls | events tail[/]")
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@budget_app.command("set")
+def budget_set(
+    ctx: typer.Context,
+    scope: Annotated[str, typer.Argument(help="e.g. tenant:acme/workflow:triage")],
+    unit: Annotated[str, typer.Argument(help="usd, tokens, calls or your own unit")],
+    limit: Annotated[str, typer.Argument(help="e.g. 250, 12.50")],
+    period: Annotated[str | None, typer.Option(help="hour, day, week or month (UTC) [default: lifetime]")] = None,
+    store: StoreOption = None,
+) -> None:
+    """Create or change a budget. Counters are kept: lowering a limit below what is spent denies until there is room."""
+    with _handled():
+        budget = Budget(scope, unit, limit, period=period)
+        with _authority(ctx, store) as authority:
+            authority.set_budget(budget)
+        label = unit_label(budget.unit, budget.period_key or None)
+        out.print(f"budget set: {budget.scope} {label} = {amount(budget.unit, budget.limit)}")
+
+
+@budget_app.command("ls")
+def budget_ls(
+    ctx: typer.Context,
+    scope: Annotated[str | None, typer.Argument(help="Only budgets at or under this scope.")] = None,
+    store: StoreOption = None,
+) -> None:
+    """List budgets with what is spent and held in their current window."""
+    with _handled(), _authority(ctx, store) as authority:
+        balances = authority.budgets(scope)
+        if not balances:
+            out.print("no budgets" + (f" at or under {scope}" if scope else ""))
+            return
+        out.print(budgets_table(balances))
+
+
+@reservations_app.command("ls")
+def reservations_ls(
+    ctx: typer.Context,
+    scope: Annotated[str | None, typer.Argument(help="Only reservations at or under this scope.")] = None,
+    status: Annotated[str, typer.Option(help=f"One of {', '.join(STATUSES)}.")] = "held",
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", min=1, max=100_000, help="Newest first, at most this many.")
+    ] = 50,
+    store: StoreOption = None,
+) -> None:
+    """List reservations, newest first (default: the ones still holding budget)."""
+    if status not in STATUSES:
+        raise _fail(f"unknown status {status!r}: expected one of {', '.join(STATUSES)}", 2)
+    with _handled(), _authority(ctx, store) as authority:
+        found = authority.reservations(scope, status=None if status == "all" else status, limit=limit)
+        if not found:
+            out.print(
+                f"no {'' if status == 'all' else status + ' '}reservations" + (f" at or under {scope}" if scope else "")
+            )
+            return
+        out.print(reservations_table(found, authority.clock()))
+
+
+@app.command()
+def sweep(ctx: typer.Context, store: StoreOption = None) -> None:
+    """Return every expired hold to its budgets now (they also come back lazily; this tidies listings)."""
+    with _handled(), _authority(ctx, store) as authority:
+        expired = authority.sweep()
+        out.print(f"swept: {expired} expired hold{'s' if expired != 1 else ''} returned to their budgets")
+
+
+def _last_events(authority: Authority, scope: str | None, count: int) -> list[AuditEvent]:
+    """The newest ``count`` events. The reader API pages forward from a sequence number, so this
+    walks the trail once, keeping only the tail."""
+    tail: deque[AuditEvent] = deque(maxlen=count)
+    after = 0
+    while True:
+        page = authority.events(after=after, limit=10_000, scope=scope)
+        tail.extend(page)
+        if len(page) < 10_000:
+            return list(tail)
+        after = page[-1].seq
+
+
+@events_app.command("tail")
+def events_tail(
+    ctx: typer.Context,
+    scope: Annotated[str | None, typer.Option(help="Only events at or under this scope.")] = None,
+    count: Annotated[
+        int, typer.Option("--lines", "-n", min=1, max=100_000, help="How many of the newest events.")
+    ] = 20,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(min=0.05, help="Seconds between polls with --follow.")] = 1.0,
+    store: StoreOption = None,
+) -> None:
+    """Show the newest audit events (holds, commits, releases, expiries, budget changes)."""
+    with _handled(), _authority(ctx, store) as authority:
+        events = _last_events(authority, scope, count)
+        if not follow:
+            if events:
+                out.print(events_table(events))
+            else:
+                out.print("no events" + (f" at or under {scope}" if scope else ""))
+            return
+        for event in events:
+            out.print(event_line(event), soft_wrap=True)
+        after = events[-1].seq if events else 0
+        try:
+            while True:
+                time.sleep(interval)
+                for event in authority.events(after=after, limit=1000, scope=scope):
+                    out.print(event_line(event), soft_wrap=True)
+                    after = event.seq
+        except KeyboardInterrupt:
+            return
