@@ -70,7 +70,8 @@ def budgets_table(balances: Iterable[Balance]) -> Table:
 
 def reservations_table(reservations: Iterable[Reservation], now: float) -> Table:
     table = Table(title="reservations", title_justify="left")
-    for name in ("id", "scope", "action", "status", "amounts", "created (UTC)"):
+    table.add_column("id", no_wrap=True)  # ids are for copying into commit/release calls: never wrapped
+    for name in ("scope", "action", "status", "amounts", "created (UTC)"):
         table.add_column(name)
     table.add_column("expires in", justify="right")
     for r in reservations:

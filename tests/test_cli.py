@@ -1,0 +1,211 @@
+"""The ``clearance`` command line, driven through typer's CliRunner against real stores."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from clearance import Action, Authority, Budget
+from clearance.cli.app import app
+
+runner = CliRunner(env={"COLUMNS": "200"})  # rich wraps at 80 columns when not on a terminal
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'ledger.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _no_store_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # the default ledger is ./clearance.db: keep it inside the test's folder, never the checkout
+    monkeypatch.delenv("CLEARANCE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def _reconciled(output: str) -> bool:
+    return "reconciliation: OK" in output and "FAILED" not in output
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_demo_quick_reconciles(kind: str, ledger: str) -> None:
+    url = "memory://" if kind == "memory" else ledger
+    result = runner.invoke(app, ["demo", "--quick", "--store", url, "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert _reconciled(result.output)
+    assert "tenant:acme" in result.output
+    assert "denied" in result.output
+
+
+def test_demo_budgets_bind_and_degrade(ledger: str) -> None:
+    result = runner.invoke(app, ["--store", ledger, "demo", "--quick"])
+    assert result.exit_code == 0, result.output
+    with Authority(ledger) as authority:
+        balances = authority.budgets()
+        assert balances
+        for b in balances:
+            assert b.spent + b.held <= b.limit
+            assert b.held == 0
+        # some budget ran (nearly) dry, and the ladder degraded some calls
+        assert any(b.remaining * 10 < b.limit for b in balances if not b.scope.rpartition("/")[2].startswith("run:"))
+        assert authority.events(limit=10)
+    decisions = next(line for line in result.output.splitlines() if line.startswith("decisions"))
+    assert " 0 degraded" not in decisions
+    assert " 0 denied" not in decisions
+
+
+def test_demo_default_store_is_a_fresh_temporary_ledger() -> None:
+    result = runner.invoke(app, ["demo", "--quick", "--runs", "8", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert _reconciled(result.output)
+    assert "a fresh temporary ledger" in result.output
+    assert not Path("clearance.db").exists()
+
+
+def test_budget_set_and_ls_round_trip(ledger: str) -> None:
+    result = runner.invoke(app, ["budget", "set", "tenant:acme", "usd", "250", "--period", "day", "--store", ledger])
+    assert result.exit_code == 0, result.output
+    assert "tenant:acme usd/day = $250.00" in result.output
+    assert (
+        runner.invoke(app, ["--store", ledger, "budget", "set", "tenant:acme/workflow:triage", "calls", "40"]).exit_code
+        == 0
+    )
+
+    listing = runner.invoke(app, ["--store", ledger, "budget", "ls"])
+    assert listing.exit_code == 0, listing.output
+    assert "tenant:acme" in listing.output
+    assert "$250.00" in listing.output
+    assert "usd/day" in listing.output
+    assert "calls" in listing.output
+
+    under = runner.invoke(app, ["--store", ledger, "budget", "ls", "tenant:acme/workflow:triage"])
+    assert under.exit_code == 0
+    assert "$250.00" not in under.output
+    assert "40" in under.output
+
+    with Authority(ledger) as authority:
+        assert authority.balance("tenant:acme")["usd"].limit == 250
+
+
+def test_budget_ls_empty_and_default_store_in_current_directory(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["budget", "ls"])
+    assert result.exit_code == 0, result.output
+    assert "no budgets" in result.output
+    assert (tmp_path / "clearance.db").exists()
+
+
+def test_store_from_environment(monkeypatch: pytest.MonkeyPatch, ledger: str) -> None:
+    monkeypatch.setenv("CLEARANCE_STORE", ledger)
+    assert runner.invoke(app, ["budget", "set", "tenant:env", "tokens", "1000"]).exit_code == 0
+    with Authority(ledger) as authority:
+        assert authority.balance("tenant:env")["tokens"].limit == 1000
+
+
+def test_reservations_ls_and_sweep(ledger: str) -> None:
+    with Authority(ledger) as authority:
+        authority.set_budget(Budget("tenant:acme", "calls", 10))
+        kept = authority.reserve(Action.tool_call("search"), "tenant:acme/run:r1", ttl=600)
+        brief = authority.reserve(Action.tool_call("fetch"), "tenant:acme/run:r2", ttl=0.05)
+        assert kept.reservation is not None
+        assert brief.reservation is not None
+    time.sleep(0.1)
+
+    held = runner.invoke(app, ["--store", ledger, "reservations", "ls", "tenant:acme"])
+    assert held.exit_code == 0, held.output
+    assert kept.reservation.id in held.output
+    assert "tool_call:search" in held.output
+
+    swept = runner.invoke(app, ["--store", ledger, "sweep"])
+    assert swept.exit_code == 0, swept.output
+    assert swept.output.startswith("swept: ")
+
+    expired = runner.invoke(app, ["--store", ledger, "reservations", "ls", "--status", "expired"])
+    assert expired.exit_code == 0
+    assert brief.reservation.id in expired.output
+    everything = runner.invoke(app, ["--store", ledger, "reservations", "ls", "--status", "all", "-n", "5"])
+    assert kept.reservation.id in everything.output
+    assert brief.reservation.id in everything.output
+
+    nothing = runner.invoke(app, ["--store", ledger, "reservations", "ls", "tenant:other"])
+    assert nothing.exit_code == 0
+    assert "no held reservations" in nothing.output
+
+
+def test_events_tail(ledger: str) -> None:
+    with Authority(ledger) as authority:
+        authority.set_budget(Budget("tenant:acme", "usd", 5))
+        authority.set_budget(Budget("tenant:globex", "usd", 5))
+        for n in range(30):
+            decision = authority.reserve(Action("tool_call", "t", {"usd": "0.01"}), f"tenant:acme/run:r{n}")
+            assert decision.reservation is not None
+            authority.commit(decision.reservation, {"usd": "0.005"})
+    result = runner.invoke(app, ["--store", ledger, "events", "tail", "-n", "5"])
+    assert result.exit_code == 0, result.output
+    assert "commit" in result.output
+    assert "budget_set" not in result.output  # only the newest five
+    scoped = runner.invoke(app, ["--store", ledger, "events", "tail", "--scope", "tenant:globex"])
+    assert scoped.exit_code == 0
+    assert "budget_set" in scoped.output
+    assert "tenant:acme" not in scoped.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["budget", "set", "tenant acme", "usd", "10"], "scope"),
+        (["budget", "set", "tenant:acme", "US$", "10"], "unit"),
+        (["budget", "set", "--", "tenant:acme", "usd", "-5"], "negative"),
+        (["budget", "set", "tenant:acme", "usd", "ten"], "not a number"),
+        (["budget", "set", "tenant:acme", "usd", "10", "--period", "fortnight"], "period"),
+        (["budget", "ls", "tenant:a/b"], "scope"),
+        (["reservations", "ls", "--status", "lost"], "status"),
+        (["events", "tail", "--scope", "x:{y}"], "scope"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args: list[str], message: str, ledger: str) -> None:
+    result = runner.invoke(app, ["--store", ledger, *args])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ")
+    assert message in lines[0]
+
+
+def test_bad_store_url_exits_2() -> None:
+    result = runner.invoke(app, ["--store", "postgres://nowhere", "budget", "ls"])
+    assert result.exit_code == 2
+    assert "unknown store scheme" in result.output
+
+
+def test_unreachable_store_exits_3(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'missing' / 'folder' / 'ledger.db'}"
+    result = runner.invoke(app, ["--store", url, "budget", "ls"])
+    assert result.exit_code == 3, result.output
+    assert result.output.startswith("error: store unavailable")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_events_tail_follow_prints_new_events_until_ctrl_c(ledger: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Authority(ledger) as authority:
+        authority.set_budget(Budget("tenant:early", "usd", 1))
+        polls: list[float] = []
+
+        def poll(seconds: float) -> None:
+            polls.append(seconds)
+            if len(polls) == 1:
+                authority.set_budget(Budget("tenant:late", "usd", 2))
+                return
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr("clearance.cli.app.time.sleep", poll)
+        result = runner.invoke(app, ["--store", ledger, "events", "tail", "--follow", "--interval", "0.1"])
+    assert result.exit_code == 0, result.output
+    assert polls == [0.1, 0.1]
+    lines = result.output.splitlines()
+    assert "tenant:early" in lines[0]
+    assert "tenant:late" in lines[1]
