@@ -54,7 +54,7 @@ StoreOption = Annotated[
         "--store",
         metavar="URL",
         help="memory://, sqlite:///path.db or redis://host:port/db "
-        "[default: $CLEARANCE_STORE, else sqlite:///clearance.db; demo: a temporary SQLite file]",
+        "(default: $CLEARANCE_STORE, else sqlite:///clearance.db; for demo, a temporary SQLite file)",
         show_default=False,
     ),
 ]
@@ -98,8 +98,12 @@ def demo(
     ctx: typer.Context,
     store: StoreOption = None,
     seed: Annotated[int, typer.Option(help="Seeds every random choice of the simulated workload.")] = 7,
-    workers: Annotated[int | None, typer.Option(min=1, max=64, help="Worker threads [default: 8; quick: 4]")] = None,
-    runs: Annotated[int | None, typer.Option(min=1, max=100_000, help="Agent runs [default: 240; quick: 40]")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, max=64, help="Worker threads (default: 8; with --quick: 4).")
+    ] = None,
+    runs: Annotated[
+        int | None, typer.Option(min=1, max=100_000, help="Agent runs (default: 240; with --quick: 40).")
+    ] = None,
     quick: Annotated[bool, typer.Option("--quick", help="A ~2 s version for tests and CI.")] = False,
 ) -> None:
     """Simulate agents of three tenants racing for their budgets, then reconcile the ledger."""
@@ -121,10 +125,12 @@ def demo(
 @budget_app.command("set")
 def budget_set(
     ctx: typer.Context,
-    scope: Annotated[str, typer.Argument(help="e.g. tenant:acme/workflow:triage")],
-    unit: Annotated[str, typer.Argument(help="usd, tokens, calls or your own unit")],
-    limit: Annotated[str, typer.Argument(help="e.g. 250, 12.50")],
-    period: Annotated[str | None, typer.Option(help="hour, day, week or month (UTC) [default: lifetime]")] = None,
+    scope: Annotated[str, typer.Argument(metavar="SCOPE", help="e.g. tenant:acme/workflow:triage")],
+    unit: Annotated[str, typer.Argument(metavar="UNIT", help="usd, tokens, calls or your own unit")],
+    limit: Annotated[str, typer.Argument(metavar="LIMIT", help="e.g. 250 or 12.50 (exact decimal)")],
+    period: Annotated[
+        str | None, typer.Option(help="hour, day, week or month (UTC windows); lifetime when omitted.")
+    ] = None,
     store: StoreOption = None,
 ) -> None:
     """Create or change a budget. Counters are kept: lowering a limit below what is spent denies until there is room."""
@@ -139,7 +145,7 @@ def budget_set(
 @budget_app.command("ls")
 def budget_ls(
     ctx: typer.Context,
-    scope: Annotated[str | None, typer.Argument(help="Only budgets at or under this scope.")] = None,
+    scope: Annotated[str | None, typer.Argument(metavar="SCOPE", help="Only budgets at or under this scope.")] = None,
     store: StoreOption = None,
 ) -> None:
     """List budgets with what is spent and held in their current window."""
@@ -154,7 +160,9 @@ def budget_ls(
 @reservations_app.command("ls")
 def reservations_ls(
     ctx: typer.Context,
-    scope: Annotated[str | None, typer.Argument(help="Only reservations at or under this scope.")] = None,
+    scope: Annotated[
+        str | None, typer.Argument(metavar="SCOPE", help="Only reservations at or under this scope.")
+    ] = None,
     status: Annotated[str, typer.Option(help=f"One of {', '.join(STATUSES)}.")] = "held",
     limit: Annotated[
         int, typer.Option("--limit", "-n", min=1, max=100_000, help="Newest first, at most this many.")
