@@ -116,9 +116,11 @@ def demo(
         note = " (a fresh temporary ledger)"
     settings = demo_workload.settings_for(seed, workers, runs, quick)
     with _handled():
-        result = demo_workload.run(out, url, settings, note=note)
+        # piped into a file or a CI log, rich would assume 80 columns and fold the table; 100 reads better
+        console = out if out.is_terminal or "COLUMNS" in os.environ else Console(highlight=False, width=100)
+        result = demo_workload.run(console, url, settings, note=note)
     if folder is not None:
-        out.print(f"[dim]the ledger is kept for a look around: clearance --store {url} budget ls | events tail[/]")
+        out.print(f"[dim]the ledger is kept for a look around: clearance --store {url} budget ls[/]", soft_wrap=True)
     raise typer.Exit(0 if result.ok else 1)
 
 

@@ -75,7 +75,7 @@ _CLAUDE = Ladder("anthropic", "claude-sonnet-4-5", "claude-haiku-4-5", 300)
 WORKFLOWS: tuple[Workflow, ...] = (
     Workflow(
         "acme",
-        "support-triage",
+        "triage",
         _GPT,
         (
             Step("model", "classify", (1200, 2500), 300),
@@ -104,7 +104,7 @@ WORKFLOWS: tuple[Workflow, ...] = (
     ),
     Workflow(
         "globex",
-        "code-review",
+        "review",
         _CLAUDE,
         (
             Step("tool", "git_diff"),
@@ -142,15 +142,15 @@ def _budgets(runs: int) -> list[Budget]:
         share = next(w.share for w in WORKFLOWS if w.name == workflow)
         return f"{max(per_run * share * runs * factor, 0.05):.2f}"
 
-    research, triage = expected("research", 0.053, 1.0), expected("support-triage", 0.009, 1.0)
+    research, triage = expected("research", 0.053, 1.0), expected("triage", 0.009, 1.0)
     globex_runs = next(w.share for w in WORKFLOWS if w.tenant == "globex") * runs
     return [
         Budget("tenant:acme", "usd", f"{(float(research) + float(triage)) * 0.8:.2f}", period="day"),
         Budget("tenant:acme", "tokens", max(runs * 12_000, 20_000)),
         Budget("tenant:acme/workflow:research", "usd", research),
-        Budget("tenant:acme/workflow:support-triage", "usd", triage),
-        Budget("tenant:globex", "usd", expected("code-review", 0.042, 1.2)),
-        Budget("tenant:globex/workflow:code-review", "calls", max(int(globex_runs * 2.4), 4)),
+        Budget("tenant:acme/workflow:triage", "usd", triage),
+        Budget("tenant:globex", "usd", expected("review", 0.042, 1.2)),
+        Budget("tenant:globex/workflow:review", "calls", max(int(globex_runs * 2.2), 4)),
         Budget("tenant:initech", "usd", expected("reports", 0.021, 0.65), period="day"),
         Budget("tenant:initech/workflow:reports", "usd", expected("reports", 0.021, 1.5)),
     ]
@@ -212,7 +212,7 @@ class Tally:
                 if caps.skip_optional:
                     self.caps_seen["optional step skipped"] += 1
                 elif caps.max_output_tokens is not None:
-                    self.caps_seen["cheaper model + fewer output tokens"] += 1
+                    self.caps_seen["cheaper model, shorter output"] += 1
                 elif caps.model is not None:
                     self.caps_seen["cheaper model"] += 1
 
@@ -455,44 +455,46 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
             problems.append(f"{balance.scope} {balance.unit}: {balance.held} still held after every worker finished")
 
     console.print(_scope_table(final, tally))
-    d = tally.decisions
-    total = d.allowed + d.degraded + d.denied
-    degraded = ", ".join(f"{n} {what}" for what, n in sorted(tally.caps_seen.items(), key=lambda kv: -kv[1]))
-    crashed = tally.crashed
-    console.print(
-        f"runs       {settings.runs} in {elapsed:.1f} s: {tally.runs_done} finished, "
-        f"{tally.runs_halted} stopped by a budget, {crashed} lost their worker mid-action"
-    )
-    console.print(f"decisions  {total}: {d.allowed} allowed, {d.degraded} degraded, {d.denied} denied")
-    if degraded:
-        console.print(f"degraded   {degraded}")
-    console.print(
-        f"settled    {tally.commits} commits ({amount('usd', tally.committed_usd)} actual), "
-        f"{tally.releases} released (failed calls), {tally.retries} retries deduplicated"
-    )
-    console.print(
-        f"expired    {crashed} hold{'' if crashed == 1 else 's'} of crashed workers returned to their budgets "
-        f"({swept} by sweep, {crashed - swept} lazily)"
-    )
-    binding = sorted(tally.denied_by.items(), key=lambda kv: -kv[1])[:3]
-    if binding:
-        console.print(
-            "binding    "
-            + ", ".join(
-                f"{scope} {unit_label(unit, period or None)} ({n} denials)" for (scope, unit, period), n in binding
-            )
-        )
+    _summary(console, tally, settings, elapsed, swept)
     ok = not problems
     if ok:
         console.print(
-            f"[bold green]reconciliation: OK[/] — {len(final)} budgets: spent + held <= limit in all {snapshots} "
-            "snapshots, and every budget's spent equals the actuals the workers committed"
+            f"[bold green]reconciliation: OK[/] — spent + held <= limit for all {len(final)} budgets in "
+            f"{snapshots} snapshots,\n                     and each budget's spent == the actuals its workers committed"
         )
     else:
         console.print(f"[bold red]reconciliation: FAILED[/] — {len(problems)} problem(s):")
         for problem in problems[:20]:
             console.print(f"  [red]{problem}[/]")
     return DemoResult(ok, problems, len(final), snapshots)
+
+
+def _summary(console: Console, tally: Tally, settings: DemoSettings, elapsed: float, swept: int) -> None:
+    d = tally.decisions
+    crashed = tally.crashed
+    console.print(
+        f"runs       {settings.runs} in {elapsed:.1f} s: {tally.runs_done} finished, "
+        f"{tally.runs_halted} stopped by a budget, {crashed} lost their worker"
+    )
+    console.print(
+        f"decisions  {d.allowed + d.degraded + d.denied}: {d.allowed} allowed, {d.degraded} degraded, {d.denied} denied"
+    )
+    if tally.caps_seen:
+        ranked = sorted(tally.caps_seen.items(), key=lambda kv: -kv[1])
+        console.print("degraded   " + " · ".join(f"{n} {what}" for what, n in ranked))
+    console.print(
+        f"settled    {tally.commits} commits ({amount('usd', tally.committed_usd)} actual) · "
+        f"{tally.releases} released after failed calls"
+    )
+    console.print(f"retried    {tally.retries} reserves retried with their idempotency key: same hold, never two")
+    console.print(
+        f"expired    {crashed} hold{'' if crashed == 1 else 's'} left by crashed workers came back "
+        f"({swept} by sweep, {crashed - swept} lazily)"
+    )
+    binding = sorted(tally.denied_by.items(), key=lambda kv: -kv[1])[:3]
+    if binding:
+        stops = (f"{scope} {unit_label(unit, period or None)} ({n})" for (scope, unit, period), n in binding)
+        console.print("denied by  " + " · ".join(stops))
 
 
 def _key(balance: Balance) -> Key:
@@ -509,8 +511,16 @@ def _over_limit(balances: list[Balance]) -> list[str]:
 
 def _scope_table(balances: list[Balance], tally: Tally) -> Table:
     """One row per tenant and workflow budget; the hundreds of run budgets folded into one row per workflow."""
-    table = Table(box=box.SIMPLE_HEAD, title="budgets after the run", title_justify="left", pad_edge=False)
-    table.add_column("scope")
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        title="budgets after the run",
+        title_justify="left",
+        pad_edge=False,
+        show_edge=False,
+        collapse_padding=True,
+    )
+    # the scope names are the point of the table: on a narrow terminal the headers wrap, not the names
+    table.add_column("scope", no_wrap=True)
     table.add_column("unit")
     for name in ("limit", "spent", "held", "allowed", "degraded", "denied"):
         table.add_column(name, justify="right")
@@ -560,7 +570,7 @@ def _scope_table(balances: list[Balance], tally: Tally) -> Table:
             Text(str(counts.degraded), style="yellow" if counts.degraded else ""),
             Text(str(denied), style="red" if denied else ""),
         )
-    table.caption = "allowed/degraded: decisions this budget checked · denied: decisions this budget stopped"
+    table.caption = "allowed, degraded: decisions this budget checked · denied: decisions it stopped"
     return table
 
 
