@@ -26,7 +26,7 @@ from rich.text import Text
 
 from clearance import AuditEvent, Authority, Budget, ClearanceError, StoreUnavailable
 from clearance.cli import demo as demo_workload
-from clearance.cli.tables import amount, budgets_table, event_line, events_table, reservations_table, unit_label
+from clearance.cli.tables import amount, budgets_table, event_line, reservations_table, unit_label
 
 DEFAULT_STORE = "sqlite:///clearance.db"
 STATUSES = ("held", "committed", "released", "expired", "all")
@@ -219,14 +219,12 @@ def events_tail(
     """Show the newest audit events (holds, commits, releases, expiries, budget changes)."""
     with _handled(), _authority(ctx, store) as authority:
         events = _last_events(authority, scope, count)
-        if not follow:
-            if events:
-                out.print(events_table(events))
-            else:
-                out.print("no events" + (f" at or under {scope}" if scope else ""))
-            return
+        if not events and not follow:
+            out.print("no events" + (f" at or under {scope}" if scope else ""))
         for event in events:
             out.print(event_line(event), soft_wrap=True)
+        if not follow:
+            return
         after = events[-1].seq if events else 0
         try:
             while True:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -18,17 +19,18 @@ from clearance.units import from_steps
 
 
 def amount(unit: str, value: Decimal) -> str:
-    """A readable amount: dollars keep the digits that matter at their size, other units are counts."""
-    if unit == "usd":
-        size = abs(value)
-        if size >= 100:
-            return f"${value:,.2f}"
-        if size >= 1:
-            return f"${value:,.3f}"
-        if value == 0:
-            return "$0"
-        return f"${value:.4f}"
-    return f"{value:,}"
+    """A readable amount: dollars to the cent above $100 and to 1/100 cent below, trailing zeros
+    dropped down to cents (``$40.00``, ``$2.535``, ``$0.0071``); other units are whole counts."""
+    if unit != "usd":
+        return f"{value:,}"
+    if value == 0:
+        return "$0"
+    places = 2 if abs(value) >= 100 else 4
+    text = f"{value:,.{places}f}"
+    while places > 2 and text.endswith("0"):
+        text = text[:-1]
+        places -= 1
+    return "$" + text if value >= 0 else "-$" + text[1:]
 
 
 def amounts(values: Mapping[str, Decimal]) -> str:
@@ -48,9 +50,22 @@ def timestamp(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def clock_time(epoch: float) -> str:
+    """Month-day and time: enough to place an event in a listing (the full date is in ``timestamp``)."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%m-%d %H:%M:%S")
+
+
+def _table(title: str) -> Table:
+    """Listings are read and grepped, so rules only under the header and no boxes to cut through."""
+    return Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True
+    )
+
+
 def budgets_table(balances: Iterable[Balance]) -> Table:
-    table = Table(title="budgets", title_justify="left")
-    for name in ("scope", "unit", "window"):
+    table = _table("budgets")
+    table.add_column("scope", no_wrap=True)
+    for name in ("unit", "window"):
         table.add_column(name)
     for name in ("limit", "spent", "held", "remaining"):
         table.add_column(name, justify="right")
@@ -69,16 +84,19 @@ def budgets_table(balances: Iterable[Balance]) -> Table:
 
 
 def reservations_table(reservations: Iterable[Reservation], now: float) -> Table:
-    table = Table(title="reservations", title_justify="left")
-    table.add_column("id", no_wrap=True)  # ids are for copying into commit/release calls: never wrapped
-    for name in ("scope", "action", "status", "amounts", "created (UTC)"):
-        table.add_column(name)
-    table.add_column("expires in", justify="right")
+    table = _table("reservations")
+    # ids are copied into commit/release calls, so they are never cut; the scope folds if it must
+    table.add_column("id", no_wrap=True, min_width=20)
+    table.add_column("status", no_wrap=True)
+    table.add_column("amounts", no_wrap=True)
+    table.add_column("expires", justify="right", no_wrap=True)
+    table.add_column("action", overflow="fold")
+    table.add_column("scope", overflow="fold")
     for r in reservations:
         left = r.expires_at - now
         expires = f"{left:.0f}s" if r.status == "held" and left >= 0 else "-"
         shown = r.committed if r.status == "committed" and r.committed is not None else r.amounts
-        table.add_row(r.id, r.scope, r.label, r.status, amounts(shown), timestamp(r.created_at), expires)
+        table.add_row(r.id, r.status, amounts(shown), expires, r.label, r.scope)
     return table
 
 
@@ -86,18 +104,8 @@ def event_amounts(event: AuditEvent) -> str:
     return amounts({unit: from_steps(unit, steps) for unit, steps in event.amounts})
 
 
-def events_table(events: Iterable[AuditEvent]) -> Table:
-    table = Table(title="audit events", title_justify="left")
-    table.add_column("seq", justify="right")
-    for name in ("at (UTC)", "kind", "scope", "reservation", "amounts", "detail"):
-        table.add_column(name)
-    for e in events:
-        table.add_row(str(e.seq), timestamp(e.at), e.kind, e.scope, e.reservation_id or "-", event_amounts(e), e.detail)
-    return table
-
-
 def event_line(event: AuditEvent) -> str:
-    """One event per line, for ``--follow`` where a table would have to be redrawn."""
+    """One event per line, like ``tail``: greppable, and ``--follow`` just appends."""
     rid = f" {event.reservation_id}" if event.reservation_id else ""
     detail = f" ({event.detail})" if event.detail else ""
     return f"{event.seq:>8} {timestamp(event.at)} {event.kind:<13} {event.scope}{rid} {event_amounts(event)}{detail}"
