@@ -28,6 +28,8 @@ from clearance.errors import (
 from clearance.ledger import AuditEvent
 from clearance.periods import Period
 from clearance.plan import Caps, Plan
+from clearance.policy import Policy, Proposal
+from clearance.policy_file import PolicyDocument
 from clearance.scope import Scope
 from clearance.stores import Store, store_from_url
 
@@ -49,6 +51,9 @@ __all__ = [
     "Outcome",
     "Period",
     "Plan",
+    "Policy",
+    "PolicyDocument",
+    "Proposal",
     "Reason",
     "Reservation",
     "ReservationClosed",

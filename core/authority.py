@@ -13,9 +13,9 @@ import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from clearance.action import Action
 from clearance.budget import Budget
@@ -34,11 +34,17 @@ from clearance.ledger import (
 )
 from clearance.periods import Period, period_key, windows_at
 from clearance.plan import Caps, Plan, _zeros, check_plans
+from clearance.policy import Policy, PolicyRule, Proposal
+from clearance.policy_file import PolicyDocument
 from clearance.scope import Scope, parse_scope
 from clearance.stores import Store, store_from_url
 from clearance.units import from_steps, to_step_map
 
 logger = logging.getLogger("clearance")
+
+_T = TypeVar("_T")
+_Op = tuple[str, tuple[Any, ...]]
+"""A store operation a flow asks its driver to run: (method name, arguments)."""
 
 Clock = Callable[[], float]
 AmountsLike = Mapping[str, Any]
@@ -206,6 +212,10 @@ class Authority:
     ``store`` is a :class:`Store` or a URL; by default the ``CLEARANCE_STORE`` environment variable,
     else ``memory://``. ``fail_open`` (``True`` or a list of scope prefixes) lets actions go ahead
     while the store is unreachable, bounded per process by ``emergency_limits`` (default 1 USD).
+
+    Without ``plans``, a policy turns each action into plans: ``policy`` if given, else the one
+    applied to the store (``clearance apply``), re-read when its version changes (checked at most
+    every ``policy_refresh`` seconds); ``rules`` are Python rules added on top of either.
     """
 
     def __init__(
@@ -216,6 +226,9 @@ class Authority:
         default_ttl: float = 60.0,
         fail_open: bool | Iterable[str] = False,
         emergency_limits: AmountsLike | None = None,
+        policy: Policy | None = None,
+        rules: Sequence[PolicyRule] = (),
+        policy_refresh: float = 1.0,
     ) -> None:
         if store is None:
             store = os.environ.get("CLEARANCE_STORE") or "memory://"
@@ -230,6 +243,15 @@ class Authority:
             self._fail_open = tuple(parse_scope(prefix) for prefix in fail_open)
         limits = to_step_map(emergency_limits if emergency_limits is not None else {"usd": 1}, "emergency_limits")
         self._emergency = _EmergencyCap(limits)
+        if policy is not None and not isinstance(policy, Policy):
+            raise InvalidRequest(f"policy must be a clearance.Policy, got {type(policy).__name__}")
+        self._fixed_policy = policy
+        self._rules = tuple(rules)
+        self._policy: Policy | None = policy if policy is not None else (Policy(rules=rules) if rules else None)
+        self._policy_version = 0
+        self._policy_checked = -math.inf
+        self._policy_refresh = float(policy_refresh)
+        self._ensured: dict[tuple[str, str, str], None] = {}
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Authority:
@@ -253,6 +275,7 @@ class Authority:
         plans: Sequence[Plan] | None,
         ttl: float | None,
         idempotency_key: str | None,
+        probes: tuple[str, ...] = (),
     ) -> tuple[HoldRequest, Action, Scope, tuple[Plan, ...] | None]:
         """Validate everything and build the store request; ``None`` plans mean "the action as asked"."""
         if not isinstance(action, Action):
@@ -275,6 +298,7 @@ class Authority:
             windows=windows_at(now),
             idempotency_key=_check_key(idempotency_key),
             label=action.label,
+            probes=probes,
         )
         return request, action, parsed, chosen
 
@@ -292,7 +316,11 @@ class Authority:
         else:
             outcome = Outcome.ALLOW_WITH_CAPS
             caps = caps or Caps()
-            reasons.append(Reason("plan_selected", f"plan {index} of {count} fits", scope.path, plan=index))
+            rule = plans[index].rule if plans is not None else None
+            what = f" ({rule})" if rule else ""
+            reasons.append(
+                Reason("plan_selected", f"plan {index} of {count} fits{what}", scope.path, plan=index, rule=rule)
+            )
         reservation = Reservation(
             id=result.reservation_id or "",
             scope=scope.path,
@@ -347,6 +375,200 @@ class Authority:
         outcome = Outcome.ALLOW if caps is None else Outcome.ALLOW_WITH_CAPS
         return Decision(outcome, scope.path, action.label, reservation, caps, (reason,), (), 0, Mode.FAIL_OPEN)
 
+    # --- policies ----------------------------------------------------------------------------
+    def apply_policy(self, document: PolicyDocument) -> int:
+        """Write a policy's budgets (and rate-limit budgets) into the store, then store the policy
+        as the next version; every Authority on the store picks it up. Returns the version."""
+        if not isinstance(document, PolicyDocument):
+            raise InvalidRequest(f"expected a PolicyDocument, got {type(document).__name__}")
+        for entry in document.budgets:
+            self.set_budget(Budget(entry.scope, entry.unit, entry.limit, entry.period))
+        for rate in document.rate_limits:
+            self.set_budget(Budget(rate.scope, rate.unit, rate.limit, rate.per))
+        version = self.store.put_policy(document.to_json(), self.clock())
+        self._policy_checked = -math.inf  # this process sees it on its very next decision
+        return version
+
+    def current_policy(self) -> Policy | None:
+        """The policy decisions use now (refreshing it from the store if it is due)."""
+        return self._run(self._policy_flow())
+
+    def _policy_flow(self) -> Generator[_Op, Any, Policy | None]:
+        if self._fixed_policy is not None:
+            return self._fixed_policy
+        checked = time.monotonic()
+        if checked - self._policy_checked < self._policy_refresh:
+            return self._policy
+        self._policy_checked = checked
+        try:
+            version = yield ("policy_version", ())
+            if version != self._policy_version:
+                version, text = yield ("policy", ())
+                document = PolicyDocument.loads(text, "json") if text else None
+                if document is not None or self._rules:
+                    self._policy = Policy(document, rules=self._rules, version=version)
+                else:
+                    self._policy = None
+                self._policy_version = version
+        except NotImplementedError:
+            self._policy_refresh = math.inf  # this store keeps no policies: stop asking
+        except StoreUnavailable as error:
+            logger.warning(
+                "clearance: could not refresh the policy, keeping version %s: %s", self._policy_version, error
+            )
+        return self._policy
+
+    # --- reserve -------------------------------------------------------------------------------
+    def _reserve_flow(
+        self, action: object, scope: object, plans: Sequence[Plan] | None, ttl: float | None, key: str | None
+    ) -> Generator[_Op, Any, Decision]:
+        """The whole decision, written once for the sync and the async face: it yields store
+        operations and receives their results (see :meth:`_run` and :meth:`_arun`)."""
+        request, checked, parsed, chosen = self._request(action, scope, plans, ttl, key)
+        proposal: Proposal | None = None
+        policy: Policy | None = None
+        if plans is None:
+            policy = yield from self._policy_flow()
+            if policy is not None and not policy.empty:
+                proposal = policy.propose(checked, parsed)
+                if proposal.deny is None and (proposal.plans is not None or proposal.probes):
+                    request, checked, parsed, chosen = self._request(
+                        checked, parsed, proposal.plans, ttl, key, proposal.probes
+                    )
+        if proposal is not None:
+            for template in proposal.templates:
+                yield from self._ensure_flow(template)
+        if proposal is not None and proposal.deny is not None:
+            decision = Decision(Outcome.DENY, parsed.path, checked.label, reasons=(proposal.deny, *proposal.notes))
+        else:
+            try:
+                result = yield ("hold", (request,))
+            except StoreUnavailable as error:
+                return self._unavailable(error, request, checked, parsed, chosen)
+            decision = self._decide(result, checked, parsed, chosen, request.now)
+            if proposal is not None and policy is not None:
+                decision = yield from self._refine_flow(decision, result, proposal, policy, checked, parsed, ttl, key)
+        if proposal is not None and proposal.shadow and (decision.denied or decision.caps is not None):
+            decision = yield from self._shadow_flow(decision, checked, parsed, ttl, key)
+        return decision
+
+    def _ensure_flow(self, template: tuple[str, str, str, int]) -> Generator[_Op, Any, None]:
+        scope, unit, period, limit = template
+        if (scope, unit, period) in self._ensured:
+            return
+        try:
+            yield ("ensure_budget", (scope, unit, period, limit, self.clock()))
+        except NotImplementedError:
+            logger.warning("clearance: %s cannot create per-run budgets; %s is not counted", self.store.url, unit)
+        if len(self._ensured) > 100_000:
+            self._ensured.clear()
+        self._ensured[(scope, unit, period)] = None
+
+    def _refine_flow(
+        self,
+        decision: Decision,
+        result: HoldResult,
+        proposal: Proposal,
+        policy: Policy,
+        action: Action,
+        scope: Scope,
+        ttl: float | None,
+        key: str | None,
+    ) -> Generator[_Op, Any, Decision]:
+        """After the store decided: the output cap when nothing fit, and the tool caps."""
+        notes = tuple(proposal.notes)
+        if decision.denied and proposal.output_retry is not None:
+            plan = policy.output_cap_plan(proposal.output_retry, result.accounts)
+            if plan is not None:
+                request, _, _, chosen = self._request(action, scope, [plan], ttl, key, proposal.probes)
+                try:
+                    retried: HoldResult = yield ("hold", (request,))
+                except StoreUnavailable as error:
+                    return self._unavailable(error, request, action, scope, chosen)
+                second = self._decide(retried, action, scope, chosen, request.now)
+                if second.allowed:
+                    assert plan.caps is not None
+                    why = Reason(
+                        "output_cap",
+                        f"no plan fit at full length; max_output_tokens={plan.caps.max_output_tokens} fits",
+                        scope.path,
+                        rule="output_cap",
+                    )
+                    second.outcome = Outcome.ALLOW_WITH_CAPS
+                    second.caps = plan.caps
+                    second.reasons = (*decision.reasons, why)
+                    second.plan_index = len(result.rejections)  # one past the plans that did not fit
+                    decision, result = second, retried
+        if decision.allowed and proposal.probes:
+            tool_caps = policy.tool_caps(result.accounts, proposal.run_scope)
+            if tool_caps is not None:
+                base = decision.caps or Caps()
+                decision.caps = base.model_copy(
+                    update={"disabled_tools": tool_caps.disabled_tools, "max_tool_calls": tool_caps.max_tool_calls}
+                )
+                decision.outcome = Outcome.ALLOW_WITH_CAPS
+                which = ", ".join(tool_caps.disabled_tools) or "all tools (tool calls for this run used up)"
+                decision.reasons = (
+                    *decision.reasons,
+                    Reason("tools_capped", f"tool budget exhausted: {which}", scope.path, rule="tools"),
+                )
+        if notes:
+            decision.reasons = (*decision.reasons, *notes)
+        return decision
+
+    def _shadow_flow(
+        self, would_be: Decision, action: Action, scope: Scope, ttl: float | None, key: str | None
+    ) -> Generator[_Op, Any, Decision]:
+        """Shadow mode: let the action go ahead as requested and report what would have happened.
+        The hold is empty, so the commit still records the real spend (flagged over_hold)."""
+        if would_be.reservation is not None and not would_be.reservation.local:
+            yield ("release", (would_be.reservation.id, self.clock()))
+        request, _, _, chosen = self._request(action, scope, [Plan({}, rule="shadow")], ttl, key)
+        try:
+            result = yield ("hold", (request,))
+        except StoreUnavailable as error:
+            return self._unavailable(error, request, action, scope, chosen)
+        decision = self._decide(result, action, scope, chosen, request.now)
+        summary = f"shadow mode: enforcement would have answered {would_be.outcome.value}"
+        if would_be.caps is not None:
+            summary += f" with {would_be.caps!r}"
+        decision.reasons = (Reason("shadow", summary, scope.path, rule="shadow"), *would_be.reasons)
+        decision.mode = Mode.SHADOW
+        decision.caps = None
+        decision.outcome = Outcome.ALLOW
+        decision.would_be = would_be
+        return decision
+
+    def _run(self, flow: Generator[_Op, Any, _T]) -> _T:
+        """Drive a flow against the sync face of the store."""
+        store = self.store
+        try:
+            name, args = next(flow)
+            while True:
+                try:
+                    value = getattr(store, name)(*args)
+                except (StoreUnavailable, NotImplementedError) as error:
+                    name, args = flow.throw(error)
+                else:
+                    name, args = flow.send(value)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    async def _arun(self, flow: Generator[_Op, Any, _T]) -> _T:
+        """Drive a flow against the async face of the store."""
+        store = self.store
+        try:
+            name, args = next(flow)
+            while True:
+                try:
+                    value = await getattr(store, "a" + name)(*args)
+                except (StoreUnavailable, NotImplementedError) as error:
+                    name, args = flow.throw(error)
+                else:
+                    name, args = flow.send(value)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
     def reserve(
         self,
         action: Action,
@@ -359,15 +581,20 @@ class Authority:
         """Decide whether ``action`` may go ahead at ``scope`` and hold its budget if so.
 
         With ``plans`` (best first), atomically holds the first plan that fits every budget on every
-        level of the scope; otherwise holds the action's own amounts. A denial is a Decision, not an
-        exception. Retrying with the same ``idempotency_key`` returns the same reservation.
+        level of the scope; otherwise the policy proposes the plans (or, without one, the action's own
+        amounts are held). A denial is a Decision, not an exception. Retrying with the same
+        ``idempotency_key`` returns the same reservation.
         """
-        request, action, parsed, chosen = self._request(action, scope, plans, ttl, idempotency_key)
+        if plans is None and (
+            self._policy is not None or time.monotonic() - self._policy_checked >= self._policy_refresh
+        ):
+            return self._run(self._reserve_flow(action, scope, plans, ttl, idempotency_key))
+        request, checked, parsed, chosen = self._request(action, scope, plans, ttl, idempotency_key)
         try:
             result = self.store.hold(request)
         except StoreUnavailable as error:
-            return self._unavailable(error, request, action, parsed, chosen)
-        return self._decide(result, action, parsed, chosen, request.now)
+            return self._unavailable(error, request, checked, parsed, chosen)
+        return self._decide(result, checked, parsed, chosen, request.now)
 
     async def areserve(
         self,
@@ -379,12 +606,7 @@ class Authority:
         idempotency_key: str | None = None,
     ) -> Decision:
         """Async twin of :meth:`reserve`."""
-        request, action, parsed, chosen = self._request(action, scope, plans, ttl, idempotency_key)
-        try:
-            result = await self.store.ahold(request)
-        except StoreUnavailable as error:
-            return self._unavailable(error, request, action, parsed, chosen)
-        return self._decide(result, action, parsed, chosen, request.now)
+        return await self._arun(self._reserve_flow(action, scope, plans, ttl, idempotency_key))
 
     # --- settle ------------------------------------------------------------------------------
     def _local(self, rid: str, actual: Amounts | None, commit: bool) -> Settlement:

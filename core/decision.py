@@ -34,6 +34,7 @@ class Mode(StrEnum):
     ENFORCED = "enforced"  # the ledger decided
     FAIL_CLOSED = "fail_closed"  # the store was unavailable: denied
     FAIL_OPEN = "fail_open"  # the store was unavailable: allowed within the emergency cap
+    SHADOW = "shadow"  # a shadow-mode scope: allowed as requested; ``would_be`` says what enforcement would do
 
 
 @dataclass(slots=True)
@@ -153,6 +154,8 @@ class Decision:
     plan_index: int = -1
     mode: Mode = Mode.ENFORCED
     replayed: bool = False
+    would_be: Decision | None = None
+    """In shadow mode, the decision enforcement would have made."""
 
     @property
     def headroom(self) -> tuple[Balance, ...]:

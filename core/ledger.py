@@ -56,6 +56,7 @@ class HoldRequest:
     windows: Windows
     idempotency_key: str | None = None
     label: str = ""
+    probes: tuple[str, ...] = ()  # units to report in the result's accounts without checking them
 
 
 class AccountState(NamedTuple):
@@ -209,6 +210,15 @@ def sum_amounts(amounts: Iterable[tuple[str, int]]) -> dict[str, int]:
     for unit, steps in amounts:
         total[unit] = total.get(unit, 0) + steps
     return total
+
+
+def merge_actual(held: Amounts, actual: Amounts) -> Amounts:
+    """``actual``, plus every held unit it does not name at its held amount."""
+    if len(actual) >= len(held) and actual[: len(held)] == held:
+        return actual
+    named = {unit for unit, _ in actual}
+    missing = tuple((unit, steps) for unit, steps in held if unit not in named)
+    return actual + missing if missing else actual
 
 
 def commit_flags(prior_status: str, held: Amounts, actual: Amounts) -> list[str]:

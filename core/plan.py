@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 
 from clearance._model import InputModel
 from clearance.errors import InvalidRequest
-from clearance.units import from_step_map, to_step_map
+from clearance.units import from_step_map, from_steps, to_step_map
 
 _KIND_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 
@@ -54,12 +54,15 @@ class Plan(InputModel):
 
     ``min_headroom`` is a fraction of a budget's limit that must *remain* after this plan's hold:
     a number applies to every budgeted level; a mapping applies per scope kind, e.g.
-    ``{"workflow": 0.25}`` = "only while at least 25% of the workflow budget would remain".
+    ``{"workflow": 0.25}`` = "only while at least 25% of the workflow budget would remain"; the key
+    ``"*"`` covers every level not named.
     """
 
     amounts: dict[str, Decimal]
     caps: Caps | None = None
     min_headroom: float | dict[str, float] = 0.0
+    rule: str | None = Field(default=None, max_length=200)
+    """Which rule produced this plan (``ladder:gpt-4.1-mini``, ``optional:skip``…), for the decision's reasons."""
     steps: tuple[tuple[str, int], ...] = Field(default=(), exclude=True, repr=False)
     """The amounts in exact integer steps (see :mod:`clearance.units`), as the stores take them."""
 
@@ -68,9 +71,27 @@ class Plan(InputModel):
         amounts: Mapping[str, Any] | None = None,
         caps: Caps | None = None,
         min_headroom: float | Mapping[str, float] = 0.0,
+        rule: str | None = None,
     ) -> None:
         steps = to_step_map(amounts, "plan amounts")
-        super().__init__(amounts=from_step_map(steps), caps=caps, min_headroom=min_headroom, steps=tuple(steps.items()))
+        super().__init__(
+            amounts=from_step_map(steps),
+            caps=caps,
+            min_headroom=dict(min_headroom) if isinstance(min_headroom, Mapping) else min_headroom,
+            rule=rule,
+            steps=tuple(steps.items()),
+        )
+
+    @classmethod
+    def of_steps(
+        cls,
+        steps: Mapping[str, int],
+        caps: Caps | None = None,
+        min_headroom: float | Mapping[str, float] = 0.0,
+        rule: str | None = None,
+    ) -> Plan:
+        """A plan from amounts already in integer steps (policies build plans this way)."""
+        return cls({unit: from_steps(unit, n) for unit, n in steps.items()}, caps, min_headroom, rule)
 
     @field_validator("min_headroom")
     @classmethod
@@ -81,8 +102,8 @@ class Plan(InputModel):
                 raise ValueError("min_headroom must be a fraction between 0 and 1")
         if isinstance(value, dict):
             for kind in value:
-                if not kind or not set(kind) <= _KIND_CHARS:
-                    raise ValueError(f"min_headroom key {kind!r} is not a scope kind")
+                if kind != "*" and (not kind or not set(kind) <= _KIND_CHARS):
+                    raise ValueError(f"min_headroom key {kind!r} is not a scope kind (or '*' for every level)")
         return value
 
     def headroom_ppm(self, kinds: tuple[str, ...]) -> tuple[int, ...]:
@@ -92,7 +113,8 @@ class Plan(InputModel):
             return _zeros(len(kinds))
         if isinstance(value, dict):
             required = {kind: round(fraction * 1_000_000) for kind, fraction in value.items()}
-            return tuple(required.get(kind, 0) for kind in kinds)
+            default = required.get("*", 0)
+            return tuple(required.get(kind, default) for kind in kinds)
         ppm = round(value * 1_000_000)
         return (ppm,) * len(kinds)
 

@@ -4,6 +4,7 @@ The ledger stores every amount as an integer count of the unit's smallest step:
 
 * ``usd`` is kept in **nano-dollars** (1 USD = 10**9). Estimates and actuals with more than nine
   decimals are rounded *up* to the next nano-dollar, so money is never under-counted.
+* so is every unit whose name ends in ``.usd`` (``tool.web_search.usd``: money per tool or toolset);
 * every other unit (``tokens``, ``calls``, ``emails``, user-defined ones) counts whole steps; a
   fractional amount such as ``1.5`` tokens is an :class:`InvalidRequest`.
 
@@ -39,14 +40,19 @@ def check_unit(unit: object) -> str:
         if unit in _known_units:
             return unit
         if _UNIT_RE.fullmatch(unit):
-            _known_units[unit] = _SCALES.get(unit, 1)
+            _known_units[unit] = scale_of(unit)
             return unit
     raise InvalidRequest(f"invalid unit name {unit!r}: expected [a-z][a-z0-9_.-]{{0,63}}")
 
 
 def scale_of(unit: str) -> int:
-    """How many smallest steps make one ``unit``."""
-    return _SCALES.get(unit, 1)
+    """How many smallest steps make one ``unit`` (10**9 for ``usd`` and ``*.usd``, else 1)."""
+    scale = _SCALES.get(unit)
+    if scale is None:
+        scale = USD_SCALE if unit.endswith(".usd") else 1
+        if scale != 1:
+            _SCALES[unit] = scale
+    return scale
 
 
 def _as_decimal(value: object, what: str) -> Decimal:
@@ -84,7 +90,7 @@ def to_steps(unit: str, value: object) -> int:
     d = _as_decimal(value, f"amount of {unit}")
     if d < 0:
         raise InvalidRequest(f"amount of {unit} must not be negative, got {d}")
-    scale = _SCALES.get(unit, 1)
+    scale = scale_of(unit)
     if d > MAX_AMOUNT // scale + 1:  # cheap guard before scaling huge exponents
         raise InvalidRequest(f"amount of {unit} {d} exceeds the largest supported amount")
     if scale == 1:
@@ -113,7 +119,7 @@ def to_step_map(amounts: Mapping[str, object] | None, what: str = "amounts") -> 
 
 def from_steps(unit: str, steps: int) -> Decimal:
     """Convert integer steps back into a ``Decimal`` amount of ``unit``."""
-    scale = _SCALES.get(unit, 1)
+    scale = scale_of(unit)
     if scale == 1:
         return Decimal(steps)
     return Decimal(steps) / scale  # exact, and with the shortest exponent: 7500000 nano → Decimal("0.0075")

@@ -59,7 +59,9 @@ class Store(ABC):
 
     @abstractmethod
     def commit(self, reservation_id: str, actual: Amounts | None, now: float) -> SettleResult:
-        """Settle ``actual`` (``None``: the held amounts) and free the rest of the hold."""
+        """Settle ``actual`` and free the rest of the hold. A unit the reservation held but
+        ``actual`` does not name is settled at its held amount (``None``: every unit as held), so a
+        commit that reports only ``usd`` still counts the ``calls`` and rate units it held."""
 
     @abstractmethod
     def release(self, reservation_id: str, now: float) -> SettleResult:
@@ -101,6 +103,24 @@ class Store(ABC):
     def events(self, after: int, limit: int, scope: str | None) -> list[AuditEvent]:
         """Audit records with ``seq > after``, oldest first."""
 
+    # --- budget templates and policy documents ---------------------------------------------
+    def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
+        """Create the budget only if that (scope, unit, period) has none; True if it was created.
+        Policies use it for per-run budgets (templates), so an operator's own change is never undone."""
+        raise NotImplementedError(f"{type(self).__name__} does not support budget templates yet")
+
+    def put_policy(self, document: str, now: float) -> int:
+        """Store a policy document (JSON) as the next version; returns that version."""
+        raise NotImplementedError(f"{type(self).__name__} does not store policies yet")
+
+    def policy(self) -> tuple[int, str | None]:
+        """The current policy version and document (``(0, None)`` when none was ever applied)."""
+        raise NotImplementedError(f"{type(self).__name__} does not store policies yet")
+
+    def policy_version(self) -> int:
+        """The current policy version alone: cheap, checked by workers to pick up new policies."""
+        return self.policy()[0]
+
     def close(self) -> None:
         """Release connections; the store must not be used afterwards."""
 
@@ -131,6 +151,15 @@ class Store(ABC):
 
     async def asweep(self, now: float) -> int:
         return await asyncio.to_thread(self.sweep, now)
+
+    async def aensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
+        return await asyncio.to_thread(self.ensure_budget, scope, unit, period, limit, now)
+
+    async def apolicy(self) -> tuple[int, str | None]:
+        return await asyncio.to_thread(self.policy)
+
+    async def apolicy_version(self) -> int:
+        return await asyncio.to_thread(self.policy_version)
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)

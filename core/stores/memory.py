@@ -32,6 +32,7 @@ from clearance.ledger import (
     SettleResult,
     choose_plan,
     commit_flags,
+    merge_actual,
     with_holds,
 )
 from clearance.periods import Windows
@@ -134,6 +135,7 @@ class MemoryStore(Store):
         # Raw tuples (seq, at, kind, scope, id, amounts, detail); AuditEvents are built when read.
         self._audit: deque[tuple[int, float, str, str, str | None, Amounts, str]] = deque(maxlen=audit_capacity)
         self._seq = 0
+        self._policy: tuple[int, str | None] = (0, None)
         self._windows: Windows = ()
         self._window_map: dict[str, str] = {}
 
@@ -208,7 +210,10 @@ class MemoryStore(Store):
     # --- reservations --------------------------------------------------------------------------
     def hold(self, request: HoldRequest) -> HoldResult:
         plans = request.plans
-        units = dict(plans[0].amounts) if len(plans) == 1 else {u for plan in plans for u, _ in plan.amounts}
+        if len(plans) == 1 and not request.probes:
+            units: object = dict(plans[0].amounts)
+        else:
+            units = {u for plan in plans for u, _ in plan.amounts}.union(request.probes)
         with self._lock:
             now = request.now
             if (self._expiry and self._expiry[0][0] <= now) or (self._forget and self._forget[0][0] <= now):
@@ -249,6 +254,8 @@ class MemoryStore(Store):
             prior = res.status
             if actual is None:
                 actual = res.amounts
+            else:
+                actual = merge_actual(res.amounts, actual)
             if prior == HELD:
                 for _, _, counters, steps in res.holds:
                     counters[1] -= steps
@@ -342,6 +349,24 @@ class MemoryStore(Store):
                 del self._levels[scope]
             self._log(now, "budget_remove", scope, None, ((unit, 0),), f"period={period or 'lifetime'}")
             return True
+
+    def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
+        with self._lock:
+            level = self._levels.get(scope)
+            if level is not None and (unit, period) in level:
+                return False
+        self.set_budget(scope, unit, period, limit, now)  # a racing creator only re-sets the same limit
+        return True
+
+    def put_policy(self, document: str, now: float) -> int:
+        with self._lock:
+            version = self._policy[0] + 1
+            self._policy = (version, document)
+            self._log(now, "policy_set", "", None, (), f"version={version}")
+            return version
+
+    def policy(self) -> tuple[int, str | None]:
+        return self._policy
 
     def accounts(self, scope: str | None, windows: Windows, now: float, subtree: bool) -> list[AccountState]:
         with self._lock:

@@ -393,3 +393,16 @@ def test_model_call_prices_worst_case(authority: Authority) -> None:
     assert action.amounts == {"usd": Decimal("0.0105"), "tokens": 1800}
     assert authority.reserve(action, CHAIN).allowed
     assert authority.reserve(action, CHAIN).denied
+
+
+def test_commit_settles_unnamed_units_at_their_hold(authority: Authority) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    authority.set_budget(Budget("tenant:acme", "calls", 10))
+    decision = authority.reserve(Action("tool_call", "search", {"usd": 1, "calls": 1}), CHAIN)
+    assert decision.reservation is not None
+    settlement = authority.commit(decision.reservation, {"usd": "0.25"})
+    assert settlement.charged == {"usd": Decimal("0.25"), "calls": 1}
+    assert authority.balance("tenant:acme")["calls"].spent == 1
+    zero = authority.reserve(Action("tool_call", "search", {"usd": 1, "calls": 1}), CHAIN)
+    assert zero.reservation is not None
+    assert authority.commit(zero.reservation, {"usd": 0, "calls": 0}).charged == {"usd": 0, "calls": 0}

@@ -130,7 +130,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.model.reclaim()
         res = self.model.reservations[rid]
         settlement = self.authority.commit(rid, actual)
-        steps = res.amounts if actual is None else self._steps(actual)
+        steps = dict(res.amounts) if actual is None else {**res.amounts, **self._steps(actual)}
         assert settlement.replayed == (res.status == "committed")
         if res.status != "committed":
             expected_flag = {"expired": "late", "released": "after_release"}.get(res.status)

@@ -1,0 +1,309 @@
+"""Policies: turn an action into an ordered list of plans, best first — graceful degradation.
+
+The store then holds, atomically, the first plan that fits every budget on the scope chain, so
+the degradation is computed from live budget pressure in the same step as the hold: a flagship
+model while the workflow has room, its mini when the flagship's soft threshold is crossed, a
+trimmed context or a shorter answer when only that fits, an optional step skipped below a
+threshold — and a denial only when nothing fits or a rule forbids the action.
+
+Built-in rules come from a :class:`~clearance.policy_file.PolicyDocument`; Python callables
+(``rules=[...]``) can adjust any proposal for users who need code::
+
+    def no_flagship_on_weekends(action, scope, proposal):
+        if is_weekend() and proposal.plans:
+            proposal.plans = proposal.plans[1:] or proposal.plans
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from clearance.action import Action
+from clearance.decision import Reason
+from clearance.ledger import AccountState
+from clearance.plan import Caps, Plan
+from clearance.policy_file import KNOWN_RISKS, Ladder, PolicyDocument, Rung
+from clearance.pricing import price_nano_usd
+from clearance.scope import Scope
+from clearance.units import to_steps
+
+PolicyRule = Callable[[Action, Scope, "Proposal"], None]
+"""A code rule: may change ``proposal.plans``, set ``proposal.deny``, add ``proposal.notes``."""
+
+
+@dataclass(slots=True)
+class OutputRetry:
+    """What is needed to offer "the longest answer the headroom pays for" after a denial."""
+
+    provider: str | None
+    model: str
+    requested_model: str | None
+    input_tokens: int
+    max_output_tokens: int
+    floor: int
+    fixed: dict[str, int]  # every other unit the call holds
+
+
+@dataclass(slots=True)
+class Proposal:
+    """A policy's answer before the store decides: plans (``None`` = the action as requested)."""
+
+    plans: list[Plan] | None = None
+    deny: Reason | None = None
+    notes: list[Reason] = field(default_factory=list)
+    probes: tuple[str, ...] = ()
+    shadow: bool = False
+    templates: list[tuple[str, str, str, int]] = field(default_factory=list)  # budgets to create on first use
+    output_retry: OutputRetry | None = None
+    run_scope: str | None = None
+
+
+def _within(scope: Scope, prefix: str | None) -> bool:
+    return prefix is None or prefix in scope.chain
+
+
+class Policy:
+    """Rules that turn actions into plans. ``Policy()`` with no document changes nothing."""
+
+    def __init__(
+        self, document: PolicyDocument | None = None, *, rules: Sequence[PolicyRule] = (), version: int = 0
+    ) -> None:
+        self.document = document or PolicyDocument()
+        self.rules = tuple(rules)
+        self.version = version
+        doc = self.document
+        self._known_risks = set(KNOWN_RISKS).union(*(rule.allow for rule in doc.risk))
+        self._toolsets_of: dict[str, list[str]] = {}
+        for toolset, tools in doc.tools.toolsets.items():
+            for tool in tools:
+                self._toolsets_of.setdefault(tool, []).append(toolset)
+        tool_units = {b.unit for b in doc.budgets if b.unit.startswith(("tool.", "toolset."))}
+        if doc.tools.calls_per_run is not None:
+            tool_units.add("tool_calls")
+        self._tool_probes = tuple(sorted(tool_units))
+        self._empty = not (
+            doc.ladders
+            or doc.output_cap
+            or doc.context_cap
+            or doc.tools.toolsets
+            or doc.tools.calls_per_run is not None
+            or doc.optional
+            or doc.risk
+            or doc.rate_limits
+            or doc.shadow
+            or tool_units
+            or self.rules
+        )
+
+    @classmethod
+    def from_file(cls, path: str, *, rules: Sequence[PolicyRule] = ()) -> Policy:
+        return cls(PolicyDocument.load(path), rules=rules)
+
+    @property
+    def empty(self) -> bool:
+        """True when this policy can change nothing (the Authority then skips it)."""
+        return self._empty
+
+    # --- the proposal ------------------------------------------------------------------------
+    def propose(self, action: Action, scope: Scope) -> Proposal:
+        proposal = Proposal(shadow=any(prefix in scope.chain for prefix in self.document.shadow))
+        extra: dict[str, int] = {}
+        if not self._risk(action, scope, proposal, extra):
+            self._run_rules(action, scope, proposal)
+            return proposal
+        self._rates(action, scope, extra)
+        self._tools(action, scope, proposal, extra)
+        plans = self._model_plans(action, scope, proposal, extra)
+        if plans is None and extra:
+            plans = [Plan.of_steps(_add(dict(action.steps), extra))]
+        plans = self._optional(action, scope, plans, proposal)
+        proposal.plans = plans
+        if action.kind == "model_call" and self._tool_probes:
+            proposal.probes = self._tool_probes
+            run = scope.level_of(self.document.tools.run_kind)
+            proposal.run_scope = scope.chain[run] if run is not None else None
+        self._run_rules(action, scope, proposal)
+        return proposal
+
+    def _run_rules(self, action: Action, scope: Scope, proposal: Proposal) -> None:
+        for rule in self.rules:
+            rule(action, scope, proposal)
+
+    def _risk(self, action: Action, scope: Scope, proposal: Proposal, extra: dict[str, int]) -> bool:
+        risk = action.risk
+        if risk is None or risk == "read":
+            return True
+        for rule in self.document.risk:
+            if risk in rule.allow and _within(scope, rule.scope) and (rule.kinds is None or action.kind in rule.kinds):
+                for unit, amount in rule.amounts.items():
+                    extra[unit] = extra.get(unit, 0) + to_steps(unit, amount)
+                where = rule.scope or "every scope"
+                proposal.notes.append(
+                    Reason("risk_allowed", f"risk {risk!r} allowed at {where}", scope.path, rule=f"risk:{risk}")
+                )
+                return True
+        if risk not in self._known_risks:
+            message = f"unknown risk class {risk!r}: denied until a rule allows it"
+            proposal.deny = Reason("risk_unknown", message, scope.path, rule=f"risk:{risk}")
+        else:
+            message = f"actions of risk {risk!r} need an explicit allow rule covering {scope.path}"
+            proposal.deny = Reason("risk_not_allowed", message, scope.path, rule=f"risk:{risk}")
+        return False
+
+    def _rates(self, action: Action, scope: Scope, extra: dict[str, int]) -> None:
+        for rate in self.document.rate_limits:
+            if rate.kind == action.kind and rate.scope in scope.chain and rate.name in (None, action.name):
+                extra[rate.unit] = extra.get(rate.unit, 0) + 1
+
+    def _tools(self, action: Action, scope: Scope, proposal: Proposal, extra: dict[str, int]) -> None:
+        if action.kind != "tool_call":
+            return
+        tool = action.tool or action.name
+        for unit, steps in action.steps:
+            extra[f"tool.{tool}.{unit}"[:64]] = steps
+            for toolset in self._toolsets_of.get(tool, ()):
+                extra[f"toolset.{toolset}.{unit}"[:64]] = steps
+        tools = self.document.tools
+        if tools.calls_per_run is not None:
+            run = scope.level_of(tools.run_kind)
+            if run is not None:
+                proposal.templates.append((scope.chain[run], "tool_calls", "", tools.calls_per_run))
+                extra["tool_calls"] = extra.get("tool_calls", 0) + 1
+
+    def _ladder(self, action: Action, scope: Scope) -> tuple[Ladder, int] | None:
+        for ladder in self.document.ladders:
+            if ladder.provider not in (None, action.provider) or not _within(scope, ladder.scope):
+                continue
+            for index, rung in enumerate(ladder.rungs):
+                if rung.model == action.model:
+                    return ladder, index
+        return None
+
+    def _model_plans(
+        self, action: Action, scope: Scope, proposal: Proposal, extra: dict[str, int]
+    ) -> list[Plan] | None:
+        if action.kind != "model_call" or action.model is None:
+            return None
+        input_tokens = action.metadata.get("input_tokens")
+        output_tokens = action.metadata.get("max_output_tokens")
+        if not isinstance(input_tokens, int) or not isinstance(output_tokens, int):
+            return None  # not built by Action.model_call: nothing to re-price
+        found = self._ladder(action, scope)
+        rungs: list[Rung] = found[0].rungs[found[1] :] if found else [Rung(model=action.model)]
+        provider = action.provider
+        others = {unit: steps for unit, steps in action.steps if unit not in ("usd", "tokens")}
+        others = _add(others, extra)
+
+        def amounts(model: str, tokens_in: int, tokens_out: int) -> dict[str, int]:
+            return {
+                "usd": price_nano_usd(provider, model, tokens_in, tokens_out),
+                "tokens": tokens_in + tokens_out,
+                **others,
+            }
+
+        plans: list[Plan] = []
+        for rung in rungs:
+            caps = None if rung.model == action.model else Caps(model=rung.model)
+            rule = f"ladder:{rung.model}" if found else None
+            plans.append(Plan.of_steps(amounts(rung.model, input_tokens, output_tokens), caps, rung.min_headroom, rule))
+        cheapest = rungs[-1].model
+        changed_model = None if cheapest == action.model else cheapest
+        context = self.document.context_cap
+        if context is not None and _within(scope, context.scope) and input_tokens > context.floor:
+            full = price_nano_usd(provider, action.model, input_tokens, output_tokens)
+            input_only = price_nano_usd(provider, action.model, input_tokens, 0)
+            if full and input_only / full >= context.dominance:
+                kept = max(context.floor, int(input_tokens * context.keep))
+                caps = Caps(model=changed_model, max_input_tokens=kept)
+                plans.append(Plan.of_steps(amounts(cheapest, kept, output_tokens), caps, rule="context_cap"))
+        output = self.document.output_cap
+        if output is not None and _within(scope, output.scope) and output_tokens > output.floor:
+            proposal.output_retry = OutputRetry(
+                provider, cheapest, action.model, input_tokens, output_tokens, output.floor, others
+            )
+        if len(plans) == 1 and not found and not extra:
+            return None if plans[0].caps is None and not plans[0].min_headroom else plans
+        return plans
+
+    def _optional(
+        self, action: Action, scope: Scope, plans: list[Plan] | None, proposal: Proposal
+    ) -> list[Plan] | None:
+        if not action.optional:
+            return plans
+        thresholds = {
+            rule.level: rule.below
+            for rule in self.document.optional
+            if _within(scope, rule.scope) and scope.level_of(rule.level) is not None
+        }
+        if not thresholds:
+            return plans
+        base = plans if plans is not None else [Plan.of_steps(dict(action.steps))]
+        guarded = [_with_headroom(plan, thresholds) for plan in base]
+        skip = Plan({}, caps=Caps(skip_optional=True), rule="optional:skip")
+        return [*guarded, skip]
+
+    # --- after the store decided -------------------------------------------------------------
+    def tool_caps(self, accounts: Iterable[AccountState], run_scope: str | None) -> Caps | None:
+        """``disabled_tools`` for every tool or toolset whose budget is exhausted on the chain, and
+        ``max_tool_calls=0`` once the run's tool calls are used up."""
+        disabled: set[str] = set()
+        no_more_calls = False
+        for account in accounts:
+            unit = account.unit
+            exhausted = account.remaining < 1
+            if not exhausted:
+                continue
+            if unit == "tool_calls":
+                no_more_calls = no_more_calls or account.scope == run_scope
+            elif unit.startswith("tool."):
+                disabled.add(unit.split(".")[1])
+            elif unit.startswith("toolset."):
+                disabled.update(self.document.tools.toolsets.get(unit.split(".")[1], ()))
+        if not disabled and not no_more_calls:
+            return None
+        return Caps(disabled_tools=tuple(sorted(disabled)), max_tool_calls=0 if no_more_calls else None)
+
+    @staticmethod
+    def output_cap_plan(retry: OutputRetry, accounts: Sequence[AccountState]) -> Plan | None:
+        """The longest answer every budget on the chain still pays for, if at least the floor."""
+
+        def fits(tokens_out: int) -> bool:
+            usd = price_nano_usd(retry.provider, retry.model, retry.input_tokens, tokens_out)
+            need = {"usd": usd, "tokens": retry.input_tokens + tokens_out, **retry.fixed}
+            return all(need.get(a.unit, 0) <= a.remaining for a in accounts)
+
+        low, high = retry.floor, retry.max_output_tokens - 1
+        if high < low or not fits(low):
+            return None
+        while low < high:  # the largest fitting length, by bisection (cost grows with length)
+            middle = (low + high + 1) // 2
+            if fits(middle):
+                low = middle
+            else:
+                high = middle - 1
+        usd = price_nano_usd(retry.provider, retry.model, retry.input_tokens, low)
+        steps = {"usd": usd, "tokens": retry.input_tokens + low, **retry.fixed}
+        model = None if retry.model == retry.requested_model else retry.model
+        return Plan.of_steps(steps, Caps(model=model, max_output_tokens=low), rule="output_cap")
+
+
+def _add(base: dict[str, int], extra: dict[str, int]) -> dict[str, int]:
+    merged = dict(base)
+    for unit, steps in extra.items():
+        merged[unit] = merged.get(unit, 0) + steps
+    return merged
+
+
+def _with_headroom(plan: Plan, thresholds: dict[str, float]) -> Plan:
+    current = plan.min_headroom
+    merged: float | dict[str, float]
+    if isinstance(current, dict):
+        merged = {**current}
+        for kind, fraction in thresholds.items():
+            merged[kind] = max(fraction, merged.get(kind, 0.0))
+    else:
+        merged = {kind: max(fraction, current) for kind, fraction in thresholds.items()}
+        if current:
+            merged["*"] = current  # keep a blanket threshold too (see Plan.headroom_ppm)
+    return Plan.of_steps(dict(plan.steps), plan.caps, merged, plan.rule)

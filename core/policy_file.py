@@ -1,0 +1,242 @@
+"""The policy document: budgets, model ladders, thresholds, tool, risk and rate rules — as data.
+
+A policy is a YAML or TOML file validated by pydantic. ``clearance apply FILE`` writes its budgets
+into the store and stores the document itself as a new version; every Authority on that store picks
+the new version up on its next decision after its refresh interval (default 1 s), no redeploy.
+
+.. code-block:: yaml
+
+    budgets:
+      - {scope: "tenant:acme", unit: usd, limit: 500, period: month}
+      - {scope: "tenant:acme", unit: tool.web_search.calls, limit: 1000, period: day}
+    ladders:
+      - provider: openai
+        rungs:
+          - {model: gpt-4.1, min_headroom: {workflow: 0.25}}   # the flagship only while 25% remains
+          - gpt-4.1-mini
+          - gpt-4.1-nano
+    output_cap: {floor: 128}
+    context_cap: {dominance: 0.6, keep: 0.5, floor: 2000}
+    tools: {calls_per_run: 20, toolsets: {search: [web_search, news_search]}}
+    optional: [{level: workflow, below: 0.2}]
+    risk: [{scope: "tenant:acme", allow: [write, external], amounts: {emails: 1}}]
+    rate_limits: [{scope: "tenant:acme", kind: tool_call, limit: 60, per: minute}]
+    shadow: ["tenant:globex"]
+
+Every rule may carry ``scope``: it then applies only at or below that scope.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from clearance._model import InvalidModel
+from clearance.errors import InvalidRequest
+from clearance.periods import Period
+from clearance.scope import parse_scope
+from clearance.units import check_unit, to_steps
+
+FORMAT_VERSION = 1
+KNOWN_RISKS = ("read", "write", "external", "payment")
+
+
+class _Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Scoped(_Rule):
+    scope: str | None = None
+    """The rule applies at or below this scope; everywhere when omitted."""
+
+    @field_validator("scope")
+    @classmethod
+    def _check_scope(cls, value: str | None) -> str | None:
+        return None if value is None else parse_scope(value).path
+
+
+def _fraction(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be a fraction between 0 and 1")
+    return value
+
+
+class BudgetEntry(_Rule):
+    """A budget the policy writes into the store when applied."""
+
+    scope: str
+    unit: str
+    limit: Decimal
+    period: Period | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> BudgetEntry:
+        parse_scope(self.scope)
+        check_unit(self.unit)
+        to_steps(self.unit, self.limit)
+        return self
+
+
+class Rung(_Rule):
+    """One model of a ladder, with the headroom it demands (``{kind: fraction}`` or a fraction)."""
+
+    model: str = Field(min_length=1, max_length=256)
+    min_headroom: float | dict[str, float] = 0.0
+
+    @field_validator("min_headroom")
+    @classmethod
+    def _check_headroom(cls, value: float | dict[str, float]) -> float | dict[str, float]:
+        for fraction in value.values() if isinstance(value, dict) else (value,):
+            _fraction(fraction)
+        return value
+
+
+class Ladder(_Scoped):
+    """Models from best to cheapest; a call to any rung may fall to the rungs after it."""
+
+    provider: str | None = None
+    rungs: list[Rung] = Field(min_length=1, max_length=16)
+
+    @field_validator("rungs", mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"model": rung} if isinstance(rung, str) else rung for rung in value]
+        return value
+
+
+class OutputCap(_Scoped):
+    """When no rung fits at full length: the largest ``max_output_tokens`` the headroom pays for,
+    on the cheapest rung, if at least ``floor``."""
+
+    floor: int = Field(default=64, ge=1)
+
+
+class ContextCap(_Scoped):
+    """For calls whose input is at least ``dominance`` of their price: a rung that keeps only
+    ``keep`` of the input tokens (never fewer than ``floor``), so adapters trim history."""
+
+    dominance: float = 0.6
+    keep: float = 0.5
+    floor: int = Field(default=1000, ge=1)
+
+    _fractions = field_validator("dominance", "keep")(classmethod(lambda cls, v: _fraction(v)))
+
+
+class Tools(_Rule):
+    """Tool rules. A tool call of tool ``t`` in toolset ``s`` also counts its amounts in the units
+    ``tool.t.<unit>`` and ``toolset.s.<unit>``, so a budget on those units caps that tool or
+    toolset; once one is exhausted, model calls get ``Caps.disabled_tools``. ``calls_per_run``
+    counts ``tool_calls`` on every run scope (created on first use)."""
+
+    toolsets: dict[str, list[str]] = Field(default_factory=dict)
+    calls_per_run: int | None = Field(default=None, ge=0)
+    run_kind: str = "run"
+
+
+class OptionalSteps(_Scoped):
+    """Below ``below`` headroom at the ``level`` scope kind, optional actions are skipped."""
+
+    level: str
+    below: float
+
+    _below = field_validator("below")(classmethod(lambda cls, v: _fraction(v)))
+
+
+class RiskRule(_Scoped):
+    """Risk classes allowed at a scope, and what each such action also counts (e.g. ``emails: 1``)."""
+
+    allow: list[str] = Field(min_length=1)
+    amounts: dict[str, Decimal] = Field(default_factory=dict)
+    kinds: list[str] | None = None
+    """Only actions of these kinds; all kinds when omitted."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RiskRule:
+        for unit, amount in self.amounts.items():
+            to_steps(check_unit(unit), amount)
+        return self
+
+
+class RateLimit(_Rule):
+    """At most ``limit`` actions of ``kind`` (optionally of one ``name``) per ``per`` window at
+    ``scope``, enforced in the same atomic step as the budgets (unit ``rate.<kind>``)."""
+
+    scope: str
+    kind: str
+    name: str | None = None
+    limit: int = Field(ge=0)
+    per: Literal["minute", "hour", "day", "week", "month"] = "minute"
+
+    @field_validator("scope")
+    @classmethod
+    def _check_scope(cls, value: str) -> str:
+        return parse_scope(value).path
+
+    @property
+    def unit(self) -> str:
+        return f"rate.{self.kind}" if self.name is None else f"rate.{self.kind}.{self.name}"[:64]
+
+
+class PolicyDocument(_Rule):
+    """A whole policy. See the module docstring for an example."""
+
+    version: Literal[1] = 1
+    budgets: list[BudgetEntry] = Field(default_factory=list)
+    ladders: list[Ladder] = Field(default_factory=list)
+    output_cap: OutputCap | None = None
+    context_cap: ContextCap | None = None
+    tools: Tools = Field(default_factory=Tools)
+    optional: list[OptionalSteps] = Field(default_factory=list)
+    risk: list[RiskRule] = Field(default_factory=list)
+    rate_limits: list[RateLimit] = Field(default_factory=list)
+    shadow: list[str] = Field(default_factory=list)
+    """Scopes in shadow mode: decisions are computed and reported, never enforced."""
+
+    @field_validator("shadow")
+    @classmethod
+    def _check_shadow(cls, value: list[str]) -> list[str]:
+        return [parse_scope(scope).path for scope in value]
+
+    @classmethod
+    def parse(cls, data: Any) -> PolicyDocument:
+        """Validate a mapping (from YAML, TOML or JSON); raise :class:`InvalidRequest` if malformed."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise InvalidModel("policy", error) from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> PolicyDocument:
+        """Read a ``.yaml``/``.yml``, ``.toml`` or ``.json`` policy file."""
+        file = Path(path)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as error:
+            raise InvalidRequest(f"cannot read policy file {file}: {error}") from None
+        return cls.loads(text, file.suffix.lower().lstrip(".") or "yaml")
+
+    @classmethod
+    def loads(cls, text: str, fmt: str = "yaml") -> PolicyDocument:
+        try:
+            if fmt == "toml":
+                data: Any = tomllib.loads(text)
+            elif fmt == "json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as error:  # yaml, toml and json all have their own error types
+            raise InvalidRequest(f"policy is not valid {fmt}: {error}") from None
+        if data is None:
+            data = {}
+        return cls.parse(data)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_defaults=True)

@@ -1,0 +1,306 @@
+"""Policies: each rule alone, rules combined, shadow mode, policies as versioned data."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clearance import Action, Authority, Budget, Caps, Mode, Outcome, Plan, Policy
+from clearance.policy_file import PolicyDocument
+from clearance.testing import FakeClock
+
+RUN = "tenant:acme/workflow:triage/run:r1"
+LADDER = {"provider": "openai", "rungs": ["gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano"]}
+
+
+def authority_with(document: dict[str, object], **options: object) -> Authority:
+    return Authority("memory://", policy=Policy(PolicyDocument.parse(document)), **options)  # type: ignore[arg-type]
+
+
+def flagship(input_tokens: int = 1000, output_tokens: int = 1000) -> Action:
+    return Action.model_call("openai", "gpt-4.1", input_tokens, output_tokens)
+
+
+def test_no_policy_changes_nothing() -> None:
+    authority = authority_with({})
+    authority.set_budget(Budget("tenant:acme", "usd", "0.005"))
+    assert authority.reserve(flagship(), RUN).outcome is Outcome.DENY
+
+
+def test_ladder_falls_to_the_first_rung_that_fits() -> None:
+    authority = authority_with({"ladders": [LADDER]})
+    authority.set_budget(Budget("tenant:acme/workflow:triage", "usd", "0.0125"))
+    first = authority.reserve(flagship(), RUN)  # $0.01 fits
+    assert first.outcome is Outcome.ALLOW
+    second = authority.reserve(flagship(), RUN)  # $0.0025 left: the mini ($0.002) fits
+    assert second.outcome is Outcome.ALLOW_WITH_CAPS
+    assert second.caps == Caps(model="gpt-4.1-mini")
+    assert second.reservation is not None
+    assert second.reservation.amounts["usd"] == Decimal("0.002")
+    assert second.reasons[0].code == "budget_exhausted"
+    assert second.reasons[-1].rule == "ladder:gpt-4.1-mini"
+    third = authority.reserve(flagship(), RUN)  # $0.0005 left: the nano fits exactly
+    assert third.caps == Caps(model="gpt-4.1-nano")
+    assert authority.reserve(flagship(), RUN).outcome is Outcome.DENY
+
+
+def test_a_cheaper_request_starts_lower_on_the_ladder() -> None:
+    authority = authority_with({"ladders": [LADDER]})
+    authority.set_budget(Budget("tenant:acme", "usd", "0.001"))
+    decision = authority.reserve(Action.model_call("openai", "gpt-4.1-mini", 1000, 1000), RUN)
+    assert decision.caps == Caps(model="gpt-4.1-nano")
+
+
+def test_soft_threshold_keeps_the_flagship_for_when_there_is_room() -> None:
+    ladder = {"provider": "openai", "rungs": [{"model": "gpt-4.1", "min_headroom": {"workflow": 0.5}}, "gpt-4.1-mini"]}
+    authority = authority_with({"ladders": [ladder]})
+    authority.set_budget(Budget("tenant:acme/workflow:triage", "usd", "0.04"))
+    assert authority.reserve(flagship(), RUN).caps is None  # leaves 0.03 >= 0.02
+    assert authority.reserve(flagship(), RUN).caps is None  # leaves 0.02 >= 0.02
+    degraded = authority.reserve(flagship(), RUN)  # would leave 0.01 < 0.02
+    assert degraded.caps == Caps(model="gpt-4.1-mini")
+    assert degraded.reasons[0].code == "min_headroom"
+    assert degraded.reasons[0].threshold == Decimal("0.02")
+
+
+def test_output_cap_offers_what_the_headroom_pays_for() -> None:
+    authority = authority_with({"ladders": [LADDER], "output_cap": {"floor": 100}})
+    authority.set_budget(Budget("tenant:acme", "usd", "0.0003"))  # nano at full length costs 0.0005
+    decision = authority.reserve(flagship(), RUN)
+    assert decision.outcome is Outcome.ALLOW_WITH_CAPS
+    assert decision.caps is not None
+    assert decision.caps.model == "gpt-4.1-nano"
+    # 1000 input tokens cost 0.0001; each output token 0.0000004 → 500 tokens fit in 0.0003.
+    assert decision.caps.max_output_tokens == 500
+    assert decision.reasons[-1].code == "output_cap"
+    assert authority.balance("tenant:acme")["usd"].remaining == 0
+
+
+def test_output_cap_respects_its_floor() -> None:
+    authority = authority_with({"ladders": [LADDER], "output_cap": {"floor": 600}})
+    authority.set_budget(Budget("tenant:acme", "usd", "0.0003"))
+    assert authority.reserve(flagship(), RUN).outcome is Outcome.DENY
+
+
+def test_context_cap_trims_input_heavy_calls() -> None:
+    authority = authority_with({"ladders": [LADDER], "context_cap": {"dominance": 0.6, "keep": 0.25, "floor": 1000}})
+    authority.set_budget(Budget("tenant:acme", "tokens", 30_000))
+    decision = authority.reserve(flagship(100_000, 500), RUN)  # input is ~98% of the price
+    assert decision.outcome is Outcome.ALLOW_WITH_CAPS
+    assert decision.caps == Caps(model="gpt-4.1-nano", max_input_tokens=25_000)
+    assert decision.reservation is not None
+    assert decision.reservation.amounts["tokens"] == 25_500
+
+
+def test_tool_budget_exhausted_disables_the_tool_for_model_calls() -> None:
+    authority = authority_with(
+        {
+            "budgets": [{"scope": "tenant:acme", "unit": "tool.web_search.calls", "limit": 2}],
+            "tools": {"toolsets": {"search": ["web_search", "news_search"]}},
+        }
+    )
+    authority.apply_policy(authority.current_policy().document)  # type: ignore[union-attr]
+    for _ in range(2):
+        assert authority.reserve(Action.tool_call("web_search"), RUN).allowed
+    denied = authority.reserve(Action.tool_call("web_search"), RUN)
+    assert denied.outcome is Outcome.DENY
+    assert denied.reasons[0].unit == "tool.web_search.calls"
+    assert authority.reserve(Action.tool_call("news_search"), RUN).allowed
+    model = authority.reserve(flagship(), RUN)
+    assert model.outcome is Outcome.ALLOW_WITH_CAPS
+    assert model.caps == Caps(disabled_tools=("web_search",))
+    assert model.reasons[-1].code == "tools_capped"
+
+
+def test_toolset_budget_disables_every_tool_of_the_set() -> None:
+    document = {
+        "budgets": [{"scope": "tenant:acme", "unit": "toolset.search.calls", "limit": 1}],
+        "tools": {"toolsets": {"search": ["web_search", "news_search"]}},
+    }
+    authority = authority_with(document)
+    authority.apply_policy(PolicyDocument.parse(document))
+    assert authority.reserve(Action.tool_call("news_search"), RUN).allowed
+    assert authority.reserve(Action.tool_call("web_search"), RUN).denied
+    caps = authority.reserve(flagship(), RUN).caps
+    assert caps is not None
+    assert caps.disabled_tools == ("news_search", "web_search")
+
+
+def test_tool_calls_per_run() -> None:
+    authority = authority_with({"tools": {"calls_per_run": 2}})
+    for _ in range(2):
+        assert authority.reserve(Action.tool_call("calc"), RUN).allowed
+    assert authority.reserve(Action.tool_call("calc"), RUN).denied
+    assert authority.reserve(Action.tool_call("calc"), "tenant:acme/workflow:triage/run:r2").allowed
+    caps = authority.reserve(flagship(), RUN).caps
+    assert caps is not None
+    assert caps.max_tool_calls == 0
+    assert authority.reserve(flagship(), "tenant:acme/workflow:triage/run:r2").caps is None
+
+
+def test_optional_steps_are_skipped_below_the_threshold() -> None:
+    authority = authority_with({"optional": [{"level": "workflow", "below": 0.5}]})
+    authority.set_budget(Budget("tenant:acme/workflow:triage", "usd", 10))
+    optional = Action("step", "summarize", {"usd": 3}, optional=True)
+    assert authority.reserve(optional, RUN).outcome is Outcome.ALLOW  # leaves 7
+    skipped = authority.reserve(optional, RUN)  # would leave 4 < 5
+    assert skipped.outcome is Outcome.ALLOW_WITH_CAPS
+    assert skipped.caps == Caps(skip_optional=True)
+    assert skipped.reservation is not None
+    assert skipped.reservation.amounts == {}
+    assert authority.balance("tenant:acme/workflow:triage")["usd"].held == 3
+    required = Action("step", "answer", {"usd": 3})
+    assert authority.reserve(required, RUN).outcome is Outcome.ALLOW  # required steps are not skipped
+
+
+def test_risky_actions_need_an_allow_rule_and_count_their_unit() -> None:
+    authority = authority_with({"risk": [{"scope": "tenant:acme", "allow": ["external"], "amounts": {"emails": 1}}]})
+    authority.set_budget(Budget("tenant:acme", "emails", 1, period="day"))
+    email = Action("side_effect", "send_email", risk="external")
+    allowed = authority.reserve(email, RUN)
+    assert allowed.allowed
+    assert allowed.reservation is not None
+    assert allowed.reservation.amounts == {"emails": 1}
+    assert any(r.code == "risk_allowed" for r in allowed.reasons)
+    assert authority.reserve(email, RUN).denied  # the daily email budget is used
+    pay = authority.reserve(Action("side_effect", "charge_card", risk="payment"), RUN)
+    assert pay.denied
+    assert pay.reasons[0].code == "risk_not_allowed"
+    odd = authority.reserve(Action("side_effect", "launch", risk="rocket"), RUN)
+    assert odd.reasons[0].code == "risk_unknown"
+    assert authority.reserve(email, "tenant:globex/run:x").denied  # the rule covers acme only
+    assert authority.reserve(Action("tool_call", "read_file", risk="read"), RUN).allowed
+
+
+def test_rate_limits_in_the_same_atomic_step(clock: FakeClock) -> None:
+    authority = authority_with(
+        {"rate_limits": [{"scope": "tenant:acme", "kind": "tool_call", "limit": 3, "per": "minute"}]}, clock=clock
+    )
+    authority.apply_policy(authority.current_policy().document)  # type: ignore[union-attr]
+    clock.set(1_800_000_000.0)  # the start of a minute
+    decisions = [authority.reserve(Action.tool_call("calc"), RUN) for _ in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert decisions[3].reasons[0].unit == "rate.tool_call"
+    assert authority.reserve(flagship(), RUN).allowed  # model calls are not rate limited here
+    for decision in decisions[:3]:
+        assert decision.reservation is not None
+        authority.commit(decision.reservation, {"calls": 1})  # rate units settle at their hold
+    clock.advance(60)
+    assert authority.reserve(Action.tool_call("calc"), RUN).allowed
+
+
+def test_shadow_mode_reports_but_never_enforces() -> None:
+    authority = authority_with({"ladders": [LADDER], "shadow": ["tenant:globex"]})
+    authority.set_budget(Budget("tenant:globex", "usd", "0.0001"))
+    decision = authority.reserve(flagship(), "tenant:globex/run:r1")
+    assert decision.outcome is Outcome.ALLOW
+    assert decision.mode is Mode.SHADOW
+    assert decision.caps is None
+    assert decision.would_be is not None
+    assert decision.would_be.outcome is Outcome.DENY
+    assert decision.reasons[0].code == "shadow"
+    assert decision.reservation is not None
+    authority.commit(decision.reservation, {"usd": "0.01"})  # reality is still recorded
+    assert authority.balance("tenant:globex")["usd"].spent == Decimal("0.01")
+    assert authority.balance("tenant:globex")["usd"].held == 0
+    enforced = authority.reserve(flagship(), "tenant:acme/run:r1")
+    assert enforced.mode is Mode.ENFORCED
+
+
+def test_code_rules_can_override() -> None:
+    def never_flagship(action: Action, scope: object, proposal: object) -> None:
+        plans = getattr(proposal, "plans", None)
+        if plans and plans[0].caps is None:
+            proposal.plans = plans[1:]  # type: ignore[attr-defined]
+
+    authority = Authority(
+        "memory://", policy=Policy(PolicyDocument.parse({"ladders": [LADDER]}), rules=[never_flagship])
+    )
+    assert authority.reserve(flagship(), RUN).caps == Caps(model="gpt-4.1-mini")
+
+
+def test_applied_policy_reaches_every_worker(clock: FakeClock, tmp_path: object) -> None:
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    admin = Authority(url, clock=clock)
+    worker = Authority(url, clock=clock, policy_refresh=0)
+    admin.set_budget(Budget("tenant:acme", "usd", "0.005"))
+    assert worker.reserve(flagship(), RUN).denied
+    version = admin.apply_policy(PolicyDocument.parse({"ladders": [LADDER]}))
+    assert version == 1
+    decision = worker.reserve(flagship(), RUN)
+    assert decision.caps == Caps(model="gpt-4.1-mini")
+    assert worker.current_policy() is not None
+    assert admin.apply_policy(PolicyDocument.parse({})) == 2
+    assert worker.reserve(flagship(), RUN).denied
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    limit=st.decimals(min_value=0, max_value="0.05", places=4),
+    calls=st.lists(
+        st.tuples(st.sampled_from(["gpt-4.1", "gpt-4.1-mini"]), st.integers(1, 5000), st.integers(1, 3000)),
+        max_size=12,
+    ),
+    headroom=st.sampled_from([0.0, 0.25, 0.5]),
+    floor=st.integers(1, 500),
+)
+def test_no_policy_ever_holds_more_than_the_budgets_allow(
+    limit: Decimal, calls: list[tuple[str, int, int]], headroom: float, floor: int
+) -> None:
+    ladder = {
+        "provider": "openai",
+        "rungs": [{"model": "gpt-4.1", "min_headroom": {"workflow": headroom}}, "gpt-4.1-mini", "gpt-4.1-nano"],
+    }
+    authority = authority_with(
+        {
+            "ladders": [ladder],
+            "output_cap": {"floor": floor},
+            "context_cap": {"floor": 100},
+            "tools": {"calls_per_run": 3},
+        }
+    )
+    authority.set_budget(Budget("tenant:acme/workflow:triage", "usd", limit))
+    authority.set_budget(Budget("tenant:acme", "tokens", 20_000))
+    for model, tokens_in, tokens_out in calls:
+        decision = authority.reserve(Action.model_call("openai", model, tokens_in, tokens_out), RUN)
+        if decision.caps is not None and decision.caps.max_output_tokens is not None:
+            assert decision.caps.max_output_tokens >= floor
+        for budget in authority.budgets():
+            assert budget.spent + budget.held <= budget.limit
+
+
+def test_policy_file_formats_agree(tmp_path: object) -> None:
+    from pathlib import Path
+
+    folder = Path(str(tmp_path))
+    (folder / "p.yaml").write_text("ladders:\n  - provider: openai\n    rungs: [gpt-4.1, gpt-4.1-mini]\n")
+    (folder / "p.toml").write_text('[[ladders]]\nprovider = "openai"\nrungs = ["gpt-4.1", "gpt-4.1-mini"]\n')
+    assert PolicyDocument.load(folder / "p.yaml") == PolicyDocument.load(folder / "p.toml")
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"ladders": [{"rungs": []}]},
+        {"optional": [{"level": "workflow", "below": 2}]},
+        {"budgets": [{"scope": "tenant:a/", "unit": "usd", "limit": 1}]},
+        {"budgets": [{"scope": "tenant:a", "unit": "usd", "limit": -1}]},
+        {"rate_limits": [{"scope": "tenant:a", "kind": "tool_call", "limit": 1, "per": "fortnight"}]},
+        {"unknown_rule": 1},
+        {"version": 2},
+    ],
+)
+def test_bad_policies_are_invalid_requests(document: dict[str, object]) -> None:
+    from clearance import InvalidRequest
+
+    with pytest.raises(InvalidRequest):
+        PolicyDocument.parse(document)
+
+
+def test_plans_given_explicitly_bypass_the_policy() -> None:
+    authority = authority_with({"ladders": [LADDER]})
+    authority.set_budget(Budget("tenant:acme", "usd", "0.005"))
+    assert authority.reserve(flagship(), RUN, plans=[Plan({"usd": "0.01"})]).denied
