@@ -13,6 +13,7 @@ snapshot it took while the workers were racing. Anything else is a bug, and the 
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -258,10 +259,17 @@ def _model_plans(step: Step, ladder: Ladder, input_tokens: int) -> tuple[Action,
 
 
 def _run(
-    authority: Authority, tally: Tally, settings: DemoSettings, workflow: Workflow, index: int, stop: threading.Event
+    authority: Authority,
+    tally: Tally,
+    settings: DemoSettings,
+    workflow: Workflow,
+    run_id: tuple[str, int],
+    stop: threading.Event,
 ) -> None:
+    batch, index = run_id
     rng = random.Random(settings.seed * 1_000_003 + index)
-    run_scope = f"{workflow.scope}/run:r-{index:04d}"
+    # the batch keeps a second demo on the same ledger from replaying the first one's idempotency keys
+    run_scope = f"{workflow.scope}/run:{batch}-{index:04d}"
     authority.set_budget(Budget(run_scope, "usd", workflow.run_usd))
     halted = False
     # one run in 25 loses its worker mid-action, at a step drawn like everything else
@@ -368,6 +376,7 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
         authority.set_budget(budget)
     start = {_key(b): b.spent for b in authority.budgets()}
     tally = Tally()
+    batch = os.urandom(2).hex()
     schedule = _schedule(settings)
     queue = list(enumerate(schedule))
     queue.reverse()
@@ -385,7 +394,7 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
                     if not queue:
                         return
                     index, workflow = queue.pop()
-                _run(own, tally, settings, workflow, index, stop)
+                _run(own, tally, settings, workflow, (batch, index), stop)
         except Exception as error:  # surfaced in the report, never a silent thread death
             with tally.lock:
                 tally.errors.append(f"worker failed: {type(error).__name__}: {error}")
