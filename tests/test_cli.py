@@ -30,9 +30,12 @@ def _reconciled(output: str) -> bool:
     return "reconciliation: OK" in output and "FAILED" not in output
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
-def test_demo_quick_reconciles(kind: str, ledger: str) -> None:
-    url = "memory://" if kind == "memory" else ledger
+@pytest.mark.parametrize(
+    "kind", [pytest.param(k, marks=getattr(pytest.mark, k)) for k in ("memory", "sqlite", "redis")]
+)
+def test_demo_quick_reconciles(kind: str, ledger: str, request: pytest.FixtureRequest) -> None:
+    urls = {"memory": "memory://", "sqlite": ledger}
+    url = urls[kind] if kind in urls else str(request.getfixturevalue("redis_url"))
     result = runner.invoke(app, ["demo", "--quick", "--store", url, "--seed", "3"])
     assert result.exit_code == 0, result.output
     assert _reconciled(result.output)
