@@ -234,7 +234,7 @@ class Policy:
         thresholds = {
             rule.level: rule.below
             for rule in self.document.optional
-            if _within(scope, rule.scope) and scope.level_of(rule.level) is not None
+            if _within(scope, rule.scope) and (rule.level == "*" or scope.level_of(rule.level) is not None)
         }
         if not thresholds:
             return plans

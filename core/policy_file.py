@@ -140,7 +140,8 @@ class Tools(_Rule):
 
 
 class OptionalSteps(_Scoped):
-    """Below ``below`` headroom at the ``level`` scope kind, optional actions are skipped."""
+    """Below ``below`` headroom at the ``level`` scope kind (``"*"``: at any budgeted level),
+    optional actions are skipped."""
 
     level: str
     below: float
