@@ -258,7 +258,24 @@ def _model_plans(step: Step, ladder: Ladder, input_tokens: int) -> tuple[Action,
     return requested, plans
 
 
-def _run(
+def _request(step: Step, ladder: Ladder, rng: random.Random) -> tuple[Action, list[Plan]]:
+    """The action a step asks for and its plan ladder, best first."""
+    if step.kind == "tool":
+        amounts: dict[str, str | int] = {"calls": 1}
+        if step.tool_usd != "0":
+            amounts["usd"] = step.tool_usd
+        action = Action.tool_call(step.name, amounts)
+        return action, [Plan(action.amounts)]
+    input_tokens = rng.randint(*step.input_tokens)
+    if step.kind == "model":
+        return _model_plans(step, ladder, input_tokens)
+    priced = Action.model_call(ladder.provider, ladder.cheaper, input_tokens, step.max_output_tokens)
+    action = Action("step", step.name, priced.amounts, optional=True, model=ladder.cheaper)
+    # an optional step takes what it needs only while half of the run's dollars would remain, else it is skipped
+    return action, [Plan(action.amounts, min_headroom={"run": 0.5}), Plan({}, caps=Caps(skip_optional=True))]
+
+
+def _agent_run(
     authority: Authority,
     tally: Tally,
     settings: DemoSettings,
@@ -277,22 +294,7 @@ def _run(
     for number, step in enumerate(workflow.steps):
         if stop.is_set():
             return
-        input_tokens = rng.randint(*step.input_tokens) if step.kind != "tool" else 0
-        if step.kind == "tool":
-            amounts: dict[str, str | int] = {"calls": 1}
-            if step.tool_usd != "0":
-                amounts["usd"] = step.tool_usd
-            action = Action.tool_call(step.name, amounts)
-            plans = [Plan(action.amounts)]
-        elif step.kind == "model":
-            action, plans = _model_plans(step, workflow.ladder, input_tokens)
-        else:
-            requested = Action.model_call(
-                workflow.ladder.provider, workflow.ladder.cheaper, input_tokens, step.max_output_tokens
-            )
-            action = Action("step", step.name, requested.amounts, optional=True, model=workflow.ladder.cheaper)
-            # an optional step takes what it needs only while half of the run's dollars would remain
-            plans = [Plan(action.amounts, min_headroom={"run": 0.5}), Plan({}, caps=Caps(skip_optional=True))]
+        action, plans = _request(step, workflow.ladder, rng)
         crash = number == crash_at
         key = f"{run_scope}/step-{number}"
         decision = authority.reserve(
@@ -374,11 +376,47 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
     )
     for budget in _budgets(settings.runs):
         authority.set_budget(budget)
+    # A ledger given with --store may hold earlier demos: reconcile against what this one adds.
     start = {_key(b): b.spent for b in authority.budgets()}
     tally = Tally()
+    race = _race(console, authority, url, settings, tally)
+
+    # Crashed workers never settle: wait until their holds have expired, then sweep them back.
+    wait = tally.crash_expiry - time.time()
+    if wait > 0:
+        time.sleep(wait + 0.05)
+    swept = authority.sweep()
+    final = authority.budgets()
+    race.snapshots += 1
+    race.violations.extend(_over_limit(final))
+    problems = tally.errors + race.violations + _mismatches(final, start, tally)
+
+    console.print(_scope_table(final, tally))
+    _summary(console, tally, settings, race.elapsed, swept)
+    ok = not problems
+    if ok:
+        console.print(
+            f"[bold green]reconciliation: OK[/] — spent + held <= limit for all {len(final)} budgets in "
+            f"{race.snapshots} snapshots,\n{'':21}and each budget's spent == the actuals its workers committed"
+        )
+    else:
+        console.print(f"[bold red]reconciliation: FAILED[/] — {len(problems)} problem(s):")
+        for problem in problems[:20]:
+            console.print(f"  [red]{problem}[/]")
+    return DemoResult(ok, problems, len(final), race.snapshots)
+
+
+@dataclass
+class Race:
+    elapsed: float = 0.0
+    snapshots: int = 0
+    violations: list[str] = field(default_factory=list)
+
+
+def _race(console: Console, authority: Authority, url: str, settings: DemoSettings, tally: Tally) -> Race:
+    """Run every agent run on the worker threads; meanwhile show progress and snapshot every budget."""
     batch = os.urandom(2).hex()
-    schedule = _schedule(settings)
-    queue = list(enumerate(schedule))
+    queue = list(enumerate(_schedule(settings)))
     queue.reverse()
     queue_lock = threading.Lock()
     stop = threading.Event()
@@ -394,7 +432,7 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
                     if not queue:
                         return
                     index, workflow = queue.pop()
-                _run(own, tally, settings, workflow, (batch, index), stop)
+                _agent_run(own, tally, settings, workflow, (batch, index), stop)
         except Exception as error:  # surfaced in the report, never a silent thread death
             with tally.lock:
                 tally.errors.append(f"worker failed: {type(error).__name__}: {error}")
@@ -404,8 +442,7 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
                 own.close()
 
     threads = [threading.Thread(target=worker, name=f"agent-worker-{n}", daemon=True) for n in range(settings.workers)]
-    violations: list[str] = []
-    snapshots = 0
+    race = Race()
     began = time.perf_counter()
     progress = Progress(
         SpinnerColumn(),
@@ -423,8 +460,8 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
             for thread in threads:
                 thread.start()
             while any(thread.is_alive() for thread in threads):
-                snapshots += 1
-                violations.extend(_over_limit(authority.budgets()))
+                race.snapshots += 1
+                race.violations.extend(_over_limit(authority.budgets()))
                 with tally.lock:
                     done = tally.runs_done + tally.runs_halted + tally.crashed
                     d = tally.decisions
@@ -432,25 +469,18 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
                 progress.update(task, completed=done, counts=counts)
                 time.sleep(0.1)
             progress.update(task, completed=settings.runs)
-    except KeyboardInterrupt:
-        stop.set()
+    finally:
+        stop.set()  # on Ctrl-C: let each worker finish its current step, then stop
         for thread in threads:
             thread.join()
-        raise
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - began
+    race.elapsed = time.perf_counter() - began
+    return race
 
-    # Crashed workers never settle: wait until their holds have expired, then sweep them back.
-    wait = tally.crash_expiry - time.time()
-    if wait > 0:
-        time.sleep(wait + 0.05)
-    swept = authority.sweep()
-    final = authority.budgets()
-    snapshots += 1
-    violations.extend(_over_limit(final))
 
-    problems = list(tally.errors) + violations
+def _mismatches(final: list[Balance], start: dict[Key, Decimal], tally: Tally) -> list[str]:
+    """Each budget's spent must have grown by exactly what the workers committed under it, and no
+    hold may outlive the workers."""
+    problems: list[str] = []
     for balance in final:
         key = _key(balance)
         ledger = balance.spent - start.get(key, Decimal(0))
@@ -462,20 +492,7 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
             )
         if balance.held != 0:
             problems.append(f"{balance.scope} {balance.unit}: {balance.held} still held after every worker finished")
-
-    console.print(_scope_table(final, tally))
-    _summary(console, tally, settings, elapsed, swept)
-    ok = not problems
-    if ok:
-        console.print(
-            f"[bold green]reconciliation: OK[/] — spent + held <= limit for all {len(final)} budgets in "
-            f"{snapshots} snapshots,\n                     and each budget's spent == the actuals its workers committed"
-        )
-    else:
-        console.print(f"[bold red]reconciliation: FAILED[/] — {len(problems)} problem(s):")
-        for problem in problems[:20]:
-            console.print(f"  [red]{problem}[/]")
-    return DemoResult(ok, problems, len(final), snapshots)
+    return problems
 
 
 def _summary(console: Console, tally: Tally, settings: DemoSettings, elapsed: float, swept: int) -> None:
