@@ -74,8 +74,10 @@ def _handled() -> Iterator[None]:
         raise _fail(f"store unavailable: {error}", 3) from None
     except ClearanceError as error:
         raise _fail(str(error), 2) from None
-    except ImportError as error:  # a store whose driver is not installed (e.g. redis without the extra)
-        raise _fail(str(error), 3) from None
+    except ImportError as error:
+        if "pip install" not in str(error):
+            raise  # a bug, not a missing store driver: keep the traceback
+        raise _fail(str(error), 3) from None  # e.g. the Redis store without clearance[redis]
 
 
 def _store_url(ctx: typer.Context, store: str | None) -> str | None:
