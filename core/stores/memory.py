@@ -57,14 +57,27 @@ class _Budget:
 
 
 class _Reservation:
-    """A reservation; ``holds`` point straight at the counters they hold. What never changes is
-    read from the original request rather than copied (this is built on every reserve)."""
+    """A reservation; ``holds`` point straight at the counters they hold.
 
-    __slots__ = ("committed", "expires_at", "flags", "holds", "id", "plan_index", "request", "settled_at", "status")
+    What never changes lives in one flat tuple of strings and numbers, which the garbage collector
+    stops tracking; settling drops the holds. A store keeps settled reservations for the retention
+    window, so this keeps them from slowing every collection down."""
 
-    def __init__(self, request: HoldRequest, plan_index: int, holds: list[tuple[_Budget, str, list[int], int]]) -> None:
+    __slots__ = ("committed", "expires_at", "fixed", "flags", "holds", "id", "plan_index", "settled_at", "status")
+
+    def __init__(
+        self, request: HoldRequest, plan_index: int, holds: list[tuple[_Budget, str, list[int], int]]
+    ) -> None:
         self.id = request.reservation_id
-        self.request = request
+        # (chain, amounts, windows, created_at, idempotency key, label)
+        self.fixed = (
+            request.chain,
+            request.plans[plan_index].amounts,
+            request.windows,
+            request.now,
+            request.idempotency_key,
+            request.label,
+        )
         self.status = HELD
         self.plan_index = plan_index
         self.holds = holds
@@ -74,27 +87,34 @@ class _Reservation:
         self.flags: tuple[str, ...] = ()
 
     @property
-    def amounts(self) -> Amounts:
-        return self.request.plans[self.plan_index].amounts
-
-    @property
     def chain(self) -> tuple[str, ...]:
-        return self.request.chain
+        return self.fixed[0]
 
     @property
-    def scope(self) -> str:
-        return self.request.chain[-1]
+    def amounts(self) -> Amounts:
+        return self.fixed[1]
 
     @property
-    def root(self) -> str:
-        return self.request.chain[0]
+    def windows(self) -> Windows:
+        return self.fixed[2]
+
+    @property
+    def created_at(self) -> float:
+        return self.fixed[3]
 
     @property
     def idem(self) -> str | None:
-        return self.request.idempotency_key
+        return self.fixed[4]
+
+    @property
+    def scope(self) -> str:
+        return self.fixed[0][-1]
+
+    @property
+    def root(self) -> str:
+        return self.fixed[0][0]
 
     def record(self) -> ReservationRecord:
-        request = self.request
         return ReservationRecord(
             id=self.id,
             scope=self.scope,
@@ -103,14 +123,14 @@ class _Reservation:
             plan_index=self.plan_index,
             amounts=self.amounts,
             holds=tuple((b.scope, b.unit, b.period, window, steps) for b, window, _, steps in self.holds),
-            windows=request.windows,
-            created_at=request.now,
+            windows=self.windows,
+            created_at=self.created_at,
             expires_at=self.expires_at,
             settled_at=self.settled_at,
             committed=self.committed,
             flags=self.flags,
-            idempotency_key=request.idempotency_key,
-            label=request.label,
+            idempotency_key=self.idem,
+            label=self.fixed[5],
         )
 
 
@@ -165,6 +185,7 @@ class MemoryStore(Store):
     def _settle(self, res: _Reservation, status: str, now: float) -> None:
         res.status = status
         res.settled_at = now
+        res.holds = []  # settled: nothing held any more, and no references kept alive
         heapq.heappush(self._forget, (now + self._retention, res.id))
 
     def _reclaim(self, now: float) -> int:
@@ -222,7 +243,7 @@ class MemoryStore(Store):
                 existing = self._idempotency.get((request.chain[0], request.idempotency_key))
                 if existing is not None:
                     res = self._reservations[existing]
-                    states, _ = self._chain_budgets(res.chain, dict(res.amounts), dict(res.request.windows))
+                    states, _ = self._chain_budgets(res.chain, dict(res.amounts), dict(res.windows))
                     return HoldResult(res.id, res.plan_index, res.expires_at, tuple(states), (), replayed=True)
             states, refs = self._chain_budgets(request.chain, units, self._map(request.windows))
             choice = choose_plan(plans, request.chain, states)
@@ -272,7 +293,7 @@ class MemoryStore(Store):
                         steps = charges.get(budget.unit, 0)
                         if steps:
                             if windows is None:
-                                windows = dict(res.request.windows)
+                                windows = dict(res.windows)
                             counters = budget.window(windows[budget.period])
                             counters[0] += steps
                             if counters[0] + counters[1] > budget.limit:
@@ -321,7 +342,7 @@ class MemoryStore(Store):
                 for r in self._reservations.values()
                 if (status is None or r.status == status) and in_subtree(r.scope, scope)
             ]
-            found.sort(key=lambda r: r.request.now, reverse=True)
+            found.sort(key=lambda r: r.created_at, reverse=True)
             return [r.record() for r in found[:limit]]
 
     # --- budgets -------------------------------------------------------------------------------
