@@ -377,7 +377,7 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
     for budget in _budgets(settings.runs):
         authority.set_budget(budget)
     # A ledger given with --store may hold earlier demos: reconcile against what this one adds.
-    start = {_key(b): b.spent for b in authority.budgets()}
+    start = {_key(b): b.spent for b in _demo_budgets(authority)}
     tally = Tally()
     race = _race(console, authority, url, settings, tally)
 
@@ -386,7 +386,7 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
     if wait > 0:
         time.sleep(wait + 0.05)
     swept = authority.sweep()
-    final = authority.budgets()
+    final = _demo_budgets(authority)
     race.snapshots += 1
     race.violations.extend(_over_limit(final))
     problems = tally.errors + race.violations + _mismatches(final, start, tally)
@@ -461,7 +461,7 @@ def _race(console: Console, authority: Authority, url: str, settings: DemoSettin
                 thread.start()
             while any(thread.is_alive() for thread in threads):
                 race.snapshots += 1
-                race.violations.extend(_over_limit(authority.budgets()))
+                race.violations.extend(_over_limit(_demo_budgets(authority)))
                 with tally.lock:
                     done = tally.runs_done + tally.runs_halted + tally.crashed
                     d = tally.decisions
@@ -521,6 +521,13 @@ def _summary(console: Console, tally: Tally, settings: DemoSettings, elapsed: fl
     if binding:
         stops = (f"{scope} {unit_label(unit, period or None)} ({n})" for (scope, unit, period), n in binding)
         console.print("denied by  " + " · ".join(stops))
+
+
+def _demo_budgets(authority: Authority) -> list[Balance]:
+    """The demo tenants' budgets only: a ledger given with --store may hold other tenants, whose
+    state (say, overage from a late commit) is none of the demo's business."""
+    tenants = sorted({f"tenant:{w.tenant}" for w in WORKFLOWS})
+    return [b for tenant in tenants for b in authority.budgets(tenant)]
 
 
 def _key(balance: Balance) -> Key:
