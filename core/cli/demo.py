@@ -371,9 +371,10 @@ def run(console: Console, url: str, settings: DemoSettings, *, note: str = "") -
 
 def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSettings, note: str) -> DemoResult:
     console.print(
-        f"[bold]clearance demo[/] · store [cyan]{url}[/]{note} · seed {settings.seed} · "
-        f"{settings.workers} worker threads · {settings.runs} agent runs"
+        f"[bold]clearance demo[/] · seed {settings.seed} · {settings.workers} worker threads · "
+        f"{settings.runs} agent runs"
     )
+    console.print(f"store {url}{note}", style="cyan", soft_wrap=True)
     for budget in _budgets(settings.runs):
         authority.set_budget(budget)
     # A ledger given with --store may hold earlier demos: reconcile against what this one adds.
@@ -520,7 +521,7 @@ def _summary(console: Console, tally: Tally, settings: DemoSettings, elapsed: fl
     binding = sorted(tally.denied_by.items(), key=lambda kv: -kv[1])[:3]
     if binding:
         stops = (f"{scope} {unit_label(unit, period or None)} ({n})" for (scope, unit, period), n in binding)
-        console.print("denied by  " + " · ".join(stops))
+        console.print("denied by  " + f"\n{'':11}".join(stops))
 
 
 def _demo_budgets(authority: Authority) -> list[Balance]:
