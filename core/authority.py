@@ -81,10 +81,10 @@ def _reason(rejection: Rejection, plan_count: int) -> Reason:
     needed = from_steps(unit, rejection.needed)
     remaining = from_steps(unit, rejection.remaining)
     where = f"{rejection.scope} {unit}" + (f" ({rejection.period})" if rejection.period else "")
-    prefix = f"plan {rejection.plan_index}: " if plan_count > 1 else ""
+    prefix = f"plan {rejection.plan_index + 1}: " if plan_count > 1 else ""
     if rejection.code == "min_headroom":
         threshold = from_steps(unit, rejection.required)
-        message = f"{prefix}{where} would keep {remaining - needed} < required headroom {threshold}"
+        message = f"{prefix}{where} would keep {remaining - needed:f} < required headroom {threshold:f}"
         return Reason(
             rejection.code,
             message,
@@ -97,9 +97,9 @@ def _reason(rejection: Rejection, plan_count: int) -> Reason:
             threshold,
         )
     if rejection.code == "budget_overage":
-        message = f"{prefix}{where} is over its limit by {-remaining}"
+        message = f"{prefix}{where} is over its limit by {-remaining:f}"
     else:
-        message = f"{prefix}{where} needs {needed}, {remaining} remains"
+        message = f"{prefix}{where} needs {needed:f}, {remaining:f} remains"
     return Reason(
         rejection.code,
         message,
@@ -319,7 +319,7 @@ class Authority:
             rule = plans[index].rule if plans is not None else None
             what = f" ({rule})" if rule else ""
             reasons.append(
-                Reason("plan_selected", f"plan {index} of {count} fits{what}", scope.path, plan=index, rule=rule)
+                Reason("plan_selected", f"plan {index + 1} of {count} fits{what}", scope.path, plan=index, rule=rule)
             )
         reservation = Reservation(
             id=result.reservation_id or "",

@@ -43,6 +43,7 @@ class OutputRetry:
     max_output_tokens: int
     floor: int
     fixed: dict[str, int]  # every other unit the call holds
+    trimmed_input: bool = False  # input_tokens already reflects a context cap
 
 
 @dataclass(slots=True)
@@ -209,18 +210,28 @@ class Policy:
             plans.append(Plan.of_steps(amounts(rung.model, input_tokens, output_tokens), caps, rung.min_headroom, rule))
         cheapest = rungs[-1].model
         changed_model = None if cheapest == action.model else cheapest
+        kept_input = input_tokens
         context = self.document.context_cap
         if context is not None and _within(scope, context.scope) and input_tokens > context.floor:
             full = price_nano_usd(provider, action.model, input_tokens, output_tokens)
             input_only = price_nano_usd(provider, action.model, input_tokens, 0)
             if full and input_only / full >= context.dominance:
                 kept = max(context.floor, int(input_tokens * context.keep))
-                caps = Caps(model=changed_model, max_input_tokens=kept)
-                plans.append(Plan.of_steps(amounts(cheapest, kept, output_tokens), caps, rule="context_cap"))
+                if kept < input_tokens:
+                    caps = Caps(model=changed_model, max_input_tokens=kept)
+                    plans.append(Plan.of_steps(amounts(cheapest, kept, output_tokens), caps, rule="context_cap"))
+                    kept_input = kept
         output = self.document.output_cap
         if output is not None and _within(scope, output.scope) and output_tokens > output.floor:
             proposal.output_retry = OutputRetry(
-                provider, cheapest, action.model, input_tokens, output_tokens, output.floor, others
+                provider,
+                cheapest,
+                action.model,
+                kept_input,
+                output_tokens,
+                output.floor,
+                others,
+                trimmed_input=kept_input < input_tokens,
             )
         if len(plans) == 1 and not found and not extra:
             return None if plans[0].caps is None and not plans[0].min_headroom else plans
@@ -285,7 +296,9 @@ class Policy:
         usd = price_nano_usd(retry.provider, retry.model, retry.input_tokens, low)
         steps = {"usd": usd, "tokens": retry.input_tokens + low, **retry.fixed}
         model = None if retry.model == retry.requested_model else retry.model
-        return Plan.of_steps(steps, Caps(model=model, max_output_tokens=low), rule="output_cap")
+        trimmed = retry.input_tokens if retry.trimmed_input else None
+        caps = Caps(model=model, max_output_tokens=low, max_input_tokens=trimmed)
+        return Plan.of_steps(steps, caps, rule="output_cap")
 
 
 def _add(base: dict[str, int], extra: dict[str, int]) -> dict[str, int]:
