@@ -33,11 +33,12 @@ lost reply never holds or charges twice. A reserve whose outcome stays unknown (
 was answered DENY; its id is kept "in doubt" and released on the next successful call, so its hold
 (if the write did land) does not wait for its TTL.
 
-Audit sequence numbers come from the stream ids: ``seq = ms * 1_000_000 + n`` for stream id
-``ms-n``. They increase per tenant stream; across tenants they are merged by that number, which
-orders events by the server's clock (on a cluster, by each node's clock), so a reader tailing *all*
-tenants with ``after=`` may miss an event written by another tenant in the same millisecond —
-tail per tenant (``scope=``) for an exact feed.
+Audit sequence numbers come from the stream ids, which the scripts set to ``<server µs>-<n>``:
+``seq = µs * 1000 + n``. Scripts run one at a time on a server, so on a single Redis the sequence is
+one total order across every tenant's stream and ``events(after=…)`` never skips an event. On a
+cluster each tenant lives on one node and is exact per tenant (``scope=``); across tenants the
+order is by the nodes' clocks, so a reader tailing *all* tenants should re-read a little behind its
+last ``seq`` (clock skew between nodes) or tail tenant by tenant.
 """
 
 from __future__ import annotations
@@ -90,9 +91,11 @@ _SCRIPTS = (
     "remove_budget",
     "accounts",
     "sweep",
+    "policy",
 )
+_GLOBAL_ROOT = "~"  # hash tag of the keys that belong to no tenant (policy documents); no scope can be "~"
 _PERIOD_ORDER = {"": 0, "day": 1, "hour": 2, "minute": 3, "month": 4, "week": 5}
-_SEQ_SPLIT = 1_000_000
+_SEQ_SPLIT = 1000
 _MAX_IN_DOUBT = 10_000
 _T = TypeVar("_T")
 _ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
@@ -253,9 +256,10 @@ class RedisStore(Store):
             return redis.cluster.RedisCluster.from_url(self.url, **options)
         pool_options = {**options, "max_connections": self._max_connections, "timeout": connect_timeout}
         if asynchronous:
-            pool = redis.asyncio.BlockingConnectionPool.from_url(self.url, **pool_options)
-            return redis.asyncio.Redis(connection_pool=pool)
-        return redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(self.url, **pool_options))
+            return redis.asyncio.Redis.from_pool(
+                redis.asyncio.BlockingConnectionPool.from_url(self.url, **pool_options)
+            )
+        return redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(self.url, **pool_options))
 
     def _built(self, asynchronous: bool) -> tuple[Any, dict[str, Any]]:
         try:
@@ -287,13 +291,29 @@ class RedisStore(Store):
         return found
 
     def close(self) -> None:
+        for loop, (client, _) in list(self._async.items()):
+            # asyncio clients of loops that are idle (not running, not closed) can still be closed here
+            if not loop.is_closed() and not loop.is_running():
+                try:
+                    loop.run_until_complete(client.aclose())
+                except Exception:  # pragma: no cover - best effort on shutdown
+                    logger.debug("could not close an asyncio Redis client", exc_info=True)
+        self._async.clear()
         found, self._sync = self._sync, None
         if found is None:
             return
+        client = found[0]
         try:
-            found[0].close()
-            if not self.cluster:
-                found[0].connection_pool.disconnect()
+            if self.cluster:
+                # redis-py keeps a client per startup node besides the discovered ones; close both
+                manager = client.nodes_manager
+                nodes = [*manager.nodes_cache.values(), *manager.startup_nodes.values()]
+                client.close()
+                for node in nodes:
+                    if node.redis_connection is not None:
+                        node.redis_connection.connection_pool.disconnect()
+            else:
+                client.close()  # from_pool: closing the client disconnects its pool
         except _ERRORS:  # pragma: no cover - closing a dead connection
             pass
 
@@ -441,6 +461,8 @@ class RedisStore(Store):
                 args.append(unit)
                 args.append(str(steps))
             args.extend(map(str, plan.headroom_ppm))
+        args.append(str(len(request.probes)))
+        args.extend(request.probes)
         return args
 
     @staticmethod
@@ -588,6 +610,43 @@ class RedisStore(Store):
         await self._aregister(root)
         await self._arun("set_budget", root, self._budget_args(scope, unit, period, limit, now))
 
+    def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
+        root = parse_scope(scope).root
+        self._register(root)
+        return bool(self._run("set_budget", root, [*self._budget_args(scope, unit, period, limit, now), "1"]))
+
+    async def aensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
+        root = parse_scope(scope).root
+        await self._aregister(root)
+        args = [*self._budget_args(scope, unit, period, limit, now), "1"]
+        return bool(await self._arun("set_budget", root, args))
+
+    # --- policy documents (global keys, tag "{~}") ------------------------------------------------
+    def put_policy(self, document: str, now: float) -> int:
+        return int(self._run("policy", _GLOBAL_ROOT, [*self._head(now), document]))
+
+    def policy(self) -> tuple[int, str | None]:
+        key = self._keys(_GLOBAL_ROOT)[0]
+        version, document = self._call(lambda: self._client.hmget(key, ["version", "document"]))
+        return (int(version), document) if version else (0, None)
+
+    def policy_version(self) -> int:
+        key = self._keys(_GLOBAL_ROOT)[0]
+        version = self._call(lambda: self._client.hget(key, "version"))
+        return int(version) if version else 0
+
+    async def apolicy(self) -> tuple[int, str | None]:
+        client = self._async_client()[0]
+        key = self._keys(_GLOBAL_ROOT)[0]
+        version, document = await self._acall(lambda: client.hmget(key, ["version", "document"]))
+        return (int(version), document) if version else (0, None)
+
+    async def apolicy_version(self) -> int:
+        client = self._async_client()[0]
+        key = self._keys(_GLOBAL_ROOT)[0]
+        version = await self._acall(lambda: client.hget(key, "version"))
+        return int(version) if version else 0
+
     def _remove_args(self, scope: str, unit: str, period: str, now: float) -> list[str]:
         return [*self._head(now), scope, unit, period, f"period={period or 'lifetime'}"]
 
@@ -654,7 +713,7 @@ class RedisStore(Store):
                     at=float(fields["at"]),
                     kind=fields["k"],
                     scope=fields["s"],
-                    reservation_id=f"{token}.{root}" if token else None,
+                    reservation_id=f"{token}.{root}" if token and root != _GLOBAL_ROOT else None,
                     amounts=_amounts(fields.get("a")),
                     detail=fields.get("d", ""),
                 )
@@ -662,7 +721,7 @@ class RedisStore(Store):
         return events
 
     def events(self, after: int, limit: int, scope: str | None) -> list[AuditEvent]:
-        roots = [parse_scope(scope).root] if scope is not None else self._roots()
+        roots = [parse_scope(scope).root] if scope is not None else [*self._roots(), _GLOBAL_ROOT]
         found: list[AuditEvent] = []
         for root in roots:
             cursor = after

@@ -1,5 +1,5 @@
 -- commit: settle the actual amounts and free the rest of the hold, in one step.
--- ARGV[5] token, [6] actual ("unit steps ..."; "-" = the held amounts).
+-- ARGV[5] token, [6] actual ("unit steps ..."; "-" = the held amounts; held units it omits are added).
 -- Reply: {'notfound'} or {status, charged, flags, replayed '1'/'0'}.
 -- Reality wins: a commit after expiry or release is recorded (flagged late / after_release), against
 -- the budgets on the chain now, in the windows the reservation was made in.
@@ -14,9 +14,31 @@ if rec.st == 'committed' then
   return {'committed', rec.ca or '', rec.f or '', '1'}
 end
 local prior = rec.st
+-- A unit the reservation held but the actual does not name is settled at its held amount.
 local actual_text = actual_arg
 if actual_arg == '-' then
   actual_text = rec.a
+else
+  local named = {}
+  local given = split_words(actual_arg)
+  for i = 1, #given, 2 do
+    named[given[i]] = true
+  end
+  local missing = {}
+  local held = split_words(rec.a)
+  for i = 1, #held, 2 do
+    if not named[held[i]] then
+      missing[#missing + 1] = held[i]
+      missing[#missing + 1] = held[i + 1]
+    end
+  end
+  if #missing > 0 then
+    if actual_text == '' then
+      actual_text = table.concat(missing, ' ')
+    else
+      actual_text = actual_text .. ' ' .. table.concat(missing, ' ')
+    end
+  end
 end
 if prior == 'held' then
   unhold(rec)

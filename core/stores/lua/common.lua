@@ -31,9 +31,26 @@ local function fmt_float(x)
   return string.format('%.17g', x)
 end
 
+-- Audit entries get explicit stream ids "<server microseconds>-<n>": scripts run one at a time, so
+-- on one server the ids of all tenants' streams interleave in true order (the client turns them into
+-- AuditEvent.seq = us * 1000 + n). If the server clock stepped back, continue after the stream's top.
 local function audit(kind, scope, token, amounts, detail)
-  redis.call('XADD', K_LOG, 'MAXLEN', '~', CAP, '*', 'at', NOW, 'k', kind, 's', scope, 'r', token, 'a', amounts,
-    'd', detail)
+  local t = redis.call('TIME')
+  local id = t[1] .. string.format('%06d', tonumber(t[2])) .. '-*'
+  local ok = redis.pcall('XADD', K_LOG, 'MAXLEN', '~', CAP, id, 'at', NOW, 'k', kind, 's', scope, 'r', token,
+    'a', amounts, 'd', detail)
+  if type(ok) == 'table' and ok.err then
+    local info = redis.call('XINFO', 'STREAM', K_LOG)
+    local top = '0-0'
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then
+        top = info[i + 1]
+      end
+    end
+    local us = string.match(top, '^(%d+)-')
+    redis.call('XADD', K_LOG, 'MAXLEN', '~', CAP, fmt_int(tonumber(us) + 1) .. '-*', 'at', NOW, 'k', kind,
+      's', scope, 'r', token, 'a', amounts, 'd', detail)
+  end
 end
 
 -- "u1 n1 u2 n2" <-> {u1, n1, u2, n2}

@@ -1,6 +1,7 @@
 -- reserve: lazy reclaim, idempotency, the ladder over chain x units x plans, and the holds, in one step.
 -- ARGV[5] token, [6] expires_at, [7] idempotency key ('' = none), [8] label, [9] windows,
--- [10] n levels, then the chain (root first), then n plans, each: n units, (unit, steps)..., ppm per level.
+-- [10] n levels, then the chain (root first), then n plans, each: n units, (unit, steps)..., ppm per level,
+-- then n probes and the probe units (reported in the accounts, never checked).
 -- Reply: {kind, token, plan index, expires_at, n accounts, account fields..., n rejections, rejection fields...}
 -- with kind 'held', 'denied', 'replay_key' (idempotency key seen) or 'replay_id' (this very id seen:
 -- a retry after a lost reply).
@@ -35,6 +36,14 @@ for p = 1, n_plans do
     pos = pos + 1
   end
   plans[p] = {amounts, ppm}
+end
+local n_probes = tonumber(ARGV[pos])
+for i = 1, n_probes do
+  local unit = ARGV[pos + i]
+  if not seen_unit[unit] then
+    seen_unit[unit] = true
+    units[#units + 1] = unit
+  end
 end
 
 reclaim()

@@ -1,0 +1,187 @@
+"""Redis-specific behaviour beyond the contract suite: one round trip, key layout, Lua number traps."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import pytest
+import redis as redis_py
+
+from clearance import Action, Authority, Budget, InvalidRequest, Plan
+from clearance.stores import store_from_url
+from clearance.stores.redis import RedisStore
+from clearance.testing import FakeClock
+from clearance.units import MAX_AMOUNT
+
+pytestmark = pytest.mark.redis
+
+CHAIN6 = "tenant:acme/workspace:eu/app:support/workflow:triage/agent:planner/run:r1"
+
+
+def _calls(client: redis_py.Redis, command: str) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_reserve_and_commit_are_one_command_each(redis_url: str, clock: FakeClock) -> None:
+    authority = Authority(redis_url, clock=clock)
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    for level in range(1, 7):
+        authority.set_budget(Budget("/".join(CHAIN6.split("/")[:level]), "usd", 100))
+    plans = [Plan({"usd": 200}), Plan({"usd": 150}), Plan({"usd": 1, "tokens": 10})]
+    warm = authority.reserve(Action("step", "warm", {"usd": 1}), CHAIN6)  # scripts loaded, root registered
+    assert warm.reservation is not None
+    authority.commit(warm.reservation)
+    raw = redis_py.Redis.from_url(redis_url.split("?", maxsplit=1)[0])
+    before = sum(_calls(raw, c) for c in ("evalsha", "eval", "sadd", "script|load"))
+    decision = authority.reserve(Action("step", "s", {"usd": 200}), CHAIN6, plans=plans)
+    assert decision.plan_index == 2
+    middle = sum(_calls(raw, c) for c in ("evalsha", "eval", "sadd", "script|load"))
+    assert decision.reservation is not None
+    authority.commit(decision.reservation, {"usd": 1})
+    after = sum(_calls(raw, c) for c in ("evalsha", "eval", "sadd", "script|load"))
+    # INFO itself is not counted among these; each ledger call is exactly one EVALSHA.
+    assert (middle - before, after - middle) == (1, 1)
+    raw.close()
+    authority.close()
+
+
+def test_every_key_of_a_tenant_shares_one_slot(redis_url: str, clock: FakeClock) -> None:
+    authority = Authority(redis_url, clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    authority.set_budget(Budget("tenant:acme/workspace:eu", "usd", 10, period="day"))
+    decision = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6, idempotency_key="k{1}")
+    assert decision.reservation is not None
+    prefix = redis_url.split("key_prefix=")[1]
+    raw = redis_py.Redis.from_url(redis_url.split("?", maxsplit=1)[0], decode_responses=True)
+    keys = sorted(raw.scan_iter(match=f"{prefix}*"))
+    tenant_keys = [k for k in keys if k != f"{prefix}roots"]
+    assert tenant_keys and all(k.startswith(f"{prefix}{{tenant:acme}}:") for k in tenant_keys)
+    slots = {redis_py.cluster.key_slot(k.encode()) for k in tenant_keys}
+    assert len(slots) == 1
+    raw.close()
+    authority.close()
+
+
+def test_largest_exact_amounts_survive_lua(redis_url: str, clock: FakeClock) -> None:
+    """2e14 is where Redis 7.0's Lua tostring() switches to exponent notation; 2^53-1 is the last exact double."""
+    authority = Authority(redis_url, clock=clock)
+    authority.set_budget(Budget("tenant:big", "tokens", MAX_AMOUNT))
+    decision = authority.reserve(Action("step", "s", {"tokens": 2 * 10**14}), "tenant:big/run:1")
+    assert decision.allowed and decision.reservation is not None
+    balance = authority.balance("tenant:big")["tokens"]
+    assert balance.held == 2 * 10**14
+    authority.commit(decision.reservation, {"tokens": 2 * 10**14 + 1})
+    rest = MAX_AMOUNT - (2 * 10**14 + 1)
+    full = authority.reserve(Action("step", "s", {"tokens": rest}), "tenant:big/run:1")
+    assert full.allowed and full.reservation is not None
+    assert authority.reserve(Action("step", "s", {"tokens": 1}), "tenant:big/run:1").denied
+    authority.commit(full.reservation)
+    balance = authority.balance("tenant:big")["tokens"]
+    assert (balance.limit, balance.spent, balance.held, balance.remaining) == (MAX_AMOUNT, MAX_AMOUNT, 0, 0)
+    with pytest.raises(InvalidRequest):
+        Action("step", "s", {"tokens": MAX_AMOUNT + 1})
+    # min_headroom on a huge limit: ceil(limit * ppm / 1e6) exactly, no double rounding
+    authority.set_budget(Budget("tenant:huge", "tokens", MAX_AMOUNT))
+    required = -(-MAX_AMOUNT * 100_000 // 1_000_000)  # 900_719_925_474_100, beyond a double's exact products
+    short = Plan({"tokens": MAX_AMOUNT - required + 1}, min_headroom=0.1)  # would keep required - 1
+    near = authority.reserve(Action("step", "s", {"tokens": 1}), "tenant:huge/run:1", plans=[short])
+    assert near.denied and near.reasons[0].code == "min_headroom"
+    assert near.reasons[0].threshold == Decimal(required)
+    exact = Plan({"tokens": MAX_AMOUNT - required}, min_headroom=0.1)  # keeps exactly required
+    assert authority.reserve(Action("step", "s", {"tokens": 1}), "tenant:huge/run:1", plans=[exact]).allowed
+    authority.close()
+
+
+def test_url_options_and_prefix_validation(redis_url: str) -> None:
+    store = store_from_url(redis_url + "&socket_timeout=0.2&connect_timeout=0.1&max_connections=8&retention=90000")
+    assert isinstance(store, RedisStore)
+    assert store._timeouts == (0.2, 0.1)
+    assert store._max_connections == 8
+    store.close()
+    with pytest.raises(InvalidRequest):
+        RedisStore("redis://127.0.0.1:1/0", key_prefix="a{b}")
+    with pytest.raises(InvalidRequest):
+        store_from_url(redis_url + "&socket_timeout=soon")
+
+
+def test_scripts_reload_after_script_flush(redis_url: str, clock: FakeClock) -> None:
+    authority = Authority(redis_url, clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    raw = redis_py.Redis.from_url(redis_url.split("?", maxsplit=1)[0])
+    raw.script_flush()
+    assert authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6).allowed
+    raw.close()
+    authority.close()
+
+
+def test_retention_forgets_settled_reservations(redis_url: str, clock: FakeClock) -> None:
+    authority = Authority(redis_url + "&retention=100", clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    decision = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6, idempotency_key="once")
+    assert decision.reservation is not None
+    authority.commit(decision.reservation)
+    clock.advance(50)
+    assert authority.reservation(decision.reservation).status == "committed"
+    clock.advance(51)
+    authority.sweep()
+    with pytest.raises(Exception, match="no reservation"):
+        authority.reservation(decision.reservation)
+    again = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6, idempotency_key="once")
+    assert again.reservation is not None and again.reservation.id != decision.reservation.id
+    authority.close()
+
+
+def test_events_are_ordered_across_tenants(redis_url: str, clock: FakeClock) -> None:
+    authority = Authority(redis_url, clock=clock)
+    for tenant in ("tenant:a", "tenant:b", "tenant:c"):
+        authority.set_budget(Budget(tenant, "usd", 10))
+        authority.reserve(Action("step", "s", {"usd": 1}), f"{tenant}/run:1")
+    events = authority.events()
+    assert [(e.kind, e.scope.split("/")[0]) for e in events] == [
+        ("budget_set", "tenant:a"),
+        ("hold", "tenant:a"),
+        ("budget_set", "tenant:b"),
+        ("hold", "tenant:b"),
+        ("budget_set", "tenant:c"),
+        ("hold", "tenant:c"),
+    ]
+    seqs = [e.seq for e in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert [e.seq for e in authority.events(after=seqs[2])] == seqs[3:]
+    assert len(authority.events(limit=2)) == 2
+    authority.close()
+
+
+@pytest.mark.asyncio
+async def test_async_face_is_native_and_per_loop(redis_url: str, clock: FakeClock) -> None:
+    authority = Authority(redis_url, clock=clock)
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    assert type(store).ahold is not RedisStore.__mro__[1].ahold  # overrides the to_thread default
+    await authority.aset_budget(Budget("tenant:acme", "calls", 100))
+    decisions = await asyncio.gather(
+        *(authority.areserve(Action("tool_call", "t", {"calls": 1}), CHAIN6) for _ in range(50))
+    )
+    assert all(d.allowed for d in decisions)
+    await asyncio.gather(*(authority.acommit(d.reservation) for d in decisions if d.reservation))
+    balance = (await authority.abalance("tenant:acme"))["calls"]
+    assert (balance.spent, balance.held) == (50, 0)
+    await store.aclose()
+
+
+def test_cluster_reserve_spans_one_slot(redis_cluster_url: str, clock: FakeClock) -> None:
+    authority = Authority(redis_cluster_url, clock=clock)
+    for tenant in ("tenant:a", "tenant:b", "tenant:c", "tenant:d"):  # spread over the three masters
+        authority.set_budget(Budget(tenant, "usd", 3))
+        for _ in range(3):
+            assert authority.reserve(Action("step", "s", {"usd": 1}), f"{tenant}/app:x/run:1", ttl=5).allowed
+        assert authority.reserve(Action("step", "s", {"usd": 1}), f"{tenant}/app:x/run:1").denied
+    clock.advance(6)
+    assert authority.sweep() == 12
+    assert {b.scope: b.held for b in authority.budgets()} == dict.fromkeys(
+        ("tenant:a", "tenant:b", "tenant:c", "tenant:d"), 0
+    )
+    authority.close()
