@@ -223,3 +223,48 @@ def test_events_tail_follow_prints_new_events_until_ctrl_c(ledger: str, monkeypa
     lines = result.output.splitlines()
     assert "tenant:early" in lines[0]
     assert "tenant:late" in lines[1]
+
+
+POLICY = """
+budgets:
+  - {scope: "tenant:acme", unit: usd, limit: 500, period: month}
+ladders:
+  - provider: openai
+    rungs:
+      - {model: gpt-4.1, min_headroom: {workflow: 0.25}}
+      - gpt-4.1-mini
+optional: [{level: workflow, below: 0.2}]
+rate_limits: [{scope: "tenant:acme", kind: tool_call, limit: 60, per: minute}]
+"""
+
+
+def test_policy_check_explains_without_touching_a_store(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY, encoding="utf-8")
+    result = runner.invoke(app, ["policy", "check", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "tenant:acme usd/month <= $500.00" in result.output
+    assert "gpt-4.1 (while 25% of the workflow budget would remain) → gpt-4.1-mini" in result.output
+    assert "optional steps are skipped once the workflow level has less than 20% left" in result.output
+    assert "rate limit: 60 tool_call per minute at tenant:acme" in result.output
+    assert "policy OK" in result.output
+    assert not (tmp_path / "clearance.db").exists()
+
+
+def test_policy_check_rejects_a_malformed_document(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("budgets:\n  - {scope: 'tenant:acme', unit: usd, limit: -1}\n", encoding="utf-8")
+    result = runner.invoke(app, ["policy", "check", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ")
+    missing = runner.invoke(app, ["policy", "check", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 2
+    assert "cannot read policy file" in missing.output
+
+
+def test_apply_writes_budgets_and_a_policy_version(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY, encoding="utf-8")
+    result = runner.invoke(app, ["--store", "memory://", "apply", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "as policy version 1 (2 budgets written)" in result.output

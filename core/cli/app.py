@@ -24,8 +24,9 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from clearance import AuditEvent, Authority, Budget, ClearanceError, StoreUnavailable
+from clearance import AuditEvent, Authority, Budget, ClearanceError, PolicyDocument, StoreUnavailable
 from clearance.cli import demo as demo_workload
+from clearance.cli.explain import explain
 from clearance.cli.tables import amount, budgets_table, event_line, reservations_table, unit_label
 
 DEFAULT_STORE = "sqlite:///clearance.db"
@@ -41,9 +42,11 @@ app = typer.Typer(
 budget_app = typer.Typer(help="Set and list budgets.", no_args_is_help=True)
 reservations_app = typer.Typer(help="Inspect reservations (holds and how they were settled).", no_args_is_help=True)
 events_app = typer.Typer(help="Read the audit trail.", no_args_is_help=True)
+policy_app = typer.Typer(help="Check policy documents before applying them.", no_args_is_help=True)
 app.add_typer(budget_app, name="budget")
 app.add_typer(reservations_app, name="reservations")
 app.add_typer(events_app, name="events")
+app.add_typer(policy_app, name="policy")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -236,3 +239,30 @@ def events_tail(
                     after = event.seq
         except KeyboardInterrupt:
             return
+
+
+PolicyFile = Annotated[Path, typer.Argument(metavar="FILE", help="A .yaml, .yml, .toml or .json policy document.")]
+
+
+@policy_app.command("check")
+def policy_check(file: PolicyFile) -> None:
+    """Validate a policy document and say, rule by rule, what it will do. Touches no store."""
+    with _handled():
+        document = PolicyDocument.load(file)
+    out.print(explain(document, str(file)))
+    out.print("[green]policy OK[/]: apply it with [bold]clearance apply[/] " + str(file), soft_wrap=True)
+
+
+@app.command("apply")
+def apply_policy(ctx: typer.Context, file: PolicyFile, store: StoreOption = None) -> None:
+    """Write a policy's budgets and store it as the next version; every worker picks it up on its next decision."""
+    with _handled():
+        document = PolicyDocument.load(file)
+        with _authority(ctx, store) as authority:
+            try:
+                authority.store.policy_version()  # before any budget is written: all or nothing
+            except NotImplementedError as error:
+                raise _fail(f"{error}: nothing was applied", 2) from None
+            version = authority.apply_policy(document)
+    budgets = len(document.budgets) + len(document.rate_limits)
+    out.print(f"applied {file} as policy version {version} ({budgets} budget{'' if budgets == 1 else 's'} written)")
