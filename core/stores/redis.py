@@ -120,6 +120,32 @@ def _maybe_sent(error: Exception) -> bool:
     return not (isinstance(error, redis.ConnectionError) and "connecting to" in str(error))
 
 
+def _drop_async(client: Any) -> None:
+    """Close an asyncio client whose event loop is already closed, so nothing can be awaited: close
+    its sockets directly and mark its connections closed (else each warns when collected). This is
+    the usual end of ``asyncio.run(...)`` followed by a synchronous ``close()``."""
+    connections: list[Any] = []
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        connections += [*getattr(pool, "_available_connections", ()), *getattr(pool, "_in_use_connections", ())]
+    manager = getattr(client, "nodes_manager", None)
+    if manager is not None:
+        for node in [*manager.nodes_cache.values(), *manager.startup_nodes.values()]:
+            connections += list(getattr(node, "_connections", ()))
+    for connection in connections:
+        writer = getattr(connection, "_writer", None)
+        transport: Any = getattr(writer, "transport", None)
+        sock = getattr(transport, "_sock", None)
+        if transport is not None and sock is not None:
+            transport._closing = True
+            transport._sock = None
+            sock.close()
+        connection._reader = None
+        connection._writer = None
+    if manager is not None:
+        client._initialize = True  # what aclose() leaves behind
+
+
 def _amounts(text: str | None) -> Amounts:
     if not text:
         return ()
@@ -293,11 +319,13 @@ class RedisStore(Store):
     def close(self) -> None:
         for loop, (client, _) in list(self._async.items()):
             # asyncio clients of loops that are idle (not running, not closed) can still be closed here
-            if not loop.is_closed() and not loop.is_running():
-                try:
+            try:
+                if loop.is_closed():
+                    _drop_async(client)
+                elif not loop.is_running():
                     loop.run_until_complete(client.aclose())
-                except Exception:  # pragma: no cover - best effort on shutdown
-                    logger.debug("could not close an asyncio Redis client", exc_info=True)
+            except Exception:  # pragma: no cover - best effort on shutdown
+                logger.debug("could not close an asyncio Redis client", exc_info=True)
         self._async.clear()
         found, self._sync = self._sync, None
         if found is None:
