@@ -62,16 +62,16 @@ def test_demo_budgets_bind_and_degrade(ledger: str) -> None:
 
 def test_demo_twice_on_one_ledger_still_reconciles(ledger: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # the second demo finds the first one's spending: it reconciles what it added, and mostly hits denials
-    monkeypatch.setenv("CLEARANCE_STORE", ledger)
-    first = runner.invoke(app, ["demo", "--quick", "--runs", "20"])
-    second = runner.invoke(app, ["demo", "--quick", "--runs", "20"])
+    first = runner.invoke(app, ["demo", "--quick", "--runs", "20", "--store", ledger])
+    second = runner.invoke(app, ["--store", ledger, "demo", "--quick", "--runs", "20"])
     assert first.exit_code == 0, first.output
     assert second.exit_code == 0, second.output
     assert _reconciled(second.output)
     assert ledger in second.output
 
 
-def test_demo_default_store_is_a_fresh_temporary_ledger() -> None:
+def test_demo_default_store_is_a_fresh_temporary_ledger(ledger: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLEARANCE_STORE", ledger)  # may be a real ledger: the demo never writes into it
     result = runner.invoke(app, ["demo", "--quick", "--runs", "8", "--workers", "2"])
     assert result.exit_code == 0, result.output
     assert _reconciled(result.output)

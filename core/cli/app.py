@@ -2,8 +2,8 @@
 
 Which ledger a command talks to: ``--store URL`` (before or after the command name), else the
 ``CLEARANCE_STORE`` environment variable, else ``sqlite:///clearance.db`` in the current directory.
-``clearance demo`` is the exception to the last rule: without a store it makes a fresh SQLite ledger
-in a temporary folder, so trying clearance never writes into a ledger you care about.
+``clearance demo`` is the exception: it ignores ``CLEARANCE_STORE``, and without ``--store`` it makes a
+fresh SQLite ledger in a temporary folder, so trying clearance never writes into a ledger you care about.
 
 Exit codes: 0 fine, 1 the demo's reconciliation failed, 2 bad input (scope, unit, amount, option),
 3 the store could not be reached.
@@ -57,7 +57,7 @@ StoreOption = Annotated[
         "--store",
         metavar="URL",
         help="memory://, sqlite:///path.db or redis://host:port/db "
-        "(default: $CLEARANCE_STORE, else sqlite:///clearance.db; for demo, a temporary SQLite file)",
+        "(default: $CLEARANCE_STORE, else sqlite:///clearance.db; demo: a temporary SQLite file)",
         show_default=False,
     ),
 ]
@@ -83,10 +83,11 @@ def _handled() -> Iterator[None]:
         raise _fail(str(error), 3) from None  # e.g. the Redis store without clearance[redis]
 
 
-def _store_url(ctx: typer.Context, store: str | None) -> str | None:
+def _store_url(ctx: typer.Context, store: str | None, *, environment: bool = True) -> str | None:
     """The URL given on this command, else on ``clearance`` itself, else ``CLEARANCE_STORE``."""
     root = ctx.find_root().obj
-    return store or (root if isinstance(root, str) else None) or os.environ.get("CLEARANCE_STORE") or None
+    given = store or (root if isinstance(root, str) else None)
+    return given or (os.environ.get("CLEARANCE_STORE") if environment else None) or None
 
 
 def _authority(ctx: typer.Context, store: str | None) -> Authority:
@@ -112,7 +113,8 @@ def demo(
     quick: Annotated[bool, typer.Option("--quick", help="A ~2 s version for tests and CI.")] = False,
 ) -> None:
     """Simulate agents of three tenants racing for their budgets, then reconcile the ledger."""
-    url = _store_url(ctx, store)
+    # Only an explicit --store: CLEARANCE_STORE may point at a real ledger the demo must not write into.
+    url = _store_url(ctx, store, environment=False)
     note = ""
     folder: Path | None = None
     if url is None:

@@ -1,10 +1,13 @@
 """``clearance demo``: a simulated multi-tenant agent workload against a real ledger.
 
 Three tenants run agent workflows on concurrent worker threads. Each run is a sequence of model
-calls priced by genai-prices, tool calls and optional steps, reserved through a plan ladder
-(requested model → cheaper model → cheaper model with fewer output tokens → skip, for optional
-steps), so the budgets visibly allow, degrade and deny. Actual usage is at or below the estimate;
-some actions fail (released), some workers "crash" mid-action (their holds expire and are swept).
+calls priced by genai-prices, tool calls and optional steps. The workers pass no plans: the demo
+policy (:data:`DEMO_POLICY`, the same rules a ``clearance apply`` file holds) turns every call into
+its ladder — requested model while a quarter of the run's and workflow's dollars would remain, then
+the cheaper model, then the longest answer the headroom still pays for; optional steps only while
+half the run's dollars would remain — so the budgets visibly allow, degrade and deny. Actual usage
+is at or below the estimate; some actions fail (released), some workers "crash" mid-action (their
+holds expire and are swept).
 
 The point is the last line: after the run the demo reconciles what the workers say they committed
 with what the ledger says was spent, budget by budget, and checks ``spent + held <= limit`` in every
@@ -29,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 from rich.text import Text
 
-from clearance import Action, Authority, Balance, Budget, Caps, Decision, Outcome, Plan, Reservation
+from clearance import Action, Authority, Balance, Budget, Decision, Outcome, Policy, PolicyDocument, Reservation
 from clearance.cli.tables import amount, unit_label
 from clearance.periods import ALL_PERIODS, windows_at
 
@@ -44,7 +47,6 @@ class Ladder:
     provider: str
     model: str
     cheaper: str
-    short_output: int  # the last rung: the cheaper model with this many output tokens at most
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,24 @@ class Workflow:
         return f"tenant:{self.tenant}/workflow:{self.name}"
 
 
-_GPT = Ladder("openai", "gpt-4.1", "gpt-4.1-mini", 256)
-_CLAUDE = Ladder("anthropic", "claude-sonnet-4-5", "claude-haiku-4-5", 300)
+_GPT = Ladder("openai", "gpt-4.1", "gpt-4.1-mini")
+_CLAUDE = Ladder("anthropic", "claude-sonnet-4-5", "claude-haiku-4-5")
+
+DEMO_POLICY = PolicyDocument.parse(
+    {
+        "ladders": [
+            {
+                "provider": ladder.provider,
+                # the premium model only while a quarter of the run's and the workflow's dollars would remain
+                "rungs": [{"model": ladder.model, "min_headroom": {"run": 0.25, "workflow": 0.25}}, ladder.cheaper],
+            }
+            for ladder in (_GPT, _CLAUDE)
+        ],
+        "output_cap": {"floor": 200},
+        # an optional step takes what it needs only while half of the run's dollars would remain
+        "optional": [{"level": "run", "below": 0.5}],
+    }
+)
 
 WORKFLOWS: tuple[Workflow, ...] = (
     Workflow(
@@ -213,7 +231,7 @@ class Tally:
                 if caps.skip_optional:
                     self.caps_seen["optional step skipped"] += 1
                 elif caps.max_output_tokens is not None:
-                    self.caps_seen["cheaper model, shorter output"] += 1
+                    self.caps_seen["cheaper model, shorter output" if caps.model else "shorter output"] += 1
                 elif caps.model is not None:
                     self.caps_seen["cheaper model"] += 1
 
@@ -245,34 +263,19 @@ class DemoSettings:
     crash_ttl: float = 1.0  # a crashed worker's hold comes back this fast (the demo has no time to wait 30 s)
 
 
-def _model_plans(step: Step, ladder: Ladder, input_tokens: int) -> tuple[Action, list[Plan]]:
-    requested = Action.model_call(ladder.provider, ladder.model, input_tokens, step.max_output_tokens, name=step.name)
-    cheaper = Action.model_call(ladder.provider, ladder.cheaper, input_tokens, step.max_output_tokens)
-    short = Action.model_call(ladder.provider, ladder.cheaper, input_tokens, ladder.short_output)
-    plans = [
-        # the premium model only while a quarter of the run's and the workflow's dollars would remain
-        Plan(requested.amounts, min_headroom={"run": 0.25, "workflow": 0.25}),
-        Plan(cheaper.amounts, caps=Caps(model=ladder.cheaper)),
-        Plan(short.amounts, caps=Caps(model=ladder.cheaper, max_output_tokens=ladder.short_output)),
-    ]
-    return requested, plans
-
-
-def _request(step: Step, ladder: Ladder, rng: random.Random) -> tuple[Action, list[Plan]]:
-    """The action a step asks for and its plan ladder, best first."""
+def _request(step: Step, ladder: Ladder, rng: random.Random) -> Action:
+    """The action a step asks for; the demo policy turns it into its plan ladder."""
     if step.kind == "tool":
         amounts: dict[str, str | int] = {"calls": 1}
         if step.tool_usd != "0":
             amounts["usd"] = step.tool_usd
-        action = Action.tool_call(step.name, amounts)
-        return action, [Plan(action.amounts)]
+        return Action.tool_call(step.name, amounts)
     input_tokens = rng.randint(*step.input_tokens)
-    if step.kind == "model":
-        return _model_plans(step, ladder, input_tokens)
-    priced = Action.model_call(ladder.provider, ladder.cheaper, input_tokens, step.max_output_tokens)
-    action = Action("step", step.name, priced.amounts, optional=True, model=ladder.cheaper)
-    # an optional step takes what it needs only while half of the run's dollars would remain, else it is skipped
-    return action, [Plan(action.amounts, min_headroom={"run": 0.5}), Plan({}, caps=Caps(skip_optional=True))]
+    optional = step.kind == "optional"
+    model = ladder.cheaper if optional else ladder.model  # optional steps already ask for the cheaper model
+    return Action.model_call(
+        ladder.provider, model, input_tokens, step.max_output_tokens, name=step.name, optional=optional
+    )
 
 
 def _agent_run(
@@ -294,15 +297,15 @@ def _agent_run(
     for number, step in enumerate(workflow.steps):
         if stop.is_set():
             return
-        action, plans = _request(step, workflow.ladder, rng)
+        action = _request(step, workflow.ladder, rng)
         crash = number == crash_at
         key = f"{run_scope}/step-{number}"
         decision = authority.reserve(
-            action, run_scope, plans=plans, ttl=settings.crash_ttl if crash else settings.ttl, idempotency_key=key
+            action, run_scope, ttl=settings.crash_ttl if crash else settings.ttl, idempotency_key=key
         )
         if decision.allowed and rng.random() < 0.05:
             # a client timeout: the retry with the same idempotency key must get the same hold back
-            retry = authority.reserve(action, run_scope, plans=plans, ttl=settings.ttl, idempotency_key=key)
+            retry = authority.reserve(action, run_scope, ttl=settings.ttl, idempotency_key=key)
             with tally.lock:
                 tally.retries += 1
                 if (
@@ -362,7 +365,7 @@ def _schedule(settings: DemoSettings) -> list[Workflow]:
 def run(console: Console, url: str, settings: DemoSettings, *, note: str = "") -> DemoResult:
     """Run the workload on the store at ``url`` and print the report; the result says whether the
     ledger reconciled."""
-    authority = Authority.from_url(url)
+    authority = Authority.from_url(url, policy=Policy(DEMO_POLICY))
     try:
         return _run_demo(console, authority, url, settings, note)
     finally:
@@ -426,7 +429,11 @@ def _race(console: Console, authority: Authority, url: str, settings: DemoSettin
     shared = authority.store if url.startswith("memory:") else None
 
     def worker() -> None:
-        own = Authority(shared) if shared is not None else Authority.from_url(url)
+        own = (
+            Authority(shared, policy=authority.current_policy())
+            if shared is not None
+            else Authority.from_url(url, policy=authority.current_policy())
+        )
         try:
             while not stop.is_set():
                 with queue_lock:
