@@ -113,3 +113,26 @@ def test_processes_never_overspend_on_sqlite(tmp_path: Path) -> None:
     results = [queue.get(timeout=5) for _ in range(12)]
     _check(authority, results)
     authority.close()
+
+
+@pytest.mark.asyncio
+async def test_asyncio_tasks_never_overspend(store_url: str) -> None:
+    import asyncio
+
+    authority = Authority(store_url)
+    _budgets(authority)
+    action = Action("model_call", "m", {"usd": "0.1", "calls": 1})
+    committed: list[int] = []
+
+    async def task(n: int) -> None:
+        for _ in range(15):
+            decision = await authority.areserve(action, DEEP.format(n=n % 3))
+            if decision.reservation is None:
+                continue
+            await asyncio.sleep(0)  # let the other tasks interleave while this one holds budget
+            await authority.acommit(decision.reservation, {"usd": "0.05", "calls": 1})
+            committed.append(50_000_000)
+
+    await asyncio.gather(*(task(n) for n in range(40)))
+    _check(authority, [(len(committed), sum(committed), len(committed))])
+    authority.close()
