@@ -109,15 +109,22 @@ def script_source(name: str) -> str:
     return common + "\n" + (folder / f"{name}.lua").read_text(encoding="utf-8")
 
 
-def _unavailable(error: Exception) -> StoreUnavailable:
-    failure = StoreUnavailable(f"Redis: {type(error).__name__}: {error}")
-    failure.__cause__ = error
-    return failure
+class _Unavailable(StoreUnavailable):
+    """StoreUnavailable that remembers whether the request may have reached the server."""
+
+    maybe_sent: bool = True
 
 
-def _maybe_sent(error: Exception) -> bool:
+def _maybe_sent(error: BaseException) -> bool:
     """False when the request certainly never left (the connection could not be opened)."""
     return not (isinstance(error, redis.ConnectionError) and "connecting to" in str(error))
+
+
+def _unavailable(error: BaseException, earlier: BaseException | None = None) -> StoreUnavailable:
+    failure = _Unavailable(f"Redis: {type(error).__name__}: {error}")
+    failure.__cause__ = error
+    failure.maybe_sent = _maybe_sent(error) or (earlier is not None and _maybe_sent(earlier))
+    return failure
 
 
 def _drop_async(client: Any) -> None:
@@ -380,7 +387,7 @@ class RedisStore(Store):
             try:
                 reply = script(keys, args)
             except _ERRORS as again:
-                raise _unavailable(again) from again
+                raise _unavailable(again, error) from again
         except _ERRORS as error:
             raise _unavailable(error) from error
         if self._in_doubt:
@@ -400,7 +407,7 @@ class RedisStore(Store):
             try:
                 reply = await script(keys, args, client=client)
             except _ERRORS as again:
-                raise _unavailable(again) from again
+                raise _unavailable(again, error) from again
         except _ERRORS as error:
             raise _unavailable(error) from error
         if self._in_doubt:
@@ -420,9 +427,8 @@ class RedisStore(Store):
             raise _unavailable(error) from error
 
     # --- in-doubt holds --------------------------------------------------------------------------
-    def _doubt(self, reservation_id: str, error: BaseException) -> None:
-        cause = error.__cause__
-        if isinstance(cause, Exception) and not _maybe_sent(cause):
+    def _doubt(self, reservation_id: str, error: StoreUnavailable) -> None:
+        if not getattr(error, "maybe_sent", True):
             return
         with self._in_doubt_lock:
             if len(self._in_doubt) < _MAX_IN_DOUBT:

@@ -1,0 +1,306 @@
+"""Faults against real redis-server processes: crash and AOF restart, a reply lost on the wire, a
+worker SIGKILLed while holding, and Redis down or hung (a decision within the timeout)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from redis_servers import RedisServer, free_port, require_redis
+
+from clearance import Action, Authority, Budget, Mode, Outcome, StoreUnavailable
+from clearance.stores.redis import RedisStore
+from clearance.testing import FakeClock
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+SCOPE = "tenant:f/workspace:w/app:a/workflow:x/agent:g/run:r1"
+FAST = "socket_timeout=0.3&connect_timeout=0.3"
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A redis-server of this test alone (it will be killed, paused, restarted)."""
+    require_redis()
+    server = RedisServer(appendonly=True, extra=("--appendfsync", "always")).start()
+    yield server
+    server.stop()
+
+
+def _settle_in_doubt(authority: Authority) -> None:
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    for _ in range(100):
+        authority.balance("tenant:f")
+        if not store._in_doubt:
+            return
+    raise AssertionError(f"in-doubt holds never released: {store._in_doubt}")
+
+
+def test_kill_and_restart_with_aof_loses_no_commit_and_strands_no_hold(own_server: RedisServer) -> None:
+    authority = Authority(f"{own_server.url}?{FAST}")
+    authority.set_budget(Budget("tenant:f", "calls", 10**9))
+    authority.set_budget(Budget("tenant:f/workspace:w/app:a", "tokens", 10**12))
+    stop = threading.Event()
+    committed: list[int] = []
+    outages: list[int] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        calls = tokens = unavailable = 0
+        try:
+            while not stop.is_set():
+                decision = authority.reserve(Action("step", "s", {"calls": 1, "tokens": 10}), SCOPE, ttl=300)
+                if not decision.allowed:
+                    assert decision.reasons[0].code == "store_unavailable"
+                    unavailable += 1
+                    time.sleep(0.01)
+                    continue
+                assert decision.reservation is not None
+                deadline = time.monotonic() + 20
+                while True:  # money spent is spent: retry the commit until the ledger has it
+                    try:
+                        authority.commit(decision.reservation, {"tokens": 7})
+                        break
+                    except StoreUnavailable:
+                        unavailable += 1
+                        assert time.monotonic() < deadline
+                        time.sleep(0.02)
+                calls += 1
+                tokens += 7
+        except BaseException as error:  # surfaced by the main thread
+            errors.append(error)
+        committed.append(calls)
+        outages.append(unavailable)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    own_server.kill()  # SIGKILL mid-run: no shutdown, no final save
+    time.sleep(0.3)
+    own_server.start()  # same port, same directory: the AOF is replayed
+    time.sleep(0.6)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors
+    assert sum(outages) > 0  # the workers did see the outage
+    _settle_in_doubt(authority)
+    calls = authority.balance("tenant:f")["calls"]
+    tokens = authority.balance("tenant:f/workspace:w/app:a")["tokens"]
+    assert sum(committed) > 0
+    assert (calls.spent, calls.held) == (sum(committed), 0)
+    assert (tokens.spent, tokens.held) == (7 * sum(committed), 0)
+    assert authority.reservations(status="held") == []
+    authority.close()
+
+
+class CuttingProxy:
+    """A TCP proxy in front of redis-server that can drop the next reply and cut the connection:
+    the command ran on the server, the client never hears back."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self.cut_next = False
+        self.cuts = 0
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._sockets: list[socket.socket] = [self._listener]
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, replies: bool) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                data = b""
+            if replies and data:
+                with self._lock:
+                    cut, self.cut_next = self.cut_next, False
+                    self.cuts += cut
+                if cut:
+                    data = b""
+            if not data:
+                for sock in (source, target):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                return
+            try:
+                target.sendall(data)
+            except OSError:
+                return
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+
+
+@pytest.fixture
+def proxy(redis_server: RedisServer) -> Iterator[CuttingProxy]:
+    cutting = CuttingProxy(redis_server.port)
+    yield cutting
+    cutting.close()
+
+
+def test_lost_replies_never_hold_or_charge_twice(proxy: CuttingProxy) -> None:
+    clock = FakeClock()
+    authority = Authority(f"{proxy.url}?key_prefix=cut{os.getpid()}:&{FAST}", clock=clock)
+    authority.set_budget(Budget("tenant:f", "calls", 100))
+    warm = authority.reserve(Action("step", "s", {"calls": 1}), SCOPE)  # scripts loaded on this connection
+    assert warm.reservation is not None
+    authority.release(warm.reservation)
+
+    proxy.cut_next = True
+    decision = authority.reserve(Action("step", "s", {"calls": 3}), SCOPE)
+    assert proxy.cuts == 1
+    assert decision.outcome is Outcome.ALLOW and not decision.replayed
+    assert decision.reservation is not None
+    assert authority.balance("tenant:f")["calls"].held == 3
+    assert len(authority.reservations(status="held")) == 1
+
+    proxy.cut_next = True
+    settlement = authority.commit(decision.reservation, {"calls": 2})
+    assert proxy.cuts == 2
+    assert settlement.status == "committed" and settlement.charged == {"calls": 2}
+    balance = authority.balance("tenant:f")["calls"]
+    assert (balance.spent, balance.held) == (2, 0)
+
+    proxy.cut_next = True
+    keyed = authority.reserve(Action("step", "s", {"calls": 5}), SCOPE, idempotency_key="k1")
+    assert proxy.cuts == 3 and keyed.allowed
+    again = authority.reserve(Action("step", "s", {"calls": 5}), SCOPE, idempotency_key="k1")
+    assert again.replayed and again.reservation is not None and keyed.reservation is not None
+    assert again.reservation.id == keyed.reservation.id
+    assert authority.balance("tenant:f")["calls"].held == 5
+
+    async def lost_async_replies() -> None:
+        proxy.cut_next = True
+        late = await authority.areserve(Action("step", "s", {"calls": 7}), SCOPE)
+        assert late.reservation is not None
+        proxy.cut_next = True
+        await authority.arelease(late.reservation)
+        assert authority.store is not None
+        await authority.store.aclose()
+
+    asyncio.run(lost_async_replies())
+    assert proxy.cuts == 5
+    balance = authority.balance("tenant:f")["calls"]
+    assert (balance.spent, balance.held) == (2, 5)
+    assert len(authority.reservations(status=None)) == 4
+    authority.close()
+
+
+WORKER = """
+import sys, time
+from clearance import Action, Authority
+authority = Authority(sys.argv[1])
+decision = authority.reserve(Action("step", "s", {"calls": 4}), sys.argv[2], ttl=1.0)
+print(decision.reservation.id, decision.reservation.expires_at, flush=True)
+time.sleep(600)
+"""
+
+
+def test_sigkilled_worker_hold_returns_after_ttl(redis_url: str) -> None:
+    authority = Authority(redis_url)
+    authority.set_budget(Budget("tenant:f", "calls", 10))
+    child = subprocess.Popen([sys.executable, "-c", WORKER, redis_url, SCOPE], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        rid, expires_at = child.stdout.readline().split()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        if child.stdout is not None:
+            child.stdout.close()
+    assert authority.balance("tenant:f")["calls"].held == 4
+    assert authority.reservation(rid).status == "held"
+    time.sleep(max(0.0, float(expires_at) - time.time()) + 0.05)
+    # Nothing else runs: no daemon, no sweep. Reading the balance reclaims the expired hold.
+    balance = authority.balance("tenant:f")["calls"]
+    assert (balance.held, balance.remaining) == (0, 10)
+    assert authority.reservation(rid).status == "expired"
+    assert [e.kind for e in authority.events(scope="tenant:f")][-1] == "expire"
+    authority.close()
+
+
+def test_redis_down_or_hung_is_a_decision_within_the_timeout(own_server: RedisServer) -> None:
+    closed = Authority(f"{own_server.url}?{FAST}")
+    opened = Authority(f"{own_server.url}?{FAST}", fail_open=True, emergency_limits={"calls": 2})
+    closed.set_budget(Budget("tenant:f", "calls", 10))
+    held = closed.reserve(Action("step", "s", {"calls": 1}), SCOPE)
+    assert held.reservation is not None
+    action = Action("step", "s", {"calls": 1})
+
+    def timed(call: object) -> tuple[object, float]:
+        started = time.monotonic()
+        result = call() if callable(call) else asyncio.run(call)  # type: ignore[arg-type]
+        return result, time.monotonic() - started
+
+    own_server.pause()  # hung: connections are accepted, nothing answers
+    try:
+        decision, elapsed = timed(lambda: closed.reserve(action, SCOPE))
+        assert decision.outcome is Outcome.DENY and decision.mode is Mode.FAIL_CLOSED  # type: ignore[attr-defined]
+        assert decision.reasons[0].code == "store_unavailable"  # type: ignore[attr-defined]
+        assert elapsed < 0.3 + 0.4
+        decision, elapsed = timed(closed.areserve(action, SCOPE))
+        assert decision.outcome is Outcome.DENY and elapsed < 0.3 + 0.4  # type: ignore[attr-defined]
+        decision, elapsed = timed(lambda: opened.reserve(action, SCOPE))
+        assert decision.outcome is Outcome.ALLOW and decision.mode is Mode.FAIL_OPEN  # type: ignore[attr-defined]
+        assert elapsed < 0.3 + 0.4
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            closed.commit(held.reservation)
+        assert time.monotonic() - started < 0.3 + 0.4
+    finally:
+        own_server.resume()
+    # The hung server then ran the reserves that timed out; their holds are in doubt and are released.
+    for authority in (closed, opened):
+        store = authority.store
+        assert isinstance(store, RedisStore)
+        for _ in range(10):
+            authority.balance("tenant:f")
+            if not store._in_doubt:
+                break
+    balance = closed.balance("tenant:f")["calls"]
+    assert (balance.held, balance.spent) == (1, 0)  # only the reservation someone holds
+    closed.commit(held.reservation)
+
+    own_server.kill()  # down: connections are refused
+    decision, elapsed = timed(lambda: closed.reserve(action, SCOPE))
+    assert decision.outcome is Outcome.DENY and elapsed < 0.3  # type: ignore[attr-defined]
+    allowed, _ = timed(lambda: opened.reserve(action, SCOPE))
+    assert allowed.mode is Mode.FAIL_OPEN  # type: ignore[attr-defined]
+    capped, _ = timed(lambda: opened.reserve(action, SCOPE))
+    assert capped.outcome is Outcome.DENY and capped.reasons[0].code == "emergency_cap"  # type: ignore[attr-defined]
+
+    own_server.start()  # back, with the AOF: the commit made before the crash is there
+    assert closed.reserve(action, SCOPE).allowed
+    assert closed.balance("tenant:f")["calls"].spent == 1
+    closed.close()
+    opened.close()
