@@ -8,10 +8,28 @@ may lose the last few. Pass ``synchronous="FULL"`` to survive those too, at an f
 
 Each thread of each process gets its own connection (SQLite connections must not cross a fork).
 A lock held longer than ``busy_timeout`` seconds becomes :class:`StoreUnavailable`, never a hang.
+
+Layout, chosen for the hot path (a transaction costs roughly one WAL frame write per page it
+changes, so the schema keeps the pages a reserve or a commit touches few and small):
+
+* 1 KiB pages (set when the file is created): a WAL frame is a quarter of the default's.
+* ``reservations`` is keyed by an integer taken from the reservation id's random token (no
+  separate id index to write); the id itself is checked on every lookup, and a collision moves to
+  the next free key.
+* The audit records of holds and settlements (hold, commit, release, expire) are written by SQL
+  triggers on ``reservations``, in the same statement as the change; ``events.seq`` is a plain
+  ``INTEGER PRIMARY KEY`` (rows are never deleted, so it only grows).
+* Amounts, holds and windows are short delimited strings, not JSON.
+* ``wal_autocheckpoint`` is raised to 4096 pages (4 MiB of WAL): fewer checkpoints (each with an
+  fsync). It changes when the WAL is copied back into the database file, not what is durable.
+
+The schema version is kept in ``PRAGMA user_version``; a file with another version (or an
+unversioned ledger from before) is refused rather than misread.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -36,32 +54,47 @@ from clearance.ledger import (
     SettleResult,
     choose_plan,
     commit_flags,
+    merge_actual,
     with_holds,
 )
 from clearance.periods import Windows
-from clearance.scope import parse_scope
 from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
 
+SCHEMA_VERSION = 2
+PAGE_SIZE = 1024
+WAL_AUTOCHECKPOINT = 4096  # pages
+
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS budgets(
+CREATE TABLE budgets(
     scope TEXT NOT NULL, unit TEXT NOT NULL, period TEXT NOT NULL, lim INTEGER NOT NULL,
-    PRIMARY KEY (scope, unit, period)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS accounts(
+    PRIMARY KEY (scope, unit, period)) WITHOUT ROWID;;
+CREATE TABLE accounts(
     scope TEXT NOT NULL, unit TEXT NOT NULL, period TEXT NOT NULL, win TEXT NOT NULL,
     spent INTEGER NOT NULL DEFAULT 0, held INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (scope, unit, period, win)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS reservations(
-    id TEXT PRIMARY KEY, root TEXT NOT NULL, scope TEXT NOT NULL, status TEXT NOT NULL,
+    PRIMARY KEY (scope, unit, period, win)) WITHOUT ROWID;;
+CREATE TABLE reservations(
+    n INTEGER PRIMARY KEY, id TEXT NOT NULL, root TEXT NOT NULL, scope TEXT NOT NULL, status TEXT NOT NULL,
     plan INTEGER NOT NULL, amounts TEXT NOT NULL, holds TEXT NOT NULL, windows TEXT NOT NULL,
     created_at REAL NOT NULL, expires_at REAL NOT NULL, settled_at REAL, forget_at REAL,
-    committed TEXT, flags TEXT NOT NULL DEFAULT '', idem TEXT, label TEXT NOT NULL DEFAULT '');
-CREATE INDEX IF NOT EXISTS reservations_expiry ON reservations(expires_at) WHERE status = 'held';
-CREATE INDEX IF NOT EXISTS reservations_forget ON reservations(forget_at) WHERE forget_at IS NOT NULL;
-CREATE UNIQUE INDEX IF NOT EXISTS reservations_idem ON reservations(root, idem) WHERE idem IS NOT NULL;
-CREATE INDEX IF NOT EXISTS reservations_scope ON reservations(scope);
-CREATE TABLE IF NOT EXISTS events(
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, kind TEXT NOT NULL, scope TEXT NOT NULL,
-    rid TEXT, amounts TEXT NOT NULL, detail TEXT NOT NULL);
+    committed TEXT, flags TEXT NOT NULL DEFAULT '', idem TEXT, label TEXT NOT NULL DEFAULT '');;
+CREATE INDEX reservations_expiry ON reservations(expires_at) WHERE status = 'held';;
+CREATE INDEX reservations_forget ON reservations(forget_at) WHERE forget_at IS NOT NULL;;
+CREATE UNIQUE INDEX reservations_idem ON reservations(root, idem) WHERE idem IS NOT NULL;;
+CREATE TABLE events(
+    seq INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, scope TEXT NOT NULL,
+    rid TEXT, amounts TEXT NOT NULL, detail TEXT NOT NULL);;
+CREATE TRIGGER reservations_hold AFTER INSERT ON reservations BEGIN
+    INSERT INTO events(at, kind, scope, rid, amounts, detail)
+    VALUES (new.created_at, 'hold', new.scope, new.id, new.amounts, 'plan=' || new.plan);
+END;;
+CREATE TRIGGER reservations_settle AFTER UPDATE OF status ON reservations WHEN new.status <> old.status BEGIN
+    INSERT INTO events(at, kind, scope, rid, amounts, detail)
+    VALUES (new.settled_at,
+            CASE new.status WHEN 'committed' THEN 'commit' WHEN 'released' THEN 'release' ELSE 'expire' END,
+            new.scope, new.id,
+            CASE new.status WHEN 'committed' THEN new.committed ELSE new.amounts END,
+            CASE new.status WHEN 'committed' THEN new.flags ELSE '' END);
+END
 """
 
 _STATES_SQL = """
@@ -72,31 +105,102 @@ FROM budgets AS b LEFT JOIN accounts AS a
                            WHEN 'week' THEN ?4 ELSE ?5 END
 WHERE b.scope IN ({places})
 """
-_STATES_BY_DEPTH = [_STATES_SQL.format(places=", ".join(f"?{6 + i}" for i in range(n))) for n in range(17)]
-
-_HOLD_SQL = (
-    "INSERT INTO accounts(scope, unit, period, win, spent, held) VALUES (?, ?, ?, ?, 0, ?) "
-    "ON CONFLICT DO UPDATE SET held = held + excluded.held"
-)
+_STATES_BY_DEPTH = [_STATES_SQL.format(places=", ".join(f"?{7 + i}" for i in range(n))) for n in range(17)]
+# The same, plus a last row of NULLs when some held reservation is due (?6 = now): one round trip.
+_STATES_DUE_BY_DEPTH = [
+    sql + "UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL "
+    "WHERE EXISTS (SELECT 1 FROM reservations WHERE status = 'held' AND expires_at <= ?6)"
+    for sql in _STATES_BY_DEPTH
+]
+_DUE_SQL = "SELECT 1 FROM reservations WHERE status = 'held' AND expires_at <= ? LIMIT 1"
+_HOLD_BY_COUNT = [
+    "INSERT INTO accounts(scope, unit, period, win, held) VALUES "
+    + ", ".join(["(?, ?, ?, ?, ?)"] * n)
+    + " ON CONFLICT DO UPDATE SET held = held + excluded.held"
+    for n in range(65)
+]
+_MOVE_BY_COUNT = [
+    "INSERT INTO accounts(scope, unit, period, win, spent, held) VALUES "
+    + ", ".join(["(?, ?, ?, ?, ?, ?)"] * n)
+    + " ON CONFLICT DO UPDATE SET spent = spent + excluded.spent, held = held + excluded.held"
+    for n in range(65)
+]
 _UNHOLD_SQL = "UPDATE accounts SET held = held - ? WHERE scope = ? AND unit = ? AND period = ? AND win = ?"
-_CHARGE_SQL = (
-    "INSERT INTO accounts(scope, unit, period, win, spent, held) VALUES (?, ?, ?, ?, ?, 0) "
-    "ON CONFLICT DO UPDATE SET spent = spent + excluded.spent RETURNING spent + held"
+_INSERT_SQL = (
+    "INSERT INTO reservations(n, id, root, scope, status, plan, amounts, holds, windows, created_at, "
+    "expires_at, idem, label) VALUES (?, ?, ?, ?, 'held', ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_COMMIT_SQL = (
+    "UPDATE reservations SET status = 'committed', committed = ?, flags = ?, settled_at = ?, forget_at = ? WHERE n = ?"
 )
 _EVENT_SQL = "INSERT INTO events(at, kind, scope, rid, amounts, detail) VALUES (?, ?, ?, ?, ?, ?)"
 _RES_COLUMNS = (
     "id, scope, root, status, plan, amounts, holds, windows, created_at, expires_at, settled_at, "
-    "committed, flags, idem, label"
+    "committed, flags, idem, label, n"
 )
+_FIND = "WHERE n BETWEEN ?1 AND ?1 + 3 AND id = ?2"  # the key and the few after it a collision may use
 _PERIOD_ORDER = ("minute", "hour", "day", "week", "month")
+_PLAN_DETAIL = tuple(f"plan={index}" for index in range(17))
+
+
+def _key(reservation_id: object) -> int:
+    """The table key of a reservation id: 60 bits of its random token (a hash for other shapes)."""
+    if isinstance(reservation_id, str):
+        token = reservation_id[:15]
+        if len(token) == 15:
+            try:
+                return int(token, 16)
+            except ValueError:
+                pass
+        return int.from_bytes(hashlib.blake2b(reservation_id.encode(), digest_size=7).digest(), "big")
+    return -1
+
+
+# --- encodings: units and scopes never contain ",", ";" or "=" --------------------------------------
+_amounts_cache: dict[str, Amounts] = {}
 
 
 def _dump(amounts: Amounts) -> str:
-    return json.dumps(amounts, separators=(",", ":"))
+    return ",".join([f"{unit}={steps}" for unit, steps in amounts])
 
 
 def _amounts(text: str | None) -> Amounts:
-    return tuple((unit, steps) for unit, steps in json.loads(text)) if text else ()
+    if not text:
+        return ()
+    cached = _amounts_cache.get(text)
+    if cached is None:
+        cached = tuple((unit, int(steps)) for unit, _, steps in (item.partition("=") for item in text.split(",")))
+        if len(_amounts_cache) > 1024:
+            _amounts_cache.clear()
+        _amounts_cache[text] = cached
+    return cached
+
+
+def _dump_holds(holds: list[tuple[str, str, str, str, int]]) -> str:
+    return ";".join([f"{s},{u},{p},{w},{n}" for s, u, p, w, n in holds])
+
+
+def _holds(text: str) -> tuple[tuple[str, str, str, str, int], ...]:
+    if not text:
+        return ()
+    result = []
+    for item in text.split(";"):
+        s, u, p, w, n = item.split(",")
+        result.append((s, u, p, w, int(n)))
+    return tuple(result)
+
+
+_windows_cache: dict[str, Windows] = {}
+
+
+def _windows(text: str) -> Windows:
+    cached = _windows_cache.get(text)
+    if cached is None:
+        cached = tuple((period, window) for period, window in json.loads(text))
+        if len(_windows_cache) > 256:
+            _windows_cache.clear()
+        _windows_cache[text] = cached
+    return cached
 
 
 def _record(row: Any) -> ReservationRecord:
@@ -107,8 +211,8 @@ def _record(row: Any) -> ReservationRecord:
         status=row[3],
         plan_index=row[4],
         amounts=_amounts(row[5]),
-        holds=tuple(tuple(h) for h in json.loads(row[6])),
-        windows=tuple(tuple(w) for w in json.loads(row[7])),
+        holds=_holds(row[6]),
+        windows=_windows(row[7]),
         created_at=row[8],
         expires_at=row[9],
         settled_at=row[10],
@@ -117,6 +221,21 @@ def _record(row: Any) -> ReservationRecord:
         idempotency_key=row[13],
         label=row[14],
     )
+
+
+_chains: dict[str, tuple[str, ...]] = {}
+
+
+def _chain(scope: str) -> tuple[str, ...]:
+    """The scope paths from the root down to ``scope`` (stored scopes are already canonical)."""
+    chain = _chains.get(scope)
+    if chain is None:
+        parts = scope.split("/")
+        chain = tuple("/".join(parts[: i + 1]) for i in range(len(parts)))
+        if len(_chains) > 4096:
+            _chains.clear()
+        _chains[scope] = chain
+    return chain
 
 
 class SQLiteStore(Store):
@@ -141,10 +260,25 @@ class SQLiteStore(Store):
         self._synchronous = synchronous.upper()
         self._local = threading.local()
         self._holds_since_forget = 0
+        self._windows_of: Windows = ()
+        self._windows_text = ""
+        self._windows_params: list[str] = []
         with self._write() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                    version = 1  # tables from before the schema was versioned
+                else:
+                    for statement in _SCHEMA.split(";;\n"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    version = SCHEMA_VERSION
+            if version != SCHEMA_VERSION:
+                raise StoreUnavailable(
+                    f"SQLite ledger {path} has schema version {version}, this clearance reads version "
+                    f"{SCHEMA_VERSION}; start a new ledger file (there is no migration)"
+                )
 
     # --- connections and transactions -----------------------------------------------------------
     def _connection(self) -> sqlite3.Connection:
@@ -163,27 +297,36 @@ class SQLiteStore(Store):
             db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             mode = db.execute("PRAGMA journal_mode").fetchone()[0]
             if mode != "wal":
+                db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # only takes effect on a new file
                 db.execute("PRAGMA journal_mode = WAL")
             db.execute(f"PRAGMA synchronous = {self._synchronous}")
+            db.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
         except sqlite3.Error as error:
             raise StoreUnavailable(f"cannot open SQLite ledger {self.path}: {error}") from error
         local.db = db
         local.pid = os.getpid()
         return db
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _begin(self) -> sqlite3.Connection:
         db = self._connection()
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as error:
             raise StoreUnavailable(f"SQLite ledger {self.path} is busy or unreadable: {error}") from error
+        return db
+
+    def _failed(self, db: sqlite3.Connection, error: sqlite3.Error) -> StoreUnavailable:
+        self._rollback(db)
+        return StoreUnavailable(f"SQLite ledger {self.path} failed: {error}")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        db = self._begin()
         try:
             yield db
             db.execute("COMMIT")
         except sqlite3.Error as error:
-            self._rollback(db)
-            raise StoreUnavailable(f"SQLite ledger {self.path} failed: {error}") from error
+            raise self._failed(db, error) from error
         except BaseException:
             self._rollback(db)
             raise
@@ -219,88 +362,146 @@ class SQLiteStore(Store):
 
     def _reclaim(self, db: sqlite3.Connection, now: float) -> int:
         rows = db.execute(
-            "SELECT id, scope, holds, amounts FROM reservations WHERE status = 'held' AND expires_at <= ?", (now,)
+            "SELECT n, holds FROM reservations WHERE status = 'held' AND expires_at <= ?", (now,)
         ).fetchall()
-        for rid, scope, holds, amounts in rows:
-            db.executemany(_UNHOLD_SQL, [(h[4], h[0], h[1], h[2], h[3]) for h in json.loads(holds)])
+        for n, holds in rows:
+            db.executemany(_UNHOLD_SQL, [(h[4], h[0], h[1], h[2], h[3]) for h in _holds(holds)])
+            # The trigger records the expiry.
             db.execute(
-                "UPDATE reservations SET status = 'expired', settled_at = ?, forget_at = ? WHERE id = ?",
-                (now, now + self._retention, rid),
+                "UPDATE reservations SET status = 'expired', settled_at = ?, forget_at = ? WHERE n = ?",
+                (now, now + self._retention, n),
             )
-            self._log(db, now, "expire", scope, rid, _amounts(amounts))
         return len(rows)
 
     def _forget(self, db: sqlite3.Connection, now: float) -> None:
         db.execute("DELETE FROM reservations WHERE forget_at <= ?", (now,))
 
+    def _window_params(self, windows: Windows) -> tuple[list[str], str]:
+        """The states query's window parameters and the stored form of ``windows`` (cached: the
+        Authority passes the same tuple all minute long)."""
+        if windows is not self._windows_of:
+            by_period = dict(windows)
+            params = [by_period[p] for p in _PERIOD_ORDER]
+            text = json.dumps(windows, separators=(",", ":"))
+            self._windows_of, self._windows_params, self._windows_text = windows, params, text
+            return params, text
+        return self._windows_params, self._windows_text
+
     @staticmethod
     def _states(
-        db: sqlite3.Connection, chain: tuple[str, ...], units: set[str], windows: Windows
+        db: sqlite3.Connection, chain: tuple[str, ...], units: Any, params: list[Any], windows: Windows
     ) -> list[AccountState]:
         by_period = dict(windows)
-        params = [by_period[p] for p in _PERIOD_ORDER]
-        params.extend(chain)
-        states = []
-        for scope, unit, period, limit, spent, held in db.execute(_STATES_BY_DEPTH[len(chain)], params):
-            if unit in units:
-                states.append(AccountState(scope, unit, period, by_period[period], limit, spent, held))
-        return states
+        return [
+            AccountState(scope, unit, period, by_period[period], limit, spent, held)
+            for scope, unit, period, limit, spent, held in db.execute(
+                _STATES_BY_DEPTH[len(chain)], [*params, None, *chain]
+            )
+            if unit in units
+        ]
 
     # --- reservations --------------------------------------------------------------------------
     def hold(self, request: HoldRequest) -> HoldResult:
-        units = {unit for plan in request.plans for unit, _ in plan.amounts}
+        plans = request.plans
+        if len(plans) == 1 and not request.probes:
+            units: Any = dict(plans[0].amounts)
+        else:
+            units = {u for plan in plans for u, _ in plan.amounts}.union(request.probes)
         now = request.now
-        with self._write() as db:
-            self._reclaim(db, now)
+        chain = request.chain
+        windows = request.windows
+        params, windows_text = self._window_params(windows)
+        db = self._begin()
+        try:
             self._holds_since_forget += 1
             if self._holds_since_forget >= 1000:
                 self._holds_since_forget = 0
+                self._reclaim(db, now)
                 self._forget(db, now)
             if request.idempotency_key is not None:
+                if db.execute(_DUE_SQL, (now,)).fetchone() is not None:
+                    self._reclaim(db, now)
                 row = db.execute(
                     "SELECT id, plan, expires_at, windows, amounts FROM reservations WHERE root = ? AND idem = ?",
-                    (request.chain[0], request.idempotency_key),
+                    (chain[0], request.idempotency_key),
                 ).fetchone()
                 if row is not None:
-                    windows = tuple(tuple(w) for w in json.loads(row[3]))
+                    original = _windows(row[3])
                     held_units = {unit for unit, _ in _amounts(row[4])}
-                    states = self._states(db, request.chain, held_units, windows)
+                    original_params, _ = self._window_params(original)
+                    states = self._states(db, chain, held_units, original_params, original)
+                    db.execute("COMMIT")
                     return HoldResult(row[0], row[1], row[2], tuple(states), (), replayed=True)
-            states = self._states(db, request.chain, units, request.windows)
-            choice = choose_plan(request.plans, request.chain, states)
-            if choice.plan_index < 0:
+                states = self._states(db, chain, units, params, windows)
+            else:
+                by_period = None
+                states = []
+                due = False
+                for scope, unit, period, limit, spent, held in db.execute(
+                    _STATES_DUE_BY_DEPTH[len(chain)], [*params, now, *chain]
+                ):
+                    if scope is None:
+                        due = True
+                    elif unit in units:
+                        if by_period is None:
+                            by_period = dict(windows)
+                        states.append(AccountState(scope, unit, period, by_period[period], limit, spent, held))
+                if due:
+                    self._reclaim(db, now)
+                    states = self._states(db, chain, units, params, windows)
+            choice = choose_plan(plans, chain, states)
+            index = choice.plan_index
+            if index < 0:
+                db.execute("COMMIT")
                 return HoldResult(None, -1, 0.0, tuple(states), tuple(choice.rejections))
             added: dict[tuple[str, str, str, str], int] = {}
             for position, steps in choice.holds:
                 account = states[position]
-                added[(account.scope, account.unit, account.period, account.window)] = steps
-            db.executemany(_HOLD_SQL, [(*key, steps) for key, steps in added.items()])
-            plan = request.plans[choice.plan_index]
+                key = (account[0], account[1], account[2], account[3])
+                added[key] = added.get(key, 0) + steps
+            holds = [(*key, steps) for key, steps in added.items()]
+            if holds:
+                flat: list[Any] = []
+                for hold in holds:
+                    flat.extend(hold)
+                db.execute(_HOLD_BY_COUNT[len(holds)], flat)
             rid = request.reservation_id
-            scope = request.chain[-1]
-            db.execute(
-                "INSERT INTO reservations(id, root, scope, status, plan, amounts, holds, windows, created_at, "
-                "expires_at, idem, label) VALUES (?, ?, ?, 'held', ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    rid,
-                    request.chain[0],
-                    scope,
-                    choice.plan_index,
-                    _dump(plan.amounts),
-                    json.dumps([(*key, steps) for key, steps in added.items()], separators=(",", ":")),
-                    json.dumps(request.windows, separators=(",", ":")),
-                    now,
-                    request.expires_at,
-                    request.idempotency_key,
-                    request.label,
-                ),
-            )
-            self._log(db, now, "hold", scope, rid, plan.amounts, f"plan={choice.plan_index}")
-        after = with_holds(states, choice.holds)
-        return HoldResult(rid, choice.plan_index, request.expires_at, after, tuple(choice.rejections))
+            n = _key(rid)
+            values = [
+                n,
+                rid,
+                chain[0],
+                chain[-1],
+                index,
+                _dump(plans[index].amounts),
+                _dump_holds(holds),
+                windows_text,
+                now,
+                request.expires_at,
+                request.idempotency_key,
+                request.label,
+            ]
+            for probe in range(4):  # the hold trigger writes the audit record
+                try:
+                    db.execute(_INSERT_SQL, values)
+                    break
+                except sqlite3.IntegrityError:  # another id with the same key: take the next one
+                    values[0] = n + probe + 1
+            else:
+                raise sqlite3.IntegrityError(f"no free key for reservation {rid}")
+            db.execute("COMMIT")
+        except sqlite3.Error as error:
+            raise self._failed(db, error) from error
+        except BaseException:
+            self._rollback(db)
+            raise
+        after = with_holds(states, choice.holds) if choice.holds else tuple(states)
+        return HoldResult(rid, index, request.expires_at, after, tuple(choice.rejections))
 
     def _load(self, db: sqlite3.Connection, reservation_id: str) -> ReservationRecord:
-        row = db.execute(f"SELECT {_RES_COLUMNS} FROM reservations WHERE id = ?", (reservation_id,)).fetchone()
+        row = db.execute(
+            f"SELECT {_RES_COLUMNS} FROM reservations {_FIND}", (_key(reservation_id), reservation_id)
+        ).fetchone()
         if row is None:
             root_of(reservation_id)
             raise ReservationNotFound(reservation_id)
@@ -313,39 +514,70 @@ class SQLiteStore(Store):
         return record.status
 
     def commit(self, reservation_id: str, actual: Amounts | None, now: float) -> SettleResult:
-        with self._write() as db:
-            record = self._load(db, reservation_id)
-            prior = self._expire_if_due(db, record, now)
+        db = self._begin()
+        try:
+            row = db.execute(
+                f"SELECT status, expires_at, scope, amounts, holds, windows, committed, flags, n "
+                f"FROM reservations {_FIND}",
+                (_key(reservation_id), reservation_id),
+            ).fetchone()
+            if row is None:
+                root_of(reservation_id)
+                raise ReservationNotFound(reservation_id)
+            prior, expires_at, scope, amounts_text, holds_text, windows_text, committed, flags_text, n = row
+            if prior == HELD and expires_at <= now:
+                self._reclaim(db, now)
+                prior = EXPIRED
             if prior == COMMITTED:
-                return SettleResult(record.id, COMMITTED, record.committed or (), record.flags, replayed=True)
-            if actual is None:
-                actual = record.amounts
+                db.execute("COMMIT")
+                flags_done = tuple(flags_text.split(",")) if flags_text else ()
+                return SettleResult(reservation_id, COMMITTED, _amounts(committed), flags_done, replayed=True)
+            amounts = _amounts(amounts_text)
+            actual = amounts if actual is None else merge_actual(amounts, actual)
+            flags = commit_flags(prior, amounts, actual) if prior != HELD or actual != amounts else []
+            moves: dict[tuple[str, str, str, str], list[int]] = {}  # key -> [spent, held] changes
             if prior == HELD:
-                db.executemany(_UNHOLD_SQL, [(h[4], h[0], h[1], h[2], h[3]) for h in record.holds])
-            flags = commit_flags(prior, record.amounts, actual)
-            charged_units = {unit: steps for unit, steps in actual if steps}
-            if charged_units:
-                chain = parse_scope(record.scope).chain
-                windows = dict(record.windows)
-                budgets = db.execute(
-                    f"SELECT scope, unit, period, lim FROM budgets WHERE scope IN ({', '.join('?' * len(chain))})",
-                    chain,
-                ).fetchall()
+                for s, u, p, w, steps in _holds(holds_text):
+                    moves[(s, u, p, w)] = [0, -steps]
+            charges = {unit: steps for unit, steps in actual if steps}
+            if charges:
+                chain = _chain(scope)
+                windows = _windows(windows_text)
+                by_period = dict(windows)
+                params: list[Any] = [by_period[p] for p in _PERIOD_ORDER]
+                params.append(None)
+                params.extend(chain)
                 over = False
-                for scope, unit, period, limit in budgets:
-                    steps = charged_units.get(unit)
+                for s, u, p, limit, spent, held in db.execute(_STATES_BY_DEPTH[len(chain)], params).fetchall():
+                    steps = charges.get(u, 0)
                     if steps:
-                        (total,) = db.execute(_CHARGE_SQL, (scope, unit, period, windows[period], steps)).fetchone()
-                        over = over or total > limit
+                        key = (s, u, p, by_period[p])
+                        move = moves.get(key)
+                        if move is None:
+                            move = moves[key] = [steps, 0]
+                        else:
+                            move[0] += steps
+                        if spent + held + move[0] + move[1] > limit:
+                            over = True
                 if over:
                     flags.append(OVER_LIMIT)
-            db.execute(
-                "UPDATE reservations SET status = 'committed', committed = ?, flags = ?, settled_at = ?, "
-                "forget_at = ? WHERE id = ?",
-                (_dump(actual), ",".join(flags), now, now + self._retention, record.id),
-            )
-            self._log(db, now, "commit", record.scope, record.id, actual, ",".join(flags))
-        return SettleResult(record.id, COMMITTED, actual, tuple(flags))
+            if moves:
+                flat: list[Any] = []
+                for key, (spent_change, held_change) in moves.items():
+                    flat.extend(key)
+                    flat.append(spent_change)
+                    flat.append(held_change)
+                db.execute(_MOVE_BY_COUNT[len(moves)], flat)
+            flags_text = ",".join(flags)
+            # The settle trigger writes the audit record.
+            db.execute(_COMMIT_SQL, (_dump(actual), flags_text, now, now + self._retention, n))
+            db.execute("COMMIT")
+        except sqlite3.Error as error:
+            raise self._failed(db, error) from error
+        except BaseException:
+            self._rollback(db)
+            raise
+        return SettleResult(reservation_id, COMMITTED, actual, tuple(flags))
 
     def release(self, reservation_id: str, now: float) -> SettleResult:
         with self._write() as db:
@@ -355,10 +587,10 @@ class SQLiteStore(Store):
                 return SettleResult(record.id, status, (), record.flags, replayed=True)
             db.executemany(_UNHOLD_SQL, [(h[4], h[0], h[1], h[2], h[3]) for h in record.holds])
             db.execute(
-                "UPDATE reservations SET status = 'released', settled_at = ?, forget_at = ? WHERE id = ?",
-                (now, now + self._retention, record.id),
+                "UPDATE reservations SET status = 'released', settled_at = ?, forget_at = ? "
+                "WHERE n BETWEEN ?3 AND ?3 + 3 AND id = ?4",
+                (now, now + self._retention, _key(record.id), record.id),
             )
-            self._log(db, now, "release", record.scope, record.id, record.amounts)
         return SettleResult(record.id, RELEASED)
 
     def extend(self, reservation_id: str, expires_at: float, now: float) -> ReservationRecord:
@@ -367,7 +599,7 @@ class SQLiteStore(Store):
             status = self._expire_if_due(db, record, now)
             if status != HELD:
                 raise ReservationClosed(record.id, status)
-            db.execute("UPDATE reservations SET expires_at = ? WHERE id = ?", (expires_at, record.id))
+            db.execute(f"UPDATE reservations SET expires_at = ?3 {_FIND}", (_key(record.id), record.id, expires_at))
             self._log(db, now, "extend", record.scope, record.id, (), f"expires_at={expires_at:.3f}")
             return self._load(db, reservation_id)
 
@@ -419,12 +651,7 @@ class SQLiteStore(Store):
     def accounts(self, scope: str | None, windows: Windows, now: float, subtree: bool) -> list[AccountState]:
         due = False
         with self._read() as db:
-            due = (
-                db.execute(
-                    "SELECT 1 FROM reservations WHERE status = 'held' AND expires_at <= ? LIMIT 1", (now,)
-                ).fetchone()
-                is not None
-            )
+            due = db.execute(_DUE_SQL, (now,)).fetchone() is not None
         if due:
             with self._write() as db:
                 self._reclaim(db, now)
