@@ -13,13 +13,17 @@ Layout, chosen for the hot path (a transaction costs roughly one WAL frame write
 changes, so the schema keeps the pages a reserve or a commit touches few and small):
 
 * 1 KiB pages (set when the file is created): a WAL frame is a quarter of the default's.
-* ``reservations`` is keyed by an integer taken from the reservation id's random token (no
-  separate id index to write); the id itself is checked on every lookup, and a collision moves to
-  the next free key.
-* The audit records of holds and settlements (hold, commit, release, expire) are written by SQL
-  triggers on ``reservations``, in the same statement as the change; ``events.seq`` is a plain
-  ``INTEGER PRIMARY KEY`` (rows are never deleted, so it only grows).
-* Amounts, holds and windows are short delimited strings, not JSON.
+* One append-only table, ``log``, is both the audit trail and the reservations: a reservation is
+  its own ``hold`` record (``seq`` is the audit sequence), with its current state in extra columns;
+  settling it updates that row and appends the ``commit``/``release``/``expire`` record (by an SQL
+  trigger, in the same statement). A reserve and its commit usually touch the same last page.
+  ``seq`` is a plain ``INTEGER PRIMARY KEY``: rows are never deleted, so it only grows.
+* Reservations are found by a small partial index on 60 bits of the id's random token (the id
+  itself is compared too); forgetting a reservation past retention takes it out of that index
+  (and the idempotency index) and leaves its hold record in the audit trail. Forgetting walks the
+  settle records in ``seq`` order from a watermark kept in ``meta``, so it needs no index either.
+* Amounts and holds are short delimited strings, not JSON; windows are not stored when they are
+  the calendar windows of the reservation's creation time (they are recomputed from it).
 * ``wal_autocheckpoint`` is raised to 4096 pages (4 MiB of WAL): fewer checkpoints (each with an
   fsync). It changes when the WAL is copied back into the database file, not what is durable.
 
@@ -55,15 +59,15 @@ from clearance.ledger import (
     choose_plan,
     commit_flags,
     merge_actual,
-    with_holds,
 )
-from clearance.periods import Windows
+from clearance.periods import Windows, windows_at
 from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
 
 SCHEMA_VERSION = 2
 PAGE_SIZE = 1024
 WAL_AUTOCHECKPOINT = 4096  # pages
 
+# Statements are separated by ";;" (a trigger body has its own semicolons).
 _SCHEMA = """
 CREATE TABLE budgets(
     scope TEXT NOT NULL, unit TEXT NOT NULL, period TEXT NOT NULL, lim INTEGER NOT NULL,
@@ -72,26 +76,21 @@ CREATE TABLE accounts(
     scope TEXT NOT NULL, unit TEXT NOT NULL, period TEXT NOT NULL, win TEXT NOT NULL,
     spent INTEGER NOT NULL DEFAULT 0, held INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (scope, unit, period, win)) WITHOUT ROWID;;
-CREATE TABLE reservations(
-    n INTEGER PRIMARY KEY, id TEXT NOT NULL, root TEXT NOT NULL, scope TEXT NOT NULL, status TEXT NOT NULL,
-    plan INTEGER NOT NULL, amounts TEXT NOT NULL, holds TEXT NOT NULL, windows TEXT NOT NULL,
-    created_at REAL NOT NULL, expires_at REAL NOT NULL, settled_at REAL, forget_at REAL,
-    committed TEXT, flags TEXT NOT NULL DEFAULT '', idem TEXT, label TEXT NOT NULL DEFAULT '');;
-CREATE INDEX reservations_expiry ON reservations(expires_at) WHERE status = 'held';;
-CREATE INDEX reservations_forget ON reservations(forget_at) WHERE forget_at IS NOT NULL;;
-CREATE UNIQUE INDEX reservations_idem ON reservations(root, idem) WHERE idem IS NOT NULL;;
-CREATE TABLE events(
-    seq INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, scope TEXT NOT NULL,
-    rid TEXT, amounts TEXT NOT NULL, detail TEXT NOT NULL);;
-CREATE TRIGGER reservations_hold AFTER INSERT ON reservations BEGIN
-    INSERT INTO events(at, kind, scope, rid, amounts, detail)
-    VALUES (new.created_at, 'hold', new.scope, new.id, new.amounts, 'plan=' || new.plan);
-END;;
-CREATE TRIGGER reservations_settle AFTER UPDATE OF status ON reservations WHEN new.status <> old.status BEGIN
-    INSERT INTO events(at, kind, scope, rid, amounts, detail)
+CREATE TABLE log(
+    seq INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, scope TEXT NOT NULL, rid TEXT,
+    amounts TEXT NOT NULL, detail TEXT NOT NULL,
+    k INTEGER, root TEXT, status TEXT, plan INTEGER, holds TEXT, windows TEXT, expires_at REAL,
+    settled_at REAL, forget_at REAL, committed TEXT, flags TEXT, idem TEXT, label TEXT, budgets INTEGER);;
+CREATE INDEX log_reservation ON log(k) WHERE k IS NOT NULL;;
+CREATE INDEX log_expiry ON log(expires_at) WHERE status = 'held';;
+CREATE UNIQUE INDEX log_idem ON log(root, idem) WHERE idem IS NOT NULL;;
+CREATE TABLE meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;;
+INSERT INTO meta(key, value) VALUES ('budgets', 0);;
+CREATE TRIGGER log_settle AFTER UPDATE OF status ON log WHEN new.status <> old.status BEGIN
+    INSERT INTO log(at, kind, scope, rid, amounts, detail)
     VALUES (new.settled_at,
             CASE new.status WHEN 'committed' THEN 'commit' WHEN 'released' THEN 'release' ELSE 'expire' END,
-            new.scope, new.id,
+            new.scope, new.rid,
             CASE new.status WHEN 'committed' THEN new.committed ELSE new.amounts END,
             CASE new.status WHEN 'committed' THEN new.flags ELSE '' END);
 END
@@ -106,13 +105,14 @@ FROM budgets AS b LEFT JOIN accounts AS a
 WHERE b.scope IN ({places})
 """
 _STATES_BY_DEPTH = [_STATES_SQL.format(places=", ".join(f"?{7 + i}" for i in range(n))) for n in range(17)]
-# The same, plus a last row of NULLs when some held reservation is due (?6 = now): one round trip.
+# The same, plus a last row (scope NULL) with the budgets version and whether some held
+# reservation is due (?6 = now): one round trip.
 _STATES_DUE_BY_DEPTH = [
-    sql + "UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL "
-    "WHERE EXISTS (SELECT 1 FROM reservations WHERE status = 'held' AND expires_at <= ?6)"
+    sql + "UNION ALL SELECT NULL, (SELECT value FROM meta WHERE key = 'budgets'), "
+    "EXISTS (SELECT 1 FROM log WHERE status = 'held' AND expires_at <= ?6), NULL, NULL, NULL"
     for sql in _STATES_BY_DEPTH
 ]
-_DUE_SQL = "SELECT 1 FROM reservations WHERE status = 'held' AND expires_at <= ? LIMIT 1"
+_DUE_SQL = "SELECT 1 FROM log WHERE status = 'held' AND expires_at <= ? LIMIT 1"
 _HOLD_BY_COUNT = [
     "INSERT INTO accounts(scope, unit, period, win, held) VALUES "
     + ", ".join(["(?, ?, ?, ?, ?)"] * n)
@@ -125,26 +125,36 @@ _MOVE_BY_COUNT = [
     + " ON CONFLICT DO UPDATE SET spent = spent + excluded.spent, held = held + excluded.held"
     for n in range(65)
 ]
+# The same, answering for each row whether that budget is now past its limit.
+_MOVE_OVER_BY_COUNT = [
+    sql + " RETURNING unit, spent + held > (SELECT lim FROM budgets AS b WHERE b.scope = accounts.scope "
+    "AND b.unit = accounts.unit AND b.period = accounts.period)"
+    for sql in _MOVE_BY_COUNT
+]
+_BUDGETS_CHANGED = "UPDATE meta SET value = value + 1 WHERE key = 'budgets'"
 _UNHOLD_SQL = "UPDATE accounts SET held = held - ? WHERE scope = ? AND unit = ? AND period = ? AND win = ?"
 _INSERT_SQL = (
-    "INSERT INTO reservations(n, id, root, scope, status, plan, amounts, holds, windows, created_at, "
-    "expires_at, idem, label) VALUES (?, ?, ?, ?, 'held', ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO log(at, kind, scope, rid, amounts, detail, k, root, status, plan, holds, windows, expires_at, "
+    "idem, label, budgets) VALUES (?, 'hold', ?, ?, ?, ?, ?, ?, 'held', ?, ?, ?, ?, ?, ?, ?)"
 )
+# Settling updates the reservation's row; the trigger appends the audit record.
+_SETTLE_SQL = "UPDATE log SET status = ?, settled_at = ?, forget_at = ? WHERE seq = ?"
 _COMMIT_SQL = (
-    "UPDATE reservations SET status = 'committed', committed = ?, flags = ?, settled_at = ?, forget_at = ? WHERE n = ?"
+    "UPDATE log SET status = 'committed', committed = ?, flags = ?, settled_at = ?, forget_at = ? WHERE seq = ?"
 )
-_EVENT_SQL = "INSERT INTO events(at, kind, scope, rid, amounts, detail) VALUES (?, ?, ?, ?, ?, ?)"
+_EVENT_SQL = "INSERT INTO log(at, kind, scope, rid, amounts, detail) VALUES (?, ?, ?, ?, ?, ?)"
 _RES_COLUMNS = (
-    "id, scope, root, status, plan, amounts, holds, windows, created_at, expires_at, settled_at, "
-    "committed, flags, idem, label, n"
+    "rid, scope, root, status, plan, amounts, holds, windows, at, expires_at, settled_at, "
+    "committed, flags, idem, label, seq"
 )
-_FIND = "WHERE n BETWEEN ?1 AND ?1 + 3 AND id = ?2"  # the key and the few after it a collision may use
+_FIND = "WHERE k = ? AND rid = ?"
+_LIVE = "kind = 'hold' AND k IS NOT NULL"
 _PERIOD_ORDER = ("minute", "hour", "day", "week", "month")
 _PLAN_DETAIL = tuple(f"plan={index}" for index in range(17))
 
 
 def _key(reservation_id: object) -> int:
-    """The table key of a reservation id: 60 bits of its random token (a hash for other shapes)."""
+    """The lookup key of a reservation id: 60 bits of its random token (a hash for other shapes)."""
     if isinstance(reservation_id, str):
         token = reservation_id[:15]
         if len(token) == 15:
@@ -176,24 +186,13 @@ def _amounts(text: str | None) -> Amounts:
     return cached
 
 
-def _dump_holds(holds: list[tuple[str, str, str, str, int]]) -> str:
-    return ";".join([f"{s},{u},{p},{w},{n}" for s, u, p, w, n in holds])
-
-
-def _holds(text: str) -> tuple[tuple[str, str, str, str, int], ...]:
-    if not text:
-        return ()
-    result = []
-    for item in text.split(";"):
-        s, u, p, w, n = item.split(",")
-        result.append((s, u, p, w, int(n)))
-    return tuple(result)
-
-
 _windows_cache: dict[str, Windows] = {}
 
 
-def _windows(text: str) -> Windows:
+def _windows(text: str, created_at: float) -> Windows:
+    """Stored windows: ``""`` means the calendar windows of the creation time."""
+    if not text:
+        return windows_at(created_at)
     cached = _windows_cache.get(text)
     if cached is None:
         cached = tuple((period, window) for period, window in json.loads(text))
@@ -201,26 +200,6 @@ def _windows(text: str) -> Windows:
             _windows_cache.clear()
         _windows_cache[text] = cached
     return cached
-
-
-def _record(row: Any) -> ReservationRecord:
-    return ReservationRecord(
-        id=row[0],
-        scope=row[1],
-        root=row[2],
-        status=row[3],
-        plan_index=row[4],
-        amounts=_amounts(row[5]),
-        holds=_holds(row[6]),
-        windows=_windows(row[7]),
-        created_at=row[8],
-        expires_at=row[9],
-        settled_at=row[10],
-        committed=_amounts(row[11]) if row[11] is not None else None,
-        flags=tuple(row[12].split(",")) if row[12] else (),
-        idempotency_key=row[13],
-        label=row[14],
-    )
 
 
 _chains: dict[str, tuple[str, ...]] = {}
@@ -236,6 +215,40 @@ def _chain(scope: str) -> tuple[str, ...]:
             _chains.clear()
         _chains[scope] = chain
     return chain
+
+
+def _holds(text: str, scope: str, windows: Windows) -> tuple[tuple[str, str, str, str, int], ...]:
+    """Stored holds are ``level,unit,period,steps`` (level: index in the scope's chain)."""
+    if not text:
+        return ()
+    chain = _chain(scope)
+    by_period = dict(windows)
+    result = []
+    for item in text.split(";"):
+        level, unit, period, steps = item.split(",")
+        result.append((chain[int(level)], unit, period, by_period[period], int(steps)))
+    return tuple(result)
+
+
+def _record(row: Any) -> ReservationRecord:
+    windows = _windows(row[7], row[8])
+    return ReservationRecord(
+        id=row[0],
+        scope=row[1],
+        root=row[2],
+        status=row[3],
+        plan_index=row[4],
+        amounts=_amounts(row[5]),
+        holds=_holds(row[6], row[1], windows),
+        windows=windows,
+        created_at=row[8],
+        expires_at=row[9],
+        settled_at=row[10],
+        committed=_amounts(row[11]) if row[11] is not None else None,
+        flags=tuple(row[12].split(",")) if row[12] else (),
+        idempotency_key=row[13],
+        label=row[14],
+    )
 
 
 class SQLiteStore(Store):
@@ -261,7 +274,6 @@ class SQLiteStore(Store):
         self._local = threading.local()
         self._holds_since_forget = 0
         self._windows_of: Windows = ()
-        self._windows_text = ""
         self._windows_params: list[str] = []
         with self._write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -275,9 +287,10 @@ class SQLiteStore(Store):
                     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                     version = SCHEMA_VERSION
             if version != SCHEMA_VERSION:
+                found = "an unversioned schema (from before 2)" if version == 1 else f"schema version {version}"
                 raise StoreUnavailable(
-                    f"SQLite ledger {path} has schema version {version}, this clearance reads version "
-                    f"{SCHEMA_VERSION}; start a new ledger file (there is no migration)"
+                    f"SQLite ledger {path} has {found}; this clearance reads schema version {SCHEMA_VERSION} "
+                    "only. Start a new ledger file (there is no migration)."
                 )
 
     # --- connections and transactions -----------------------------------------------------------
@@ -362,30 +375,49 @@ class SQLiteStore(Store):
 
     def _reclaim(self, db: sqlite3.Connection, now: float) -> int:
         rows = db.execute(
-            "SELECT n, holds FROM reservations WHERE status = 'held' AND expires_at <= ?", (now,)
+            "SELECT seq, scope, holds, windows, at FROM log WHERE status = 'held' AND expires_at <= ?", (now,)
         ).fetchall()
-        for n, holds in rows:
-            db.executemany(_UNHOLD_SQL, [(h[4], h[0], h[1], h[2], h[3]) for h in _holds(holds)])
-            # The trigger records the expiry.
-            db.execute(
-                "UPDATE reservations SET status = 'expired', settled_at = ?, forget_at = ? WHERE n = ?",
-                (now, now + self._retention, n),
+        for seq, scope, holds, windows, created_at in rows:
+            db.executemany(
+                _UNHOLD_SQL,
+                [(h[4], h[0], h[1], h[2], h[3]) for h in _holds(holds, scope, _windows(windows, created_at))],
             )
+            db.execute(_SETTLE_SQL, (EXPIRED, now, now + self._retention, seq))  # the trigger records it
         return len(rows)
 
     def _forget(self, db: sqlite3.Connection, now: float) -> None:
-        db.execute("DELETE FROM reservations WHERE forget_at <= ?", (now,))
+        """Take reservations settled more than ``retention`` ago out of the lookup indexes, walking
+        the settle records from where the last pass stopped."""
+        row = db.execute("SELECT value FROM meta WHERE key = 'forgotten'").fetchone()
+        start = last = row[0] if row else 0
+        cutoff = now - self._retention
+        settled = []
+        for seq, at, rid in db.execute(
+            "SELECT seq, at, rid FROM log WHERE seq > ? AND kind IN ('commit', 'release', 'expire') ORDER BY seq",
+            (start,),
+        ):
+            if at > cutoff:
+                break
+            settled.append((_key(rid), rid, now))
+            last = seq
+        if settled:
+            db.executemany(
+                f"UPDATE log SET k = NULL, idem = NULL {_FIND} AND status <> 'held' AND forget_at <= ?", settled
+            )
+        if last != start:
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES ('forgotten', ?) ON CONFLICT DO UPDATE SET value = excluded.value",
+                (last,),
+            )
 
-    def _window_params(self, windows: Windows) -> tuple[list[str], str]:
-        """The states query's window parameters and the stored form of ``windows`` (cached: the
-        Authority passes the same tuple all minute long)."""
+    def _window_params(self, windows: Windows) -> list[str]:
+        """The states query's window parameters (cached: the Authority passes the same tuple all
+        minute long)."""
         if windows is not self._windows_of:
             by_period = dict(windows)
-            params = [by_period[p] for p in _PERIOD_ORDER]
-            text = json.dumps(windows, separators=(",", ":"))
-            self._windows_of, self._windows_params, self._windows_text = windows, params, text
-            return params, text
-        return self._windows_params, self._windows_text
+            self._windows_params = [by_period[p] for p in _PERIOD_ORDER]
+            self._windows_of = windows
+        return self._windows_params
 
     @staticmethod
     def _states(
@@ -410,7 +442,7 @@ class SQLiteStore(Store):
         now = request.now
         chain = request.chain
         windows = request.windows
-        params, windows_text = self._window_params(windows)
+        params = self._window_params(windows)
         db = self._begin()
         try:
             self._holds_since_forget += 1
@@ -422,17 +454,18 @@ class SQLiteStore(Store):
                 if db.execute(_DUE_SQL, (now,)).fetchone() is not None:
                     self._reclaim(db, now)
                 row = db.execute(
-                    "SELECT id, plan, expires_at, windows, amounts FROM reservations WHERE root = ? AND idem = ?",
+                    "SELECT rid, plan, expires_at, windows, amounts, at FROM log WHERE root = ? AND idem = ?",
                     (chain[0], request.idempotency_key),
                 ).fetchone()
                 if row is not None:
-                    original = _windows(row[3])
+                    original = _windows(row[3], row[5])
                     held_units = {unit for unit, _ in _amounts(row[4])}
-                    original_params, _ = self._window_params(original)
+                    original_params = [dict(original)[p] for p in _PERIOD_ORDER]
                     states = self._states(db, chain, held_units, original_params, original)
                     db.execute("COMMIT")
                     return HoldResult(row[0], row[1], row[2], tuple(states), (), replayed=True)
                 states = self._states(db, chain, units, params, windows)
+                version = None  # unknown here: the commit will read the budgets
             else:
                 by_period = None
                 states = []
@@ -441,7 +474,7 @@ class SQLiteStore(Store):
                     _STATES_DUE_BY_DEPTH[len(chain)], [*params, now, *chain]
                 ):
                     if scope is None:
-                        due = True
+                        version, due = unit, period
                     elif unit in units:
                         if by_period is None:
                             by_period = dict(windows)
@@ -454,54 +487,50 @@ class SQLiteStore(Store):
             if index < 0:
                 db.execute("COMMIT")
                 return HoldResult(None, -1, 0.0, tuple(states), tuple(choice.rejections))
-            added: dict[tuple[str, str, str, str], int] = {}
+            after = list(states)
+            added: dict[int, int] = {}
             for position, steps in choice.holds:
-                account = states[position]
-                key = (account[0], account[1], account[2], account[3])
-                added[key] = added.get(key, 0) + steps
-            holds = [(*key, steps) for key, steps in added.items()]
-            if holds:
+                added[position] = added.get(position, 0) + steps
+                a = after[position]
+                after[position] = AccountState(a[0], a[1], a[2], a[3], a[4], a[5], a[6] + steps)
+            holds = []
+            if added:
                 flat: list[Any] = []
-                for hold in holds:
-                    flat.extend(hold)
-                db.execute(_HOLD_BY_COUNT[len(holds)], flat)
+                for position, steps in added.items():
+                    a = states[position]
+                    flat.extend((a[0], a[1], a[2], a[3], steps))
+                    holds.append(f"{chain.index(a[0])},{a[1]},{a[2]},{steps}")
+                db.execute(_HOLD_BY_COUNT[len(added)], flat)
             rid = request.reservation_id
-            n = _key(rid)
-            values = [
-                n,
-                rid,
-                chain[0],
-                chain[-1],
-                index,
-                _dump(plans[index].amounts),
-                _dump_holds(holds),
-                windows_text,
-                now,
-                request.expires_at,
-                request.idempotency_key,
-                request.label,
-            ]
-            for probe in range(4):  # the hold trigger writes the audit record
-                try:
-                    db.execute(_INSERT_SQL, values)
-                    break
-                except sqlite3.IntegrityError:  # another id with the same key: take the next one
-                    values[0] = n + probe + 1
-            else:
-                raise sqlite3.IntegrityError(f"no free key for reservation {rid}")
+            db.execute(
+                _INSERT_SQL,
+                (
+                    now,
+                    chain[-1],
+                    rid,
+                    _dump(plans[index].amounts),
+                    _PLAN_DETAIL[index] if index < 17 else f"plan={index}",
+                    _key(rid),
+                    chain[0],
+                    index,
+                    ";".join(holds),
+                    "" if windows == windows_at(now) else json.dumps(windows, separators=(",", ":")),
+                    request.expires_at,
+                    request.idempotency_key,
+                    request.label,
+                    version,
+                ),
+            )
             db.execute("COMMIT")
         except sqlite3.Error as error:
             raise self._failed(db, error) from error
         except BaseException:
             self._rollback(db)
             raise
-        after = with_holds(states, choice.holds) if choice.holds else tuple(states)
-        return HoldResult(rid, index, request.expires_at, after, tuple(choice.rejections))
+        return HoldResult(rid, index, request.expires_at, tuple(after), tuple(choice.rejections))
 
     def _load(self, db: sqlite3.Connection, reservation_id: str) -> ReservationRecord:
-        row = db.execute(
-            f"SELECT {_RES_COLUMNS} FROM reservations {_FIND}", (_key(reservation_id), reservation_id)
-        ).fetchone()
+        row = db.execute(f"SELECT {_RES_COLUMNS} FROM log {_FIND}", (_key(reservation_id), reservation_id)).fetchone()
         if row is None:
             root_of(reservation_id)
             raise ReservationNotFound(reservation_id)
@@ -517,14 +546,16 @@ class SQLiteStore(Store):
         db = self._begin()
         try:
             row = db.execute(
-                f"SELECT status, expires_at, scope, amounts, holds, windows, committed, flags, n "
-                f"FROM reservations {_FIND}",
+                "SELECT seq, status, expires_at, scope, amounts, holds, windows, at, committed, flags, "
+                f"budgets = (SELECT value FROM meta WHERE key = 'budgets') FROM log {_FIND}",
                 (_key(reservation_id), reservation_id),
             ).fetchone()
             if row is None:
                 root_of(reservation_id)
                 raise ReservationNotFound(reservation_id)
-            prior, expires_at, scope, amounts_text, holds_text, windows_text, committed, flags_text, n = row
+            seq, prior, expires_at, scope, amounts_text, holds_text, windows_text, created_at, committed, flags_text = (
+                row[:10]
+            )
             if prior == HELD and expires_at <= now:
                 self._reclaim(db, now)
                 prior = EXPIRED
@@ -535,14 +566,37 @@ class SQLiteStore(Store):
             amounts = _amounts(amounts_text)
             actual = amounts if actual is None else merge_actual(amounts, actual)
             flags = commit_flags(prior, amounts, actual) if prior != HELD or actual != amounts else []
+            windows = _windows(windows_text, created_at)
             moves: dict[tuple[str, str, str, str], list[int]] = {}  # key -> [spent, held] changes
+            holds = _holds(holds_text, scope, windows)
             if prior == HELD:
-                for s, u, p, w, steps in _holds(holds_text):
+                for s, u, p, w, steps in holds:
                     moves[(s, u, p, w)] = [0, -steps]
             charges = {unit: steps for unit, steps in actual if steps}
-            if charges:
+            # When no budget changed since the hold and every charged unit was held (so the hold
+            # covered every budget of that unit), the hold's budgets are the ones to charge.
+            held_steps = dict(amounts)
+            if charges and row[10] and all(held_steps.get(unit, 0) > 0 for unit in charges):
+                for s, u, p, w, _ in holds:
+                    steps = charges.get(u, 0)
+                    if steps:
+                        move = moves.get((s, u, p, w))
+                        if move is None:
+                            moves[(s, u, p, w)] = [steps, 0]
+                        else:
+                            move[0] += steps
+                if moves:
+                    flat: list[Any] = []
+                    for key, (spent_change, held_change) in moves.items():
+                        flat.extend(key)
+                        flat.append(spent_change)
+                        flat.append(held_change)
+                    over_rows = db.execute(_MOVE_OVER_BY_COUNT[len(moves)], flat).fetchall()
+                    if any(over and unit in charges for unit, over in over_rows):
+                        flags.append(OVER_LIMIT)
+                    moves = {}
+            elif charges:
                 chain = _chain(scope)
-                windows = _windows(windows_text)
                 by_period = dict(windows)
                 params: list[Any] = [by_period[p] for p in _PERIOD_ORDER]
                 params.append(None)
@@ -562,15 +616,13 @@ class SQLiteStore(Store):
                 if over:
                     flags.append(OVER_LIMIT)
             if moves:
-                flat: list[Any] = []
+                flat = []
                 for key, (spent_change, held_change) in moves.items():
                     flat.extend(key)
                     flat.append(spent_change)
                     flat.append(held_change)
                 db.execute(_MOVE_BY_COUNT[len(moves)], flat)
-            flags_text = ",".join(flags)
-            # The settle trigger writes the audit record.
-            db.execute(_COMMIT_SQL, (_dump(actual), flags_text, now, now + self._retention, n))
+            db.execute(_COMMIT_SQL, (_dump(actual), ",".join(flags), now, now + self._retention, seq))
             db.execute("COMMIT")
         except sqlite3.Error as error:
             raise self._failed(db, error) from error
@@ -586,12 +638,13 @@ class SQLiteStore(Store):
             if status != HELD:
                 return SettleResult(record.id, status, (), record.flags, replayed=True)
             db.executemany(_UNHOLD_SQL, [(h[4], h[0], h[1], h[2], h[3]) for h in record.holds])
-            db.execute(
-                "UPDATE reservations SET status = 'released', settled_at = ?, forget_at = ? "
-                "WHERE n BETWEEN ?3 AND ?3 + 3 AND id = ?4",
-                (now, now + self._retention, _key(record.id), record.id),
-            )
+            db.execute(_SETTLE_SQL, (RELEASED, now, now + self._retention, self._seq(db, record.id)))
         return SettleResult(record.id, RELEASED)
+
+    @staticmethod
+    def _seq(db: sqlite3.Connection, reservation_id: str) -> int:
+        row = db.execute(f"SELECT seq FROM log {_FIND}", (_key(reservation_id), reservation_id)).fetchone()
+        return int(row[0])
 
     def extend(self, reservation_id: str, expires_at: float, now: float) -> ReservationRecord:
         with self._write() as db:
@@ -599,7 +652,7 @@ class SQLiteStore(Store):
             status = self._expire_if_due(db, record, now)
             if status != HELD:
                 raise ReservationClosed(record.id, status)
-            db.execute(f"UPDATE reservations SET expires_at = ?3 {_FIND}", (_key(record.id), record.id, expires_at))
+            db.execute("UPDATE log SET expires_at = ? WHERE seq = ?", (expires_at, self._seq(db, record.id)))
             self._log(db, now, "extend", record.scope, record.id, (), f"expires_at={expires_at:.3f}")
             return self._load(db, reservation_id)
 
@@ -613,18 +666,15 @@ class SQLiteStore(Store):
     def reservations(self, scope: str | None, status: str | None, limit: int, now: float) -> list[ReservationRecord]:
         with self._write() as db:
             self._reclaim(db, now)
-            sql = f"SELECT {_RES_COLUMNS} FROM reservations"
-            clauses: list[str] = []
+            sql = f"SELECT {_RES_COLUMNS} FROM log WHERE {_LIVE}"
             params: list[Any] = []
             if status is not None:
-                clauses.append("status = ?")
+                sql += " AND status = ?"
                 params.append(status)
             if scope is not None:
-                clauses.append("(scope = ? OR substr(scope, 1, ?) = ?)")
+                sql += " AND (scope = ? OR substr(scope, 1, ?) = ?)"
                 params.extend([scope, len(scope) + 1, scope + "/"])
-            if clauses:
-                sql += " WHERE " + " AND ".join(clauses)
-            sql += " ORDER BY created_at DESC LIMIT ?"
+            sql += " ORDER BY at DESC, seq LIMIT ?"
             params.append(limit)
             return [_record(row) for row in db.execute(sql, params)]
 
@@ -636,6 +686,7 @@ class SQLiteStore(Store):
                 "ON CONFLICT DO UPDATE SET lim = excluded.lim",
                 (scope, unit, period, limit),
             )
+            db.execute(_BUDGETS_CHANGED)
             self._log(db, now, "budget_set", scope, None, ((unit, limit),), f"period={period or 'lifetime'}")
 
     def remove_budget(self, scope: str, unit: str, period: str, now: float) -> bool:
@@ -645,6 +696,7 @@ class SQLiteStore(Store):
             )
             if cursor.rowcount == 0:
                 return False
+            db.execute(_BUDGETS_CHANGED)
             self._log(db, now, "budget_remove", scope, None, ((unit, 0),), f"period={period or 'lifetime'}")
             return True
 
@@ -686,7 +738,7 @@ class SQLiteStore(Store):
 
     def events(self, after: int, limit: int, scope: str | None) -> list[AuditEvent]:
         with self._read() as db:
-            sql = "SELECT seq, at, kind, scope, rid, amounts, detail FROM events WHERE seq > ?"
+            sql = "SELECT seq, at, kind, scope, rid, amounts, detail FROM log WHERE seq > ?"
             params: list[Any] = [after]
             if scope is not None:
                 sql += " AND (scope = ? OR substr(scope, 1, ?) = ?)"
