@@ -393,16 +393,20 @@ class SQLiteStore(Store):
         cutoff = now - self._retention
         settled = []
         for seq, at, rid in db.execute(
-            "SELECT seq, at, rid FROM log WHERE seq > ? AND kind IN ('commit', 'release', 'expire') ORDER BY seq",
+            "SELECT seq, at, rid FROM log WHERE seq > ? AND kind IN ('commit', 'release', 'expire') "
+            "ORDER BY seq LIMIT 10000",  # the next pass goes on from here
             (start,),
-        ):
+        ).fetchall():
             if at > cutoff:
                 break
             settled.append((_key(rid), rid, now))
             last = seq
         if settled:
+            # Out of the lookup and idempotency indexes; the hold record stays in the audit trail.
             db.executemany(
-                f"UPDATE log SET k = NULL, idem = NULL {_FIND} AND status <> 'held' AND forget_at <= ?", settled
+                "UPDATE log SET k = NULL, idem = NULL, holds = NULL, windows = NULL "
+                f"{_FIND} AND status <> 'held' AND forget_at <= ?",
+                settled,
             )
         if last != start:
             db.execute(
