@@ -63,7 +63,7 @@ from clearance.ledger import (
 from clearance.periods import Windows, windows_at
 from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PAGE_SIZE = 1024
 WAL_AUTOCHECKPOINT = 4096  # pages
 
@@ -74,7 +74,7 @@ CREATE TABLE budgets(
     PRIMARY KEY (scope, unit, period)) WITHOUT ROWID;;
 CREATE TABLE accounts(
     scope TEXT NOT NULL, unit TEXT NOT NULL, period TEXT NOT NULL, win TEXT NOT NULL,
-    spent INTEGER NOT NULL DEFAULT 0, held INTEGER NOT NULL DEFAULT 0,
+    spent INTEGER NOT NULL DEFAULT 0, held INTEGER NOT NULL DEFAULT 0, stamp INTEGER,
     PRIMARY KEY (scope, unit, period, win)) WITHOUT ROWID;;
 CREATE TABLE log(
     seq INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, scope TEXT NOT NULL, rid TEXT,
@@ -125,12 +125,22 @@ _MOVE_BY_COUNT = [
     + " ON CONFLICT DO UPDATE SET spent = spent + excluded.spent, held = held + excluded.held"
     for n in range(65)
 ]
-# The same, answering for each row whether that budget is now past its limit.
-_MOVE_OVER_BY_COUNT = [
-    sql + " RETURNING unit, spent + held > (SELECT lim FROM budgets AS b WHERE b.scope = accounts.scope "
-    "AND b.unit = accounts.unit AND b.period = accounts.period)"
-    for sql in _MOVE_BY_COUNT
+# A commit's moves in two steps without reading the counters first (RETURNING costs more): the
+# first applies every row that stays within its limit (or charges nothing) and stamps it with the
+# reservation's seq; if it changed fewer rows than given, the second applies the rest (the
+# budgets that went past their limit: the commit is flagged ``overage``).
+_MOVE_STAMPED_VALUES = [
+    "INSERT INTO accounts(scope, unit, period, win, spent, held, stamp) VALUES "
+    + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * n)
+    + " ON CONFLICT DO UPDATE SET spent = spent + excluded.spent, held = held + excluded.held, stamp = excluded.stamp "
+    for n in range(65)
 ]
+_MOVE_WITHIN_BY_COUNT = [
+    sql + "WHERE excluded.spent = 0 OR spent + held + excluded.spent + excluded.held <= (SELECT lim FROM budgets "
+    "AS b WHERE b.scope = excluded.scope AND b.unit = excluded.unit AND b.period = excluded.period)"
+    for sql in _MOVE_STAMPED_VALUES
+]
+_MOVE_REST_BY_COUNT = [sql + "WHERE stamp IS NOT excluded.stamp" for sql in _MOVE_STAMPED_VALUES]
 _BUDGETS_CHANGED = "UPDATE meta SET value = value + 1 WHERE key = 'budgets'"
 _UNHOLD_SQL = "UPDATE accounts SET held = held - ? WHERE scope = ? AND unit = ? AND period = ? AND win = ?"
 _INSERT_SQL = (
@@ -287,7 +297,9 @@ class SQLiteStore(Store):
                     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                     version = SCHEMA_VERSION
             if version != SCHEMA_VERSION:
-                found = "an unversioned schema (from before 2)" if version == 1 else f"schema version {version}"
+                found = (
+                    "an unversioned schema (from before versioning)" if version == 1 else f"schema version {version}"
+                )
                 raise StoreUnavailable(
                     f"SQLite ledger {path} has {found}; this clearance reads schema version {SCHEMA_VERSION} "
                     "only. Start a new ledger file (there is no migration)."
@@ -595,8 +607,10 @@ class SQLiteStore(Store):
                         flat.extend(key)
                         flat.append(spent_change)
                         flat.append(held_change)
-                    over_rows = db.execute(_MOVE_OVER_BY_COUNT[len(moves)], flat).fetchall()
-                    if any(over and unit in charges for unit, over in over_rows):
+                        flat.append(seq)
+                    count = len(moves)
+                    if db.execute(_MOVE_WITHIN_BY_COUNT[count], flat).rowcount != count:
+                        db.execute(_MOVE_REST_BY_COUNT[count], flat)
                         flags.append(OVER_LIMIT)
                     moves = {}
             elif charges:
