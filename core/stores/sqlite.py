@@ -403,16 +403,17 @@ class SQLiteStore(Store):
         row = db.execute("SELECT value FROM meta WHERE key = 'forgotten'").fetchone()
         start = last = row[0] if row else 0
         cutoff = now - self._retention
-        settled = []
-        for seq, at, rid in db.execute(
-            "SELECT seq, at, rid FROM log WHERE seq > ? AND kind IN ('commit', 'release', 'expire') "
-            "ORDER BY seq LIMIT 10000",  # the next pass goes on from here
+        settled: list[tuple[int, str, float]] = []
+        cursor = db.execute(
+            "SELECT seq, at, rid FROM log WHERE seq > ? AND kind IN ('commit', 'release', 'expire') ORDER BY seq",
             (start,),
-        ).fetchall():
-            if at > cutoff:
+        )
+        for seq, at, rid in cursor:  # stops at the first one still within retention
+            if at > cutoff or len(settled) >= 10_000:  # the next pass goes on from here
                 break
             settled.append((_key(rid), rid, now))
             last = seq
+        cursor.close()
         if settled:
             # Out of the lookup and idempotency indexes; the hold record stays in the audit trail.
             db.executemany(
