@@ -13,14 +13,15 @@ commit, release, extend, set/remove budget, balance — is one ``EVALSHA`` of a 
 ``clearance/stores/lua/``: one round trip, atomic on the server. All keys of one tenant share the hash
 tag ``{<root scope>}`` and are passed in ``KEYS``, so a whole reservation lands on one cluster slot::
 
-    <prefix>{<root>}:b   hash    "<scope>|<unit>|<period>" -> limit; "@<scope>" -> its budgets
-    <prefix>{<root>}:c   hash    "s|<scope>|<unit>|<period>|<window>" -> spent, "h|…" -> held
-    <prefix>{<root>}:r   hash    "<token>" -> reservation record (JSON of strings)
-    <prefix>{<root>}:i   hash    "<idempotency key>" -> "<token>"
+    <prefix>{<root>}:l   hash    "@<scope>" -> "unit|period|limit ..." (that level's budgets, in order),
+                                 "s|<scope>|<unit>|<period>|<window>" -> spent, "h|…" -> held
+    <prefix>{<root>}:r   hash    "<token>" -> reservation record (JSON of strings),
+                                 "!<idempotency key>" -> "<token>"
     <prefix>{<root>}:x   zset    held reservations by expires_at (the expiry index)
-    <prefix>{<root>}:f   zset    settled reservations by the time they are forgotten
+    <prefix>{<root>}:f   zset    settled reservations by the time they are forgotten (retention)
     <prefix>{<root>}:log stream  audit events, capped (XADD MAXLEN ~)
     <prefix>roots        set     every tenant root, for sweep() and listings across tenants
+    <prefix>{~}:l / :log         policy documents and their audit trail (no tenant)
 
 Reservation ids are ``<20 hex>.<root>``; the token (hex part) names the reservation inside its tenant.
 
@@ -44,13 +45,14 @@ last ``seq`` (clock skew between nodes) or tail tenant by tenant.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import json
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from functools import cache, lru_cache
 from importlib import resources
 from typing import Any, ClassVar, TypeVar
@@ -70,6 +72,7 @@ from clearance.ledger import (
     AuditEvent,
     HoldRequest,
     HoldResult,
+    PlanSpec,
     Rejection,
     ReservationRecord,
     SettleResult,
@@ -127,10 +130,12 @@ def _unavailable(error: BaseException, earlier: BaseException | None = None) -> 
     return failure
 
 
-def _drop_async(client: Any) -> None:
-    """Close an asyncio client whose event loop is already closed, so nothing can be awaited: close
-    its sockets directly and mark its connections closed (else each warns when collected). This is
-    the usual end of ``asyncio.run(...)`` followed by a synchronous ``close()``."""
+def _drop_async(client: Any, loop_alive: bool) -> None:
+    """Close an asyncio client from synchronous code, where nothing can be awaited: the usual end of
+    ``asyncio.run(...)`` followed by ``close()``, or ``close()`` called inside a coroutine. With the
+    loop alive (running in this thread) the transports are closed the normal way; with the loop gone
+    the sockets are closed directly. Either way the connections are marked closed (else each warns
+    when collected)."""
     connections: list[Any] = []
     pool = getattr(client, "connection_pool", None)
     if pool is not None:
@@ -143,7 +148,9 @@ def _drop_async(client: Any) -> None:
         writer = getattr(connection, "_writer", None)
         transport: Any = getattr(writer, "transport", None)
         sock = getattr(transport, "_sock", None)
-        if transport is not None and sock is not None:
+        if loop_alive and transport is not None:
+            transport.close()
+        elif transport is not None and sock is not None:
             transport._closing = True
             transport._sock = None
             sock.close()
@@ -151,6 +158,13 @@ def _drop_async(client: Any) -> None:
         connection._writer = None
     if manager is not None:
         client._initialize = True  # what aclose() leaves behind
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _amounts(text: str | None) -> Amounts:
@@ -181,10 +195,21 @@ def _float(value: float) -> str:
     return repr(float(value))
 
 
-def _state(reply: Sequence[str], i: int) -> AccountState:
-    return AccountState(
-        reply[i], reply[i + 1], reply[i + 2], reply[i + 3], int(reply[i + 4]), int(reply[i + 5]), int(reply[i + 6])
-    )
+def _states_of(text: str) -> list[AccountState]:
+    """Parse the scripts' packed accounts: '|'-joined, 7 fields per budget."""
+    if not text:
+        return []
+    f = text.split("|")
+    return [
+        AccountState(f[i], f[i + 1], f[i + 2], f[i + 3], int(f[i + 4]), int(f[i + 5]), int(f[i + 6]))
+        for i in range(0, len(f), 7)
+    ]
+
+
+def _plan_text(plan: PlanSpec) -> str:
+    amounts = " ".join(f"{unit} {steps}" for unit, steps in plan.amounts)
+    ppm = plan.headroom_ppm
+    return f"{amounts}|{' '.join(map(str, ppm)) if any(ppm) else ''}"
 
 
 def _seq(stream_id: str) -> int:
@@ -232,7 +257,7 @@ class RedisStore(Store):
         self._retention = _float(retention)
         self._cap = str(int(audit_capacity))
         self._batch = int(reclaim_batch)
-        self._batch_text = str(self._batch)
+        self._config = f"{self._retention} {self._cap} {self._batch}"
         self._timeouts = (float(socket_timeout), float(connect_timeout))
         self._max_connections = int(max_connections)
         self._options = dict(redis_options)
@@ -243,9 +268,9 @@ class RedisStore(Store):
         self._in_doubt_lock = threading.Lock()
         self._sync: tuple[Any, dict[str, Any]] | None = None  # built on first use: a cluster client connects
         self._sync_lock = threading.Lock()
-        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, dict[str, Any]]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._async: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[Any, dict[str, Any], asyncio.Future[Any] | None]
+        ] = weakref.WeakKeyDictionary()
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -314,23 +339,43 @@ class RedisStore(Store):
     def _client(self) -> Any:
         return self._sync_client()[0]
 
-    def _async_client(self) -> tuple[Any, dict[str, Any]]:
-        """The asyncio client of the running loop (redis.asyncio connections belong to one loop)."""
+    async def _async_client(self) -> tuple[Any, dict[str, Any]]:
+        """The asyncio client of the running loop (redis.asyncio connections belong to one loop).
+
+        A cluster client is initialised (slots discovered) once, before any task uses it: redis-py
+        replaces its startup node objects during the first discovery, and tasks already talking to
+        them then lose their connection mid-command."""
         loop = asyncio.get_running_loop()
         found = self._async.get(loop)
         if found is None:
-            found = self._built(asynchronous=True)
+            client, scripts = self._built(asynchronous=True)
+            ready = asyncio.ensure_future(client.initialize()) if self.cluster else None
+            found = (client, scripts, ready)
             self._async[loop] = found
-        return found
+        ready = found[2]
+        if ready is not None:
+            if not ready.done():
+                with contextlib.suppress(Exception):  # read below, from the future itself
+                    await asyncio.shield(ready)
+            problem = RuntimeError("cancelled") if ready.cancelled() else ready.exception()
+            if problem is not None:
+                if self._async.get(loop) is found:
+                    del self._async[loop]  # the next call tries again
+                raise _unavailable(problem) from problem
+        return found[0], found[1]
 
     def close(self) -> None:
-        for loop, (client, _) in list(self._async.items()):
+        for loop, (client, _, _) in list(self._async.items()):
             # asyncio clients of loops that are idle (not running, not closed) can still be closed here
             try:
                 if loop.is_closed():
-                    _drop_async(client)
+                    _drop_async(client, loop_alive=False)
                 elif not loop.is_running():
                     loop.run_until_complete(client.aclose())
+                elif _running_loop() is loop:
+                    _drop_async(client, loop_alive=True)
+                else:  # running in another thread
+                    asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(timeout=self._timeouts[0])
             except Exception:  # pragma: no cover - best effort on shutdown
                 logger.debug("could not close an asyncio Redis client", exc_info=True)
         self._async.clear()
@@ -366,10 +411,10 @@ class RedisStore(Store):
     @lru_cache(maxsize=65536)  # noqa: B019 - one store per process; the cache holds key lists only
     def _keys(self, root: str) -> list[str]:
         tag = f"{self.key_prefix}{{{root}}}:"
-        return [tag + suffix for suffix in ("b", "c", "r", "i", "x", "f", "log")]
+        return [tag + suffix for suffix in ("l", "r", "x", "f", "log")]
 
     def _head(self, now: float) -> list[str]:
-        return [_float(now), self._retention, self._cap, self._batch_text]
+        return [_float(now), self._config]
 
     # --- running scripts -------------------------------------------------------------------------
     def _run(self, name: str, root: str, args: list[str]) -> Any:
@@ -395,7 +440,7 @@ class RedisStore(Store):
         return reply
 
     async def _arun(self, name: str, root: str, args: list[str]) -> Any:
-        client, scripts = self._async_client()
+        client, scripts = await self._async_client()
         script = scripts[name]
         keys = self._keys(root)
         started = time.monotonic()
@@ -468,7 +513,7 @@ class RedisStore(Store):
 
     async def _aregister(self, root: str) -> None:
         if root not in self._known_roots:
-            client = self._async_client()[0]
+            client = (await self._async_client())[0]
             await self._acall(lambda: client.sadd(self._roots_key, root))
             self._known_roots.add(root)
 
@@ -477,40 +522,33 @@ class RedisStore(Store):
 
     # --- reservations ----------------------------------------------------------------------------
     def _hold_args(self, request: HoldRequest) -> list[str]:
-        chain = request.chain
-        args = self._head(request.now)
-        args += [
+        """Few, packed arguments: every argument costs an encode on the client and an object on the server."""
+        return [
+            _float(request.now),
+            self._config,
             request.reservation_id[:20],
             _float(request.expires_at),
             request.idempotency_key or "",
             request.label,
             _windows_text(request.windows),
-            str(len(chain)),
-            *chain,
-            str(len(request.plans)),
+            " ".join(request.chain),
+            ";".join(map(_plan_text, request.plans)),
+            " ".join(request.probes),
         ]
-        for plan in request.plans:
-            args.append(str(len(plan.amounts)))
-            for unit, steps in plan.amounts:
-                args.append(unit)
-                args.append(str(steps))
-            args.extend(map(str, plan.headroom_ppm))
-        args.append(str(len(request.probes)))
-        args.extend(request.probes)
-        return args
 
     @staticmethod
     def _hold_result(request: HoldRequest, reply: list[str]) -> HoldResult:
         kind = reply[0]
-        n = int(reply[4])
-        accounts = tuple(_state(reply, i) for i in range(5, 5 + 7 * n, 7))
-        at = 5 + 7 * n
-        m = int(reply[at])
-        rejections = tuple(
-            Rejection(int(reply[i]), reply[i + 1], reply[i + 2], reply[i + 3], reply[i + 4], int(reply[i + 5]),
-                      int(reply[i + 6]), int(reply[i + 7]))
-            for i in range(at + 1, at + 1 + 8 * m, 8)
-        )  # fmt: skip
+        accounts = tuple(_states_of(reply[4]))
+        rejections: tuple[Rejection, ...] = ()
+        if reply[5]:
+            f = reply[5].split("|")
+            rejections = tuple(
+                Rejection(
+                    int(f[i]), f[i + 1], f[i + 2], f[i + 3], f[i + 4], int(f[i + 5]), int(f[i + 6]), int(f[i + 7])
+                )
+                for i in range(0, len(f), 8)
+            )
         if kind == "denied":
             return HoldResult(None, -1, 0.0, accounts, rejections)
         rid = f"{reply[1]}.{request.chain[0]}"
@@ -670,13 +708,13 @@ class RedisStore(Store):
         return int(version) if version else 0
 
     async def apolicy(self) -> tuple[int, str | None]:
-        client = self._async_client()[0]
+        client = (await self._async_client())[0]
         key = self._keys(_GLOBAL_ROOT)[0]
         version, document = await self._acall(lambda: client.hmget(key, ["version", "document"]))
         return (int(version), document) if version else (0, None)
 
     async def apolicy_version(self) -> int:
-        client = self._async_client()[0]
+        client = (await self._async_client())[0]
         key = self._keys(_GLOBAL_ROOT)[0]
         version = await self._acall(lambda: client.hget(key, "version"))
         return int(version) if version else 0
@@ -693,8 +731,8 @@ class RedisStore(Store):
         return bool(await self._arun("remove_budget", root, self._remove_args(scope, unit, period, now)))
 
     @staticmethod
-    def _states(reply: Sequence[str]) -> list[AccountState]:
-        states = [_state(reply, i) for i in range(0, len(reply), 7)]
+    def _states(reply: str) -> list[AccountState]:
+        states = _states_of(reply)
         states.sort(key=lambda s: (s.scope, s.unit, _PERIOD_ORDER.get(s.period, 9)))
         return states
 
@@ -735,7 +773,7 @@ class RedisStore(Store):
         return await asyncio.to_thread(self.sweep, now)
 
     def _read_stream(self, root: str, after: int, count: int) -> list[AuditEvent]:
-        key = self._keys(root)[6]
+        key = self._keys(root)[4]
         start = "-" if after <= 0 else "(" + _stream_id(after)
         entries = self._call(lambda: self._client.xrange(key, min=start, max="+", count=count))
         events = []

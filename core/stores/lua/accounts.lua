@@ -1,58 +1,34 @@
 -- accounts: budgets at a scope (or under it), each with its current window's counters, after
--- reclaiming expired holds. ARGV[5] scope ('' = the whole tenant), [6] '1' for the subtree,
--- [7] windows. Reply: {scope, unit, period, window, limit, spent, held, ...}.
+-- reclaiming expired holds. ARGV[3] scope ('' = the whole tenant), [4] '1' for the subtree,
+-- [5] windows. Reply: one '|'-joined text, 7 fields per budget.
 
-local scope, subtree = ARGV[5], ARGV[6] == '1'
-local windows = parse_windows(ARGV[7])
-reclaim()
-local budgets = {}
+local scope, subtree = ARGV[3], ARGV[4] == '1'
+local windows = parse_windows(ARGV[5])
+reclaim(false)
+local scopes = {}
 if not subtree and scope ~= '' then
-  local index = redis.call('HGET', K_BUDGETS, '@' .. scope)
-  if index then
-    local fields = {}
-    for word in string.gmatch(index, '%S+') do
-      local unit, period = string.match(word, '^([^|]*)|(.*)$')
-      budgets[#budgets + 1] = {scope, unit, period}
-      fields[#fields + 1] = scope .. '|' .. word
-    end
-    local limits = hmget(K_BUDGETS, fields)
-    for i, b in ipairs(budgets) do
-      b[4] = limits[i]
-    end
-  end
+  scopes[1] = scope
 else
   local prefix = scope .. '/'
-  local all = redis.call('HGETALL', K_BUDGETS)
+  local all = redis.call('HGETALL', K_LEDGER)
   for i = 1, #all, 2 do
     local field = all[i]
-    if string.sub(field, 1, 1) ~= '@' then
-      local path, unit, period = string.match(field, '^([^|]*)|([^|]*)|(.*)$')
+    if string.sub(field, 1, 1) == '@' then
+      local path = string.sub(field, 2)
       if scope == '' or path == scope or string.sub(path, 1, #prefix) == prefix then
-        budgets[#budgets + 1] = {path, unit, period, all[i + 1]}
+        scopes[#scopes + 1] = path
       end
     end
   end
 end
-local reply = {}
-if #budgets == 0 then
-  return reply
-end
-local fields = {}
-for _, b in ipairs(budgets) do
-  local suffix = b[1] .. '|' .. b[2] .. '|' .. b[3] .. '|' .. windows[b[3]]
-  fields[#fields + 1] = 's|' .. suffix
-  fields[#fields + 1] = 'h|' .. suffix
-end
-local counters = hmget(K_COUNTERS, fields)
-for i, b in ipairs(budgets) do
-  if b[4] then
-    reply[#reply + 1] = b[1]
-    reply[#reply + 1] = b[2]
-    reply[#reply + 1] = b[3]
-    reply[#reply + 1] = windows[b[3]]
-    reply[#reply + 1] = b[4]
-    reply[#reply + 1] = counters[2 * i - 1] or '0'
-    reply[#reply + 1] = counters[2 * i] or '0'
+local list = {}
+for start = 1, #scopes, 16 do
+  local batch = {}
+  for i = start, math.min(start + 15, #scopes) do
+    batch[#batch + 1] = scopes[i]
+  end
+  for _, s in ipairs(states(batch, nil, windows)) do
+    list[#list + 1] = s
   end
 end
-return reply
+return states_text(list, nil)

@@ -1,27 +1,26 @@
 -- Shared prelude of every clearance ledger script (prepended by clearance/stores/redis.py).
 --
 -- Every script of one tenant receives the same KEYS, all sharing the hash tag {<root>}:
---   KEYS[1] budgets   hash  "<scope>|<unit>|<period>"            -> limit
---   KEYS[2] counters  hash  "s|<scope>|<unit>|<period>|<window>" -> spent
---                           "h|<scope>|<unit>|<period>|<window>" -> held
---   KEYS[3] res       hash  "<token>" -> reservation record (JSON object whose values are all strings)
---   KEYS[4] idem      hash  "<idempotency key>" -> "<token>"
---   KEYS[5] exp       zset  "<token>" scored by expires_at (held reservations only)
---   KEYS[6] forget    zset  "<token>" scored by the time a settled reservation is forgotten
---   KEYS[7] log       stream of audit events, capped with MAXLEN ~
--- and ARGV[1..4] = now, retention, audit cap, reclaim batch.
+--   KEYS[1] ledger  hash   "@<scope>"                            -> "unit|period|limit unit|period|limit ..."
+--                          "s|<scope>|<unit>|<period>|<window>"  -> spent
+--                          "h|<scope>|<unit>|<period>|<window>"  -> held
+--   KEYS[2] res     hash   "<token>" -> reservation record (JSON object whose values are all strings)
+--                          "!<idempotency key>" -> "<token>"
+--   KEYS[3] exp     zset   "<token>" by expires_at (held reservations only): the expiry index
+--   KEYS[4] forget  zset   "<token>" by the time a settled reservation is forgotten
+--   KEYS[5] log     stream audit events, capped with MAXLEN ~
+-- ARGV[1] = now, ARGV[2] = "<retention> <audit cap> <reclaim batch>".
 --
 -- Integers never pass through Lua's tostring (Redis 7.0 prints 2e14 as "2e+14"): amounts travel
 -- as the decimal strings the client sent, and computed integers are formatted with '%d'.
 -- Lua numbers are doubles, exact up to 2^53; clearance.units.MAX_AMOUNT keeps every amount and
--- limit below that.
+-- limit below that. Scope paths, units, periods and windows never contain ' ', '|', ';' or '='.
 
-local K_BUDGETS, K_COUNTERS, K_RES, K_IDEM, K_EXP, K_FORGET, K_LOG = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local K_LEDGER, K_RES, K_EXP, K_FORGET, K_LOG = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local NOW = ARGV[1]
 local NOW_N = tonumber(NOW)
-local RETENTION_N = tonumber(ARGV[2])
-local CAP = ARGV[3]
-local BATCH = ARGV[4]
+local RETENTION, CAP, BATCH = string.match(ARGV[2], '^(%S+) (%S+) (%S+)$')
+local RETENTION_N = tonumber(RETENTION)
 
 local function fmt_int(n)
   return string.format('%d', n)
@@ -53,7 +52,7 @@ local function audit(kind, scope, token, amounts, detail)
   end
 end
 
--- "u1 n1 u2 n2" <-> {u1, n1, u2, n2}
+-- "u1 n1 u2 n2" -> {u1, n1, u2, n2}
 local function split_words(text)
   local out = {}
   if text then
@@ -101,7 +100,7 @@ end
 local function unhold(rec)
   local holds = rec.h
   for i = 1, #holds, 2 do
-    redis.call('HINCRBY', K_COUNTERS, 'h|' .. holds[i], '-' .. holds[i + 1])
+    redis.call('HINCRBY', K_LEDGER, 'h|' .. holds[i], '-' .. holds[i + 1])
   end
 end
 
@@ -113,37 +112,52 @@ local function settle(token, rec, status)
   redis.call('ZADD', K_FORGET, fmt_float(NOW_N + RETENTION_N), token)
 end
 
--- Lazy reclaim: return the tenant's expired holds to their budgets (expiry iff expires_at <= now)
--- and forget settled reservations past retention. At most BATCH of each per call.
-local function reclaim()
+local function expire(token, rec)
+  unhold(rec)
+  settle(token, rec, 'expired')
+  audit('expire', rec.s, token, rec.a, '')
+end
+
+-- One reservation, expired first if its time has come (expiry iff expires_at <= now): enough for
+-- commit, release and extend, which touch only that reservation's accounts.
+local function load_current(token)
+  local rec = load(token)
+  if rec and rec.st == 'held' and tonumber(rec.e) <= NOW_N then
+    expire(token, rec)
+  end
+  return rec
+end
+
+-- Lazy reclaim: return the tenant's expired holds to their budgets and, with `forget`, drop settled
+-- reservations past retention. At most BATCH of each per call.
+local function reclaim(forget)
   local expired = 0
   local due = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', NOW, 'LIMIT', 0, BATCH)
   for _, token in ipairs(due) do
     local rec = load(token)
     if rec and rec.st == 'held' then
-      unhold(rec)
-      settle(token, rec, 'expired')
-      audit('expire', rec.s, token, rec.a, '')
+      expire(token, rec)
       expired = expired + 1
     else
       redis.call('ZREM', K_EXP, token)
     end
   end
-  local old = redis.call('ZRANGEBYSCORE', K_FORGET, '-inf', NOW, 'LIMIT', 0, BATCH)
-  for _, token in ipairs(old) do
-    local rec = load(token)
-    if rec then
-      if rec.i and redis.call('HGET', K_IDEM, rec.i) == token then
-        redis.call('HDEL', K_IDEM, rec.i)
+  local old = {}
+  if forget then
+    old = redis.call('ZRANGEBYSCORE', K_FORGET, '-inf', NOW, 'LIMIT', 0, BATCH)
+    for _, token in ipairs(old) do
+      local rec = load(token)
+      if rec then
+        if rec.i and redis.call('HGET', K_RES, '!' .. rec.i) == token then
+          redis.call('HDEL', K_RES, '!' .. rec.i)
+        end
+        redis.call('HDEL', K_RES, token)
       end
-      redis.call('HDEL', K_RES, token)
+      redis.call('ZREM', K_FORGET, token)
     end
-    redis.call('ZREM', K_FORGET, token)
   end
   return expired, #due, #old
 end
-
-local PERIODS = {'', 'minute', 'hour', 'day', 'week', 'month'}
 
 -- The chain of a scope path: "a:1/b:2" -> {"a:1", "a:1/b:2"}
 local function chain_of(scope)
@@ -160,63 +174,51 @@ local function chain_of(scope)
   end
 end
 
--- Current-window states of every budget on `chain` for `units` (chain order, then unit order, then
--- PERIODS order): a list of {scope, unit, period, window, limit_str, spent_str, held_str, level}.
-local function states(chain, units, windows)
-  local fields = {}
-  for _, scope in ipairs(chain) do
-    for _, unit in ipairs(units) do
-      for _, period in ipairs(PERIODS) do
-        fields[#fields + 1] = scope .. '|' .. unit .. '|' .. period
-      end
-    end
+-- Budgets on `chain` (of units in `wanted`, a set, or all when nil) with their current window's
+-- counters, in chain order then each level's budget order: a list of
+-- {scope, unit, period, window, limit, spent, held, level, counter suffix}, numbers as strings.
+local function states(chain, wanted, windows)
+  local index_fields = {}
+  for i, scope in ipairs(chain) do
+    index_fields[i] = '@' .. scope
   end
-  local out = {}
-  if #fields == 0 then
-    return out
-  end
-  local limits = hmget(K_BUDGETS, fields)
-  local counter_fields = {}
-  local i = 0
+  local index = redis.call('HMGET', K_LEDGER, unpack(index_fields))
+  local out, fields = {}, {}
   for level, scope in ipairs(chain) do
-    for _, unit in ipairs(units) do
-      for _, period in ipairs(PERIODS) do
-        i = i + 1
-        local limit = limits[i]
-        if limit then
-          local suffix = scope .. '|' .. unit .. '|' .. period .. '|' .. windows[period]
-          out[#out + 1] = {scope, unit, period, windows[period], limit, '0', '0', level, suffix}
-          counter_fields[#counter_fields + 1] = 's|' .. suffix
-          counter_fields[#counter_fields + 1] = 'h|' .. suffix
+    local entries = index[level]
+    if entries then
+      for unit, period, limit in string.gmatch(entries, '([^ |]+)|([^ |]*)|([^ ]+)') do
+        if wanted == nil or wanted[unit] then
+          local window = windows[period]
+          local suffix = scope .. '|' .. unit .. '|' .. period .. '|' .. window
+          out[#out + 1] = {scope, unit, period, window, limit, '0', '0', level, suffix}
+          fields[#fields + 1] = 's|' .. suffix
+          fields[#fields + 1] = 'h|' .. suffix
         end
       end
     end
   end
-  if #out > 0 then
-    local counters = hmget(K_COUNTERS, counter_fields)
-    for j, state in ipairs(out) do
-      state[6] = counters[2 * j - 1] or '0'
-      state[7] = counters[2 * j] or '0'
+  if #fields > 0 then
+    local counters = hmget(K_LEDGER, fields)
+    for j, s in ipairs(out) do
+      s[6] = counters[2 * j - 1] or '0'
+      s[7] = counters[2 * j] or '0'
     end
   end
   return out
 end
 
--- Append states to a flat reply: n, then 7 strings each.
-local function push_states(reply, list, extra_held)
-  reply[#reply + 1] = fmt_int(#list)
+-- States as one string "scope|unit|period|window|limit|spent|held|scope|..." (one reply element
+-- instead of seven per budget), `extra_held` added to the held of the suffixes it names.
+local function states_text(list, extra_held)
+  local parts = {}
   for _, s in ipairs(list) do
-    reply[#reply + 1] = s[1]
-    reply[#reply + 1] = s[2]
-    reply[#reply + 1] = s[3]
-    reply[#reply + 1] = s[4]
-    reply[#reply + 1] = s[5]
-    reply[#reply + 1] = s[6]
+    local held = s[7]
     local add = extra_held and extra_held[s[9]]
     if add then
-      reply[#reply + 1] = fmt_int(tonumber(s[7]) + add)
-    else
-      reply[#reply + 1] = s[7]
+      held = fmt_int(tonumber(held) + add)
     end
+    parts[#parts + 1] = s[1] .. '|' .. s[2] .. '|' .. s[3] .. '|' .. s[4] .. '|' .. s[5] .. '|' .. s[6] .. '|' .. held
   end
+  return table.concat(parts, '|')
 end

@@ -1,9 +1,8 @@
--- extend: push a held reservation's expiry. ARGV[5] token, [6] expires_at, [7] audit detail.
+-- extend: push a held reservation's expiry. ARGV[3] token, [4] expires_at, [5] audit detail.
 -- Reply: {'notfound'}, {'closed', status} or {'ok', record}.
 
-local token, expires_at, detail = ARGV[5], ARGV[6], ARGV[7]
-reclaim()
-local rec = load(token)
+local token, expires_at, detail = ARGV[3], ARGV[4], ARGV[5]
+local rec = load_current(token)
 if not rec then
   return {'notfound'}
 end

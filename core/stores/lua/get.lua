@@ -1,9 +1,7 @@
--- get: one reservation, after reclaiming what has expired. ARGV[5] token.
--- Reply: {'notfound'} or {'ok', record}.
+-- get: one reservation (expired first if due). ARGV[3] token. Reply: {'notfound'} or {'ok', record}.
 
-reclaim()
-local raw = redis.call('HGET', K_RES, ARGV[5])
-if not raw then
+local rec = load_current(ARGV[3])
+if not rec then
   return {'notfound'}
 end
-return {'ok', raw}
+return {'ok', cjson.encode(rec)}

@@ -1,10 +1,10 @@
 -- list: the tenant's reservations at or under a scope, newest first.
--- ARGV[5] scope ('' = the whole tenant), [6] status ('' = any), [7] limit.
+-- ARGV[3] scope ('' = the whole tenant), [4] status ('' = any), [5] limit.
 -- Reply: {token, record, token, record, ...}. Held ones come from the expiry index, settled ones from
--- the retention index, so no third index is kept on the hot path.
+-- the retention index, so no third index is kept on the hot path. An admin listing: O(reservations).
 
-local scope, status, limit = ARGV[5], ARGV[6], tonumber(ARGV[7])
-reclaim()
+local scope, status, limit = ARGV[3], ARGV[4], tonumber(ARGV[5])
+reclaim(true)
 local tokens = {}
 if status == '' or status == 'held' then
   for _, t in ipairs(redis.call('ZRANGE', K_EXP, 0, -1)) do

@@ -1,8 +1,8 @@
 -- put_policy: store a policy document as the next version, with its audit record.
--- KEYS are the global ("{~}") keys: KEYS[1] the policy hash {version, document}, KEYS[7] the global log.
--- ARGV[5] the document (JSON). Reply: the new version.
+-- KEYS are the global ("{~}") keys: KEYS[1] the policy hash {version, document}, KEYS[5] the global log.
+-- ARGV[3] the document (JSON). Reply: the new version.
 
-local version = redis.call('HINCRBY', K_BUDGETS, 'version', 1)
-redis.call('HSET', K_BUDGETS, 'document', ARGV[5])
+local version = redis.call('HINCRBY', K_LEDGER, 'version', 1)
+redis.call('HSET', K_LEDGER, 'document', ARGV[3])
 audit('policy_set', '', '', '', 'version=' .. fmt_int(version))
 return version

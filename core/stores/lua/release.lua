@@ -1,9 +1,8 @@
 -- release: free the whole hold; idempotent (a settled reservation is answered as it is).
--- ARGV[5] token. Reply: {'notfound'} or {status, '', flags, replayed '1'/'0'}.
+-- ARGV[3] token. Reply: {'notfound'} or {status, '', flags, replayed '1'/'0'}.
 
-local token = ARGV[5]
-reclaim()
-local rec = load(token)
+local token = ARGV[3]
+local rec = load_current(token)
 if not rec then
   return {'notfound'}
 end

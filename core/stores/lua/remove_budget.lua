@@ -1,21 +1,24 @@
 -- remove_budget: remove one budget; its level no longer constrains that unit. Reply 1, or 0 if none.
--- ARGV[5] scope, [6] unit, [7] period, [8] audit detail.
+-- ARGV[3] scope, [4] unit, [5] period, [6] audit detail.
 
-local scope, unit, period, detail = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
-local entry = unit .. '|' .. period
-if redis.call('HDEL', K_BUDGETS, scope .. '|' .. entry) == 0 then
-  return 0
-end
-local kept = {}
-for word in string.gmatch(redis.call('HGET', K_BUDGETS, '@' .. scope) or '', '%S+') do
-  if word ~= entry then
-    kept[#kept + 1] = word
+local scope, unit, period, detail = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local field = '@' .. scope
+local head = unit .. '|' .. period .. '|'
+local kept, found = {}, false
+for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
+  if string.sub(entry, 1, #head) == head then
+    found = true
+  else
+    kept[#kept + 1] = entry
   end
 end
+if not found then
+  return 0
+end
 if #kept == 0 then
-  redis.call('HDEL', K_BUDGETS, '@' .. scope)
+  redis.call('HDEL', K_LEDGER, field)
 else
-  redis.call('HSET', K_BUDGETS, '@' .. scope, table.concat(kept, ' '))
+  redis.call('HSET', K_LEDGER, field, table.concat(kept, ' '))
 end
 audit('budget_remove', scope, '', unit .. ' 0', detail)
 return 1

@@ -1,28 +1,27 @@
 -- set_budget: create or change a budget's limit (counters are kept).
--- ARGV[5] scope, [6] unit, [7] period, [8] limit, [9] audit detail, [10] '1' = only if there is none
+-- ARGV[3] scope, [4] unit, [5] period, [6] limit, [7] audit detail, [8] '1' = only if there is none
 -- (budget templates: an operator's own change is never undone). Reply 1 if set, 0 if it existed.
--- The budgets hash also keeps "@<scope>" -> "unit|period ..." so a balance reads one scope directly.
+-- A scope's budgets live in one field, "@<scope>" -> "unit|period|limit ...", in the order they were
+-- first set, so reserve reads every level's budgets with one HMGET.
 
-local scope, unit, period, limit, detail = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-local entry = unit .. '|' .. period
-if ARGV[10] == '1' and redis.call('HEXISTS', K_BUDGETS, scope .. '|' .. entry) == 1 then
-  return 0
-end
-redis.call('HSET', K_BUDGETS, scope .. '|' .. entry, limit)
-local index = redis.call('HGET', K_BUDGETS, '@' .. scope) or ''
-local present = false
-for word in string.gmatch(index, '%S+') do
-  if word == entry then
-    present = true
-  end
-end
-if not present then
-  if index == '' then
-    index = entry
+local scope, unit, period, limit, detail, only_new = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local field = '@' .. scope
+local head = unit .. '|' .. period .. '|'
+local kept, found = {}, false
+for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
+  if string.sub(entry, 1, #head) == head then
+    found = true
+    if only_new == '1' then
+      return 0
+    end
+    kept[#kept + 1] = head .. limit
   else
-    index = index .. ' ' .. entry
+    kept[#kept + 1] = entry
   end
-  redis.call('HSET', K_BUDGETS, '@' .. scope, index)
 end
+if not found then
+  kept[#kept + 1] = head .. limit
+end
+redis.call('HSET', K_LEDGER, field, table.concat(kept, ' '))
 audit('budget_set', scope, '', unit .. ' ' .. limit, detail)
 return 1
