@@ -283,8 +283,7 @@ class SQLiteStore(Store):
         self._synchronous = synchronous.upper()
         self._local = threading.local()
         self._holds_since_forget = 0
-        self._windows_of: Windows = ()
-        self._windows_params: list[str] = []
+        self._window_cache: tuple[Windows, list[str]] = ((), [])  # one tuple: threads share it
         with self._write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
@@ -430,11 +429,12 @@ class SQLiteStore(Store):
     def _window_params(self, windows: Windows) -> list[str]:
         """The states query's window parameters (cached: the Authority passes the same tuple all
         minute long)."""
-        if windows is not self._windows_of:
+        cached_windows, params = self._window_cache
+        if windows is not cached_windows:
             by_period = dict(windows)
-            self._windows_params = [by_period[p] for p in _PERIOD_ORDER]
-            self._windows_of = windows
-        return self._windows_params
+            params = [by_period[p] for p in _PERIOD_ORDER]
+            self._window_cache = (windows, params)
+        return params
 
     @staticmethod
     def _states(
