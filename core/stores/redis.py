@@ -17,8 +17,8 @@ tag ``{<root scope>}`` and are passed in ``KEYS``, so a whole reservation lands 
                                  "s|<scope>|<unit>|<period>|<window>" -> spent, "h|…" -> held
     <prefix>{<root>}:r   hash    "<token>" -> reservation record (JSON of strings),
                                  "!<idempotency key>" -> "<token>"
-    <prefix>{<root>}:x   zset    held reservations by expires_at (the expiry index)
-    <prefix>{<root>}:f   zset    settled reservations by the time they are forgotten (retention)
+    <prefix>{<root>}:d   zset    every remembered reservation by when it is next due: expires_at while
+                                 held (the expiry index), then the end of its retention
     <prefix>{<root>}:log stream  audit events, capped (XADD MAXLEN ~)
     <prefix>roots        set     every tenant root, for sweep() and listings across tenants
     <prefix>{~}:l / :log         policy documents and their audit trail (no tenant)
@@ -411,7 +411,7 @@ class RedisStore(Store):
     @lru_cache(maxsize=65536)  # noqa: B019 - one store per process; the cache holds key lists only
     def _keys(self, root: str) -> list[str]:
         tag = f"{self.key_prefix}{{{root}}}:"
-        return [tag + suffix for suffix in ("l", "r", "x", "f", "log")]
+        return [tag + suffix for suffix in ("l", "r", "d", "log")]
 
     def _head(self, now: float) -> list[str]:
         return [_float(now), self._config]
@@ -429,6 +429,8 @@ class RedisStore(Store):
             # that can still answer within the timeout.
             if time.monotonic() - started > self._timeouts[0]:
                 raise _unavailable(error) from error
+            if name == "reserve":
+                args = [*args[:-1], "1"]
             try:
                 reply = script(keys, args)
             except _ERRORS as again:
@@ -449,6 +451,8 @@ class RedisStore(Store):
         except redis.ConnectionError as error:
             if time.monotonic() - started > self._timeouts[0]:
                 raise _unavailable(error) from error
+            if name == "reserve":
+                args = [*args[:-1], "1"]
             try:
                 reply = await script(keys, args, client=client)
             except _ERRORS as again:
@@ -534,6 +538,7 @@ class RedisStore(Store):
             " ".join(request.chain),
             ";".join(map(_plan_text, request.plans)),
             " ".join(request.probes),
+            "0",  # '1' on our retry after a lost reply: only then may the id exist already
         ]
 
     @staticmethod
@@ -773,7 +778,7 @@ class RedisStore(Store):
         return await asyncio.to_thread(self.sweep, now)
 
     def _read_stream(self, root: str, after: int, count: int) -> list[AuditEvent]:
-        key = self._keys(root)[4]
+        key = self._keys(root)[3]
         start = "-" if after <= 0 else "(" + _stream_id(after)
         entries = self._call(lambda: self._client.xrange(key, min=start, max="+", count=count))
         events = []

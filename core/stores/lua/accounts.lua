@@ -4,7 +4,7 @@
 
 local scope, subtree = ARGV[3], ARGV[4] == '1'
 local windows = parse_windows(ARGV[5])
-reclaim(false)
+reclaim()
 local scopes = {}
 if not subtree and scope ~= '' then
   scopes[1] = scope

@@ -6,9 +6,9 @@
 --                          "h|<scope>|<unit>|<period>|<window>"  -> held
 --   KEYS[2] res     hash   "<token>" -> reservation record (JSON object whose values are all strings)
 --                          "!<idempotency key>" -> "<token>"
---   KEYS[3] exp     zset   "<token>" by expires_at (held reservations only): the expiry index
---   KEYS[4] forget  zset   "<token>" by the time a settled reservation is forgotten
---   KEYS[5] log     stream audit events, capped with MAXLEN ~
+--   KEYS[3] due     zset   "<token>" scored by when it next needs attention: expires_at while held,
+--                          then the time a settled reservation is forgotten (one index, one lookup)
+--   KEYS[4] log     stream audit events, capped with MAXLEN ~
 -- ARGV[1] = now, ARGV[2] = "<retention> <audit cap> <reclaim batch>".
 --
 -- Integers never pass through Lua's tostring (Redis 7.0 prints 2e14 as "2e+14"): amounts travel
@@ -16,7 +16,7 @@
 -- Lua numbers are doubles, exact up to 2^53; clearance.units.MAX_AMOUNT keeps every amount and
 -- limit below that. Scope paths, units, periods and windows never contain ' ', '|', ';' or '='.
 
-local K_LEDGER, K_RES, K_EXP, K_FORGET, K_LOG = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_LEDGER, K_RES, K_DUE, K_LOG = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local NOW = ARGV[1]
 local NOW_N = tonumber(NOW)
 local RETENTION, CAP, BATCH = string.match(ARGV[2], '^(%S+) (%S+) (%S+)$')
@@ -108,8 +108,7 @@ local function settle(token, rec, status)
   rec.st = status
   rec.t = NOW
   store(token, rec)
-  redis.call('ZREM', K_EXP, token)
-  redis.call('ZADD', K_FORGET, fmt_float(NOW_N + RETENTION_N), token)
+  redis.call('ZADD', K_DUE, fmt_float(NOW_N + RETENTION_N), token)
 end
 
 local function expire(token, rec)
@@ -128,35 +127,28 @@ local function load_current(token)
   return rec
 end
 
--- Lazy reclaim: return the tenant's expired holds to their budgets and, with `forget`, drop settled
--- reservations past retention. At most BATCH of each per call.
-local function reclaim(forget)
-  local expired = 0
-  local due = redis.call('ZRANGEBYSCORE', K_EXP, '-inf', NOW, 'LIMIT', 0, BATCH)
+-- Lazy reclaim: return the tenant's expired holds to their budgets and drop settled reservations
+-- past retention, oldest first, at most BATCH per call. Returns expired, seen, forgotten.
+local function reclaim()
+  local expired, forgotten = 0, 0
+  local due = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', NOW, 'LIMIT', 0, BATCH)
   for _, token in ipairs(due) do
     local rec = load(token)
     if rec and rec.st == 'held' then
       expire(token, rec)
       expired = expired + 1
     else
-      redis.call('ZREM', K_EXP, token)
-    end
-  end
-  local old = {}
-  if forget then
-    old = redis.call('ZRANGEBYSCORE', K_FORGET, '-inf', NOW, 'LIMIT', 0, BATCH)
-    for _, token in ipairs(old) do
-      local rec = load(token)
       if rec then
         if rec.i and redis.call('HGET', K_RES, '!' .. rec.i) == token then
           redis.call('HDEL', K_RES, '!' .. rec.i)
         end
         redis.call('HDEL', K_RES, token)
+        forgotten = forgotten + 1
       end
-      redis.call('ZREM', K_FORGET, token)
+      redis.call('ZREM', K_DUE, token)
     end
   end
-  return expired, #due, #old
+  return expired, #due, forgotten
 end
 
 -- The chain of a scope path: "a:1/b:2" -> {"a:1", "a:1/b:2"}

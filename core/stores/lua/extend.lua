@@ -11,6 +11,6 @@ if rec.st ~= 'held' then
 end
 rec.e = expires_at
 store(token, rec)
-redis.call('ZADD', K_EXP, expires_at, token)
+redis.call('ZADD', K_DUE, expires_at, token)
 audit('extend', rec.s, token, '', detail)
 return {'ok', cjson.encode(rec)}

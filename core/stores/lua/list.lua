@@ -1,21 +1,11 @@
 -- list: the tenant's reservations at or under a scope, newest first.
 -- ARGV[3] scope ('' = the whole tenant), [4] status ('' = any), [5] limit.
--- Reply: {token, record, token, record, ...}. Held ones come from the expiry index, settled ones from
--- the retention index, so no third index is kept on the hot path. An admin listing: O(reservations).
+-- Reply: {token, record, token, record, ...}. Every remembered reservation is in the due index, so
+-- no third index is kept on the hot path. An admin listing: O(reservations of the tenant).
 
 local scope, status, limit = ARGV[3], ARGV[4], tonumber(ARGV[5])
-reclaim(true)
-local tokens = {}
-if status == '' or status == 'held' then
-  for _, t in ipairs(redis.call('ZRANGE', K_EXP, 0, -1)) do
-    tokens[#tokens + 1] = t
-  end
-end
-if status ~= 'held' then
-  for _, t in ipairs(redis.call('ZRANGE', K_FORGET, 0, -1)) do
-    tokens[#tokens + 1] = t
-  end
-end
+reclaim()
+local tokens = redis.call('ZRANGE', K_DUE, 0, -1)
 local prefix = scope .. '/'
 local found = {}
 for _, t in ipairs(tokens) do

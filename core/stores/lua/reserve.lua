@@ -2,7 +2,8 @@
 -- ARGV[3] token, [4] expires_at, [5] idempotency key ('' = none), [6] label, [7] windows,
 -- [8] the chain, root first, space-separated, [9] the plans, ';'-separated, each
 -- "unit steps unit steps|ppm ppm ..." (ppm per level; empty = no headroom demanded),
--- [10] probe units, space-separated (reported in the accounts, never checked).
+-- [10] probe units, space-separated (reported in the accounts, never checked), [11] '1' when this is
+-- the client's retry after a lost reply (only then can the token already exist).
 -- Reply: {kind, token, plan index, expires_at, accounts text, rejections text} with kind 'held',
 -- 'denied', 'replay_key' (idempotency key seen) or 'replay_id' (this very id seen: a retry after a
 -- lost reply). Texts are '|'-joined fields, 7 per account and 8 per rejection.
@@ -33,7 +34,7 @@ for unit in string.gmatch(ARGV[10], '%S+') do
   wanted[unit] = true
 end
 
-reclaim(true)
+reclaim()
 
 local function replay(existing, kind)
   local rec = load(existing)
@@ -45,7 +46,7 @@ local function replay(existing, kind)
   return {kind, existing, rec.p, rec.e, states_text(states(chain, held_units, parse_windows(rec.w)), nil), ''}
 end
 
-if redis.call('HEXISTS', K_RES, token) == 1 then
+if ARGV[11] == '1' and redis.call('HEXISTS', K_RES, token) == 1 then
   return replay(token, 'replay_id')
 end
 if idem ~= '' then
@@ -150,6 +151,6 @@ if idem ~= '' then
   redis.call('HSET', K_RES, '!' .. idem, token)
 end
 store(token, rec)
-redis.call('ZADD', K_EXP, expires_at, token)
+redis.call('ZADD', K_DUE, expires_at, token)
 audit('hold', scope, token, amounts_text, 'plan=' .. fmt_int(chosen))
 return {'held', token, fmt_int(chosen), expires_at, states_text(list, added), table.concat(rejections, '|')}
