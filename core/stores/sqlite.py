@@ -22,6 +22,11 @@ changes, so the schema keeps the pages a reserve or a commit touches few and sma
   itself is compared too); forgetting a reservation past retention takes it out of that index
   (and the idempotency index) and leaves its hold record in the audit trail. Forgetting walks the
   settle records in ``seq`` order from a watermark kept in ``meta``, so it needs no index either.
+* A reserve is one query (the chain's budgets and counters, plus whether any hold is due for
+  reclaiming and the budgets version), one upsert of the holds and one insert. A commit reads the
+  reservation, then, when no budget was set or removed since the hold (``meta.budgets`` counts
+  changes), charges the hold's own budgets with one conditional upsert (rows that stay within
+  their limit; the rest, flagged ``overage``, by a second one) instead of reading the budgets.
 * Amounts and holds are short delimited strings, not JSON; windows are not stored when they are
   the calendar windows of the reservation's creation time (they are recomputed from it).
 * ``wal_autocheckpoint`` is raised to 4096 pages (4 MiB of WAL): fewer checkpoints (each with an
