@@ -262,6 +262,7 @@ class RedisStore(Store):
         self._max_connections = int(max_connections)
         self._options = dict(redis_options)
         self._options.setdefault("decode_responses", True)
+        self._options.setdefault("protocol", 2)  # RESP2: every Redis and proxy speaks it, and it parses a bit faster
         self._roots_key = f"{key_prefix}roots"
         self._known_roots: set[str] = set()
         self._in_doubt: set[str] = set()
