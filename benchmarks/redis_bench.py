@@ -431,8 +431,10 @@ def main() -> None:
     try:
         info = redis.Redis(port=port).info("server")
         python = sys.version.split()[0]
-        print(f"redis-server {info['redis_version']} on 127.0.0.1:{port}; python {python}; "
-              f"redis-py {redis.__version__}; {os.cpu_count()} cores; {rounds} rounds x {seconds}s, medians")  # fmt: skip
+        print(
+            f"redis-server {info['redis_version']} on 127.0.0.1:{port}; python {python}; "
+            f"redis-py {redis.__version__}; {os.cpu_count()} cores; {rounds} rounds x {seconds}s, medians"
+        )
         trivial = Trivial(port)
         naive = Naive(port)
 
