@@ -16,8 +16,8 @@ RUN = "tenant:acme/workflow:triage/run:r1"
 LADDER = {"provider": "openai", "rungs": ["gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano"]}
 
 
-def authority_with(document: dict[str, object], **options: object) -> Authority:
-    return Authority("memory://", policy=Policy(PolicyDocument.parse(document)), **options)  # type: ignore[arg-type]
+def authority_with(document: dict[str, object], store: str = "memory://", **options: object) -> Authority:
+    return Authority(store, policy=Policy(PolicyDocument.parse(document)), **options)  # type: ignore[arg-type]
 
 
 def flagship(input_tokens: int = 1000, output_tokens: int = 1000) -> Action:
@@ -30,8 +30,8 @@ def test_no_policy_changes_nothing() -> None:
     assert authority.reserve(flagship(), RUN).outcome is Outcome.DENY
 
 
-def test_ladder_falls_to_the_first_rung_that_fits() -> None:
-    authority = authority_with({"ladders": [LADDER]})
+def test_ladder_falls_to_the_first_rung_that_fits(store_url: str) -> None:
+    authority = authority_with(store=store_url, document={"ladders": [LADDER]})
     authority.set_budget(Budget("tenant:acme/workflow:triage", "usd", "0.0125"))
     first = authority.reserve(flagship(), RUN)  # $0.01 fits
     assert first.outcome is Outcome.ALLOW
@@ -66,8 +66,8 @@ def test_soft_threshold_keeps_the_flagship_for_when_there_is_room() -> None:
     assert degraded.reasons[0].threshold == Decimal("0.02")
 
 
-def test_output_cap_offers_what_the_headroom_pays_for() -> None:
-    authority = authority_with({"ladders": [LADDER], "output_cap": {"floor": 100}})
+def test_output_cap_offers_what_the_headroom_pays_for(store_url: str) -> None:
+    authority = authority_with(store=store_url, document={"ladders": [LADDER], "output_cap": {"floor": 100}})
     authority.set_budget(Budget("tenant:acme", "usd", "0.0003"))  # nano at full length costs 0.0005
     decision = authority.reserve(flagship(), RUN)
     assert decision.outcome is Outcome.ALLOW_WITH_CAPS
@@ -95,12 +95,13 @@ def test_context_cap_trims_input_heavy_calls() -> None:
     assert decision.reservation.amounts["tokens"] == 25_500
 
 
-def test_tool_budget_exhausted_disables_the_tool_for_model_calls() -> None:
+def test_tool_budget_exhausted_disables_the_tool_for_model_calls(store_url: str) -> None:
     authority = authority_with(
-        {
+        store=store_url,
+        document={
             "budgets": [{"scope": "tenant:acme", "unit": "tool.web_search.calls", "limit": 2}],
             "tools": {"toolsets": {"search": ["web_search", "news_search"]}},
-        }
+        },
     )
     authority.apply_policy(authority.current_policy().document)  # type: ignore[union-attr]
     for _ in range(2):
@@ -129,8 +130,8 @@ def test_toolset_budget_disables_every_tool_of_the_set() -> None:
     assert caps.disabled_tools == ("news_search", "web_search")
 
 
-def test_tool_calls_per_run() -> None:
-    authority = authority_with({"tools": {"calls_per_run": 2}})
+def test_tool_calls_per_run(store_url: str) -> None:
+    authority = authority_with(store=store_url, document={"tools": {"calls_per_run": 2}})
     for _ in range(2):
         assert authority.reserve(Action.tool_call("calc"), RUN).allowed
     assert authority.reserve(Action.tool_call("calc"), RUN).denied
@@ -175,9 +176,11 @@ def test_risky_actions_need_an_allow_rule_and_count_their_unit() -> None:
     assert authority.reserve(Action("tool_call", "read_file", risk="read"), RUN).allowed
 
 
-def test_rate_limits_in_the_same_atomic_step(clock: FakeClock) -> None:
+def test_rate_limits_in_the_same_atomic_step(store_url: str, clock: FakeClock) -> None:
     authority = authority_with(
-        {"rate_limits": [{"scope": "tenant:acme", "kind": "tool_call", "limit": 3, "per": "minute"}]}, clock=clock
+        {"rate_limits": [{"scope": "tenant:acme", "kind": "tool_call", "limit": 3, "per": "minute"}]},
+        store_url,
+        clock=clock,
     )
     authority.apply_policy(authority.current_policy().document)  # type: ignore[union-attr]
     clock.set(1_800_000_000.0)  # the start of a minute
@@ -192,8 +195,8 @@ def test_rate_limits_in_the_same_atomic_step(clock: FakeClock) -> None:
     assert authority.reserve(Action.tool_call("calc"), RUN).allowed
 
 
-def test_shadow_mode_reports_but_never_enforces() -> None:
-    authority = authority_with({"ladders": [LADDER], "shadow": ["tenant:globex"]})
+def test_shadow_mode_reports_but_never_enforces(store_url: str) -> None:
+    authority = authority_with(store=store_url, document={"ladders": [LADDER], "shadow": ["tenant:globex"]})
     authority.set_budget(Budget("tenant:globex", "usd", "0.0001"))
     decision = authority.reserve(flagship(), "tenant:globex/run:r1")
     assert decision.outcome is Outcome.ALLOW
@@ -222,10 +225,10 @@ def test_code_rules_can_override() -> None:
     assert authority.reserve(flagship(), RUN).caps == Caps(model="gpt-4.1-mini")
 
 
-def test_applied_policy_reaches_every_worker(clock: FakeClock, tmp_path: object) -> None:
-    url = f"sqlite:///{tmp_path}/ledger.db"
-    admin = Authority(url, clock=clock)
-    worker = Authority(url, clock=clock, policy_refresh=0)
+def test_applied_policy_reaches_every_worker(store_url: str, clock: FakeClock) -> None:
+    admin = Authority(store_url, clock=clock)
+    # another worker on the same ledger (an in-memory store can only be shared as an object)
+    worker = Authority(admin.store if store_url == "memory://" else store_url, clock=clock, policy_refresh=0)
     admin.set_budget(Budget("tenant:acme", "usd", "0.005"))
     assert worker.reserve(flagship(), RUN).denied
     version = admin.apply_policy(PolicyDocument.parse({"ladders": [LADDER]}))

@@ -724,6 +724,40 @@ class SQLiteStore(Store):
             self._log(db, now, "budget_remove", scope, None, ((unit, 0),), f"period={period or 'lifetime'}")
             return True
 
+    def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
+        with self._write() as db:
+            cursor = db.execute(
+                "INSERT INTO budgets(scope, unit, period, lim) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (scope, unit, period, limit),
+            )
+            if cursor.rowcount == 0:
+                return False
+            db.execute(_BUDGETS_CHANGED)
+            self._log(db, now, "budget_set", scope, None, ((unit, limit),), f"period={period or 'lifetime'}")
+            return True
+
+    # --- policy documents (rows of ``meta``: no schema change) -----------------------------------
+    def put_policy(self, document: str, now: float) -> int:
+        with self._write() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'policy_version'").fetchone()
+            version = (int(row[0]) if row else 0) + 1
+            db.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT DO UPDATE SET value = excluded.value",
+                [("policy_version", version), ("policy", document)],
+            )
+            self._log(db, now, "policy_set", "", None, (), f"version={version}")
+            return version
+
+    def policy(self) -> tuple[int, str | None]:
+        with self._read() as db:
+            rows = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('policy_version', 'policy')"))
+        return int(rows.get("policy_version", 0)), rows.get("policy")
+
+    def policy_version(self) -> int:
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'policy_version'").fetchone()
+        return int(row[0]) if row else 0
+
     def accounts(self, scope: str | None, windows: Windows, now: float, subtree: bool) -> list[AccountState]:
         due = False
         with self._read() as db:

@@ -53,6 +53,8 @@ def test_sigkill_mid_operation_leaves_a_consistent_ledger(tmp_path: Path) -> Non
     for worker in workers:
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(timeout=10)
+        assert worker.stdout is not None
+        worker.stdout.close()
     records = authority.store.reservations(None, None, 10**7, authority.clock())
     assert len(records) > 100, "the workers did not get going"
     held = [r for r in records if r.status == "held"]
