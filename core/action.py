@@ -42,6 +42,8 @@ class Action(InputModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     steps: tuple[tuple[str, int], ...] = Field(default=(), exclude=True, repr=False)
     """The estimated amounts in exact integer steps (see :mod:`clearance.units`), as the stores take them."""
+    label: str = Field(default="", exclude=True, repr=False)
+    """``kind:name``, as shown in decisions and the audit trail."""
 
     def __init__(
         self,
@@ -68,6 +70,7 @@ class Action(InputModel):
             tool=tool,
             metadata=dict(metadata or {}),
             steps=tuple(steps.items()),
+            label=f"{kind}:{name}",
         )
 
     @field_validator("kind", "risk")
@@ -83,11 +86,6 @@ class Action(InputModel):
         if not _LABEL_RE.fullmatch(value):
             raise ValueError("must be 1-256 printable characters")
         return value
-
-    @property
-    def label(self) -> str:
-        """``kind:name``, as shown in decisions and the audit trail."""
-        return f"{self.kind}:{self.name}"
 
     def as_plan(self) -> Plan:
         """The action as requested: its amounts, no caps."""

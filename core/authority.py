@@ -290,15 +290,15 @@ class Authority:
         now = self.clock()
         lifetime = self.default_ttl if ttl is None else _check_ttl(ttl)
         request = HoldRequest(
-            reservation_id=f"{os.urandom(10).hex()}.{parsed.root}",
-            chain=parsed.chain,
-            plans=specs,
-            now=now,
-            expires_at=now + lifetime,
-            windows=windows_at(now),
-            idempotency_key=_check_key(idempotency_key),
-            label=action.label,
-            probes=probes,
+            f"{os.urandom(10).hex()}.{parsed.root}",
+            parsed.chain,
+            specs,
+            now,
+            now + lifetime,
+            windows_at(now),
+            None if idempotency_key is None else _check_key(idempotency_key),
+            action.label,
+            probes,
         )
         return request, action, parsed, chosen
 
@@ -322,13 +322,7 @@ class Authority:
                 Reason("plan_selected", f"plan {index + 1} of {count} fits{what}", scope.path, plan=index, rule=rule)
             )
         reservation = Reservation(
-            id=result.reservation_id or "",
-            scope=scope.path,
-            steps=steps,
-            expires_at=result.expires_at,
-            plan_index=index,
-            created_at=now,
-            label=action.label,
+            result.reservation_id or "", scope.path, steps, result.expires_at, index, "held", now, action.label
         )
         return Decision(
             outcome,

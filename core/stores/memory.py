@@ -33,7 +33,6 @@ from clearance.ledger import (
     choose_plan,
     commit_flags,
     merge_actual,
-    with_holds,
 )
 from clearance.periods import Windows
 from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
@@ -63,12 +62,24 @@ class _Reservation:
     stops tracking; settling drops the holds. A store keeps settled reservations for the retention
     window, so this keeps them from slowing every collection down."""
 
-    __slots__ = ("committed", "expires_at", "fixed", "flags", "holds", "id", "plan_index", "settled_at", "status")
+    __slots__ = (
+        "budgets",
+        "committed",
+        "expires_at",
+        "fixed",
+        "flags",
+        "holds",
+        "id",
+        "plan_index",
+        "settled_at",
+        "status",
+    )
 
     def __init__(
-        self, request: HoldRequest, plan_index: int, holds: list[tuple[_Budget, str, list[int], int]]
+        self, request: HoldRequest, plan_index: int, holds: list[tuple[_Budget, str, list[int], int]], budgets: int
     ) -> None:
         self.id = request.reservation_id
+        self.budgets = budgets  # the store's budget version at hold time
         # (chain, amounts, windows, created_at, idempotency key, label)
         self.fixed = (
             request.chain,
@@ -122,7 +133,7 @@ class _Reservation:
             status=self.status,
             plan_index=self.plan_index,
             amounts=self.amounts,
-            holds=tuple((b.scope, b.unit, b.period, window, steps) for b, window, _, steps in self.holds),
+            holds=tuple((b.scope, b.unit, b.period, window, steps) for b, window, _, steps in self.holds if steps),
             windows=self.windows,
             created_at=self.created_at,
             expires_at=self.expires_at,
@@ -147,6 +158,7 @@ class MemoryStore(Store):
         self._lock = threading.Lock()
         self._levels: dict[str, dict[tuple[str, str], _Budget]] = {}  # scope -> (unit, period) -> budget
         self._parked: dict[tuple[str, str, str], _Budget] = {}  # removed budgets, kept for their counters
+        self._budget_version = 0  # bumped whenever a budget is created or removed
         self._reservations: dict[str, _Reservation] = {}
         self._idempotency: dict[tuple[str, str], str] = {}
         self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, id) for held reservations
@@ -221,7 +233,7 @@ class MemoryStore(Store):
             for budget in level.values():
                 if budget.unit in units:  # type: ignore[operator]
                     window = windows[budget.period]
-                    counters = budget.window(window)
+                    counters = budget.counters.get(window) or budget.window(window)
                     states.append(
                         AccountState(scope, budget.unit, budget.period, window, budget.limit, counters[0], counters[1])
                     )
@@ -247,23 +259,30 @@ class MemoryStore(Store):
                     return HoldResult(res.id, res.plan_index, res.expires_at, tuple(states), (), replayed=True)
             states, refs = self._chain_budgets(request.chain, units, self._map(request.windows))
             choice = choose_plan(plans, request.chain, states)
-            if choice.plan_index < 0:
+            index = choice.plan_index
+            if index < 0:
                 return HoldResult(None, -1, 0.0, tuple(states), tuple(choice.rejections))
+            # Every budget of the chosen plan's units is kept (amount 0 included): while no budget is
+            # created or removed, commit charges exactly these counters without looking anything up.
+            chosen = dict(plans[index].amounts)
             holds = []
-            for position, steps in choice.holds:
-                budget, window, counters = refs[position]
+            after = []
+            for state, (budget, window, counters) in zip(states, refs, strict=True):
+                steps = chosen.get(budget.unit)
+                if steps is None:  # a probe, or a unit only another plan named
+                    after.append(state)
+                    continue
                 counters[1] += steps
                 holds.append((budget, window, counters, steps))
-            index = choice.plan_index
-            res = _Reservation(request, index, holds)
+                after.append(AccountState(state[0], state[1], state[2], state[3], state[4], state[5], counters[1]))
+            res = _Reservation(request, index, holds, self._budget_version)
             rid = res.id
             self._reservations[rid] = res
             heapq.heappush(self._expiry, (res.expires_at, rid))
             if request.idempotency_key is not None:
                 self._idempotency[(request.chain[0], request.idempotency_key)] = rid
             self._log(now, "hold", request.chain[-1], rid, plans[index].amounts, _PLAN_DETAIL[index])
-        after = with_holds(states, choice.holds) if choice.holds else tuple(states)
-        return HoldResult(rid, choice.plan_index, res.expires_at, after, tuple(choice.rejections))
+        return HoldResult(rid, index, res.expires_at, tuple(after), tuple(choice.rejections))
 
     def commit(self, reservation_id: str, actual: Amounts | None, now: float) -> SettleResult:
         with self._lock:
@@ -273,18 +292,22 @@ class MemoryStore(Store):
             if res.status == COMMITTED:
                 return SettleResult(res.id, COMMITTED, res.committed or (), res.flags, replayed=True)
             prior = res.status
-            if actual is None:
-                actual = res.amounts
-            else:
-                actual = merge_actual(res.amounts, actual)
+            actual = res.amounts if actual is None else merge_actual(res.amounts, actual)
             if prior == HELD:
                 for _, _, counters, steps in res.holds:
                     counters[1] -= steps
             flags = commit_flags(prior, res.amounts, actual) if prior != HELD or actual != res.amounts else []
             charges = {unit: steps for unit, steps in actual if steps}
-            if charges:
-                windows = None
-                over = False
+            over = False
+            if prior == HELD and res.budgets == self._budget_version and charges.keys() <= dict(res.amounts).keys():
+                for budget, _, counters, _ in res.holds:  # the same budgets as at hold time: no lookups
+                    steps = charges.get(budget.unit, 0)
+                    if steps:
+                        counters[0] += steps
+                        if counters[0] + counters[1] > budget.limit:
+                            over = True
+            elif charges:
+                windows = dict(res.windows)
                 for scope in res.chain:
                     level = self._levels.get(scope)
                     if level is None:
@@ -292,14 +315,12 @@ class MemoryStore(Store):
                     for budget in level.values():
                         steps = charges.get(budget.unit, 0)
                         if steps:
-                            if windows is None:
-                                windows = dict(res.windows)
                             counters = budget.window(windows[budget.period])
                             counters[0] += steps
                             if counters[0] + counters[1] > budget.limit:
                                 over = True
-                if over:
-                    flags.append(OVER_LIMIT)
+            if over:
+                flags.append(OVER_LIMIT)
             res.committed = actual
             res.flags = tuple(flags)
             self._settle(res, COMMITTED, now)
@@ -354,6 +375,7 @@ class MemoryStore(Store):
                 budget = self._parked.pop((scope, unit, period), None) or _Budget(scope, unit, period, limit)
                 budget.limit = limit
                 level[(unit, period)] = budget
+                self._budget_version += 1
             else:
                 budget.limit = limit
             self._log(now, "budget_set", scope, None, ((unit, limit),), f"period={period or 'lifetime'}")
@@ -366,6 +388,7 @@ class MemoryStore(Store):
             # Parked, not dropped: held reservations still point at its counters, and a budget set
             # again later continues from them (the same as the SQLite and Redis stores).
             self._parked[(scope, unit, period)] = level.pop((unit, period))
+            self._budget_version += 1
             if not level:
                 del self._levels[scope]
             self._log(now, "budget_remove", scope, None, ((unit, 0),), f"period={period or 'lifetime'}")
