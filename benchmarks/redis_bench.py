@@ -144,6 +144,29 @@ class Ours:
         return lifecycle, close
 
 
+class StoreOnly(Ours):
+    """The same ledger calls without the Authority around them: ``RedisStore.hold`` + ``commit`` with
+    a prepared request (fresh id and clock each call). Separates the store's cost from the facade's."""
+
+    def sync(self) -> tuple[Lifecycle, Callable[[], None]]:
+        store = RedisStore.from_url(self.url)
+        chain = tuple("/".join(self.scope.split("/")[: i + 1]) for i in range(len(self.scope.split("/"))))
+        zeros = (0,) * len(chain)
+        if self.plans is None:
+            specs = (PlanSpec((("usd", 1_000_000),), zeros),)
+        else:
+            specs = tuple(PlanSpec(tuple(plan.steps), zeros) for plan in self.plans)
+        actual = (("usd", 700_000),)
+
+        def lifecycle() -> None:
+            now = time.time()
+            request = HoldRequest(f"{os.urandom(10).hex()}.{chain[0]}", chain, specs, now, now + 60, windows_at(now))
+            result = store.hold(request)
+            store.commit(result.reservation_id, actual, now)  # type: ignore[arg-type]
+
+        return lifecycle, store.close
+
+
 class Bare:
     def __init__(self, port: int, depth: int, tag: str) -> None:
         self.port = port
@@ -441,7 +464,8 @@ def main() -> None:
         # sync single client -----------------------------------------------------------------------
         print("\n== sync, one client: lifecycle = reserve + commit ==")
         print(f"{'depth':>5} {'plans':>5} | {'ours/s':>8} {'p50us':>7} {'p99us':>7} | {'bare/s':>8} {'p50us':>7}"
-              f" {'p99us':>7} | {'p50 ours/bare':>13} {'rate ours/bare':>14}")  # fmt: skip
+              f" {'p99us':>7} | {'p50 ours/bare':>13} {'rate ours/bare':>14} | {'store-only p50us':>16}"
+              f" {'/bare':>6}")  # fmt: skip
         rates_by_depth: dict[tuple[int, int], float] = {}
         trivial_samples: list[tuple[float, float, float]] = []
         naive_samples: list[tuple[float, float, float]] = []
@@ -449,10 +473,12 @@ def main() -> None:
             bare = Bare(port, depth, f"b{depth}")
             for plans in (1, 3):
                 ours = Ours(url, depth, plans, f"s{depth}p{plans}")
-                mine, floor = [], []
+                store_only = StoreOnly(url, depth, plans, f"s{depth}p{plans}")
+                mine, floor, stored = [], [], []
                 for _ in range(rounds):
                     mine.append(run_sync(ours, seconds))
                     floor.append(run_sync(bare, seconds))
+                    stored.append(run_sync(store_only, seconds))
                     if depth == depths[0] and plans == 1:
                         trivial_samples.append(run_sync(trivial, seconds))
                         naive_samples.append(run_sync(naive, seconds))
@@ -461,7 +487,11 @@ def main() -> None:
                 rates_by_depth[(depth, plans)] = r
                 ours_text = f"{r:>8.0f} {p50:>7.1f} {p99:>7.1f}"
                 bare_text = f"{br:>8.0f} {bp50:>7.1f} {bp99:>7.1f}"
-                print(f"{depth:>5} {plans:>5} | {ours_text} | {bare_text} | {p50 / bp50:>13.2f} {r / br:>14.2f}")
+                sp50 = median([x[1] for x in stored])
+                print(
+                    f"{depth:>5} {plans:>5} | {ours_text} | {bare_text} | {p50 / bp50:>13.2f} {r / br:>14.2f}"
+                    f" | {sp50:>16.1f} {sp50 / bp50:>6.2f}"
+                )
         tr, tp50, tp99 = (median([s[i] for s in trivial_samples]) for i in range(3))
         nr, np50, np99 = (median([s[i] for s in naive_samples]) for i in range(3))
         print(f"floor: trivial script call  {tr:>8.0f}/s  p50 {tp50:.1f} us  p99 {tp99:.1f} us")

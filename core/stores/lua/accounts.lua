@@ -3,7 +3,7 @@
 -- [5] windows. Reply: one '|'-joined text, 7 fields per budget.
 
 local scope, subtree = ARGV[3], ARGV[4] == '1'
-local windows = parse_windows(ARGV[5])
+local windows = ARGV[5]
 reclaim()
 local scopes = {}
 if not subtree and scope ~= '' then

@@ -68,7 +68,7 @@ end
 
 local over = false
 if next(charge) then
-  for _, s in ipairs(states(chain_of(rec.s), charge, parse_windows(rec.w))) do
+  for _, s in ipairs(states(chain_of(rec.s), charge, rec.w)) do
     local spent = redis.call('HINCRBY', K_LEDGER, 's|' .. s[9], charge[s[2]])
     if spent + tonumber(s[7]) > tonumber(s[5]) then
       over = true

@@ -166,10 +166,11 @@ local function chain_of(scope)
   end
 end
 
--- Budgets on `chain` (of units in `wanted`, a set, or all when nil) with their current window's
--- counters, in chain order then each level's budget order: a list of
+-- Budgets on `chain` (of units in `wanted`, a set, or all when nil) with the counters of their window
+-- in `windows_text`, in chain order then each level's budget order: a list of
 -- {scope, unit, period, window, limit, spent, held, level, counter suffix}, numbers as strings.
-local function states(chain, wanted, windows)
+local function states(chain, wanted, windows_text)
+  local windows = nil  -- parsed only when a period budget shows up: lifetime budgets need no window
   local index_fields = {}
   for i, scope in ipairs(chain) do
     index_fields[i] = '@' .. scope
@@ -181,7 +182,11 @@ local function states(chain, wanted, windows)
     if entries then
       for unit, period, limit in string.gmatch(entries, '([^ |]+)|([^ |]*)|([^ ]+)') do
         if wanted == nil or wanted[unit] then
-          local window = windows[period]
+          local window = ''
+          if period ~= '' then
+            windows = windows or parse_windows(windows_text)
+            window = windows[period]
+          end
           local suffix = scope .. '|' .. unit .. '|' .. period .. '|' .. window
           out[#out + 1] = {scope, unit, period, window, limit, '0', '0', level, suffix}
           fields[#fields + 1] = 's|' .. suffix

@@ -43,7 +43,7 @@ local function replay(existing, kind)
   for i = 1, #words, 2 do
     held_units[words[i]] = true
   end
-  return {kind, existing, rec.p, rec.e, states_text(states(chain, held_units, parse_windows(rec.w)), nil), ''}
+  return {kind, existing, rec.p, rec.e, states_text(states(chain, held_units, rec.w), nil), ''}
 end
 
 if ARGV[11] == '1' and redis.call('HEXISTS', K_RES, token) == 1 then
@@ -56,7 +56,7 @@ if idem ~= '' then
   end
 end
 
-local list = states(chain, wanted, parse_windows(windows_text))
+local list = states(chain, wanted, windows_text)
 local by_unit = {}
 for _, s in ipairs(list) do
   local bucket = by_unit[s[2]]
