@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -307,3 +308,51 @@ def test_plans_given_explicitly_bypass_the_policy() -> None:
     authority = authority_with({"ladders": [LADDER]})
     authority.set_budget(Budget("tenant:acme", "usd", "0.005"))
     assert authority.reserve(flagship(), RUN, plans=[Plan({"usd": "0.01"})]).denied
+
+
+def test_rules_combined(store_url: str, clock: FakeClock) -> None:
+    document = PolicyDocument.parse(
+        {
+            "budgets": [
+                {"scope": "tenant:acme/workflow:triage", "unit": "usd", "limit": "0.03"},
+                {"scope": "tenant:acme", "unit": "emails", "limit": 1, "period": "day"},
+            ],
+            "ladders": [
+                {
+                    "provider": "openai",
+                    "rungs": [{"model": "gpt-4.1", "min_headroom": {"workflow": 0.5}}, "gpt-4.1-mini"],
+                }
+            ],
+            "optional": [{"level": "workflow", "below": 0.6}],
+            "risk": [{"scope": "tenant:acme", "allow": ["external"], "amounts": {"emails": 1}}],
+            "rate_limits": [{"scope": "tenant:acme", "kind": "model_call", "limit": 3, "per": "minute"}],
+        }
+    )
+    authority = Authority(store_url, clock=clock, policy=Policy(document))
+    authority.apply_policy(document)
+    clock.set(1_800_000_000.0)
+    first = authority.reserve(flagship(), RUN)  # 0.01 of 0.03: 0.02 remains >= 0.015
+    assert first.outcome is Outcome.ALLOW
+    second = authority.reserve(flagship(), RUN)  # would leave 0.01 < 0.015: the mini
+    assert second.caps == Caps(model="gpt-4.1-mini")
+    assert second.reservation is not None
+    assert second.reservation.amounts["rate.model_call"] == 1
+    optional = authority.reserve(Action.model_call("openai", "gpt-4.1-mini", 1000, 1000, optional=True), RUN)
+    assert optional.caps == Caps(skip_optional=True)  # would leave 0.016 of 0.03, under 60%: skipped
+    email = Action("side_effect", "send_email", risk="external")
+    assert authority.reserve(email, RUN).allowed
+    assert authority.reserve(email, RUN).denied  # one email a day
+    third = authority.reserve(flagship(), RUN)
+    fourth = authority.reserve(flagship(), RUN)
+    assert third.allowed
+    assert fourth.denied  # the fourth counted model call this minute (the skipped optional one held nothing)
+    assert any(r.unit == "rate.model_call" for r in fourth.reasons)
+    for budget in authority.budgets():
+        assert budget.spent + budget.held <= budget.limit
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("examples/policies/*")))
+def test_example_policies_are_valid(path: Path) -> None:
+    document = PolicyDocument.load(path)
+    Policy(document)  # builds
+    assert document == PolicyDocument.loads(document.to_json(), "json")  # survives storage
