@@ -28,6 +28,7 @@ MAX_AMOUNT = 2**53 - 1
 USD_SCALE = 10**9
 _SCALES: dict[str, int] = {"usd": USD_SCALE}
 _UNIT_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+_PLAIN_USD = re.compile(r"([0-9]{1,8})(?:\.([0-9]{1,9}))?")  # at most 9 decimals: nothing to round
 _known_units: dict[str, int] = {}
 
 AmountLike = int | str | Decimal | float
@@ -87,6 +88,12 @@ def to_steps(unit: str, value: object) -> int:
         check_unit(unit)
     if type(value) is int and value >= 0 and unit not in _SCALES and value <= MAX_AMOUNT:
         return value  # the common case for tokens, calls and other whole units
+    if type(value) is str and (plain := _PLAIN_USD.fullmatch(value)) is not None and unit in _SCALES:
+        # the common case for money, "0.0071": exact integer arithmetic, no Decimal context needed
+        whole, fraction = plain.groups()
+        steps = int(whole) * USD_SCALE + (int(fraction.ljust(9, "0")) if fraction else 0)
+        if steps <= MAX_AMOUNT:
+            return steps
     d = _as_decimal(value, f"amount of {unit}")
     if d < 0:
         raise InvalidRequest(f"amount of {unit} must not be negative, got {d}")
