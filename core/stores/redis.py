@@ -56,12 +56,13 @@ from collections.abc import Awaitable, Callable
 from functools import cache, lru_cache
 from importlib import resources
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+import redis.connection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -251,6 +252,10 @@ class RedisStore(Store):
                 raise InvalidRequest(f"{name} must be in (0, 3600] seconds, got {value}")
         if max_connections < 1 or audit_capacity < 1 or reclaim_batch < 1 or retention <= 0:
             raise InvalidRequest("max_connections, audit_capacity, reclaim_batch and retention must be positive")
+        try:
+            redis.connection.parse_url(url)  # type: ignore[no-untyped-call]  # bad input now, not at first use
+        except ValueError as error:
+            raise InvalidRequest(f"bad Redis URL {url!r}: {error}") from None
         self.url = url
         self.cluster = cluster
         self.key_prefix = key_prefix
@@ -265,6 +270,7 @@ class RedisStore(Store):
         self._options.setdefault("protocol", 2)  # RESP2: every Redis and proxy speaks it, and it parses a bit faster
         self._roots_key = f"{key_prefix}roots"
         self._known_roots: set[str] = set()
+        self._key_cache: dict[str, list[str]] = {}
         self._in_doubt: set[str] = set()
         self._in_doubt_lock = threading.Lock()
         self._sync: tuple[Any, dict[str, Any]] | None = None  # built on first use: a cluster client connects
@@ -295,7 +301,8 @@ class RedisStore(Store):
                     passed.append((key, value))
             except ValueError:
                 raise InvalidRequest(f"bad Redis store option {key}={value!r}") from None
-        base = urlunsplit((scheme.removesuffix("+cluster"), parts.netloc, parts.path, urlencode(passed), ""))
+        query = urlencode(passed)
+        base = f"{scheme.removesuffix('+cluster')}://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
         return cls(base, cluster=cluster, **ours)
 
     # --- clients ---------------------------------------------------------------------------------
@@ -409,10 +416,15 @@ class RedisStore(Store):
         self.close()
 
     # --- keys ------------------------------------------------------------------------------------
-    @lru_cache(maxsize=65536)  # noqa: B019 - one store per process; the cache holds key lists only
     def _keys(self, root: str) -> list[str]:
-        tag = f"{self.key_prefix}{{{root}}}:"
-        return [tag + suffix for suffix in ("l", "r", "d", "log")]
+        """The tenant's KEYS, all tagged ``{<root>}`` so they share one cluster slot."""
+        keys = self._key_cache.get(root)
+        if keys is None:
+            tag = f"{self.key_prefix}{{{root}}}:"
+            keys = [tag + suffix for suffix in ("l", "r", "d", "log")]
+            if len(self._key_cache) < 65536:
+                self._key_cache[root] = keys
+        return keys
 
     def _head(self, now: float) -> list[str]:
         return [_float(now), self._config]

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import tempfile
+import time
 from decimal import Decimal
 
 import pytest
 import redis as redis_py
+from redis_servers import RedisServer, free_port, require_redis
 
-from clearance import Action, Authority, Budget, InvalidRequest, Plan
+from clearance import Action, Authority, Budget, InvalidRequest, Plan, StoreUnavailable
 from clearance.stores import store_from_url
 from clearance.stores.redis import RedisStore
 from clearance.testing import FakeClock
@@ -184,4 +189,32 @@ def test_cluster_reserve_spans_one_slot(redis_cluster_url: str, clock: FakeClock
     assert {b.scope: b.held for b in authority.budgets()} == dict.fromkeys(
         ("tenant:a", "tenant:b", "tenant:c", "tenant:d"), 0
     )
+    authority.close()
+
+
+def test_unix_socket_url(clock: FakeClock) -> None:
+    require_redis()
+    folder = tempfile.mkdtemp(prefix="clearance-sock-")
+    path = os.path.join(folder, "redis.sock")
+    server = RedisServer(extra=("--unixsocket", path, "--unixsocketperm", "700")).start()
+    try:
+        authority = Authority(f"unix://{path}?db=0&key_prefix=u:", clock=clock)
+        authority.set_budget(Budget("tenant:acme", "usd", 10))
+        assert authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6).allowed
+        assert authority.balance("tenant:acme")["usd"].held == 1
+        authority.close()
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_unreachable_cluster_is_a_decision(clock: FakeClock) -> None:
+    port = free_port()  # nothing listens there
+    authority = Authority(f"redis+cluster://127.0.0.1:{port}?connect_timeout=0.2&socket_timeout=0.2", clock=clock)
+    started = time.monotonic()
+    decision = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6)
+    assert decision.denied and decision.reasons[0].code == "store_unavailable"
+    assert time.monotonic() - started < 2.0
+    with pytest.raises(StoreUnavailable):
+        authority.balance("tenant:acme")
     authority.close()
