@@ -19,6 +19,7 @@ tag ``{<root scope>}`` and are passed in ``KEYS``, so a whole reservation lands 
                                  "!<idempotency key>" -> "<token>"
     <prefix>{<root>}:d   zset    every remembered reservation by when it is next due: expires_at while
                                  held (the expiry index), then the end of its retention
+    <prefix>{<root>}:h   zset    held reservations by created_at (listing live holds reads only these)
     <prefix>{<root>}:log stream  audit events, capped (XADD MAXLEN ~)
     <prefix>roots        set     every tenant root, for sweep() and listings across tenants
     <prefix>{~}:l / :log         policy documents and their audit trail (no tenant)
@@ -421,7 +422,7 @@ class RedisStore(Store):
         keys = self._key_cache.get(root)
         if keys is None:
             tag = f"{self.key_prefix}{{{root}}}:"
-            keys = [tag + suffix for suffix in ("l", "r", "d", "log")]
+            keys = [tag + suffix for suffix in ("l", "r", "d", "h", "log")]
             if len(self._key_cache) < 65536:
                 self._key_cache[root] = keys
         return keys
@@ -791,7 +792,7 @@ class RedisStore(Store):
         return await asyncio.to_thread(self.sweep, now)
 
     def _read_stream(self, root: str, after: int, count: int) -> list[AuditEvent]:
-        key = self._keys(root)[3]
+        key = self._keys(root)[4]
         start = "-" if after <= 0 else "(" + _stream_id(after)
         entries = self._call(lambda: self._client.xrange(key, min=start, max="+", count=count))
         events = []

@@ -8,7 +8,9 @@
 --                          "!<idempotency key>" -> "<token>"
 --   KEYS[3] due     zset   "<token>" scored by when it next needs attention: expires_at while held,
 --                          then the time a settled reservation is forgotten (one index, one lookup)
---   KEYS[4] log     stream audit events, capped with MAXLEN ~
+--   KEYS[4] held    zset   "<token>" by created_at, held reservations only: listings of live holds
+--                          read it instead of every reservation remembered
+--   KEYS[5] log     stream audit events, capped with MAXLEN ~
 -- ARGV[1] = now, ARGV[2] = "<retention> <audit cap> <reclaim batch>".
 --
 -- Integers never pass through Lua's tostring (Redis 7.0 prints 2e14 as "2e+14"): amounts travel
@@ -16,7 +18,7 @@
 -- Lua numbers are doubles, exact up to 2^53; clearance.units.MAX_AMOUNT keeps every amount and
 -- limit below that. Scope paths, units, periods and windows never contain ' ', '|', ';' or '='.
 
-local K_LEDGER, K_RES, K_DUE, K_LOG = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_LEDGER, K_RES, K_DUE, K_HELD, K_LOG = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local NOW = ARGV[1]
 local NOW_N = tonumber(NOW)
 local RETENTION, CAP, BATCH = string.match(ARGV[2], '^(%S+) (%S+) (%S+)$')
@@ -109,6 +111,7 @@ local function settle(token, rec, status)
   rec.t = NOW
   store(token, rec)
   redis.call('ZADD', K_DUE, fmt_float(NOW_N + RETENTION_N), token)
+  redis.call('ZREM', K_HELD, token)
 end
 
 local function expire(token, rec)

@@ -152,5 +152,6 @@ if idem ~= '' then
 end
 store(token, rec)
 redis.call('ZADD', K_DUE, expires_at, token)
+redis.call('ZADD', K_HELD, NOW, token)
 audit('hold', scope, token, amounts_text, 'plan=' .. fmt_int(chosen))
 return {'held', token, fmt_int(chosen), expires_at, states_text(list, added), table.concat(rejections, '|')}
