@@ -14,6 +14,7 @@ from __future__ import annotations
 import heapq
 import threading
 from collections import deque
+from collections.abc import Sequence
 from typing import ClassVar
 
 from clearance.errors import ReservationClosed, ReservationNotFound
@@ -91,7 +92,7 @@ class _Reservation:
         )
         self.status = HELD
         self.plan_index = plan_index
-        self.holds = holds
+        self.holds: Sequence[tuple[_Budget, str, list[int], int]] = holds
         self.expires_at = request.expires_at
         self.settled_at: float | None = None
         self.committed: Amounts | None = None
@@ -145,6 +146,8 @@ class _Reservation:
         )
 
 
+_state = tuple.__new__  # builds an AccountState without its Python-level __new__ (hot path)
+
 _PLAN_DETAIL = tuple(f"plan={index}" for index in range(17))
 
 
@@ -197,7 +200,7 @@ class MemoryStore(Store):
     def _settle(self, res: _Reservation, status: str, now: float) -> None:
         res.status = status
         res.settled_at = now
-        res.holds = []  # settled: nothing held any more, and no references kept alive
+        res.holds = ()  # settled: nothing held any more, and no references kept alive
         heapq.heappush(self._forget, (now + self._retention, res.id))
 
     def _reclaim(self, now: float) -> int:
@@ -235,7 +238,10 @@ class MemoryStore(Store):
                     window = windows[budget.period]
                     counters = budget.counters.get(window) or budget.window(window)
                     states.append(
-                        AccountState(scope, budget.unit, budget.period, window, budget.limit, counters[0], counters[1])
+                        _state(
+                            AccountState,
+                            (scope, budget.unit, budget.period, window, budget.limit, counters[0], counters[1]),
+                        )
                     )
                     refs.append((budget, window, counters))
         return states, refs
@@ -274,7 +280,7 @@ class MemoryStore(Store):
                     continue
                 counters[1] += steps
                 holds.append((budget, window, counters, steps))
-                after.append(AccountState(state[0], state[1], state[2], state[3], state[4], state[5], counters[1]))
+                after.append(_state(AccountState, (*state[:6], counters[1])))
             res = _Reservation(request, index, holds, self._budget_version)
             rid = res.id
             self._reservations[rid] = res
