@@ -4,7 +4,7 @@
 
 The same seeded workload of agent runs (priced model calls, tool calls, an optional step) is played
 three times on fresh in-memory ledgers: once without any budget to measure the unconstrained demand,
-then with a tenant budget of ``share`` × that demand, first deny-only (no policy: a required step
+then with a tenant budget of ``share`` x that demand, first deny-only (no policy: a required step
 that does not fit ends its run), then with ``examples/policies/default.yaml``. A run *finishes* when
 every required step was allowed, degraded or not. Target: >= 95% of runs finish, spend <= budget.
 """
@@ -108,7 +108,9 @@ def execute(authority: Authority, scope: str, step: Step, out: Outcomes) -> bool
         out.steps["tool"] += 1
     else:
         model = (caps.model if caps and caps.model else None) or "gpt-4.1"
-        tokens_in = min(step.input_tokens, caps.max_input_tokens) if caps and caps.max_input_tokens else step.input_tokens
+        tokens_in = step.input_tokens
+        if caps and caps.max_input_tokens:
+            tokens_in = min(tokens_in, caps.max_input_tokens)
         limit = caps.max_output_tokens if caps and caps.max_output_tokens else step.max_output_tokens
         tokens_out = int(limit * step.output_share)
         usd = price_usd("openai", model, tokens_in, tokens_out)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import NamedTuple
 
 from clearance.periods import Windows
+from clearance.units import from_steps
 
 Amounts = tuple[tuple[str, int], ...]
 """``((unit, steps), ...)`` — the stores' form of an amount map."""
@@ -131,15 +133,24 @@ class SettleResult:
 
 @dataclass(slots=True)
 class AuditEvent:
-    """One ledger change, written in the same transaction (or script) as the change itself."""
+    """One ledger change, written in the same transaction (or script) as the change itself.
+
+    ``kind`` is ``hold``, ``commit``, ``release``, ``expire``, ``extend``, ``budget_set``,
+    ``budget_remove`` or ``policy_set``; ``steps`` are the amounts involved in exact integer steps,
+    ``amounts`` the same as ``Decimal`` per unit (as on a :class:`~clearance.Reservation`).
+    """
 
     seq: int
     at: float
-    kind: str  # hold, commit, release, expire, extend, budget_set, budget_remove
+    kind: str
     scope: str
     reservation_id: str | None = None
-    amounts: Amounts = ()
+    steps: Amounts = ()
     detail: str = ""
+
+    @property
+    def amounts(self) -> dict[str, Decimal]:
+        return {unit: from_steps(unit, n) for unit, n in self.steps}
 
 
 @dataclass(slots=True)

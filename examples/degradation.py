@@ -1,6 +1,6 @@
 """Graceful degradation: the same calls, first as asked, then cheaper, shorter, skipped.
 
-    python examples/degradation.py
+python examples/degradation.py
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Quickstart: budgets on two levels, a guarded model call, a denial that explains itself.
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from rich.table import Table
 from rich.text import Text
 
 from clearance import AuditEvent, Balance, Reservation
-from clearance.units import from_steps
 
 
 def amount(unit: str, value: Decimal) -> str:
@@ -101,7 +100,7 @@ def reservations_table(reservations: Iterable[Reservation], now: float) -> Table
 
 
 def event_amounts(event: AuditEvent) -> str:
-    return amounts({unit: from_steps(unit, steps) for unit, steps in event.amounts})
+    return amounts(event.amounts)
 
 
 def event_line(event: AuditEvent) -> str:

@@ -805,7 +805,7 @@ class RedisStore(Store):
                     kind=fields["k"],
                     scope=fields["s"],
                     reservation_id=f"{token}.{root}" if token and root != _GLOBAL_ROOT else None,
-                    amounts=_amounts(fields.get("a")),
+                    steps=_amounts(fields.get("a")),
                     detail=fields.get("d", ""),
                 )
             )

@@ -334,7 +334,8 @@ def test_audit_trail_records_every_change(authority: Authority, clock: FakeClock
     assert kinds == ["budget_set", "hold", "hold", "hold", "commit", "release", "expire"]
     assert [e.seq for e in events] == sorted(e.seq for e in events)
     assert events[4].reservation_id == held.reservation.id
-    assert dict(events[4].amounts) == {"usd": 500_000_000}
+    assert events[4].amounts == {"usd": Decimal("0.5")}
+    assert events[4].steps == (("usd", 500_000_000),)
     assert authority.events(after=events[3].seq, scope="tenant:acme")[0].kind == "commit"
     assert authority.events(scope="tenant:globex") == []
 
