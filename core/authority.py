@@ -267,6 +267,16 @@ class Authority:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    async def aclose(self) -> None:
+        """Async twin of :meth:`close` (closes asyncio connections inside their own loop)."""
+        await self.store.aclose()
+
+    async def __aenter__(self) -> Authority:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     # --- reserve -----------------------------------------------------------------------------
     def _request(
         self,

@@ -135,4 +135,4 @@ async def test_asyncio_tasks_never_overspend(store_url: str) -> None:
 
     await asyncio.gather(*(task(n) for n in range(40)))
     _check(authority, [(len(committed), sum(committed), len(committed))])
-    authority.close()
+    await authority.aclose()
