@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from clearance._model import InputModel
+from clearance.errors import InvalidRequest
 from clearance.plan import Plan
 from clearance.pricing import price_nano_usd
 from clearance.units import USD_SCALE, from_step_map, to_step_map
@@ -59,6 +60,8 @@ class Action(InputModel):
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
         steps = to_step_map(amounts, "action amounts")
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise InvalidRequest(f"metadata must be a mapping, got {type(metadata).__name__}")
         super().__init__(
             kind=kind,
             name=name,

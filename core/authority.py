@@ -31,10 +31,11 @@ from clearance.ledger import (
     Rejection,
     ReservationRecord,
     SettleResult,
+    merge_actual,
 )
 from clearance.periods import Period, period_key, windows_at
 from clearance.plan import Caps, Plan, _zeros, check_plans
-from clearance.policy import Policy, PolicyRule, Proposal
+from clearance.policy import OutputRetry, Policy, PolicyRule, Proposal
 from clearance.policy_file import PolicyDocument
 from clearance.scope import Scope, parse_scope
 from clearance.stores import Store, store_from_url
@@ -55,7 +56,8 @@ _LOCAL_PREFIX = "local-"
 
 
 def _check_ttl(ttl: object) -> float:
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or not 0 < ttl <= MAX_TTL:
+    # compare before any float conversion: math.isfinite(10**400) raises OverflowError
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TTL:
         raise InvalidRequest(f"ttl must be a number of seconds in (0, {MAX_TTL:.0f}], got {ttl!r}")
     return float(ttl)
 
@@ -138,37 +140,73 @@ def _reservation(record: ReservationRecord) -> Reservation:
 
 
 class _EmergencyCap:
-    """What this process may spend, per unit, while the store is unreachable (fail open)."""
+    """What this process may spend, per unit, while the store is unreachable (fail open).
+
+    Local reservations behave like ledger ones on a small scale: they expire after their TTL (their
+    hold returns to the cap), a repeated commit or release is a replay, and an id this process never
+    issued is :class:`ReservationNotFound`."""
 
     def __init__(self, limits: dict[str, int]) -> None:
         self.limits = limits
         self.used: dict[str, int] = dict.fromkeys(limits, 0)
-        self.holds: dict[str, Amounts] = {}
+        self.holds: dict[str, tuple[Amounts, float]] = {}  # id -> (steps, expires_at)
+        self.settled: dict[str, tuple[str, Amounts]] = {}  # id -> (status, charged), the most recent ones
         self.lock = threading.Lock()
 
-    def take(self, rid: str, steps: Amounts) -> str | None:
+    def _give_back(self, steps: Amounts) -> None:
+        for unit, amount in steps:
+            if unit in self.limits:
+                self.used[unit] -= amount
+
+    def _remember(self, rid: str, status: str, charged: Amounts) -> None:
+        if len(self.settled) >= 10_000:
+            self.settled.pop(next(iter(self.settled)))
+        self.settled[rid] = (status, charged)
+
+    def _expire(self, now: float) -> None:
+        for rid, (steps, expires_at) in list(self.holds.items()):
+            if expires_at <= now:
+                del self.holds[rid]
+                self._give_back(steps)
+                self._remember(rid, "expired", ())
+
+    def take(self, rid: str, steps: Amounts, now: float, expires_at: float) -> str | None:
         """Hold ``steps`` against the cap; return the unit that does not fit, or None."""
         with self.lock:
+            self._expire(now)
             for unit, amount in steps:
                 if unit in self.limits and self.used[unit] + amount > self.limits[unit]:
                     return unit
             for unit, amount in steps:
                 if unit in self.limits:
                     self.used[unit] += amount
-            self.holds[rid] = steps
+            self.holds[rid] = (steps, expires_at)
             return None
 
-    def settle(self, rid: str, actual: Amounts | None) -> Amounts:
+    def settle(self, rid: str, actual: Amounts | None, commit: bool, now: float) -> Settlement:
         with self.lock:
-            held = self.holds.pop(rid, ())
-            charged = held if actual is None else actual
-            for unit, amount in held:
-                if unit in self.limits:
-                    self.used[unit] -= amount
+            self._expire(now)
+            held = self.holds.pop(rid, None)
+            if held is None:
+                done = self.settled.get(rid)
+                if done is None:
+                    raise ReservationNotFound(rid)
+                status, charged = done
+                if status != "expired" or not commit:
+                    return Settlement(rid, status, charged, replayed=True)
+                steps: Amounts = ()  # a late commit: what was held came back at expiry
+            else:
+                steps = held[0]
+                self._give_back(steps)
+            if not commit:
+                self._remember(rid, "released", ())
+                return Settlement(rid, "released")
+            charged = steps if actual is None else merge_actual(steps, actual)
             for unit, amount in charged:
                 if unit in self.limits:
                     self.used[unit] += amount
-            return charged
+            self._remember(rid, "committed", charged)
+            return Settlement(rid, "committed", charged, ("late",) if held is None else ())
 
 
 class Grant:
@@ -245,6 +283,10 @@ class Authority:
         self._emergency = _EmergencyCap(limits)
         if policy is not None and not isinstance(policy, Policy):
             raise InvalidRequest(f"policy must be a clearance.Policy, got {type(policy).__name__}")
+        if not all(callable(rule) for rule in rules):
+            raise InvalidRequest("rules must be callables rule(action, scope, proposal)")
+        if isinstance(policy_refresh, bool) or not isinstance(policy_refresh, int | float) or not policy_refresh >= 0:
+            raise InvalidRequest(f"policy_refresh must be a number of seconds >= 0, got {policy_refresh!r}")
         self._fixed_policy = policy
         self._rules = tuple(rules)
         self._policy: Policy | None = policy if policy is not None else (Policy(rules=rules) if rules else None)
@@ -364,7 +406,7 @@ class Authority:
             return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_CLOSED)
         rid = _LOCAL_PREFIX + request.reservation_id
         steps, caps = _chosen(action, plans, 0)
-        over = self._emergency.take(rid, steps)
+        over = self._emergency.take(rid, steps, request.now, request.expires_at)
         if over is not None:
             reason = Reason(
                 "emergency_cap",
@@ -385,10 +427,12 @@ class Authority:
         as the next version; every Authority on the store picks it up. Returns the version."""
         if not isinstance(document, PolicyDocument):
             raise InvalidRequest(f"expected a PolicyDocument, got {type(document).__name__}")
-        for entry in document.budgets:
-            self.set_budget(Budget(entry.scope, entry.unit, entry.limit, entry.period))
-        for rate in document.rate_limits:
-            self.set_budget(Budget(rate.scope, rate.unit, rate.limit, rate.per))
+        # Everything is validated before anything is written: bad input changes nothing.
+        budgets = [Budget(entry.scope, entry.unit, entry.limit, entry.period) for entry in document.budgets]
+        budgets += [Budget(rate.scope, rate.unit, rate.limit, rate.per) for rate in document.rate_limits]
+        Policy(document, rules=self._rules)
+        for budget in budgets:
+            self.set_budget(budget)
         version = self.store.put_policy(document.to_json(), self.clock())
         self._policy_checked = -math.inf  # this process sees it on its very next decision
         return version
@@ -449,11 +493,56 @@ class Authority:
                 result = yield ("hold", (request,))
             except StoreUnavailable as error:
                 return self._unavailable(error, request, checked, parsed, chosen)
-            decision = self._decide(result, checked, parsed, chosen, request.now)
-            if proposal is not None and policy is not None:
-                decision = yield from self._refine_flow(decision, result, proposal, policy, checked, parsed, ttl, key)
+            if result.replayed:
+                retry = proposal.output_retry if proposal is not None else None
+                decision = yield from self._replay_flow(result, checked, parsed, chosen, retry)
+            else:
+                decision = self._decide(result, checked, parsed, chosen, request.now)
+                if proposal is not None and policy is not None:
+                    decision = yield from self._refine_flow(
+                        decision, result, proposal, policy, checked, parsed, ttl, key
+                    )
         if proposal is not None and proposal.shadow and (decision.denied or decision.caps is not None):
             decision = yield from self._shadow_flow(decision, checked, parsed, ttl, key)
+        return decision
+
+    def _replay_flow(
+        self,
+        result: HoldResult,
+        action: Action,
+        scope: Scope,
+        plans: tuple[Plan, ...] | None,
+        output_retry: OutputRetry | None,
+    ) -> Generator[_Op, Any, Decision]:
+        """A reserve retried with its idempotency key: answer with the original reservation, and the
+        caps of the plan it actually holds — or deny, if that hold is gone or is none of these plans."""
+        rid = result.reservation_id or ""
+        try:
+            record: ReservationRecord = yield ("reservation", (rid, self.clock()))
+        except StoreUnavailable as error:
+            reason = Reason("store_unavailable", f"store unavailable, failing closed: {error}", scope.path)
+            return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_CLOSED)
+        if record.status not in ("held", "committed"):
+            message = f"this idempotency key's reservation {rid} is {record.status}: retry with a new key"
+            reason = Reason("replay_settled", message, scope.path)
+            return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), replayed=True)
+        candidates = list(plans) if plans is not None else [Plan.of_steps(dict(action.steps))]
+        if output_retry is not None:
+            capped = Policy.output_cap_for(output_retry, dict(record.amounts))
+            if capped is not None:
+                candidates.append(capped)
+        held = dict(record.amounts)
+        order = [result.plan_index, *range(len(candidates))]
+        match = next((i for i in order if 0 <= i < len(candidates) and dict(candidates[i].steps) == held), None)
+        if match is None:
+            message = f"retried with other plans than reservation {rid} holds: commit or release it, or use a new key"
+            reason = Reason("replay_mismatch", message, scope.path)
+            return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), replayed=True)
+        chosen = None if plans is None and match == 0 else tuple(candidates)
+        replayed = HoldResult(rid, match, record.expires_at, result.accounts, (), replayed=True)
+        decision = self._decide(replayed, action, scope, chosen, record.created_at)
+        if decision.reservation is not None:
+            decision.reservation.status = record.status
         return decision
 
     def _ensure_flow(self, template: tuple[str, str, str, int]) -> Generator[_Op, Any, None]:
@@ -464,6 +553,8 @@ class Authority:
             yield ("ensure_budget", (scope, unit, period, limit, self.clock()))
         except NotImplementedError:
             logger.warning("clearance: %s cannot create per-run budgets; %s is not counted", self.store.url, unit)
+        except StoreUnavailable:
+            return  # the hold that follows meets the same trouble and turns it into a decision
         if len(self._ensured) > 100_000:
             self._ensured.clear()
         self._ensured[(scope, unit, period)] = None
@@ -527,7 +618,8 @@ class Authority:
         The hold is empty, so the commit still records the real spend (flagged over_hold)."""
         if would_be.reservation is not None and not would_be.reservation.local:
             yield ("release", (would_be.reservation.id, self.clock()))
-        request, _, _, chosen = self._request(action, scope, [Plan({}, rule="shadow")], ttl, key)
+        # No idempotency key: it names the would-be reservation, released just above.
+        request, _, _, chosen = self._request(action, scope, [Plan({}, rule="shadow")], ttl, None)
         try:
             result = yield ("hold", (request,))
         except StoreUnavailable as error:
@@ -598,6 +690,8 @@ class Authority:
             result = self.store.hold(request)
         except StoreUnavailable as error:
             return self._unavailable(error, request, checked, parsed, chosen)
+        if result.replayed:
+            return self._run(self._replay_flow(result, checked, parsed, chosen, None))
         return self._decide(result, checked, parsed, chosen, request.now)
 
     async def areserve(
@@ -614,8 +708,7 @@ class Authority:
 
     # --- settle ------------------------------------------------------------------------------
     def _local(self, rid: str, actual: Amounts | None, commit: bool) -> Settlement:
-        charged = self._emergency.settle(rid, actual if commit else ())
-        return Settlement(rid, "committed" if commit else "released", charged if commit else ())
+        return self._emergency.settle(rid, actual, commit, self.clock())
 
     @staticmethod
     def _settlement(result: SettleResult) -> Settlement:
@@ -688,6 +781,8 @@ class Authority:
         path = None if scope is None else parse_scope(scope).path
         if status is not None and status not in ("held", "committed", "released", "expired"):
             raise InvalidRequest(f"unknown reservation status {status!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 1_000_000:
+            raise InvalidRequest("limit must be an int in 1..1000000")
         records = self.store.reservations(path, status, limit, self.clock())
         return [_reservation(r) for r in records]
 

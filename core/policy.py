@@ -16,11 +16,13 @@ Built-in rules come from a :class:`~clearance.policy_file.PolicyDocument`; Pytho
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from clearance.action import Action
 from clearance.decision import Reason
+from clearance.errors import InvalidRequest
 from clearance.ledger import AccountState
 from clearance.plan import Caps, Plan
 from clearance.policy_file import KNOWN_RISKS, Ladder, PolicyDocument, Rung
@@ -44,6 +46,7 @@ class OutputRetry:
     floor: int
     fixed: dict[str, int]  # every other unit the call holds
     trimmed_input: bool = False  # input_tokens already reflects a context cap
+    min_headroom: float | dict[str, float] = 0.0  # the cheapest rung's soft threshold still applies
 
 
 @dataclass(slots=True)
@@ -76,9 +79,11 @@ class Policy:
         doc = self.document
         self._known_risks = set(KNOWN_RISKS).union(*(rule.allow for rule in doc.risk))
         self._toolsets_of: dict[str, list[str]] = {}
+        self._tools_by_token: dict[str, set[str]] = {}  # a unit's token -> the tool names it stands for
         for toolset, tools in doc.tools.toolsets.items():
             for tool in tools:
                 self._toolsets_of.setdefault(tool, []).append(toolset)
+                self._tools_by_token.setdefault(name_token(tool), set()).add(tool)
         tool_units = {b.unit for b in doc.budgets if b.unit.startswith(("tool.", "toolset."))}
         if doc.tools.calls_per_run is not None:
             tool_units.add("tool_calls")
@@ -155,16 +160,16 @@ class Policy:
     def _rates(self, action: Action, scope: Scope, extra: dict[str, int]) -> None:
         for rate in self.document.rate_limits:
             if rate.kind == action.kind and rate.scope in scope.chain and rate.name in (None, action.name):
-                extra[rate.unit] = extra.get(rate.unit, 0) + 1
+                extra[rate.unit] = 1  # one action counts once, however many limits share its unit
 
     def _tools(self, action: Action, scope: Scope, proposal: Proposal, extra: dict[str, int]) -> None:
         if action.kind != "tool_call":
             return
         tool = action.tool or action.name
         for unit, steps in action.steps:
-            extra[f"tool.{tool}.{unit}"[:64]] = steps
+            extra[tool_unit("tool", tool, unit)] = steps
             for toolset in self._toolsets_of.get(tool, ()):
-                extra[f"toolset.{toolset}.{unit}"[:64]] = steps
+                extra[tool_unit("toolset", toolset, unit)] = steps
         tools = self.document.tools
         if tools.calls_per_run is not None:
             run = scope.level_of(tools.run_kind)
@@ -219,7 +224,8 @@ class Policy:
                 kept = max(context.floor, int(input_tokens * context.keep))
                 if kept < input_tokens:
                     caps = Caps(model=changed_model, max_input_tokens=kept)
-                    plans.append(Plan.of_steps(amounts(cheapest, kept, output_tokens), caps, rule="context_cap"))
+                    steps = amounts(cheapest, kept, output_tokens)
+                    plans.append(Plan.of_steps(steps, caps, rungs[-1].min_headroom, rule="context_cap"))
                     kept_input = kept
         output = self.document.output_cap
         if output is not None and _within(scope, output.scope) and output_tokens > output.floor:
@@ -232,6 +238,7 @@ class Policy:
                 output.floor,
                 others,
                 trimmed_input=kept_input < input_tokens,
+                min_headroom=rungs[-1].min_headroom,
             )
         if len(plans) == 1 and not found and not extra:
             return None if plans[0].caps is None and not plans[0].min_headroom else plans
@@ -268,21 +275,36 @@ class Policy:
             if unit == "tool_calls":
                 no_more_calls = no_more_calls or account.scope == run_scope
             elif unit.startswith("tool."):
-                disabled.add(unit.split(".")[1])
+                token = unit.split(".")[1]
+                disabled.update(self._tools_by_token.get(token, (token,)))
             elif unit.startswith("toolset."):
-                disabled.update(self.document.tools.toolsets.get(unit.split(".")[1], ()))
+                token = unit.split(".")[1]
+                for toolset, tools in self.document.tools.toolsets.items():
+                    if name_token(toolset) == token:
+                        disabled.update(tools)
         if not disabled and not no_more_calls:
             return None
         return Caps(disabled_tools=tuple(sorted(disabled)), max_tool_calls=0 if no_more_calls else None)
 
     @staticmethod
+    def output_cap_for(retry: OutputRetry, held: dict[str, int]) -> Plan | None:
+        """The output-cap plan that holds exactly ``held``, if there is one (idempotent retries)."""
+        tokens_out = held.get("tokens", 0) - retry.input_tokens
+        if not retry.floor <= tokens_out < retry.max_output_tokens:
+            return None
+        plan = _output_plan(retry, tokens_out)
+        return plan if dict(plan.steps) == held else None
+
+    @staticmethod
     def output_cap_plan(retry: OutputRetry, accounts: Sequence[AccountState]) -> Plan | None:
         """The longest answer every budget on the chain still pays for, if at least the floor."""
+
+        keep = [(a, _required(retry.min_headroom, a)) for a in accounts]
 
         def fits(tokens_out: int) -> bool:
             usd = price_nano_usd(retry.provider, retry.model, retry.input_tokens, tokens_out)
             need = {"usd": usd, "tokens": retry.input_tokens + tokens_out, **retry.fixed}
-            return all(need.get(a.unit, 0) <= a.remaining for a in accounts)
+            return all(need.get(a.unit, 0) <= a.remaining - required for a, required in keep)
 
         low, high = retry.floor, retry.max_output_tokens - 1
         if high < low or not fits(low):
@@ -293,12 +315,27 @@ class Policy:
                 low = middle
             else:
                 high = middle - 1
-        usd = price_nano_usd(retry.provider, retry.model, retry.input_tokens, low)
-        steps = {"usd": usd, "tokens": retry.input_tokens + low, **retry.fixed}
-        model = None if retry.model == retry.requested_model else retry.model
-        trimmed = retry.input_tokens if retry.trimmed_input else None
-        caps = Caps(model=model, max_output_tokens=low, max_input_tokens=trimmed)
-        return Plan.of_steps(steps, caps, rule="output_cap")
+        return _output_plan(retry, low)
+
+
+def _output_plan(retry: OutputRetry, tokens_out: int) -> Plan:
+    usd = price_nano_usd(retry.provider, retry.model, retry.input_tokens, tokens_out)
+    steps = {"usd": usd, "tokens": retry.input_tokens + tokens_out, **retry.fixed}
+    model = None if retry.model == retry.requested_model else retry.model
+    trimmed = retry.input_tokens if retry.trimmed_input else None
+    caps = Caps(model=model, max_output_tokens=tokens_out, max_input_tokens=trimmed)
+    return Plan.of_steps(steps, caps, retry.min_headroom, rule="output_cap")
+
+
+def _required(headroom: float | dict[str, float], account: AccountState) -> int:
+    """What a soft threshold asks to keep of ``account`` (steps), as the store computes it."""
+    if isinstance(headroom, dict):
+        kind = account.scope.rsplit("/", 1)[-1].split(":", 1)[0]
+        fraction = headroom.get(kind, headroom.get("*", 0.0))
+    else:
+        fraction = headroom
+    ppm = round(fraction * 1_000_000)
+    return -(-account.limit * ppm // 1_000_000) if ppm else 0
 
 
 def _add(base: dict[str, int], extra: dict[str, int]) -> dict[str, int]:
@@ -309,14 +346,33 @@ def _add(base: dict[str, int], extra: dict[str, int]) -> dict[str, int]:
 
 
 def _with_headroom(plan: Plan, thresholds: dict[str, float]) -> Plan:
-    current = plan.min_headroom
-    merged: float | dict[str, float]
-    if isinstance(current, dict):
-        merged = {**current}
-        for kind, fraction in thresholds.items():
-            merged[kind] = max(fraction, merged.get(kind, 0.0))
-    else:
-        merged = {kind: max(fraction, current) for kind, fraction in thresholds.items()}
-        if current:
-            merged["*"] = current  # keep a blanket threshold too (see Plan.headroom_ppm)
+    """``plan`` demanding, at every level, the larger of its own threshold and the optional rule's."""
+
+    def as_map(value: float | dict[str, float]) -> dict[str, float]:
+        return dict(value) if isinstance(value, dict) else ({"*": value} if value else {})
+
+    own, extra = as_map(plan.min_headroom), as_map(thresholds)
+    merged = {
+        kind: max(own.get(kind, own.get("*", 0.0)), extra.get(kind, extra.get("*", 0.0)))
+        for kind in set(own) | set(extra)
+    }
     return Plan.of_steps(dict(plan.steps), plan.caps, merged, plan.rule)
+
+
+_TOKEN_BAD = re.compile(r"[^a-z0-9_-]")
+
+
+def name_token(name: str) -> str:
+    """A tool or toolset name as it appears inside a unit: lower case, anything but
+    ``[a-z0-9_-]`` (dots included) replaced by ``_``: ``GoogleSearch`` → ``googlesearch``,
+    ``web.search`` → ``web_search``."""
+    return _TOKEN_BAD.sub("_", name.lower())[:40] or "_"
+
+
+def tool_unit(prefix: str, name: str, unit: str) -> str:
+    """The unit a tool's (``prefix="tool"``) or toolset's amounts are also counted in. The name is
+    shortened, never the unit, so ``tool.x.usd`` keeps its nano-dollar scale."""
+    room = 64 - len(prefix) - len(unit) - 2
+    if room < 1:
+        raise InvalidRequest(f"unit {unit!r} is too long to be counted per tool")
+    return f"{prefix}.{name_token(name)[:room]}.{unit}"

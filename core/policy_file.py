@@ -29,6 +29,7 @@ Every rule may carry ``scope``: it then applies only at or below that scope.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from decimal import Decimal
 from pathlib import Path
@@ -179,9 +180,21 @@ class RateLimit(_Rule):
     def _check_scope(cls, value: str) -> str:
         return parse_scope(value).path
 
+    @field_validator("kind")
+    @classmethod
+    def _check_kind(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", value):
+            raise ValueError("an action kind is a lower-case word [a-z][a-z0-9_]{0,31}")
+        return value
+
     @property
     def unit(self) -> str:
-        return f"rate.{self.kind}" if self.name is None else f"rate.{self.kind}.{self.name}"[:64]
+        """``rate.<kind>``, or ``rate.<kind>.<name>`` with the name as a unit token (see
+        :func:`clearance.policy.name_token`)."""
+        if self.name is None:
+            return f"rate.{self.kind}"
+        token = re.sub(r"[^a-z0-9_-]", "_", self.name.lower())[: 64 - len(self.kind) - 6] or "_"
+        return f"rate.{self.kind}.{token}"
 
 
 class PolicyDocument(_Rule):

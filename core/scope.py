@@ -72,7 +72,8 @@ class Scope:
 def parse_scope(value: str | Scope) -> Scope:
     """Parse and validate a scope; raise :class:`InvalidRequest` for anything off-grammar."""
     if isinstance(value, Scope):
-        return value
+        # re-parsed (cached), never trusted: a hand-built Scope could carry a chain its path does not
+        return _parse(value.path) if isinstance(value.path, str) else _parse(str(value.path))
     if not isinstance(value, str):
         raise InvalidRequest(f"a scope must be a string like 'tenant:acme/run:r1', got {type(value).__name__}")
     return _parse(value)

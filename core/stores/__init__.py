@@ -60,6 +60,10 @@ def _floats(options: dict[str, str], *names: str) -> dict[str, float]:
     if unknown:
         raise InvalidRequest(f"unknown store option(s): {', '.join(sorted(unknown))}")
     try:
-        return {name: float(options[name]) for name in names if name in options}
+        values = {name: float(options[name]) for name in names if name in options}
     except ValueError as error:
         raise InvalidRequest(f"bad store option: {error}") from None
+    for name, value in values.items():
+        if not 0 < value < float("inf"):
+            raise InvalidRequest(f"store option {name} must be a positive number of seconds, got {value}")
+    return values

@@ -1,0 +1,181 @@
+"""Regressions found in review: idempotent retries, fail-open reservations, rule interactions, junk input."""
+
+from __future__ import annotations
+
+import pytest
+
+from clearance import (
+    Action,
+    Authority,
+    Budget,
+    Caps,
+    InvalidRequest,
+    Mode,
+    Outcome,
+    Plan,
+    Policy,
+    PolicyDocument,
+    ReservationNotFound,
+    Scope,
+    StoreUnavailable,
+)
+from clearance.stores.memory import MemoryStore
+from clearance.testing import FakeClock
+
+RUN = "tenant:acme/workflow:triage/run:r1"
+
+
+def policy(document: dict[str, object]) -> Policy:
+    return Policy(PolicyDocument.parse(document))
+
+
+def test_a_retry_after_the_hold_expired_is_denied_not_allowed_unheld(store_url: str, clock: FakeClock) -> None:
+    authority = Authority(store_url, clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 1))
+    first = authority.reserve(Action("step", "s", {"usd": 1}), RUN, ttl=5, idempotency_key="k")
+    assert first.allowed
+    clock.advance(10)
+    assert authority.reserve(Action("step", "s", {"usd": 1}), RUN).allowed  # someone else takes the budget
+    retry = authority.reserve(Action("step", "s", {"usd": 1}), RUN, idempotency_key="k")
+    assert retry.outcome is Outcome.DENY
+    assert retry.reasons[0].code == "replay_settled"
+    assert authority.balance("tenant:acme")["usd"].remaining == 0
+
+
+def test_a_retry_answers_with_the_plan_actually_held(store_url: str) -> None:
+    ladder = {"provider": "openai", "rungs": ["gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano"]}
+    authority = Authority(store_url, policy=policy({"ladders": [ladder], "output_cap": {"floor": 50}}))
+    authority.set_budget(Budget("tenant:acme", "usd", "0.0003"))
+    action = Action.model_call("openai", "gpt-4.1", 1000, 1000)
+    first = authority.reserve(action, RUN, idempotency_key="k")
+    retry = authority.reserve(action, RUN, idempotency_key="k")
+    assert first.caps is not None
+    assert first.caps.max_output_tokens == 500
+    assert retry.replayed
+    assert retry.caps == first.caps
+    assert retry.reservation is not None
+    assert first.reservation is not None
+    assert retry.reservation.id == first.reservation.id
+    plain = Authority(store_url)  # the same key retried with other plans: a clear denial, never a wrong caps
+    plain.store = authority.store
+    mismatch = plain.reserve(action, RUN, plans=[Plan({"usd": 5})], idempotency_key="k")
+    assert mismatch.outcome is Outcome.DENY
+    assert mismatch.reasons[0].code == "replay_mismatch"
+
+
+def test_shadow_mode_with_an_idempotency_key() -> None:
+    authority = Authority(
+        policy=policy({"shadow": ["tenant:acme"], "ladders": [{"rungs": ["gpt-4.1", "gpt-4.1-mini"]}]})
+    )
+    authority.set_budget(Budget("tenant:acme", "usd", "0.0001"))
+    action = Action.model_call("openai", "gpt-4.1", 1000, 1000)
+    for _ in range(2):
+        decision = authority.reserve(action, RUN, idempotency_key="k")
+        assert decision.mode is Mode.SHADOW
+        assert decision.allowed
+
+
+def test_two_rate_limits_on_one_kind_count_each_action_once() -> None:
+    document = PolicyDocument.parse(
+        {
+            "rate_limits": [
+                {"scope": "tenant:acme", "kind": "tool_call", "limit": 4, "per": "minute"},
+                {"scope": "tenant:acme", "kind": "tool_call", "limit": 100, "per": "hour"},
+            ]
+        }
+    )
+    authority = Authority(policy=Policy(document), clock=FakeClock(1_800_000_000.0))
+    authority.apply_policy(document)
+    allowed = [authority.reserve(Action.tool_call("calc"), RUN).allowed for _ in range(6)]
+    assert allowed == [True] * 4 + [False] * 2
+
+
+def test_fail_open_reservations_replay_expire_and_are_not_invented(clock: FakeClock) -> None:
+    class Down(MemoryStore):
+        def hold(self, request):  # type: ignore[no-untyped-def]
+            raise StoreUnavailable("down")
+
+    authority = Authority(Down(), clock=clock, fail_open=True, emergency_limits={"usd": 1})
+    first = authority.reserve(Action("step", "s", {"usd": "0.4"}), RUN, ttl=5)
+    assert first.reservation is not None
+    assert authority.commit(first.reservation).replayed is False
+    assert authority.commit(first.reservation).replayed is True
+    with pytest.raises(ReservationNotFound):
+        authority.commit("local-never-issued")
+    crashed = authority.reserve(Action("step", "s", {"usd": "0.6"}), RUN, ttl=5)
+    assert crashed.allowed  # 0.4 + 0.6: the cap is now full
+    assert authority.reserve(Action("step", "s", {"usd": "0.1"}), RUN).denied
+    clock.advance(10)  # the crashed worker's local hold expires and comes back
+    assert authority.reserve(Action("step", "s", {"usd": "0.5"}), RUN).allowed
+
+
+def test_store_down_while_creating_a_per_run_budget_is_a_decision() -> None:
+    class Down(MemoryStore):
+        def ensure_budget(self, *args):  # type: ignore[no-untyped-def]
+            raise StoreUnavailable("down")
+
+        def hold(self, request):  # type: ignore[no-untyped-def]
+            raise StoreUnavailable("down")
+
+    authority = Authority(Down(), policy=policy({"tools": {"calls_per_run": 3}}))
+    decision = authority.reserve(Action.tool_call("calc"), RUN)
+    assert decision.mode is Mode.FAIL_CLOSED
+
+
+def test_output_cap_keeps_the_cheapest_rungs_threshold() -> None:
+    ladder = {"rungs": [{"model": "gpt-4.1", "min_headroom": 0.5}, {"model": "gpt-4.1-mini", "min_headroom": 0.25}]}
+    authority = Authority(policy=policy({"ladders": [ladder], "output_cap": {"floor": 10}}))
+    authority.set_budget(Budget("tenant:acme", "usd", "0.0025"))  # the mini at full length would leave 20%
+    decision = authority.reserve(Action.model_call("openai", "gpt-4.1", 1000, 1000), RUN)
+    assert decision.caps is not None
+    assert decision.caps.max_output_tokens is not None
+    balance = authority.balance("tenant:acme")["usd"]
+    assert balance.remaining >= balance.limit / 4
+
+
+def test_an_optional_step_never_gets_a_rung_a_required_one_is_refused() -> None:
+    ladder = {"rungs": [{"model": "gpt-4.1", "min_headroom": {"*": 0.5}}, "gpt-4.1-mini"]}
+    authority = Authority(policy=policy({"ladders": [ladder], "optional": [{"level": "workflow", "below": 0.2}]}))
+    authority.set_budget(Budget("tenant:acme/workflow:triage", "usd", "0.015"))
+    required = authority.reserve(Action.model_call("openai", "gpt-4.1", 1000, 1000), RUN, plans=None)
+    optional = Action.model_call("openai", "gpt-4.1", 1000, 1000, optional=True)
+    assert required.caps == Caps(model="gpt-4.1-mini")
+    assert authority.reserve(optional, RUN).caps in (Caps(model="gpt-4.1-mini"), Caps(skip_optional=True))
+
+
+def test_tool_names_become_unit_tokens() -> None:
+    document = PolicyDocument.parse(
+        {"budgets": [{"scope": "tenant:acme", "unit": "tool.googlesearch.calls", "limit": 1}], "tools": {}}
+    )
+    authority = Authority(policy=Policy(document))
+    authority.apply_policy(document)
+    assert authority.reserve(Action.tool_call("GoogleSearch"), RUN).allowed
+    assert authority.reserve(Action.tool_call("GoogleSearch"), RUN).denied
+    caps = authority.reserve(Action.model_call("openai", "gpt-4.1", 10, 10), RUN).caps
+    assert caps is not None
+    assert caps.disabled_tools == ("googlesearch",)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda a: a.reserve(Action("step", "s"), RUN, ttl=10**400),
+        lambda a: Action("step", "s", metadata=[1]),
+        lambda a: a.reservations(limit="x"),
+        lambda a: a.reservations(limit=-1),
+        lambda a: Authority(policy_refresh="x"),
+        lambda a: Authority(rules=[1]),
+        lambda a: Authority("memory://?retention=-1"),
+    ],
+)
+def test_junk_is_an_invalid_request(call: object) -> None:
+    with pytest.raises(InvalidRequest):
+        call(Authority())  # type: ignore[operator]
+
+
+def test_a_hand_built_scope_is_revalidated() -> None:
+    authority = Authority()
+    authority.set_budget(Budget("tenant:victim", "usd", 1))
+    forged = Scope(path="tenant:attacker", segments=(("tenant", "attacker"),), chain=("tenant:victim",))
+    authority.reserve(Action("step", "x", {"usd": 1}), forged)
+    assert authority.balance("tenant:victim")["usd"].remaining == 1
