@@ -844,14 +844,17 @@ class Authority:
         """Async twin of :meth:`sweep`."""
         return await self.store.asweep(self.clock())
 
-    def events(self, *, after: int = 0, limit: int = 100, scope: str | Scope | None = None) -> list[AuditEvent]:
-        """The audit trail: ledger changes with sequence number above ``after``, oldest first."""
+    def events(
+        self, *, after: int = 0, limit: int = 100, scope: str | Scope | None = None, newest: bool = False
+    ) -> list[AuditEvent]:
+        """The audit trail: ledger changes with sequence number above ``after``, oldest first — the
+        first ``limit`` of them, or with ``newest=True`` the last ``limit`` (what ``events tail`` shows)."""
         if isinstance(after, bool) or not isinstance(after, int) or after < 0:
             raise InvalidRequest("after must be a non-negative int")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 100_000:
             raise InvalidRequest("limit must be an int in 1..100000")
         path = None if scope is None else parse_scope(scope).path
-        return self.store.events(after, limit, path)
+        return self.store.events(after, limit, path, bool(newest))
 
     # --- context managers --------------------------------------------------------------------
     def _finish_sync(self, grant: Grant, failed: bool) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -200,16 +199,8 @@ def sweep(ctx: typer.Context, store: StoreOption = None) -> None:
 
 
 def _last_events(authority: Authority, scope: str | None, count: int) -> list[AuditEvent]:
-    """The newest ``count`` events. The reader API pages forward from a sequence number, so this
-    walks the trail once, keeping only the tail."""
-    tail: deque[AuditEvent] = deque(maxlen=count)
-    after = 0
-    while True:
-        page = authority.events(after=after, limit=10_000, scope=scope)
-        tail.extend(page)
-        if len(page) < 10_000:
-            return list(tail)
-        after = page[-1].seq
+    """The newest ``count`` events, read from the end of the trail."""
+    return authority.events(limit=count, scope=scope, newest=True)
 
 
 @events_app.command("tail")

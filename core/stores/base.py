@@ -100,8 +100,9 @@ class Store(ABC):
         Returns how many holds expired."""
 
     @abstractmethod
-    def events(self, after: int, limit: int, scope: str | None) -> list[AuditEvent]:
-        """Audit records with ``seq > after``, oldest first."""
+    def events(self, after: int, limit: int, scope: str | None, newest: bool = False) -> list[AuditEvent]:
+        """Audit records with ``seq > after``, oldest first: the first ``limit`` of them, or with
+        ``newest`` the last ``limit`` (read from the end, not by walking the whole trail)."""
 
     # --- budget templates and policy documents ---------------------------------------------
     def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:

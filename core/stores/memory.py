@@ -437,15 +437,15 @@ class MemoryStore(Store):
         with self._lock:
             return self._reclaim(now)
 
-    def events(self, after: int, limit: int, scope: str | None) -> list[AuditEvent]:
+    def events(self, after: int, limit: int, scope: str | None, newest: bool = False) -> list[AuditEvent]:
         with self._lock:
             found: list[AuditEvent] = []
-            for raw in self._audit:
+            for raw in reversed(self._audit) if newest else self._audit:
                 if raw[0] > after and in_subtree(raw[3], scope):
                     found.append(AuditEvent(*raw))
                     if len(found) >= limit:
                         break
-            return found
+            return found[::-1] if newest else found
 
     # In-process and non-blocking: the async face calls straight through (no thread hop).
     async def ahold(self, request: HoldRequest) -> HoldResult:

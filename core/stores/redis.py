@@ -791,10 +791,15 @@ class RedisStore(Store):
     async def asweep(self, now: float) -> int:
         return await asyncio.to_thread(self.sweep, now)
 
-    def _read_stream(self, root: str, after: int, count: int) -> list[AuditEvent]:
+    def _read_stream(self, root: str, after: int, count: int, before: int | None = None) -> list[AuditEvent]:
+        """Events after ``after``, oldest first; with ``before``, the newest ones below it, newest first."""
         key = self._keys(root)[4]
         start = "-" if after <= 0 else "(" + _stream_id(after)
-        entries = self._call(lambda: self._client.xrange(key, min=start, max="+", count=count))
+        if before is None:
+            entries = self._call(lambda: self._client.xrange(key, min=start, max="+", count=count))
+        else:
+            end = "+" if before <= 0 else "(" + _stream_id(before)
+            entries = self._call(lambda: self._client.xrevrange(key, max=end, min=start, count=count))
         events = []
         for stream_id, fields in entries:
             token = fields.get("r", "")
@@ -811,18 +816,22 @@ class RedisStore(Store):
             )
         return events
 
-    def events(self, after: int, limit: int, scope: str | None) -> list[AuditEvent]:
+    def events(self, after: int, limit: int, scope: str | None, newest: bool = False) -> list[AuditEvent]:
         roots = [parse_scope(scope).root] if scope is not None else [*self._roots(), _GLOBAL_ROOT]
         found: list[AuditEvent] = []
-        for root in roots:
+        for root in roots:  # each tenant's stream, from its start or (newest) from its end, then merged
             cursor = after
+            before = 0
             kept: list[AuditEvent] = []
             while len(kept) < limit:
-                page = self._read_stream(root, cursor, max(limit, 100))
+                if newest:
+                    page = self._read_stream(root, after, max(limit, 100), before=before)
+                else:
+                    page = self._read_stream(root, cursor, max(limit, 100))
                 if not page:
                     break
                 kept.extend(e for e in page if in_subtree(e.scope, scope))
-                cursor = page[-1].seq
+                before = cursor = page[-1].seq
             found.extend(kept[:limit])
         found.sort(key=lambda e: e.seq)
-        return found[:limit]
+        return found[-limit:] if newest else found[:limit]

@@ -794,16 +794,17 @@ class SQLiteStore(Store):
             self._forget(db, now)
             return expired
 
-    def events(self, after: int, limit: int, scope: str | None) -> list[AuditEvent]:
+    def events(self, after: int, limit: int, scope: str | None, newest: bool = False) -> list[AuditEvent]:
         with self._read() as db:
             sql = "SELECT seq, at, kind, scope, rid, amounts, detail FROM log WHERE seq > ?"
             params: list[Any] = [after]
             if scope is not None:
                 sql += " AND (scope = ? OR substr(scope, 1, ?) = ?)"
                 params.extend([scope, len(scope) + 1, scope + "/"])
-            sql += " ORDER BY seq LIMIT ?"
+            sql += " ORDER BY seq DESC LIMIT ?" if newest else " ORDER BY seq LIMIT ?"
             params.append(limit)
-            return [
+            events = [
                 AuditEvent(seq, at, kind, sc, rid, _amounts(amounts), detail)
                 for seq, at, kind, sc, rid, amounts, detail in db.execute(sql, params)
             ]
+            return events[::-1] if newest else events

@@ -407,3 +407,14 @@ def test_commit_settles_unnamed_units_at_their_hold(authority: Authority) -> Non
     zero = authority.reserve(Action("tool_call", "search", {"usd": 1, "calls": 1}), CHAIN)
     assert zero.reservation is not None
     assert authority.commit(zero.reservation, {"usd": 0, "calls": 0}).charged == {"usd": 0, "calls": 0}
+
+
+def test_newest_events_are_read_from_the_end(authority: Authority) -> None:
+    for n in range(30):
+        authority.set_budget(Budget(f"tenant:acme/run:r{n}", "usd", n + 1))
+    authority.set_budget(Budget("tenant:globex", "usd", 1))
+    newest = authority.events(limit=5, scope="tenant:acme", newest=True)
+    assert [e.scope for e in newest] == [f"tenant:acme/run:r{n}" for n in range(25, 30)]
+    assert [e.seq for e in newest] == sorted(e.seq for e in newest)
+    everything = authority.events(limit=1000)
+    assert authority.events(limit=3, newest=True) == everything[-3:]
