@@ -171,6 +171,16 @@ class Decision:
     def denied(self) -> bool:
         return self.outcome is Outcome.DENY
 
+    @property
+    def binding(self) -> Reason | None:
+        """The budget (or rule) that stopped the last plan tried: for a denial, what would have to
+        change for the action to go ahead. ``None`` when nothing was refused."""
+        refused = [r for r in self.reasons if r.code not in ("plan_selected", "risk_allowed", "fail_open")]
+        if not refused:
+            return None
+        last = max((r.plan or 0) for r in refused)
+        return next(r for r in refused if (r.plan or 0) == last)
+
     def remaining(self, unit: str, scope: str | None = None) -> Decimal | None:
         """The smallest remaining amount of ``unit`` over the chain (or at ``scope``), if budgeted."""
         values = [a.remaining for a in self.accounts if a.unit == unit and (scope is None or a.scope == scope)]

@@ -220,12 +220,9 @@ class Tally:
                     elif decision.outcome is Outcome.ALLOW_WITH_CAPS:
                         c.degraded += 1
             if decision.outcome is Outcome.DENY:
-                # the budget that stopped the last rung of the ladder is the one that bound
-                last = max((r.plan or 0 for r in decision.reasons), default=0)
-                for reason in decision.reasons:
-                    if (reason.plan or 0) == last and reason.scope and reason.unit:
-                        self.denied_by[(reason.scope, reason.unit, reason.period or "")] += 1
-                        break
+                binding = decision.binding  # the budget that stopped the last rung of the ladder
+                if binding is not None and binding.scope and binding.unit:
+                    self.denied_by[(binding.scope, binding.unit, binding.period or "")] += 1
             elif decision.caps is not None:
                 caps = decision.caps
                 if caps.skip_optional:

@@ -90,7 +90,11 @@ def test_ladder_holds_first_plan_that_fits(authority: Authority) -> None:
     assert [r.code for r in decision.reasons] == ["budget_exhausted", "plan_selected"]
     second = authority.reserve(usd(1), CHAIN, plans=plans)
     assert second.plan_index == 2 and second.caps == Caps(model="nano")
-    assert authority.reserve(usd(1), CHAIN, plans=plans).outcome is Outcome.DENY
+    denied = authority.reserve(usd(1), CHAIN, plans=plans)
+    assert denied.outcome is Outcome.DENY
+    assert denied.binding is not None
+    assert (denied.binding.plan, denied.binding.scope) == (2, "tenant:acme/workspace:eu")
+    assert second.binding is not None  # what kept the earlier plans out
     assert authority.balance("tenant:acme/workspace:eu")["usd"].held == Decimal("0.5")
 
 
