@@ -165,6 +165,7 @@ class MemoryStore(Store):
         self._reservations: dict[str, _Reservation] = {}
         self._idempotency: dict[tuple[str, str], str] = {}
         self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, id) for held reservations
+        self._held = 0  # how many reservations are held (the heap also has settled ones until compacted)
         self._forget: list[tuple[float, str]] = []  # heap of (forget_at, id) for settled ones
         self._retention = retention
         # Raw tuples (seq, at, kind, scope, id, amounts, detail); AuditEvents are built when read.
@@ -198,6 +199,8 @@ class MemoryStore(Store):
             counters[1] -= steps
 
     def _settle(self, res: _Reservation, status: str, now: float) -> None:
+        if res.status == HELD:
+            self._held -= 1
         res.status = status
         res.settled_at = now
         res.holds = ()  # settled: nothing held any more, and no references kept alive
@@ -249,7 +252,8 @@ class MemoryStore(Store):
     # --- reservations --------------------------------------------------------------------------
     def hold(self, request: HoldRequest) -> HoldResult:
         plans = request.plans
-        if len(plans) == 1 and not request.probes:
+        simple = len(plans) == 1 and not request.probes and not any(plans[0].headroom_ppm)
+        if simple:
             units: object = dict(plans[0].amounts)
         else:
             units = {u for plan in plans for u, _ in plan.amounts}.union(request.probes)
@@ -263,6 +267,10 @@ class MemoryStore(Store):
                     res = self._reservations[existing]
                     states, _ = self._chain_budgets(res.chain, dict(res.amounts), dict(res.windows))
                     return HoldResult(res.id, res.plan_index, res.expires_at, tuple(states), (), replayed=True)
+            if simple:
+                fitted = self._hold_fitting(request, units)  # type: ignore[arg-type]
+                if fitted is not None:
+                    return fitted
             states, refs = self._chain_budgets(request.chain, units, self._map(request.windows))
             choice = choose_plan(plans, request.chain, states)
             index = choice.plan_index
@@ -281,14 +289,56 @@ class MemoryStore(Store):
                 counters[1] += steps
                 holds.append((budget, window, counters, steps))
                 after.append(_state(AccountState, (*state[:6], counters[1])))
-            res = _Reservation(request, index, holds, self._budget_version)
-            rid = res.id
-            self._reservations[rid] = res
-            heapq.heappush(self._expiry, (res.expires_at, rid))
-            if request.idempotency_key is not None:
-                self._idempotency[(request.chain[0], request.idempotency_key)] = rid
-            self._log(now, "hold", request.chain[-1], rid, plans[index].amounts, _PLAN_DETAIL[index])
-        return HoldResult(rid, index, res.expires_at, tuple(after), tuple(choice.rejections))
+            self._keep(request, index, holds)
+        return HoldResult(request.reservation_id, index, request.expires_at, tuple(after), tuple(choice.rejections))
+
+    def _hold_fitting(self, request: HoldRequest, need: dict[str, int]) -> HoldResult | None:
+        """One plan, no thresholds: check and hold in a single pass over the chain. ``None`` when
+        something does not fit — the general path then works out the rejections."""
+        windows = self._map(request.windows)
+        holds: list[tuple[_Budget, str, list[int], int]] = []
+        levels = self._levels
+        for scope in request.chain:
+            level = levels.get(scope)
+            if level is None:
+                continue
+            for budget in level.values():
+                steps = need.get(budget.unit)
+                if steps is None:
+                    continue
+                window = windows[budget.period]
+                counters = budget.counters.get(window) or budget.window(window)
+                if budget.limit - counters[0] - counters[1] < steps:  # also any overage, even for 0
+                    return None
+                holds.append((budget, window, counters, steps))
+        after = []
+        for budget, window, counters, steps in holds:
+            counters[1] += steps
+            after.append(
+                _state(AccountState, (budget.scope, budget.unit, budget.period, window, budget.limit, *counters))
+            )
+        self._keep(request, 0, holds)
+        return HoldResult(request.reservation_id, 0, request.expires_at, tuple(after), ())
+
+    def _keep(self, request: HoldRequest, index: int, holds: list[tuple[_Budget, str, list[int], int]]) -> None:
+        rid = request.reservation_id
+        self._reservations[rid] = _Reservation(request, index, holds, self._budget_version)
+        heap = self._expiry
+        heapq.heappush(heap, (request.expires_at, rid))
+        self._held += 1
+        if len(heap) > 4 * self._held + 1024:
+            # Settled reservations leave their entry behind until its time comes; drop them now, so
+            # the heap stays the size of what is held (amortised: this runs once per ~3x growth).
+            known = self._reservations
+            heap[:] = [
+                entry
+                for entry in heap
+                if (r := known.get(entry[1])) is not None and r.status == HELD and r.expires_at == entry[0]
+            ]
+            heapq.heapify(heap)
+        if request.idempotency_key is not None:
+            self._idempotency[(request.chain[0], request.idempotency_key)] = rid
+        self._log(request.now, "hold", request.chain[-1], rid, request.plans[index].amounts, _PLAN_DETAIL[index])
 
     def commit(self, reservation_id: str, actual: Amounts | None, now: float) -> SettleResult:
         with self._lock:
