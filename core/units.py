@@ -117,7 +117,7 @@ def to_step_map(amounts: Mapping[str, object] | None, what: str = "amounts") -> 
     """Convert ``{unit: amount}`` into ``{unit: steps}``; raise on anything malformed."""
     if amounts is None:
         return {}
-    if not isinstance(amounts, Mapping):
+    if type(amounts) is not dict and not isinstance(amounts, Mapping):  # the ABC check is slow: dicts first
         raise InvalidRequest(f"{what} must be a mapping of unit to amount, got {type(amounts).__name__}")
     if len(amounts) > 64:
         raise InvalidRequest(f"{what}: at most 64 units")
