@@ -40,8 +40,21 @@ else
     actual_text = actual_text == '' and tail or actual_text .. ' ' .. tail
   end
 end
+-- Counter changes are gathered in `writes` (field -> new value) and written with one HSET at the end:
+-- one read of the held counters and one write, instead of one HINCRBY per hold and per charge.
+local writes = {}
 if prior == 'held' then
-  unhold(rec)
+  local holds = rec.h
+  local fields = {}
+  for i = 1, #holds, 2 do
+    fields[#fields + 1] = 'h|' .. holds[i]
+  end
+  if #fields > 0 then
+    local current = hmget(K_LEDGER, fields)
+    for i = 1, #fields do
+      writes[fields[i]] = tonumber(current[i] or '0') - tonumber(holds[2 * i])
+    end
+  end
 end
 
 local flags = {}
@@ -69,11 +82,21 @@ end
 local over = false
 if next(charge) then
   for _, s in ipairs(states(chain_of(rec.s), charge, rec.w)) do
-    local spent = redis.call('HINCRBY', K_LEDGER, 's|' .. s[9], charge[s[2]])
-    if spent + tonumber(s[7]) > tonumber(s[5]) then
+    local spent = tonumber(s[6]) + tonumber(charge[s[2]])
+    local held_now = writes['h|' .. s[9]] or tonumber(s[7])
+    writes['s|' .. s[9]] = spent
+    if spent + held_now > tonumber(s[5]) then
       over = true
     end
   end
+end
+local pairs_out = {}
+for field, value in pairs(writes) do
+  pairs_out[#pairs_out + 1] = field
+  pairs_out[#pairs_out + 1] = fmt_int(value)
+end
+if #pairs_out > 0 then
+  redis.call('HSET', K_LEDGER, unpack(pairs_out))
 end
 if over then
   flags[#flags + 1] = 'overage'

@@ -135,12 +135,22 @@ if chosen < 0 then
   return {'denied', '', '-1', '0', states_text(list, nil), table.concat(rejections, '|')}
 end
 
-local added, hold_fields = {}, {}
+-- The new held counters in one HSET (they were just read: states() carries them), not one HINCRBY each.
+local added, hold_fields, writes = {}, {}, {}
 for _, h in ipairs(chosen_holds) do
-  redis.call('HINCRBY', K_LEDGER, 'h|' .. h[1], h[2])
   added[h[1]] = h[3]
   hold_fields[#hold_fields + 1] = h[1]
   hold_fields[#hold_fields + 1] = h[2]
+end
+for _, s in ipairs(list) do
+  local amount = added[s[9]]
+  if amount then
+    writes[#writes + 1] = 'h|' .. s[9]
+    writes[#writes + 1] = fmt_int(tonumber(s[7]) + amount)
+  end
+end
+if #writes > 0 then
+  redis.call('HSET', K_LEDGER, unpack(writes))
 end
 local amounts_text = plans[chosen + 1][3]
 local scope = chain[depth]
