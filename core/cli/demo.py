@@ -334,7 +334,8 @@ def _agent_run(
             continue
         held = reservation.amounts
         fraction = Decimal(rng.randint(35, 100)) / 100  # real usage is at or below the worst case
-        actual = {unit: (value * fraction if unit != "calls" else value) for unit, value in held.items()}
+        # usd and tokens come in under the worst case; counted units (calls, tool.*.calls, rate.*) as held
+        actual = {unit: (value * fraction if unit in ("usd", "tokens") else value) for unit, value in held.items()}
         actual = {unit: (value.to_integral_value() if unit != "usd" else value) for unit, value in actual.items()}
         settlement = authority.commit(reservation, actual)
         tally.settled(reservation, settlement.charged)
