@@ -15,7 +15,7 @@ import heapq
 import threading
 from collections import deque
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from clearance.errors import ReservationClosed, ReservationNotFound
 from clearance.ledger import (
@@ -126,6 +126,39 @@ class _Reservation:
     def root(self) -> str:
         return self.fixed[0][0]
 
+    def pack(self) -> _Packed:
+        """A settled reservation as a flat tuple of strings, numbers and tuples of them, which the
+        garbage collector stops tracking: the store keeps settled reservations for the whole retention
+        window, and objects it had to walk on every collection would slow every call down."""
+        return (
+            self.id,
+            self.fixed,
+            self.status,
+            self.plan_index,
+            self.expires_at,
+            self.settled_at,
+            self.committed,
+            self.flags,
+            self.budgets,
+        )
+
+    @classmethod
+    def unpack(cls, packed: _Packed) -> _Reservation:
+        res = cls.__new__(cls)
+        (
+            res.id,
+            res.fixed,
+            res.status,
+            res.plan_index,
+            res.expires_at,
+            res.settled_at,
+            res.committed,
+            res.flags,
+            res.budgets,
+        ) = packed
+        res.holds = ()
+        return res
+
     def record(self) -> ReservationRecord:
         return ReservationRecord(
             id=self.id,
@@ -146,6 +179,8 @@ class _Reservation:
         )
 
 
+_Packed = tuple[str, tuple[Any, ...], str, int, float, "float | None", "Amounts | None", tuple[str, ...], int]
+
 _state = tuple.__new__  # builds an AccountState without its Python-level __new__ (hot path)
 
 _PLAN_DETAIL = tuple(f"plan={index}" for index in range(17))
@@ -162,7 +197,7 @@ class MemoryStore(Store):
         self._levels: dict[str, dict[tuple[str, str], _Budget]] = {}  # scope -> (unit, period) -> budget
         self._parked: dict[tuple[str, str, str], _Budget] = {}  # removed budgets, kept for their counters
         self._budget_version = 0  # bumped whenever a budget is created or removed
-        self._reservations: dict[str, _Reservation] = {}
+        self._reservations: dict[str, _Reservation | _Packed] = {}  # settled ones packed (see pack())
         self._idempotency: dict[tuple[str, str], str] = {}
         self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, id) for held reservations
         self._held = 0  # how many reservations are held (the heap also has settled ones until compacted)
@@ -182,6 +217,8 @@ class MemoryStore(Store):
 
     def _get(self, reservation_id: str) -> _Reservation:
         res = self._reservations.get(reservation_id)
+        if isinstance(res, tuple):
+            return _Reservation.unpack(res)
         if res is None:
             root_of(reservation_id)  # a malformed id is InvalidRequest; a well-formed unknown one is not found
             raise ReservationNotFound(reservation_id)
@@ -204,6 +241,7 @@ class MemoryStore(Store):
         res.status = status
         res.settled_at = now
         res.holds = ()  # settled: nothing held any more, and no references kept alive
+        self._reservations[res.id] = res.pack()
         heapq.heappush(self._forget, (now + self._retention, res.id))
 
     def _reclaim(self, now: float) -> int:
@@ -212,7 +250,7 @@ class MemoryStore(Store):
         while heap and heap[0][0] <= now:
             _, rid = heapq.heappop(heap)
             res = self._reservations.get(rid)
-            if res is None or res.status != HELD or res.expires_at > now:
+            if res is None or isinstance(res, tuple) or res.status != HELD or res.expires_at > now:
                 continue  # settled, or extended (a newer heap entry exists)
             self._unhold(res)
             self._settle(res, EXPIRED, now)
@@ -222,8 +260,10 @@ class MemoryStore(Store):
         while forget and forget[0][0] <= now:
             _, rid = heapq.heappop(forget)
             gone = self._reservations.pop(rid, None)
-            if gone is not None and gone.idem is not None:
-                self._idempotency.pop((gone.root, gone.idem), None)
+            if isinstance(gone, tuple):
+                fixed = gone[1]
+                if fixed[4] is not None:
+                    self._idempotency.pop((fixed[0][0], fixed[4]), None)
         return expired
 
     def _chain_budgets(
@@ -264,7 +304,7 @@ class MemoryStore(Store):
             if request.idempotency_key is not None:
                 existing = self._idempotency.get((request.chain[0], request.idempotency_key))
                 if existing is not None:
-                    res = self._reservations[existing]
+                    res = self._get(existing)
                     states, _ = self._chain_budgets(res.chain, dict(res.amounts), dict(res.windows))
                     return HoldResult(res.id, res.plan_index, res.expires_at, tuple(states), (), replayed=True)
             if simple:
@@ -333,7 +373,7 @@ class MemoryStore(Store):
             heap[:] = [
                 entry
                 for entry in heap
-                if (r := known.get(entry[1])) is not None and r.status == HELD and r.expires_at == entry[0]
+                if isinstance(r := known.get(entry[1]), _Reservation) and r.status == HELD and r.expires_at == entry[0]
             ]
             heapq.heapify(heap)
         if request.idempotency_key is not None:
@@ -414,11 +454,8 @@ class MemoryStore(Store):
     def reservations(self, scope: str | None, status: str | None, limit: int, now: float) -> list[ReservationRecord]:
         with self._lock:
             self._reclaim(now)
-            found = [
-                r
-                for r in self._reservations.values()
-                if (status is None or r.status == status) and in_subtree(r.scope, scope)
-            ]
+            every = (_Reservation.unpack(r) if isinstance(r, tuple) else r for r in self._reservations.values())
+            found = [r for r in every if (status is None or r.status == status) and in_subtree(r.scope, scope)]
             found.sort(key=lambda r: r.created_at, reverse=True)
             return [r.record() for r in found[:limit]]
 
