@@ -11,7 +11,6 @@ from pydantic import Field, field_validator
 
 from clearance._model import InputModel
 from clearance.errors import InvalidRequest
-from clearance.plan import Plan
 from clearance.pricing import price_nano_usd
 from clearance.units import USD_SCALE, from_step_map, to_step_map
 
@@ -89,10 +88,6 @@ class Action(InputModel):
         if not _LABEL_RE.fullmatch(value):
             raise ValueError("must be 1-256 printable characters")
         return value
-
-    def as_plan(self) -> Plan:
-        """The action as requested: its amounts, no caps."""
-        return Plan(self.amounts)
 
     @classmethod
     def model_call(

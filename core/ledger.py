@@ -11,7 +11,7 @@ The invariant every store keeps, for every budget and window at every moment::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import NamedTuple
@@ -205,22 +205,6 @@ def choose_plan(plans: Sequence[PlanSpec], chain: Sequence[str], budgets: Sequen
             return choice
         choice.rejections.append(rejection)
     return choice
-
-
-def with_holds(budgets: Sequence[AccountState], holds: Sequence[tuple[int, int]]) -> tuple[AccountState, ...]:
-    """``budgets`` as they are after ``holds`` were added (the decision's headroom)."""
-    after = list(budgets)
-    for position, steps in holds:
-        account = after[position]
-        after[position] = account._replace(held=account.held + steps)
-    return tuple(after)
-
-
-def sum_amounts(amounts: Iterable[tuple[str, int]]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for unit, steps in amounts:
-        total[unit] = total.get(unit, 0) + steps
-    return total
 
 
 def merge_actual(held: Amounts, actual: Amounts) -> Amounts:
