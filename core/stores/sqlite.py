@@ -18,10 +18,13 @@ changes, so the schema keeps the pages a reserve or a commit touches few and sma
   settling it updates that row and appends the ``commit``/``release``/``expire`` record (by an SQL
   trigger, in the same statement). A reserve and its commit usually touch the same last page.
   ``seq`` is a plain ``INTEGER PRIMARY KEY``: rows are never deleted, so it only grows.
-* Reservations are found by a small partial index on 60 bits of the id's random token (the id
-  itself is compared too); forgetting a reservation past retention takes it out of that index
-  (and the idempotency index) and leaves its hold record in the audit trail. Forgetting walks the
-  settle records in ``seq`` order from a watermark kept in ``meta``, so it needs no index either.
+* A reservation id starts with its hold record's ``seq`` (12 hex digits, then 8 random ones, then
+  ``.<root>``), so finding it is a primary-key lookup with no index of its own to write: the store
+  reads ``max(seq)`` in the reserve's first query (under the write lock, so nobody else can take
+  the next one) and inserts the record at ``max + 1``. The whole id is compared too, so a guessed or
+  foreign id is simply not found. Forgetting a reservation past retention clears ``known`` (and the
+  idempotency index) and leaves its hold record in the audit trail. Forgetting walks the settle
+  records in ``seq`` order from a watermark kept in ``meta``, so it needs no index either.
 * A reserve is one query (the chain's budgets and counters, plus whether any hold is due for
   reclaiming and the budgets version), one upsert of the holds and one insert. A commit reads the
   reservation, then, when no budget was set or removed since the hold (``meta.budgets`` counts
@@ -38,7 +41,6 @@ unversioned ledger from before) is refused rather than misread.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
@@ -68,7 +70,7 @@ from clearance.ledger import (
 from clearance.periods import Windows, windows_at
 from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 PAGE_SIZE = 1024
 WAL_AUTOCHECKPOINT = 4096  # pages
 
@@ -84,9 +86,8 @@ CREATE TABLE accounts(
 CREATE TABLE log(
     seq INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, scope TEXT NOT NULL, rid TEXT,
     amounts TEXT NOT NULL, detail TEXT NOT NULL,
-    k INTEGER, root TEXT, status TEXT, plan INTEGER, holds TEXT, windows TEXT, expires_at REAL,
+    known INTEGER, root TEXT, status TEXT, plan INTEGER, holds TEXT, windows TEXT, expires_at REAL,
     settled_at REAL, forget_at REAL, committed TEXT, flags TEXT, idem TEXT, label TEXT, budgets INTEGER);;
-CREATE INDEX log_reservation ON log(k) WHERE k IS NOT NULL;;
 CREATE INDEX log_expiry ON log(expires_at) WHERE status = 'held';;
 CREATE UNIQUE INDEX log_idem ON log(root, idem) WHERE idem IS NOT NULL;;
 CREATE TABLE meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;;
@@ -110,13 +111,14 @@ FROM budgets AS b LEFT JOIN accounts AS a
 WHERE b.scope IN ({places})
 """
 _STATES_BY_DEPTH = [_STATES_SQL.format(places=", ".join(f"?{7 + i}" for i in range(n))) for n in range(17)]
-# The same, plus a last row (scope NULL) with the budgets version and whether some held
-# reservation is due (?6 = now): one round trip.
+# The same, plus a last row (scope NULL) with the budgets version, whether some held reservation
+# is due (?6 = now) and the last seq (the new hold record takes the next): one round trip.
 _STATES_DUE_BY_DEPTH = [
     sql + "UNION ALL SELECT NULL, (SELECT value FROM meta WHERE key = 'budgets'), "
-    "EXISTS (SELECT 1 FROM log WHERE status = 'held' AND expires_at <= ?6), NULL, NULL, NULL"
+    "EXISTS (SELECT 1 FROM log WHERE status = 'held' AND expires_at <= ?6), (SELECT max(seq) FROM log), NULL, NULL"
     for sql in _STATES_BY_DEPTH
 ]
+_LAST_SEQ = "SELECT max(seq) FROM log"
 _DUE_SQL = "SELECT 1 FROM log WHERE status = 'held' AND expires_at <= ? LIMIT 1"
 _HOLD_BY_COUNT = [
     "INSERT INTO accounts(scope, unit, period, win, held) VALUES "
@@ -149,8 +151,8 @@ _MOVE_REST_BY_COUNT = [sql + "WHERE stamp IS NOT excluded.stamp" for sql in _MOV
 _BUDGETS_CHANGED = "UPDATE meta SET value = value + 1 WHERE key = 'budgets'"
 _UNHOLD_SQL = "UPDATE accounts SET held = held - ? WHERE scope = ? AND unit = ? AND period = ? AND win = ?"
 _INSERT_SQL = (
-    "INSERT INTO log(at, kind, scope, rid, amounts, detail, k, root, status, plan, holds, windows, expires_at, "
-    "idem, label, budgets) VALUES (?, 'hold', ?, ?, ?, ?, ?, ?, 'held', ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO log(seq, at, kind, scope, rid, amounts, detail, known, root, status, plan, holds, windows, "
+    "expires_at, idem, label, budgets) VALUES (?, ?, 'hold', ?, ?, ?, ?, 1, ?, 'held', ?, ?, ?, ?, ?, ?, ?)"
 )
 # Settling updates the reservation's row; the trigger appends the audit record.
 _SETTLE_SQL = "UPDATE log SET status = ?, settled_at = ?, forget_at = ? WHERE seq = ?"
@@ -162,23 +164,29 @@ _RES_COLUMNS = (
     "rid, scope, root, status, plan, amounts, holds, windows, at, expires_at, settled_at, "
     "committed, flags, idem, label, seq"
 )
-_FIND = "WHERE k = ? AND rid = ?"
-_LIVE = "kind = 'hold' AND k IS NOT NULL"
+_FIND = "WHERE seq = ? AND rid = ? AND known IS NOT NULL"
+_LIVE = "kind = 'hold' AND known IS NOT NULL"
 _PERIOD_ORDER = ("minute", "hour", "day", "week", "month")
 _PLAN_DETAIL = tuple(f"plan={index}" for index in range(17))
 
 
 def _key(reservation_id: object) -> int:
-    """The lookup key of a reservation id: 60 bits of its random token (a hash for other shapes)."""
-    if isinstance(reservation_id, str):
-        token = reservation_id[:15]
-        if len(token) == 15:
-            try:
-                return int(token, 16)
-            except ValueError:
-                pass
-        return int.from_bytes(hashlib.blake2b(reservation_id.encode(), digest_size=7).digest(), "big")
+    """The ``seq`` of a reservation's hold record: the first 12 hex digits of its id (-1: not ours)."""
+    if isinstance(reservation_id, str) and len(reservation_id) > 21 and reservation_id[20] == ".":
+        try:
+            return int(reservation_id[:12], 16)
+        except ValueError:
+            pass
     return -1
+
+
+def _reservation_id(seq: int, request_id: str, root: str) -> str:
+    """``<seq, 12 hex><8 random hex>.<root>``: the shape of every store's ids (the random digits are
+    the Authority's, so an id is as unguessable as elsewhere and never repeats a forgotten one)."""
+    token = request_id[12:20]
+    if len(token) != 8:
+        token = os.urandom(4).hex()
+    return f"{seq:012x}{token}.{root}"
 
 
 # --- encodings: units and scopes never contain ",", ";" or "=" --------------------------------------
@@ -421,7 +429,7 @@ class SQLiteStore(Store):
         if settled:
             # Out of the lookup and idempotency indexes; the hold record stays in the audit trail.
             db.executemany(
-                "UPDATE log SET k = NULL, idem = NULL, holds = NULL, windows = NULL "
+                "UPDATE log SET known = NULL, idem = NULL, holds = NULL, windows = NULL "
                 f"{_FIND} AND status <> 'held' AND forget_at <= ?",
                 settled,
             )
@@ -488,6 +496,7 @@ class SQLiteStore(Store):
                     return HoldResult(row[0], row[1], row[2], tuple(states), (), replayed=True)
                 states = self._states(db, chain, units, params, windows)
                 version = None  # unknown here: the commit will read the budgets
+                last = db.execute(_LAST_SEQ).fetchone()[0]
             else:
                 by_period = None
                 states = []
@@ -496,7 +505,7 @@ class SQLiteStore(Store):
                     _STATES_DUE_BY_DEPTH[len(chain)], [*params, now, *chain]
                 ):
                     if scope is None:
-                        version, due = unit, period
+                        version, due, last = unit, period, limit
                     elif unit in units:
                         if by_period is None:
                             by_period = dict(windows)
@@ -504,6 +513,7 @@ class SQLiteStore(Store):
                 if due:
                     self._reclaim(db, now)
                     states = self._states(db, chain, units, params, windows)
+                    last = db.execute(_LAST_SEQ).fetchone()[0]
             choice = choose_plan(plans, chain, states)
             index = choice.plan_index
             if index < 0:
@@ -523,16 +533,17 @@ class SQLiteStore(Store):
                     flat.extend((a[0], a[1], a[2], a[3], steps))
                     holds.append(f"{chain.index(a[0])},{a[1]},{a[2]},{steps}")
                 db.execute(_HOLD_BY_COUNT[len(added)], flat)
-            rid = request.reservation_id
+            seq = (last or 0) + 1
+            rid = _reservation_id(seq, request.reservation_id, chain[0])
             db.execute(
                 _INSERT_SQL,
                 (
+                    seq,
                     now,
                     chain[-1],
                     rid,
                     _dump(plans[index].amounts),
                     _PLAN_DETAIL[index] if index < 17 else f"plan={index}",
-                    _key(rid),
                     chain[0],
                     index,
                     ";".join(holds),
