@@ -169,6 +169,12 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+def _bulk(value: str) -> bytes:
+    """One RESP bulk string."""
+    data = value.encode()
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
 def _amounts(text: str | None) -> Amounts:
     if not text:
         return ()
@@ -272,6 +278,7 @@ class RedisStore(Store):
         self._roots_key = f"{key_prefix}roots"
         self._known_roots: set[str] = set()
         self._key_cache: dict[str, list[str]] = {}
+        self._head_cache: dict[tuple[str, str], bytes] = {}
         self._in_doubt: set[str] = set()
         self._in_doubt_lock = threading.Lock()
         self._sync: tuple[Any, dict[str, Any]] | None = None  # built on first use: a cluster client connects
@@ -431,13 +438,52 @@ class RedisStore(Store):
         return [_float(now), self._config]
 
     # --- running scripts -------------------------------------------------------------------------
+    def _command_head(self, script: Any, root: str) -> bytes:
+        """``EVALSHA <sha> 5 <keys>`` already in RESP, per script and tenant: only the arguments are
+        encoded per call (redis-py would encode all of it, every call)."""
+        cache_key = (script.sha, root)
+        head = self._head_cache.get(cache_key)
+        if head is None:
+            keys = self._keys(root)
+            head = b"".join(_bulk(part) for part in ("EVALSHA", script.sha, str(len(keys)), *keys))
+            if len(self._head_cache) < 65536:
+                self._head_cache[cache_key] = head
+        return head
+
+    def _evalsha(self, client: Any, script: Any, root: str, args: list[str]) -> Any:
+        """One EVALSHA. On one Redis it is written straight to a pooled connection (redis-py's command
+        layer costs more than the script for short scripts); a NOSCRIPT reply loads the script and
+        runs it again, as redis-py's Script does. The cluster client routes by key slot itself."""
+        if self.cluster:
+            return script(self._keys(root), args, client=client)
+        body = b"".join(map(_bulk, args))
+        count = b"*%d\r\n" % (8 + len(args))  # EVALSHA, sha, numkeys, 5 keys, the arguments
+        pool = client.connection_pool
+        connection = pool.get_connection()
+        try:
+            try:
+                connection.send_packed_command([count + self._command_head(script, root) + body])
+                return connection.read_response()
+            except redis.exceptions.NoScriptError:
+                connection.send_command("SCRIPT", "LOAD", script.script)  # this connection: the pool may be spent
+                script.sha = connection.read_response()
+                connection.send_packed_command([count + self._command_head(script, root) + body])
+                return connection.read_response()
+        except redis.ResponseError:
+            raise  # the whole reply was read: the connection is fine
+        except BaseException:
+            connection.disconnect()  # a request or reply may be half-way: never hand this socket out again
+            raise
+        finally:
+            pool.release(connection)
+
     def _run(self, name: str, root: str, args: list[str]) -> Any:
         """One script, one round trip; one retry after a lost connection; every failure is StoreUnavailable."""
-        script = self._sync_client()[1][name]
-        keys = self._keys(root)
+        client, scripts = self._sync_client()
+        script = scripts[name]
         started = time.monotonic()
         try:
-            reply = script(keys, args)
+            reply = self._evalsha(client, script, root, args)
         except redis.ConnectionError as error:
             # The connection died, possibly after the server ran the script: run it again, once, if
             # that can still answer within the timeout.
@@ -446,7 +492,7 @@ class RedisStore(Store):
             if name == "reserve":
                 args = [*args[:-1], "1"]
             try:
-                reply = script(keys, args)
+                reply = self._evalsha(client, script, root, args)
             except _ERRORS as again:
                 raise _unavailable(again, error) from again
         except _ERRORS as error:
@@ -507,7 +553,9 @@ class RedisStore(Store):
         """Release holds whose reserve reply never came (the caller was denied): the store answers again."""
         for rid in self._take_in_doubt():
             try:
-                self._sync_client()[1]["release"](self._keys(root_of(rid)), [now, *self._head(0.0)[1:], rid[:20]])
+                client, scripts = self._sync_client()
+                root = root_of(rid)
+                self._evalsha(client, scripts["release"], root, [now, *self._head(0.0)[1:], rid[:20]])
             except _ERRORS:
                 with self._in_doubt_lock:
                     self._in_doubt.add(rid)
