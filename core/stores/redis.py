@@ -10,12 +10,16 @@ parameter is passed on to redis-py (``ssl_ca_certs``, ``ssl_cert_reqs``, ``usern
 
 Every operation — reserve (idempotency, the ladder over chain x units x plans, lazy reclaim),
 commit, release, extend, set/remove budget, balance — is one ``EVALSHA`` of a script in
-``clearance/stores/lua/``: one round trip, atomic on the server. All keys of one tenant share the hash
-tag ``{<root scope>}`` and are passed in ``KEYS``, so a whole reservation lands on one cluster slot::
+``clearance/stores/lua/``: one round trip, atomic on the server. On one Redis the command is written
+straight to a pooled redis-py connection with its head (sha, keys) encoded once per tenant, and the
+hot scripts answer with one ``\n``-joined string; a ``NOSCRIPT`` reply loads the script and retries.
+All keys of one tenant share the hash tag ``{<root scope>}`` and are passed in ``KEYS``, so a whole
+reservation lands on one cluster slot::
 
     <prefix>{<root>}:l   hash    "@<scope>" -> "unit|period|limit ..." (that level's budgets, in order),
                                  "s|<scope>|<unit>|<period>|<window>" -> spent, "h|…" -> held
-    <prefix>{<root>}:r   hash    "<token>" -> reservation record (JSON of strings),
+    <prefix>{<root>}:r   hash    "<token>" -> reservation record (13 tab-separated fields, the label
+                                 last; records written as JSON by earlier versions are still read),
                                  "!<idempotency key>" -> "<token>"
     <prefix>{<root>}:d   zset    every remembered reservation by when it is next due: expires_at while
                                  held (the expiry index), then the end of its retention
@@ -48,7 +52,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-import json
 import logging
 import threading
 import time
@@ -604,12 +607,12 @@ class RedisStore(Store):
         ]
 
     @staticmethod
-    def _hold_result(request: HoldRequest, reply: list[str]) -> HoldResult:
-        kind = reply[0]
-        accounts = tuple(_states_of(reply[4]))
+    def _hold_result(request: HoldRequest, reply: str) -> HoldResult:
+        kind, token, plan, expires_at, accounts_text, rejections_text = reply.split("\n")
+        accounts = tuple(_states_of(accounts_text))
         rejections: tuple[Rejection, ...] = ()
-        if reply[5]:
-            f = reply[5].split("|")
+        if rejections_text:
+            f = rejections_text.split("|")
             rejections = tuple(
                 Rejection(
                     int(f[i]), f[i + 1], f[i + 2], f[i + 3], f[i + 4], int(f[i + 5]), int(f[i + 6]), int(f[i + 7])
@@ -618,9 +621,9 @@ class RedisStore(Store):
             )
         if kind == "denied":
             return HoldResult(None, -1, 0.0, accounts, rejections)
-        rid = f"{reply[1]}.{request.chain[0]}"
+        rid = f"{token}.{request.chain[0]}"
         # 'replay_id' is this very call seen again after a lost reply: for the caller it is the first answer.
-        return HoldResult(rid, int(reply[2]), float(reply[3]), accounts, rejections, replayed=kind == "replay_key")
+        return HoldResult(rid, int(plan), float(expires_at), accounts, rejections, replayed=kind == "replay_key")
 
     def hold(self, request: HoldRequest) -> HoldResult:
         root = request.chain[0]
@@ -643,11 +646,12 @@ class RedisStore(Store):
         return self._hold_result(request, reply)
 
     @staticmethod
-    def _settled(reservation_id: str, reply: list[str]) -> SettleResult:
-        if reply[0] == "notfound":
+    def _settled(reservation_id: str, reply: str) -> SettleResult:
+        if reply == "notfound":
             raise ReservationNotFound(reservation_id)
-        flags = tuple(reply[2].split(",")) if reply[2] else ()
-        return SettleResult(reservation_id, reply[0], _amounts(reply[1]), flags, replayed=reply[3] == "1")
+        status, charged, flags, replayed = reply.split("\n")
+        flagged = tuple(flags.split(",")) if flags else ()
+        return SettleResult(reservation_id, status, _amounts(charged), flagged, replayed=replayed == "1")
 
     def _commit_args(self, reservation_id: str, actual: Amounts | None, now: float) -> list[str]:
         return [*self._head(now), reservation_id[:20], "-" if actual is None else _amounts_text(actual)]
@@ -672,36 +676,40 @@ class RedisStore(Store):
 
     @staticmethod
     def _record(reservation_id: str, root: str, raw: str) -> ReservationRecord:
-        data = json.loads(raw)
-        holds_raw = data.get("h") or []
+        """Parse the scripts' tab-separated record (see ``encode`` in common.lua); the label comes last."""
+        status, plan, created, expires, settled, scope, amounts, holds_text, windows, committed, flags, key, label = (
+            raw.split("\t", 12)
+        )
+        words = holds_text.split()
         holds = []
-        for i in range(0, len(holds_raw), 2):
-            scope, unit, period, window = holds_raw[i].split("|")
-            holds.append((scope, unit, period, window, int(holds_raw[i + 1])))
+        for i in range(0, len(words), 2):
+            hold_scope, unit, period, window = words[i].split("|")
+            holds.append((hold_scope, unit, period, window, int(words[i + 1])))
         return ReservationRecord(
             id=reservation_id,
-            scope=data["s"],
+            scope=scope,
             root=root,
-            status=data["st"],
-            plan_index=int(data["p"]),
-            amounts=_amounts(data["a"]),
+            status=status,
+            plan_index=int(plan),
+            amounts=_amounts(amounts),
             holds=tuple(holds),
-            windows=_windows(data["w"]),
-            created_at=float(data["c"]),
-            expires_at=float(data["e"]),
-            settled_at=float(data["t"]) if "t" in data else None,
-            committed=_amounts(data["ca"]) if "ca" in data else None,
-            flags=tuple(data["f"].split(",")) if data.get("f") else (),
-            idempotency_key=data.get("i"),
-            label=data.get("l", ""),
+            windows=_windows(windows),
+            created_at=float(created),
+            expires_at=float(expires),
+            settled_at=float(settled) if settled else None,
+            committed=_amounts(committed) if status == "committed" else None,
+            flags=tuple(flags.split(",")) if flags else (),
+            idempotency_key=key or None,
+            label=label,
         )
 
-    def _extended(self, reservation_id: str, root: str, reply: list[str]) -> ReservationRecord:
-        if reply[0] == "notfound":
+    def _extended(self, reservation_id: str, root: str, reply: str) -> ReservationRecord:
+        kind, _, rest = reply.partition("\n")
+        if kind == "notfound":
             raise ReservationNotFound(reservation_id)
-        if reply[0] == "closed":
-            raise ReservationClosed(reservation_id, reply[1])
-        return self._record(reservation_id, root, reply[1])
+        if kind == "closed":
+            raise ReservationClosed(reservation_id, rest)
+        return self._record(reservation_id, root, rest)
 
     def _extend_args(self, reservation_id: str, expires_at: float, now: float) -> list[str]:
         return [*self._head(now), reservation_id[:20], _float(expires_at), f"expires_at={expires_at:.3f}"]

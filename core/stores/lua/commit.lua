@@ -1,59 +1,40 @@
 -- commit: settle the actual amounts and free the rest of the hold, in one step.
 -- ARGV[3] token, [4] actual ("unit steps ..."; "-" = the held amounts; held units it omits are added
--- at their held amounts). Reply: {'notfound'} or {status, charged, flags, replayed '1'/'0'}.
+-- at their held amounts). Reply: "notfound" or "status\ncharged\nflags\nreplayed ('1'/'0')".
 -- Reality wins: a commit after expiry or release is recorded (flagged late / after_release), against
 -- the budgets on the chain now, in the windows the reservation was made in.
 
 local token, actual_arg = ARGV[3], ARGV[4]
 local rec = load_current(token)
 if not rec then
-  return {'notfound'}
+  return 'notfound'
 end
 if rec.st == 'committed' then
-  return {'committed', rec.ca or '', rec.f or '', '1'}
+  return 'committed\n' .. rec.ca .. '\n' .. rec.f .. '\n1'
 end
 local prior = rec.st
 
-local held = split_words(rec.a)
 local held_by_unit = {}
-for i = 1, #held, 2 do
-  held_by_unit[held[i]] = tonumber(held[i + 1])
+for unit, steps in string.gmatch(rec.a, '(%S+) (%S+)') do
+  held_by_unit[unit] = tonumber(steps)
 end
 local actual_text = actual_arg
 if actual_arg == '-' then
   actual_text = rec.a
 else
   local named = {}
-  local given = split_words(actual_arg)
-  for i = 1, #given, 2 do
-    named[given[i]] = true
+  for unit in string.gmatch(actual_arg, '(%S+) %S+') do
+    named[unit] = true
   end
   local missing = {}
-  for i = 1, #held, 2 do
-    if not named[held[i]] then
-      missing[#missing + 1] = held[i]
-      missing[#missing + 1] = held[i + 1]
+  for unit, steps in string.gmatch(rec.a, '(%S+) (%S+)') do
+    if not named[unit] then
+      missing[#missing + 1] = unit .. ' ' .. steps
     end
   end
   if #missing > 0 then
     local tail = table.concat(missing, ' ')
     actual_text = actual_text == '' and tail or actual_text .. ' ' .. tail
-  end
-end
--- Counter changes are gathered in `writes` (field -> new value) and written with one HSET at the end:
--- one read of the held counters and one write, instead of one HINCRBY per hold and per charge.
-local writes = {}
-if prior == 'held' then
-  local holds = rec.h
-  local fields = {}
-  for i = 1, #holds, 2 do
-    fields[#fields + 1] = 'h|' .. holds[i]
-  end
-  if #fields > 0 then
-    local current = hmget(K_LEDGER, fields)
-    for i = 1, #fields do
-      writes[fields[i]] = tonumber(current[i] or '0') - tonumber(holds[2 * i])
-    end
   end
 end
 
@@ -63,26 +44,46 @@ if prior == 'expired' then
 elseif prior == 'released' then
   flags[#flags + 1] = 'after_release'
 end
-local actual = split_words(actual_text)
 local charge = {}
-local over_hold = false
-for i = 1, #actual, 2 do
-  local steps = tonumber(actual[i + 1])
-  if steps > (held_by_unit[actual[i]] or 0) then
+local over_hold, charging = false, false
+for unit, steps in string.gmatch(actual_text, '(%S+) (%S+)') do
+  local n = tonumber(steps)
+  if n > (held_by_unit[unit] or 0) then
     over_hold = true
   end
-  if steps > 0 then
-    charge[actual[i]] = actual[i + 1]
+  if n > 0 then
+    charge[unit] = n
+    charging = true
   end
 end
 if over_hold then
   flags[#flags + 1] = 'over_hold'
 end
 
+-- Counter changes are gathered in `writes` (field -> new value) and written with one HSET at the end.
+-- The held counters of a live hold are read in the same HMGET as the chain's budget index.
+local writes = {}
+local hold_fields, hold_steps = {}, {}
+if prior == 'held' then
+  for suffix, steps in string.gmatch(rec.h, '(%S+) (%S+)') do
+    hold_fields[#hold_fields + 1] = 'h|' .. suffix
+    hold_steps[#hold_steps + 1] = tonumber(steps)
+  end
+end
+local list, current
+if charging then
+  list, current = states(chain_of(rec.s), charge, rec.w, hold_fields)
+elseif #hold_fields > 0 then
+  list, current = {}, hmget(K_LEDGER, hold_fields)
+end
+for i = 1, #hold_fields do
+  writes[hold_fields[i]] = tonumber(current[i] or '0') - hold_steps[i]
+end
+
 local over = false
-if next(charge) then
-  for _, s in ipairs(states(chain_of(rec.s), charge, rec.w)) do
-    local spent = tonumber(s[6]) + tonumber(charge[s[2]])
+if list then
+  for _, s in ipairs(list) do
+    local spent = tonumber(s[6]) + charge[s[2]]
     local held_now = writes['h|' .. s[9]] or tonumber(s[7])
     writes['s|' .. s[9]] = spent
     if spent + held_now > tonumber(s[5]) then
@@ -106,4 +107,4 @@ rec.ca = actual_text
 rec.f = flags_text
 settle(token, rec, 'committed')
 audit('commit', rec.s, token, actual_text, flags_text)
-return {'committed', actual_text, flags_text, '0'}
+return 'committed\n' .. actual_text .. '\n' .. flags_text .. '\n0'

@@ -4,7 +4,7 @@
 --   KEYS[1] ledger  hash   "@<scope>"                            -> "unit|period|limit unit|period|limit ..."
 --                          "s|<scope>|<unit>|<period>|<window>"  -> spent
 --                          "h|<scope>|<unit>|<period>|<window>"  -> held
---   KEYS[2] res     hash   "<token>" -> reservation record (JSON object whose values are all strings)
+--   KEYS[2] res     hash   "<token>" -> reservation record (tab-separated, see encode below)
 --                          "!<idempotency key>" -> "<token>"
 --   KEYS[3] due     zset   "<token>" scored by when it next needs attention: expires_at while held,
 --                          then the time a settled reservation is forgotten (one index, one lookup)
@@ -12,24 +12,21 @@
 --                          read it instead of every reservation remembered
 --   KEYS[5] log     stream audit events, capped with MAXLEN ~
 -- ARGV[1] = now, ARGV[2] = "<retention> <audit cap> <reclaim batch>".
+-- Replies are one string, fields joined by '\n' (one bulk string parses faster than an array).
 --
 -- Integers never pass through Lua's tostring (Redis 7.0 prints 2e14 as "2e+14"): amounts travel
 -- as the decimal strings the client sent, and computed integers are formatted with '%d'.
 -- Lua numbers are doubles, exact up to 2^53; clearance.units.MAX_AMOUNT keeps every amount and
--- limit below that. Scope paths, units, periods and windows never contain ' ', '|', ';' or '='.
+-- limit below that. Scope paths, units, periods and windows never contain ' ', '|', ';', '=', tab
+-- or newline.
 
 local K_LEDGER, K_RES, K_DUE, K_HELD, K_LOG = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local NOW = ARGV[1]
 local NOW_N = tonumber(NOW)
 local RETENTION, CAP, BATCH = string.match(ARGV[2], '^(%S+) (%S+) (%S+)$')
-local RETENTION_N = tonumber(RETENTION)
 
 local function fmt_int(n)
   return string.format('%d', n)
-end
-
-local function fmt_float(x)
-  return string.format('%.17g', x)
 end
 
 -- Audit entries get explicit stream ids "<server microseconds>-<n>": scripts run one at a time, so
@@ -37,9 +34,8 @@ end
 -- AuditEvent.seq = us * 1000 + n). If the server clock stepped back, continue after the stream's top.
 local function audit(kind, scope, token, amounts, detail)
   local t = redis.call('TIME')
-  local id = t[1] .. string.format('%06d', tonumber(t[2])) .. '-*'
-  local ok = redis.pcall('XADD', K_LOG, 'MAXLEN', '~', CAP, id, 'at', NOW, 'k', kind, 's', scope, 'r', token,
-    'a', amounts, 'd', detail)
+  local ok = redis.pcall('XADD', K_LOG, 'MAXLEN', '~', CAP, t[1] .. string.format('%06d', t[2]) .. '-*', 'at', NOW,
+    'k', kind, 's', scope, 'r', token, 'a', amounts, 'd', detail)
   if type(ok) == 'table' and ok.err then
     local info = redis.call('XINFO', 'STREAM', K_LOG)
     local top = '0-0'
@@ -76,6 +72,9 @@ end
 
 -- HMGET in chunks: Lua's unpack() has a stack limit of a few thousand values.
 local function hmget(key, fields)
+  if #fields <= 1000 then
+    return redis.call('HMGET', key, unpack(fields))
+  end
   local out = {}
   for first = 1, #fields, 1000 do
     local last = math.min(first + 999, #fields)
@@ -87,30 +86,50 @@ local function hmget(key, fields)
   return out
 end
 
+-- A reservation record is one tab-separated string (cheaper to write and read than JSON):
+--   status, plan index, created_at, expires_at, settled_at ('' while held), scope, amounts held
+--   ("unit steps ..."), holds ("<counter suffix> steps <counter suffix> steps ..."), windows,
+--   committed amounts ('' unless committed), flags (','-joined), idempotency key ('' = none), label.
+-- Only the label can contain a tab (idempotency keys are printable): it comes last.
+local RECORD = '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t'
+  .. '([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$'
+
+local function decode(raw)
+  if string.byte(raw, 1) == 123 then
+    -- '{': a JSON record written before the tab-separated format; read the same way
+    local old = cjson.decode(raw)
+    return {st = old.st, p = old.p, c = old.c, e = old.e, t = old.t or '', s = old.s, a = old.a,
+      h = table.concat(old.h or {}, ' '), w = old.w, ca = old.ca or '', f = old.f or '', i = old.i or '',
+      l = old.l or ''}
+  end
+  local st, p, c, e, t, s, a, h, w, ca, f, i, l = string.match(raw, RECORD)
+  return {st = st, p = p, c = c, e = e, t = t, s = s, a = a, h = h, w = w, ca = ca, f = f, i = i, l = l}
+end
+
+local function encode(rec)
+  return rec.st .. '\t' .. rec.p .. '\t' .. rec.c .. '\t' .. rec.e .. '\t' .. rec.t .. '\t' .. rec.s .. '\t'
+    .. rec.a .. '\t' .. rec.h .. '\t' .. rec.w .. '\t' .. rec.ca .. '\t' .. rec.f .. '\t' .. rec.i .. '\t' .. rec.l
+end
+
 local function load(token)
   local raw = redis.call('HGET', K_RES, token)
   if not raw then
     return nil
   end
-  return cjson.decode(raw)
-end
-
-local function store(token, rec)
-  redis.call('HSET', K_RES, token, cjson.encode(rec))
+  return decode(raw)
 end
 
 local function unhold(rec)
-  local holds = rec.h
-  for i = 1, #holds, 2 do
-    redis.call('HINCRBY', K_LEDGER, 'h|' .. holds[i], '-' .. holds[i + 1])
+  for suffix, steps in string.gmatch(rec.h, '(%S+) (%S+)') do
+    redis.call('HINCRBY', K_LEDGER, 'h|' .. suffix, '-' .. steps)
   end
 end
 
 local function settle(token, rec, status)
   rec.st = status
   rec.t = NOW
-  store(token, rec)
-  redis.call('ZADD', K_DUE, fmt_float(NOW_N + RETENTION_N), token)
+  redis.call('HSET', K_RES, token, encode(rec))
+  redis.call('ZADD', K_DUE, string.format('%.17g', NOW_N + tonumber(RETENTION)), token)
   redis.call('ZREM', K_HELD, token)
 end
 
@@ -133,8 +152,11 @@ end
 -- Lazy reclaim: return the tenant's expired holds to their budgets and drop settled reservations
 -- past retention, oldest first, at most BATCH per call. Returns expired, seen, forgotten.
 local function reclaim()
-  local expired, forgotten = 0, 0
   local due = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', NOW, 'LIMIT', 0, BATCH)
+  if #due == 0 then
+    return 0, 0, 0
+  end
+  local expired, forgotten = 0, 0
   for _, token in ipairs(due) do
     local rec = load(token)
     if rec and rec.st == 'held' then
@@ -142,7 +164,7 @@ local function reclaim()
       expired = expired + 1
     else
       if rec then
-        if rec.i and redis.call('HGET', K_RES, '!' .. rec.i) == token then
+        if rec.i ~= '' and redis.call('HGET', K_RES, '!' .. rec.i) == token then
           redis.call('HDEL', K_RES, '!' .. rec.i)
         end
         redis.call('HDEL', K_RES, token)
@@ -172,17 +194,26 @@ end
 -- Budgets on `chain` (of units in `wanted`, a set, or all when nil) with the counters of their window
 -- in `windows_text`, in chain order then each level's budget order: a list of
 -- {scope, unit, period, window, limit, spent, held, level, counter suffix}, numbers as strings.
-local function states(chain, wanted, windows_text)
+-- `extra` (optional) are more ledger fields read in the same HMGET as the budget index; their
+-- values are returned second.
+local function states(chain, wanted, windows_text, extra)
   local windows = nil  -- parsed only when a period budget shows up: lifetime budgets need no window
+  local depth = #chain
   local index_fields = {}
-  for i, scope in ipairs(chain) do
-    index_fields[i] = '@' .. scope
+  for i = 1, depth do
+    index_fields[i] = '@' .. chain[i]
   end
-  local index = redis.call('HMGET', K_LEDGER, unpack(index_fields))
+  if extra then
+    for i = 1, #extra do
+      index_fields[depth + i] = extra[i]
+    end
+  end
+  local index = hmget(K_LEDGER, index_fields)
   local out, fields = {}, {}
-  for level, scope in ipairs(chain) do
+  for level = 1, depth do
     local entries = index[level]
     if entries then
+      local scope = chain[level]
       for unit, period, limit in string.gmatch(entries, '([^ |]+)|([^ |]*)|([^ ]+)') do
         if wanted == nil or wanted[unit] then
           local window = ''
@@ -205,6 +236,13 @@ local function states(chain, wanted, windows_text)
       s[7] = counters[2 * j] or '0'
     end
   end
+  if extra then
+    local values = {}
+    for i = 1, #extra do
+      values[i] = index[depth + i]
+    end
+    return out, values
+  end
   return out
 end
 
@@ -212,13 +250,13 @@ end
 -- instead of seven per budget), `extra_held` added to the held of the suffixes it names.
 local function states_text(list, extra_held)
   local parts = {}
-  for _, s in ipairs(list) do
+  for i, s in ipairs(list) do
     local held = s[7]
     local add = extra_held and extra_held[s[9]]
     if add then
       held = fmt_int(tonumber(held) + add)
     end
-    parts[#parts + 1] = s[1] .. '|' .. s[2] .. '|' .. s[3] .. '|' .. s[4] .. '|' .. s[5] .. '|' .. s[6] .. '|' .. held
+    parts[i] = s[1] .. '|' .. s[2] .. '|' .. s[3] .. '|' .. s[4] .. '|' .. s[5] .. '|' .. s[6] .. '|' .. held
   end
   return table.concat(parts, '|')
 end

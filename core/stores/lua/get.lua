@@ -1,7 +1,7 @@
--- get: one reservation (expired first if due). ARGV[3] token. Reply: {'notfound'} or {'ok', record}.
+-- get: one reservation (expired first if due). ARGV[3] token. Reply: "notfound" or "ok\n<record>".
 
 local rec = load_current(ARGV[3])
 if not rec then
-  return {'notfound'}
+  return 'notfound'
 end
-return {'ok', cjson.encode(rec)}
+return 'ok\n' .. encode(rec)

@@ -16,10 +16,10 @@ local found = {}
 for _, t in ipairs(tokens) do
   local raw = redis.call('HGET', K_RES, t)
   if raw then
-    local rec = cjson.decode(raw)
+    local rec = decode(raw)
     if (status == '' or rec.st == status)
         and (scope == '' or rec.s == scope or string.sub(rec.s, 1, #prefix) == prefix) then
-      found[#found + 1] = {tonumber(rec.c), t, raw}
+      found[#found + 1] = {tonumber(rec.c), t, rec}
     end
   end
 end
@@ -32,6 +32,6 @@ end)
 local reply = {}
 for i = 1, math.min(limit, #found) do
   reply[#reply + 1] = found[i][2]
-  reply[#reply + 1] = found[i][3]
+  reply[#reply + 1] = encode(found[i][3])
 end
 return reply

@@ -4,9 +4,9 @@
 -- "unit steps unit steps|ppm ppm ..." (ppm per level; empty = no headroom demanded),
 -- [10] probe units, space-separated (reported in the accounts, never checked), [11] '1' when this is
 -- the client's retry after a lost reply (only then can the token already exist).
--- Reply: {kind, token, plan index, expires_at, accounts text, rejections text} with kind 'held',
--- 'denied', 'replay_key' (idempotency key seen) or 'replay_id' (this very id seen: a retry after a
--- lost reply). Texts are '|'-joined fields, 7 per account and 8 per rejection.
+-- Reply: "kind\ntoken\nplan index\nexpires_at\naccounts\nrejections" with kind 'held', 'denied',
+-- 'replay_key' (idempotency key seen) or 'replay_id' (this very id seen: a retry after a lost
+-- reply). Accounts and rejections are '|'-joined fields, 7 per account and 8 per rejection.
 
 local token, expires_at, idem, label, windows_text = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local chain = split_words(ARGV[8])
@@ -39,11 +39,11 @@ reclaim()
 local function replay(existing, kind)
   local rec = load(existing)
   local held_units = {}
-  local words = split_words(rec.a)
-  for i = 1, #words, 2 do
-    held_units[words[i]] = true
+  for unit in string.gmatch(rec.a, '(%S+) %S+') do
+    held_units[unit] = true
   end
-  return {kind, existing, rec.p, rec.e, states_text(states(chain, held_units, rec.w), nil), ''}
+  return kind .. '\n' .. existing .. '\n' .. rec.p .. '\n' .. rec.e .. '\n'
+    .. states_text(states(chain, held_units, rec.w), nil) .. '\n'
 end
 
 if ARGV[11] == '1' and redis.call('HEXISTS', K_RES, token) == 1 then
@@ -132,15 +132,14 @@ for p, plan in ipairs(plans) do
 end
 
 if chosen < 0 then
-  return {'denied', '', '-1', '0', states_text(list, nil), table.concat(rejections, '|')}
+  return 'denied\n\n-1\n0\n' .. states_text(list, nil) .. '\n' .. table.concat(rejections, '|')
 end
 
 -- The new held counters in one HSET (they were just read: states() carries them), not one HINCRBY each.
 local added, hold_fields, writes = {}, {}, {}
-for _, h in ipairs(chosen_holds) do
+for i, h in ipairs(chosen_holds) do
   added[h[1]] = h[3]
-  hold_fields[#hold_fields + 1] = h[1]
-  hold_fields[#hold_fields + 1] = h[2]
+  hold_fields[i] = h[1] .. ' ' .. h[2]
 end
 for _, s in ipairs(list) do
   local amount = added[s[9]]
@@ -154,14 +153,16 @@ if #writes > 0 then
 end
 local amounts_text = plans[chosen + 1][3]
 local scope = chain[depth]
-local rec = {s = scope, st = 'held', p = fmt_int(chosen), a = amounts_text, h = hold_fields, w = windows_text,
-  c = NOW, e = expires_at, f = '', l = label}
+local plan = fmt_int(chosen)
+local rec = 'held\t' .. plan .. '\t' .. NOW .. '\t' .. expires_at .. '\t\t' .. scope .. '\t' .. amounts_text .. '\t'
+  .. table.concat(hold_fields, ' ') .. '\t' .. windows_text .. '\t\t\t' .. idem .. '\t' .. label  -- see encode()
 if idem ~= '' then
-  rec.i = idem
-  redis.call('HSET', K_RES, '!' .. idem, token)
+  redis.call('HSET', K_RES, token, rec, '!' .. idem, token)
+else
+  redis.call('HSET', K_RES, token, rec)
 end
-store(token, rec)
 redis.call('ZADD', K_DUE, expires_at, token)
 redis.call('ZADD', K_HELD, NOW, token)
-audit('hold', scope, token, amounts_text, 'plan=' .. fmt_int(chosen))
-return {'held', token, fmt_int(chosen), expires_at, states_text(list, added), table.concat(rejections, '|')}
+audit('hold', scope, token, amounts_text, 'plan=' .. plan)
+return 'held\n' .. token .. '\n' .. plan .. '\n' .. expires_at .. '\n' .. states_text(list, added) .. '\n'
+  .. table.concat(rejections, '|')
