@@ -10,7 +10,9 @@ Starts its own throwaway ``redis-server`` (free loopback port, no persistence) a
   one round trip from this client;
 * **bare pair**: a minimal reserve script (check + hold every level) and a minimal commit script
   (settle every level) at the same depth — no idempotency, no plans, no reclaim, no audit, no
-  reservation record: what a feature-less ledger costs;
+  reservation record: what a feature-less ledger costs; called through redis-py's ``Script``, and
+  (sync table, **bare-raw**) also the way the store sends its own scripts — packed by hand and
+  written straight to a pooled connection — so that ours/bare-raw compares the ledger's work alone;
 * **naive**: a GET-check-INCRBY counter (two round trips, not atomic), and how far it overspends in
   the same race in which ours must overspend by exactly 0.
 
@@ -197,6 +199,36 @@ class Bare:
             await commit(keys, self.args)
 
         return lifecycle, client.aclose
+
+
+class BareRaw(Bare):
+    """The bare pair sent the way the store sends its scripts: EVALSHA packed by hand and written straight
+    to a pooled connection, skipping redis-py's command layer. Ours minus this is the cost of the ledger's
+    features, with the client path the same on both sides."""
+
+    def sync(self) -> tuple[Lifecycle, Callable[[], None]]:
+        client = redis.Redis(port=self.port)
+        reserve, commit = client.register_script(BARE_RESERVE), client.register_script(BARE_COMMIT)
+        reserve([self.key], self.args)  # loaded
+        commit([self.key], self.args)
+        pool = client.connection_pool
+
+        def packed(sha: str) -> bytes:
+            parts = ["EVALSHA", sha, "1", self.key, *self.args]
+            return f"*{len(parts)}\r\n".encode() + b"".join(b"$%d\r\n%b\r\n" % (len(p), p.encode()) for p in parts)
+
+        commands = (packed(reserve.sha), packed(commit.sha))
+
+        def lifecycle() -> None:
+            for command in commands:
+                connection = pool.get_connection()
+                try:
+                    connection.send_packed_command([command])  # type: ignore[no-untyped-call]
+                    connection.read_response()
+                finally:
+                    pool.release(connection)
+
+        return lifecycle, client.close
 
 
 class Trivial:
@@ -465,12 +497,14 @@ def main() -> None:
         print("\n== sync, one client: lifecycle = reserve + commit ==")
         print(f"{'depth':>5} {'plans':>5} | {'ours/s':>8} {'p50us':>7} {'p99us':>7} | {'bare/s':>8} {'p50us':>7}"
               f" {'p99us':>7} | {'p50 ours/bare':>13} {'rate ours/bare':>14} | {'store-only p50us':>16}"
-              f" {'/bare':>6}")  # fmt: skip
+              f" {'/bare':>6} | {'bare-raw p50us':>14} {'ours/bare-raw':>13}")  # fmt: skip
         rates_by_depth: dict[tuple[int, int], float] = {}
         trivial_samples: list[tuple[float, float, float]] = []
         naive_samples: list[tuple[float, float, float]] = []
         for depth in depths:
             bare = Bare(port, depth, f"b{depth}")
+            bare_raw = BareRaw(port, depth, f"b{depth}")
+            raw_p50s: list[float] = []  # the bare pair does not depend on the plans: measured once per depth
             for plans in (1, 3):
                 ours = Ours(url, depth, plans, f"s{depth}p{plans}")
                 store_only = StoreOnly(url, depth, plans, f"s{depth}p{plans}")
@@ -479,6 +513,8 @@ def main() -> None:
                     mine.append(run_sync(ours, seconds))
                     floor.append(run_sync(bare, seconds))
                     stored.append(run_sync(store_only, seconds))
+                    if plans == 1:
+                        raw_p50s.append(run_sync(bare_raw, seconds)[1])
                     if depth == depths[0] and plans == 1:
                         trivial_samples.append(run_sync(trivial, seconds))
                         naive_samples.append(run_sync(naive, seconds))
@@ -488,9 +524,10 @@ def main() -> None:
                 ours_text = f"{r:>8.0f} {p50:>7.1f} {p99:>7.1f}"
                 bare_text = f"{br:>8.0f} {bp50:>7.1f} {bp99:>7.1f}"
                 sp50 = median([x[1] for x in stored])
+                rp50 = median(raw_p50s)
                 print(
                     f"{depth:>5} {plans:>5} | {ours_text} | {bare_text} | {p50 / bp50:>13.2f} {r / br:>14.2f}"
-                    f" | {sp50:>16.1f} {sp50 / bp50:>6.2f}"
+                    f" | {sp50:>16.1f} {sp50 / bp50:>6.2f} | {rp50:>14.1f} {p50 / rp50:>13.2f}"
                 )
         tr, tp50, tp99 = (median([s[i] for s in trivial_samples]) for i in range(3))
         nr, np50, np99 = (median([s[i] for s in naive_samples]) for i in range(3))
