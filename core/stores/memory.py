@@ -209,6 +209,9 @@ class MemoryStore(Store):
         self._policy: tuple[int, str | None] = (0, None)
         self._windows: Windows = ()
         self._window_map: dict[str, str] = {}
+        # chain -> its budgets, root first, valid while _budget_version is unchanged (see _budgets_of)
+        self._chain_budgets_cache: dict[tuple[str, ...], list[_Budget]] = {}
+        self._cache_version = 0
 
     # --- helpers (call with the lock held) -----------------------------------------------------
     def _log(self, at: float, kind: str, scope: str, rid: str | None, amounts: Amounts, detail: str = "") -> None:
@@ -265,6 +268,21 @@ class MemoryStore(Store):
                 if fixed[4] is not None:
                     self._idempotency.pop((fixed[0][0], fixed[4]), None)
         return expired
+
+    def _budgets_of(self, chain: tuple[str, ...]) -> list[_Budget]:
+        """Every budget on ``chain``, root first. Cached per chain: a reserve at depth 6 would
+        otherwise look up six levels; any budget created or removed empties the cache."""
+        if self._cache_version != self._budget_version:
+            self._chain_budgets_cache.clear()
+            self._cache_version = self._budget_version
+        budgets = self._chain_budgets_cache.get(chain)
+        if budgets is None:
+            levels = self._levels
+            budgets = [budget for scope in chain if (level := levels.get(scope)) for budget in level.values()]
+            if len(self._chain_budgets_cache) >= 4096:
+                self._chain_budgets_cache.clear()
+            self._chain_budgets_cache[chain] = budgets
+        return budgets
 
     def _chain_budgets(
         self, chain: tuple[str, ...], units: object, windows: dict[str, str]
@@ -337,20 +355,15 @@ class MemoryStore(Store):
         something does not fit — the general path then works out the rejections."""
         windows = self._map(request.windows)
         holds: list[tuple[_Budget, str, list[int], int]] = []
-        levels = self._levels
-        for scope in request.chain:
-            level = levels.get(scope)
-            if level is None:
+        for budget in self._budgets_of(request.chain):
+            steps = need.get(budget.unit)
+            if steps is None:
                 continue
-            for budget in level.values():
-                steps = need.get(budget.unit)
-                if steps is None:
-                    continue
-                window = windows[budget.period]
-                counters = budget.counters.get(window) or budget.window(window)
-                if budget.limit - counters[0] - counters[1] < steps:  # also any overage, even for 0
-                    return None
-                holds.append((budget, window, counters, steps))
+            window = windows[budget.period]
+            counters = budget.counters.get(window) or budget.window(window)
+            if budget.limit - counters[0] - counters[1] < steps:  # also any overage, even for 0
+                return None
+            holds.append((budget, window, counters, steps))
         after = []
         for budget, window, counters, steps in holds:
             counters[1] += steps
@@ -388,21 +401,22 @@ class MemoryStore(Store):
             if res.status == COMMITTED:
                 return SettleResult(res.id, COMMITTED, res.committed or (), res.flags, replayed=True)
             prior = res.status
-            actual = res.amounts if actual is None else merge_actual(res.amounts, actual)
-            if prior == HELD:
-                for _, _, counters, steps in res.holds:
-                    counters[1] -= steps
-            flags = commit_flags(prior, res.amounts, actual) if prior != HELD or actual != res.amounts else []
+            amounts = res.fixed[1]
+            actual = amounts if actual is None else merge_actual(amounts, actual)
+            flags = commit_flags(prior, amounts, actual) if prior != HELD or actual != amounts else []
             charges = {unit: steps for unit, steps in actual if steps}
             over = False
-            if prior == HELD and res.budgets == self._budget_version and charges.keys() <= dict(res.amounts).keys():
-                for budget, _, counters, _ in res.holds:  # the same budgets as at hold time: no lookups
+            if prior == HELD and res.budgets == self._budget_version and charges.keys() <= dict(amounts).keys():
+                for budget, _, counters, held in res.holds:  # the same budgets as at hold time: no lookups
+                    counters[1] -= held
                     steps = charges.get(budget.unit, 0)
                     if steps:
                         counters[0] += steps
                         if counters[0] + counters[1] > budget.limit:
                             over = True
-            elif charges:
+            elif charges or prior == HELD:
+                if prior == HELD:
+                    self._unhold(res)
                 windows = dict(res.windows)
                 for scope in res.chain:
                     level = self._levels.get(scope)
