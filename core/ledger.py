@@ -211,6 +211,8 @@ def merge_actual(held: Amounts, actual: Amounts) -> Amounts:
     """``actual``, plus every held unit it does not name at its held amount."""
     if len(actual) >= len(held) and actual[: len(held)] == held:
         return actual
+    if len(held) == 1 and any(unit == held[0][0] for unit, _ in actual):  # the usual commit: one unit, re-priced
+        return actual
     named = {unit for unit, _ in actual}
     missing = tuple((unit, steps) for unit, steps in held if unit not in named)
     return actual + missing if missing else actual
