@@ -16,10 +16,13 @@ hot scripts answer with one ``\n``-joined string; a ``NOSCRIPT`` reply loads the
 All keys of one tenant share the hash tag ``{<root scope>}`` and are passed in ``KEYS``, so a whole
 reservation lands on one cluster slot::
 
-    <prefix>{<root>}:l   hash    "@<scope>" -> "unit|period|limit ..." (that level's budgets, in order),
-                                 "s|<scope>|<unit>|<period>|<window>" -> spent, "h|…" -> held
+    <prefix>{<root>}:l   hash    "@<scope>" -> "unit|period|limit|id ..." (that level's budgets, in
+                                 order, each with its per-tenant id), "s<id>|<window>" -> spent,
+                                 "h<id>|<window>" -> held, "#next" -> the last id given out,
+                                 "=<scope>|<unit>|<period>" -> id (kept when the budget is removed:
+                                 set again, it continues its counters), "#<id>" -> "<scope>|<unit>|<period>"
     <prefix>{<root>}:r   hash    "<token>" -> reservation record (13 tab-separated fields, the label
-                                 last; records written as JSON by earlier versions are still read),
+                                 last; its holds are "<id>|<window> steps …"),
                                  "!<idempotency key>" -> "<token>"
     <prefix>{<root>}:d   zset    every remembered reservation by when it is next due: expires_at while
                                  held (the expiry index), then the end of its retention
@@ -29,6 +32,13 @@ reservation lands on one cluster slot::
     <prefix>{~}:l / :log         policy documents and their audit trail (no tenant)
 
 Reservation ids are ``<20 hex>.<root>``; the token (hex part) names the reservation inside its tenant.
+
+Counters are named by the budget's short id rather than its scope path, so building, reading and
+writing them costs the same at any depth. This layout replaced one that named counters
+``s|<scope>|<unit>|<period>|<window>`` and kept JSON records; there is no migration (unreleased):
+a script that meets data of the old layout (a budget without an id, a record whose holds name scope
+paths, a JSON record) fails with an error reply — StoreUnavailable — instead of reading it as "no
+budget" or "no hold".
 
 Trouble is a decision: connection errors, refusals (OOM, READONLY, ACL, cluster down) and timeouts
 all become :class:`~clearance.errors.StoreUnavailable` within the configured timeouts (redis-py's own

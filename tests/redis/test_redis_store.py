@@ -14,6 +14,7 @@ import redis as redis_py
 from redis_servers import RedisServer, free_port, require_redis
 
 from clearance import Action, Authority, Budget, InvalidRequest, Plan, StoreUnavailable
+from clearance.periods import windows_at
 from clearance.stores import store_from_url
 from clearance.stores.redis import RedisStore
 from clearance.testing import FakeClock
@@ -217,4 +218,44 @@ def test_unreachable_cluster_is_a_decision(clock: FakeClock) -> None:
     assert time.monotonic() - started < 2.0
     with pytest.raises(StoreUnavailable):
         authority.balance("tenant:acme")
+    authority.close()
+
+
+def test_counters_are_named_by_budget_id_and_old_layout_is_refused(redis_url: str, clock: FakeClock) -> None:
+    authority = Authority(redis_url, clock=clock)
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    for level in range(1, 7):
+        authority.set_budget(Budget("/".join(CHAIN6.split("/")[:level]), "usd", 100))
+    decision = authority.reserve(Action("step", "s", {"usd": 3}), CHAIN6)
+    assert decision.reservation is not None
+    raw = redis_py.Redis.from_url(redis_url.split("?", maxsplit=1)[0], decode_responses=True)
+    ledger_key, res_key = store._keys("tenant:acme")[:2]
+    ledger = raw.hgetall(ledger_key)
+    ids = [ledger["=" + "/".join(CHAIN6.split("/")[:level]) + "|usd|"] for level in range(1, 7)]
+    assert sorted(int(i) for i in ids) == [1, 2, 3, 4, 5, 6] and ledger["#next"] == "6"
+    steps = ledger[f"h{ids[0]}|"]
+    assert int(steps) > 0 and all(ledger[f"h{i}|"] == steps for i in ids)
+    assert not any(field.startswith(("s|", "h|")) for field in ledger)  # no counter names a scope path
+    token = decision.reservation.id.split(".")[0]
+    assert raw.hget(res_key, token).split("\t")[7] == " ".join(f"{i}| {steps}" for i in ids)
+    record = store.reservation(decision.reservation.id, clock())  # read back with the budgets named again
+    assert [h[:2] for h in record.holds] == [("/".join(CHAIN6.split("/")[:level]), "usd") for level in range(1, 7)]
+    # removed and set again: the same id, the counters continue
+    authority.remove_budget("tenant:acme", "usd")
+    authority.set_budget(Budget("tenant:acme", "usd", 100))
+    assert raw.hget(ledger_key, "=tenant:acme|usd|") == ids[0] and raw.hget(ledger_key, "#next") == "6"
+    assert authority.balance("tenant:acme")["usd"].held == Decimal(3)
+    authority.commit(decision.reservation, {"usd": 2})
+    balance = authority.balance("tenant:acme")["usd"]
+    assert (balance.held, balance.spent) == (0, Decimal(2))
+    # data of the layout before ids is refused, never read as "no budget"
+    raw.hset(ledger_key, "@tenant:acme", "usd||100")
+    with pytest.raises(StoreUnavailable, match="layout before budget ids"):
+        store.accounts("tenant:acme", windows_at(clock()), clock(), False)
+    raw.hset(ledger_key, "@tenant:acme", f"usd||100|{ids[0]}")
+    raw.hset(res_key, token, raw.hget(res_key, token).replace(f"{ids[0]}| {steps}", f"tenant:acme|usd|| {steps}"))
+    with pytest.raises(StoreUnavailable, match="holds named by scope path"):
+        store.reservation(decision.reservation.id, clock())
+    raw.close()
     authority.close()

@@ -66,7 +66,7 @@ local writes = {}
 local hold_fields, hold_steps = {}, {}
 if prior == 'held' then
   for suffix, steps in string.gmatch(rec.h, '(%S+) (%S+)') do
-    hold_fields[#hold_fields + 1] = 'h|' .. suffix
+    hold_fields[#hold_fields + 1] = 'h' .. suffix
     hold_steps[#hold_steps + 1] = tonumber(steps)
   end
 end
@@ -84,8 +84,8 @@ local over = false
 if list then
   for _, s in ipairs(list) do
     local spent = tonumber(s[6]) + charge[s[2]]
-    local held_now = writes['h|' .. s[9]] or tonumber(s[7])
-    writes['s|' .. s[9]] = spent
+    local held_now = writes['h' .. s[9]] or tonumber(s[7])
+    writes['s' .. s[9]] = spent
     if spent + held_now > tonumber(s[5]) then
       over = true
     end

@@ -1,9 +1,16 @@
 -- Shared prelude of every clearance ledger script (prepended by clearance/stores/redis.py).
 --
 -- Every script of one tenant receives the same KEYS, all sharing the hash tag {<root>}:
---   KEYS[1] ledger  hash   "@<scope>"                            -> "unit|period|limit unit|period|limit ..."
---                          "s|<scope>|<unit>|<period>|<window>"  -> spent
---                          "h|<scope>|<unit>|<period>|<window>"  -> held
+--   KEYS[1] ledger  hash   "@<scope>"                 -> "unit|period|limit|id unit|period|limit|id ..."
+--                          "s<id>|<window>"           -> spent
+--                          "h<id>|<window>"           -> held
+--                          "#next"                    -> the last budget id given out in this tenant
+--                          "=<scope>|<unit>|<period>" -> "<id>" (kept when the budget is removed, so a
+--                                                        budget set again continues its counters)
+--                          "#<id>"                    -> "<scope>|<unit>|<period>" (records name ids)
+--   Counters are named by a short per-tenant budget id, not the scope path: their names cost the same
+--   to build, read and write at any depth. (Layout of 0.1: counters named "s|<scope>|<unit>|<period>|
+--   <window>" and budgets without an id are refused, never silently skipped: see refuse_old.)
 --   KEYS[2] res     hash   "<token>" -> reservation record (tab-separated, see encode below)
 --                          "!<idempotency key>" -> "<token>"
 --   KEYS[3] due     zset   "<token>" scored by when it next needs attention: expires_at while held,
@@ -50,6 +57,12 @@ local function audit(kind, scope, token, amounts, detail)
   end
 end
 
+-- Ledger data in the layout before budget ids (no migration: the project was unreleased) is refused
+-- with an error reply rather than read as "no budget" or "no hold".
+local function refuse_old(what)
+  error({err = 'ERR clearance: ' .. what .. ' in the ledger layout before budget ids; clear this tenant\'s keys'})
+end
+
 -- "u1 n1 u2 n2" -> {u1, n1, u2, n2}
 local function split_words(text)
   local out = {}
@@ -88,7 +101,7 @@ end
 
 -- A reservation record is one tab-separated string (cheaper to write and read than JSON):
 --   status, plan index, created_at, expires_at, settled_at ('' while held), scope, amounts held
---   ("unit steps ..."), holds ("<counter suffix> steps <counter suffix> steps ..."), windows,
+--   ("unit steps ..."), holds ("<id>|<window> steps <id>|<window> steps ...": the counter suffixes), windows,
 --   committed amounts ('' unless committed), flags (','-joined), idempotency key ('' = none), label.
 -- Only the label can contain a tab (idempotency keys are printable): it comes last.
 local RECORD = '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t'
@@ -96,13 +109,12 @@ local RECORD = '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^
 
 local function decode(raw)
   if string.byte(raw, 1) == 123 then
-    -- '{': a JSON record written before the tab-separated format; read the same way
-    local old = cjson.decode(raw)
-    return {st = old.st, p = old.p, c = old.c, e = old.e, t = old.t or '', s = old.s, a = old.a,
-      h = table.concat(old.h or {}, ' '), w = old.w, ca = old.ca or '', f = old.f or '', i = old.i or '',
-      l = old.l or ''}
+    refuse_old('a JSON reservation record')  -- '{': holds named by scope path
   end
   local st, p, c, e, t, s, a, h, w, ca, f, i, l = string.match(raw, RECORD)
+  if h ~= '' and not string.find(h, '^%d+|[^| ]* ') then
+    refuse_old('a reservation record with holds named by scope path')
+  end
   return {st = st, p = p, c = c, e = e, t = t, s = s, a = a, h = h, w = w, ca = ca, f = f, i = i, l = l}
 end
 
@@ -121,7 +133,7 @@ end
 
 local function unhold(rec)
   for suffix, steps in string.gmatch(rec.h, '(%S+) (%S+)') do
-    redis.call('HINCRBY', K_LEDGER, 'h|' .. suffix, '-' .. steps)
+    redis.call('HINCRBY', K_LEDGER, 'h' .. suffix, '-' .. steps)
   end
 end
 
@@ -193,7 +205,8 @@ end
 
 -- Budgets on `chain` (of units in `wanted`, a set, or all when nil) with the counters of their window
 -- in `windows_text`, in chain order then each level's budget order: a list of
--- {scope, unit, period, window, limit, spent, held, level, counter suffix}, numbers as strings.
+-- {scope, unit, period, window, limit, spent, held, level, counter suffix "<id>|<window>"}, numbers as
+-- strings.
 -- `extra` (optional) are more ledger fields read in the same HMGET as the budget index; their
 -- values are returned second.
 local function states(chain, wanted, windows_text, extra)
@@ -214,17 +227,20 @@ local function states(chain, wanted, windows_text, extra)
     local entries = index[level]
     if entries then
       local scope = chain[level]
-      for unit, period, limit in string.gmatch(entries, '([^ |]+)|([^ |]*)|([^ ]+)') do
+      for unit, period, limit, id in string.gmatch(entries, '([^ |]+)|([^ |]*)|([^ |]+)|?([^ ]*)') do
+        if id == '' then
+          refuse_old('a budget without an id')
+        end
         if wanted == nil or wanted[unit] then
           local window = ''
           if period ~= '' then
             windows = windows or parse_windows(windows_text)
             window = windows[period]
           end
-          local suffix = scope .. '|' .. unit .. '|' .. period .. '|' .. window
+          local suffix = id .. '|' .. window
           out[#out + 1] = {scope, unit, period, window, limit, '0', '0', level, suffix}
-          fields[#fields + 1] = 's|' .. suffix
-          fields[#fields + 1] = 'h|' .. suffix
+          fields[#fields + 1] = 's' .. suffix
+          fields[#fields + 1] = 'h' .. suffix
         end
       end
     end
@@ -259,4 +275,33 @@ local function states_text(list, extra_held)
     parts[i] = s[1] .. '|' .. s[2] .. '|' .. s[3] .. '|' .. s[4] .. '|' .. s[5] .. '|' .. s[6] .. '|' .. held
   end
   return table.concat(parts, '|')
+end
+
+-- A record as the client reads it (get, list, extend): the holds' ids named again
+-- ("<scope>|<unit>|<period>|<window> steps ..."), from the "#<id>" fields.
+local function public(rec)
+  if rec.h == '' then
+    return encode(rec)
+  end
+  local ids, windows, steps = {}, {}, {}
+  for id, window, n in string.gmatch(rec.h, '(%d+)|(%S*) (%S+)') do
+    ids[#ids + 1] = '#' .. id
+    windows[#windows + 1] = window
+    steps[#steps + 1] = n
+  end
+  local names = hmget(K_LEDGER, ids)
+  local parts = {}
+  for i = 1, #ids do
+    local name = names[i]
+    if not name then
+      error({err = 'ERR clearance: no budget ' .. ids[i] .. ' named by a reservation record'})
+    end
+    parts[i] = name .. '|' .. windows[i] .. ' ' .. steps[i]
+  end
+  local copy = {}
+  for k, v in pairs(rec) do
+    copy[k] = v
+  end
+  copy.h = table.concat(parts, ' ')
+  return encode(copy)
 end

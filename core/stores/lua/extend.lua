@@ -1,5 +1,5 @@
 -- extend: push a held reservation's expiry. ARGV[3] token, [4] expires_at, [5] audit detail.
--- Reply: "notfound", "closed\n<status>" or "ok\n<record>".
+-- Reply: "notfound", "closed\n<status>" or "ok\n<record>" (as public() shows it).
 
 local token, expires_at, detail = ARGV[3], ARGV[4], ARGV[5]
 local rec = load_current(token)
@@ -14,4 +14,4 @@ local raw = encode(rec)
 redis.call('HSET', K_RES, token, raw)
 redis.call('ZADD', K_DUE, expires_at, token)
 audit('extend', rec.s, token, '', detail)
-return 'ok\n' .. raw
+return 'ok\n' .. public(rec)

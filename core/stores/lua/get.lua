@@ -4,4 +4,4 @@ local rec = load_current(ARGV[3])
 if not rec then
   return 'notfound'
 end
-return 'ok\n' .. encode(rec)
+return 'ok\n' .. public(rec)

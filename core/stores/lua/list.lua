@@ -32,6 +32,6 @@ end)
 local reply = {}
 for i = 1, math.min(limit, #found) do
   reply[#reply + 1] = found[i][2]
-  reply[#reply + 1] = encode(found[i][3])
+  reply[#reply + 1] = public(found[i][3])
 end
 return reply

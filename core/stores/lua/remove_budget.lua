@@ -1,4 +1,5 @@
 -- remove_budget: remove one budget; its level no longer constrains that unit. Reply 1, or 0 if none.
+-- Its counters and its id ("=<scope>|<unit>|<period>", "#<id>") stay: set again, it continues them.
 -- ARGV[3] scope, [4] unit, [5] period, [6] audit detail.
 
 local scope, unit, period, detail = ARGV[3], ARGV[4], ARGV[5], ARGV[6]

@@ -144,7 +144,7 @@ end
 for _, s in ipairs(list) do
   local amount = added[s[9]]
   if amount then
-    writes[#writes + 1] = 'h|' .. s[9]
+    writes[#writes + 1] = 'h' .. s[9]
     writes[#writes + 1] = fmt_int(tonumber(s[7]) + amount)
   end
 end

@@ -1,8 +1,10 @@
 -- set_budget: create or change a budget's limit (counters are kept).
 -- ARGV[3] scope, [4] unit, [5] period, [6] limit, [7] audit detail, [8] '1' = only if there is none
 -- (budget templates: an operator's own change is never undone). Reply 1 if set, 0 if it existed.
--- A scope's budgets live in one field, "@<scope>" -> "unit|period|limit ...", in the order they were
--- first set, so reserve reads every level's budgets with one HMGET.
+-- A scope's budgets live in one field, "@<scope>" -> "unit|period|limit|id ...", in the order they
+-- were first set, so reserve reads every level's budgets with one HMGET. The id names the budget's
+-- counters ("s<id>|<window>", "h<id>|<window>"); a (scope, unit, period) keeps its id for good
+-- ("=<scope>|<unit>|<period>"), so a budget removed and set again continues its counters.
 
 local scope, unit, period, limit, detail, only_new = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local field = '@' .. scope
@@ -14,13 +16,23 @@ for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
     if only_new == '1' then
       return 0
     end
-    kept[#kept + 1] = head .. limit
+    local id = string.match(entry, '^[^|]*|[^|]*|[^|]*|(%d+)$')
+    if not id then
+      refuse_old('a budget without an id')
+    end
+    kept[#kept + 1] = head .. limit .. '|' .. id
   else
     kept[#kept + 1] = entry
   end
 end
 if not found then
-  kept[#kept + 1] = head .. limit
+  local name = scope .. '|' .. unit .. '|' .. period
+  local id = redis.call('HGET', K_LEDGER, '=' .. name)
+  if not id then
+    id = fmt_int(redis.call('HINCRBY', K_LEDGER, '#next', 1))
+    redis.call('HSET', K_LEDGER, '=' .. name, id, '#' .. id, name)
+  end
+  kept[#kept + 1] = head .. limit .. '|' .. id
 end
 redis.call('HSET', K_LEDGER, field, table.concat(kept, ' '))
 audit('budget_set', scope, '', unit .. ' ' .. limit, detail)
