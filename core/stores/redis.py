@@ -182,6 +182,25 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+async def _arelease(pool: Any, connection: Any) -> None:
+    """Return a connection to an asyncio pool, even when the caller is cancelled meanwhile.
+
+    ``pool.release`` only suspends when the pool's lock is contended; a cancellation there would
+    leave the connection counted in use for good. Then the release is finished in a task of its own
+    (cheaper than shielding every release: ``asyncio.shield`` costs a task per call)."""
+    try:
+        await pool.release(connection)
+    except asyncio.CancelledError:
+        if connection in getattr(pool, "_in_use_connections", ()):
+            task = asyncio.ensure_future(pool.release(connection))
+            _RELEASING.add(task)
+            task.add_done_callback(_RELEASING.discard)
+        raise
+
+
+_RELEASING: set[asyncio.Future[Any]] = set()  # strong references to release tasks while they run
+
+
 def _bulk(value: str) -> bytes:
     """One RESP bulk string."""
     data = value.encode()
@@ -514,20 +533,54 @@ class RedisStore(Store):
             self._settle_in_doubt(args[0])
         return reply
 
+    async def _aevalsha(self, client: Any, script: Any, root: str, args: list[str]) -> Any:
+        """:meth:`_evalsha` for asyncio: the same hand-packed command on a pooled connection.
+
+        Cancellation safe: a call cancelled (or failed) between writing the request and reading the
+        whole reply disconnects the connection before it goes back to the pool (redis-py's own reads
+        do too; this does not rely on it), and a cancellation that lands while the connection goes
+        back to the pool (a contended pool lock) cannot leak it (see :func:`_arelease`)."""
+        if self.cluster:
+            return await script(self._keys(root), args, client=client)
+        body = b"".join(map(_bulk, args))
+        count = b"*%d\r\n" % (8 + len(args))
+        pool = client.connection_pool
+        connection = await pool.get_connection()
+        clean = False
+        try:
+            try:
+                await connection.send_packed_command([count + self._command_head(script, root) + body])
+                reply = await connection.read_response()
+            except redis.exceptions.NoScriptError:
+                await connection.send_command("SCRIPT", "LOAD", script.script)
+                script.sha = await connection.read_response()
+                await connection.send_packed_command([count + self._command_head(script, root) + body])
+                reply = await connection.read_response()
+            clean = True
+            return reply
+        except redis.ResponseError:
+            clean = True  # the whole reply was read: the connection is fine
+            raise
+        finally:
+            try:
+                if not clean:  # a request or reply may be half-way: never hand this socket out again
+                    await connection.disconnect(nowait=True)  # closes without waiting: no suspension
+            finally:
+                await _arelease(pool, connection)
+
     async def _arun(self, name: str, root: str, args: list[str]) -> Any:
         client, scripts = await self._async_client()
         script = scripts[name]
-        keys = self._keys(root)
         started = time.monotonic()
         try:
-            reply = await script(keys, args, client=client)
+            reply = await self._aevalsha(client, script, root, args)
         except redis.ConnectionError as error:
             if time.monotonic() - started > self._timeouts[0]:
                 raise _unavailable(error) from error
             if name == "reserve":
                 args = [*args[:-1], "1"]
             try:
-                reply = await script(keys, args, client=client)
+                reply = await self._aevalsha(client, script, root, args)
             except _ERRORS as again:
                 raise _unavailable(again, error) from again
         except _ERRORS as error:

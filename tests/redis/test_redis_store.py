@@ -259,3 +259,29 @@ def test_counters_are_named_by_budget_id_and_old_layout_is_refused(redis_url: st
         store.reservation(decision.reservation.id, clock())
     raw.close()
     authority.close()
+
+
+@pytest.mark.asyncio
+async def test_async_calls_cancelled_midway_leave_the_pool_clean(redis_url: str, clock: FakeClock) -> None:
+    """Cancelled at every point of a call (sending, waiting for the reply, returning the connection),
+    no connection goes back to the pool half-read and none is lost: later calls get their own replies."""
+    store = RedisStore.from_url(redis_url.replace("?", "?max_connections=4&", 1))
+    authority = Authority(store, clock=clock)
+    await authority.aset_budget(Budget("tenant:acme", "usd", 10**6))
+    action = Action("step", "s", {"usd": 1})
+    for steps in range(12):  # cancel after 0..11 loop iterations, 8 calls at once
+        tasks = [asyncio.ensure_future(authority.areserve(action, "tenant:acme/run:r1")) for _ in range(8)]
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(3):
+            decision = await authority.areserve(action, "tenant:acme/run:r1")
+            assert decision.allowed and decision.reservation is not None
+            settled = await authority.acommit(decision.reservation)
+            assert settled.status == "committed"
+    client = (await store._async_client())[0]
+    await asyncio.sleep(0.05)  # release tasks of cancelled calls finish
+    assert not client.connection_pool._in_use_connections
+    await authority.aclose()
