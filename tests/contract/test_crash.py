@@ -49,7 +49,11 @@ def test_sigkill_mid_operation_leaves_a_consistent_ledger(tmp_path: Path) -> Non
     for worker in workers:
         assert worker.stdout is not None
         assert worker.stdout.readline().strip() == "ready"
-    time.sleep(1.0)
+    # Kill them mid-stream once they have done real work (a loaded machine may need longer than 1 s).
+    deadline = time.monotonic() + 30
+    time.sleep(0.5)
+    while len(authority.events(limit=300, scope="tenant:crash")) < 300 and time.monotonic() < deadline:
+        time.sleep(0.1)
     for worker in workers:
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(timeout=10)
