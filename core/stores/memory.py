@@ -209,8 +209,8 @@ class MemoryStore(Store):
         self._policy: tuple[int, str | None] = (0, None)
         self._windows: Windows = ()
         self._window_map: dict[str, str] = {}
-        # chain -> its budgets, root first, valid while _budget_version is unchanged (see _budgets_of)
-        self._chain_budgets_cache: dict[tuple[str, ...], list[_Budget]] = {}
+        # chain -> (windows, its budgets root first with their counters), see _refs_of
+        self._chain_budgets_cache: dict[tuple[str, ...], tuple[Windows, list[tuple[_Budget, str, list[int]]]]] = {}
         self._cache_version = 0
 
     # --- helpers (call with the lock held) -----------------------------------------------------
@@ -269,20 +269,29 @@ class MemoryStore(Store):
                     self._idempotency.pop((fixed[0][0], fixed[4]), None)
         return expired
 
-    def _budgets_of(self, chain: tuple[str, ...]) -> list[_Budget]:
-        """Every budget on ``chain``, root first. Cached per chain: a reserve at depth 6 would
-        otherwise look up six levels; any budget created or removed empties the cache."""
+    def _refs_of(self, chain: tuple[str, ...], windows: Windows) -> list[tuple[_Budget, str, list[int]]]:
+        """Every budget on ``chain`` (root first) with its counters in ``windows``. Cached per chain:
+        a reserve at depth 6 would otherwise look up six levels and six windows. Any budget created
+        or removed empties the cache; a new ``windows`` tuple (the next minute) rebuilds the entry."""
         if self._cache_version != self._budget_version:
             self._chain_budgets_cache.clear()
             self._cache_version = self._budget_version
-        budgets = self._chain_budgets_cache.get(chain)
-        if budgets is None:
-            levels = self._levels
-            budgets = [budget for scope in chain if (level := levels.get(scope)) for budget in level.values()]
-            if len(self._chain_budgets_cache) >= 4096:
-                self._chain_budgets_cache.clear()
-            self._chain_budgets_cache[chain] = budgets
-        return budgets
+        cached = self._chain_budgets_cache.get(chain)
+        if cached is not None and cached[0] is windows:
+            return cached[1]
+        by_period = self._map(windows)
+        levels = self._levels
+        refs = []
+        for scope in chain:
+            level = levels.get(scope)
+            if level is not None:
+                for budget in level.values():
+                    window = by_period[budget.period]
+                    refs.append((budget, window, budget.window(window)))
+        if len(self._chain_budgets_cache) >= 4096:
+            self._chain_budgets_cache.clear()
+        self._chain_budgets_cache[chain] = (windows, refs)
+        return refs
 
     def _chain_budgets(
         self, chain: tuple[str, ...], units: object, windows: dict[str, str]
@@ -353,14 +362,11 @@ class MemoryStore(Store):
     def _hold_fitting(self, request: HoldRequest, need: dict[str, int]) -> HoldResult | None:
         """One plan, no thresholds: check and hold in a single pass over the chain. ``None`` when
         something does not fit — the general path then works out the rejections."""
-        windows = self._map(request.windows)
         holds: list[tuple[_Budget, str, list[int], int]] = []
-        for budget in self._budgets_of(request.chain):
+        for budget, window, counters in self._refs_of(request.chain, request.windows):
             steps = need.get(budget.unit)
             if steps is None:
                 continue
-            window = windows[budget.period]
-            counters = budget.counters.get(window) or budget.window(window)
             if budget.limit - counters[0] - counters[1] < steps:  # also any overage, even for 0
                 return None
             holds.append((budget, window, counters, steps))
