@@ -179,3 +179,23 @@ def test_a_hand_built_scope_is_revalidated() -> None:
     forged = Scope(path="tenant:attacker", segments=(("tenant", "attacker"),), chain=("tenant:victim",))
     authority.reserve(Action("step", "x", {"usd": 1}), forged)
     assert authority.balance("tenant:victim")["usd"].remaining == 1
+
+
+def test_a_minute_budget_keeps_few_windows_in_memory_and_old_holds_still_settle(clock: FakeClock) -> None:
+    store = MemoryStore()
+    authority = Authority(store, clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10, period="minute"))
+    authority.set_budget(Budget("tenant:acme", "usd", 1000))
+    first = authority.reserve(Action("model_call", "m", {"usd": 3}), "tenant:acme/run:r1")
+    assert first.reservation is not None
+    for _ in range(50):  # fifty more minutes, a lifecycle in each
+        clock.advance(60)
+        decision = authority.reserve(Action("model_call", "m", {"usd": 1}), "tenant:acme/run:r1", ttl=3600)
+        assert decision.reservation is not None
+        authority.commit(decision.reservation)
+    minute = store._levels["tenant:acme"][("usd", "minute")]
+    assert len(minute.counters) <= 8  # not one per minute for the life of the process
+    authority.commit(first.reservation, {"usd": 2})  # late (it expired): recorded, flagged, nothing breaks
+    balances = {b.period: b for b in authority.budgets("tenant:acme")}
+    assert balances["minute"].held == 0 and balances["minute"].spent == 1  # this minute's own lifecycle
+    assert balances[None].spent == 52 and balances[None].held == 0

@@ -38,6 +38,8 @@ from clearance.ledger import (
 from clearance.periods import Windows
 from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
 
+_WINDOWS_KEPT = 8  # the most recent windows of a period budget kept in memory
+
 
 class _Budget:
     __slots__ = ("counters", "limit", "period", "scope", "unit")
@@ -52,6 +54,11 @@ class _Budget:
     def window(self, window: str) -> list[int]:
         counters = self.counters.get(window)
         if counters is None:
+            if len(self.counters) >= _WINDOWS_KEPT:
+                # A period budget opens a window per minute/hour/...: without pruning a long-lived
+                # process keeps them all. Holds still point at their own window's counters, so a
+                # hold made in a pruned window settles exactly as before.
+                del self.counters[next(iter(self.counters))]
             counters = self.counters[window] = [0, 0]
         return counters
 
