@@ -47,7 +47,8 @@ after a request was written is retried once with the same reservation id: the re
 an id it has already seen as a replay, and commit/release are idempotent by reservation state, so a
 lost reply never holds or charges twice. A reserve whose outcome stays unknown (timeout, Redis gone)
 was answered DENY; its id is kept "in doubt" and released on the next successful call, so its hold
-(if the write did land) does not wait for its TTL.
+(if the write did land) does not wait for its TTL — unless it carried an idempotency key: then the
+caller's retry with that key answers with the reservation (or the TTL returns it).
 
 Audit sequence numbers come from the stream ids, which the scripts set to ``<server µs>-<n>``:
 ``seq = µs * 1000 + n``. Scripts run one at a time on a server, so on a single Redis the sequence is
@@ -602,9 +603,13 @@ class RedisStore(Store):
             raise _unavailable(error) from error
 
     # --- in-doubt holds --------------------------------------------------------------------------
-    def _doubt(self, reservation_id: str, error: StoreUnavailable) -> None:
-        if not getattr(error, "maybe_sent", True):
+    def _doubt(self, request: HoldRequest, error: StoreUnavailable) -> None:
+        """Keep the id of a reserve that may have landed, to release it on the next good call. Not
+        with an idempotency key: the caller will retry with that key and must get the reservation
+        back, not a released one (if it never retries, the TTL returns the hold)."""
+        if not getattr(error, "maybe_sent", True) or request.idempotency_key is not None:
             return
+        reservation_id = request.reservation_id
         with self._in_doubt_lock:
             if len(self._in_doubt) < _MAX_IN_DOUBT:
                 self._in_doubt.add(reservation_id)
@@ -694,7 +699,7 @@ class RedisStore(Store):
         try:
             reply = self._run("reserve", root, self._hold_args(request))
         except StoreUnavailable as error:
-            self._doubt(request.reservation_id, error)
+            self._doubt(request, error)
             raise
         return self._hold_result(request, reply)
 
@@ -704,7 +709,7 @@ class RedisStore(Store):
         try:
             reply = await self._arun("reserve", root, self._hold_args(request))
         except StoreUnavailable as error:
-            self._doubt(request.reservation_id, error)
+            self._doubt(request, error)
             raise
         return self._hold_result(request, reply)
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis as redis_py
 from redis_servers import RedisServer, free_port, require_redis
 
 from clearance import Action, Authority, Budget, Mode, Outcome, StoreUnavailable
@@ -304,3 +305,33 @@ def test_redis_down_or_hung_is_a_decision_within_the_timeout(own_server: RedisSe
     assert closed.balance("tenant:f")["calls"].spent == 1
     closed.close()
     opened.close()
+
+
+def test_a_keyed_reserve_whose_reply_was_lost_is_answered_by_its_retry(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    authority = Authority(redis_url)
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    authority.set_budget(Budget("tenant:lost", "calls", 10))
+    action = Action("step", "s", {"calls": 1})
+    real = RedisStore._evalsha
+    lose = {"next": True}
+
+    def evalsha(self: RedisStore, client: object, script: object, root: str, args: list[str]) -> object:
+        reply = real(self, client, script, root, args)  # the script ran on the server ...
+        if lose["next"] and script is self._sync_client()[1]["reserve"]:
+            lose["next"] = False
+            raise redis_py.TimeoutError("reply lost")  # ... and its reply never came
+        return reply
+
+    monkeypatch.setattr(RedisStore, "_evalsha", evalsha)
+    lost = authority.reserve(action, "tenant:lost/run:r1", idempotency_key="step-1")
+    assert lost.outcome is Outcome.DENY and lost.reasons[0].code == "store_unavailable"
+    retry = authority.reserve(action, "tenant:lost/run:r1", idempotency_key="step-1")
+    assert retry.allowed and retry.reservation is not None, retry.reasons
+    assert authority.balance("tenant:lost")["calls"].held == 1  # the hold that landed, not released behind it
+    authority.commit(retry.reservation)
+    calls = authority.balance("tenant:lost")["calls"]
+    assert (calls.spent, calls.held) == (1, 0)
+    authority.close()

@@ -97,7 +97,7 @@ for field, value in pairs(writes) do
   pairs_out[#pairs_out + 1] = fmt_int(value)
 end
 if #pairs_out > 0 then
-  redis.call('HSET', K_LEDGER, unpack(pairs_out))
+  hset_pairs(K_LEDGER, pairs_out)
 end
 if over then
   flags[#flags + 1] = 'overage'

@@ -99,6 +99,17 @@ local function hmget(key, fields)
   return out
 end
 
+-- HSET of field/value pairs, in chunks for the same reason (a hold can touch thousands of counters).
+local function hset_pairs(key, pairs_list)
+  if #pairs_list <= 1000 then
+    redis.call('HSET', key, unpack(pairs_list))
+    return
+  end
+  for first = 1, #pairs_list, 1000 do
+    redis.call('HSET', key, unpack(pairs_list, first, math.min(first + 999, #pairs_list)))
+  end
+end
+
 -- A reservation record is one tab-separated string (cheaper to write and read than JSON):
 --   status, plan index, created_at, expires_at, settled_at ('' while held), scope, amounts held
 --   ("unit steps ..."), holds ("<id>|<window> steps <id>|<window> steps ...": the counter suffixes), windows,

@@ -149,7 +149,7 @@ for _, s in ipairs(list) do
   end
 end
 if #writes > 0 then
-  redis.call('HSET', K_LEDGER, unpack(writes))
+  hset_pairs(K_LEDGER, writes)
 end
 local amounts_text = plans[chosen + 1][3]
 local scope = chain[depth]
