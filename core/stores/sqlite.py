@@ -148,6 +148,23 @@ _MOVE_WITHIN_BY_COUNT = [
     for sql in _MOVE_STAMPED_VALUES
 ]
 _MOVE_REST_BY_COUNT = [sql + "WHERE stamp IS NOT excluded.stamp" for sql in _MOVE_STAMPED_VALUES]
+_CHUNK = 64  # the most rows of one multi-row statement above
+
+
+def _upsert(db: sqlite3.Connection, statements: list[str], flat: list[Any], width: int) -> int:
+    """Run a multi-row statement over ``flat`` (``width`` values a row), at most 64 rows at a time
+    (a hold can touch thousands of counters: 16 levels x 64 units x 6 periods); rows changed."""
+    rows = len(flat) // width
+    if rows <= _CHUNK:
+        return db.execute(statements[rows], flat).rowcount
+    changed = 0
+    step = _CHUNK * width
+    for start in range(0, len(flat), step):
+        part = flat[start : start + step]
+        changed += db.execute(statements[len(part) // width], part).rowcount
+    return changed
+
+
 _BUDGETS_CHANGED = "UPDATE meta SET value = value + 1 WHERE key = 'budgets'"
 _UNHOLD_SQL = "UPDATE accounts SET held = held - ? WHERE scope = ? AND unit = ? AND period = ? AND win = ?"
 _INSERT_SQL = (
@@ -532,7 +549,7 @@ class SQLiteStore(Store):
                     a = states[position]
                     flat.extend((a[0], a[1], a[2], a[3], steps))
                     holds.append(f"{chain.index(a[0])},{a[1]},{a[2]},{steps}")
-                db.execute(_HOLD_BY_COUNT[len(added)], flat)
+                _upsert(db, _HOLD_BY_COUNT, flat, 5)
             seq = (last or 0) + 1
             rid = _reservation_id(seq, request.reservation_id, chain[0])
             db.execute(
@@ -626,8 +643,8 @@ class SQLiteStore(Store):
                         flat.append(held_change)
                         flat.append(seq)
                     count = len(moves)
-                    if db.execute(_MOVE_WITHIN_BY_COUNT[count], flat).rowcount != count:
-                        db.execute(_MOVE_REST_BY_COUNT[count], flat)
+                    if _upsert(db, _MOVE_WITHIN_BY_COUNT, flat, 7) != count:
+                        _upsert(db, _MOVE_REST_BY_COUNT, flat, 7)  # the rows not stamped by the first
                         flags.append(OVER_LIMIT)
                     moves = {}
             elif charges:
@@ -656,7 +673,7 @@ class SQLiteStore(Store):
                     flat.extend(key)
                     flat.append(spent_change)
                     flat.append(held_change)
-                db.execute(_MOVE_BY_COUNT[len(moves)], flat)
+                _upsert(db, _MOVE_BY_COUNT, flat, 6)
             db.execute(_COMMIT_SQL, (_dump(actual), ",".join(flags), now, now + self._retention, seq))
             db.execute("COMMIT")
         except sqlite3.Error as error:

@@ -422,3 +422,21 @@ def test_newest_events_are_read_from_the_end(authority: Authority) -> None:
     assert [e.seq for e in newest] == sorted(e.seq for e in newest)
     everything = authority.events(limit=1000)
     assert authority.events(limit=3, newest=True) == everything[-3:]
+
+
+def test_a_hold_on_thousands_of_budgets(authority: Authority) -> None:
+    """11 levels x 64 units x 6 periods: more counters than one SQL statement or Lua unpack() takes."""
+    chain = "/".join(f"l{i}:n" for i in range(11))
+    levels = chain.split("/")
+    units = [f"u{i}" for i in range(64)]
+    for depth in range(1, 12):
+        for unit in units:
+            for period in (None, "minute", "hour", "day", "week", "month"):
+                authority.set_budget(Budget("/".join(levels[:depth]), unit, 100, period=period))
+    decision = authority.reserve(Action("step", "wide", dict.fromkeys(units, 3)), chain)
+    assert decision.reservation is not None, decision.reasons
+    assert len(decision.accounts) == 11 * 64 * 6
+    assert {(b.spent, b.held) for b in authority.budgets(chain)} == {(0, 3)}
+    authority.commit(decision.reservation, dict.fromkeys(units, 2))
+    assert {(b.spent, b.held) for b in authority.budgets(chain)} == {(2, 0)}
+    assert {(b.spent, b.held) for b in authority.budgets(levels[0])} == {(2, 0)}

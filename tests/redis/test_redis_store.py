@@ -286,21 +286,3 @@ async def test_async_calls_cancelled_midway_leave_the_pool_clean(redis_url: str,
     assert not client.connection_pool._in_use_connections
     await authority.aclose()
 
-
-def test_a_hold_on_thousands_of_budgets_is_one_script_that_works(redis_url: str) -> None:
-    """11 levels x 64 units x 6 periods: more counters than Lua's unpack() takes in one call."""
-    authority = Authority(redis_url)
-    chain = "/".join(f"l{i}:n" for i in range(11))
-    levels = chain.split("/")
-    units = [f"u{i}" for i in range(64)]
-    for depth in range(1, 12):
-        for unit in units:
-            for period in (None, "minute", "hour", "day", "week", "month"):
-                authority.set_budget(Budget("/".join(levels[:depth]), unit, 100, period=period))
-    decision = authority.reserve(Action("step", "wide", dict.fromkeys(units, 3)), chain)
-    assert decision.reservation is not None, decision.reasons
-    assert len(decision.accounts) == 11 * 64 * 6
-    authority.commit(decision.reservation, dict.fromkeys(units, 2))
-    for balance in authority.budgets(levels[0]):
-        assert (balance.spent, balance.held) == (2, 0)
-    authority.close()
