@@ -622,25 +622,29 @@ class RedisStore(Store):
 
     def _settle_in_doubt(self, now: str) -> None:
         """Release holds whose reserve reply never came (the caller was denied): the store answers again."""
-        for rid in self._take_in_doubt():
+        taken = self._take_in_doubt()
+        for done, rid in enumerate(taken):
             try:
                 client, scripts = self._sync_client()
                 root = root_of(rid)
                 self._evalsha(client, scripts["release"], root, [now, *self._head(0.0)[1:], rid[:20]])
             except _ERRORS:
                 with self._in_doubt_lock:
-                    self._in_doubt.add(rid)
+                    self._in_doubt.update(taken[done:])  # this one and the rest: the next call tries again
                 return
 
     async def _asettle_in_doubt(self, client: Any, scripts: dict[str, Any], now: str) -> None:
-        for rid in self._take_in_doubt():
+        taken = self._take_in_doubt()
+        for done, rid in enumerate(taken):
             try:
                 args = [now, *self._head(0.0)[1:], rid[:20]]
                 await scripts["release"](self._keys(root_of(rid)), args, client=client)
-            except _ERRORS:
+            except BaseException as error:  # unreachable, or the task was cancelled: keep the rest for later
                 with self._in_doubt_lock:
-                    self._in_doubt.add(rid)
-                return
+                    self._in_doubt.update(taken[done:])
+                if isinstance(error, _ERRORS):
+                    return
+                raise
 
     # --- roots registry --------------------------------------------------------------------------
     def _register(self, root: str) -> None:

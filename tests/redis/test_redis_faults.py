@@ -335,3 +335,29 @@ def test_a_keyed_reserve_whose_reply_was_lost_is_answered_by_its_retry(
     calls = authority.balance("tenant:lost")["calls"]
     assert (calls.spent, calls.held) == (1, 0)
     authority.close()
+
+
+def test_in_doubt_ids_survive_a_failed_or_cancelled_release(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    authority = Authority(redis_url)
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    doubted = {f"{i:020x}.tenant:doubt" for i in range(3)}
+    store._in_doubt.update(doubted)
+
+    def unreachable(*args: object) -> object:
+        raise redis_py.ConnectionError("gone again")
+
+    monkeypatch.setattr(store, "_evalsha", unreachable)
+    store._settle_in_doubt("1.0")
+    assert store._in_doubt == doubted  # all kept for the next call, not just the one that failed
+
+    async def cancelled(*args: object, **kwargs: object) -> object:
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(store._asettle_in_doubt(None, {"release": cancelled}, "1.0"))
+    assert store._in_doubt == doubted
+    monkeypatch.undo()
+    store._settle_in_doubt("1.0")  # reachable again: unknown ids are released as not found, and forgotten
+    assert not store._in_doubt
+    authority.close()
