@@ -45,10 +45,12 @@ all become :class:`~clearance.errors.StoreUnavailable` within the configured tim
 retries are disabled), which the Authority turns into DENY or a bounded fail-open. A connection lost
 after a request was written is retried once with the same reservation id: the reserve script answers
 an id it has already seen as a replay, and commit/release are idempotent by reservation state, so a
-lost reply never holds or charges twice. A reserve whose outcome stays unknown (timeout, Redis gone)
-was answered DENY; its id is kept "in doubt" and released on the next successful call, so its hold
-(if the write did land) does not wait for its TTL — unless it carried an idempotency key: then the
-caller's retry with that key answers with the reservation (or the TTL returns it).
+lost reply never holds or charges twice. ``remove_budget`` and ``put_policy`` are not run again (a
+second run would answer or store something else): they raise StoreUnavailable. A reserve whose
+outcome stays unknown (timeout, Redis gone) was answered DENY; its id is kept "in doubt" and
+released on the next successful call, so its hold (if the write did land) does not wait for its TTL
+— unless it carried an idempotency key: then the caller's retry with that key answers with the
+reservation (or the TTL returns it).
 
 Audit sequence numbers come from the stream ids, which the scripts set to ``<server µs>-<n>``:
 ``seq = µs * 1000 + n``. Scripts run one at a time on a server, so on a single Redis the sequence is
@@ -118,6 +120,11 @@ _SEQ_SPLIT = 1000
 _MAX_IN_DOUBT = 10_000
 _T = TypeVar("_T")
 _ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
+# Scripts a lost reply must not run again: a second remove_budget answers "no such budget" for the
+# one it removed, a second put_policy stores the document as yet another version. Their callers get
+# StoreUnavailable and may look before trying again. (Every other script converges when repeated:
+# reserve recognises its own id, commit/release answer from the reservation's state.)
+_NOT_REPEATABLE = frozenset({"remove_budget", "policy"})
 
 
 @cache
@@ -519,8 +526,8 @@ class RedisStore(Store):
             reply = self._evalsha(client, script, root, args)
         except redis.ConnectionError as error:
             # The connection died, possibly after the server ran the script: run it again, once, if
-            # that can still answer within the timeout.
-            if time.monotonic() - started > self._timeouts[0]:
+            # that can still answer within the timeout (and running it twice changes nothing).
+            if name in _NOT_REPEATABLE or time.monotonic() - started > self._timeouts[0]:
                 raise _unavailable(error) from error
             if name == "reserve":
                 args = [*args[:-1], "1"]
@@ -576,7 +583,7 @@ class RedisStore(Store):
         try:
             reply = await self._aevalsha(client, script, root, args)
         except redis.ConnectionError as error:
-            if time.monotonic() - started > self._timeouts[0]:
+            if name in _NOT_REPEATABLE or time.monotonic() - started > self._timeouts[0]:
                 raise _unavailable(error) from error
             if name == "reserve":
                 args = [*args[:-1], "1"]

@@ -19,6 +19,7 @@ import redis as redis_py
 from redis_servers import RedisServer, free_port, require_redis
 
 from clearance import Action, Authority, Budget, Mode, Outcome, StoreUnavailable
+from clearance.periods import windows_at
 from clearance.stores.redis import RedisStore
 from clearance.testing import FakeClock
 
@@ -361,3 +362,30 @@ def test_in_doubt_ids_survive_a_failed_or_cancelled_release(redis_url: str, monk
     store._settle_in_doubt("1.0")  # reachable again: unknown ids are released as not found, and forgotten
     assert not store._in_doubt
     authority.close()
+
+
+def test_a_lost_reply_does_not_repeat_a_remove_or_a_policy(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = RedisStore.from_url(redis_url)
+    store.set_budget("tenant:once", "calls", "", 10, 1.0)
+    real = RedisStore._evalsha
+    lose = {"next": True}
+
+    def evalsha(self: RedisStore, client: object, script: object, root: str, args: list[str]) -> object:
+        reply = real(self, client, script, root, args)  # the script ran on the server ...
+        if lose["next"]:
+            lose["next"] = False
+            raise redis_py.ConnectionError("connection reset")  # ... and the connection died before the reply
+        return reply
+
+    monkeypatch.setattr(RedisStore, "_evalsha", evalsha)
+    with pytest.raises(StoreUnavailable):  # not a wrong "there was no such budget"
+        store.remove_budget("tenant:once", "calls", "", 2.0)
+    assert store.accounts("tenant:once", windows_at(2.0), 2.0, False) == []
+    lose["next"] = True
+    with pytest.raises(StoreUnavailable):
+        store.put_policy("{}", 3.0)
+    assert store.policy_version() == 1  # stored once, not as two versions
+    lose["next"] = True
+    store.set_budget("tenant:once", "calls", "", 5, 4.0)  # a call that converges is retried: no error
+    assert [a.limit for a in store.accounts("tenant:once", windows_at(4.0), 4.0, False)] == [5]
+    store.close()
