@@ -517,6 +517,15 @@ class RedisStore(Store):
         finally:
             pool.release(connection)
 
+    def _retry_args(self, name: str, args: list[str], started: float, error: redis.ConnectionError) -> list[str]:
+        """The connection died, possibly after the server ran the script: the arguments to run it again
+        with, once — or StoreUnavailable when a second run could not answer within the timeout or would
+        change something (see ``_NOT_REPEATABLE``). A retried reserve says so, so that the script
+        answers an id it has already stored as a replay."""
+        if name in _NOT_REPEATABLE or time.monotonic() - started > self._timeouts[0]:
+            raise _unavailable(error) from error
+        return [*args[:-1], "1"] if name == "reserve" else args
+
     def _run(self, name: str, root: str, args: list[str]) -> Any:
         """One script, one round trip; one retry after a lost connection; every failure is StoreUnavailable."""
         client, scripts = self._sync_client()
@@ -525,12 +534,7 @@ class RedisStore(Store):
         try:
             reply = self._evalsha(client, script, root, args)
         except redis.ConnectionError as error:
-            # The connection died, possibly after the server ran the script: run it again, once, if
-            # that can still answer within the timeout (and running it twice changes nothing).
-            if name in _NOT_REPEATABLE or time.monotonic() - started > self._timeouts[0]:
-                raise _unavailable(error) from error
-            if name == "reserve":
-                args = [*args[:-1], "1"]
+            args = self._retry_args(name, args, started, error)
             try:
                 reply = self._evalsha(client, script, root, args)
             except _ERRORS as again:
@@ -583,10 +587,7 @@ class RedisStore(Store):
         try:
             reply = await self._aevalsha(client, script, root, args)
         except redis.ConnectionError as error:
-            if name in _NOT_REPEATABLE or time.monotonic() - started > self._timeouts[0]:
-                raise _unavailable(error) from error
-            if name == "reserve":
-                args = [*args[:-1], "1"]
+            args = self._retry_args(name, args, started, error)
             try:
                 reply = await self._aevalsha(client, script, root, args)
             except _ERRORS as again:
@@ -645,7 +646,7 @@ class RedisStore(Store):
         for done, rid in enumerate(taken):
             try:
                 args = [now, *self._head(0.0)[1:], rid[:20]]
-                await scripts["release"](self._keys(root_of(rid)), args, client=client)
+                await self._aevalsha(client, scripts["release"], root_of(rid), args)
             except BaseException as error:  # unreachable, or the task was cancelled: keep the rest for later
                 with self._in_doubt_lock:
                     self._in_doubt.update(taken[done:])

@@ -352,11 +352,12 @@ def test_in_doubt_ids_survive_a_failed_or_cancelled_release(redis_url: str, monk
     store._settle_in_doubt("1.0")
     assert store._in_doubt == doubted  # all kept for the next call, not just the one that failed
 
-    async def cancelled(*args: object, **kwargs: object) -> object:
+    async def cancelled(*args: object) -> object:
         raise asyncio.CancelledError
 
+    monkeypatch.setattr(store, "_aevalsha", cancelled)
     with pytest.raises(asyncio.CancelledError):
-        asyncio.run(store._asettle_in_doubt(None, {"release": cancelled}, "1.0"))
+        asyncio.run(store._asettle_in_doubt(None, {"release": None}, "1.0"))
     assert store._in_doubt == doubted
     monkeypatch.undo()
     store._settle_in_doubt("1.0")  # reachable again: unknown ids are released as not found, and forgotten
