@@ -120,37 +120,36 @@ _STATES_DUE_BY_DEPTH = [
 ]
 _LAST_SEQ = "SELECT max(seq) FROM log"
 _DUE_SQL = "SELECT 1 FROM log WHERE status = 'held' AND expires_at <= ? LIMIT 1"
-_HOLD_BY_COUNT = [
-    "INSERT INTO accounts(scope, unit, period, win, held) VALUES "
-    + ", ".join(["(?, ?, ?, ?, ?)"] * n)
-    + " ON CONFLICT DO UPDATE SET held = held + excluded.held"
-    for n in range(65)
-]
-_MOVE_BY_COUNT = [
-    "INSERT INTO accounts(scope, unit, period, win, spent, held) VALUES "
-    + ", ".join(["(?, ?, ?, ?, ?, ?)"] * n)
-    + " ON CONFLICT DO UPDATE SET spent = spent + excluded.spent, held = held + excluded.held"
-    for n in range(65)
-]
+_CHUNK = 64  # the most rows of one multi-row statement (see _upsert)
+
+
+def _upserts(columns: str, update: str) -> list[str]:
+    """The multi-row upsert of ``accounts`` rows for 0..64 rows (index = row count)."""
+    row = "(" + ", ".join("?" * len(columns.split(", "))) + ")"
+    return [
+        f"INSERT INTO accounts({columns}) VALUES {', '.join([row] * n)} ON CONFLICT DO UPDATE SET {update} "
+        for n in range(_CHUNK + 1)
+    ]
+
+
+_HOLD_BY_COUNT = _upserts("scope, unit, period, win, held", "held = held + excluded.held")
+_MOVE_BY_COUNT = _upserts(
+    "scope, unit, period, win, spent, held", "spent = spent + excluded.spent, held = held + excluded.held"
+)
 # A commit's moves in two steps without reading the counters first (RETURNING costs more): the
 # first applies every row that stays within its limit (or charges nothing) and stamps it with the
 # reservation's seq; if it changed fewer rows than given, the second applies the rest (the
 # budgets that went past their limit: the commit is flagged ``overage``).
-_MOVE_STAMPED_VALUES = [
-    "INSERT INTO accounts(scope, unit, period, win, spent, held, stamp) VALUES "
-    + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * n)
-    + " ON CONFLICT DO UPDATE SET spent = spent + excluded.spent, held = held + excluded.held, stamp = excluded.stamp "
-    for n in range(65)
-]
+_MOVE_STAMPED_VALUES = _upserts(
+    "scope, unit, period, win, spent, held, stamp",
+    "spent = spent + excluded.spent, held = held + excluded.held, stamp = excluded.stamp",
+)
 _MOVE_WITHIN_BY_COUNT = [
     sql + "WHERE excluded.spent = 0 OR spent + held + excluded.spent + excluded.held <= (SELECT lim FROM budgets "
     "AS b WHERE b.scope = excluded.scope AND b.unit = excluded.unit AND b.period = excluded.period)"
     for sql in _MOVE_STAMPED_VALUES
 ]
 _MOVE_REST_BY_COUNT = [sql + "WHERE stamp IS NOT excluded.stamp" for sql in _MOVE_STAMPED_VALUES]
-_CHUNK = 64  # the most rows of one multi-row statement above
-
-
 def _upsert(db: sqlite3.Connection, statements: list[str], flat: list[Any], width: int) -> int:
     """Run a multi-row statement over ``flat`` (``width`` values a row), at most 64 rows at a time
     (a hold can touch thousands of counters: 16 levels x 64 units x 6 periods); rows changed."""
