@@ -283,12 +283,7 @@ def test_redis_down_or_hung_is_a_decision_within_the_timeout(own_server: RedisSe
         own_server.resume()
     # The hung server then ran the reserves that timed out; their holds are in doubt and are released.
     for authority in (closed, opened):
-        store = authority.store
-        assert isinstance(store, RedisStore)
-        for _ in range(10):
-            authority.balance("tenant:f")
-            if not store._in_doubt:
-                break
+        _settle_in_doubt(authority)
     balance = closed.balance("tenant:f")["calls"]
     assert (balance.held, balance.spent) == (1, 0)  # only the reservation someone holds
     closed.commit(held.reservation)
