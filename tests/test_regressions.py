@@ -199,3 +199,21 @@ def test_a_minute_budget_keeps_few_windows_in_memory_and_old_holds_still_settle(
     balances = {b.period: b for b in authority.budgets("tenant:acme")}
     assert balances["minute"].held == 0 and balances["minute"].spent == 1  # this minute's own lifecycle
     assert balances[None].spent == 52 and balances[None].held == 0
+
+
+def test_late_commits_reopening_old_windows_never_prune_the_current_one(clock: FakeClock) -> None:
+    store = MemoryStore()
+    authority = Authority(store, clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10, period="minute"))
+    old = []
+    for _ in range(9):  # nine holds in nine earlier minutes, each left to expire
+        decision = authority.reserve(Action("model_call", "m", {"usd": 1}), "tenant:acme/run:old", ttl=30)
+        assert decision.reservation is not None
+        old.append(decision.reservation)
+        clock.advance(60)
+    now_held = authority.reserve(Action("model_call", "m", {"usd": 5}), "tenant:acme/run:r1")
+    assert now_held.allowed
+    for reservation in old:  # late commits settle in their own (re-opened) windows
+        assert "late" in authority.commit(reservation, {"usd": 1}).flags
+    assert authority.balance("tenant:acme")["usd"].held == 5  # this minute's counters are still the live ones
+    assert authority.reserve(Action("model_call", "m", {"usd": 6}), "tenant:acme/run:r2").denied

@@ -56,9 +56,10 @@ class _Budget:
         if counters is None:
             if len(self.counters) >= _WINDOWS_KEPT:
                 # A period budget opens a window per minute/hour/...: without pruning a long-lived
-                # process keeps them all. Holds still point at their own window's counters, so a
-                # hold made in a pruned window settles exactly as before.
-                del self.counters[next(iter(self.counters))]
+                # process keeps them all. The oldest goes (window names sort in time order), never
+                # the current one, even when late commits re-open old windows; holds still point at
+                # their own window's counters, so a hold made in a pruned window settles as before.
+                del self.counters[min(self.counters)]
             counters = self.counters[window] = [0, 0]
         return counters
 
@@ -301,26 +302,21 @@ class MemoryStore(Store):
         return refs
 
     def _chain_budgets(
-        self, chain: tuple[str, ...], units: object, windows: dict[str, str]
+        self, chain: tuple[str, ...], units: object, windows: Windows
     ) -> tuple[list[AccountState], list[tuple[_Budget, str, list[int]]]]:
+        """The chain's budgets of ``units`` as AccountStates, with the references to hold them by."""
         states: list[AccountState] = []
         refs: list[tuple[_Budget, str, list[int]]] = []
-        levels = self._levels
-        for scope in chain:
-            level = levels.get(scope)
-            if level is None:
-                continue
-            for budget in level.values():
-                if budget.unit in units:  # type: ignore[operator]
-                    window = windows[budget.period]
-                    counters = budget.counters.get(window) or budget.window(window)
-                    states.append(
-                        _state(
-                            AccountState,
-                            (scope, budget.unit, budget.period, window, budget.limit, counters[0], counters[1]),
-                        )
+        for ref in self._refs_of(chain, windows):
+            budget, window, counters = ref
+            if budget.unit in units:  # type: ignore[operator]
+                states.append(
+                    _state(
+                        AccountState,
+                        (budget.scope, budget.unit, budget.period, window, budget.limit, counters[0], counters[1]),
                     )
-                    refs.append((budget, window, counters))
+                )
+                refs.append(ref)
         return states, refs
 
     # --- reservations --------------------------------------------------------------------------
@@ -339,13 +335,13 @@ class MemoryStore(Store):
                 existing = self._idempotency.get((request.chain[0], request.idempotency_key))
                 if existing is not None:
                     res = self._get(existing)
-                    states, _ = self._chain_budgets(res.chain, dict(res.amounts), dict(res.windows))
+                    states, _ = self._chain_budgets(res.chain, dict(res.amounts), res.windows)
                     return HoldResult(res.id, res.plan_index, res.expires_at, tuple(states), (), replayed=True)
             if simple:
                 fitted = self._hold_fitting(request, units)  # type: ignore[arg-type]
                 if fitted is not None:
                     return fitted
-            states, refs = self._chain_budgets(request.chain, units, self._map(request.windows))
+            states, refs = self._chain_budgets(request.chain, units, request.windows)
             choice = choose_plan(plans, request.chain, states)
             index = choice.plan_index
             if index < 0:
