@@ -611,10 +611,12 @@ class RedisStore(Store):
             raise _unavailable(error) from error
 
     # --- in-doubt holds --------------------------------------------------------------------------
-    def _doubt(self, request: HoldRequest, error: StoreUnavailable) -> None:
-        """Keep the id of a reserve that may have landed, to release it on the next good call. Not
-        with an idempotency key: the caller will retry with that key and must get the reservation
-        back, not a released one (if it never retries, the TTL returns the hold)."""
+    def _doubt(self, request: HoldRequest, error: BaseException) -> None:
+        """Keep the id of a reserve that may have landed, to release it on the next good call: its
+        reply was lost, or the asyncio task was cancelled while the request was on its way (nobody
+        will ever see that reservation). Not with an idempotency key: the caller will retry with that
+        key and must get the reservation back, not a released one (if it never retries, the TTL
+        returns the hold)."""
         if not getattr(error, "maybe_sent", True) or request.idempotency_key is not None:
             return
         reservation_id = request.reservation_id
@@ -720,7 +722,7 @@ class RedisStore(Store):
         await self._aregister(root)
         try:
             reply = await self._arun("reserve", root, self._hold_args(request))
-        except StoreUnavailable as error:
+        except (StoreUnavailable, asyncio.CancelledError) as error:
             self._doubt(request, error)
             raise
         return self._hold_result(request, reply)
