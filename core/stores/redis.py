@@ -125,6 +125,10 @@ _ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 # StoreUnavailable and may look before trying again. (Every other script converges when repeated:
 # reserve recognises its own id, commit/release answer from the reservation's state.)
 _NOT_REPEATABLE = frozenset({"remove_budget", "policy"})
+# Scripts whose last argument says "this is the client's retry after a lost reply": a retried
+# reserve answers the id it already stored; a retried set_budget or extend that finds its own change
+# already made does not write a second audit event for it.
+_RETRY_FLAGGED = frozenset({"reserve", "set_budget", "extend"})
 
 
 @cache
@@ -520,11 +524,11 @@ class RedisStore(Store):
     def _retry_args(self, name: str, args: list[str], started: float, error: redis.ConnectionError) -> list[str]:
         """The connection died, possibly after the server ran the script: the arguments to run it again
         with, once — or StoreUnavailable when a second run could not answer within the timeout or would
-        change something (see ``_NOT_REPEATABLE``). A retried reserve says so, so that the script
-        answers an id it has already stored as a replay."""
+        change something (see ``_NOT_REPEATABLE``). A retried reserve, set_budget or extend says so in
+        its last argument (see ``_RETRY_FLAGGED``)."""
         if name in _NOT_REPEATABLE or time.monotonic() - started > self._timeouts[0]:
             raise _unavailable(error) from error
-        return [*args[:-1], "1"] if name == "reserve" else args
+        return [*args[:-1], "1"] if name in _RETRY_FLAGGED else args
 
     def _run(self, name: str, root: str, args: list[str]) -> Any:
         """One script, one round trip; one retry after a lost connection; every failure is StoreUnavailable."""
@@ -794,7 +798,7 @@ class RedisStore(Store):
         return self._record(reservation_id, root, rest)
 
     def _extend_args(self, reservation_id: str, expires_at: float, now: float) -> list[str]:
-        return [*self._head(now), reservation_id[:20], _float(expires_at), f"expires_at={expires_at:.3f}"]
+        return [*self._head(now), reservation_id[:20], _float(expires_at), f"expires_at={expires_at:.3f}", "0"]
 
     def extend(self, reservation_id: str, expires_at: float, now: float) -> ReservationRecord:
         root = root_of(reservation_id)
@@ -826,8 +830,11 @@ class RedisStore(Store):
         return heapq.nsmallest(limit, found, key=lambda r: (-r.created_at, r.id))
 
     # --- budgets ---------------------------------------------------------------------------------
-    def _budget_args(self, scope: str, unit: str, period: str, limit: int, now: float) -> list[str]:
-        return [*self._head(now), scope, unit, period, str(limit), f"period={period or 'lifetime'}"]
+    def _budget_args(
+        self, scope: str, unit: str, period: str, limit: int, now: float, only_new: bool = False
+    ) -> list[str]:
+        detail = f"period={period or 'lifetime'}"
+        return [*self._head(now), scope, unit, period, str(limit), detail, "1" if only_new else "0", "0"]
 
     def set_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
         root = parse_scope(scope).root
@@ -842,12 +849,12 @@ class RedisStore(Store):
     def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
         root = parse_scope(scope).root
         self._register(root)
-        return bool(self._run("set_budget", root, [*self._budget_args(scope, unit, period, limit, now), "1"]))
+        return bool(self._run("set_budget", root, self._budget_args(scope, unit, period, limit, now, only_new=True)))
 
     async def aensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
         root = parse_scope(scope).root
         await self._aregister(root)
-        args = [*self._budget_args(scope, unit, period, limit, now), "1"]
+        args = self._budget_args(scope, unit, period, limit, now, only_new=True)
         return bool(await self._arun("set_budget", root, args))
 
     # --- policy documents (global keys, tag "{~}") ------------------------------------------------

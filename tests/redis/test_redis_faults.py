@@ -333,6 +333,70 @@ def test_a_keyed_reserve_whose_reply_was_lost_is_answered_by_its_retry(
     authority.close()
 
 
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_lost_reply_to_set_budget_or_extend_records_one_event(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, face: str
+) -> None:
+    """The retry after a lost reply finds its change already made: nothing is written twice, not
+    even an audit event (the trail shows what happened, once)."""
+    authority = Authority(redis_url)
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    scope = f"tenant:once-{face}"
+    lose = {"budget": False, "extend": False}
+    names = {"budget": "set_budget", "extend": "extend"}
+
+    def lost(kind: str) -> bool:
+        if lose[kind]:
+            lose[kind] = False
+            return True
+        return False
+
+    real, areal = RedisStore._evalsha, RedisStore._aevalsha
+
+    def evalsha(self: RedisStore, client: object, script: object, root: str, args: list[str]) -> object:
+        reply = real(self, client, script, root, args)  # the script ran on the server ...
+        for kind, name in names.items():
+            if script is self._sync_client()[1][name] and lost(kind):
+                raise redis_py.ConnectionError("reset before the reply")  # ... and its reply never came
+        return reply
+
+    async def aevalsha(self: RedisStore, client: object, script: object, root: str, args: list[str]) -> object:
+        reply = await areal(self, client, script, root, args)
+        for kind, name in names.items():
+            if script is (await self._async_client())[1][name] and lost(kind):
+                raise redis_py.ConnectionError("reset before the reply")
+        return reply
+
+    monkeypatch.setattr(RedisStore, "_evalsha", evalsha)
+    monkeypatch.setattr(RedisStore, "_aevalsha", aevalsha)
+    action = Action("step", "s", {"calls": 1})
+
+    async def run_async() -> None:
+        lose["budget"] = True
+        await authority.aset_budget(Budget(scope, "calls", 10))
+        decision = await authority.areserve(action, f"{scope}/run:r1")
+        assert decision.reservation is not None
+        lose["extend"] = True
+        await authority.aextend(decision.reservation, 120)
+        await authority.aclose()
+
+    if face == "async":
+        asyncio.run(run_async())
+    else:
+        lose["budget"] = True
+        authority.set_budget(Budget(scope, "calls", 10))
+        decision = authority.reserve(action, f"{scope}/run:r1")
+        assert decision.reservation is not None
+        lose["extend"] = True
+        authority.extend(decision.reservation, 120)
+    assert not lose["budget"] and not lose["extend"]  # both replies were really lost
+    kinds = [event.kind for event in authority.events(scope=scope, limit=1000)]
+    assert kinds.count("budget_set") == 1 and kinds.count("extend") == 1, kinds
+    assert authority.balance(scope)["calls"].limit == 10
+    authority.close()
+
+
 def test_in_doubt_ids_survive_a_failed_or_cancelled_release(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     authority = Authority(redis_url)
     store = authority.store

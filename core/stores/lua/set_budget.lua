@@ -1,12 +1,15 @@
 -- set_budget: create or change a budget's limit (counters are kept).
 -- ARGV[3] scope, [4] unit, [5] period, [6] limit, [7] audit detail, [8] '1' = only if there is none
--- (budget templates: an operator's own change is never undone). Reply 1 if set, 0 if it existed.
+-- (budget templates: an operator's own change is never undone), [9] '1' on the client's retry after a
+-- lost reply (a budget that already has this limit was set by the first run: no second audit event).
+-- Reply 1 if set, 0 if it existed.
 -- A scope's budgets live in one field, "@<scope>" -> "unit|period|limit|id ...", in the order they
 -- were first set, so reserve reads every level's budgets with one HMGET. The id names the budget's
 -- counters ("s<id>|<window>", "h<id>|<window>"); a (scope, unit, period) keeps its id for good
 -- ("=<scope>|<unit>|<period>"), so a budget removed and set again continues its counters.
 
 local scope, unit, period, limit, detail, only_new = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local retry = ARGV[9] == '1'
 local field = '@' .. scope
 local head = unit .. '|' .. period .. '|'
 local kept, found = {}, false
@@ -16,9 +19,12 @@ for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
     if only_new == '1' then
       return 0
     end
-    local id = string.match(entry, '^[^|]*|[^|]*|[^|]*|(%d+)$')
+    local current, id = string.match(entry, '^[^|]*|[^|]*|([^|]*)|(%d+)$')
     if not id then
       refuse_old('a budget without an id')
+    end
+    if retry and current == limit then
+      return 1
     end
     kept[#kept + 1] = head .. limit .. '|' .. id
   else
