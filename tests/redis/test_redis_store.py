@@ -297,3 +297,47 @@ async def test_async_calls_cancelled_midway_leave_the_pool_clean(redis_url: str,
     assert (await authority.abalance("tenant:acme"))["usd"].held == 0  # clock never moved: no TTL helped
     await authority.aclose()
 
+
+
+def test_period_budgets_keep_their_latest_windows_only(redis_url: str, clock: FakeClock) -> None:
+    """A per-minute budget would otherwise add two counters to the tenant's hash every minute for
+    good. Past windows are pruned to the latest 8, but never a window something is still held in
+    (that hold settles there later), and never the current one."""
+    authority = Authority(redis_url, clock=clock)
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    tenant = "tenant:windows"
+    authority.set_budget(Budget(tenant, "calls", 5, period="minute"))
+    action = Action("step", "s", {"calls": 1})
+    raw = redis_py.Redis.from_url(redis_url.split("?", maxsplit=1)[0], decode_responses=True)
+    ledger_key = store._keys(tenant)[0]
+    budget_id = raw.hget(ledger_key, f"={tenant}|calls|minute")
+
+    def windows_kept() -> list[str]:
+        prefixes = (f"s{budget_id}|", f"h{budget_id}|")
+        return sorted({f.split("|", 1)[1] for f in raw.hkeys(ledger_key) if f.startswith(prefixes)})
+
+    long_hold = authority.reserve(action, f"{tenant}/run:long", ttl=3600)
+    assert long_hold.reservation is not None
+    first_window = windows_at(clock())[1][1]
+    seen = [first_window]
+    for minute in range(1, 13):
+        clock.advance(60)
+        for _ in range(5):  # the whole minute's budget, each minute: every window is counted on its own
+            decision = authority.reserve(action, f"{tenant}/run:r{minute}")
+            assert decision.reservation is not None, decision.reasons
+            authority.commit(decision.reservation)
+        assert authority.reserve(action, f"{tenant}/run:r{minute}").denied
+        seen.append(windows_at(clock())[1][1])
+        kept = windows_kept()
+        assert first_window in kept  # something is still held there
+        assert seen[-1] in kept and len(kept) <= 9
+    assert kept == sorted([first_window, *seen[-8:]])
+    authority.commit(long_hold.reservation)  # settles in its own window, long since past
+    assert raw.hget(ledger_key, f"h{budget_id}|{first_window}") == "0"
+    clock.advance(60)
+    assert authority.reserve(action, f"{tenant}/run:last").allowed  # a new window: the old one goes now
+    assert windows_kept() == sorted(seen[-7:] + [windows_at(clock())[1][1]])
+    assert authority.balance(tenant)["calls"].held == 1
+    raw.close()
+    authority.close()

@@ -99,6 +99,9 @@ end
 if #pairs_out > 0 then
   hset_pairs(K_LEDGER, pairs_out)
 end
+if list then
+  note_windows(list)
+end
 if over then
   flags[#flags + 1] = 'overage'
 end

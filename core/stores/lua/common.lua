@@ -216,8 +216,9 @@ end
 
 -- Budgets on `chain` (of units in `wanted`, a set, or all when nil) with the counters of their window
 -- in `windows_text`, in chain order then each level's budget order: a list of
--- {scope, unit, period, window, limit, spent, held, level, counter suffix "<id>|<window>"}, numbers as
--- strings.
+-- {scope, unit, period, window, limit, spent, held, level, counter suffix "<id>|<window>", new window},
+-- numbers as strings; "new window" is true for a period budget whose window has no counters yet
+-- (a script writing them passes the entry to note_windows).
 -- `extra` (optional) are more ledger fields read in the same HMGET as the budget index; their
 -- values are returned second.
 local function states(chain, wanted, windows_text, extra)
@@ -249,7 +250,7 @@ local function states(chain, wanted, windows_text, extra)
             window = windows[period]
           end
           local suffix = id .. '|' .. window
-          out[#out + 1] = {scope, unit, period, window, limit, '0', '0', level, suffix}
+          out[#out + 1] = {scope, unit, period, window, limit, '0', '0', level, suffix, false}
           fields[#fields + 1] = 's' .. suffix
           fields[#fields + 1] = 'h' .. suffix
         end
@@ -259,8 +260,10 @@ local function states(chain, wanted, windows_text, extra)
   if #fields > 0 then
     local counters = hmget(K_LEDGER, fields)
     for j, s in ipairs(out) do
-      s[6] = counters[2 * j - 1] or '0'
-      s[7] = counters[2 * j] or '0'
+      local spent, held = counters[2 * j - 1], counters[2 * j]
+      s[6] = spent or '0'
+      s[7] = held or '0'
+      s[10] = s[3] ~= '' and not spent and not held  -- a period budget's window no script has written yet
     end
   end
   if extra then
@@ -271,6 +274,48 @@ local function states(chain, wanted, windows_text, extra)
     return out, values
   end
   return out
+end
+
+-- Past windows of period budgets are pruned: a budget keeps the counters of its KEEP_WINDOWS latest
+-- windows, listed in "w<id>" -> "window window ...". Called with the entries of states() whose counters
+-- a script has just written: a window written for the first time joins the list and, past the limit,
+-- the earliest windows' counters are deleted — except a window something is still held in (its hold
+-- settles there later), which waits for the next time. Window ids of one period sort in time order,
+-- so the current window (the latest) is never the one deleted, even when a late commit re-opens an
+-- old window. Costs one HGET and one HSET per budget per new window, nothing otherwise.
+local KEEP_WINDOWS = 8
+local function note_windows(entries)
+  for _, s in ipairs(entries) do
+    if s[10] then
+      s[10] = false
+      local id = string.match(s[9], '^(%d+)|')
+      local field = 'w' .. id
+      local known = split_words(redis.call('HGET', K_LEDGER, field))
+      local seen = false
+      for _, window in ipairs(known) do
+        seen = seen or window == s[4]
+      end
+      if not seen then
+        known[#known + 1] = s[4]
+        table.sort(known)
+        local keep = {}
+        local excess = #known - KEEP_WINDOWS
+        for i, window in ipairs(known) do
+          local drop = false
+          if i <= excess then
+            local held = redis.call('HGET', K_LEDGER, 'h' .. id .. '|' .. window)
+            drop = not held or tonumber(held) == 0
+          end
+          if drop then
+            redis.call('HDEL', K_LEDGER, 's' .. id .. '|' .. window, 'h' .. id .. '|' .. window)
+          else
+            keep[#keep + 1] = window
+          end
+        end
+        redis.call('HSET', K_LEDGER, field, table.concat(keep, ' '))
+      end
+    end
+  end
 end
 
 -- States as one string "scope|unit|period|window|limit|spent|held|scope|..." (one reply element

@@ -136,7 +136,7 @@ if chosen < 0 then
 end
 
 -- The new held counters in one HSET (they were just read: states() carries them), not one HINCRBY each.
-local added, hold_fields, writes = {}, {}, {}
+local added, hold_fields, writes, opened = {}, {}, {}, {}
 for i, h in ipairs(chosen_holds) do
   added[h[1]] = h[3]
   hold_fields[i] = h[1] .. ' ' .. h[2]
@@ -146,10 +146,16 @@ for _, s in ipairs(list) do
   if amount then
     writes[#writes + 1] = 'h' .. s[9]
     writes[#writes + 1] = fmt_int(tonumber(s[7]) + amount)
+    if s[10] then
+      opened[#opened + 1] = s
+    end
   end
 end
 if #writes > 0 then
   hset_pairs(K_LEDGER, writes)
+end
+if #opened > 0 then
+  note_windows(opened)
 end
 local amounts_text = plans[chosen + 1][3]
 local scope = chain[depth]
