@@ -298,7 +298,6 @@ async def test_async_calls_cancelled_midway_leave_the_pool_clean(redis_url: str,
     await authority.aclose()
 
 
-
 def test_period_budgets_keep_their_latest_windows_only(redis_url: str, clock: FakeClock) -> None:
     """A per-minute budget would otherwise add two counters to the tenant's hash every minute for
     good. Past windows are pruned to the latest 8, but never a window something is still held in
@@ -337,7 +336,7 @@ def test_period_budgets_keep_their_latest_windows_only(redis_url: str, clock: Fa
     assert raw.hget(ledger_key, f"h{budget_id}|{first_window}") == "0"
     clock.advance(60)
     assert authority.reserve(action, f"{tenant}/run:last").allowed  # a new window: the old one goes now
-    assert windows_kept() == sorted(seen[-7:] + [windows_at(clock())[1][1]])
+    assert windows_kept() == sorted([*seen[-7:], windows_at(clock())[1][1]])
     assert authority.balance(tenant)["calls"].held == 1
     raw.close()
     authority.close()
