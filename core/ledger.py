@@ -169,6 +169,23 @@ def choose_plan(plans: Sequence[PlanSpec], chain: Sequence[str], budgets: Sequen
     naming its unit, even with amount 0. The chosen holds are returned as indexes into ``budgets``.
     """
     choice = Choice(plan_index=-1)
+    if len(plans) == 1 and not any(plans[0].headroom_ppm):
+        # The usual reserve: one plan, no thresholds. One pass; on any misfit the general loop
+        # below works out the rejection.
+        need = dict(plans[0].amounts)
+        fits: list[tuple[int, int]] = []
+        for position, account in enumerate(budgets):
+            amount = need.get(account[1])
+            if amount is None:
+                continue
+            if account[4] - account[5] - account[6] < amount:  # also any overage, even for 0
+                break
+            if amount:
+                fits.append((position, amount))
+        else:  # every budget fits (holds in chain order rather than unit by unit: same holds)
+            choice.plan_index = 0
+            choice.holds = fits
+            return choice
     for index, plan in enumerate(plans):
         holds: list[tuple[int, int]] = []
         rejection: Rejection | None = None
@@ -211,8 +228,10 @@ def merge_actual(held: Amounts, actual: Amounts) -> Amounts:
     """``actual``, plus every held unit it does not name at its held amount."""
     if len(actual) >= len(held) and actual[: len(held)] == held:
         return actual
-    if len(held) == 1 and any(unit == held[0][0] for unit, _ in actual):  # the usual commit: one unit, re-priced
-        return actual
+    if len(held) == 1:  # the usual commit: one unit, re-priced
+        unit = held[0][0]
+        if (len(actual) == 1 and actual[0][0] == unit) or any(named == unit for named, _ in actual):
+            return actual
     named = {unit for unit, _ in actual}
     missing = tuple((unit, steps) for unit, steps in held if unit not in named)
     return actual + missing if missing else actual
@@ -220,6 +239,8 @@ def merge_actual(held: Amounts, actual: Amounts) -> Amounts:
 
 def commit_flags(prior_status: str, held: Amounts, actual: Amounts) -> list[str]:
     """Flags for a commit of ``actual`` against a reservation that held ``held``."""
+    if prior_status == HELD and len(held) == 1 and len(actual) == 1 and held[0][0] == actual[0][0]:
+        return [OVER_HOLD] if actual[0][1] > held[0][1] else []  # the usual commit: one unit
     flags: list[str] = []
     if prior_status == EXPIRED:
         flags.append(LATE)

@@ -150,6 +150,8 @@ _MOVE_WITHIN_BY_COUNT = [
     for sql in _MOVE_STAMPED_VALUES
 ]
 _MOVE_REST_BY_COUNT = [sql + "WHERE stamp IS NOT excluded.stamp" for sql in _MOVE_STAMPED_VALUES]
+
+
 def _upsert(db: sqlite3.Connection, statements: list[str], flat: list[Any], width: int) -> int:
     """Run a multi-row statement over ``flat`` (``width`` values a row), at most 64 rows at a time
     (a hold can touch thousands of counters: 16 levels x 64 units x 6 periods); rows changed."""
@@ -256,10 +258,25 @@ def _chain(scope: str) -> tuple[str, ...]:
     return chain
 
 
+_holds_cache: dict[tuple[str, str, Windows], tuple[tuple[str, str, str, str, int], ...]] = {}
+
+
 def _holds(text: str, scope: str, windows: Windows) -> tuple[tuple[str, str, str, str, int], ...]:
-    """Stored holds are ``level,unit,period,steps`` (level: index in the scope's chain)."""
+    """Stored holds are ``level,unit,period,steps`` (level: index in the scope's chain). Cached:
+    the reservations of one agent at one price hold the same text all minute long."""
     if not text:
         return ()
+    key = (text, scope, windows)
+    cached = _holds_cache.get(key)
+    if cached is None:
+        cached = _parse_holds(text, scope, windows)
+        if len(_holds_cache) > 1024:
+            _holds_cache.clear()
+        _holds_cache[key] = cached
+    return cached
+
+
+def _parse_holds(text: str, scope: str, windows: Windows) -> tuple[tuple[str, str, str, str, int], ...]:
     chain = _chain(scope)
     by_period = dict(windows)
     result = []
@@ -591,6 +608,48 @@ class SQLiteStore(Store):
             return EXPIRED
         return record.status
 
+    @staticmethod
+    def _move_reading_budgets(
+        db: sqlite3.Connection,
+        scope: str,
+        windows: Windows,
+        unholds: tuple[tuple[str, str, str, str, int], ...],
+        charges: dict[str, int],
+        flags: list[str],
+    ) -> None:
+        """A commit whose budgets may differ from its hold's: return the hold, then charge every
+        budget on the chain now (read first, to flag the ones it takes past their limit)."""
+        moves: dict[tuple[str, str, str, str], list[int]] = {}  # key -> [spent, held] changes
+        for s, u, p, w, steps in unholds:
+            moves[(s, u, p, w)] = [0, -steps]
+        if charges:
+            chain = _chain(scope)
+            by_period = dict(windows)
+            params: list[Any] = [by_period[p] for p in _PERIOD_ORDER]
+            params.append(None)
+            params.extend(chain)
+            over = False
+            for s, u, p, limit, spent, held in db.execute(_STATES_BY_DEPTH[len(chain)], params).fetchall():
+                steps = charges.get(u, 0)
+                if steps:
+                    key = (s, u, p, by_period[p])
+                    move = moves.get(key)
+                    if move is None:
+                        move = moves[key] = [steps, 0]
+                    else:
+                        move[0] += steps
+                    if spent + held + move[0] + move[1] > limit:
+                        over = True
+            if over:
+                flags.append(OVER_LIMIT)
+        if moves:
+            flat: list[Any] = []
+            for key, (spent_change, held_change) in moves.items():
+                flat.extend(key)
+                flat.append(spent_change)
+                flat.append(held_change)
+            _upsert(db, _MOVE_BY_COUNT, flat, 6)
+
     def commit(self, reservation_id: str, actual: Amounts | None, now: float) -> SettleResult:
         db = self._begin()
         try:
@@ -616,63 +675,24 @@ class SQLiteStore(Store):
             actual = amounts if actual is None else merge_actual(amounts, actual)
             flags = commit_flags(prior, amounts, actual) if prior != HELD or actual != amounts else []
             windows = _windows(windows_text, created_at)
-            moves: dict[tuple[str, str, str, str], list[int]] = {}  # key -> [spent, held] changes
             holds = _holds(holds_text, scope, windows)
-            if prior == HELD:
-                for s, u, p, w, steps in holds:
-                    moves[(s, u, p, w)] = [0, -steps]
             charges = {unit: steps for unit, steps in actual if steps}
-            # When no budget changed since the hold and every charged unit was held (so the hold
-            # covered every budget of that unit), the hold's budgets are the ones to charge.
             held_steps = dict(amounts)
+            unhold = prior == HELD
             if charges and row[10] and all(held_steps.get(unit, 0) > 0 for unit in charges):
-                for s, u, p, w, _ in holds:
-                    steps = charges.get(u, 0)
-                    if steps:
-                        move = moves.get((s, u, p, w))
-                        if move is None:
-                            moves[(s, u, p, w)] = [steps, 0]
-                        else:
-                            move[0] += steps
-                if moves:
-                    flat: list[Any] = []
-                    for key, (spent_change, held_change) in moves.items():
-                        flat.extend(key)
-                        flat.append(spent_change)
-                        flat.append(held_change)
-                        flat.append(seq)
-                    count = len(moves)
-                    if _upsert(db, _MOVE_WITHIN_BY_COUNT, flat, 7) != count:
-                        _upsert(db, _MOVE_REST_BY_COUNT, flat, 7)  # the rows not stamped by the first
-                        flags.append(OVER_LIMIT)
-                    moves = {}
-            elif charges:
-                chain = _chain(scope)
-                by_period = dict(windows)
-                params: list[Any] = [by_period[p] for p in _PERIOD_ORDER]
-                params.append(None)
-                params.extend(chain)
-                over = False
-                for s, u, p, limit, spent, held in db.execute(_STATES_BY_DEPTH[len(chain)], params).fetchall():
-                    steps = charges.get(u, 0)
-                    if steps:
-                        key = (s, u, p, by_period[p])
-                        move = moves.get(key)
-                        if move is None:
-                            move = moves[key] = [steps, 0]
-                        else:
-                            move[0] += steps
-                        if spent + held + move[0] + move[1] > limit:
-                            over = True
-                if over:
+                # No budget changed since the hold and every charged unit was held (so the hold
+                # covered every budget of that unit): the hold's counters are the ones to charge,
+                # one row each (a hold names each counter once), and no budget needs reading.
+                flat: list[Any] = []
+                for s, u, p, w, steps in holds:
+                    spent = charges.get(u, 0)
+                    if spent or unhold:
+                        flat.extend((s, u, p, w, spent, -steps if unhold else 0, seq))
+                if flat and _upsert(db, _MOVE_WITHIN_BY_COUNT, flat, 7) != len(flat) // 7:
+                    _upsert(db, _MOVE_REST_BY_COUNT, flat, 7)  # the rows not stamped by the first
                     flags.append(OVER_LIMIT)
-            if moves:
-                flat = []
-                for key, (spent_change, held_change) in moves.items():
-                    flat.extend(key)
-                    flat.append(spent_change)
-                    flat.append(held_change)
-                _upsert(db, _MOVE_BY_COUNT, flat, 6)
+            elif charges or unhold:
+                self._move_reading_budgets(db, scope, windows, holds if unhold else (), charges, flags)
             db.execute(_COMMIT_SQL, (_dump(actual), ",".join(flags), now, now + self._retention, seq))
             db.execute("COMMIT")
         except sqlite3.Error as error:
