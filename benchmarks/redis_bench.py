@@ -247,11 +247,23 @@ class Trivial:
 
 
 # --- measuring -------------------------------------------------------------------------------------
-def run_sync(workload: Any, seconds: float) -> tuple[float, float, float]:
-    """(lifecycles/s, p50 µs, p99 µs) for one client calling in a loop."""
+def server_usec(port: int) -> int:
+    """Microseconds the server has spent running EVALSHA so far (``INFO commandstats``)."""
+    client = redis.Redis(port=port)
+    try:
+        return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("usec", 0))
+    finally:
+        client.close()
+
+
+def run_sync(workload: Any, seconds: float, port: int | None = None) -> tuple[float, float, float, float]:
+    """(lifecycles/s, p50 µs, p99 µs, server µs) for one client calling in a loop. With ``port``, the
+    last is the server's own time per lifecycle in scripts (``INFO commandstats``): the Lua work alone,
+    without the round trip and the client; otherwise 0."""
     lifecycle, close = workload.sync()
     for _ in range(20):
         lifecycle()
+    before = server_usec(port) if port is not None else 0
     samples: list[int] = []
     clock = time.perf_counter_ns
     end = clock() + int(seconds * 1e9)
@@ -264,9 +276,10 @@ def run_sync(workload: Any, seconds: float) -> tuple[float, float, float]:
         if t1 >= end:
             break
     elapsed = (clock() - start) / 1e9
+    server = (server_usec(port) - before) / len(samples) if port is not None else 0.0
     close()
     samples.sort()
-    return len(samples) / elapsed, samples[len(samples) // 2] / 1e3, samples[int(len(samples) * 0.99)] / 1e3
+    return len(samples) / elapsed, samples[len(samples) // 2] / 1e3, samples[int(len(samples) * 0.99)] / 1e3, server
 
 
 def run_async(workload: Any, seconds: float) -> float:
@@ -499,8 +512,9 @@ def main() -> None:
               f" {'p99us':>7} | {'p50 ours/bare':>13} {'rate ours/bare':>14} | {'store-only p50us':>16}"
               f" {'/bare':>6} | {'bare-raw p50us':>14} {'ours/bare-raw':>13}")  # fmt: skip
         rates_by_depth: dict[tuple[int, int], float] = {}
-        trivial_samples: list[tuple[float, float, float]] = []
-        naive_samples: list[tuple[float, float, float]] = []
+        server_lines: list[str] = []
+        trivial_samples: list[tuple[float, float, float, float]] = []
+        naive_samples: list[tuple[float, float, float, float]] = []
         for depth in depths:
             bare = Bare(port, depth, f"b{depth}")
             bare_raw = BareRaw(port, depth, f"b{depth}")
@@ -510,8 +524,8 @@ def main() -> None:
                 store_only = StoreOnly(url, depth, plans, f"s{depth}p{plans}")
                 mine, floor, stored = [], [], []
                 for _ in range(rounds):
-                    mine.append(run_sync(ours, seconds))
-                    floor.append(run_sync(bare, seconds))
+                    mine.append(run_sync(ours, seconds, port))
+                    floor.append(run_sync(bare, seconds, port))
                     stored.append(run_sync(store_only, seconds))
                     if plans == 1:
                         raw_p50s.append(run_sync(bare_raw, seconds)[1])
@@ -523,6 +537,11 @@ def main() -> None:
                 rates_by_depth[(depth, plans)] = r
                 ours_text = f"{r:>8.0f} {p50:>7.1f} {p99:>7.1f}"
                 bare_text = f"{br:>8.0f} {bp50:>7.1f} {bp99:>7.1f}"
+                server, bare_server = median([m[3] for m in mine]), median([f[3] for f in floor])
+                server_lines.append(
+                    f"{depth:>5} {plans:>5} | {server:>10.1f} {bare_server:>10.1f} {server / bare_server:>9.2f}"
+                    f" | {p50 - server:>10.1f} {bp50 - bare_server:>10.1f}"
+                )
                 sp50 = median([x[1] for x in stored])
                 rp50 = median(raw_p50s)
                 print(
@@ -536,6 +555,11 @@ def main() -> None:
         for plans in (1, 3):
             ratio = rates_by_depth[(depths[-1], plans)] / rates_by_depth[(1, plans)]
             print(f"depth {depths[-1]} rate / depth 1 rate ({plans} plan{'s' if plans > 1 else ''}): {ratio:.2f}")
+        print("\n== where a sync lifecycle's time goes: the server's own time in scripts (INFO commandstats) ==")
+        print(f"{'depth':>5} {'plans':>5} | {'server us':>10} {'bare':>10} {'ours/bare':>9}"
+              f" | {'rest of p50':>10} {'bare':>10}   (rest = round trips + client)")  # fmt: skip
+        for line in server_lines:
+            print(line)
 
         # asyncio, 64 tasks ------------------------------------------------------------------------
         print(f"\n== asyncio, {TASKS} tasks on one loop: lifecycles/s ==")
