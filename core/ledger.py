@@ -169,10 +169,10 @@ def choose_plan(plans: Sequence[PlanSpec], chain: Sequence[str], budgets: Sequen
     naming its unit, even with amount 0. The chosen holds are returned as indexes into ``budgets``.
     """
     choice = Choice(plan_index=-1)
-    if len(plans) == 1 and not any(plans[0].headroom_ppm):
-        # The usual reserve: one plan, no thresholds. One pass; on any misfit the general loop
-        # below works out the rejection.
-        need = dict(plans[0].amounts)
+    need = dict(plans[0].amounts) if len(plans) == 1 else {}
+    if need and len(need) == len(plans[0].amounts) and not any(plans[0].headroom_ppm):
+        # The usual reserve: one plan (each unit once), no thresholds. One pass; on any misfit the
+        # general loop below works out the rejection.
         fits: list[tuple[int, int]] = []
         for position, account in enumerate(budgets):
             amount = need.get(account[1])

@@ -301,7 +301,9 @@ async def test_async_calls_cancelled_midway_leave_the_pool_clean(redis_url: str,
 def test_period_budgets_keep_their_latest_windows_only(redis_url: str, clock: FakeClock) -> None:
     """A per-minute budget would otherwise add two counters to the tenant's hash every minute for
     good. Past windows are pruned to the latest 8, but never a window something is still held in
-    (that hold settles there later), and never the current one."""
+    (that hold settles there later), and never the current one. (The FakeClock moves the windows;
+    the server's clock, which must also say a window is old before it goes, is moved by ageing the
+    first-write times the store keeps.)"""
     authority = Authority(redis_url, clock=clock)
     store = authority.store
     assert isinstance(store, RedisStore)
@@ -316,12 +318,17 @@ def test_period_budgets_keep_their_latest_windows_only(redis_url: str, clock: Fa
         prefixes = (f"s{budget_id}|", f"h{budget_id}|")
         return sorted({f.split("|", 1)[1] for f in raw.hkeys(ledger_key) if f.startswith(prefixes)})
 
+    def age_windows() -> None:  # as if the server's clock had moved on as far as the FakeClock
+        listed = raw.hget(ledger_key, f"w{budget_id}") or ""
+        raw.hset(ledger_key, f"w{budget_id}", " ".join(entry.split("@")[0] + "@0" for entry in listed.split()))
+
     long_hold = authority.reserve(action, f"{tenant}/run:long", ttl=3600)
     assert long_hold.reservation is not None
     first_window = windows_at(clock())[1][1]
     seen = [first_window]
     for minute in range(1, 13):
         clock.advance(60)
+        age_windows()
         for _ in range(5):  # the whole minute's budget, each minute: every window is counted on its own
             decision = authority.reserve(action, f"{tenant}/run:r{minute}")
             assert decision.reservation is not None, decision.reasons
@@ -335,8 +342,33 @@ def test_period_budgets_keep_their_latest_windows_only(redis_url: str, clock: Fa
     authority.commit(long_hold.reservation)  # settles in its own window, long since past
     assert raw.hget(ledger_key, f"h{budget_id}|{first_window}") == "0"
     clock.advance(60)
+    age_windows()
     assert authority.reserve(action, f"{tenant}/run:last").allowed  # a new window: the old one goes now
     assert windows_kept() == sorted([*seen[-7:], windows_at(clock())[1][1]])
     assert authority.balance(tenant)["calls"].held == 1
     raw.close()
     authority.close()
+
+
+def test_a_worker_whose_clock_runs_ahead_cannot_prune_the_current_window(redis_url: str) -> None:
+    """Window ids come from each worker's clock. A worker 9.5 minutes ahead opens nine "future"
+    windows within one real minute; the window the others are counting in now was first written
+    moments ago by the server's clock, so it stays, and its spend still binds."""
+    now = FakeClock(1_798_761_600.0 + 15)  # 15 s into a minute
+    ahead = FakeClock(now() + 570)
+    behind_authority, ahead_authority = Authority(redis_url, clock=now), Authority(redis_url, clock=ahead)
+    tenant = "tenant:skew"
+    behind_authority.set_budget(Budget(tenant, "calls", 10, period="minute"))
+    spend = Action("step", "s", {"calls": 10})
+    decision = behind_authority.reserve(spend, f"{tenant}/run:r")
+    assert decision.reservation is not None
+    behind_authority.commit(decision.reservation)
+    for _ in range(9):  # nine new windows, all "later" than the current one
+        ahead.advance(60)
+        step = ahead_authority.reserve(Action("step", "s", {"calls": 1}), f"{tenant}/run:a")
+        assert step.reservation is not None
+        ahead_authority.commit(step.reservation)
+    assert behind_authority.reserve(spend, f"{tenant}/run:r").denied  # the first 10 still count
+    assert behind_authority.balance(tenant)["calls"].spent == 10
+    behind_authority.close()
+    ahead_authority.close()

@@ -277,39 +277,49 @@ local function states(chain, wanted, windows_text, extra)
 end
 
 -- Past windows of period budgets are pruned: a budget keeps the counters of its KEEP_WINDOWS latest
--- windows, listed in "w<id>" -> "window window ...". Called with the entries of states() whose counters
--- a script has just written: a window written for the first time joins the list and, past the limit,
--- the earliest windows' counters are deleted — except a window something is still held in (its hold
--- settles there later), which waits for the next time. Window ids of one period sort in time order,
--- so the current window (the latest) is never the one deleted, even when a late commit re-opens an
--- old window. Costs one HGET and one HSET per budget per new window, nothing otherwise.
+-- windows, listed in "w<id>" -> "window@t window@t ..." (t: the server's clock, in seconds, when the
+-- window was first written). Called with the entries of states() whose counters a script has just
+-- written: a window written for the first time joins the list and, past the limit, the earliest
+-- windows' counters are deleted — but only a window that is
+--   * not among the KEEP_WINDOWS latest by id (ids of one period sort in time order, so the current
+--     window is never the one deleted, even when a late commit re-opens an old window),
+--   * first written more than KEEP_WINDOWS periods ago by the server's clock (window ids come from
+--     the workers' clocks: a worker whose clock runs ahead fills the list with future windows, and
+--     must not push out the window the others are counting in now), and
+--   * with nothing held in it (its holds settle there later); such a window waits for the next time.
+-- Costs one HGET, one TIME and one HSET per budget per new window, nothing otherwise.
 local KEEP_WINDOWS = 8
+local PERIOD_SECONDS = {minute = 60, hour = 3600, day = 86400, week = 604800, month = 2678400}
 local function note_windows(entries)
   for _, s in ipairs(entries) do
     if s[10] then
       s[10] = false
       local id = string.match(s[9], '^(%d+)|')
       local field = 'w' .. id
-      local known = split_words(redis.call('HGET', K_LEDGER, field))
+      local known = {}
       local seen = false
-      for _, window in ipairs(known) do
+      for window, first in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '([^ @]+)@?(%d*)') do
+        known[#known + 1] = {window, tonumber(first) or 0}
         seen = seen or window == s[4]
       end
       if not seen then
-        known[#known + 1] = s[4]
-        table.sort(known)
+        local now = tonumber(redis.call('TIME')[1])
+        known[#known + 1] = {s[4], now}
+        table.sort(known, function(a, b) return a[1] < b[1] end)
+        local old_before = now - KEEP_WINDOWS * (PERIOD_SECONDS[s[3]] or 0)
         local keep = {}
         local excess = #known - KEEP_WINDOWS
-        for i, window in ipairs(known) do
+        for i, entry in ipairs(known) do
+          local window = entry[1]
           local drop = false
-          if i <= excess then
+          if i <= excess and entry[2] < old_before then
             local held = redis.call('HGET', K_LEDGER, 'h' .. id .. '|' .. window)
             drop = not held or tonumber(held) == 0
           end
           if drop then
             redis.call('HDEL', K_LEDGER, 's' .. id .. '|' .. window, 'h' .. id .. '|' .. window)
           else
-            keep[#keep + 1] = window
+            keep[#keep + 1] = window .. '@' .. fmt_int(entry[2])
           end
         end
         redis.call('HSET', K_LEDGER, field, table.concat(keep, ' '))
