@@ -39,7 +39,7 @@ from clearance.policy import OutputRetry, Policy, PolicyRule, Proposal
 from clearance.policy_file import PolicyDocument
 from clearance.scope import Scope, parse_scope
 from clearance.stores import Store, store_from_url
-from clearance.units import from_steps, to_step_map
+from clearance.units import from_steps, to_step_map, to_steps
 
 logger = logging.getLogger("clearance")
 
@@ -342,7 +342,7 @@ class Authority:
         now = self.clock()
         lifetime = self.default_ttl if ttl is None else _check_ttl(ttl)
         request = HoldRequest(
-            f"{os.urandom(10).hex()}.{parsed.root}",
+            f"{os.urandom(10).hex()}.{parsed.chain[0]}",
             parsed.chain,
             specs,
             now,
@@ -362,7 +362,7 @@ class Authority:
         index = result.plan_index
         if index < 0:
             return Decision(Outcome.DENY, scope.path, action.label, None, None, tuple(reasons), result.accounts)
-        steps, caps = _chosen(action, plans, index)
+        steps, caps = (action.steps, None) if plans is None else _chosen(action, plans, index)
         if index == 0 and caps is None:
             outcome = Outcome.ALLOW
         else:
@@ -716,7 +716,12 @@ class Authority:
 
     @staticmethod
     def _actual(actual: AmountsLike | None) -> Amounts | None:
-        return None if actual is None else tuple(to_step_map(actual, "actual amounts").items())
+        if actual is None:
+            return None
+        if type(actual) is dict and len(actual) == 1:  # the usual commit: one unit (hot path)
+            for unit, value in actual.items():
+                return ((unit, to_steps(unit, value)),)
+        return tuple(to_step_map(actual, "actual amounts").items())
 
     def commit(self, reservation: ReservationRef, actual: AmountsLike | None = None) -> Settlement:
         """Record what the action actually cost and free the rest of its hold.
@@ -725,7 +730,7 @@ class Authority:
         expiry is still recorded (flagged ``over_hold``/``overage``/``after_release``/``late``); a
         repeated commit changes nothing (``replayed``).
         """
-        rid = _reservation_id(reservation)
+        rid = reservation.id if type(reservation) is Reservation else _reservation_id(reservation)
         steps = self._actual(actual)
         if rid.startswith(_LOCAL_PREFIX):
             return self._local(rid, steps, commit=True)

@@ -363,21 +363,24 @@ class MemoryStore(Store):
         return HoldResult(request.reservation_id, index, request.expires_at, tuple(after), tuple(choice.rejections))
 
     def _hold_fitting(self, request: HoldRequest, need: dict[str, int]) -> HoldResult | None:
-        """One plan, no thresholds: check and hold in a single pass over the chain. ``None`` when
-        something does not fit — the general path then works out the rejections."""
+        """One plan, no thresholds: check and hold in a single pass over the chain (undone if a
+        later level does not fit). ``None`` when something does not fit — the general path then
+        works out the rejections."""
         holds: list[tuple[_Budget, str, list[int], int]] = []
+        after = []
         for budget, window, counters in self._refs_of(request.chain, request.windows):
             steps = need.get(budget.unit)
             if steps is None:
                 continue
-            if budget.limit - counters[0] - counters[1] < steps:  # also any overage, even for 0
+            spent, held = counters
+            if budget.limit - spent - held < steps:  # also any overage, even for 0
+                for _, _, taken, amount in holds:  # undo this pass (the lock is held: nobody saw it)
+                    taken[1] -= amount
                 return None
+            counters[1] = held = held + steps
             holds.append((budget, window, counters, steps))
-        after = []
-        for budget, window, counters, steps in holds:
-            counters[1] += steps
             after.append(
-                _state(AccountState, (budget.scope, budget.unit, budget.period, window, budget.limit, *counters))
+                _state(AccountState, (budget.scope, budget.unit, budget.period, window, budget.limit, spent, held))
             )
         self._keep(request, 0, holds)
         return HoldResult(request.reservation_id, 0, request.expires_at, tuple(after), ())
@@ -400,11 +403,16 @@ class MemoryStore(Store):
             heapq.heapify(heap)
         if request.idempotency_key is not None:
             self._idempotency[(request.chain[0], request.idempotency_key)] = rid
-        self._log(request.now, "hold", request.chain[-1], rid, request.plans[index].amounts, _PLAN_DETAIL[index])
+        self._seq += 1  # _log, inlined: every reserve passes here
+        self._audit.append(
+            (self._seq, request.now, "hold", request.chain[-1], rid, request.plans[index].amounts, _PLAN_DETAIL[index])
+        )
 
     def commit(self, reservation_id: str, actual: Amounts | None, now: float) -> SettleResult:
         with self._lock:
-            res = self._get(reservation_id)
+            res = self._reservations.get(reservation_id)
+            if type(res) is not _Reservation:  # settled (packed) or unknown: the general lookup
+                res = self._get(reservation_id)
             if self._expiry and self._expiry[0][0] <= now:
                 self._reclaim(now)
             if res.status == COMMITTED:
@@ -443,7 +451,8 @@ class MemoryStore(Store):
             res.committed = actual
             res.flags = tuple(flags)
             self._settle(res, COMMITTED, now)
-            self._log(now, "commit", res.scope, res.id, actual, ",".join(flags))
+            self._seq += 1  # _log, inlined: every commit passes here
+            self._audit.append((self._seq, now, "commit", res.fixed[0][-1], res.id, actual, ",".join(flags)))
             return SettleResult(res.id, COMMITTED, actual, res.flags)
 
     def release(self, reservation_id: str, now: float) -> SettleResult:
