@@ -258,6 +258,22 @@ def _chain(scope: str) -> tuple[str, ...]:
     return chain
 
 
+_levels_cache: dict[tuple[str, ...], dict[str, int]] = {}
+
+
+def _levels(chain: tuple[str, ...]) -> dict[str, int]:
+    """Each scope of ``chain`` -> its level (stored holds name a level, not a scope path)."""
+    levels = _levels_cache.get(chain)
+    if levels is None:
+        levels = {scope: index for index, scope in enumerate(chain)}
+        if len(_levels_cache) > 4096:
+            _levels_cache.clear()
+        _levels_cache[chain] = levels
+    return levels
+
+
+_state = tuple.__new__  # builds an AccountState without its Python-level __new__ (hot path)
+
 _holds_cache: dict[tuple[str, str, Windows], tuple[tuple[str, str, str, str, int], ...]] = {}
 
 
@@ -542,7 +558,9 @@ class SQLiteStore(Store):
                     elif unit in units:
                         if by_period is None:
                             by_period = dict(windows)
-                        states.append(AccountState(scope, unit, period, by_period[period], limit, spent, held))
+                        states.append(
+                            _state(AccountState, (scope, unit, period, by_period[period], limit, spent, held))
+                        )
                 if due:
                     self._reclaim(db, now)
                     states = self._states(db, chain, units, params, windows)
@@ -557,14 +575,15 @@ class SQLiteStore(Store):
             for position, steps in choice.holds:
                 added[position] = added.get(position, 0) + steps
                 a = after[position]
-                after[position] = AccountState(a[0], a[1], a[2], a[3], a[4], a[5], a[6] + steps)
+                after[position] = _state(AccountState, (a[0], a[1], a[2], a[3], a[4], a[5], a[6] + steps))
             holds = []
             if added:
                 flat: list[Any] = []
+                level = _levels(chain)
                 for position, steps in added.items():
                     a = states[position]
                     flat.extend((a[0], a[1], a[2], a[3], steps))
-                    holds.append(f"{chain.index(a[0])},{a[1]},{a[2]},{steps}")
+                    holds.append(f"{level[a[0]]},{a[1]},{a[2]},{steps}")
                 _upsert(db, _HOLD_BY_COUNT, flat, 5)
             seq = (last or 0) + 1
             rid = _reservation_id(seq, request.reservation_id, chain[0])
