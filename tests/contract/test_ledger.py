@@ -175,6 +175,48 @@ def test_commit_above_hold_is_recorded_and_overage_denies(authority: Authority) 
     assert authority.reserve(usd(1), CHAIN).allowed
 
 
+def test_a_commit_charges_the_budgets_as_they_are_now(authority: Authority) -> None:
+    """The memory and SQLite stores charge a commit on the hold's own counters while no budget changed
+    since the hold (the usual case, their fast path); a budget set, changed or removed in between, or a
+    unit the hold did not name, must still be charged as the budgets are now — on every store."""
+    ws = "tenant:acme/workspace:eu"
+    authority.set_budget(Budget("tenant:acme", "usd", 100))
+    added = authority.reserve(usd(10), CHAIN)
+    authority.set_budget(Budget(ws, "usd", 5))  # a new level after the hold
+    assert added.reservation is not None
+    settled = authority.commit(added.reservation, {"usd": 8})
+    assert "overage" in settled.flags  # 8 spent against the new 5
+    assert authority.balance(ws)["usd"].spent == 8
+    assert authority.balance("tenant:acme")["usd"].spent == 8
+
+    authority.set_budget(Budget("tenant:other", "usd", 100))
+    lowered = authority.reserve(usd(50), "tenant:other/run:r1")
+    authority.set_budget(Budget("tenant:other", "usd", 40))  # the limit lowered after the hold
+    assert lowered.reservation is not None
+    assert "overage" in authority.commit(lowered.reservation, {"usd": 45}).flags
+    balance = authority.balance("tenant:other")["usd"]
+    assert (balance.spent, balance.held) == (45, 0)
+
+    authority.set_budget(Budget("tenant:third/app:a", "usd", 100))
+    authority.set_budget(Budget("tenant:third", "usd", 100))
+    removed = authority.reserve(usd(20), "tenant:third/app:a/run:r1")
+    assert authority.remove_budget("tenant:third/app:a", "usd")  # removed after the hold
+    assert removed.reservation is not None
+    assert authority.commit(removed.reservation, {"usd": 15}).flags == ()
+    assert authority.balance("tenant:third")["usd"].spent == 15
+    authority.set_budget(Budget("tenant:third/app:a", "usd", 100))  # set again: it was not charged
+    balance = authority.balance("tenant:third/app:a")["usd"]
+    assert (balance.spent, balance.held) == (0, 0)
+
+    authority.set_budget(Budget("tenant:fourth", "usd", 100))
+    authority.set_budget(Budget("tenant:fourth", "calls", 10))
+    usd_only = authority.reserve(usd(5), "tenant:fourth/run:r1")  # holds usd only
+    assert usd_only.reservation is not None
+    authority.commit(usd_only.reservation, {"usd": 4, "calls": 3})  # and charges a unit it did not hold
+    assert authority.balance("tenant:fourth")["calls"].spent == 3
+    assert authority.balance("tenant:fourth")["usd"].spent == 4
+
+
 def test_commit_after_release_is_recorded_once(authority: Authority) -> None:
     authority.set_budget(Budget("tenant:acme", "usd", 10))
     decision = authority.reserve(usd(4), CHAIN)
