@@ -421,9 +421,15 @@ class MemoryStore(Store):
             amounts = res.fixed[1]
             actual = amounts if actual is None else merge_actual(amounts, actual)
             flags = commit_flags(prior, amounts, actual) if prior != HELD or actual != amounts else []
-            charges = {unit: steps for unit, steps in actual if steps}
             over = False
-            if prior == HELD and res.budgets == self._budget_version and charges.keys() <= dict(amounts).keys():
+            if len(actual) == 1 and len(amounts) == 1 and actual[0][0] == amounts[0][0]:
+                steps = actual[0][1]  # the usual commit: the one unit held, re-priced
+                charges = {amounts[0][0]: steps} if steps else {}
+                same_units = True
+            else:
+                charges = {unit: steps for unit, steps in actual if steps}
+                same_units = charges.keys() <= dict(amounts).keys()
+            if prior == HELD and res.budgets == self._budget_version and same_units:
                 for budget, _, counters, held in res.holds:  # the same budgets as at hold time: no lookups
                     counters[1] -= held
                     steps = charges.get(budget.unit, 0)
