@@ -362,7 +362,7 @@ class Authority:
         index = result.plan_index
         if index < 0:
             return Decision(Outcome.DENY, scope.path, action.label, None, None, tuple(reasons), result.accounts)
-        steps, caps = (action.steps, None) if plans is None else _chosen(action, plans, index)
+        steps, caps = _chosen(action, plans, index)
         if index == 0 and caps is None:
             outcome = Outcome.ALLOW
         else:
@@ -730,7 +730,7 @@ class Authority:
         expiry is still recorded (flagged ``over_hold``/``overage``/``after_release``/``late``); a
         repeated commit changes nothing (``replayed``).
         """
-        rid = reservation.id if type(reservation) is Reservation else _reservation_id(reservation)
+        rid = _reservation_id(reservation)
         steps = self._actual(actual)
         if rid.startswith(_LOCAL_PREFIX):
             return self._local(rid, steps, commit=True)

@@ -77,6 +77,12 @@ class AccountState(NamedTuple):
         return self.limit - self.spent - self.held
 
 
+new_account_state = tuple.__new__
+"""``new_account_state(AccountState, (scope, unit, period, window, limit, spent, held))``: an
+AccountState without the namedtuple's Python-level ``__new__`` (the stores build one per budget on
+every reserve)."""
+
+
 @dataclass(slots=True)
 class Rejection:
     """The first budget that stopped a plan."""

@@ -34,6 +34,7 @@ from clearance.ledger import (
     choose_plan,
     commit_flags,
     merge_actual,
+    new_account_state,
 )
 from clearance.periods import Windows
 from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
@@ -189,7 +190,6 @@ class _Reservation:
 
 _Packed = tuple[str, tuple[Any, ...], str, int, float, "float | None", "Amounts | None", tuple[str, ...], int]
 
-_state = tuple.__new__  # builds an AccountState without its Python-level __new__ (hot path)
 
 _PLAN_DETAIL = tuple(f"plan={index}" for index in range(17))
 
@@ -311,7 +311,7 @@ class MemoryStore(Store):
             budget, window, counters = ref
             if budget.unit in units:  # type: ignore[operator]
                 states.append(
-                    _state(
+                    new_account_state(
                         AccountState,
                         (budget.scope, budget.unit, budget.period, window, budget.limit, counters[0], counters[1]),
                     )
@@ -358,7 +358,7 @@ class MemoryStore(Store):
                     continue
                 counters[1] += steps
                 holds.append((budget, window, counters, steps))
-                after.append(_state(AccountState, (*state[:6], counters[1])))
+                after.append(new_account_state(AccountState, (*state[:6], counters[1])))
             self._keep(request, index, holds)
         return HoldResult(request.reservation_id, index, request.expires_at, tuple(after), tuple(choice.rejections))
 
@@ -380,7 +380,9 @@ class MemoryStore(Store):
             counters[1] = held = held + steps
             holds.append((budget, window, counters, steps))
             after.append(
-                _state(AccountState, (budget.scope, budget.unit, budget.period, window, budget.limit, spent, held))
+                new_account_state(
+                    AccountState, (budget.scope, budget.unit, budget.period, window, budget.limit, spent, held)
+                )
             )
         self._keep(request, 0, holds)
         return HoldResult(request.reservation_id, 0, request.expires_at, tuple(after), ())

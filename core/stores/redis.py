@@ -20,7 +20,8 @@ reservation lands on one cluster slot::
                                  order, each with its per-tenant id), "s<id>|<window>" -> spent,
                                  "h<id>|<window>" -> held, "#next" -> the last id given out,
                                  "=<scope>|<unit>|<period>" -> id (kept when the budget is removed:
-                                 set again, it continues its counters), "#<id>" -> "<scope>|<unit>|<period>"
+                                 set again, it continues its counters), "#<id>" -> "<scope>|<unit>|<period>",
+                                 "w<id>" -> a period budget's windows with counters (its 8 latest are kept)
     <prefix>{<root>}:r   hash    "<token>" -> reservation record (13 tab-separated fields, the label
                                  last; its holds are "<id>|<window> steps …"),
                                  "!<idempotency key>" -> "<token>"

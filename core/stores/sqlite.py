@@ -66,6 +66,7 @@ from clearance.ledger import (
     choose_plan,
     commit_flags,
     merge_actual,
+    new_account_state,
 )
 from clearance.periods import Windows, windows_at
 from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
@@ -271,8 +272,6 @@ def _levels(chain: tuple[str, ...]) -> dict[str, int]:
         _levels_cache[chain] = levels
     return levels
 
-
-_state = tuple.__new__  # builds an AccountState without its Python-level __new__ (hot path)
 
 _holds_cache: dict[tuple[str, str, Windows], tuple[tuple[str, str, str, str, int], ...]] = {}
 
@@ -559,7 +558,9 @@ class SQLiteStore(Store):
                         if by_period is None:
                             by_period = dict(windows)
                         states.append(
-                            _state(AccountState, (scope, unit, period, by_period[period], limit, spent, held))
+                            new_account_state(
+                                AccountState, (scope, unit, period, by_period[period], limit, spent, held)
+                            )
                         )
                 if due:
                     self._reclaim(db, now)
@@ -575,7 +576,7 @@ class SQLiteStore(Store):
             for position, steps in choice.holds:
                 added[position] = added.get(position, 0) + steps
                 a = after[position]
-                after[position] = _state(AccountState, (a[0], a[1], a[2], a[3], a[4], a[5], a[6] + steps))
+                after[position] = new_account_state(AccountState, (a[0], a[1], a[2], a[3], a[4], a[5], a[6] + steps))
             holds = []
             if added:
                 flat: list[Any] = []

@@ -30,17 +30,28 @@ def _calls(client: redis_py.Redis, command: str) -> int:
     return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
 
 
-def test_reserve_and_commit_are_one_command_each(redis_url: str, clock: FakeClock) -> None:
+def _raw(redis_url: str, *, decode: bool = False) -> redis_py.Redis:
+    """A plain client on the test server, for looking at the keys the store wrote."""
+    return redis_py.Redis.from_url(redis_url.split("?", maxsplit=1)[0], decode_responses=decode)
+
+
+def _budgeted_chain6(redis_url: str, clock: FakeClock) -> tuple[Authority, RedisStore]:
+    """An Authority on Redis with a usd budget of 100 on every level of CHAIN6."""
     authority = Authority(redis_url, clock=clock)
     store = authority.store
     assert isinstance(store, RedisStore)
     for level in range(1, 7):
         authority.set_budget(Budget("/".join(CHAIN6.split("/")[:level]), "usd", 100))
+    return authority, store
+
+
+def test_reserve_and_commit_are_one_command_each(redis_url: str, clock: FakeClock) -> None:
+    authority, _ = _budgeted_chain6(redis_url, clock)
     plans = [Plan({"usd": 200}), Plan({"usd": 150}), Plan({"usd": 1, "tokens": 10})]
     warm = authority.reserve(Action("step", "warm", {"usd": 1}), CHAIN6)  # scripts loaded, root registered
     assert warm.reservation is not None
     authority.commit(warm.reservation)
-    raw = redis_py.Redis.from_url(redis_url.split("?", maxsplit=1)[0])
+    raw = _raw(redis_url)
     before = sum(_calls(raw, c) for c in ("evalsha", "eval", "sadd", "script|load"))
     decision = authority.reserve(Action("step", "s", {"usd": 200}), CHAIN6, plans=plans)
     assert decision.plan_index == 2
@@ -61,7 +72,7 @@ def test_every_key_of_a_tenant_shares_one_slot(redis_url: str, clock: FakeClock)
     decision = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6, idempotency_key="k{1}")
     assert decision.reservation is not None
     prefix = redis_url.split("key_prefix=")[1]
-    raw = redis_py.Redis.from_url(redis_url.split("?", maxsplit=1)[0], decode_responses=True)
+    raw = _raw(redis_url, decode=True)
     keys = sorted(raw.scan_iter(match=f"{prefix}*"))
     tenant_keys = [k for k in keys if k != f"{prefix}roots"]
     assert tenant_keys and all(k.startswith(f"{prefix}{{tenant:acme}}:") for k in tenant_keys)
@@ -116,7 +127,7 @@ def test_url_options_and_prefix_validation(redis_url: str) -> None:
 def test_scripts_reload_after_script_flush(redis_url: str, clock: FakeClock) -> None:
     authority = Authority(redis_url, clock=clock)
     authority.set_budget(Budget("tenant:acme", "usd", 10))
-    raw = redis_py.Redis.from_url(redis_url.split("?", maxsplit=1)[0])
+    raw = _raw(redis_url)
     raw.script_flush()
     assert authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6).allowed
     raw.close()
@@ -222,14 +233,10 @@ def test_unreachable_cluster_is_a_decision(clock: FakeClock) -> None:
 
 
 def test_counters_are_named_by_budget_id_and_old_layout_is_refused(redis_url: str, clock: FakeClock) -> None:
-    authority = Authority(redis_url, clock=clock)
-    store = authority.store
-    assert isinstance(store, RedisStore)
-    for level in range(1, 7):
-        authority.set_budget(Budget("/".join(CHAIN6.split("/")[:level]), "usd", 100))
+    authority, store = _budgeted_chain6(redis_url, clock)
     decision = authority.reserve(Action("step", "s", {"usd": 3}), CHAIN6)
     assert decision.reservation is not None
-    raw = redis_py.Redis.from_url(redis_url.split("?", maxsplit=1)[0], decode_responses=True)
+    raw = _raw(redis_url, decode=True)
     ledger_key, res_key = store._keys("tenant:acme")[:2]
     ledger = raw.hgetall(ledger_key)
     ids = [ledger["=" + "/".join(CHAIN6.split("/")[:level]) + "|usd|"] for level in range(1, 7)]
@@ -310,7 +317,7 @@ def test_period_budgets_keep_their_latest_windows_only(redis_url: str, clock: Fa
     tenant = "tenant:windows"
     authority.set_budget(Budget(tenant, "calls", 5, period="minute"))
     action = Action("step", "s", {"calls": 1})
-    raw = redis_py.Redis.from_url(redis_url.split("?", maxsplit=1)[0], decode_responses=True)
+    raw = _raw(redis_url, decode=True)
     ledger_key = store._keys(tenant)[0]
     budget_id = raw.hget(ledger_key, f"={tenant}|calls|minute")
 

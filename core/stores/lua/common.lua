@@ -8,6 +8,8 @@
 --                          "=<scope>|<unit>|<period>" -> "<id>" (kept when the budget is removed, so a
 --                                                        budget set again continues its counters)
 --                          "#<id>"                    -> "<scope>|<unit>|<period>" (records name ids)
+--                          "w<id>"                    -> "window@t ..." a period budget's windows with
+--                                                        counters (see note_windows)
 --   Counters are named by a short per-tenant budget id, not the scope path: their names cost the same
 --   to build, read and write at any depth. (Layout of 0.1: counters named "s|<scope>|<unit>|<period>|
 --   <window>" and budgets without an id are refused, never silently skipped: see refuse_old.)
