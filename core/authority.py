@@ -30,7 +30,7 @@ from clearance.ledger import (
     PlanSpec,
     Rejection,
     ReservationRecord,
-    SettleResult,
+    accounts_of,
     merge_actual,
 )
 from clearance.periods import Period, period_key, windows_at
@@ -573,7 +573,7 @@ class Authority:
         """After the store decided: the output cap when nothing fit, and the tool caps."""
         notes = tuple(proposal.notes)
         if decision.denied and proposal.output_retry is not None:
-            plan = policy.output_cap_plan(proposal.output_retry, result.accounts)
+            plan = policy.output_cap_plan(proposal.output_retry, accounts_of(result.accounts))
             if plan is not None:
                 request, _, _, chosen = self._request(action, scope, [plan], ttl, key, proposal.probes)
                 try:
@@ -595,7 +595,7 @@ class Authority:
                     second.plan_index = len(result.rejections)  # one past the plans that did not fit
                     decision, result = second, retried
         if decision.allowed and proposal.probes:
-            tool_caps = policy.tool_caps(result.accounts, proposal.run_scope)
+            tool_caps = policy.tool_caps(accounts_of(result.accounts), proposal.run_scope)
             if tool_caps is not None:
                 base = decision.caps or Caps()
                 decision.caps = base.model_copy(
@@ -711,10 +711,6 @@ class Authority:
         return self._emergency.settle(rid, actual, commit, self.clock())
 
     @staticmethod
-    def _settlement(result: SettleResult) -> Settlement:
-        return Settlement(result.reservation_id, result.status, result.charged, result.flags, result.replayed)
-
-    @staticmethod
     def _actual(actual: AmountsLike | None) -> Amounts | None:
         if actual is None:
             return None
@@ -734,7 +730,7 @@ class Authority:
         steps = self._actual(actual)
         if rid.startswith(_LOCAL_PREFIX):
             return self._local(rid, steps, commit=True)
-        return self._settlement(self.store.commit(rid, steps, self.clock()))
+        return self.store.commit(rid, steps, self.clock())
 
     async def acommit(self, reservation: ReservationRef, actual: AmountsLike | None = None) -> Settlement:
         """Async twin of :meth:`commit`."""
@@ -742,21 +738,21 @@ class Authority:
         steps = self._actual(actual)
         if rid.startswith(_LOCAL_PREFIX):
             return self._local(rid, steps, commit=True)
-        return self._settlement(await self.store.acommit(rid, steps, self.clock()))
+        return await self.store.acommit(rid, steps, self.clock())
 
     def release(self, reservation: ReservationRef) -> Settlement:
         """Return the whole hold to the budgets (the action did not run). Idempotent."""
         rid = _reservation_id(reservation)
         if rid.startswith(_LOCAL_PREFIX):
             return self._local(rid, None, commit=False)
-        return self._settlement(self.store.release(rid, self.clock()))
+        return self.store.release(rid, self.clock())
 
     async def arelease(self, reservation: ReservationRef) -> Settlement:
         """Async twin of :meth:`release`."""
         rid = _reservation_id(reservation)
         if rid.startswith(_LOCAL_PREFIX):
             return self._local(rid, None, commit=False)
-        return self._settlement(await self.store.arelease(rid, self.clock()))
+        return await self.store.arelease(rid, self.clock())
 
     def extend(self, reservation: ReservationRef, ttl: float) -> Reservation:
         """Keep a held reservation alive for ``ttl`` more seconds from now."""
@@ -883,12 +879,12 @@ class Authority:
     def _commit_steps(self, reservation: Reservation, steps: Amounts | None) -> Settlement:
         if reservation.local:
             return self._local(reservation.id, steps, commit=True)
-        return self._settlement(self.store.commit(reservation.id, steps, self.clock()))
+        return self.store.commit(reservation.id, steps, self.clock())
 
     async def _acommit_steps(self, reservation: Reservation, steps: Amounts | None) -> Settlement:
         if reservation.local:
             return self._local(reservation.id, steps, commit=True)
-        return self._settlement(await self.store.acommit(reservation.id, steps, self.clock()))
+        return await self.store.acommit(reservation.id, steps, self.clock())
 
     @contextmanager
     def guard(

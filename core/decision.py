@@ -7,7 +7,7 @@ frozen because a frozen dataclass costs five times as much to build, and two are
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from clearance.units import from_step_map, from_steps
 
 if TYPE_CHECKING:
-    from clearance.ledger import AccountState, Amounts
+    from clearance.ledger import AccountsSource, AccountState, Amounts
     from clearance.plan import Caps
 
 
@@ -150,12 +150,22 @@ class Decision:
     reservation: Reservation | None = None
     caps: Caps | None = None
     reasons: tuple[Reason, ...] = ()
-    accounts: tuple[AccountState, ...] = ()
+    _accounts: AccountsSource = field(default=(), repr=False, compare=False)
+    """The chain's account states after the hold, or a function building them on first read."""
     plan_index: int = -1
     mode: Mode = Mode.ENFORCED
     replayed: bool = False
     would_be: Decision | None = None
     """In shadow mode, the decision enforcement would have made."""
+
+    @property
+    def accounts(self) -> tuple[AccountState, ...]:
+        """The state of every budget on the scope chain for the units involved, after the hold
+        (integer steps; :attr:`headroom` has them as Decimal balances)."""
+        accounts = self._accounts
+        if type(accounts) is not tuple:
+            accounts = self._accounts = accounts()  # type: ignore[operator]
+        return accounts
 
     @property
     def headroom(self) -> tuple[Balance, ...]:

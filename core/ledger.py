@@ -11,11 +11,12 @@ The invariant every store keeps, for every budget and window at every moment::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import NamedTuple
 
+from clearance.decision import Settlement
 from clearance.periods import Windows
 from clearance.units import from_steps
 
@@ -97,12 +98,23 @@ class Rejection:
     required: int = 0  # for min_headroom: what must remain
 
 
+AccountsSource = tuple[AccountState, ...] | Callable[[], tuple[AccountState, ...]]
+"""The chain's account states after a hold: the tuple, or a function building it. The memory store
+answers with the function: most callers never read the headroom, and building one AccountState per
+budget was a tenth of its reserve at depth 6."""
+
+
+def accounts_of(source: AccountsSource) -> tuple[AccountState, ...]:
+    """The account states of an :data:`AccountsSource`."""
+    return source if type(source) is tuple else source()  # type: ignore[operator]
+
+
 @dataclass(slots=True)
 class HoldResult:
     reservation_id: str | None  # None when denied
     plan_index: int  # -1 when denied
     expires_at: float
-    accounts: tuple[AccountState, ...]  # the chain's budgets for the plans' units, after the hold
+    accounts: AccountsSource  # the chain's budgets for the plans' units, after the hold
     rejections: tuple[Rejection, ...]
     replayed: bool = False  # an idempotent retry answered with the original reservation
 
@@ -126,15 +138,9 @@ class ReservationRecord:
     label: str = ""
 
 
-@dataclass(slots=True)
-class SettleResult:
-    """What commit or release did."""
-
-    reservation_id: str
-    status: str  # the reservation's status afterwards
-    charged: Amounts = ()
-    flags: tuple[str, ...] = ()
-    replayed: bool = False  # nothing changed: the reservation was already in this state
+SettleResult = Settlement
+"""What commit or release did: the public :class:`~clearance.Settlement` itself (it holds integer
+steps and converts them on read), so the Authority hands the store's answer on without a copy."""
 
 
 @dataclass(slots=True)

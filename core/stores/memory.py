@@ -15,6 +15,7 @@ import heapq
 import threading
 from collections import deque
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 from clearance.errors import ReservationClosed, ReservationNotFound
@@ -22,6 +23,7 @@ from clearance.ledger import (
     COMMITTED,
     EXPIRED,
     HELD,
+    OVER_HOLD,
     OVER_LIMIT,
     RELEASED,
     AccountState,
@@ -40,6 +42,14 @@ from clearance.periods import Windows
 from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
 
 _WINDOWS_KEPT = 8  # the most recent windows of a period budget kept in memory
+
+
+def _states_after(after: list[tuple[_Budget, str, int, int, int]]) -> tuple[AccountState, ...]:
+    """The AccountStates of a fitting pass's snapshot (built only when a caller reads the headroom)."""
+    return tuple(
+        new_account_state(AccountState, (budget.scope, budget.unit, budget.period, window, limit, spent, held))
+        for budget, window, limit, spent, held in after
+    )
 
 
 class _Budget:
@@ -367,25 +377,22 @@ class MemoryStore(Store):
         later level does not fit). ``None`` when something does not fit — the general path then
         works out the rejections."""
         holds: list[tuple[_Budget, str, list[int], int]] = []
-        after = []
+        after: list[tuple[_Budget, str, int, int, int]] = []
         for budget, window, counters in self._refs_of(request.chain, request.windows):
             steps = need.get(budget.unit)
             if steps is None:
                 continue
             spent, held = counters
-            if budget.limit - spent - held < steps:  # also any overage, even for 0
+            limit = budget.limit
+            if limit - spent - held < steps:  # also any overage, even for 0
                 for _, _, taken, amount in holds:  # undo this pass (the lock is held: nobody saw it)
                     taken[1] -= amount
                 return None
             counters[1] = held = held + steps
             holds.append((budget, window, counters, steps))
-            after.append(
-                new_account_state(
-                    AccountState, (budget.scope, budget.unit, budget.period, window, budget.limit, spent, held)
-                )
-            )
+            after.append((budget, window, limit, spent, held))  # the numbers now; states built if read
         self._keep(request, 0, holds)
-        return HoldResult(request.reservation_id, 0, request.expires_at, tuple(after), ())
+        return HoldResult(request.reservation_id, 0, request.expires_at, partial(_states_after, after), ())
 
     def _keep(self, request: HoldRequest, index: int, holds: list[tuple[_Budget, str, list[int], int]]) -> None:
         rid = request.reservation_id
@@ -421,11 +428,31 @@ class MemoryStore(Store):
                 return SettleResult(res.id, COMMITTED, res.committed or (), res.flags, replayed=True)
             prior = res.status
             amounts = res.fixed[1]
-            actual = amounts if actual is None else merge_actual(amounts, actual)
-            flags = commit_flags(prior, amounts, actual) if prior != HELD or actual != amounts else []
+            if actual is None:
+                actual = amounts
             over = False
+            if (
+                prior == HELD
+                and len(actual) == 1
+                and len(amounts) == 1
+                and actual[0][0] == amounts[0][0]
+                and res.budgets == self._budget_version
+            ):
+                # The usual commit: the one unit held, re-priced, on the budgets of hold time (every
+                # hold is of that unit). Same result as the general path below, in one pass.
+                steps = actual[0][1]
+                flags = [OVER_HOLD] if steps > amounts[0][1] else []
+                for budget, _, counters, held in res.holds:
+                    counters[1] -= held
+                    if steps:
+                        counters[0] += steps
+                        if counters[0] + counters[1] > budget.limit:
+                            over = True
+                return self._committed(res, actual, flags, over, now)
+            actual = merge_actual(amounts, actual)
+            flags = commit_flags(prior, amounts, actual) if prior != HELD or actual != amounts else []
             if len(actual) == 1 and len(amounts) == 1 and actual[0][0] == amounts[0][0]:
-                steps = actual[0][1]  # the usual commit: the one unit held, re-priced
+                steps = actual[0][1]
                 charges = {amounts[0][0]: steps} if steps else {}
                 same_units = True
             else:
@@ -454,14 +481,18 @@ class MemoryStore(Store):
                             counters[0] += steps
                             if counters[0] + counters[1] > budget.limit:
                                 over = True
-            if over:
-                flags.append(OVER_LIMIT)
-            res.committed = actual
-            res.flags = tuple(flags)
-            self._settle(res, COMMITTED, now)
-            self._seq += 1  # _log, inlined: every commit passes here
-            self._audit.append((self._seq, now, "commit", res.fixed[0][-1], res.id, actual, ",".join(flags)))
-            return SettleResult(res.id, COMMITTED, actual, res.flags)
+            return self._committed(res, actual, flags, over, now)
+
+    def _committed(self, res: _Reservation, actual: Amounts, flags: list[str], over: bool, now: float) -> SettleResult:
+        """Record a commit whose counters are already moved: the reservation, its audit record."""
+        if over:
+            flags.append(OVER_LIMIT)
+        res.committed = actual
+        res.flags = tuple(flags)
+        self._settle(res, COMMITTED, now)
+        self._seq += 1  # _log, inlined: every commit passes here
+        self._audit.append((self._seq, now, "commit", res.fixed[0][-1], res.id, actual, ",".join(flags)))
+        return SettleResult(res.id, COMMITTED, actual, res.flags)
 
     def release(self, reservation_id: str, now: float) -> SettleResult:
         with self._lock:

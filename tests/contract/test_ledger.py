@@ -45,6 +45,22 @@ def test_allow_holds_on_every_level(authority: Authority) -> None:
     assert decision.remaining("usd") == Decimal("3.5")
 
 
+def test_headroom_is_the_state_right_after_the_hold_whenever_it_is_read(authority: Authority) -> None:
+    # Stores may build the headroom only when it is read: it must still be the moment of the hold.
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    authority.set_budget(Budget("tenant:acme/workspace:eu", "usd", 4))
+    first = authority.reserve(usd(1), CHAIN)
+    second = authority.reserve(usd(2), CHAIN)
+    authority.commit(first.reservation, {"usd": 3})  # type: ignore[arg-type]
+    authority.set_budget(Budget("tenant:acme", "usd", 20))
+    expected = [("tenant:acme", 10, 0, 1), ("tenant:acme/workspace:eu", 4, 0, 1)]
+    assert [(h.scope, h.limit, h.spent, h.held) for h in first.headroom] == expected
+    expected = [("tenant:acme", 10, 0, 3), ("tenant:acme/workspace:eu", 4, 0, 3)]
+    assert [(h.scope, h.limit, h.spent, h.held) for h in second.headroom] == expected
+    assert second.accounts is second.accounts  # built once
+    assert authority.balance("tenant:acme")["usd"].remaining == 15
+
+
 def test_deny_when_any_level_lacks_room_and_holds_nothing(authority: Authority) -> None:
     authority.set_budget(Budget("tenant:acme", "usd", 10))
     authority.set_budget(Budget("tenant:acme/workspace:eu", "usd", 1))
