@@ -219,7 +219,12 @@ class MemoryStore(Store):
         self._idempotency: dict[tuple[str, str], str] = {}
         self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, id) for held reservations
         self._held = 0  # how many reservations are held (the heap also has settled ones until compacted)
-        self._forget: list[tuple[float, str]] = []  # heap of (forget_at, id) for settled ones
+        # Settled ones to forget, oldest first: forget_at times and ids in two queues (floats and
+        # strings are not tracked by the garbage collector; a tuple per reservation would be). The
+        # retention is the same for all, so settling order is forgetting order; a settle stamped a
+        # little earlier than the one before it (threads) is forgotten that little later.
+        self._forget_at: deque[float] = deque()
+        self._forget_ids: deque[str] = deque()
         self._retention = retention
         # Raw tuples (seq, at, kind, scope, id, amounts, detail); AuditEvents are built when read.
         self._audit: deque[tuple[int, float, str, str, str | None, Amounts, str]] = deque(maxlen=audit_capacity)
@@ -263,7 +268,8 @@ class MemoryStore(Store):
         res.settled_at = now
         res.holds = ()  # settled: nothing held any more, and no references kept alive
         self._reservations[res.id] = res.pack()
-        heapq.heappush(self._forget, (now + self._retention, res.id))
+        self._forget_at.append(now + self._retention)
+        self._forget_ids.append(res.id)
 
     def _reclaim(self, now: float) -> int:
         expired = 0
@@ -277,10 +283,10 @@ class MemoryStore(Store):
             self._settle(res, EXPIRED, now)
             self._log(now, "expire", res.scope, rid, res.amounts)
             expired += 1
-        forget = self._forget
-        while forget and forget[0][0] <= now:
-            _, rid = heapq.heappop(forget)
-            gone = self._reservations.pop(rid, None)
+        forget_at = self._forget_at
+        while forget_at and forget_at[0] <= now:
+            forget_at.popleft()
+            gone = self._reservations.pop(self._forget_ids.popleft(), None)
             if isinstance(gone, tuple):
                 fixed = gone[1]
                 if fixed[4] is not None:
@@ -339,7 +345,7 @@ class MemoryStore(Store):
             units = {u for plan in plans for u, _ in plan.amounts}.union(request.probes)
         with self._lock:
             now = request.now
-            if (self._expiry and self._expiry[0][0] <= now) or (self._forget and self._forget[0][0] <= now):
+            if (self._expiry and self._expiry[0][0] <= now) or (self._forget_at and self._forget_at[0] <= now):
                 self._reclaim(now)
             if request.idempotency_key is not None:
                 existing = self._idempotency.get((request.chain[0], request.idempotency_key))
