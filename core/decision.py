@@ -163,8 +163,8 @@ class Decision:
         """The state of every budget on the scope chain for the units involved, after the hold
         (integer steps; :attr:`headroom` has them as Decimal balances)."""
         accounts = self._accounts
-        if type(accounts) is not tuple:
-            accounts = self._accounts = accounts()  # type: ignore[operator]
+        if callable(accounts):
+            accounts = self._accounts = accounts()
         return accounts
 
     @property

@@ -106,7 +106,7 @@ budget was a tenth of its reserve at depth 6."""
 
 def accounts_of(source: AccountsSource) -> tuple[AccountState, ...]:
     """The account states of an :data:`AccountsSource`."""
-    return source if type(source) is tuple else source()  # type: ignore[operator]
+    return source() if callable(source) else source
 
 
 @dataclass(slots=True)

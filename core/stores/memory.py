@@ -44,12 +44,9 @@ from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
 _WINDOWS_KEPT = 8  # the most recent windows of a period budget kept in memory
 
 
-def _states_after(after: list[tuple[_Budget, str, int, int, int]]) -> tuple[AccountState, ...]:
+def _states_after(after: list[tuple[str, str, str, str, int, int, int]]) -> tuple[AccountState, ...]:
     """The AccountStates of a fitting pass's snapshot (built only when a caller reads the headroom)."""
-    return tuple(
-        new_account_state(AccountState, (budget.scope, budget.unit, budget.period, window, limit, spent, held))
-        for budget, window, limit, spent, held in after
-    )
+    return tuple([new_account_state(AccountState, fields) for fields in after])
 
 
 class _Budget:
@@ -284,10 +281,15 @@ class MemoryStore(Store):
             self._log(now, "expire", res.scope, rid, res.amounts)
             expired += 1
         forget_at = self._forget_at
+        known = self._reservations
         while forget_at and forget_at[0] <= now:
             forget_at.popleft()
-            gone = self._reservations.pop(self._forget_ids.popleft(), None)
-            if isinstance(gone, tuple):
+            rid = self._forget_ids.popleft()
+            gone = known.get(rid)
+            # Only if settled that long ago: settled twice (expired, then committed late), its
+            # earlier entry comes first, and retention runs from the last settle.
+            if isinstance(gone, tuple) and (gone[5] or 0.0) + self._retention <= now:
+                del known[rid]
                 fixed = gone[1]
                 if fixed[4] is not None:
                     self._idempotency.pop((fixed[0][0], fixed[4]), None)
@@ -383,7 +385,7 @@ class MemoryStore(Store):
         later level does not fit). ``None`` when something does not fit — the general path then
         works out the rejections."""
         holds: list[tuple[_Budget, str, list[int], int]] = []
-        after: list[tuple[_Budget, str, int, int, int]] = []
+        after: list[tuple[str, str, str, str, int, int, int]] = []  # plain values: no store objects kept
         for budget, window, counters in self._refs_of(request.chain, request.windows):
             steps = need.get(budget.unit)
             if steps is None:
@@ -396,7 +398,7 @@ class MemoryStore(Store):
                 return None
             counters[1] = held = held + steps
             holds.append((budget, window, counters, steps))
-            after.append((budget, window, limit, spent, held))  # the numbers now; states built if read
+            after.append((budget.scope, budget.unit, budget.period, window, limit, spent, held))
         self._keep(request, 0, holds)
         return HoldResult(request.reservation_id, 0, request.expires_at, partial(_states_after, after), ())
 

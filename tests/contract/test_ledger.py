@@ -288,6 +288,21 @@ def test_commit_after_expiry_is_recorded_as_late(authority: Authority, clock: Fa
     assert authority.balance("tenant:acme")["usd"].spent == 3
 
 
+def test_a_late_commit_is_remembered_for_retention_from_the_commit(authority: Authority, clock: FakeClock) -> None:
+    # Expired, then committed late: retention runs from the last settle, not from the expiry.
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    decision = authority.reserve(usd(4), CHAIN, ttl=5)
+    clock.advance(10)
+    assert authority.sweep() == 1
+    clock.advance(40 * 3600)
+    assert authority.commit(decision.reservation, {"usd": 3}).flags == ("late",)  # type: ignore[arg-type]
+    clock.advance(8 * 3600 + 60)  # past retention from the expiry, within it from the commit
+    authority.sweep()
+    authority.reserve(usd(1), CHAIN).reservation  # any call may tidy up
+    again = authority.commit(decision.reservation, {"usd": 3})  # type: ignore[arg-type]
+    assert again.replayed and authority.balance("tenant:acme")["usd"].spent == 3
+
+
 def test_sweep_returns_expired_holds(authority: Authority, clock: FakeClock) -> None:
     authority.set_budget(Budget("tenant:acme", "usd", 10))
     authority.set_budget(Budget("tenant:globex", "usd", 10))
