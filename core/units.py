@@ -88,8 +88,15 @@ def to_steps(unit: str, value: object) -> int:
         check_unit(unit)
     if type(value) is int and value >= 0 and unit not in _SCALES and value <= MAX_AMOUNT:
         return value  # the common case for tokens, calls and other whole units
-    if type(value) is str and (plain := _PLAIN_USD.fullmatch(value)) is not None and unit in _SCALES:
-        # the common case for money, "0.0071": exact integer arithmetic, no Decimal context needed
+    kind = type(value)
+    if (kind is str or kind is float) and unit in _SCALES:
+        # The common cases for money, "0.0071" or 0.0071 (a float's repr is the shortest string that
+        # round-trips): exact integer arithmetic, no Decimal context needed. Anything else (an
+        # exponent, more than 9 decimals to round up, a sign, nan) takes the general path below.
+        plain = _PLAIN_USD.fullmatch(value if kind is str else repr(value))  # type: ignore[call-overload]
+    else:
+        plain = None
+    if plain is not None:
         whole, fraction = plain.groups()
         steps = int(whole) * USD_SCALE + (int(fraction.ljust(9, "0")) if fraction else 0)
         if steps <= MAX_AMOUNT:

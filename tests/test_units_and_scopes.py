@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 
 import pytest
 from hypothesis import given
@@ -17,6 +17,18 @@ from clearance.units import MAX_AMOUNT, from_steps, to_steps
 @given(st.decimals(min_value=0, max_value=9_000_000, places=9, allow_nan=False, allow_infinity=False))
 def test_usd_round_trips_exactly(amount: Decimal) -> None:
     assert from_steps("usd", to_steps("usd", amount)) == amount
+
+
+@given(
+    st.floats(min_value=0, max_value=9_000_000, allow_nan=False, allow_infinity=False)
+    | st.sampled_from([1e-05, 0.1 + 0.2, 5e-324, 8999999.999999999])
+)
+def test_float_money_is_its_shortest_repr_rounded_up(amount: float) -> None:
+    # The float fast path must agree with the Decimal path: repr() (0.1 stays 0.1), then round up.
+    expected = int((Decimal(repr(amount)) * 10**9).to_integral_value(rounding=ROUND_CEILING))
+    assert to_steps("usd", amount) == expected
+    assert to_steps("tool.search.usd", amount) == expected
+    assert to_steps("usd", repr(amount)) == expected
 
 
 def test_usd_rounds_up_below_a_nano_dollar() -> None:
