@@ -192,7 +192,7 @@ def test_commit_above_hold_is_recorded_and_overage_denies(authority: Authority) 
 
 
 def test_a_commit_charges_the_budgets_as_they_are_now(authority: Authority) -> None:
-    """The memory and SQLite stores charge a commit on the hold's own counters while no budget changed
+    """Every store charges a commit on the hold's own counters while no budget was created or removed
     since the hold (the usual case, their fast path); a budget set, changed or removed in between, or a
     unit the hold did not name, must still be charged as the budgets are now — on every store."""
     ws = "tenant:acme/workspace:eu"

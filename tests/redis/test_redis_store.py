@@ -379,3 +379,42 @@ def test_a_worker_whose_clock_runs_ahead_cannot_prune_the_current_window(redis_u
     assert behind_authority.balance(tenant)["calls"].spent == 10
     behind_authority.close()
     ahead_authority.close()
+
+
+def test_usual_commit_reads_only_the_holds_counters_and_falls_back_when_it_cannot(
+    redis_url: str, clock: FakeClock
+) -> None:
+    """While no budget was created or removed since the hold ("#v" in the record's plan field), a
+    one-unit commit reads its holds' counters and limits in one HMGET; without a version, or with a
+    limit missing, it reads the chain's budgets as the general path does — same ledger either way."""
+    authority, store = _budgeted_chain6(redis_url, clock)
+    raw = _raw(redis_url, decode=True)
+    ledger_key, res_key = store._keys("tenant:acme")[:2]
+    levels = ["/".join(CHAIN6.split("/")[:level]) for level in range(1, 7)]
+
+    def lifecycle(tamper: str) -> int:
+        decision = authority.reserve(Action("step", "s", {"usd": 3}), CHAIN6)
+        assert decision.reservation is not None
+        token = decision.reservation.id.split(".")[0]
+        fields = raw.hget(res_key, token).split("\t")
+        version = raw.hget(ledger_key, "#v")
+        assert fields[1] == f"0/{version}"
+        assert store.reservation(decision.reservation.id, clock()).plan_index == 0  # the version stays inside
+        if tamper == "no version":  # a record written before "#v" existed
+            raw.hset(res_key, token, "\t".join([fields[0], "0", *fields[2:]]))
+        elif tamper == "no limit":  # a budget set before "l<id>" was kept
+            raw.hdel(ledger_key, "l" + raw.hget(ledger_key, f"={CHAIN6}|usd|"))
+        before = _calls(raw, "hmget")
+        assert authority.commit(decision.reservation, {"usd": 2}).flags == ()
+        return _calls(raw, "hmget") - before
+
+    assert lifecycle("") == 1
+    assert lifecycle("no version") == 2
+    assert lifecycle("no limit") == 3  # the fast path's read, then the general path's two
+    for scope in levels:
+        balance = authority.balance(scope)["usd"]
+        assert (balance.spent, balance.held) == (6, 0)
+    authority.set_budget(Budget(CHAIN6, "usd", 100))  # writes the limit again
+    assert lifecycle("") == 1
+    raw.close()
+    authority.close()

@@ -8,6 +8,9 @@
 --                          "=<scope>|<unit>|<period>" -> "<id>" (kept when the budget is removed, so a
 --                                                        budget set again continues its counters)
 --                          "#<id>"                    -> "<scope>|<unit>|<period>" (records name ids)
+--                          "l<id>"                    -> the budget's limit (also in its "@<scope>" entry)
+--                          "#v"                       -> the budgets version: +1 whenever a budget is
+--                                                        created or removed (see commit's fast path)
 --                          "w<id>"                    -> "window@t ..." a period budget's windows with
 --                                                        counters (see note_windows)
 --   Counters are named by a short per-tenant budget id, not the scope path: their names cost the same
@@ -113,7 +116,8 @@ local function hset_pairs(key, pairs_list)
 end
 
 -- A reservation record is one tab-separated string (cheaper to write and read than JSON):
---   status, plan index, created_at, expires_at, settled_at ('' while held), scope, amounts held
+--   status, plan index (then '/' and the tenant's budgets version "#v" at hold time, when it had one),
+--   created_at, expires_at, settled_at ('' while held), scope, amounts held
 --   ("unit steps ..."), holds ("<id>|<window> steps <id>|<window> steps ...": the counter suffixes), windows,
 --   committed amounts ('' unless committed), flags (','-joined), idempotency key ('' = none), label.
 -- Only the label can contain a tab (idempotency keys are printable): it comes last.
@@ -128,11 +132,14 @@ local function decode(raw)
   if h ~= '' and not string.find(h, '^%d+|[^| ]* ') then
     refuse_old('a reservation record with holds named by scope path')
   end
-  return {st = st, p = p, c = c, e = e, t = t, s = s, a = a, h = h, w = w, ca = ca, f = f, i = i, l = l}
+  local plan, version = string.match(p, '^([^/]*)/?(.*)$')
+  return {st = st, p = plan, v = version, c = c, e = e, t = t, s = s, a = a, h = h, w = w, ca = ca, f = f, i = i,
+    l = l}
 end
 
 local function encode(rec)
-  return rec.st .. '\t' .. rec.p .. '\t' .. rec.c .. '\t' .. rec.e .. '\t' .. rec.t .. '\t' .. rec.s .. '\t'
+  local plan = rec.v ~= '' and rec.p .. '/' .. rec.v or rec.p
+  return rec.st .. '\t' .. plan .. '\t' .. rec.c .. '\t' .. rec.e .. '\t' .. rec.t .. '\t' .. rec.s .. '\t'
     .. rec.a .. '\t' .. rec.h .. '\t' .. rec.w .. '\t' .. rec.ca .. '\t' .. rec.f .. '\t' .. rec.i .. '\t' .. rec.l
 end
 
@@ -349,7 +356,11 @@ end
 -- ("<scope>|<unit>|<period>|<window> steps ..."), from the "#<id>" fields.
 local function public(rec)
   if rec.h == '' then
-    return encode(rec)
+    local version = rec.v
+    rec.v = ''  -- the budgets version is the scripts' business
+    local text = encode(rec)
+    rec.v = version
+    return text
   end
   local ids, windows, steps = {}, {}, {}
   for id, window, n in string.gmatch(rec.h, '(%d+)|(%S*) (%S+)') do
@@ -371,5 +382,6 @@ local function public(rec)
     copy[k] = v
   end
   copy.h = table.concat(parts, ' ')
+  copy.v = ''
   return encode(copy)
 end

@@ -16,6 +16,7 @@ end
 if not found then
   return 0
 end
+redis.call('HINCRBY', K_LEDGER, '#v', 1)  -- holds made before name a budget that is gone
 if #kept == 0 then
   redis.call('HDEL', K_LEDGER, field)
 else

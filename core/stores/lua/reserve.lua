@@ -56,7 +56,8 @@ if idem ~= '' then
   end
 end
 
-local list = states(chain, wanted, windows_text)
+local list, read = states(chain, wanted, windows_text, {'#v'})
+local version = read[1] or ''  -- a ledger from before "#v" has none: its holds commit the general way
 local by_unit = {}
 for _, s in ipairs(list) do
   local bucket = by_unit[s[2]]
@@ -160,7 +161,7 @@ end
 local amounts_text = plans[chosen + 1][3]
 local scope = chain[depth]
 local plan = fmt_int(chosen)
-local rec = 'held\t' .. plan .. '\t' .. NOW .. '\t' .. expires_at .. '\t\t' .. scope .. '\t' .. amounts_text .. '\t'
+local rec = 'held\t' .. plan .. (version ~= '' and '/' .. version or '') .. '\t' .. NOW .. '\t' .. expires_at .. '\t\t' .. scope .. '\t' .. amounts_text .. '\t'
   .. table.concat(hold_fields, ' ') .. '\t' .. windows_text .. '\t\t\t' .. idem .. '\t' .. label  -- see encode()
 if idem ~= '' then
   redis.call('HSET', K_RES, token, rec, '!' .. idem, token)

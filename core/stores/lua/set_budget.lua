@@ -12,7 +12,7 @@ local scope, unit, period, limit, detail, only_new = ARGV[3], ARGV[4], ARGV[5], 
 local retry = ARGV[9] == '1'
 local field = '@' .. scope
 local head = unit .. '|' .. period .. '|'
-local kept, found = {}, false
+local kept, found, limit_field = {}, false, nil
 for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
   if string.sub(entry, 1, #head) == head then
     found = true
@@ -27,6 +27,7 @@ for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
       return 1
     end
     kept[#kept + 1] = head .. limit .. '|' .. id
+    limit_field = 'l' .. id
   else
     kept[#kept + 1] = entry
   end
@@ -39,7 +40,9 @@ if not found then
     redis.call('HSET', K_LEDGER, '=' .. name, id, '#' .. id, name)
   end
   kept[#kept + 1] = head .. limit .. '|' .. id
+  limit_field = 'l' .. id
+  redis.call('HINCRBY', K_LEDGER, '#v', 1)  -- a new budget on this chain: holds made before do not name it
 end
-redis.call('HSET', K_LEDGER, field, table.concat(kept, ' '))
+redis.call('HSET', K_LEDGER, field, table.concat(kept, ' '), limit_field, limit)
 audit('budget_set', scope, '', unit .. ' ' .. limit, detail)
 return 1
