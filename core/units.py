@@ -86,8 +86,10 @@ def to_steps(unit: str, value: object) -> int:
     """Convert a user amount of ``unit`` into exact integer steps, validating it."""
     if type(unit) is not str or unit not in _known_units:
         check_unit(unit)
-    if type(value) is int and value >= 0 and unit not in _SCALES and value <= MAX_AMOUNT:
-        return value  # the common case for tokens, calls and other whole units
+    if type(value) is int and value >= 0:  # the common case for tokens, calls and whole dollars
+        steps = value * _SCALES[unit] if unit in _SCALES else value
+        if steps <= MAX_AMOUNT:
+            return steps
     kind = type(value)
     if (kind is str or kind is float) and unit in _SCALES:
         # The common cases for money, "0.0071" or 0.0071 (a float's repr is the shortest string that
