@@ -19,6 +19,7 @@ from clearance import (
     ReservationNotFound,
 )
 from clearance.testing import FakeClock
+from clearance.units import MAX_AMOUNT
 
 CHAIN = "tenant:acme/workspace:eu/app:support/workflow:triage/agent:planner/run:r1"
 
@@ -286,6 +287,16 @@ def test_commit_after_expiry_is_recorded_as_late(authority: Authority, clock: Fa
     assert (balance.spent, balance.held) == (3, 0)
     assert authority.commit(decision.reservation, {"usd": 3}).replayed
     assert authority.balance("tenant:acme")["usd"].spent == 3
+
+
+def test_overage_past_the_largest_amount_stays_exact(authority: Authority) -> None:
+    # Reality wins: commits are recorded even far past the limit, and the spent counter stays exact
+    # past 2^53 (where Lua's numbers stop being exact) on every store.
+    authority.set_budget(Budget("tenant:acme", "tokens", 10))
+    holds = [authority.reserve(Action("step", "s", {"tokens": 1}), CHAIN).reservation for _ in range(5)]
+    for reservation, actual in zip(holds, [MAX_AMOUNT, 1, 1, 1, 2], strict=True):
+        assert "overage" in authority.commit(reservation, {"tokens": actual}).flags  # type: ignore[arg-type]
+    assert authority.balance("tenant:acme")["tokens"].spent == MAX_AMOUNT + 5
 
 
 def test_a_late_commit_is_remembered_for_retention_from_the_commit(authority: Authority, clock: FakeClock) -> None:

@@ -72,6 +72,7 @@ if prior == 'held' then
 end
 local over = false
 local list, current
+local charged = {}  -- spent field -> the steps this commit adds to it
 
 -- Fast path, the usual commit: a live hold of one unit, charged in that unit only, on a chain where
 -- no budget was created or removed since the hold ("#v" as the record has it). Reserve held every
@@ -104,6 +105,7 @@ if charging and #hold_fields > 0 and rec.v ~= '' then
         local spent = tonumber(got[3 * i] or '0') + steps
         moved[hold_fields[i]] = held_now
         moved[fields[3 * i]] = spent
+        charged[fields[3 * i]] = steps
         past = past or spent + held_now > tonumber(limit)
       end
       if fast then
@@ -131,15 +133,22 @@ if list then
     local spent = tonumber(s[6]) + charge[s[2]]
     local held_now = writes['h' .. s[9]] or tonumber(s[7])
     writes['s' .. s[9]] = spent
+    charged['s' .. s[9]] = charge[s[2]]
     if spent + held_now > tonumber(s[5]) then
       over = true
     end
   end
 end
+-- A spent counter past 2^53 (overage is recorded, never dropped, so spent can pass any limit) is no
+-- longer exact as a Lua number: it is incremented by Redis itself (int64) instead of written.
 local pairs_out = {}
 for field, value in pairs(writes) do
-  pairs_out[#pairs_out + 1] = field
-  pairs_out[#pairs_out + 1] = fmt_int(value)
+  if value > 9007199254740991 and charged[field] then
+    redis.call('HINCRBY', K_LEDGER, field, fmt_int(charged[field]))
+  else
+    pairs_out[#pairs_out + 1] = field
+    pairs_out[#pairs_out + 1] = fmt_int(value)
+  end
 end
 if #pairs_out > 0 then
   hset_pairs(K_LEDGER, pairs_out)
