@@ -526,6 +526,13 @@ class Authority:
             message = f"this idempotency key's reservation {rid} is {record.status}: retry with a new key"
             reason = Reason("replay_settled", message, scope.path)
             return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), replayed=True)
+        if record.scope != scope.path:  # keys are per tenant: the same key at another scope is another call
+            message = (
+                f"this idempotency key already holds reservation {rid} at {record.scope}: "
+                "use a key per call (one per run and step, say)"
+            )
+            reason = Reason("replay_mismatch", message, scope.path)
+            return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), replayed=True)
         candidates = list(plans) if plans is not None else [Plan.of_steps(dict(action.steps))]
         if output_retry is not None:
             capped = Policy.output_cap_for(output_retry, dict(record.amounts))

@@ -5,7 +5,9 @@
 string: ``key_prefix`` (default ``clearance:``), ``socket_timeout`` and ``connect_timeout`` (seconds,
 default 0.5 each), ``max_connections`` (pool size, default 64), ``retention`` (seconds a settled
 reservation is remembered, default 48 h), ``audit_capacity`` (events kept per tenant, default
-100,000), ``reclaim_batch`` (expired holds returned per script call, default 1,000). Any other query
+100,000), ``reclaim_batch`` (expired holds returned per script call, default 1,000),
+``max_clock_skew`` (seconds a worker's clock may be off the server's before its reserves, extends
+and reclaims are refused as ``StoreUnavailable``, default 10; 0 trusts every clock). Any other query
 parameter is passed on to redis-py (``ssl_ca_certs``, ``ssl_cert_reqs``, ``username``, …).
 
 Every operation — reserve (idempotency, the ladder over chain x units x plans, lazy reclaim),
@@ -295,6 +297,7 @@ class RedisStore(Store):
         max_connections: int = 64,
         audit_capacity: int = 100_000,
         reclaim_batch: int = 1000,
+        max_clock_skew: float = 10.0,
         **redis_options: Any,
     ) -> None:
         if "{" in key_prefix or "}" in key_prefix:
@@ -304,6 +307,8 @@ class RedisStore(Store):
                 raise InvalidRequest(f"{name} must be in (0, 3600] seconds, got {value}")
         if max_connections < 1 or audit_capacity < 1 or reclaim_batch < 1 or retention <= 0:
             raise InvalidRequest("max_connections, audit_capacity, reclaim_batch and retention must be positive")
+        if not 0 <= max_clock_skew <= 86400:
+            raise InvalidRequest(f"max_clock_skew must be in [0, 86400] seconds (0: off), got {max_clock_skew}")
         try:
             redis.connection.parse_url(url)  # type: ignore[no-untyped-call]  # bad input now, not at first use
         except ValueError as error:
@@ -314,7 +319,7 @@ class RedisStore(Store):
         self._retention = _float(retention)
         self._cap = str(int(audit_capacity))
         self._batch = int(reclaim_batch)
-        self._config = f"{self._retention} {self._cap} {self._batch}"
+        self._config = f"{self._retention} {self._cap} {self._batch} {_float(max_clock_skew)}"
         self._timeouts = (float(socket_timeout), float(connect_timeout))
         self._max_connections = int(max_connections)
         self._options = dict(redis_options)
@@ -340,7 +345,7 @@ class RedisStore(Store):
         cluster = scheme.endswith("+cluster")
         ours: dict[str, Any] = {}
         passed: list[tuple[str, str]] = []
-        floats = ("retention", "socket_timeout", "connect_timeout")
+        floats = ("retention", "socket_timeout", "connect_timeout", "max_clock_skew")
         ints = ("max_connections", "audit_capacity", "reclaim_batch")
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             try:

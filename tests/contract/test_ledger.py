@@ -353,6 +353,12 @@ def test_idempotent_reserve_holds_once(authority: Authority) -> None:
     # The same key in another tenant is another reservation.
     other = authority.reserve(usd(4), "tenant:globex/run:r1", idempotency_key="call-1")
     assert other.reservation is not None and other.reservation.id != first.reservation.id
+    # The same key at another scope of the tenant is refused, never answered with the first hold
+    # (that would allow the call while holding nothing at its own scope).
+    authority.set_budget(Budget("tenant:acme/run:r2", "usd", 1))
+    elsewhere = authority.reserve(usd(4), "tenant:acme/run:r2", idempotency_key="call-1")
+    assert elsewhere.denied and elsewhere.reasons[0].code == "replay_mismatch"
+    assert authority.balance("tenant:acme")["usd"].held == 4
 
 
 def test_periods_count_each_window_and_settle_where_held(authority: Authority, clock: FakeClock) -> None:

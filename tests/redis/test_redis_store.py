@@ -71,7 +71,7 @@ def test_every_key_of_a_tenant_shares_one_slot(redis_url: str, clock: FakeClock)
     authority.set_budget(Budget("tenant:acme/workspace:eu", "usd", 10, period="day"))
     decision = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6, idempotency_key="k{1}")
     assert decision.reservation is not None
-    prefix = redis_url.split("key_prefix=")[1]
+    prefix = redis_url.split("key_prefix=")[1].split("&", maxsplit=1)[0]
     raw = _raw(redis_url, decode=True)
     keys = sorted(raw.scan_iter(match=f"{prefix}*"))
     tenant_keys = [k for k in keys if k != f"{prefix}roots"]
@@ -210,7 +210,7 @@ def test_unix_socket_url(clock: FakeClock) -> None:
     path = os.path.join(folder, "redis.sock")
     server = RedisServer(extra=("--unixsocket", path, "--unixsocketperm", "700")).start()
     try:
-        authority = Authority(f"unix://{path}?db=0&key_prefix=u:", clock=clock)
+        authority = Authority(f"unix://{path}?db=0&key_prefix=u:&max_clock_skew=0", clock=clock)
         authority.set_budget(Budget("tenant:acme", "usd", 10))
         assert authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6).allowed
         assert authority.balance("tenant:acme")["usd"].held == 1
@@ -418,3 +418,32 @@ def test_usual_commit_reads_only_the_holds_counters_and_falls_back_when_it_canno
     assert lifecycle("") == 1
     raw.close()
     authority.close()
+
+
+def test_a_worker_whose_clock_is_off_cannot_hold_or_reclaim(redis_url: str) -> None:
+    """Expiry is judged by the workers' clocks, so a worker more than ``max_clock_skew`` off the server's
+    clock is refused (fail closed) where it could hand a budget out twice: reserve, extend, reclaim.
+    Its commits still go through: what it spent is recorded."""
+    url = f"{redis_url}&max_clock_skew=10"
+    right = Authority(url)
+    right.set_budget(Budget("tenant:skew", "usd", 10))
+    held = right.reserve(Action("step", "s", {"usd": 1}), "tenant:skew/run:1", ttl=60)
+    assert held.allowed and held.reservation is not None
+    for offset in (-120.0, 120.0):
+        skewed = Authority(url, clock=lambda offset=offset: time.time() + offset)  # type: ignore[misc]
+        decision = skewed.reserve(Action("step", "s", {"usd": 1}), "tenant:skew/run:2", ttl=60)
+        assert decision.denied and decision.reasons[0].code == "store_unavailable"
+        assert "clock_skew" in decision.reasons[0].message
+        with pytest.raises(StoreUnavailable, match="clock_skew"):
+            skewed.extend(held.reservation, 60)
+        with pytest.raises(StoreUnavailable, match="clock_skew"):
+            skewed.sweep()
+        skewed.close()
+    assert right.balance("tenant:skew")["usd"].held == 1  # the worker ahead reclaimed nothing
+    behind = Authority(url, clock=lambda: time.time() - 120)
+    assert behind.commit(held.reservation, {"usd": 1}).status == "committed"
+    assert right.balance("tenant:skew")["usd"].spent == 1
+    with pytest.raises(InvalidRequest):
+        RedisStore("redis://127.0.0.1:1/0", max_clock_skew=-1)
+    behind.close()
+    right.close()

@@ -23,7 +23,7 @@
 --   KEYS[4] held    zset   "<token>" by created_at, held reservations only: listings of live holds
 --                          read it instead of every reservation remembered
 --   KEYS[5] log     stream audit events, capped with MAXLEN ~
--- ARGV[1] = now, ARGV[2] = "<retention> <audit cap> <reclaim batch>".
+-- ARGV[1] = now (the worker's clock), ARGV[2] = "<retention> <audit cap> <reclaim batch> <max clock skew>".
 -- Replies are one string, fields joined by '\n' (one bulk string parses faster than an array).
 --
 -- Integers never pass through Lua's tostring (Redis 7.0 prints 2e14 as "2e+14"): amounts travel
@@ -35,7 +35,16 @@
 local K_LEDGER, K_RES, K_DUE, K_HELD, K_LOG = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local NOW = ARGV[1]
 local NOW_N = tonumber(NOW)
-local RETENTION, CAP, BATCH = string.match(ARGV[2], '^(%S+) (%S+) (%S+)$')
+local RETENTION, CAP, BATCH, MAX_SKEW = string.match(ARGV[2], '^(%S+) (%S+) (%S+) (%S+)$')
+
+-- The server's clock, read at most once per script (audit ids, window pruning, the skew check).
+local server_time = nil
+local function server_clock()
+  if not server_time then
+    server_time = redis.call('TIME')
+  end
+  return server_time
+end
 
 local function fmt_int(n)
   return string.format('%d', n)
@@ -45,7 +54,7 @@ end
 -- on one server the ids of all tenants' streams interleave in true order (the client turns them into
 -- AuditEvent.seq = us * 1000 + n). If the server clock stepped back, continue after the stream's top.
 local function audit(kind, scope, token, amounts, detail)
-  local t = redis.call('TIME')
+  local t = server_clock()
   local ok = redis.pcall('XADD', K_LOG, 'MAXLEN', '~', CAP, t[1] .. string.format('%06d', t[2]) .. '-*', 'at', NOW,
     'k', kind, 's', scope, 'r', token, 'a', amounts, 'd', detail)
   if type(ok) == 'table' and ok.err then
@@ -181,9 +190,26 @@ local function load_current(token)
   return rec
 end
 
+-- Expiry is judged by the workers' clocks (ARGV[1]): a worker whose clock is behind makes holds the
+-- others see as expired, one ahead reclaims holds still in use — either could hand the same budget
+-- out twice. So a script that holds, extends or reclaims first refuses a worker whose clock is more
+-- than MAX_SKEW seconds off the server's (0: trust the workers' clocks, e.g. a FakeClock in tests).
+local function check_clock()
+  local limit = tonumber(MAX_SKEW)
+  if limit > 0 then
+    local t = server_clock()
+    local skew = NOW_N - (tonumber(t[1]) + tonumber(t[2]) / 1000000)
+    if skew > limit or skew < -limit then
+      error({err = 'ERR clearance: clock_skew: this worker\'s clock is ' .. string.format('%.3f', skew)
+        .. ' s off the Redis server\'s (max_clock_skew=' .. MAX_SKEW .. '); synchronise it (NTP)'})
+    end
+  end
+end
+
 -- Lazy reclaim: return the tenant's expired holds to their budgets and drop settled reservations
 -- past retention, oldest first, at most BATCH per call. Returns expired, seen, forgotten.
 local function reclaim()
+  check_clock()
   local due = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', NOW, 'LIMIT', 0, BATCH)
   if #due == 0 then
     return 0, 0, 0
@@ -312,7 +338,7 @@ local function note_windows(entries)
         seen = seen or window == s[4]
       end
       if not seen then
-        local now = tonumber(redis.call('TIME')[1])
+        local now = tonumber(server_clock()[1])
         known[#known + 1] = {s[4], now}
         table.sort(known, function(a, b) return a[1] < b[1] end)
         local old_before = now - KEEP_WINDOWS * (PERIOD_SECONDS[s[3]] or 0)

@@ -3,6 +3,7 @@
 -- Reply: "notfound", "closed\n<status>" or "ok\n<record>" (as public() shows it).
 
 local token, expires_at, detail = ARGV[3], ARGV[4], ARGV[5]
+check_clock()
 local rec = load_current(token)
 if not rec then
   return 'notfound'
