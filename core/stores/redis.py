@@ -28,8 +28,8 @@ reservation lands on one cluster slot::
                                  last; its holds are "<id>|<window> steps …"),
                                  "!<idempotency key>" -> "<token>"
     <prefix>{<root>}:d   zset    every remembered reservation by when it is next due: expires_at while
-                                 held (the expiry index), then the end of its retention
-    <prefix>{<root>}:h   zset    held reservations by created_at (listing live holds reads only these)
+                                 held (the expiry index; the positive scores are the live holds), then
+                                 minus the end of its retention (negative: one range finds all that is due)
     <prefix>{<root>}:log stream  audit events, capped (XADD MAXLEN ~)
     <prefix>roots        set     every tenant root, for sweep() and listings across tenants
     <prefix>{~}:l / :log         policy documents and their audit trail (no tenant)
@@ -117,6 +117,7 @@ _SCRIPTS = (
     "sweep",
     "policy",
 )
+_KEY_COUNT = 4  # a tenant's KEYS: ledger, reservations, due index, audit stream
 _GLOBAL_ROOT = "~"  # hash tag of the keys that belong to no tenant (policy documents); no scope can be "~"
 _PERIOD_ORDER = {"": 0, "day": 1, "hour": 2, "minute": 3, "month": 4, "week": 5}
 _SEQ_SPLIT = 1000
@@ -479,7 +480,7 @@ class RedisStore(Store):
         keys = self._key_cache.get(root)
         if keys is None:
             tag = f"{self.key_prefix}{{{root}}}:"
-            keys = [tag + suffix for suffix in ("l", "r", "d", "h", "log")]
+            keys = [tag + suffix for suffix in ("l", "r", "d", "log")]
             if len(self._key_cache) < 65536:
                 self._key_cache[root] = keys
         return keys
@@ -507,7 +508,7 @@ class RedisStore(Store):
         if self.cluster:
             return script(self._keys(root), args, client=client)
         body = b"".join(map(_bulk, args))
-        count = b"*%d\r\n" % (8 + len(args))  # EVALSHA, sha, numkeys, 5 keys, the arguments
+        count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))  # EVALSHA, sha, numkeys, the keys, the arguments
         pool = client.connection_pool
         connection = pool.get_connection()
         try:
@@ -565,7 +566,7 @@ class RedisStore(Store):
         if self.cluster:
             return await script(self._keys(root), args, client=client)
         body = b"".join(map(_bulk, args))
-        count = b"*%d\r\n" % (8 + len(args))
+        count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))
         pool = client.connection_pool
         connection = await pool.get_connection()
         clean = False
@@ -944,7 +945,7 @@ class RedisStore(Store):
 
     def _read_stream(self, root: str, after: int, count: int, before: int | None = None) -> list[AuditEvent]:
         """Events after ``after``, oldest first; with ``before``, the newest ones below it, newest first."""
-        key = self._keys(root)[4]
+        key = self._keys(root)[3]  # the audit stream
         start = "-" if after <= 0 else "(" + _stream_id(after)
         if before is None:
             entries = self._call(lambda: self._client.xrange(key, min=start, max="+", count=count))

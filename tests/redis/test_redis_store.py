@@ -151,6 +151,39 @@ def test_retention_forgets_settled_reservations(redis_url: str, clock: FakeClock
     authority.close()
 
 
+def test_one_due_index_tells_live_holds_from_settled_ones(redis_url: str, clock: FakeClock) -> None:
+    """Held reservations are scored by their expiry (> 0), settled ones by minus their forget time, so
+    one range finds what is due and the positive scores are the live holds. A settled one scored the
+    0.1 way (+forget time) is still forgotten on time and never listed as held."""
+    authority = Authority(redis_url + "&retention=100", clock=clock)
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    live = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6, ttl=500)
+    done = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6)
+    old = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6)
+    assert live.reservation is not None and done.reservation is not None and old.reservation is not None
+    authority.commit(done.reservation)
+    authority.commit(old.reservation)
+    raw = _raw(redis_url, decode=True)
+    due_key = store._keys("tenant:acme")[2]
+    scores = dict(raw.zrange(due_key, 0, -1, withscores=True))
+    token = {r.id.split(".")[0]: r for r in (live.reservation, done.reservation, old.reservation)}
+    assert {t: scores[t] > 0 for t in token} == {t: r is live.reservation for t, r in token.items()}
+    old_token = old.reservation.id.split(".")[0]
+    raw.zadd(due_key, {old_token: -scores[old_token]})  # as 0.1 scored it
+    assert [r.id for r in authority.reservations("tenant:acme")] == [live.reservation.id]
+    clock.advance(101)
+    authority.sweep()
+    for settled in (done.reservation, old.reservation):
+        with pytest.raises(Exception, match="no reservation"):
+            authority.reservation(settled)
+    assert authority.reservation(live.reservation).status == "held"
+    assert raw.zcard(due_key) == 1
+    raw.close()
+    authority.close()
+
+
 def test_events_are_ordered_across_tenants(redis_url: str, clock: FakeClock) -> None:
     authority = Authority(redis_url, clock=clock)
     for tenant in ("tenant:a", "tenant:b", "tenant:c"):

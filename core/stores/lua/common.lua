@@ -18,11 +18,12 @@
 --   <window>" and budgets without an id are refused, never silently skipped: see refuse_old.)
 --   KEYS[2] res     hash   "<token>" -> reservation record (tab-separated, see encode below)
 --                          "!<idempotency key>" -> "<token>"
---   KEYS[3] due     zset   "<token>" scored by when it next needs attention: expires_at while held,
---                          then the time a settled reservation is forgotten (one index, one lookup)
---   KEYS[4] held    zset   "<token>" by created_at, held reservations only: listings of live holds
---                          read it instead of every reservation remembered
---   KEYS[5] log     stream audit events, capped with MAXLEN ~
+--   KEYS[3] due     zset   "<token>" scored by when it next needs attention: expires_at while held
+--                          (> 0), then minus the time a settled reservation is forgotten (< 0). One
+--                          range [-now, now] finds all that is due; (0, +inf) lists the live holds.
+--                          (A ledger of 0.1 scored settled ones by +forget time: they are found as
+--                          due all the same, and listings of holds skip them by their status.)
+--   KEYS[4] log     stream audit events, capped with MAXLEN ~
 -- ARGV[1] = now (the worker's clock), ARGV[2] = "<retention> <audit cap> <reclaim batch> <max clock skew>".
 -- Replies are one string, fields joined by '\n' (one bulk string parses faster than an array).
 --
@@ -32,7 +33,7 @@
 -- limit below that. Scope paths, units, periods and windows never contain ' ', '|', ';', '=', tab
 -- or newline.
 
-local K_LEDGER, K_RES, K_DUE, K_HELD, K_LOG = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_LEDGER, K_RES, K_DUE, K_LOG = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local NOW = ARGV[1]
 local NOW_N = tonumber(NOW)
 local RETENTION, CAP, BATCH, MAX_SKEW = string.match(ARGV[2], '^(%S+) (%S+) (%S+) (%S+)$')
@@ -170,8 +171,7 @@ local function settle(token, rec, status)
   rec.st = status
   rec.t = NOW
   redis.call('HSET', K_RES, token, encode(rec))
-  redis.call('ZADD', K_DUE, string.format('%.17g', NOW_N + tonumber(RETENTION)), token)
-  redis.call('ZREM', K_HELD, token)
+  redis.call('ZADD', K_DUE, string.format('%.17g', -(NOW_N + tonumber(RETENTION))), token)
 end
 
 local function expire(token, rec)
@@ -210,7 +210,7 @@ end
 -- past retention, oldest first, at most BATCH per call. Returns expired, seen, forgotten.
 local function reclaim()
   check_clock()
-  local due = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', NOW, 'LIMIT', 0, BATCH)
+  local due = redis.call('ZRANGEBYSCORE', K_DUE, string.format('%.17g', -NOW_N), NOW, 'LIMIT', 0, BATCH)
   if #due == 0 then
     return 0, 0, 0
   end

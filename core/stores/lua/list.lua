@@ -1,13 +1,14 @@
 -- list: the tenant's reservations at or under a scope, newest first.
 -- ARGV[3] scope ('' = the whole tenant), [4] status ('' = any), [5] limit.
--- Reply: {token, record, token, record, ...}. Held ones come from the held index (live holds only);
+-- Reply: {token, record, token, record, ...}. Held ones come from the positive scores of the due
+-- index (live holds only);
 -- any other status scans every reservation the tenant remembers (retention): an admin listing.
 
 local scope, status, limit = ARGV[3], ARGV[4], tonumber(ARGV[5])
 reclaim()
 local tokens
 if status == 'held' then
-  tokens = redis.call('ZREVRANGE', K_HELD, 0, -1)  -- live holds only: small
+  tokens = redis.call('ZRANGEBYSCORE', K_DUE, '(0', '+inf')  -- live holds only: small
 else
   tokens = redis.call('ZRANGE', K_DUE, 0, -1)  -- everything remembered: an admin scan
 end

@@ -1,5 +1,5 @@
 -- put_policy: store a policy document as the next version, with its audit record.
--- KEYS are the global ("{~}") keys: KEYS[1] the policy hash {version, document}, KEYS[5] the global log.
+-- KEYS are the global ("{~}") keys: KEYS[1] the policy hash {version, document}, KEYS[4] the global log.
 -- ARGV[3] the document (JSON). Reply: the new version.
 
 local version = redis.call('HINCRBY', K_LEDGER, 'version', 1)

@@ -169,7 +169,6 @@ else
   redis.call('HSET', K_RES, token, rec)
 end
 redis.call('ZADD', K_DUE, expires_at, token)
-redis.call('ZADD', K_HELD, NOW, token)
 audit('hold', scope, token, amounts_text, 'plan=' .. plan)
 return 'held\n' .. token .. '\n' .. plan .. '\n' .. expires_at .. '\n' .. states_text(list, added) .. '\n'
   .. table.concat(rejections, '|')
