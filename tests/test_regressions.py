@@ -217,3 +217,24 @@ def test_late_commits_reopening_old_windows_never_prune_the_current_one(clock: F
         assert "late" in authority.commit(reservation, {"usd": 1}).flags
     assert authority.balance("tenant:acme")["usd"].held == 5  # this minute's counters are still the live ones
     assert authority.reserve(Action("model_call", "m", {"usd": 6}), "tenant:acme/run:r2").denied
+
+
+def test_a_clock_stepped_back_past_the_kept_windows_finds_them_closed_not_empty(clock: FakeClock) -> None:
+    # Found by review: the memory store keeps 8 windows per period budget; a window it pruned used
+    # to open again empty, so a clock stepped back into it could spend its limit a second time.
+    authority = Authority(MemoryStore(), clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10, period="minute"))
+    start = clock()
+    spent = authority.reserve(Action("model_call", "m", {"usd": 10}), "tenant:acme/run:r1")
+    assert spent.reservation is not None
+    authority.commit(spent.reservation)
+    for _ in range(8):  # eight more minutes: the first one's counters are pruned
+        clock.advance(60)
+        decision = authority.reserve(Action("model_call", "m", {"usd": 1}), "tenant:acme/run:r1")
+        assert decision.reservation is not None
+        authority.commit(decision.reservation)
+    clock.set(start)  # the clock steps back into the pruned minute
+    again = authority.reserve(Action("model_call", "m", {"usd": 10}), "tenant:acme/run:r1")
+    assert again.denied and again.reasons[0].code == "budget_overage"
+    clock.set(start + 8 * 60)  # back to now: the current window is intact
+    assert authority.reserve(Action("model_call", "m", {"usd": 9}), "tenant:acme/run:r1").allowed

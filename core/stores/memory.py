@@ -40,6 +40,7 @@ from clearance.ledger import (
 )
 from clearance.periods import Windows
 from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
+from clearance.units import MAX_AMOUNT
 
 _WINDOWS_KEPT = 8  # the most recent windows of a period budget kept in memory
 
@@ -67,7 +68,13 @@ class _Budget:
                 # process keeps them all. The oldest goes (window names sort in time order), never
                 # the current one, even when late commits re-open old windows; holds still point at
                 # their own window's counters, so a hold made in a pruned window settles as before.
-                del self.counters[min(self.counters)]
+                oldest = min(self.counters)
+                if window < oldest:
+                    # Older than every window kept: its counts may be gone with it (a clock stepped
+                    # back more than 8 periods). Closed rather than opened empty: nothing fits in it
+                    # (a reserve is denied as overage), and what is charged to it is not kept.
+                    return [MAX_AMOUNT + 1, 0]
+                del self.counters[oldest]
             counters = self.counters[window] = [0, 0]
         return counters
 
