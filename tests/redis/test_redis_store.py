@@ -480,3 +480,18 @@ def test_a_worker_whose_clock_is_off_cannot_hold_or_reclaim(redis_url: str) -> N
         RedisStore("redis://127.0.0.1:1/0", max_clock_skew=-1)
     behind.close()
     right.close()
+
+
+def test_reclaim_returns_expired_holds_before_forgetting(redis_url: str, clock: FakeClock) -> None:
+    """With more due than one batch, expired holds (budget someone may be waiting for) come back first."""
+    authority = Authority(redis_url + "&retention=100&reclaim_batch=1", clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    for _ in range(3):
+        settled = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6)
+        assert settled.reservation is not None
+        authority.commit(settled.reservation, {"usd": 0})
+    stuck = authority.reserve(Action("step", "s", {"usd": 5}), CHAIN6, ttl=200)
+    assert stuck.allowed
+    clock.advance(201)  # three settled ones past retention, the hold past its TTL
+    assert authority.reserve(Action("step", "s", {"usd": 6}), CHAIN6).allowed  # one batch: the hold
+    authority.close()

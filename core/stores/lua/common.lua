@@ -207,10 +207,12 @@ local function check_clock()
 end
 
 -- Lazy reclaim: return the tenant's expired holds to their budgets and drop settled reservations
--- past retention, oldest first, at most BATCH per call. Returns expired, seen, forgotten.
+-- past retention, at most BATCH per call, expired holds first. Returns expired, seen, forgotten.
 local function reclaim()
   check_clock()
-  local due = redis.call('ZRANGEBYSCORE', K_DUE, string.format('%.17g', -NOW_N), NOW, 'LIMIT', 0, BATCH)
+  -- Highest scores first: expired holds (their budget is waited for) before settled reservations
+  -- to forget, those oldest first.
+  local due = redis.call('ZREVRANGEBYSCORE', K_DUE, NOW, string.format('%.17g', -NOW_N), 'LIMIT', 0, BATCH)
   if #due == 0 then
     return 0, 0, 0
   end
