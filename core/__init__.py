@@ -19,6 +19,7 @@ from clearance.budget import Budget
 from clearance.decision import Balance, Decision, Mode, Outcome, Reason, Reservation, Settlement
 from clearance.errors import (
     ClearanceError,
+    ClockSkew,
     Denied,
     InvalidRequest,
     ReservationClosed,
@@ -43,6 +44,7 @@ __all__ = [
     "Budget",
     "Caps",
     "ClearanceError",
+    "ClockSkew",
     "Decision",
     "Denied",
     "Grant",

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from clearance.action import Action
 from clearance.budget import Budget
 from clearance.decision import Balance, Decision, Mode, Outcome, Reason, Reservation, Settlement, balance_of
-from clearance.errors import Denied, InvalidRequest, ReservationNotFound, StoreUnavailable
+from clearance.errors import ClockSkew, Denied, InvalidRequest, ReservationNotFound, StoreUnavailable
 from clearance.ledger import (
     AccountState,
     Amounts,
@@ -397,6 +397,10 @@ class Authority:
         scope: Scope,
         plans: tuple[Plan, ...] | None,
     ) -> Decision:
+        if isinstance(error, ClockSkew):  # never failed open: this worker's holds could be reclaimed early
+            logger.warning("clearance: denying %s at %s: %s", action.label, scope.path, error)
+            reason = Reason("clock_skew", f"denied: {error}", scope.path)
+            return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_CLOSED)
         fail_open = self._fail_open
         if fail_open is not True and not (
             isinstance(fail_open, tuple) and any(scope.is_within(prefix) for prefix in fail_open)

@@ -7,6 +7,7 @@ Every error clearance raises on purpose is a :class:`ClearanceError`::
     │   └── ReservationClosed   the reservation is settled or expired and cannot be extended
     ├── Denied                  raised by ``guard``/``aguard`` only; carries the Decision
     ├── StoreUnavailable        the ledger could not be reached in time; nothing is known to have changed
+    │   └── ClockSkew           this worker's clock is too far off the store's to be trusted with expiry
     └── ReservationNotFound     the store has never seen this id (or forgot it after the retention window)
 
 An ordinary denial from ``reserve`` is *not* an exception: it is a ``Decision`` with
@@ -50,6 +51,12 @@ class Denied(ClearanceError):
 
 class StoreUnavailable(ClearanceError):
     """The store did not answer (down, refusing, too slow). Raised by calls that cannot be a decision."""
+
+
+class ClockSkew(StoreUnavailable):
+    """This worker's clock is further off the store's than the store allows (Redis ``max_clock_skew``).
+    Expiry is judged by the workers' clocks, so such a worker could hand a budget out twice: its
+    reserves are denied (reason ``clock_skew``) even when the Authority fails open."""
 
 
 class ReservationNotFound(ClearanceError, LookupError):

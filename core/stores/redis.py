@@ -86,7 +86,7 @@ import redis.connection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from clearance.errors import InvalidRequest, ReservationClosed, ReservationNotFound, StoreUnavailable
+from clearance.errors import ClockSkew, InvalidRequest, ReservationClosed, ReservationNotFound, StoreUnavailable
 from clearance.ledger import (
     AccountState,
     Amounts,
@@ -155,6 +155,10 @@ def _maybe_sent(error: BaseException) -> bool:
 
 
 def _unavailable(error: BaseException, earlier: BaseException | None = None) -> StoreUnavailable:
+    if isinstance(error, redis.ResponseError) and "clearance: clock_skew" in str(error):
+        skew = ClockSkew(str(error).split("clearance: ", 1)[1].split(" script:", 1)[0])
+        skew.__cause__ = error
+        return skew  # the script refused before writing anything: nothing to put in doubt
     failure = _Unavailable(f"Redis: {type(error).__name__}: {error}")
     failure.__cause__ = error
     failure.maybe_sent = _maybe_sent(error) or (earlier is not None and _maybe_sent(earlier))
@@ -490,7 +494,7 @@ class RedisStore(Store):
 
     # --- running scripts -------------------------------------------------------------------------
     def _command_head(self, script: Any, root: str) -> bytes:
-        """``EVALSHA <sha> 5 <keys>`` already in RESP, per script and tenant: only the arguments are
+        """``EVALSHA <sha> 4 <keys>`` already in RESP, per script and tenant: only the arguments are
         encoded per call (redis-py would encode all of it, every call)."""
         cache_key = (script.sha, root)
         head = self._head_cache.get(cache_key)
@@ -628,7 +632,7 @@ class RedisStore(Store):
         will ever see that reservation). Not with an idempotency key: the caller will retry with that
         key and must get the reservation back, not a released one (if it never retries, the TTL
         returns the hold)."""
-        if not getattr(error, "maybe_sent", True) or request.idempotency_key is not None:
+        if isinstance(error, ClockSkew) or not getattr(error, "maybe_sent", True) or request.idempotency_key:
             return
         reservation_id = request.reservation_id
         with self._in_doubt_lock:

@@ -54,9 +54,13 @@ end
 -- Audit entries get explicit stream ids "<server microseconds>-<n>": scripts run one at a time, so
 -- on one server the ids of all tenants' streams interleave in true order (the client turns them into
 -- AuditEvent.seq = us * 1000 + n). If the server clock stepped back, continue after the stream's top.
+local audited = 0  -- events written by this script: they share one reading of the server clock
 local function audit(kind, scope, token, amounts, detail)
   local t = server_clock()
-  local ok = redis.pcall('XADD', K_LOG, 'MAXLEN', '~', CAP, t[1] .. string.format('%06d', t[2]) .. '-*', 'at', NOW,
+  -- AuditEvent.seq = us * 1000 + n needs n < 1000: a script's 1000th event moves on a microsecond.
+  local us = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]) + math.floor(audited / 1000))
+  audited = audited + 1
+  local ok = redis.pcall('XADD', K_LOG, 'MAXLEN', '~', CAP, us .. '-*', 'at', NOW,
     'k', kind, 's', scope, 'r', token, 'a', amounts, 'd', detail)
   if type(ok) == 'table' and ok.err then
     local info = redis.call('XINFO', 'STREAM', K_LOG)
