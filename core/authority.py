@@ -114,6 +114,10 @@ def _reason(rejection: Rejection, plan_count: int) -> Reason:
     )
 
 
+_ALLOW = Outcome.ALLOW  # enum members looked up once: _decide runs on every reserve
+_ENFORCED = Mode.ENFORCED
+
+
 def _chosen(action: Action, plans: tuple[Plan, ...] | None, index: int) -> tuple[Amounts, Caps | None]:
     """The held steps and the caps (``None`` when they change nothing) of the chosen plan."""
     if plans is None:
@@ -357,9 +361,16 @@ class Authority:
     def _decide(
         self, result: HoldResult, action: Action, scope: Scope, plans: tuple[Plan, ...] | None, now: float
     ) -> Decision:
+        index = result.plan_index
+        if plans is None and index == 0 and not result.rejections:  # the usual allow (hot path)
+            reservation = Reservation(
+                result.reservation_id or "", scope.path, action.steps, result.expires_at, 0, "held", now, action.label
+            )
+            return Decision(
+                _ALLOW, scope.path, action.label, reservation, None, (), result.accounts, 0, _ENFORCED, result.replayed
+            )
         count = 1 if plans is None else len(plans)
         reasons = [_reason(r, count) for r in result.rejections] if result.rejections else []
-        index = result.plan_index
         if index < 0:
             return Decision(Outcome.DENY, scope.path, action.label, None, None, tuple(reasons), result.accounts)
         steps, caps = _chosen(action, plans, index)
