@@ -534,6 +534,9 @@ class Authority:
         rid = result.reservation_id or ""
         try:
             record: ReservationRecord = yield ("reservation", (rid, self.clock()))
+        except ClockSkew as error:
+            reason = Reason("clock_skew", f"denied: {error}", scope.path)
+            return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_CLOSED)
         except StoreUnavailable as error:
             reason = Reason("store_unavailable", f"store unavailable, failing closed: {error}", scope.path)
             return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_CLOSED)

@@ -238,3 +238,24 @@ def test_a_clock_stepped_back_past_the_kept_windows_finds_them_closed_not_empty(
     assert again.denied and again.reasons[0].code == "budget_overage"
     clock.set(start + 8 * 60)  # back to now: the current window is intact
     assert authority.reserve(Action("model_call", "m", {"usd": 9}), "tenant:acme/run:r1").allowed
+
+
+def test_a_late_commit_in_a_window_no_longer_kept_is_recorded_without_false_overage(clock: FakeClock) -> None:
+    # Found by review of the closed window above: commits must not see it (charge dropped, flagged overage).
+    authority = Authority(MemoryStore(), clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10, period="minute"))
+    authority.set_budget(Budget("tenant:acme", "usd", 100))
+    late = authority.reserve(Action("model_call", "m", {"usd": 2}), "tenant:acme/run:r1", ttl=30)
+    live = authority.reserve(Action("model_call", "m", {"usd": 2}), "tenant:acme/run:r2", ttl=3600)
+    assert late.reservation is not None and live.reservation is not None
+    for _ in range(9):  # nine more minutes of traffic: the holds' minute is no longer kept
+        clock.advance(60)
+        decision = authority.reserve(Action("model_call", "m", {"usd": 1}), "tenant:acme/run:r3")
+        assert decision.reservation is not None
+        authority.commit(decision.reservation)
+    authority.set_budget(Budget("tenant:acme/run:r2", "usd", 50))  # a new budget: commits take the general path
+    assert authority.commit(late.reservation, {"usd": 2}).flags == ("late",)
+    assert authority.commit(live.reservation, {"usd": 2}).flags == ()
+    assert authority.balance("tenant:acme")["usd"].spent == 1  # this minute's own lifecycle
+    spent = {(b.scope, b.period): b.spent for b in authority.budgets("tenant:acme")}
+    assert spent[("tenant:acme", None)] == 13 and spent[("tenant:acme/run:r2", None)] == 2

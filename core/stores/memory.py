@@ -60,7 +60,8 @@ class _Budget:
         self.limit = limit
         self.counters: dict[str, list[int]] = {}  # window -> [spent, held]
 
-    def window(self, window: str) -> list[int]:
+    def window(self, window: str, *, charging: bool = False) -> list[int]:
+        """The counters [spent, held] of ``window``. ``charging``: for a commit, not a hold."""
         counters = self.counters.get(window)
         if counters is None:
             if len(self.counters) >= _WINDOWS_KEPT:
@@ -70,10 +71,12 @@ class _Budget:
                 # their own window's counters, so a hold made in a pruned window settles as before.
                 oldest = min(self.counters)
                 if window < oldest:
-                    # Older than every window kept: its counts may be gone with it (a clock stepped
-                    # back more than 8 periods). Closed rather than opened empty: nothing fits in it
-                    # (a reserve is denied as overage), and what is charged to it is not kept.
-                    return [MAX_AMOUNT + 1, 0]
+                    # Older than every window kept: its counts may be gone with it. A hold there (a
+                    # clock stepped back more than 8 periods) finds it closed rather than empty:
+                    # nothing fits, denied as overage. A late commit there is recorded (reservation,
+                    # audit) against counters of its own that are not kept — opening the window
+                    # again would push out a newer one.
+                    return [0, 0] if charging else [MAX_AMOUNT + 1, 0]
                 del self.counters[oldest]
             counters = self.counters[window] = [0, 0]
         return counters
@@ -492,7 +495,7 @@ class MemoryStore(Store):
                     for budget in level.values():
                         steps = charges.get(budget.unit, 0)
                         if steps:
-                            counters = budget.window(windows[budget.period])
+                            counters = budget.window(windows[budget.period], charging=True)
                             counters[0] += steps
                             if counters[0] + counters[1] > budget.limit:
                                 over = True

@@ -149,6 +149,12 @@ class _Unavailable(StoreUnavailable):
     maybe_sent: bool = True
 
 
+class _ClockSkew(ClockSkew):
+    """ClockSkew, remembering whether an earlier attempt of the same call may have landed."""
+
+    maybe_sent: bool = False
+
+
 def _maybe_sent(error: BaseException) -> bool:
     """False when the request certainly never left (the connection could not be opened)."""
     return not (isinstance(error, redis.ConnectionError) and "connecting to" in str(error))
@@ -156,9 +162,12 @@ def _maybe_sent(error: BaseException) -> bool:
 
 def _unavailable(error: BaseException, earlier: BaseException | None = None) -> StoreUnavailable:
     if isinstance(error, redis.ResponseError) and "clearance: clock_skew" in str(error):
-        skew = ClockSkew(str(error).split("clearance: ", 1)[1].split(" script:", 1)[0])
+        skew = _ClockSkew(str(error).split("clearance: ", 1)[1].split(" script:", 1)[0])
         skew.__cause__ = error
-        return skew  # the script refused before writing anything: nothing to put in doubt
+        # The script refused before writing anything; only a first attempt whose reply was lost may
+        # have landed.
+        skew.maybe_sent = earlier is not None and _maybe_sent(earlier)
+        return skew
     failure = _Unavailable(f"Redis: {type(error).__name__}: {error}")
     failure.__cause__ = error
     failure.maybe_sent = _maybe_sent(error) or (earlier is not None and _maybe_sent(earlier))
@@ -632,7 +641,7 @@ class RedisStore(Store):
         will ever see that reservation). Not with an idempotency key: the caller will retry with that
         key and must get the reservation back, not a released one (if it never retries, the TTL
         returns the hold)."""
-        if isinstance(error, ClockSkew) or not getattr(error, "maybe_sent", True) or request.idempotency_key:
+        if not getattr(error, "maybe_sent", True) or request.idempotency_key is not None:
             return
         reservation_id = request.reservation_id
         with self._in_doubt_lock:
