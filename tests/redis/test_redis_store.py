@@ -16,6 +16,7 @@ from redis_servers import RedisServer, free_port, require_redis
 from clearance import Action, Authority, Budget, ClockSkew, Decision, InvalidRequest, Plan, StoreUnavailable
 from clearance.periods import windows_at
 from clearance.stores import store_from_url
+from clearance.stores.base import DEFAULT_RETENTION
 from clearance.stores.redis import RedisStore
 from clearance.testing import FakeClock
 from clearance.units import MAX_AMOUNT
@@ -484,6 +485,13 @@ def test_a_worker_whose_clock_is_off_cannot_hold_or_reclaim(redis_url: str) -> N
     behind = Authority(url, clock=lambda: time.time() - 120)
     assert behind.commit(held.reservation, {"usd": 1}).status == "committed"
     assert right.balance("tenant:skew")["usd"].spent == 1
+    # ... and its clock does not shorten the retention of what it settled (it runs from the server's)
+    raw = _raw(redis_url, decode=True)
+    store = right.store
+    assert isinstance(store, RedisStore)
+    forget_at = -float(raw.zscore(store._keys("tenant:skew")[2], held.reservation.id[:20]))  # type: ignore[arg-type]
+    assert forget_at >= time.time() + DEFAULT_RETENTION - 60
+    raw.close()
     with pytest.raises(InvalidRequest):
         RedisStore("redis://127.0.0.1:1/0", max_clock_skew=-1)
     behind.close()

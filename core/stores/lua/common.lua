@@ -175,7 +175,11 @@ local function settle(token, rec, status)
   rec.st = status
   rec.t = NOW
   redis.call('HSET', K_RES, token, encode(rec))
-  redis.call('ZADD', K_DUE, string.format('%.17g', -(NOW_N + tonumber(RETENTION))), token)
+  -- Retention runs from the later of the worker's clock and the server's: a worker whose clock is
+  -- behind (commits are never refused for it) must not shorten it.
+  local t = server_clock()
+  local from = math.max(NOW_N, tonumber(t[1]) + tonumber(t[2]) / 1000000)
+  redis.call('ZADD', K_DUE, string.format('%.17g', -(from + tonumber(RETENTION))), token)
 end
 
 local function expire(token, rec)
