@@ -131,8 +131,9 @@ _ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 _NOT_REPEATABLE = frozenset({"remove_budget", "policy"})
 # Scripts whose last argument says "this is the client's retry after a lost reply": a retried
 # reserve answers the id it already stored; a retried set_budget or extend that finds its own change
-# already made does not write a second audit event for it.
-_RETRY_FLAGGED = frozenset({"reserve", "set_budget", "extend"})
+# already made does not write a second audit event for it; a retried commit that finds its own amounts
+# committed answers as its first run would have (not replayed).
+_RETRY_FLAGGED = frozenset({"reserve", "set_budget", "extend", "commit"})
 
 
 @cache
@@ -760,7 +761,7 @@ class RedisStore(Store):
         return SettleResult(reservation_id, status, _amounts(charged), flagged, replayed=replayed == "1")
 
     def _commit_args(self, reservation_id: str, actual: Amounts | None, now: float) -> list[str]:
-        return [*self._head(now), reservation_id[:20], "-" if actual is None else _amounts_text(actual)]
+        return [*self._head(now), reservation_id[:20], "-" if actual is None else _amounts_text(actual), "0"]
 
     def commit(self, reservation_id: str, actual: Amounts | None, now: float) -> SettleResult:
         root = root_of(reservation_id)

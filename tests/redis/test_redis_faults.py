@@ -190,6 +190,8 @@ def test_lost_replies_never_hold_or_charge_twice(proxy: CuttingProxy) -> None:
     settlement = authority.commit(decision.reservation, {"calls": 2})
     assert proxy.cuts == 2
     assert settlement.status == "committed" and settlement.charged == {"calls": 2}
+    assert not settlement.replayed  # the retry found its own commit: for the caller, the first answer
+    assert authority.commit(decision.reservation, {"calls": 2}).replayed  # a repeat is a replay
     balance = authority.balance("tenant:f")["calls"]
     assert (balance.spent, balance.held) == (2, 0)
 

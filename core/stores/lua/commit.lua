@@ -1,6 +1,7 @@
 -- commit: settle the actual amounts and free the rest of the hold, in one step.
 -- ARGV[3] token, [4] actual ("unit steps ..."; "-" = the held amounts; held units it omits are added
--- at their held amounts). Reply: "notfound" or "status\ncharged\nflags\nreplayed ('1'/'0')".
+-- at their held amounts), [5] '1' on the client's retry after a lost reply. Reply: "notfound" or
+-- "status\ncharged\nflags\nreplayed ('1'/'0')".
 -- Reality wins: a commit after expiry or release is recorded (flagged late / after_release), against
 -- the budgets on the chain now, in the windows the reservation was made in.
 
@@ -8,9 +9,6 @@ local token, actual_arg = ARGV[3], ARGV[4]
 local rec = load_current(token)
 if not rec then
   return 'notfound'
-end
-if rec.st == 'committed' then
-  return 'committed\n' .. rec.ca .. '\n' .. rec.f .. '\n1'
 end
 local prior = rec.st
 
@@ -36,6 +34,13 @@ else
     local tail = table.concat(missing, ' ')
     actual_text = actual_text == '' and tail or actual_text .. ' ' .. tail
   end
+end
+
+if prior == 'committed' then
+  -- Already committed. The client's retry after a lost reply that finds its own amounts there is
+  -- answered as its first run would have been (not replayed): for the caller it is the first answer.
+  local own = ARGV[5] == '1' and rec.ca == actual_text
+  return 'committed\n' .. rec.ca .. '\n' .. rec.f .. '\n' .. (own and '0' or '1')
 end
 
 local flags = {}
