@@ -71,6 +71,8 @@ class Scope:
 
 def parse_scope(value: str | Scope) -> Scope:
     """Parse and validate a scope; raise :class:`InvalidRequest` for anything off-grammar."""
+    if type(value) is str:  # the usual call: a path (parsed once, cached)
+        return _parse(value)
     if isinstance(value, Scope):
         # re-parsed (cached), never trusted: a hand-built Scope could carry a chain its path does not
         return _parse(value.path) if isinstance(value.path, str) else _parse(str(value.path))
