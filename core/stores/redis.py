@@ -69,9 +69,11 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import os
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import cache, lru_cache
 from importlib import resources
@@ -173,6 +175,19 @@ def _unavailable(error: BaseException, earlier: BaseException | None = None) -> 
     failure.__cause__ = error
     failure.maybe_sent = _maybe_sent(error) or (earlier is not None and _maybe_sent(earlier))
     return failure
+
+
+_STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+def _forget_parent_connections() -> None:
+    """In a forked child: the kept connections are the parent's sockets (redis-py's pools reset
+    themselves the same way)."""
+    for store in list(_STORES):
+        store._idle = deque()
+
+
+os.register_at_fork(after_in_child=_forget_parent_connections)
 
 
 def _drop_async(client: Any, loop_alive: bool) -> None:
@@ -346,6 +361,9 @@ class RedisStore(Store):
         self._head_cache: dict[tuple[str, str], bytes] = {}
         self._in_doubt: set[str] = set()
         self._in_doubt_lock = threading.Lock()
+        # Connections of the sync pool kept for ledger calls (see _evalsha); a forked child drops them.
+        self._idle: deque[Any] = deque()
+        _STORES.add(self)
         self._sync: tuple[Any, dict[str, Any]] | None = None  # built on first use: a cluster client connects
         self._sync_lock = threading.Lock()
         self._async: weakref.WeakKeyDictionary[
@@ -461,6 +479,7 @@ class RedisStore(Store):
                 logger.debug("could not close an asyncio Redis client", exc_info=True)
         self._async.clear()
         found, self._sync = self._sync, None
+        self._idle = deque()  # the pool's close below disconnects them all
         if found is None:
             return
         client = found[0]
@@ -523,9 +542,20 @@ class RedisStore(Store):
             return script(self._keys(root), args, client=client)
         body = b"".join(map(_bulk, args))
         count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))  # EVALSHA, sha, numkeys, the keys, the arguments
-        pool = client.connection_pool
-        connection = pool.get_connection()
+        # A connection the store keeps between calls (taking one from redis-py's pool and giving it back
+        # costs ~9 µs a call: locks and metrics); the pool still makes them, so max_connections holds.
+        # The check below is the pool's own: a socket with something to read (the server closed it, or
+        # a reply was left behind) is reconnected before use.
+        idle = self._idle
         try:
+            connection = idle.pop()
+            kept = True
+        except IndexError:
+            connection = client.connection_pool.get_connection()
+            kept = False
+        try:
+            if kept and connection.can_read():  # (reconnects a disconnected one; may raise ConnectionError)
+                connection.disconnect()
             try:
                 connection.send_packed_command([count + self._command_head(script, root) + body])
                 return connection.read_response()
@@ -540,7 +570,7 @@ class RedisStore(Store):
             connection.disconnect()  # a request or reply may be half-way: never hand this socket out again
             raise
         finally:
-            pool.release(connection)
+            idle.append(connection)
 
     def _retry_args(self, name: str, args: list[str], started: float, error: redis.ConnectionError) -> list[str]:
         """The connection died, possibly after the server ran the script: the arguments to run it again

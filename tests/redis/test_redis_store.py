@@ -530,3 +530,27 @@ def test_a_burst_of_audit_events_from_one_script_pages_without_gaps(redis_url: s
     assert [e.kind for e in seen].count("expire") == 1200 and seen[-1].kind == "hold"
     assert len({e.seq for e in seen}) == len(seen) == 1201
     authority.close()
+
+
+def test_a_forked_child_never_uses_the_parents_connections(redis_url: str, clock: FakeClock) -> None:
+    """The store keeps its connections between calls; a forked child must open its own (a socket
+    shared with the parent would interleave their replies)."""
+    authority = Authority(redis_url, clock=clock)
+    authority.set_budget(Budget("tenant:fork", "calls", 100))
+    assert authority.reserve(Action("step", "s", {"calls": 1}), "tenant:fork/run:parent").allowed
+    store = authority.store
+    assert isinstance(store, RedisStore) and store._idle  # a connection kept for the next call
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            assert not store._idle  # the parent's sockets were dropped at the fork
+            child = authority.reserve(Action("step", "s", {"calls": 1}), "tenant:fork/run:child")
+            code = 0 if child.allowed else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert authority.reserve(Action("step", "s", {"calls": 1}), "tenant:fork/run:parent").allowed
+    assert authority.balance("tenant:fork")["calls"].held == 3
+    authority.close()
