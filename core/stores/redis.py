@@ -363,6 +363,7 @@ class RedisStore(Store):
         self._in_doubt_lock = threading.Lock()
         # Connections of the sync pool kept for ledger calls (see _evalsha); a forked child drops them.
         self._idle: deque[Any] = deque()
+        self._keep_connections = max(1, self._max_connections // 2)
         _STORES.add(self)
         self._sync: tuple[Any, dict[str, Any]] | None = None  # built on first use: a cluster client connects
         self._sync_lock = threading.Lock()
@@ -543,7 +544,8 @@ class RedisStore(Store):
         body = b"".join(map(_bulk, args))
         count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))  # EVALSHA, sha, numkeys, the keys, the arguments
         # A connection the store keeps between calls (taking one from redis-py's pool and giving it back
-        # costs ~9 µs a call: locks and metrics); the pool still makes them, so max_connections holds.
+        # costs ~9 µs a call: locks and metrics); the pool still makes them, so max_connections holds,
+        # and it keeps at most half of them, so the pool always has some for its other commands.
         # The check below is the pool's own: a socket with something to read (the server closed it, or
         # a reply was left behind) is reconnected before use.
         idle = self._idle
@@ -570,7 +572,10 @@ class RedisStore(Store):
             connection.disconnect()  # a request or reply may be half-way: never hand this socket out again
             raise
         finally:
-            idle.append(connection)
+            if len(idle) < self._keep_connections:
+                idle.append(connection)
+            else:
+                client.connection_pool.release(connection)
 
     def _retry_args(self, name: str, args: list[str], started: float, error: redis.ConnectionError) -> list[str]:
         """The connection died, possibly after the server ran the script: the arguments to run it again

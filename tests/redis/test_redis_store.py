@@ -554,3 +554,31 @@ def test_a_forked_child_never_uses_the_parents_connections(redis_url: str, clock
     assert authority.reserve(Action("step", "s", {"calls": 1}), "tenant:fork/run:parent").allowed
     assert authority.balance("tenant:fork")["calls"].held == 3
     authority.close()
+
+
+def test_kept_connections_leave_the_pool_room_for_its_other_commands(redis_url: str, clock: FakeClock) -> None:
+    """Ledger calls keep at most half of max_connections between calls; the rest go back to the pool."""
+    import threading
+
+    store = RedisStore.from_url(redis_url.replace("?", "?max_connections=4&", 1))
+    authority = Authority(store, clock=clock)
+    authority.set_budget(Budget("tenant:pool", "calls", 10_000))
+
+    def worker() -> None:
+        for _ in range(50):
+            decision = authority.reserve(Action("step", "s", {"calls": 1}), "tenant:pool/run:1")
+            assert decision.reservation is not None
+            authority.commit(decision.reservation)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(store._idle) <= 2
+    pool = store._client.connection_pool
+    held = [pool.get_connection() for _ in range(2)]  # the pool still has two for other commands
+    for connection in held:
+        pool.release(connection)
+    assert authority.balance("tenant:pool")["calls"].spent == 200
+    authority.close()
