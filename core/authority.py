@@ -118,6 +118,13 @@ _ALLOW = Outcome.ALLOW  # enum members looked up once: _decide runs on every res
 _ENFORCED = Mode.ENFORCED
 
 
+def _clock_skew(error: ClockSkew, action: Action, scope: Scope) -> Decision:
+    """The denial of a worker whose clock the store does not trust (fail open or not)."""
+    logger.warning("clearance: denying %s at %s: %s", action.label, scope.path, error)
+    reason = Reason("clock_skew", f"denied: {error}", scope.path)
+    return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_CLOSED)
+
+
 def _chosen(action: Action, plans: tuple[Plan, ...] | None, index: int) -> tuple[Amounts, Caps | None]:
     """The held steps and the caps (``None`` when they change nothing) of the chosen plan."""
     if plans is None:
@@ -409,9 +416,7 @@ class Authority:
         plans: tuple[Plan, ...] | None,
     ) -> Decision:
         if isinstance(error, ClockSkew):  # never failed open: this worker's holds could be reclaimed early
-            logger.warning("clearance: denying %s at %s: %s", action.label, scope.path, error)
-            reason = Reason("clock_skew", f"denied: {error}", scope.path)
-            return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_CLOSED)
+            return _clock_skew(error, action, scope)
         fail_open = self._fail_open
         if fail_open is not True and not (
             isinstance(fail_open, tuple) and any(scope.is_within(prefix) for prefix in fail_open)
@@ -535,8 +540,7 @@ class Authority:
         try:
             record: ReservationRecord = yield ("reservation", (rid, self.clock()))
         except ClockSkew as error:
-            reason = Reason("clock_skew", f"denied: {error}", scope.path)
-            return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_CLOSED)
+            return _clock_skew(error, action, scope)
         except StoreUnavailable as error:
             reason = Reason("store_unavailable", f"store unavailable, failing closed: {error}", scope.path)
             return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_CLOSED)

@@ -469,14 +469,8 @@ class MemoryStore(Store):
                 return self._committed(res, actual, flags, over, now)
             actual = merge_actual(amounts, actual)
             flags = commit_flags(prior, amounts, actual) if prior != HELD or actual != amounts else []
-            if len(actual) == 1 and len(amounts) == 1 and actual[0][0] == amounts[0][0]:
-                steps = actual[0][1]
-                charges = {amounts[0][0]: steps} if steps else {}
-                same_units = True
-            else:
-                charges = {unit: steps for unit, steps in actual if steps}
-                same_units = charges.keys() <= dict(amounts).keys()
-            if prior == HELD and res.budgets == self._budget_version and same_units:
+            charges = {unit: steps for unit, steps in actual if steps}
+            if prior == HELD and res.budgets == self._budget_version and charges.keys() <= dict(amounts).keys():
                 for budget, _, counters, held in res.holds:  # the same budgets as at hold time: no lookups
                     counters[1] -= held
                     steps = charges.get(budget.unit, 0)

@@ -6,8 +6,8 @@ string: ``key_prefix`` (default ``clearance:``), ``socket_timeout`` and ``connec
 default 0.5 each), ``max_connections`` (pool size, default 64), ``retention`` (seconds a settled
 reservation is remembered, default 48 h), ``audit_capacity`` (events kept per tenant, default
 100,000), ``reclaim_batch`` (expired holds returned per script call, default 1,000),
-``max_clock_skew`` (seconds a worker's clock may be off the server's before its reserves, extends
-and reclaims are refused as ``StoreUnavailable``, default 10; 0 trusts every clock). Any other query
+``max_clock_skew`` (seconds a worker's clock may be off the server's before its reserves, extends,
+look-ups and reclaims are refused with ``ClockSkew``, default 10; 0 trusts every clock). Any other query
 parameter is passed on to redis-py (``ssl_ca_certs``, ``ssl_cert_reqs``, ``username``, …).
 
 Every operation — reserve (idempotency, the ladder over chain x units x plans, lazy reclaim),

@@ -120,14 +120,12 @@ if charging and #hold_fields > 0 and rec.v ~= '' then
   end
 end
 
-if fast then
-  list = nil
-elseif charging then
-  list, current = states(chain_of(rec.s), charge, rec.w, hold_fields)
-elseif #hold_fields > 0 then
-  list, current = {}, hmget(K_LEDGER, hold_fields)
-end
 if not fast then
+  if charging then
+    list, current = states(chain_of(rec.s), charge, rec.w, hold_fields)
+  elseif #hold_fields > 0 then
+    list, current = {}, hmget(K_LEDGER, hold_fields)
+  end
   for i = 1, #hold_fields do
     writes[hold_fields[i]] = tonumber(current[i] or '0') - hold_steps[i]
   end

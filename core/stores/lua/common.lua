@@ -47,6 +47,11 @@ local function server_clock()
   return server_time
 end
 
+local function server_seconds()
+  local t = server_clock()
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
 local function fmt_int(n)
   return string.format('%d', n)
 end
@@ -151,8 +156,9 @@ local function decode(raw)
     l = l}
 end
 
-local function encode(rec)
-  local plan = rec.v ~= '' and rec.p .. '/' .. rec.v or rec.p
+-- `for_client`: as the client reads it, without the budgets version (the scripts' business).
+local function encode(rec, for_client)
+  local plan = (rec.v ~= '' and not for_client) and rec.p .. '/' .. rec.v or rec.p
   return rec.st .. '\t' .. plan .. '\t' .. rec.c .. '\t' .. rec.e .. '\t' .. rec.t .. '\t' .. rec.s .. '\t'
     .. rec.a .. '\t' .. rec.h .. '\t' .. rec.w .. '\t' .. rec.ca .. '\t' .. rec.f .. '\t' .. rec.i .. '\t' .. rec.l
 end
@@ -177,8 +183,7 @@ local function settle(token, rec, status)
   redis.call('HSET', K_RES, token, encode(rec))
   -- Retention runs from the later of the worker's clock and the server's: a worker whose clock is
   -- behind (commits are never refused for it) must not shorten it.
-  local t = server_clock()
-  local from = math.max(NOW_N, tonumber(t[1]) + tonumber(t[2]) / 1000000)
+  local from = math.max(NOW_N, server_seconds())
   redis.call('ZADD', K_DUE, string.format('%.17g', -(from + tonumber(RETENTION))), token)
 end
 
@@ -205,8 +210,7 @@ end
 local function check_clock()
   local limit = tonumber(MAX_SKEW)
   if limit > 0 then
-    local t = server_clock()
-    local skew = NOW_N - (tonumber(t[1]) + tonumber(t[2]) / 1000000)
+    local skew = NOW_N - server_seconds()
     if skew > limit or skew < -limit then
       error({err = 'ERR clearance: clock_skew: this worker\'s clock is ' .. string.format('%.3f', skew)
         .. ' s off the Redis server\'s (max_clock_skew=' .. MAX_SKEW .. '); synchronise it (NTP)'})
@@ -392,11 +396,7 @@ end
 -- ("<scope>|<unit>|<period>|<window> steps ..."), from the "#<id>" fields.
 local function public(rec)
   if rec.h == '' then
-    local version = rec.v
-    rec.v = ''  -- the budgets version is the scripts' business
-    local text = encode(rec)
-    rec.v = version
-    return text
+    return encode(rec, true)
   end
   local ids, windows, steps = {}, {}, {}
   for id, window, n in string.gmatch(rec.h, '(%d+)|(%S*) (%S+)') do
@@ -418,6 +418,5 @@ local function public(rec)
     copy[k] = v
   end
   copy.h = table.concat(parts, ' ')
-  copy.v = ''
-  return encode(copy)
+  return encode(copy, true)
 end

@@ -161,8 +161,9 @@ end
 local amounts_text = plans[chosen + 1][3]
 local scope = chain[depth]
 local plan = fmt_int(chosen)
-local rec = 'held\t' .. plan .. (version ~= '' and '/' .. version or '') .. '\t' .. NOW .. '\t' .. expires_at .. '\t\t' .. scope .. '\t' .. amounts_text .. '\t'
-  .. table.concat(hold_fields, ' ') .. '\t' .. windows_text .. '\t\t\t' .. idem .. '\t' .. label  -- see encode()
+local rec = 'held\t' .. plan .. (version ~= '' and '/' .. version or '') .. '\t' .. NOW .. '\t' .. expires_at
+  .. '\t\t' .. scope .. '\t' .. amounts_text .. '\t' .. table.concat(hold_fields, ' ') .. '\t' .. windows_text
+  .. '\t\t\t' .. idem .. '\t' .. label  -- see encode()
 if idem ~= '' then
   redis.call('HSET', K_RES, token, rec, '!' .. idem, token)
 else
