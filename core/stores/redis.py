@@ -367,8 +367,9 @@ class RedisStore(Store):
         _STORES.add(self)
         self._sync: tuple[Any, dict[str, Any]] | None = None  # built on first use: a cluster client connects
         self._sync_lock = threading.Lock()
+        # Per event loop: its asyncio client, scripts, the cluster's discovery and the kept connections.
         self._async: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[Any, dict[str, Any], asyncio.Future[Any] | None]
+            asyncio.AbstractEventLoop, tuple[Any, dict[str, Any], asyncio.Future[Any] | None, deque[Any]]
         ] = weakref.WeakKeyDictionary()
 
     @classmethod
@@ -439,8 +440,9 @@ class RedisStore(Store):
     def _client(self) -> Any:
         return self._sync_client()[0]
 
-    async def _async_client(self) -> tuple[Any, dict[str, Any]]:
-        """The asyncio client of the running loop (redis.asyncio connections belong to one loop).
+    async def _async_client(self) -> tuple[Any, dict[str, Any], deque[Any]]:
+        """The asyncio client of the running loop (redis.asyncio connections belong to one loop), its
+        scripts, and the connections its ledger calls keep between calls (see :meth:`_aevalsha`).
 
         A cluster client is initialised (slots discovered) once, before any task uses it: redis-py
         replaces its startup node objects during the first discovery, and tasks already talking to
@@ -450,7 +452,7 @@ class RedisStore(Store):
         if found is None:
             client, scripts = self._built(asynchronous=True)
             ready = asyncio.ensure_future(client.initialize()) if self.cluster else None
-            found = (client, scripts, ready)
+            found = (client, scripts, ready, deque())
             self._async[loop] = found
         ready = found[2]
         if ready is not None:
@@ -462,10 +464,10 @@ class RedisStore(Store):
                 if self._async.get(loop) is found:
                     del self._async[loop]  # the next call tries again
                 raise _unavailable(problem) from problem
-        return found[0], found[1]
+        return found[0], found[1], found[3]
 
     def close(self) -> None:
-        for loop, (client, _, _) in list(self._async.items()):
+        for loop, (client, _, _, _) in list(self._async.items()):
             # asyncio clients of loops that are idle (not running, not closed) can still be closed here
             try:
                 if loop.is_closed():
@@ -605,21 +607,30 @@ class RedisStore(Store):
             self._settle_in_doubt(args[0])
         return reply
 
-    async def _aevalsha(self, client: Any, script: Any, root: str, args: list[str]) -> Any:
-        """:meth:`_evalsha` for asyncio: the same hand-packed command on a pooled connection.
+    async def _aevalsha(self, client: Any, script: Any, root: str, args: list[str], idle: deque[Any]) -> Any:
+        """:meth:`_evalsha` for asyncio: the same hand-packed command, on a connection this loop's
+        ledger calls keep between calls (``idle``; at most half of ``max_connections``, the rest go back
+        to the pool), checked the way the pool checks one before handing it out.
 
         Cancellation safe: a call cancelled (or failed) between writing the request and reading the
-        whole reply disconnects the connection before it goes back to the pool (redis-py's own reads
-        do too; this does not rely on it), and a cancellation that lands while the connection goes
-        back to the pool (a contended pool lock) cannot leak it (see :func:`_arelease`)."""
+        whole reply disconnects the connection before it is kept or returned (redis-py's own reads do
+        too; this does not rely on it; a disconnected connection reconnects on its next use). Keeping
+        one is a plain append, so a cancellation cannot lose it; one returned to the pool under a
+        contended lock is finished by :func:`_arelease`."""
         if self.cluster:
             return await script(self._keys(root), args, client=client)
         body = b"".join(map(_bulk, args))
         count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))
-        pool = client.connection_pool
-        connection = await pool.get_connection()
+        try:
+            connection = idle.pop()
+        except IndexError:
+            connection = await client.connection_pool.get_connection()
         clean = False
         try:
+            # Something to read on a kept connection (a reply left behind, or the server closed it):
+            # reconnect it (the check is the pool's, and costs no system call).
+            if connection.is_connected and await connection.can_read():
+                await connection.disconnect(nowait=True)
             try:
                 await connection.send_packed_command([count + self._command_head(script, root) + body])
                 reply = await connection.read_response()
@@ -635,27 +646,30 @@ class RedisStore(Store):
             raise
         finally:
             try:
-                if not clean:  # a request or reply may be half-way: never hand this socket out again
+                if not clean:  # a request or reply may be half-way: never use this socket again
                     await connection.disconnect(nowait=True)  # closes without waiting: no suspension
             finally:
-                await _arelease(pool, connection)
+                if len(idle) < self._keep_connections:
+                    idle.append(connection)
+                else:
+                    await _arelease(client.connection_pool, connection)
 
     async def _arun(self, name: str, root: str, args: list[str]) -> Any:
-        client, scripts = await self._async_client()
+        client, scripts, idle = await self._async_client()
         script = scripts[name]
         started = time.monotonic()
         try:
-            reply = await self._aevalsha(client, script, root, args)
+            reply = await self._aevalsha(client, script, root, args, idle)
         except redis.ConnectionError as error:
             args = self._retry_args(name, args, started, error)
             try:
-                reply = await self._aevalsha(client, script, root, args)
+                reply = await self._aevalsha(client, script, root, args, idle)
             except _ERRORS as again:
                 raise _unavailable(again, error) from again
         except _ERRORS as error:
             raise _unavailable(error) from error
         if self._in_doubt:
-            await self._asettle_in_doubt(client, scripts, args[0])
+            await self._asettle_in_doubt(client, scripts, idle, args[0])
         return reply
 
     def _call(self, command: Callable[[], _T]) -> _T:
@@ -703,12 +717,12 @@ class RedisStore(Store):
                     self._in_doubt.update(taken[done:])  # this one and the rest: the next call tries again
                 return
 
-    async def _asettle_in_doubt(self, client: Any, scripts: dict[str, Any], now: str) -> None:
+    async def _asettle_in_doubt(self, client: Any, scripts: dict[str, Any], idle: deque[Any], now: str) -> None:
         taken = self._take_in_doubt()
         for done, rid in enumerate(taken):
             try:
                 args = [now, *self._head(0.0)[1:], rid[:20]]
-                await self._aevalsha(client, scripts["release"], root_of(rid), args)
+                await self._aevalsha(client, scripts["release"], root_of(rid), args, idle)
             except BaseException as error:  # unreachable, or the task was cancelled: keep the rest for later
                 with self._in_doubt_lock:
                     self._in_doubt.update(taken[done:])

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 
 import pytest
@@ -363,8 +364,10 @@ def test_a_lost_reply_to_set_budget_or_extend_records_one_event(
                 raise redis_py.ConnectionError("reset before the reply")  # ... and its reply never came
         return reply
 
-    async def aevalsha(self: RedisStore, client: object, script: object, root: str, args: list[str]) -> object:
-        reply = await areal(self, client, script, root, args)
+    async def aevalsha(
+        self: RedisStore, client: object, script: object, root: str, args: list[str], idle: object
+    ) -> object:
+        reply = await areal(self, client, script, root, args, idle)
         for kind, name in names.items():
             if script is (await self._async_client())[1][name] and lost(kind):
                 raise redis_py.ConnectionError("reset before the reply")
@@ -418,7 +421,7 @@ def test_in_doubt_ids_survive_a_failed_or_cancelled_release(redis_url: str, monk
 
     monkeypatch.setattr(store, "_aevalsha", cancelled)
     with pytest.raises(asyncio.CancelledError):
-        asyncio.run(store._asettle_in_doubt(None, {"release": None}, "1.0"))
+        asyncio.run(store._asettle_in_doubt(None, {"release": None}, deque(), "1.0"))
     assert store._in_doubt == doubted
     monkeypatch.undo()
     store._settle_in_doubt("1.0")  # reachable again: unknown ids are released as not found, and forgotten

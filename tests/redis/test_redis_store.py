@@ -326,9 +326,13 @@ async def test_async_calls_cancelled_midway_leave_the_pool_clean(redis_url: str,
             assert decision.allowed and decision.reservation is not None
             settled = await authority.acommit(decision.reservation)
             assert settled.status == "committed"
-    client = (await store._async_client())[0]
+    client, _, idle = await store._async_client()
     await asyncio.sleep(0.05)  # release tasks of cancelled calls finish
-    assert not client.connection_pool._in_use_connections
+    # In use: only the connections kept for the next ledger call (at most half the pool), each
+    # either disconnected (cut mid-call) or with nothing left to read.
+    assert set(client.connection_pool._in_use_connections) == set(idle) and len(idle) <= 2
+    for connection in idle:
+        assert not connection.is_connected or not await connection.can_read()
     for _ in range(4):  # each good call releases up to 32 reserves left in doubt
         await authority.abalance("tenant:acme")
         decision = await authority.areserve(action, "tenant:acme/run:r1")
@@ -582,3 +586,40 @@ def test_kept_connections_leave_the_pool_room_for_its_other_commands(redis_url: 
         pool.release(connection)
     assert authority.balance("tenant:pool")["calls"].spent == 200
     authority.close()
+
+
+@pytest.mark.asyncio
+async def test_async_kept_connections_leave_room_and_survive_the_server_closing_them(
+    redis_url: str, clock: FakeClock
+) -> None:
+    """asyncio ledger calls keep at most half of max_connections between calls (the pool keeps room
+    for its other commands), and a kept connection the server closed meanwhile is reconnected, not
+    turned into a failed call."""
+    store = RedisStore.from_url(redis_url.replace("?", "?max_connections=4&", 1))
+    authority = Authority(store, clock=clock)
+    await authority.aset_budget(Budget("tenant:apool", "calls", 10_000))
+    action = Action("step", "s", {"calls": 1})
+
+    async def worker() -> None:
+        for _ in range(20):
+            decision = await authority.areserve(action, "tenant:apool/run:1")
+            assert decision.reservation is not None
+            await authority.acommit(decision.reservation)
+
+    await asyncio.gather(*(worker() for _ in range(8)))
+    client, _, idle = await store._async_client()
+    assert 1 <= len(idle) <= 2
+    pool = client.connection_pool
+    held = [await pool.get_connection() for _ in range(2)]  # the pool still has two for other commands
+    for connection in held:
+        await pool.release(connection)
+    raw = redis_py.Redis.from_url(store.url, decode_responses=True)
+    assert raw.client_kill_filter(_type="normal") >= len(idle)  # the server closes every other client
+    raw.close()
+    await asyncio.sleep(0.05)
+    for _ in range(3):
+        decision = await authority.areserve(action, "tenant:apool/run:1")
+        assert decision.allowed and decision.reservation is not None, decision.reasons
+        await authority.acommit(decision.reservation)
+    assert (await authority.abalance("tenant:apool"))["calls"].spent == 163
+    await authority.aclose()
