@@ -24,7 +24,9 @@ changes, so the schema keeps the pages a reserve or a commit touches few and sma
   the next one) and inserts the record at ``max + 1``. The whole id is compared too, so a guessed or
   foreign id is simply not found. Forgetting a reservation past retention clears ``known`` (and the
   idempotency index) and leaves its hold record in the audit trail. Forgetting walks the settle
-  records in ``seq`` order from a watermark kept in ``meta``, so it needs no index either.
+  records in ``seq`` order from a watermark kept in ``meta``, so it needs no index either; each
+  settle record carries its reservation's forget time (set by the settling process's retention),
+  and the walk stops at the first one not yet due.
 * A reserve is one query (the chain's budgets and counters, plus whether any hold is due for
   reclaiming and the budgets version), one upsert of the holds and one insert. A commit reads the
   reservation, then, when no budget was set or removed since the hold (``meta.budgets`` counts
@@ -35,8 +37,9 @@ changes, so the schema keeps the pages a reserve or a commit touches few and sma
 * ``wal_autocheckpoint`` is raised to 4096 pages (4 MiB of WAL): fewer checkpoints (each with an
   fsync). It changes when the WAL is copied back into the database file, not what is durable.
 
-The schema version is kept in ``PRAGMA user_version``; a file with another version (or an
-unversioned ledger from before) is refused rather than misread.
+The schema version is kept in ``PRAGMA user_version``; version 4 (the same but for the settle
+trigger) is upgraded in place, a file with another version (or an unversioned ledger from before)
+is refused rather than misread.
 """
 
 from __future__ import annotations
@@ -71,11 +74,24 @@ from clearance.ledger import (
 from clearance.periods import Windows, windows_at
 from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 PAGE_SIZE = 1024
 WAL_AUTOCHECKPOINT = 4096  # pages
 
-# Statements are separated by ";;" (a trigger body has its own semicolons).
+# Settling a reservation (its row's status changes) appends the settle record, which carries the
+# reservation's forget time: the forget pass walks settle records and must not pass one whose
+# reservation is not yet due (another process may keep reservations longer; schema version 5).
+_SETTLE_TRIGGER = """CREATE TRIGGER log_settle AFTER UPDATE OF status ON log WHEN new.status <> old.status BEGIN
+    INSERT INTO log(at, kind, scope, rid, amounts, detail, forget_at)
+    VALUES (new.settled_at,
+            CASE new.status WHEN 'committed' THEN 'commit' WHEN 'released' THEN 'release' ELSE 'expire' END,
+            new.scope, new.rid,
+            CASE new.status WHEN 'committed' THEN new.committed ELSE new.amounts END,
+            CASE new.status WHEN 'committed' THEN new.flags ELSE '' END,
+            new.forget_at);
+END"""
+
+# Statements are separated by ";;" (the trigger, above, is created after them).
 _SCHEMA = """
 CREATE TABLE budgets(
     scope TEXT NOT NULL, unit TEXT NOT NULL, period TEXT NOT NULL, lim INTEGER NOT NULL,
@@ -92,15 +108,7 @@ CREATE TABLE log(
 CREATE INDEX log_expiry ON log(expires_at) WHERE status = 'held';;
 CREATE UNIQUE INDEX log_idem ON log(root, idem) WHERE idem IS NOT NULL;;
 CREATE TABLE meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;;
-INSERT INTO meta(key, value) VALUES ('budgets', 0);;
-CREATE TRIGGER log_settle AFTER UPDATE OF status ON log WHEN new.status <> old.status BEGIN
-    INSERT INTO log(at, kind, scope, rid, amounts, detail)
-    VALUES (new.settled_at,
-            CASE new.status WHEN 'committed' THEN 'commit' WHEN 'released' THEN 'release' ELSE 'expire' END,
-            new.scope, new.rid,
-            CASE new.status WHEN 'committed' THEN new.committed ELSE new.amounts END,
-            CASE new.status WHEN 'committed' THEN new.flags ELSE '' END);
-END
+INSERT INTO meta(key, value) VALUES ('budgets', 0)
 """
 
 _STATES_SQL = """
@@ -352,10 +360,17 @@ class SQLiteStore(Store):
                     version = 1  # tables from before the schema was versioned
                 else:
                     for statement in _SCHEMA.split(";;\n"):
-                        if statement.strip():
-                            db.execute(statement)
+                        db.execute(statement)
+                    db.execute(_SETTLE_TRIGGER)
                     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                     version = SCHEMA_VERSION
+            elif version == 4:
+                # Version 4 differs only in its settle trigger (its settle records carry no forget
+                # time; the forget pass reads those the old way): upgraded in place.
+                db.execute("DROP TRIGGER log_settle")
+                db.execute(_SETTLE_TRIGGER)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                version = SCHEMA_VERSION
             if version != SCHEMA_VERSION:
                 found = (
                     "an unversioned schema (from before versioning)" if version == 1 else f"schema version {version}"
@@ -465,11 +480,15 @@ class SQLiteStore(Store):
         cutoff = now - self._retention
         settled: list[tuple[int, str, float]] = []
         cursor = db.execute(
-            "SELECT seq, at, rid FROM log WHERE seq > ? AND kind IN ('commit', 'release', 'expire') ORDER BY seq",
+            "SELECT seq, at, rid, forget_at FROM log WHERE seq > ? AND kind IN ('commit', 'release', 'expire') "
+            "ORDER BY seq",
             (start,),
         )
-        for seq, at, rid in cursor:  # stops at the first one still within retention
-            if at > cutoff or len(settled) >= 10_000:  # the next pass goes on from here
+        # Stops at the first reservation not yet due (the next pass goes on from there): its own
+        # forget time, which the process that settled it set from its retention (records written
+        # before schema version 5 have none: this process's retention then).
+        for seq, at, rid, forget_at in cursor:
+            if (at > cutoff if forget_at is None else forget_at > now) or len(settled) >= 10_000:
                 break
             settled.append((_key(rid), rid, now))
             last = seq

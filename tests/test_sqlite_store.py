@@ -1,0 +1,113 @@
+"""SQLite-only behaviour: forgetting settled reservations when processes keep them for different
+retentions, and the schema version check (with its one in-place upgrade)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from clearance import Action, Authority, Budget, ReservationNotFound, StoreUnavailable
+from clearance.stores.sqlite import SCHEMA_VERSION, SQLiteStore
+from clearance.testing import FakeClock
+
+CHAIN = "tenant:acme/run:r1"
+
+# The settle trigger of schema version 4: its settle records carry no forget time.
+_V4_TRIGGER = """CREATE TRIGGER log_settle AFTER UPDATE OF status ON log WHEN new.status <> old.status BEGIN
+    INSERT INTO log(at, kind, scope, rid, amounts, detail)
+    VALUES (new.settled_at,
+            CASE new.status WHEN 'committed' THEN 'commit' WHEN 'released' THEN 'release' ELSE 'expire' END,
+            new.scope, new.rid,
+            CASE new.status WHEN 'committed' THEN new.committed ELSE new.amounts END,
+            CASE new.status WHEN 'committed' THEN new.flags ELSE '' END);
+END"""
+
+
+def _lifecycle(authority: Authority) -> str:
+    decision = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN, idempotency_key=None)
+    assert decision.reservation is not None
+    authority.commit(decision.reservation)
+    return decision.reservation.id
+
+
+def _known(store: SQLiteStore, reservation_id: str, now: float) -> bool:
+    try:
+        store.reservation(reservation_id, now)
+    except ReservationNotFound:
+        return False
+    return True
+
+
+def test_a_process_with_a_shorter_retention_forgets_the_others_reservations_when_they_are_due(
+    tmp_path: Path,
+) -> None:
+    """Two processes share a ledger, one keeping settled reservations for 100 s, one for 1000 s.
+    The short one's forget pass leaves the long one's reservations until they are due, and forgets
+    them then (it used to walk past them for good: remembered forever)."""
+    path = str(tmp_path / "ledger.db")
+    clock = FakeClock()
+    short_store, long_store = SQLiteStore(path, retention=100), SQLiteStore(path, retention=1000)
+    short, long = Authority(short_store, clock=clock), Authority(long_store, clock=clock)
+    short.set_budget(Budget("tenant:acme", "usd", 10_000))
+    early = _lifecycle(short)
+    kept_long = _lifecycle(long)
+    late = _lifecycle(short)
+    clock.advance(150)
+    short.sweep()
+    assert not _known(short_store, early, clock())  # its own, settled before: forgotten on time
+    assert _known(short_store, kept_long, clock())  # the other's: within its 1000 s
+    assert _known(short_store, late, clock())  # waits behind it: forgetting is never early, at worst late
+    clock.advance(1000)
+    short.sweep()
+    assert not _known(short_store, kept_long, clock())
+    assert not _known(short_store, late, clock())
+    assert short.balance("tenant:acme")["usd"].spent == 3
+    short.close()
+    long.close()
+
+
+def test_a_version_4_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Version 4 differs only in its settle trigger: the file is upgraded when opened, and its settle
+    records without a forget time are forgotten by the opening process's retention."""
+    path = str(tmp_path / "ledger.db")
+    clock = FakeClock()
+    authority = Authority(SQLiteStore(path, retention=100), clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10_000))
+    old = _lifecycle(authority)
+    authority.close()
+    # Make it the file version-4 code left: its trigger, its version, settle records without a forget time.
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("DROP TRIGGER log_settle")
+    raw.execute(_V4_TRIGGER)
+    raw.execute("UPDATE log SET forget_at = NULL WHERE kind = 'commit'")
+    raw.execute("PRAGMA user_version = 4")
+    raw.close()
+    store = SQLiteStore(path, retention=100)
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert "new.forget_at" in raw.execute("SELECT sql FROM sqlite_master WHERE name = 'log_settle'").fetchone()[0]
+    raw.close()
+    upgraded = Authority(store, clock=clock)
+    new = _lifecycle(upgraded)
+    assert _known(store, old, clock()) and _known(store, new, clock())
+    clock.advance(150)
+    upgraded.sweep()
+    assert not _known(store, old, clock()) and not _known(store, new, clock())
+    assert upgraded.balance("tenant:acme")["usd"].spent == 2
+    upgraded.close()
+
+
+@pytest.mark.parametrize("version", [3, SCHEMA_VERSION + 1])
+def test_a_ledger_of_another_schema_version_is_refused_untouched(tmp_path: Path, version: int) -> None:
+    path = str(tmp_path / "ledger.db")
+    SQLiteStore(path).close()
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute(f"PRAGMA user_version = {version}")
+    raw.close()
+    with pytest.raises(StoreUnavailable, match=f"schema version {version}"):
+        SQLiteStore(path)
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == version
+    raw.close()
