@@ -69,11 +69,12 @@ def test_a_process_with_a_shorter_retention_forgets_the_others_reservations_when
 
 
 def test_a_version_4_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
-    """Version 4 differs only in its settle trigger: the file is upgraded when opened, and its settle
-    records without a forget time are forgotten by the opening process's retention."""
+    """Version 4 differs only in its settle trigger: the file is upgraded when opened. Its settle
+    records carry no forget time; they are forgotten when their reservation is due, even when the
+    process that settled them kept reservations longer than the one walking them now."""
     path = str(tmp_path / "ledger.db")
     clock = FakeClock()
-    authority = Authority(SQLiteStore(path, retention=100), clock=clock)
+    authority = Authority(SQLiteStore(path, retention=1000), clock=clock)
     authority.set_budget(Budget("tenant:acme", "usd", 10_000))
     old = _lifecycle(authority)
     authority.close()
@@ -91,8 +92,11 @@ def test_a_version_4_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
     raw.close()
     upgraded = Authority(store, clock=clock)
     new = _lifecycle(upgraded)
-    assert _known(store, old, clock()) and _known(store, new, clock())
     clock.advance(150)
+    upgraded.sweep()
+    assert _known(store, old, clock())  # settled with 1000 s of retention: not due yet
+    assert _known(store, new, clock())  # settled after it: waits for it
+    clock.advance(1000)
     upgraded.sweep()
     assert not _known(store, old, clock()) and not _known(store, new, clock())
     assert upgraded.balance("tenant:acme")["usd"].spent == 2

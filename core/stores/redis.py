@@ -363,7 +363,7 @@ class RedisStore(Store):
         self._in_doubt_lock = threading.Lock()
         # Connections of the sync pool kept for ledger calls (see _evalsha); a forked child drops them.
         self._idle: deque[Any] = deque()
-        self._keep_connections = max(1, self._max_connections // 2)
+        self._keep_connections = self._max_connections // 2  # none with a one-connection pool
         _STORES.add(self)
         self._sync: tuple[Any, dict[str, Any]] | None = None  # built on first use: a cluster client connects
         self._sync_lock = threading.Lock()
@@ -558,8 +558,13 @@ class RedisStore(Store):
             connection = client.connection_pool.get_connection()
             kept = False
         try:
-            if kept and connection.can_read():  # (reconnects a disconnected one; may raise ConnectionError)
-                connection.disconnect()
+            if kept:
+                try:
+                    stale = connection.can_read()
+                except (redis.ConnectionError, redis.TimeoutError, OSError):  # the server closed it
+                    stale = True
+                if stale:
+                    connection.disconnect()  # the send below connects afresh
             try:
                 connection.send_packed_command([count + self._command_head(script, root) + body])
                 return connection.read_response()
@@ -629,8 +634,13 @@ class RedisStore(Store):
         try:
             # Something to read on a kept connection (a reply left behind, or the server closed it):
             # reconnect it (the check is the pool's, and costs no system call).
-            if connection.is_connected and await connection.can_read():
-                await connection.disconnect(nowait=True)
+            if connection.is_connected:
+                try:
+                    stale = await connection.can_read()
+                except (redis.ConnectionError, redis.TimeoutError, OSError):  # the server closed it
+                    stale = True
+                if stale:
+                    await connection.disconnect(nowait=True)  # the send below connects afresh
             try:
                 await connection.send_packed_command([count + self._command_head(script, root) + body])
                 reply = await connection.read_response()

@@ -477,7 +477,6 @@ class SQLiteStore(Store):
         the settle records from where the last pass stopped."""
         row = db.execute("SELECT value FROM meta WHERE key = 'forgotten'").fetchone()
         start = last = row[0] if row else 0
-        cutoff = now - self._retention
         settled: list[tuple[int, str, float]] = []
         cursor = db.execute(
             "SELECT seq, at, rid, forget_at FROM log WHERE seq > ? AND kind IN ('commit', 'release', 'expire') "
@@ -485,10 +484,13 @@ class SQLiteStore(Store):
             (start,),
         )
         # Stops at the first reservation not yet due (the next pass goes on from there): its own
-        # forget time, which the process that settled it set from its retention (records written
-        # before schema version 5 have none: this process's retention then).
-        for seq, at, rid, forget_at in cursor:
-            if (at > cutoff if forget_at is None else forget_at > now) or len(settled) >= 10_000:
+        # forget time, which the process that settled it set from its retention.
+        for seq, at, rid, recorded in cursor:
+            due = recorded
+            if due is None:  # a settle record from before schema version 5: ask its reservation
+                hold = db.execute("SELECT forget_at FROM log WHERE seq = ? AND rid = ?", (_key(rid), rid)).fetchone()
+                due = hold[0] if hold is not None and hold[0] is not None else at + self._retention
+            if due > now or len(settled) >= 10_000:
                 break
             settled.append((_key(rid), rid, now))
             last = seq

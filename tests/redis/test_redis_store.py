@@ -615,11 +615,53 @@ async def test_async_kept_connections_leave_room_and_survive_the_server_closing_
         await pool.release(connection)
     raw = redis_py.Redis.from_url(store.url, decode_responses=True)
     assert raw.client_kill_filter(_type="normal") >= len(idle)  # the server closes every other client
+    await asyncio.sleep(0.05)
+    # remove_budget is never retried after a lost connection: it succeeds only if the kept
+    # connection was checked and reconnected before use.
+    await authority.aset_budget(Budget("tenant:apool", "usd", 5))
+    assert raw.client_kill_filter(_type="normal") >= 1
     raw.close()
     await asyncio.sleep(0.05)
+    assert await store.aremove_budget("tenant:apool", "usd", "", clock())
     for _ in range(3):
         decision = await authority.areserve(action, "tenant:apool/run:1")
         assert decision.allowed and decision.reservation is not None, decision.reasons
         await authority.acommit(decision.reservation)
     assert (await authority.abalance("tenant:apool"))["calls"].spent == 163
+    await authority.aclose()
+
+
+def test_a_one_connection_pool_keeps_none_and_a_killed_kept_connection_is_reconnected(
+    redis_url: str, clock: FakeClock
+) -> None:
+    """With max_connections=1 nothing is kept (the pool's only connection must stay free for its
+    other commands: registering a tenant, events); a kept connection the server closed is
+    reconnected before use (remove_budget is never retried, so it fails if it is not)."""
+    single = Authority(RedisStore.from_url(redis_url.replace("?", "?max_connections=1&", 1)), clock=clock)
+    single.set_budget(Budget("tenant:one", "calls", 10))
+    single.set_budget(Budget("tenant:two", "calls", 10))  # a new tenant: SADD on the pool
+    assert single.reserve(Action("step", "s", {"calls": 1}), "tenant:two/run:1").allowed
+    assert len(single.events(limit=10)) >= 3
+    single.close()
+    authority = Authority(redis_url, clock=clock)
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    authority.set_budget(Budget("tenant:kill", "usd", 5))
+    assert len(store._idle) == 1
+    raw = redis_py.Redis.from_url(store.url)
+    assert raw.client_kill_filter(_type="normal") >= 1
+    raw.close()
+    time.sleep(0.05)
+    assert store.remove_budget("tenant:kill", "usd", "", clock())
+    authority.close()
+
+
+@pytest.mark.asyncio
+async def test_an_asyncio_one_connection_pool_keeps_none(redis_url: str, clock: FakeClock) -> None:
+    authority = Authority(RedisStore.from_url(redis_url.replace("?", "?max_connections=1&", 1)), clock=clock)
+    await authority.aset_budget(Budget("tenant:aone", "calls", 10))
+    await authority.aset_budget(Budget("tenant:atwo", "calls", 10))  # a new tenant: SADD on the pool
+    decision = await authority.areserve(Action("step", "s", {"calls": 1}), "tenant:atwo/run:1")
+    assert decision.allowed
+    assert (await authority.abalance("tenant:atwo"))["calls"].held == 1
     await authority.aclose()
