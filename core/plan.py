@@ -93,6 +93,15 @@ class Plan(InputModel):
         """A plan from amounts already in integer steps (policies build plans this way)."""
         return cls({unit: from_steps(unit, n) for unit, n in steps.items()}, caps, min_headroom, rule)
 
+    @field_validator("min_headroom", mode="before")
+    @classmethod
+    def _no_bools(cls, value: object) -> object:
+        """``True`` is not a fraction (pydantic would read it as 1.0: nothing may ever be spent)."""
+        values = value.values() if isinstance(value, Mapping) else (value,)
+        if any(isinstance(fraction, bool) for fraction in values):
+            raise ValueError("min_headroom must be a fraction between 0 and 1, not a bool")
+        return value
+
     @field_validator("min_headroom")
     @classmethod
     def _check_headroom(cls, value: float | dict[str, float]) -> float | dict[str, float]:

@@ -18,9 +18,9 @@ from functools import lru_cache
 from typing import Any
 
 from clearance.errors import InvalidRequest
-from clearance.units import USD_SCALE
+from clearance.units import EXACT, USD_SCALE
 
-_NANO_PER_MTOK = Decimal(USD_SCALE) / Decimal(1_000_000)
+_NANO_PER_MTOK = EXACT.divide(Decimal(USD_SCALE), Decimal(1_000_000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +31,11 @@ class ModelRate:
     output_per_mtok: Decimal
 
     def nano_usd(self, input_tokens: int, output_tokens: int) -> int:
-        nano = (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) * _NANO_PER_MTOK
-        return int(nano.to_integral_value(rounding=ROUND_CEILING))
+        exact = EXACT  # never the caller's decimal context (which may round, and round down)
+        usd_per_mtok = exact.add(
+            exact.multiply(input_tokens, self.input_per_mtok), exact.multiply(output_tokens, self.output_per_mtok)
+        )
+        return int(exact.multiply(usd_per_mtok, _NANO_PER_MTOK).to_integral_value(rounding=ROUND_CEILING))
 
 
 _lock = threading.Lock()
@@ -99,7 +102,7 @@ def _tiered(provider: str | None, model: str, input_tokens: int, output_tokens: 
     calc = calc_price(
         Usage(input_tokens=input_tokens, output_tokens=output_tokens), model_ref=model, provider_id=provider
     )
-    return int((calc.total_price * USD_SCALE).to_integral_value(rounding=ROUND_CEILING))
+    return int(EXACT.multiply(Decimal(calc.total_price), USD_SCALE).to_integral_value(rounding=ROUND_CEILING))
 
 
 def price_nano_usd(provider: str | None, model: str, input_tokens: int, output_tokens: int) -> int:
@@ -117,4 +120,4 @@ def price_nano_usd(provider: str | None, model: str, input_tokens: int, output_t
 
 def price_usd(provider: str | None, model: str, input_tokens: int, output_tokens: int) -> Decimal:
     """Price of a call in USD, as an exact ``Decimal`` (nano-dollar resolution)."""
-    return Decimal(price_nano_usd(provider, model, input_tokens, output_tokens)).scaleb(-9)
+    return Decimal(price_nano_usd(provider, model, input_tokens, output_tokens)).scaleb(-9, EXACT)

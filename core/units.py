@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import MAX_EMAX, MIN_EMIN, ROUND_CEILING, Context, Decimal, InvalidOperation
 
 from clearance.errors import InvalidRequest
 
@@ -30,6 +30,11 @@ _SCALES: dict[str, int] = {"usd": USD_SCALE}
 _UNIT_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 _PLAIN_USD = re.compile(r"([0-9]{1,8})(?:\.([0-9]{1,9}))?")  # at most 9 decimals: nothing to round
 _known_units: dict[str, int] = {}
+
+# Decimal arithmetic here never uses the caller's context (a program may set ``getcontext().prec = 6``):
+# enough digits for any amount the API accepts to scale exactly, any exponent, and rounding up
+# where rounding happens at all (a Decimal with more digits than this is rounded up, never down).
+EXACT = Context(prec=200, rounding=ROUND_CEILING, Emax=MAX_EMAX, Emin=MIN_EMIN, traps=[InvalidOperation])
 
 AmountLike = int | str | Decimal | float
 """What the API accepts for an amount: int, str, Decimal or finite float."""
@@ -114,7 +119,7 @@ def to_steps(unit: str, value: object) -> int:
             raise InvalidRequest(f"amount of {unit} must be a whole number, got {d}")
         steps = int(d)
     else:
-        steps = int((d * scale).to_integral_value(rounding=ROUND_CEILING))
+        steps = int(EXACT.multiply(d, scale).to_integral_value(rounding=ROUND_CEILING))
     if steps > MAX_AMOUNT:
         raise InvalidRequest(
             f"amount of {unit} {d} exceeds the largest supported amount ({from_steps(unit, MAX_AMOUNT)})"
@@ -138,7 +143,8 @@ def from_steps(unit: str, steps: int) -> Decimal:
     scale = scale_of(unit)
     if scale == 1:
         return Decimal(steps)
-    return Decimal(steps) / scale  # exact, and with the shortest exponent: 7500000 nano → Decimal("0.0075")
+    # exact (whatever the caller's context), and with the shortest exponent: 7500000 nano → Decimal("0.0075")
+    return EXACT.divide(Decimal(steps), scale)
 
 
 def from_step_map(steps: Mapping[str, int]) -> dict[str, Decimal]:

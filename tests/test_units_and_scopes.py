@@ -90,3 +90,33 @@ def test_pricing_uses_genai_prices_and_custom_rates() -> None:
         assert action.amounts["usd"] == Decimal("1.3")
     finally:
         set_fallback_price(None)
+
+
+def test_amounts_never_depend_on_the_callers_decimal_context() -> None:
+    """A program that sets a low Decimal precision (or rounding down) must not get its money
+    rounded: conversions and prices use their own exact context."""
+    from decimal import ROUND_DOWN, localcontext
+
+    from clearance import Authority, Budget, Plan
+
+    expected_price = price_usd("openai", "gpt-4o", 123_457, 7_891)
+    with localcontext() as context:
+        context.prec = 6
+        context.rounding = ROUND_DOWN
+        assert to_steps("usd", Decimal("1234.5641")) == 1_234_564_100_000
+        assert to_steps("usd", "2345.67491") == 2_345_674_910_000
+        assert from_steps("usd", 1_234_564_100_001) == Decimal("1234.564100001")
+        assert price_usd("openai", "gpt-4o", 123_457, 7_891) == expected_price
+        authority = Authority()
+        authority.set_budget(Budget("tenant:ctx", "usd", "5000"))
+        decision = authority.reserve(Action("step", "s", {"usd": Decimal("1234.5641")}), "tenant:ctx")
+        assert decision.reservation is not None
+        authority.commit(decision.reservation, {"usd": Decimal("2345.6749")})
+        assert authority.balance("tenant:ctx")["usd"].spent == Decimal("2345.6749")
+        assert authority.balance("tenant:ctx")["usd"].remaining == Decimal("2654.3251")
+    # Digits past the default 28 of precision, and tiny exponents, still round up to the next step.
+    assert to_steps("usd", "1.0000000000000000000000000000001") == 1_000_000_001
+    assert to_steps("usd", "1e-999999999") == 1
+    assert to_steps("usd", Decimal("1e-999999999")) == 1
+    with pytest.raises(InvalidRequest, match="not a bool"):
+        Plan({"usd": 1}, min_headroom=True)
