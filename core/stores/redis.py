@@ -68,6 +68,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import inspect
 import logging
 import os
 import threading
@@ -220,6 +221,33 @@ def _drop_async(client: Any, loop_alive: bool) -> None:
         client._initialize = True  # what aclose() leaves behind
 
 
+def _check_url(url: str, options: dict[str, Any], cluster: bool) -> None:
+    """Refuse a URL or option redis-py would refuse (or silently misread) only at the first call: a
+    misspelled option (``socket_timout``) would make every call fail with a bare TypeError, and a
+    database that is not a number (``/ledger2``) silently means database 0 — another ledger."""
+    try:
+        kwargs: dict[str, Any] = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as error:
+        raise InvalidRequest(f"bad Redis URL {url!r}: {error}") from None
+    parts = urlsplit(url)
+    database = parts.path.strip("/")
+    if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
+        raise InvalidRequest(f"bad Redis URL {url!r}: the database must be a number, got {database!r}")
+    kwargs.update(options)
+    kwargs.update(decode_responses=True, protocol=2, socket_timeout=1.0, socket_connect_timeout=1.0)
+    if cluster:
+        for name in _CLUSTER_OPTIONS:
+            kwargs.pop(name, None)
+    connection_class = kwargs.pop("connection_class", redis.connection.Connection)
+    try:
+        connection_class(**kwargs)  # builds the object only: nothing is connected
+    except (TypeError, ValueError) as error:
+        raise InvalidRequest(f"bad Redis store option in {url!r}: {error}") from None
+
+
+_CLUSTER_OPTIONS = frozenset(inspect.signature(redis.cluster.RedisCluster.__init__).parameters) - {"kwargs", "self"}
+
+
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
@@ -339,10 +367,7 @@ class RedisStore(Store):
             raise InvalidRequest("max_connections, audit_capacity, reclaim_batch and retention must be positive")
         if not 0 <= max_clock_skew <= 86400:
             raise InvalidRequest(f"max_clock_skew must be in [0, 86400] seconds (0: off), got {max_clock_skew}")
-        try:
-            redis.connection.parse_url(url)  # type: ignore[no-untyped-call]  # bad input now, not at first use
-        except ValueError as error:
-            raise InvalidRequest(f"bad Redis URL {url!r}: {error}") from None
+        _check_url(url, redis_options, cluster)  # bad input now, not at the first call
         self.url = url
         self.cluster = cluster
         self.key_prefix = key_prefix

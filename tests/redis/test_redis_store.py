@@ -123,6 +123,23 @@ def test_url_options_and_prefix_validation(redis_url: str) -> None:
         RedisStore("redis://127.0.0.1:1/0", key_prefix="a{b}")
     with pytest.raises(InvalidRequest):
         store_from_url(redis_url + "&socket_timeout=soon")
+    # A misspelled redis-py option, or a database that is not a number, is refused when the store is
+    # built (not a bare TypeError on every call, not silently database 0).
+    with pytest.raises(InvalidRequest, match="socket_timout"):
+        store_from_url(redis_url + "&socket_timout=0.2")
+    with pytest.raises(InvalidRequest, match="socket_timout"):
+        store_from_url("redis+cluster://127.0.0.1:1/?socket_timout=0.2")
+    with pytest.raises(InvalidRequest, match="database must be a number"):
+        store_from_url("redis://127.0.0.1:1/ledger2")
+    with pytest.raises(InvalidRequest, match="ssl_cert_reqs"):
+        store_from_url("redis://127.0.0.1:1/0?ssl_cert_reqs=none")  # a TLS option without TLS
+    for good in (
+        "rediss://127.0.0.1:1/0?ssl_cert_reqs=none",
+        "unix:///tmp/none.sock?db=2",
+        "redis+cluster://127.0.0.1:1?read_from_replicas=true",
+        "redis://127.0.0.1:1/",
+    ):
+        store_from_url(good).close()
 
 
 def test_scripts_reload_after_script_flush(redis_url: str, clock: FakeClock) -> None:
