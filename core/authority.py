@@ -15,12 +15,20 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from clearance.action import Action
 from clearance.budget import Budget
 from clearance.decision import Balance, Decision, Mode, Outcome, Reason, Reservation, Settlement, balance_of
-from clearance.errors import ClockSkew, Denied, InvalidRequest, ReservationNotFound, StoreUnavailable
+from clearance.errors import (
+    ClockSkew,
+    Denied,
+    InvalidRequest,
+    ReservationClosed,
+    ReservationNotFound,
+    StoreUnavailable,
+)
 from clearance.ledger import (
     AccountState,
     Amounts,
@@ -154,14 +162,19 @@ class _EmergencyCap:
     """What this process may spend, per unit, while the store is unreachable (fail open).
 
     Local reservations behave like ledger ones on a small scale: they expire after their TTL (their
-    hold returns to the cap), a repeated commit or release is a replay, and an id this process never
-    issued is :class:`ReservationNotFound`."""
+    hold returns to the cap), can be extended and looked up, a reserve retried with its idempotency
+    key answers with the same reservation, a repeated commit or release is a replay, and an id this
+    process never issued is :class:`ReservationNotFound`. An action none of whose units has an
+    emergency limit is not bounded by the cap, so it is refused (:meth:`take`)."""
+
+    _REMEMBERED = 10_000  # settled reservations and idempotency keys kept (the most recent)
 
     def __init__(self, limits: dict[str, int]) -> None:
         self.limits = limits
         self.used: dict[str, int] = dict.fromkeys(limits, 0)
-        self.holds: dict[str, tuple[Amounts, float]] = {}  # id -> (steps, expires_at)
-        self.settled: dict[str, tuple[str, Amounts]] = {}  # id -> (status, charged), the most recent ones
+        self.holds: dict[str, Reservation] = {}  # held local reservations (this class's own copies)
+        self.settled: dict[str, Reservation] = {}  # the most recent settled ones
+        self.keys: dict[tuple[str, str], str] = {}  # (tenant, idempotency key) -> id, the most recent
         self.lock = threading.Lock()
 
     def _give_back(self, steps: Amounts) -> None:
@@ -169,55 +182,99 @@ class _EmergencyCap:
             if unit in self.limits:
                 self.used[unit] -= amount
 
-    def _remember(self, rid: str, status: str, charged: Amounts) -> None:
-        if len(self.settled) >= 10_000:
+    def _remember(self, reservation: Reservation) -> None:
+        if len(self.settled) >= self._REMEMBERED:
             self.settled.pop(next(iter(self.settled)))
-        self.settled[rid] = (status, charged)
+        self.settled[reservation.id] = reservation
 
     def _expire(self, now: float) -> None:
-        for rid, (steps, expires_at) in list(self.holds.items()):
-            if expires_at <= now:
+        for rid, reservation in list(self.holds.items()):
+            if reservation.expires_at <= now:
                 del self.holds[rid]
-                self._give_back(steps)
-                self._remember(rid, "expired", ())
+                self._give_back(reservation.steps)
+                reservation.status = "expired"
+                self._remember(reservation)
 
-    def take(self, rid: str, steps: Amounts, now: float, expires_at: float) -> str | None:
-        """Hold ``steps`` against the cap; return the unit that does not fit, or None."""
+    def take(self, reservation: Reservation, now: float, key: tuple[str, str] | None) -> str | None:
+        """Hold the reservation's steps against the cap; return the unit that does not fit (or, when
+        no unit of the action has an emergency limit, its first unit), else None."""
+        steps = reservation.steps
         with self.lock:
             self._expire(now)
+            spending = [unit for unit, amount in steps if amount > 0]
+            if spending and not any(unit in self.limits for unit in spending):
+                return spending[0]
             for unit, amount in steps:
                 if unit in self.limits and self.used[unit] + amount > self.limits[unit]:
                     return unit
             for unit, amount in steps:
                 if unit in self.limits:
                     self.used[unit] += amount
-            self.holds[rid] = (steps, expires_at)
+            self.holds[reservation.id] = replace(reservation)
+            if key is not None:
+                if len(self.keys) >= self._REMEMBERED:
+                    self.keys.pop(next(iter(self.keys)))
+                self.keys[key] = reservation.id
             return None
+
+    def _find(self, rid: str) -> Reservation | None:
+        return self.holds.get(rid) or self.settled.get(rid)
+
+    def find(self, key: tuple[str, str], now: float) -> Reservation | None:
+        """The local reservation an idempotency key made, if this process still remembers it."""
+        with self.lock:
+            self._expire(now)
+            rid = self.keys.get(key)
+            found = None if rid is None else self._find(rid)
+            return None if found is None else replace(found)
+
+    def get(self, rid: str, now: float) -> Reservation:
+        with self.lock:
+            self._expire(now)
+            found = self._find(rid)
+            if found is None:
+                raise ReservationNotFound(rid)
+            return replace(found)
+
+    def extend(self, rid: str, expires_at: float, now: float) -> Reservation:
+        with self.lock:
+            self._expire(now)
+            held = self.holds.get(rid)
+            if held is None:
+                done = self.settled.get(rid)
+                if done is None:
+                    raise ReservationNotFound(rid)
+                raise ReservationClosed(rid, done.status)
+            held.expires_at = expires_at
+            return replace(held)
 
     def settle(self, rid: str, actual: Amounts | None, commit: bool, now: float) -> Settlement:
         with self.lock:
             self._expire(now)
             held = self.holds.pop(rid, None)
+            steps: Amounts
+            flags: tuple[str, ...]
             if held is None:
                 done = self.settled.get(rid)
                 if done is None:
                     raise ReservationNotFound(rid)
-                status, charged = done
-                if status != "expired" or not commit:
-                    return Settlement(rid, status, charged, replayed=True)
-                steps: Amounts = ()  # a late commit: what was held came back at expiry
+                if done.status != "expired" or not commit:
+                    return Settlement(rid, done.status, done.committed_steps or (), done.flags, replayed=True)
+                reservation, steps, flags = done, (), ("late",)  # what was held came back at expiry
             else:
-                steps = held[0]
+                reservation, steps, flags = held, held.steps, ()
                 self._give_back(steps)
             if not commit:
-                self._remember(rid, "released", ())
+                reservation.status = "released"
+                self._remember(reservation)
                 return Settlement(rid, "released")
             charged = steps if actual is None else merge_actual(steps, actual)
             for unit, amount in charged:
                 if unit in self.limits:
                     self.used[unit] += amount
-            self._remember(rid, "committed", charged)
-            return Settlement(rid, "committed", charged, ("late",) if held is None else ())
+            reservation.status, reservation.committed_steps, reservation.flags = "committed", charged, flags
+            self._remember(reservation)
+            return Settlement(rid, "committed", charged, flags)
 
 
 class Grant:
@@ -424,22 +481,65 @@ class Authority:
             logger.warning("clearance store unavailable, denying %s at %s: %s", action.label, scope.path, error)
             reason = Reason("store_unavailable", f"store unavailable, failing closed: {error}", scope.path)
             return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_CLOSED)
-        rid = _LOCAL_PREFIX + request.reservation_id
+        key = request.idempotency_key
+        if key is not None:
+            replayed = self._local_replay(request, action, scope, plans)
+            if replayed is not None:
+                return replayed
         steps, caps = _chosen(action, plans, 0)
-        over = self._emergency.take(rid, steps, request.now, request.expires_at)
+        reservation = Reservation(
+            _LOCAL_PREFIX + request.reservation_id,
+            scope.path,
+            steps,
+            request.expires_at,
+            0,
+            created_at=request.now,
+            label=action.label,
+            idempotency_key=key,
+            local=True,
+        )
+        over = self._emergency.take(reservation, request.now, None if key is None else (request.chain[0], key))
         if over is not None:
-            reason = Reason(
-                "emergency_cap",
-                f"store unavailable and this process's emergency cap of {over} is used",
-                scope.path,
-                unit=over,
-            )
+            if over in self._emergency.limits:
+                message = f"store unavailable and this process's emergency cap of {over} is used"
+            else:
+                message = f"store unavailable and no emergency limit bounds this action (add {over} to them)"
+            reason = Reason("emergency_cap", message, scope.path, unit=over)
             return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_OPEN)
         logger.warning("clearance store unavailable, failing open for %s at %s: %s", action.label, scope.path, error)
-        reservation = Reservation(rid, scope.path, steps, request.expires_at, 0, label=action.label, local=True)
         reason = Reason("fail_open", f"store unavailable, allowed within the emergency cap: {error}", scope.path)
         outcome = Outcome.ALLOW if caps is None else Outcome.ALLOW_WITH_CAPS
         return Decision(outcome, scope.path, action.label, reservation, caps, (reason,), (), 0, Mode.FAIL_OPEN)
+
+    def _local_replay(
+        self, request: HoldRequest, action: Action, scope: Scope, plans: tuple[Plan, ...] | None
+    ) -> Decision | None:
+        """A reserve retried with the idempotency key of a reservation this process made while
+        failing open: the same reservation (or a denial, as the ledger would), never a second hold —
+        whether the store is still down or back. ``None``: the key made no local reservation."""
+        key = request.idempotency_key
+        emergency = self._emergency
+        if key is None or not emergency.keys:
+            return None
+        found = emergency.find((request.chain[0], key), request.now)
+        if found is None:
+            return None
+        steps, caps = _chosen(action, plans, 0)
+        if found.status not in ("held", "committed"):
+            message = f"this idempotency key's reservation {found.id} is {found.status}: retry with a new key"
+            code = "replay_settled"
+        elif found.scope != scope.path or dict(found.steps) != dict(steps):
+            message = (
+                f"this idempotency key already holds local reservation {found.id} at {found.scope} "
+                "for other amounts or another scope: use a key per call"
+            )
+            code = "replay_mismatch"
+        else:
+            reason = Reason("fail_open", "replayed a reservation made while the store was unavailable", scope.path)
+            outcome = Outcome.ALLOW if caps is None else Outcome.ALLOW_WITH_CAPS
+            return Decision(outcome, scope.path, action.label, found, caps, (reason,), (), 0, Mode.FAIL_OPEN, True)
+        reason = Reason(code, message, scope.path)
+        return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_OPEN, replayed=True)
 
     # --- policies ----------------------------------------------------------------------------
     def apply_policy(self, document: PolicyDocument) -> int:
@@ -508,6 +608,8 @@ class Authority:
                 yield from self._ensure_flow(template)
         if proposal is not None and proposal.deny is not None:
             decision = Decision(Outcome.DENY, parsed.path, checked.label, reasons=(proposal.deny, *proposal.notes))
+        elif key is not None and (local := self._local_replay(request, checked, parsed, chosen)) is not None:
+            decision = local
         else:
             try:
                 result = yield ("hold", (request,))
@@ -715,6 +817,10 @@ class Authority:
         ):
             return self._run(self._reserve_flow(action, scope, plans, ttl, idempotency_key))
         request, checked, parsed, chosen = self._request(action, scope, plans, ttl, idempotency_key)
+        if idempotency_key is not None and self._emergency.keys:
+            local = self._local_replay(request, checked, parsed, chosen)
+            if local is not None:
+                return local
         try:
             result = self.store.hold(request)
         except StoreUnavailable as error:
@@ -788,6 +894,8 @@ class Authority:
         rid = _reservation_id(reservation)
         lifetime = _check_ttl(ttl)
         now = self.clock()
+        if rid.startswith(_LOCAL_PREFIX):
+            return self._emergency.extend(rid, now + lifetime, now)
         return _reservation(self.store.extend(rid, now + lifetime, now))
 
     async def aextend(self, reservation: ReservationRef, ttl: float) -> Reservation:
@@ -795,13 +903,15 @@ class Authority:
         rid = _reservation_id(reservation)
         lifetime = _check_ttl(ttl)
         now = self.clock()
+        if rid.startswith(_LOCAL_PREFIX):
+            return self._emergency.extend(rid, now + lifetime, now)
         return _reservation(await self.store.aextend(rid, now + lifetime, now))
 
     def reservation(self, reservation: ReservationRef) -> Reservation:
         """The current state of a reservation (``ReservationNotFound`` if unknown)."""
         rid = _reservation_id(reservation)
         if rid.startswith(_LOCAL_PREFIX):
-            raise ReservationNotFound(rid)
+            return self._emergency.get(rid, self.clock())
         return _reservation(self.store.reservation(rid, self.clock()))
 
     def reservations(

@@ -6,8 +6,9 @@ import logging
 
 import pytest
 
-from clearance import Action, Authority, Budget, Denied, Mode, Outcome, StoreUnavailable
+from clearance import Action, Authority, Budget, Denied, Mode, Outcome, ReservationClosed, StoreUnavailable
 from clearance.stores.memory import MemoryStore
+from clearance.testing import FakeClock
 
 
 class FlakyStore(MemoryStore):
@@ -93,3 +94,48 @@ def test_guard_never_masks_the_callers_exception() -> None:
     with pytest.raises(ZeroDivisionError), authority.guard(ACTION, SCOPE):
         store.down = True
         raise ZeroDivisionError
+
+
+def test_fail_open_retries_with_a_key_never_hold_twice_and_local_holds_can_be_extended() -> None:
+    """A reserve retried with its idempotency key while failing open answers with the same local
+    reservation (also once the store is back), never a second hold of the cap; a local reservation
+    can be looked up and extended like a ledger one; an action no emergency limit bounds is refused."""
+    clock = FakeClock()
+    store = FlakyStore()
+    authority = Authority(store, clock=clock, fail_open=True, emergency_limits={"usd": 1})
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    store.down = True
+    step = Action("step", "s", {"usd": "0.4"})
+    first = authority.reserve(step, SCOPE, idempotency_key="k9", ttl=30)
+    again = authority.reserve(step, SCOPE, idempotency_key="k9", ttl=30)
+    assert first.reservation is not None and again.reservation is not None
+    assert again.replayed and again.reservation.id == first.reservation.id and again.mode is Mode.FAIL_OPEN
+    assert authority.reserve(step, SCOPE, idempotency_key="k10").allowed  # 0.8 of the 1 USD cap
+    assert authority.reserve(step, SCOPE, idempotency_key="k11").denied  # the cap, not a replay
+    other = authority.reserve(step, "tenant:acme/run:other", idempotency_key="k9")
+    assert other.denied and other.reasons[0].code == "replay_mismatch"
+    # look-up and extend work on local reservations
+    clock.advance(20)
+    extended = authority.extend(first.reservation, 60)
+    assert extended.local and extended.expires_at == clock() + 60
+    clock.advance(20)  # past the first TTL, within the extended one
+    assert authority.reservation(first.reservation.id).status == "held"
+    store.down = False  # back: the key still answers with the local reservation, nothing is held twice
+    back = authority.reserve(step, SCOPE, idempotency_key="k9")
+    assert back.replayed and back.reservation is not None and back.reservation.id == first.reservation.id
+    assert authority.balance("tenant:acme")["usd"].held == 0
+    authority.commit(first.reservation, {"usd": "0.3"})
+    assert authority.reservation(first.reservation.id).status == "committed"
+    with pytest.raises(ReservationClosed):
+        authority.extend(first.reservation, 60)
+    released = authority.reserve(step, SCOPE, idempotency_key="k10")
+    assert released.replayed and released.allowed  # still held locally
+    store.down = True
+    authority.release(released.reservation)  # type: ignore[arg-type]
+    after_release = authority.reserve(step, SCOPE, idempotency_key="k10")
+    assert after_release.denied and after_release.reasons[0].code == "replay_settled"
+    # units without an emergency limit do not bound anything: refused, with the unit to add
+    emails = authority.reserve(Action("send", "email", {"emails": 1}), SCOPE)
+    assert emails.denied and emails.reasons[0].code == "emergency_cap" and emails.reasons[0].unit == "emails"
+    assert "emergency_limits" in emails.reasons[0].message or "add emails" in emails.reasons[0].message
+    assert authority.reserve(Action("call", "m", {"usd": "0.1", "tokens": 900}), SCOPE).allowed  # usd bounds it
