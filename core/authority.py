@@ -86,6 +86,28 @@ def _reservation_id(reservation: object) -> str:
     raise InvalidRequest(f"expected a Reservation or its id, got {type(reservation).__name__}")
 
 
+def _listing(scope: str | Scope | None, status: object, limit: object) -> str | None:
+    """The checked arguments of a reservations listing: the scope path (``None``: all)."""
+    path = None if scope is None else parse_scope(scope).path
+    if status is not None and status not in ("held", "committed", "released", "expired"):
+        raise InvalidRequest(f"unknown reservation status {status!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 1_000_000:
+        raise InvalidRequest("limit must be an int in 1..1000000")
+    return path
+
+
+_MAX_SEQ = 2**63 - 1  # audit sequence numbers are 64-bit integers in every store
+
+
+def _events_query(after: object, limit: object, scope: str | Scope | None) -> str | None:
+    """The checked arguments of an audit read: the scope path (``None``: all)."""
+    if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= _MAX_SEQ:
+        raise InvalidRequest(f"after must be an int in 0..{_MAX_SEQ}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 100_000:
+        raise InvalidRequest("limit must be an int in 1..100000")
+    return None if scope is None else parse_scope(scope).path
+
+
 def _reason(rejection: Rejection, plan_count: int) -> Reason:
     unit = rejection.unit
     needed = from_steps(unit, rejection.needed)
@@ -545,21 +567,36 @@ class Authority:
     def apply_policy(self, document: PolicyDocument) -> int:
         """Write a policy's budgets (and rate-limit budgets) into the store, then store the policy
         as the next version; every Authority on the store picks it up. Returns the version."""
-        if not isinstance(document, PolicyDocument):
-            raise InvalidRequest(f"expected a PolicyDocument, got {type(document).__name__}")
-        # Everything is validated before anything is written: bad input changes nothing.
-        budgets = [Budget(entry.scope, entry.unit, entry.limit, entry.period) for entry in document.budgets]
-        budgets += [Budget(rate.scope, rate.unit, rate.limit, rate.per) for rate in document.rate_limits]
-        Policy(document, rules=self._rules)
-        for budget in budgets:
+        for budget in self._policy_budgets(document):
             self.set_budget(budget)
         version = self.store.put_policy(document.to_json(), self.clock())
         self._policy_checked = -math.inf  # this process sees it on its very next decision
         return version
 
+    async def aapply_policy(self, document: PolicyDocument) -> int:
+        """Async twin of :meth:`apply_policy`."""
+        for budget in self._policy_budgets(document):
+            await self.aset_budget(budget)
+        version = await self.store.aput_policy(document.to_json(), self.clock())
+        self._policy_checked = -math.inf
+        return version
+
+    def _policy_budgets(self, document: PolicyDocument) -> list[Budget]:
+        """A policy's budgets, the whole document validated first: bad input changes nothing."""
+        if not isinstance(document, PolicyDocument):
+            raise InvalidRequest(f"expected a PolicyDocument, got {type(document).__name__}")
+        budgets = [Budget(entry.scope, entry.unit, entry.limit, entry.period) for entry in document.budgets]
+        budgets += [Budget(rate.scope, rate.unit, rate.limit, rate.per) for rate in document.rate_limits]
+        Policy(document, rules=self._rules)
+        return budgets
+
     def current_policy(self) -> Policy | None:
         """The policy decisions use now (refreshing it from the store if it is due)."""
         return self._run(self._policy_flow())
+
+    async def acurrent_policy(self) -> Policy | None:
+        """Async twin of :meth:`current_policy`."""
+        return await self._arun(self._policy_flow())
 
     def _policy_flow(self) -> Generator[_Op, Any, Policy | None]:
         if self._fixed_policy is not None:
@@ -918,13 +955,22 @@ class Authority:
         self, scope: str | Scope | None = None, *, status: str | None = "held", limit: int = 1000
     ) -> list[Reservation]:
         """Reservations at or under ``scope`` (default: all held ones), newest first."""
-        path = None if scope is None else parse_scope(scope).path
-        if status is not None and status not in ("held", "committed", "released", "expired"):
-            raise InvalidRequest(f"unknown reservation status {status!r}")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 1_000_000:
-            raise InvalidRequest("limit must be an int in 1..1000000")
-        records = self.store.reservations(path, status, limit, self.clock())
-        return [_reservation(r) for r in records]
+        path = _listing(scope, status, limit)
+        return [_reservation(r) for r in self.store.reservations(path, status, limit, self.clock())]
+
+    async def areservation(self, reservation: ReservationRef) -> Reservation:
+        """Async twin of :meth:`reservation`."""
+        rid = _reservation_id(reservation)
+        if rid.startswith(_LOCAL_PREFIX):
+            return self._emergency.get(rid, self.clock())
+        return _reservation(await self.store.areservation(rid, self.clock()))
+
+    async def areservations(
+        self, scope: str | Scope | None = None, *, status: str | None = "held", limit: int = 1000
+    ) -> list[Reservation]:
+        """Async twin of :meth:`reservations`."""
+        path = _listing(scope, status, limit)
+        return [_reservation(r) for r in await self.store.areservations(path, status, limit, self.clock())]
 
     # --- budgets -----------------------------------------------------------------------------
     def set_budget(self, budget: Budget) -> None:
@@ -945,6 +991,12 @@ class Authority:
         path = parse_scope(scope).path
         Budget(path, unit, 0, period)  # validates unit and period the same way set_budget does
         return self.store.remove_budget(path, unit, period_key(period), self.clock())
+
+    async def aremove_budget(self, scope: str | Scope, unit: str, period: Period | str | None = None) -> bool:
+        """Async twin of :meth:`remove_budget`."""
+        path = parse_scope(scope).path
+        Budget(path, unit, 0, period)
+        return await self.store.aremove_budget(path, unit, period_key(period), self.clock())
 
     def balance(self, scope: str | Scope) -> dict[str, Balance]:
         """Budgets at exactly ``scope``, one per unit: when a unit has several periods, the one
@@ -974,6 +1026,12 @@ class Authority:
         now = self.clock()
         return [balance_of(a) for a in self.store.accounts(path, windows_at(now), now, True)]
 
+    async def abudgets(self, scope: str | Scope | None = None) -> list[Balance]:
+        """Async twin of :meth:`budgets`."""
+        path = None if scope is None else parse_scope(scope).path
+        now = self.clock()
+        return [balance_of(a) for a in await self.store.aaccounts(path, windows_at(now), now, True)]
+
     # --- maintenance -------------------------------------------------------------------------
     def sweep(self) -> int:
         """Return every expired hold to its budgets now; returns how many expired. Not needed for
@@ -989,12 +1047,13 @@ class Authority:
     ) -> list[AuditEvent]:
         """The audit trail: ledger changes with sequence number above ``after``, oldest first — the
         first ``limit`` of them, or with ``newest=True`` the last ``limit`` (what ``events tail`` shows)."""
-        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-            raise InvalidRequest("after must be a non-negative int")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 100_000:
-            raise InvalidRequest("limit must be an int in 1..100000")
-        path = None if scope is None else parse_scope(scope).path
-        return self.store.events(after, limit, path, bool(newest))
+        return self.store.events(after, limit, _events_query(after, limit, scope), bool(newest))
+
+    async def aevents(
+        self, *, after: int = 0, limit: int = 100, scope: str | Scope | None = None, newest: bool = False
+    ) -> list[AuditEvent]:
+        """Async twin of :meth:`events`."""
+        return await self.store.aevents(after, limit, _events_query(after, limit, scope), bool(newest))
 
     # --- context managers --------------------------------------------------------------------
     def _finish_sync(self, grant: Grant, failed: bool) -> None:

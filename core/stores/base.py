@@ -153,6 +153,17 @@ class Store(ABC):
     async def asweep(self, now: float) -> int:
         return await asyncio.to_thread(self.sweep, now)
 
+    async def areservations(
+        self, scope: str | None, status: str | None, limit: int, now: float
+    ) -> list[ReservationRecord]:
+        return await asyncio.to_thread(self.reservations, scope, status, limit, now)
+
+    async def aevents(self, after: int, limit: int, scope: str | None, newest: bool = False) -> list[AuditEvent]:
+        return await asyncio.to_thread(self.events, after, limit, scope, newest)
+
+    async def aput_policy(self, document: str, now: float) -> int:
+        return await asyncio.to_thread(self.put_policy, document, now)
+
     async def aensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
         return await asyncio.to_thread(self.ensure_budget, scope, unit, period, limit, now)
 

@@ -645,5 +645,25 @@ class MemoryStore(Store):
     async def asweep(self, now: float) -> int:
         return self.sweep(now)
 
+    async def areservations(
+        self, scope: str | None, status: str | None, limit: int, now: float
+    ) -> list[ReservationRecord]:
+        return self.reservations(scope, status, limit, now)
+
+    async def aevents(self, after: int, limit: int, scope: str | None, newest: bool = False) -> list[AuditEvent]:
+        return self.events(after, limit, scope, newest)
+
+    async def aensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
+        return self.ensure_budget(scope, unit, period, limit, now)
+
+    async def aput_policy(self, document: str, now: float) -> int:
+        return self.put_policy(document, now)
+
+    async def apolicy(self) -> tuple[int, str | None]:
+        return self.policy()
+
+    async def apolicy_version(self) -> int:
+        return self.policy_version()
+
     async def aclose(self) -> None:
         self.close()
