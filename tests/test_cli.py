@@ -82,7 +82,9 @@ def test_demo_default_store_is_a_fresh_temporary_ledger(ledger: str, monkeypatch
 def test_budget_set_and_ls_round_trip(ledger: str) -> None:
     result = runner.invoke(app, ["budget", "set", "tenant:acme", "usd", "250", "--period", "day", "--store", ledger])
     assert result.exit_code == 0, result.output
-    assert "tenant:acme usd/day = $250.00" in result.output
+    assert "tenant:acme usd/day = $250\n" in result.output
+    tiny = runner.invoke(app, ["budget", "set", "tenant:tiny", "usd", "0.000000001", "--store", ledger])
+    assert "tenant:tiny usd = $0.000000001" in tiny.output  # the echo is exact, not "$0.00"
     assert (
         runner.invoke(app, ["--store", ledger, "budget", "set", "tenant:acme/workflow:triage", "calls", "40"]).exit_code
         == 0
@@ -268,3 +270,22 @@ def test_apply_writes_budgets_and_a_policy_version(tmp_path: Path) -> None:
     result = runner.invoke(app, ["--store", "memory://", "apply", str(path)])
     assert result.exit_code == 0, result.output
     assert "as policy version 1 (2 budgets written)" in result.output
+
+
+def test_listings_piped_off_a_terminal_are_printed_whole(ledger: str) -> None:
+    """Off a terminal (cron, CI logs, | grep) and without COLUMNS, rich would cut cells to fit 80
+    columns; listings are data, so every cell must come out whole."""
+    piped = CliRunner(env={"COLUMNS": None})
+    long_scope = "tenant:globex-international/workspace:emea-operations/app:support-desk/workflow:refunds"
+    with Authority(ledger) as authority:
+        authority.set_budget(Budget(long_scope, "usd", "9007199.254740991"))
+        authority.set_budget(Budget(long_scope, "tokens", 9_007_199_254_740_991))
+        held = authority.reserve(Action.tool_call("search"), f"{long_scope}/run:r1", ttl=600)
+        assert held.reservation is not None
+    budgets = piped.invoke(app, ["--store", ledger, "budget", "ls"])
+    assert budgets.exit_code == 0, budgets.output
+    assert long_scope in budgets.output and "…" not in budgets.output
+    assert "9,007,199,254,740,991" in budgets.output
+    listing = piped.invoke(app, ["--store", ledger, "reservations", "ls"])
+    assert listing.exit_code == 0, listing.output
+    assert held.reservation.id in listing.output and "…" not in listing.output

@@ -26,7 +26,7 @@ from rich.text import Text
 from clearance import AuditEvent, Authority, Budget, ClearanceError, PolicyDocument, StoreUnavailable
 from clearance.cli import demo as demo_workload
 from clearance.cli.explain import explain
-from clearance.cli.tables import amount, budgets_table, event_line, reservations_table, unit_label
+from clearance.cli.tables import budgets_table, event_line, exact, reservations_table, unit_label
 
 DEFAULT_STORE = "sqlite:///clearance.db"
 STATUSES = ("held", "committed", "released", "expired", "all")
@@ -49,6 +49,13 @@ app.add_typer(policy_app, name="policy")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+
+
+def _tables() -> Console:
+    """Where listings go. Piped (cron, a CI log, ``| grep``) rich would assume 80 columns and cut
+    cells (``$0.…``, ``…tenant:gl…``): a listing is data, so off a terminal it is printed whole."""
+    return out if out.is_terminal or "COLUMNS" in os.environ else Console(highlight=False, width=1000)
+
 
 StoreOption = Annotated[
     str | None,
@@ -137,7 +144,7 @@ def budget_set(
     unit: Annotated[str, typer.Argument(metavar="UNIT", help="usd, tokens, calls or your own unit")],
     limit: Annotated[str, typer.Argument(metavar="LIMIT", help="e.g. 250 or 12.50 (exact decimal)")],
     period: Annotated[
-        str | None, typer.Option(help="hour, day, week or month (UTC windows); lifetime when omitted.")
+        str | None, typer.Option(help="minute, hour, day, week or month (UTC windows); lifetime when omitted.")
     ] = None,
     store: StoreOption = None,
 ) -> None:
@@ -147,7 +154,7 @@ def budget_set(
         with _authority(ctx, store) as authority:
             authority.set_budget(budget)
         label = unit_label(budget.unit, budget.period_key or None)
-        out.print(f"budget set: {budget.scope} {label} = {amount(budget.unit, budget.limit)}")
+        out.print(f"budget set: {budget.scope} {label} = {exact(budget.unit, budget.limit)}")
 
 
 @budget_app.command("ls")
@@ -162,7 +169,7 @@ def budget_ls(
         if not balances:
             out.print("no budgets" + (f" at or under {scope}" if scope else ""))
             return
-        out.print(budgets_table(balances))
+        _tables().print(budgets_table(balances))
 
 
 @reservations_app.command("ls")
@@ -187,7 +194,7 @@ def reservations_ls(
                 f"no {'' if status == 'all' else status + ' '}reservations" + (f" at or under {scope}" if scope else "")
             )
             return
-        out.print(reservations_table(found, authority.clock()))
+        _tables().print(reservations_table(found, authority.clock()))
 
 
 @app.command()

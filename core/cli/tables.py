@@ -32,6 +32,13 @@ def amount(unit: str, value: Decimal) -> str:
     return "$" + text if value >= 0 else "-$" + text[1:]
 
 
+def exact(unit: str, value: Decimal) -> str:
+    """An amount as the ledger keeps it, every digit (``$0.000000001``, ``$1,250``): for echoing
+    what was just written, where a rounded ``$0.00`` would hide what the ledger holds."""
+    text = f"{value:,f}"
+    return ("$" + text if value >= 0 else "-$" + text[1:]) if unit == "usd" else text
+
+
 def amounts(values: Mapping[str, Decimal]) -> str:
     return (
         " ".join(
