@@ -634,7 +634,9 @@ class Authority:
         policy: Policy | None = None
         if plans is None:
             policy = yield from self._policy_flow()
-            if policy is not None and not policy.empty:
+            # An empty policy changes nothing for plain actions, but risk classes still need its
+            # allow rules: a policy in force governs risk whatever else it says.
+            if policy is not None and (not policy.empty or checked.risk not in (None, "read")):
                 proposal = policy.propose(checked, parsed)
                 if proposal.deny is None and (proposal.plans is not None or proposal.probes):
                     request, checked, parsed, chosen = self._request(

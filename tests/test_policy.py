@@ -177,6 +177,22 @@ def test_risky_actions_need_an_allow_rule_and_count_their_unit() -> None:
     assert authority.reserve(Action("tool_call", "read_file", risk="read"), RUN).allowed
 
 
+def test_any_policy_in_force_governs_risk_even_one_with_nothing_else() -> None:
+    """Risk needs an allow rule whenever a policy is in force: an empty policy must not let
+    payments through that a policy with only an output cap denies."""
+    pay = Action("side_effect", "charge_card", {"usd": 1}, risk="payment")
+    capped = authority_with({"output_cap": {"floor": 100}})
+    empty = authority_with({})
+    for authority in (capped, empty):
+        authority.set_budget(Budget("tenant:acme", "usd", 10))
+        denied = authority.reserve(pay, RUN)
+        assert denied.denied and denied.reasons[0].code == "risk_not_allowed"
+        assert authority.reserve(Action("step", "plain", {"usd": 1}), RUN).allowed
+    no_policy = Authority()
+    no_policy.set_budget(Budget("tenant:acme", "usd", 10))
+    assert no_policy.reserve(pay, RUN).allowed  # no policy at all: budgets alone decide
+
+
 def test_rate_limits_in_the_same_atomic_step(store_url: str, clock: FakeClock) -> None:
     authority = authority_with(
         {"rate_limits": [{"scope": "tenant:acme", "kind": "tool_call", "limit": 3, "per": "minute"}]},
