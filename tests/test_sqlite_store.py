@@ -115,3 +115,20 @@ def test_a_ledger_of_another_schema_version_is_refused_untouched(tmp_path: Path,
     raw = sqlite3.connect(path)
     assert raw.execute("PRAGMA user_version").fetchone()[0] == version
     raw.close()
+
+
+def test_opening_a_ledger_another_process_is_writing_is_not_an_error(tmp_path: Path) -> None:
+    """A store is built with a read when the file is already of this schema version, so a writer
+    holding the lock cannot make the construction fail; the calls then answer as store trouble."""
+    path = str(tmp_path / "ledger.db")
+    Authority(SQLiteStore(path)).close()
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        authority = Authority(SQLiteStore(path, busy_timeout=0.2))
+        decision = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN)
+        assert decision.denied and decision.reasons[0].code == "store_unavailable"
+        authority.close()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()

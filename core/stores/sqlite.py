@@ -353,6 +353,9 @@ class SQLiteStore(Store):
         self._local = threading.local()
         self._holds_since_forget = 0
         self._window_cache: tuple[Windows, list[str]] = ((), [])  # one tuple: threads share it
+        with self._read() as db:
+            if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+                return  # the usual case: a read, so a writer holding the lock cannot fail the construction
         with self._write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
