@@ -197,6 +197,16 @@ class RateLimit(_Rule):
         return f"rate.{self.kind}.{token}"
 
 
+def _one_line(error: Exception) -> str:
+    """A parse error on one line: YAML's messages quote the offending text over several lines,
+    with a caret; the problem and its line and column say as much."""
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if isinstance(problem, str) and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(error).split())
+
+
 class PolicyDocument(_Rule):
     """A whole policy. See the module docstring for an example."""
 
@@ -247,7 +257,7 @@ class PolicyDocument(_Rule):
 
                 data = yaml.safe_load(text)
         except Exception as error:  # yaml, toml and json all have their own error types
-            raise InvalidRequest(f"policy is not valid {fmt}: {error}") from None
+            raise InvalidRequest(f"policy is not valid {fmt}: {_one_line(error)}") from None
         if data is None:
             data = {}
         return cls.parse(data)

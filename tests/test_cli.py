@@ -174,6 +174,7 @@ def test_events_tail(ledger: str) -> None:
         (["budget", "set", "tenant acme", "usd", "10"], "scope"),
         (["budget", "set", "tenant:acme", "US$", "10"], "unit"),
         (["budget", "set", "--", "tenant:acme", "usd", "-5"], "negative"),
+        (["budget", "set", "tenant:acme", "usd", "-5"], "negative"),  # not taken for an option
         (["budget", "set", "tenant:acme", "usd", "ten"], "not a number"),
         (["budget", "set", "tenant:acme", "usd", "10", "--period", "fortnight"], "period"),
         (["budget", "ls", "tenant:a/b"], "scope"),
@@ -259,6 +260,11 @@ def test_policy_check_rejects_a_malformed_document(tmp_path: Path) -> None:
     result = runner.invoke(app, ["policy", "check", str(path)])
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("budgets:\n  - {scope: 'tenant:acme', unit: usd\n", encoding="utf-8")
+    unparsable = runner.invoke(app, ["policy", "check", str(broken)])
+    assert unparsable.exit_code == 2
+    assert unparsable.output.count("\n") == 1 and "(line 3, column 1)" in unparsable.output  # one line
     missing = runner.invoke(app, ["policy", "check", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 2
     assert "cannot read policy file" in missing.output

@@ -137,7 +137,7 @@ def demo(
     raise typer.Exit(0 if result.ok else 1)
 
 
-@budget_app.command("set")
+@budget_app.command("set", context_settings={"ignore_unknown_options": True})  # "-5": a (bad) amount, not an option
 def budget_set(
     ctx: typer.Context,
     scope: Annotated[str, typer.Argument(metavar="SCOPE", help="e.g. tenant:acme/workflow:triage")],
