@@ -475,6 +475,7 @@ class RedisStore(Store):
         loop = asyncio.get_running_loop()
         found = self._async.get(loop)
         if found is None:
+            self._drop_closed_loops()
             client, scripts = self._built(asynchronous=True)
             ready = asyncio.ensure_future(client.initialize()) if self.cluster else None
             found = (client, scripts, ready, deque())
@@ -490,6 +491,19 @@ class RedisStore(Store):
                     del self._async[loop]  # the next call tries again
                 raise _unavailable(problem) from problem
         return found[0], found[1], found[3]
+
+    def _drop_closed_loops(self) -> None:
+        """Close the clients of event loops that have ended (each ``asyncio.run`` makes a new loop).
+        Their connections keep the loop itself alive, so the weak mapping would never let go of
+        them: a process calling ``asyncio.run(authority.areserve(...))`` per request would keep a
+        socket per call until it ran out of file descriptors."""
+        for loop, entry in list(self._async.items()):
+            if loop.is_closed():
+                del self._async[loop]
+                try:
+                    _drop_async(entry[0], loop_alive=False)
+                except Exception:  # pragma: no cover - best effort: the loop is gone either way
+                    logger.debug("could not close the Redis client of an ended event loop", exc_info=True)
 
     def close(self) -> None:
         for loop, (client, _, _, _) in list(self._async.items()):

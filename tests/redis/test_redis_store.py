@@ -682,3 +682,29 @@ async def test_an_asyncio_one_connection_pool_keeps_none(redis_url: str, clock: 
     assert decision.allowed
     assert (await authority.abalance("tenant:atwo"))["calls"].held == 1
     await authority.aclose()
+
+
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+def test_each_asyncio_run_does_not_leave_a_client_behind(kind: str, request: pytest.FixtureRequest) -> None:
+    """A process calling ``asyncio.run(authority.areserve(...))`` per request makes a new event loop
+    each time; the clients (and sockets) of ended loops must be closed, not kept until close()."""
+    url = request.getfixturevalue("redis_url" if kind == "single" else "redis_cluster_url")
+    authority = Authority(url)
+    authority.set_budget(Budget("tenant:loops", "usd", 1000))
+    action = Action("step", "s", {"usd": 1})
+    store = authority.store
+    assert isinstance(store, RedisStore)
+
+    def lifecycle() -> None:
+        decision = asyncio.run(authority.areserve(action, "tenant:loops/run:r"))
+        assert decision.reservation is not None
+        asyncio.run(authority.acommit(decision.reservation))
+
+    lifecycle()
+    descriptors = len(os.listdir("/proc/self/fd"))
+    for _ in range(30):
+        lifecycle()
+    assert len(store._async) <= 1
+    assert len(os.listdir("/proc/self/fd")) <= descriptors + 2
+    assert authority.balance("tenant:loops")["usd"].spent == 31
+    authority.close()
