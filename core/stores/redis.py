@@ -581,7 +581,14 @@ class RedisStore(Store):
         layer costs more than the script for short scripts); a NOSCRIPT reply loads the script and
         runs it again, as redis-py's Script does. The cluster client routes by key slot itself."""
         if self.cluster:
-            return script(self._keys(root), args, client=client)
+            # Not redis-py's Script: on NOSCRIPT it loads the script on every primary, so one master
+            # down would fail the calls of tenants on the healthy ones. EVAL runs (and caches) the
+            # script on the tenant's own node only.
+            keys = self._keys(root)
+            try:
+                return client.evalsha(script.sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                return client.eval(script.script, len(keys), *keys, *args)
         body = b"".join(map(_bulk, args))
         count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))  # EVALSHA, sha, numkeys, the keys, the arguments
         # A connection the store keeps between calls (taking one from redis-py's pool and giving it back
@@ -648,7 +655,7 @@ class RedisStore(Store):
         except _ERRORS as error:
             raise _unavailable(error) from error
         if self._in_doubt:
-            self._settle_in_doubt(args[0])
+            self._settle_in_doubt(root, args[0])
         return reply
 
     async def _aevalsha(self, client: Any, script: Any, root: str, args: list[str], idle: deque[Any]) -> Any:
@@ -661,8 +668,12 @@ class RedisStore(Store):
         too; this does not rely on it; a disconnected connection reconnects on its next use). Keeping
         one is a plain append, so a cancellation cannot lose it; one returned to the pool under a
         contended lock is finished by :func:`_arelease`."""
-        if self.cluster:
-            return await script(self._keys(root), args, client=client)
+        if self.cluster:  # see _evalsha: EVAL on the tenant's node, never a load on every primary
+            keys = self._keys(root)
+            try:
+                return await client.evalsha(script.sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                return await client.eval(script.script, len(keys), *keys, *args)
         body = b"".join(map(_bulk, args))
         count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))
         try:
@@ -718,7 +729,7 @@ class RedisStore(Store):
         except _ERRORS as error:
             raise _unavailable(error) from error
         if self._in_doubt:
-            await self._asettle_in_doubt(client, scripts, idle, args[0])
+            await self._asettle_in_doubt(client, scripts, idle, root, args[0])
         return reply
 
     def _call(self, command: Callable[[], _T]) -> _T:
@@ -747,15 +758,21 @@ class RedisStore(Store):
             if len(self._in_doubt) < _MAX_IN_DOUBT:
                 self._in_doubt.add(reservation_id)
 
-    def _take_in_doubt(self) -> list[str]:
+    def _take_in_doubt(self, root: str) -> list[str]:
+        """Up to 32 in-doubt ids to release now. On a cluster only those of ``root``, whose node just
+        answered: another tenant's node may be the one that is down, and trying it after every good
+        call would add a timeout to each of them."""
         with self._in_doubt_lock:
-            taken = list(self._in_doubt)[:32]
+            if self.cluster:
+                taken = [rid for rid in self._in_doubt if root_of(rid) == root][:32]
+            else:
+                taken = list(self._in_doubt)[:32]
             self._in_doubt.difference_update(taken)
             return taken
 
-    def _settle_in_doubt(self, now: str) -> None:
+    def _settle_in_doubt(self, root: str, now: str) -> None:
         """Release holds whose reserve reply never came (the caller was denied): the store answers again."""
-        taken = self._take_in_doubt()
+        taken = self._take_in_doubt(root)
         for done, rid in enumerate(taken):
             try:
                 client, scripts = self._sync_client()
@@ -766,8 +783,10 @@ class RedisStore(Store):
                     self._in_doubt.update(taken[done:])  # this one and the rest: the next call tries again
                 return
 
-    async def _asettle_in_doubt(self, client: Any, scripts: dict[str, Any], idle: deque[Any], now: str) -> None:
-        taken = self._take_in_doubt()
+    async def _asettle_in_doubt(
+        self, client: Any, scripts: dict[str, Any], idle: deque[Any], root: str, now: str
+    ) -> None:
+        taken = self._take_in_doubt(root)
         for done, rid in enumerate(taken):
             try:
                 args = [now, *self._head(0.0)[1:], rid[:20]]

@@ -413,7 +413,7 @@ def test_in_doubt_ids_survive_a_failed_or_cancelled_release(redis_url: str, monk
         raise redis_py.ConnectionError("gone again")
 
     monkeypatch.setattr(store, "_evalsha", unreachable)
-    store._settle_in_doubt("1.0")
+    store._settle_in_doubt("tenant:doubt", "1.0")
     assert store._in_doubt == doubted  # all kept for the next call, not just the one that failed
 
     async def cancelled(*args: object) -> object:
@@ -421,10 +421,10 @@ def test_in_doubt_ids_survive_a_failed_or_cancelled_release(redis_url: str, monk
 
     monkeypatch.setattr(store, "_aevalsha", cancelled)
     with pytest.raises(asyncio.CancelledError):
-        asyncio.run(store._asettle_in_doubt(None, {"release": None}, deque(), "1.0"))
+        asyncio.run(store._asettle_in_doubt(None, {"release": None}, deque(), "tenant:doubt", "1.0"))
     assert store._in_doubt == doubted
     monkeypatch.undo()
-    store._settle_in_doubt("1.0")  # reachable again: unknown ids are released as not found, and forgotten
+    store._settle_in_doubt("tenant:doubt", "1.0")  # reachable again: unknown ids are released as not found
     assert not store._in_doubt
     authority.close()
 

@@ -16,7 +16,7 @@ from redis_servers import RedisServer, free_port, require_redis
 from clearance import Action, Authority, Budget, ClockSkew, Decision, InvalidRequest, Plan, StoreUnavailable
 from clearance.periods import windows_at
 from clearance.stores import store_from_url
-from clearance.stores.base import DEFAULT_RETENTION
+from clearance.stores.base import DEFAULT_RETENTION, root_of
 from clearance.stores.redis import RedisStore
 from clearance.testing import FakeClock
 from clearance.units import MAX_AMOUNT
@@ -707,4 +707,77 @@ def test_each_asyncio_run_does_not_leave_a_client_behind(kind: str, request: pyt
     assert len(store._async) <= 1
     assert len(os.listdir("/proc/self/fd")) <= descriptors + 2
     assert authority.balance("tenant:loops")["usd"].spent == 31
+    authority.close()
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_cluster_scripts_load_on_the_tenants_node_only(redis_cluster_url: str, face: str) -> None:
+    """With the scripts missing from every node's cache (a fresh deploy, a restarted or promoted
+    node), a call loads its script on its tenant's node only: another master hung meanwhile must
+    not fail it (redis-py's Script would load it on every primary first)."""
+    import redis.cluster
+
+    authority = Authority(redis_cluster_url.replace("?", "?socket_timeout=0.3&", 1))
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    tenant = f"tenant:ha-{face}"
+    authority.set_budget(Budget(tenant, "calls", 10))
+    raw = redis.cluster.RedisCluster.from_url(store.url.replace("redis+cluster://", "redis://"))
+    owner = raw.get_node_from_key(store._keys(tenant)[0])
+    startup = store.url.rsplit(":", 1)[1].split("/")[0].split("?")[0]  # slots are discovered through it
+    others = [node for node in raw.get_primaries() if owner.name != node.name and str(node.port) != startup]
+    for node in raw.get_primaries():
+        raw.get_redis_connection(node).script_flush()
+    hung = redis_py.Redis(host=others[0].host, port=others[0].port)
+    hung.execute_command("CLIENT", "PAUSE", "3000", "ALL")
+    try:
+        action = Action("step", "s", {"calls": 1})
+        if face == "sync":
+            decision = authority.reserve(action, f"{tenant}/run:1")
+        else:
+            decision = asyncio.run(authority.areserve(action, f"{tenant}/run:1"))
+        assert decision.allowed, decision.reasons
+        assert decision.reservation is not None
+        assert authority.commit(decision.reservation).status == "committed"
+    finally:
+        hung.execute_command("CLIENT", "UNPAUSE")
+        hung.close()
+        raw.close()
+    assert authority.balance(tenant)["calls"].spent == 1
+    authority.close()
+
+
+def test_cluster_in_doubt_holds_are_released_through_their_own_node(redis_cluster_url: str) -> None:
+    """A reserve lost on a hung master leaves its id in doubt; calls to tenants on healthy masters
+    must not try to release it (each try would wait out the timeout on the hung node), and the
+    first good call to its own tenant does."""
+    import redis.cluster
+
+    authority = Authority(redis_cluster_url.replace("?", "?socket_timeout=0.3&", 1))
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    raw = redis.cluster.RedisCluster.from_url(store.url.replace("redis+cluster://", "redis://"))
+    names = {f"tenant:d{i}": raw.get_node_from_key(store._keys(f"tenant:d{i}")[0]) for i in range(40)}
+    lost = "tenant:d0"
+    healthy = next(t for t, node in names.items() if node.name != names[lost].name)
+    for tenant in (lost, healthy):
+        authority.set_budget(Budget(tenant, "calls", 10))
+    action = Action("step", "s", {"calls": 1})
+    hung = redis_py.Redis(host=names[lost].host, port=names[lost].port)
+    hung.execute_command("CLIENT", "PAUSE", "2000", "ALL")
+    try:
+        assert authority.reserve(action, f"{lost}/run:1").denied
+        assert [root_of(rid) for rid in store._in_doubt] == [lost]
+        for _ in range(3):
+            decision = authority.reserve(action, f"{healthy}/run:1")
+            assert decision.allowed and decision.reservation is not None
+            authority.commit(decision.reservation)
+        assert [root_of(rid) for rid in store._in_doubt] == [lost]  # not tried through the healthy node
+    finally:
+        hung.execute_command("CLIENT", "UNPAUSE")
+        hung.close()
+        raw.close()
+    assert authority.reserve(action, f"{lost}/run:2").allowed
+    assert not store._in_doubt
+    assert authority.balance(lost)["calls"].held == 1  # the lost hold was released, not left to its TTL
     authority.close()
