@@ -1062,13 +1062,26 @@ class RedisStore(Store):
 
     # --- maintenance -----------------------------------------------------------------------------
     def sweep(self, now: float) -> int:
+        """Every tenant in turn. A tenant that cannot be reached (its cluster node is down) does not
+        stop the others: they are swept, then the failure is raised, naming how far it got."""
         expired = 0
+        failed: list[str] = []
+        first: StoreUnavailable | None = None
         for root in self._roots():
-            while True:
-                count, due, forgotten = self._run("sweep", root, self._head(now))
-                expired += int(count)
-                if int(due) < self._batch and int(forgotten) < self._batch:
-                    break
+            try:
+                while True:
+                    count, due, forgotten = self._run("sweep", root, self._head(now))
+                    expired += int(count)
+                    if int(due) < self._batch and int(forgotten) < self._batch:
+                        break
+            except StoreUnavailable as error:
+                failed.append(root)
+                first = first or error
+        if first is not None:
+            shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+            raise StoreUnavailable(
+                f"sweep returned {expired} expired holds but could not reach {len(failed)} tenant(s): {shown} ({first})"
+            ) from first
         return expired
 
     async def asweep(self, now: float) -> int:

@@ -781,3 +781,33 @@ def test_cluster_in_doubt_holds_are_released_through_their_own_node(redis_cluste
     assert not store._in_doubt
     assert authority.balance(lost)["calls"].held == 1  # the lost hold was released, not left to its TTL
     authority.close()
+
+
+def test_cluster_sweep_goes_on_past_an_unreachable_tenant(redis_cluster_url: str, clock: FakeClock) -> None:
+    """sweep() visits every tenant: one on a hung master does not keep the others' expired holds
+    from coming back; the failure is raised afterwards, naming the tenant."""
+    import redis.cluster
+
+    authority = Authority(redis_cluster_url.replace("?", "?socket_timeout=0.3&", 1), clock=clock)
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    raw = redis.cluster.RedisCluster.from_url(store.url.replace("redis+cluster://", "redis://"))
+    names = {f"tenant:s{i}": raw.get_node_from_key(store._keys(f"tenant:s{i}")[0]) for i in range(40)}
+    lost = "tenant:s0"
+    healthy = [t for t, node in names.items() if node.name != names[lost].name][:3]
+    for tenant in (lost, *healthy):
+        authority.set_budget(Budget(tenant, "calls", 10))
+        assert authority.reserve(Action("step", "s", {"calls": 1}), f"{tenant}/run:1", ttl=5).allowed
+    clock.advance(10)
+    hung = redis_py.Redis(host=names[lost].host, port=names[lost].port)
+    hung.execute_command("CLIENT", "PAUSE", "2000", "ALL")
+    try:
+        with pytest.raises(StoreUnavailable, match=f"sweep returned 3 expired holds but could not reach 1 .*{lost}"):
+            authority.sweep()
+    finally:
+        hung.execute_command("CLIENT", "UNPAUSE")
+        hung.close()
+        raw.close()
+    assert all(authority.balance(t)["calls"].held == 0 for t in healthy)
+    assert authority.sweep() == 1  # the lost tenant's, once its node answers again
+    authority.close()
