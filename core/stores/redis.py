@@ -392,6 +392,7 @@ class RedisStore(Store):
         _STORES.add(self)
         self._sync: tuple[Any, dict[str, Any]] | None = None  # built on first use: a cluster client connects
         self._sync_lock = threading.Lock()
+        self._eviction_checked = False
         # Per event loop: its asyncio client, scripts, the cluster's discovery and the kept connections.
         self._async: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, tuple[Any, dict[str, Any], asyncio.Future[Any] | None, deque[Any]]
@@ -458,8 +459,32 @@ class RedisStore(Store):
             with self._sync_lock:
                 if self._sync is None:
                     self._sync = self._built(asynchronous=False)
+                    if not self._eviction_checked:
+                        self._eviction_checked = True
+                        client = self._sync[0]
+                        with contextlib.suppress(Exception):  # a check, not a dependency: no INFO, no warning
+                            if self.cluster:
+                                self._warn_if_evicting(client.info("memory", target_nodes=client.PRIMARIES))
+                            else:
+                                self._warn_if_evicting(client.info("memory"))
                 found = self._sync
         return found
+
+    def _warn_if_evicting(self, info: Any) -> None:
+        """Warn once when Redis may evict the ledger's keys (an ``allkeys-*`` policy): under memory
+        pressure it would drop budgets and holds silently, and the next reserve would be allowed
+        against a budget that no longer exists. ``noeviction`` (or ``volatile-*``: the ledger sets
+        no TTLs) makes a full Redis refuse writes instead, which clearance turns into decisions."""
+        infos = info.values() if "maxmemory_policy" not in info else [info]  # a cluster answers per node
+        policies = {str(node.get("maxmemory_policy", "")) for node in infos if isinstance(node, dict)}
+        evicting = sorted(p for p in policies if p.startswith("allkeys-"))
+        if evicting:
+            logger.warning(
+                "Redis at %s has maxmemory-policy %s: under memory pressure it may evict clearance's budgets and "
+                "holds; set maxmemory-policy noeviction (see docs/redis.md)",
+                self.url,
+                ", ".join(evicting),
+            )
 
     @property
     def _client(self) -> Any:
@@ -490,6 +515,14 @@ class RedisStore(Store):
                 if self._async.get(loop) is found:
                     del self._async[loop]  # the next call tries again
                 raise _unavailable(problem) from problem
+        if not self._eviction_checked:
+            self._eviction_checked = True
+            client = found[0]
+            with contextlib.suppress(Exception):  # see _sync_client
+                if self.cluster:
+                    self._warn_if_evicting(await client.info("memory", target_nodes=client.PRIMARIES))
+                else:
+                    self._warn_if_evicting(await client.info("memory"))
         return found[0], found[1], found[3]
 
     def _drop_closed_loops(self) -> None:

@@ -811,3 +811,33 @@ def test_cluster_sweep_goes_on_past_an_unreachable_tenant(redis_cluster_url: str
     assert all(authority.balance(t)["calls"].held == 0 for t in healthy)
     assert authority.sweep() == 1  # the lost tenant's, once its node answers again
     authority.close()
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_an_evicting_redis_is_reported_once(face: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A Redis allowed to evict any key (allkeys-*) would drop budgets and holds under memory
+    pressure, silently: the store warns on its first connection; noeviction says nothing."""
+    require_redis()
+    server = RedisServer(extra=("--maxmemory-policy", "allkeys-lru")).start()
+    try:
+        authority = Authority(server.url)
+        action = Action("step", "s", {"usd": 1})
+        for _ in range(2):
+            if face == "sync":
+                authority.set_budget(Budget("tenant:evict", "usd", 10))
+                authority.reserve(action, "tenant:evict/run:1")
+            else:
+                asyncio.run(authority.aset_budget(Budget("tenant:evict", "usd", 10)))
+        warnings = [r for r in caplog.records if "maxmemory-policy allkeys-lru" in r.getMessage()]
+        assert len(warnings) == 1
+        authority.close()
+        caplog.clear()
+        raw = redis_py.Redis(port=server.port)
+        raw.config_set("maxmemory-policy", "noeviction")
+        raw.close()
+        quiet = Authority(server.url)
+        quiet.set_budget(Budget("tenant:evict", "usd", 10))
+        assert not [r for r in caplog.records if "maxmemory-policy" in r.getMessage()]
+        quiet.close()
+    finally:
+        server.stop()
