@@ -459,16 +459,26 @@ class RedisStore(Store):
             with self._sync_lock:
                 if self._sync is None:
                     self._sync = self._built(asynchronous=False)
-                    if not self._eviction_checked:
-                        self._eviction_checked = True
-                        client = self._sync[0]
-                        with contextlib.suppress(Exception):  # a check, not a dependency: no INFO, no warning
-                            if self.cluster:
-                                self._warn_if_evicting(client.info("memory", target_nodes=client.PRIMARIES))
-                            else:
-                                self._warn_if_evicting(client.info("memory"))
                 found = self._sync
         return found
+
+    def _check_eviction(self, client: Any) -> None:
+        """Once per store, after its first good call (so a hung server never costs a second
+        timeout): see :meth:`_warn_if_evicting`. A check, not a dependency: without INFO, no warning."""
+        self._eviction_checked = True
+        with contextlib.suppress(Exception):
+            if self.cluster:
+                self._warn_if_evicting(client.info("memory", target_nodes=client.PRIMARIES))
+            else:
+                self._warn_if_evicting(client.info("memory"))
+
+    async def _acheck_eviction(self, client: Any) -> None:
+        self._eviction_checked = True
+        with contextlib.suppress(Exception):
+            if self.cluster:
+                self._warn_if_evicting(await client.info("memory", target_nodes=client.PRIMARIES))
+            else:
+                self._warn_if_evicting(await client.info("memory"))
 
     def _warn_if_evicting(self, info: Any) -> None:
         """Warn once when Redis may evict the ledger's keys (an ``allkeys-*`` policy): under memory
@@ -515,14 +525,6 @@ class RedisStore(Store):
                 if self._async.get(loop) is found:
                     del self._async[loop]  # the next call tries again
                 raise _unavailable(problem) from problem
-        if not self._eviction_checked:
-            self._eviction_checked = True
-            client = found[0]
-            with contextlib.suppress(Exception):  # see _sync_client
-                if self.cluster:
-                    self._warn_if_evicting(await client.info("memory", target_nodes=client.PRIMARIES))
-                else:
-                    self._warn_if_evicting(await client.info("memory"))
         return found[0], found[1], found[3]
 
     def _drop_closed_loops(self) -> None:
@@ -689,6 +691,8 @@ class RedisStore(Store):
             raise _unavailable(error) from error
         if self._in_doubt:
             self._settle_in_doubt(root, args[0])
+        if not self._eviction_checked:
+            self._check_eviction(client)
         return reply
 
     async def _aevalsha(self, client: Any, script: Any, root: str, args: list[str], idle: deque[Any]) -> Any:
@@ -763,6 +767,8 @@ class RedisStore(Store):
             raise _unavailable(error) from error
         if self._in_doubt:
             await self._asettle_in_doubt(client, scripts, idle, root, args[0])
+        if not self._eviction_checked:
+            await self._acheck_eviction(client)
         return reply
 
     def _call(self, command: Callable[[], _T]) -> _T:
@@ -1107,6 +1113,8 @@ class RedisStore(Store):
                     expired += int(count)
                     if int(due) < self._batch and int(forgotten) < self._batch:
                         break
+            except ClockSkew:
+                raise  # this worker's clock, not a tenant's node: every other tenant would refuse it too
             except StoreUnavailable as error:
                 failed.append(root)
                 first = first or error
