@@ -377,6 +377,8 @@ class Authority:
             raise InvalidRequest("rules must be callables rule(action, scope, proposal)")
         if isinstance(policy_refresh, bool) or not isinstance(policy_refresh, int | float) or not policy_refresh >= 0:
             raise InvalidRequest(f"policy_refresh must be a number of seconds >= 0, got {policy_refresh!r}")
+        if policy is not None and rules:  # rules come on top of a pinned policy too (its own first)
+            policy = Policy(policy.document, rules=(*policy.rules, *rules), version=policy.version)
         self._fixed_policy = policy
         self._rules = tuple(rules)
         self._policy: Policy | None = policy if policy is not None else (Policy(rules=rules) if rules else None)

@@ -240,6 +240,11 @@ def test_code_rules_can_override() -> None:
         "memory://", policy=Policy(PolicyDocument.parse({"ladders": [LADDER]}), rules=[never_flagship])
     )
     assert authority.reserve(flagship(), RUN).caps == Caps(model="gpt-4.1-mini")
+    # the same rule passed as Authority(rules=...) on top of a pinned policy (it was ignored)
+    pinned = Authority(
+        "memory://", policy=Policy(PolicyDocument.parse({"ladders": [LADDER]})), rules=[never_flagship]
+    )
+    assert pinned.reserve(flagship(), RUN).caps == Caps(model="gpt-4.1-mini")
 
 
 def test_applied_policy_reaches_every_worker(store_url: str, clock: FakeClock) -> None:
