@@ -189,14 +189,17 @@ class _EmergencyCap:
     process never issued is :class:`ReservationNotFound`. An action none of whose units has an
     emergency limit is not bounded by the cap, so it is refused (:meth:`take`)."""
 
-    _REMEMBERED = 10_000  # settled reservations and idempotency keys kept (the most recent)
+    _REMEMBERED = 10_000  # settled reservations kept (the most recent): the local "retention"
 
     def __init__(self, limits: dict[str, int]) -> None:
         self.limits = limits
         self.used: dict[str, int] = dict.fromkeys(limits, 0)
         self.holds: dict[str, Reservation] = {}  # held local reservations (this class's own copies)
         self.settled: dict[str, Reservation] = {}  # the most recent settled ones
-        self.keys: dict[tuple[str, str], str] = {}  # (tenant, idempotency key) -> id, the most recent
+        # (tenant, idempotency key) -> id, for every held or remembered keyed reservation: a key is
+        # forgotten with its reservation, never while it is held.
+        self.keys: dict[tuple[str, str], str] = {}
+        self.key_of: dict[str, tuple[str, str]] = {}
         self.lock = threading.Lock()
 
     def _give_back(self, steps: Amounts) -> None:
@@ -206,7 +209,10 @@ class _EmergencyCap:
 
     def _remember(self, reservation: Reservation) -> None:
         if len(self.settled) >= self._REMEMBERED:
-            self.settled.pop(next(iter(self.settled)))
+            forgotten = self.settled.pop(next(iter(self.settled)))
+            key = self.key_of.pop(forgotten.id, None)
+            if key is not None:
+                self.keys.pop(key, None)
         self.settled[reservation.id] = reservation
 
     def _expire(self, now: float) -> None:
@@ -217,12 +223,19 @@ class _EmergencyCap:
                 reservation.status = "expired"
                 self._remember(reservation)
 
-    def take(self, reservation: Reservation, now: float, key: tuple[str, str] | None) -> str | None:
-        """Hold the reservation's steps against the cap; return the unit that does not fit (or, when
-        no unit of the action has an emergency limit, its first unit), else None."""
+    def take(self, reservation: Reservation, now: float, key: tuple[str, str] | None) -> str | Reservation | None:
+        """Hold the reservation's steps against the cap. Returns None when held; the unit that does
+        not fit (or, when no unit of the action has an emergency limit, its first unit); or, when
+        ``key`` already made a local reservation (a concurrent retry got here first), a copy of that
+        one — checked under the same lock as the hold, so a key never holds twice."""
         steps = reservation.steps
         with self.lock:
             self._expire(now)
+            if key is not None:
+                rid = self.keys.get(key)
+                existing = None if rid is None else self._find(rid)
+                if existing is not None:
+                    return replace(existing)
             spending = [unit for unit, amount in steps if amount > 0]
             if spending and not any(unit in self.limits for unit in spending):
                 return spending[0]
@@ -234,9 +247,8 @@ class _EmergencyCap:
                     self.used[unit] += amount
             self.holds[reservation.id] = replace(reservation)
             if key is not None:
-                if len(self.keys) >= self._REMEMBERED:
-                    self.keys.pop(next(iter(self.keys)))
                 self.keys[key] = reservation.id
+                self.key_of[reservation.id] = key
             return None
 
     def _find(self, rid: str) -> Reservation | None:
@@ -523,6 +535,8 @@ class Authority:
             local=True,
         )
         over = self._emergency.take(reservation, request.now, None if key is None else (request.chain[0], key))
+        if isinstance(over, Reservation):  # the same key's reservation, made meanwhile by another thread
+            return self._replayed_locally(over, action, scope, plans)
         if over is not None:
             if over in self._emergency.limits:
                 message = f"store unavailable and this process's emergency cap of {over} is used"
@@ -548,6 +562,13 @@ class Authority:
         found = emergency.find((request.chain[0], key), request.now)
         if found is None:
             return None
+        return self._replayed_locally(found, action, scope, plans)
+
+    @staticmethod
+    def _replayed_locally(
+        found: Reservation, action: Action, scope: Scope, plans: tuple[Plan, ...] | None
+    ) -> Decision:
+        """The answer to a retry of a local reservation: the same one, or the ledger's denials."""
         steps, caps = _chosen(action, plans, 0)
         if found.status not in ("held", "committed"):
             message = f"this idempotency key's reservation {found.id} is {found.status}: retry with a new key"

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal
+from decimal import ROUND_CEILING, Context, Decimal, localcontext
 from functools import lru_cache
 from typing import Any
 
 from clearance.errors import InvalidRequest
 from clearance.units import EXACT, USD_SCALE
 
+# genai-prices does its Decimal arithmetic in the current context; a caller's (say prec=6, or traps
+# on) must not round or break a price, so its calls run in this one (Python's defaults, more digits).
+_GENAI_CONTEXT = Context(prec=100)
 _NANO_PER_MTOK = EXACT.divide(Decimal(USD_SCALE), Decimal(1_000_000))
 
 
@@ -77,7 +80,8 @@ def _lookup(provider: str | None, model: str) -> ModelRate | None:
     from genai_prices import Usage, calc_price  # imported on first use: keeps `import clearance` light
 
     try:
-        calc = calc_price(Usage(input_tokens=1, output_tokens=1), model_ref=model, provider_id=provider)
+        with localcontext(_GENAI_CONTEXT):
+            calc = calc_price(Usage(input_tokens=1, output_tokens=1), model_ref=model, provider_id=provider)
     except LookupError:
         if _fallback is not None:
             _rates[key] = _fallback
@@ -99,9 +103,10 @@ def _lookup(provider: str | None, model: str) -> ModelRate | None:
 def _tiered(provider: str | None, model: str, input_tokens: int, output_tokens: int) -> int:
     from genai_prices import Usage, calc_price
 
-    calc = calc_price(
-        Usage(input_tokens=input_tokens, output_tokens=output_tokens), model_ref=model, provider_id=provider
-    )
+    with localcontext(_GENAI_CONTEXT):  # genai-prices computes in the current context: never the caller's
+        calc = calc_price(
+            Usage(input_tokens=input_tokens, output_tokens=output_tokens), model_ref=model, provider_id=provider
+        )
     return int(EXACT.multiply(Decimal(calc.total_price), USD_SCALE).to_integral_value(rounding=ROUND_CEILING))
 
 

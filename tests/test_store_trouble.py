@@ -139,3 +139,57 @@ def test_fail_open_retries_with_a_key_never_hold_twice_and_local_holds_can_be_ex
     assert emails.denied and emails.reasons[0].code == "emergency_cap" and emails.reasons[0].unit == "emails"
     assert "emergency_limits" in emails.reasons[0].message or "add emails" in emails.reasons[0].message
     assert authority.reserve(Action("call", "m", {"usd": "0.1", "tokens": 900}), SCOPE).allowed  # usd bounds it
+
+
+def test_concurrent_fail_open_retries_with_one_key_hold_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads retrying the same keyed reserve while failing open: the key is checked under the
+    cap's lock with the hold, so one holds and the other gets that same reservation."""
+    import threading
+
+    store = FlakyStore()
+    authority = Authority(store, fail_open=True, emergency_limits={"usd": 1})
+    store.down = True
+    cap = authority._emergency
+    both_there = threading.Barrier(2)
+    real_take = cap.take
+
+    def take(*args: object) -> object:
+        both_there.wait(timeout=5)  # both past the first look-up of the key, neither holding yet
+        return real_take(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cap, "take", take)
+    decisions: list[object] = []
+
+    def retry() -> None:
+        decisions.append(authority.reserve(ACTION, SCOPE, idempotency_key="same"))
+
+    threads = [threading.Thread(target=retry) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ids = {d.reservation.id for d in decisions}  # type: ignore[attr-defined]
+    assert len(ids) == 1 and sorted(d.replayed for d in decisions) == [False, True]  # type: ignore[attr-defined]
+    assert cap.used["usd"] == 400_000_000  # 0.4 USD held once
+
+
+def test_a_held_local_reservations_key_is_never_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys are forgotten with their reservation (the 10,000 most recent settled ones), never while
+    it is held: many other keyed calls must not turn a retry into a second hold."""
+    from clearance.authority import _EmergencyCap
+
+    monkeypatch.setattr(_EmergencyCap, "_REMEMBERED", 5)
+    store = FlakyStore()
+    authority = Authority(store, fail_open=True, emergency_limits={"usd": 1})
+    store.down = True
+    first = authority.reserve(ACTION, SCOPE, idempotency_key="k0")
+    free = Action("step", "free", {"usd": 0})
+    for i in range(20):
+        other = authority.reserve(free, SCOPE, idempotency_key=f"free{i}")
+        assert other.reservation is not None
+        authority.commit(other.reservation)
+    again = authority.reserve(ACTION, SCOPE, idempotency_key="k0")
+    assert again.replayed and again.reservation is not None and first.reservation is not None
+    assert again.reservation.id == first.reservation.id
+    cap = authority._emergency
+    assert len(cap.keys) <= 1 + 5 and len(cap.key_of) == len(cap.keys)

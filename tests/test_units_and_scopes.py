@@ -95,11 +95,14 @@ def test_pricing_uses_genai_prices_and_custom_rates() -> None:
 def test_amounts_never_depend_on_the_callers_decimal_context() -> None:
     """A program that sets a low Decimal precision (or rounding down) must not get its money
     rounded: conversions and prices use their own exact context."""
-    from decimal import ROUND_DOWN, localcontext
+    from decimal import ROUND_DOWN, Subnormal, localcontext
 
     from clearance import Authority, Budget, Plan
+    from clearance.pricing import _tiered
 
     expected_price = price_usd("openai", "gpt-4o", 123_457, 7_891)
+    expected_tiered = price_usd("google", "gemini-2.5-pro", 223_457, 98_765)  # tiered: genai-prices computes it
+    _tiered.cache_clear()
     with localcontext() as context:
         context.prec = 6
         context.rounding = ROUND_DOWN
@@ -107,6 +110,8 @@ def test_amounts_never_depend_on_the_callers_decimal_context() -> None:
         assert to_steps("usd", "2345.67491") == 2_345_674_910_000
         assert from_steps("usd", 1_234_564_100_001) == Decimal("1234.564100001")
         assert price_usd("openai", "gpt-4o", 123_457, 7_891) == expected_price
+        context.traps[Subnormal] = True
+        assert price_usd("google", "gemini-2.5-pro", 223_457, 98_765) == expected_tiered
         authority = Authority()
         authority.set_budget(Budget("tenant:ctx", "usd", "5000"))
         decision = authority.reserve(Action("step", "s", {"usd": Decimal("1234.5641")}), "tenant:ctx")

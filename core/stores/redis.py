@@ -235,10 +235,13 @@ def _check_url(url: str, options: dict[str, Any], cluster: bool) -> None:
         raise InvalidRequest(f"bad Redis URL {url!r}: the database must be a number, got {database!r}")
     kwargs.update(options)
     kwargs.update(decode_responses=True, protocol=2, socket_timeout=1.0, socket_connect_timeout=1.0)
+    kwargs.pop("timeout", None)  # the blocking pool's wait, not the connection's
+    connection_class = kwargs.pop("connection_class", redis.connection.Connection)
     if cluster:
         for name in _CLUSTER_OPTIONS:
             kwargs.pop(name, None)
-    connection_class = kwargs.pop("connection_class", redis.connection.Connection)
+        if kwargs.pop("ssl", False) not in (False, "false", "False", "0", 0):  # the cluster client's TLS switch
+            connection_class = redis.connection.SSLConnection
     try:
         connection_class(**kwargs)  # builds the object only: nothing is connected
     except (TypeError, ValueError) as error:
@@ -532,9 +535,11 @@ class RedisStore(Store):
         Their connections keep the loop itself alive, so the weak mapping would never let go of
         them: a process calling ``asyncio.run(authority.areserve(...))`` per request would keep a
         socket per call until it ran out of file descriptors."""
-        for loop, entry in list(self._async.items()):
+        for loop in list(self._async):
             if loop.is_closed():
-                del self._async[loop]
+                entry = self._async.pop(loop, None)  # another thread may have dropped it meanwhile
+                if entry is None:
+                    continue
                 try:
                     _drop_async(entry[0], loop_alive=False)
                 except Exception:  # pragma: no cover - best effort: the loop is gone either way
@@ -802,8 +807,8 @@ class RedisStore(Store):
         answered: another tenant's node may be the one that is down, and trying it after every good
         call would add a timeout to each of them."""
         with self._in_doubt_lock:
-            if self.cluster:
-                taken = [rid for rid in self._in_doubt if root_of(rid) == root][:32]
+            if self.cluster:  # ids are "<20 characters>.<root>": a slice, not a parse, per id
+                taken = [rid for rid in self._in_doubt if rid[21:] == root][:32]
             else:
                 taken = list(self._in_doubt)[:32]
             self._in_doubt.difference_update(taken)
@@ -1106,7 +1111,12 @@ class RedisStore(Store):
         expired = 0
         failed: list[str] = []
         first: StoreUnavailable | None = None
+        dead_nodes: set[str] = set()  # on a cluster: a node that failed is not tried again per tenant
         for root in self._roots():
+            node = self._node_of(root) if self.cluster else None
+            if node is not None and node in dead_nodes:
+                failed.append(root)
+                continue
             try:
                 while True:
                     count, due, forgotten = self._run("sweep", root, self._head(now))
@@ -1118,12 +1128,21 @@ class RedisStore(Store):
             except StoreUnavailable as error:
                 failed.append(root)
                 first = first or error
+                if node is not None:
+                    dead_nodes.add(node)
         if first is not None:
             shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
             raise StoreUnavailable(
                 f"sweep returned {expired} expired holds but could not reach {len(failed)} tenant(s): {shown} ({first})"
             ) from first
         return expired
+
+    def _node_of(self, root: str) -> str | None:
+        """The cluster node that holds a tenant's slot, as redis-py's slot table says (None: unknown)."""
+        try:
+            return str(self._client.get_node_from_key(self._keys(root)[0]).name)
+        except Exception:  # no slot table yet, or a node without a known owner: just try the tenant
+            return None
 
     async def asweep(self, now: float) -> int:
         return await asyncio.to_thread(self.sweep, now)

@@ -138,6 +138,8 @@ def test_url_options_and_prefix_validation(redis_url: str) -> None:
         "unix:///tmp/none.sock?db=2",
         "redis+cluster://127.0.0.1:1?read_from_replicas=true",
         "redis://127.0.0.1:1/",
+        "redis://127.0.0.1:1/0?timeout=3",  # the blocking pool's wait
+        "redis+cluster://127.0.0.1:1?ssl=true&ssl_cert_reqs=none",  # the cluster client's TLS switch
     ):
         store_from_url(good).close()
 
@@ -841,3 +843,32 @@ def test_an_evicting_redis_is_reported_once(face: str, caplog: pytest.LogCapture
         quiet.close()
     finally:
         server.stop()
+
+
+def test_threads_each_running_asyncio_run_share_one_store(redis_url: str) -> None:
+    """A threaded server calling asyncio.run(authority.areserve(...)) per request: ended loops are
+    dropped by whichever thread gets there first, never an error out of a call."""
+    import threading
+
+    authority = Authority(redis_url)
+    authority.set_budget(Budget("tenant:threads", "calls", 100_000))
+    action = Action("step", "s", {"calls": 1})
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        for _ in range(60):
+            try:
+                decision = asyncio.run(authority.areserve(action, "tenant:threads/run:1"))
+                assert decision.allowed and decision.reservation is not None, decision.reasons
+                asyncio.run(authority.acommit(decision.reservation))
+            except BaseException as error:
+                errors.append(error)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:3]
+    assert authority.balance("tenant:threads")["calls"].spent == 240
+    authority.close()
