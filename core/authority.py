@@ -568,8 +568,11 @@ class Authority:
     def _replayed_locally(
         found: Reservation, action: Action, scope: Scope, plans: tuple[Plan, ...] | None
     ) -> Decision:
-        """The answer to a retry of a local reservation: the same one, or the ledger's denials."""
-        steps, caps = _chosen(action, plans, 0)
+        """The answer to a retry of a local reservation: the same one (with the caps of whichever of
+        the plans it holds), or the ledger's denials."""
+        held = dict(found.steps)
+        index = next((i for i in range(len(plans)) if dict(plans[i].steps) == held), 0) if plans else 0
+        steps, caps = _chosen(action, plans, index)
         if found.status not in ("held", "committed"):
             message = f"this idempotency key's reservation {found.id} is {found.status}: retry with a new key"
             code = "replay_settled"
@@ -582,7 +585,7 @@ class Authority:
         else:
             reason = Reason("fail_open", "replayed a reservation made while the store was unavailable", scope.path)
             outcome = Outcome.ALLOW if caps is None else Outcome.ALLOW_WITH_CAPS
-            return Decision(outcome, scope.path, action.label, found, caps, (reason,), (), 0, Mode.FAIL_OPEN, True)
+            return Decision(outcome, scope.path, action.label, found, caps, (reason,), (), index, Mode.FAIL_OPEN, True)
         reason = Reason(code, message, scope.path)
         return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_OPEN, replayed=True)
 

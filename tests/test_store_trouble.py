@@ -193,3 +193,20 @@ def test_a_held_local_reservations_key_is_never_forgotten(monkeypatch: pytest.Mo
     assert again.reservation.id == first.reservation.id
     cap = authority._emergency
     assert len(cap.keys) <= 1 + 5 and len(cap.key_of) == len(cap.keys)
+
+
+def test_a_local_reservation_replays_with_the_caps_of_the_plan_it_holds() -> None:
+    """A keyed retry while failing open finds the local hold among the plans it is given (as the
+    ledger's replay does), not only as their first."""
+    from clearance import Caps, Plan
+
+    store = FlakyStore()
+    authority = Authority(store, fail_open=True, emergency_limits={"usd": 1})
+    store.down = True
+    cheap = Plan({"usd": "0.1"}, caps=Caps(model="small"))
+    first = authority.reserve(ACTION, SCOPE, plans=[cheap], idempotency_key="ladder")
+    assert first.caps == Caps(model="small")
+    retry = authority.reserve(ACTION, SCOPE, plans=[Plan({"usd": "0.5"}), cheap], idempotency_key="ladder")
+    assert retry.replayed and retry.allowed and retry.caps == Caps(model="small") and retry.plan_index == 1
+    assert retry.reservation is not None and first.reservation is not None
+    assert retry.reservation.id == first.reservation.id
