@@ -208,6 +208,9 @@ class _EmergencyCap:
                 self.used[unit] -= amount
 
     def _remember(self, reservation: Reservation) -> None:
+        if reservation.id in self.settled:  # settled again (a late commit): never evict itself
+            self.settled[reservation.id] = reservation
+            return
         if len(self.settled) >= self._REMEMBERED:
             forgotten = self.settled.pop(next(iter(self.settled)))
             key = self.key_of.pop(forgotten.id, None)

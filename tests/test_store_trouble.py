@@ -210,3 +210,24 @@ def test_a_local_reservation_replays_with_the_caps_of_the_plan_it_holds() -> Non
     assert retry.replayed and retry.allowed and retry.caps == Caps(model="small") and retry.plan_index == 1
     assert retry.reservation is not None and first.reservation is not None
     assert retry.reservation.id == first.reservation.id
+
+
+def test_a_late_local_commit_keeps_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settling an expired local reservation again (a late commit) must not evict it, and its key,
+    from the remembered ones: a retry with the key stays a replay, not a second hold."""
+    from clearance.authority import _EmergencyCap
+
+    monkeypatch.setattr(_EmergencyCap, "_REMEMBERED", 3)
+    clock = FakeClock()
+    store = FlakyStore()
+    authority = Authority(store, clock=clock, fail_open=True, emergency_limits={"usd": 1})
+    store.down = True
+    first = authority.reserve(ACTION, SCOPE, idempotency_key="k0", ttl=5)
+    assert first.reservation is not None
+    clock.advance(10)  # expired: the oldest remembered one
+    for i in range(2):
+        other = authority.reserve(Action("step", "free", {"usd": 0}), SCOPE, idempotency_key=f"o{i}")
+        authority.release(other.reservation)  # type: ignore[arg-type]
+    assert authority.commit(first.reservation, {"usd": "0.1"}).flags == ("late",)
+    retry = authority.reserve(ACTION, SCOPE, idempotency_key="k0")
+    assert retry.replayed and retry.reservation is not None and retry.reservation.id == first.reservation.id

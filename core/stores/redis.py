@@ -235,13 +235,12 @@ def _check_url(url: str, options: dict[str, Any], cluster: bool) -> None:
         raise InvalidRequest(f"bad Redis URL {url!r}: the database must be a number, got {database!r}")
     kwargs.update(options)
     kwargs.update(decode_responses=True, protocol=2, socket_timeout=1.0, socket_connect_timeout=1.0)
-    kwargs.pop("timeout", None)  # the blocking pool's wait, not the connection's
     connection_class = kwargs.pop("connection_class", redis.connection.Connection)
-    if cluster:
+    if cluster:  # (redis-py's cluster client hands "timeout" and "ssl" to its connections: refused)
         for name in _CLUSTER_OPTIONS:
             kwargs.pop(name, None)
-        if kwargs.pop("ssl", False) not in (False, "false", "False", "0", 0):  # the cluster client's TLS switch
-            connection_class = redis.connection.SSLConnection
+    else:
+        kwargs.pop("timeout", None)  # the blocking pool's wait, not the connection's
     try:
         connection_class(**kwargs)  # builds the object only: nothing is connected
     except (TypeError, ValueError) as error:
@@ -397,6 +396,7 @@ class RedisStore(Store):
         self._sync_lock = threading.Lock()
         self._eviction_checked = False
         # Per event loop: its asyncio client, scripts, the cluster's discovery and the kept connections.
+        self._async_lock = threading.Lock()  # threads each running their own loop share the mapping
         self._async: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, tuple[Any, dict[str, Any], asyncio.Future[Any] | None, deque[Any]]
         ] = weakref.WeakKeyDictionary()
@@ -513,11 +513,14 @@ class RedisStore(Store):
         loop = asyncio.get_running_loop()
         found = self._async.get(loop)
         if found is None:
-            self._drop_closed_loops()
-            client, scripts = self._built(asynchronous=True)
-            ready = asyncio.ensure_future(client.initialize()) if self.cluster else None
-            found = (client, scripts, ready, deque())
-            self._async[loop] = found
+            with self._async_lock:
+                self._drop_closed_loops()
+                found = self._async.get(loop)
+                if found is None:
+                    client, scripts = self._built(asynchronous=True)
+                    ready = asyncio.ensure_future(client.initialize()) if self.cluster else None
+                    found = (client, scripts, ready, deque())
+                    self._async[loop] = found
         ready = found[2]
         if ready is not None:
             if not ready.done():
@@ -525,8 +528,9 @@ class RedisStore(Store):
                     await asyncio.shield(ready)
             problem = RuntimeError("cancelled") if ready.cancelled() else ready.exception()
             if problem is not None:
-                if self._async.get(loop) is found:
-                    del self._async[loop]  # the next call tries again
+                with self._async_lock:
+                    if self._async.get(loop) is found:
+                        del self._async[loop]  # the next call tries again
                 raise _unavailable(problem) from problem
         return found[0], found[1], found[3]
 
@@ -534,10 +538,10 @@ class RedisStore(Store):
         """Close the clients of event loops that have ended (each ``asyncio.run`` makes a new loop).
         Their connections keep the loop itself alive, so the weak mapping would never let go of
         them: a process calling ``asyncio.run(authority.areserve(...))`` per request would keep a
-        socket per call until it ran out of file descriptors."""
+        socket per call until it ran out of file descriptors. Called with ``_async_lock`` held."""
         for loop in list(self._async):
             if loop.is_closed():
-                entry = self._async.pop(loop, None)  # another thread may have dropped it meanwhile
+                entry = self._async.pop(loop, None)
                 if entry is None:
                     continue
                 try:
@@ -546,7 +550,10 @@ class RedisStore(Store):
                     logger.debug("could not close the Redis client of an ended event loop", exc_info=True)
 
     def close(self) -> None:
-        for loop, (client, _, _, _) in list(self._async.items()):
+        with self._async_lock:
+            entries = list(self._async.items())
+            self._async.clear()
+        for loop, (client, _, _, _) in entries:
             # asyncio clients of loops that are idle (not running, not closed) can still be closed here
             try:
                 if loop.is_closed():
@@ -559,7 +566,6 @@ class RedisStore(Store):
                     asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(timeout=self._timeouts[0])
             except Exception:  # pragma: no cover - best effort on shutdown
                 logger.debug("could not close an asyncio Redis client", exc_info=True)
-        self._async.clear()
         found, self._sync = self._sync, None
         self._idle = deque()  # the pool's close below disconnects them all
         if found is None:
@@ -582,7 +588,8 @@ class RedisStore(Store):
     async def aclose(self) -> None:
         try:
             loop = asyncio.get_running_loop()
-            found = self._async.pop(loop, None)
+            with self._async_lock:
+                found = self._async.pop(loop, None)
             if found is not None:
                 await found[0].aclose()
         except _ERRORS:  # pragma: no cover
@@ -1128,8 +1135,8 @@ class RedisStore(Store):
             except StoreUnavailable as error:
                 failed.append(root)
                 first = first or error
-                if node is not None:
-                    dead_nodes.add(node)
+                if node is not None and isinstance(error.__cause__, redis.ConnectionError | redis.TimeoutError):
+                    dead_nodes.add(node)  # the node, not this tenant's data: its other tenants would wait too
         if first is not None:
             shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
             raise StoreUnavailable(
