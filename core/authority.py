@@ -586,9 +586,18 @@ class Authority:
             )
             code = "replay_mismatch"
         else:
-            reason = Reason("fail_open", "replayed a reservation made while the store was unavailable", scope.path)
+            reasons = [Reason("fail_open", "replayed a reservation made while the store was unavailable", scope.path)]
+            if index > 0 and plans is not None:  # as the ledger's decision says it
+                caps = caps or Caps()
+                rule = plans[index].rule
+                what = f" ({rule})" if rule else ""
+                message = f"plan {index + 1} of {len(plans)} holds{what}"
+                reasons.append(Reason("plan_selected", message, scope.path, plan=index, rule=rule))
             outcome = Outcome.ALLOW if caps is None else Outcome.ALLOW_WITH_CAPS
-            return Decision(outcome, scope.path, action.label, found, caps, (reason,), (), index, Mode.FAIL_OPEN, True)
+            held_plan = replace(found, plan_index=index)
+            return Decision(
+                outcome, scope.path, action.label, held_plan, caps, tuple(reasons), (), index, Mode.FAIL_OPEN, True
+            )
         reason = Reason(code, message, scope.path)
         return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_OPEN, replayed=True)
 

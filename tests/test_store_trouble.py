@@ -208,6 +208,8 @@ def test_a_local_reservation_replays_with_the_caps_of_the_plan_it_holds() -> Non
     assert first.caps == Caps(model="small")
     retry = authority.reserve(ACTION, SCOPE, plans=[Plan({"usd": "0.5"}), cheap], idempotency_key="ladder")
     assert retry.replayed and retry.allowed and retry.caps == Caps(model="small") and retry.plan_index == 1
+    assert retry.reservation is not None and retry.reservation.plan_index == 1
+    assert [r.code for r in retry.reasons] == ["fail_open", "plan_selected"]  # as the ledger says it
     assert retry.reservation is not None and first.reservation is not None
     assert retry.reservation.id == first.reservation.id
 

@@ -73,6 +73,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -243,8 +244,16 @@ def _check_url(url: str, options: dict[str, Any], cluster: bool) -> None:
         kwargs.pop("timeout", None)  # the blocking pool's wait, not the connection's
     try:
         connection_class(**kwargs)  # builds the object only: nothing is connected
+        if cluster:  # the asyncio cluster client takes fewer options than the sync one (no **kwargs)
+            with warnings.catch_warnings():  # its deprecation notices belong to the real client's build
+                warnings.simplefilter("ignore")
+                redis.asyncio.cluster.RedisCluster.from_url(_plain_scheme(url), **options)
     except (TypeError, ValueError) as error:
         raise InvalidRequest(f"bad Redis store option in {url!r}: {error}") from None
+
+
+def _plain_scheme(url: str) -> str:
+    return url.replace("+cluster://", "://", 1)
 
 
 _CLUSTER_OPTIONS = frozenset(inspect.signature(redis.cluster.RedisCluster.__init__).parameters) - {"kwargs", "self"}

@@ -131,7 +131,11 @@ def test_url_options_and_prefix_validation(redis_url: str) -> None:
         store_from_url("redis+cluster://127.0.0.1:1/?socket_timout=0.2")
     with pytest.raises(InvalidRequest, match="database must be a number"):
         store_from_url("redis://127.0.0.1:1/ledger2")
-    for broken in ("redis+cluster://127.0.0.1:1?ssl=true", "redis+cluster://127.0.0.1:1?timeout=3"):
+    for broken in (
+        "redis+cluster://127.0.0.1:1?ssl=true",
+        "redis+cluster://127.0.0.1:1?timeout=3",
+        "redis+cluster://127.0.0.1:1?retry_on_timeout=true",  # the asyncio cluster client refuses it
+    ):
         with pytest.raises(InvalidRequest):  # redis-py's cluster client would hand them to every connection
             store_from_url(broken)
     with pytest.raises(InvalidRequest, match="ssl_cert_reqs"):
