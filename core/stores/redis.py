@@ -184,9 +184,13 @@ _STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
 
 def _forget_parent_connections() -> None:
     """In a forked child: the kept connections are the parent's sockets (redis-py's pools reset
-    themselves the same way)."""
+    themselves the same way), and the store's locks may be held by threads that do not exist here."""
     for store in list(_STORES):
         store._idle = deque()
+        # A lock another thread of the parent held at the fork stays held in the child, forever.
+        store._sync_lock = threading.Lock()
+        store._async_lock = threading.Lock()
+        store._in_doubt_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_parent_connections)

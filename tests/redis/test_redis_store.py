@@ -569,15 +569,23 @@ def test_a_forked_child_never_uses_the_parents_connections(redis_url: str, clock
     assert authority.reserve(Action("step", "s", {"calls": 1}), "tenant:fork/run:parent").allowed
     store = authority.store
     assert isinstance(store, RedisStore) and store._idle  # a connection kept for the next call
+    locks = (store._async_lock, store._in_doubt_lock, store._sync_lock)
+    for lock in locks:  # as if other threads of the parent were inside them at the fork
+        lock.acquire()
     pid = os.fork()
     if pid == 0:  # the child
         code = 1
         try:
             assert not store._idle  # the parent's sockets were dropped at the fork
+            assert all(lock.acquire(blocking=False) for lock in (store._async_lock, store._in_doubt_lock))
+            store._async_lock.release()
+            store._in_doubt_lock.release()
             child = authority.reserve(Action("step", "s", {"calls": 1}), "tenant:fork/run:child")
             code = 0 if child.allowed else 1
         finally:
             os._exit(code)
+    for lock in locks:
+        lock.release()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert authority.reserve(Action("step", "s", {"calls": 1}), "tenant:fork/run:parent").allowed
