@@ -397,6 +397,7 @@ class RedisStore(Store):
         self._options.setdefault("protocol", 2)  # RESP2: every Redis and proxy speaks it, and it parses a bit faster
         self._roots_key = f"{key_prefix}roots"
         self._known_roots: set[str] = set()
+        self._register_after = 0.0  # monotonic time before which a reserve does not retry registering
         self._key_cache: dict[str, list[str]] = {}
         self._head_cache: dict[tuple[str, str], bytes] = {}
         self._in_doubt: set[str] = set()
@@ -863,15 +864,37 @@ class RedisStore(Store):
                 raise
 
     # --- roots registry --------------------------------------------------------------------------
-    def _register(self, root: str) -> None:
-        if root not in self._known_roots:
-            self._call(lambda: self._client.sadd(self._roots_key, root))
+    # The set of tenants (one key, on one node of a cluster) is read by sweep() and the listings.
+    # Budgets are registered there before they are written; a reserve registers its tenant too, but
+    # only as far as it can on a cluster: with that one node down, the tenants on the other nodes
+    # must still be served. A failed registration is tried again on a later reserve, at most every few seconds.
+    _REGISTER_RETRY = 5.0
+
+    def _register_now(self, root: str, required: bool) -> bool:
+        """Whether to try registering ``root`` now (raising or skipping after a recent failure)."""
+        return root not in self._known_roots and (required or time.monotonic() >= self._register_after)
+
+    def _register(self, root: str, required: bool = True) -> None:
+        if self._register_now(root, required):
+            try:
+                self._call(lambda: self._client.sadd(self._roots_key, root))
+            except StoreUnavailable:
+                if required or not self.cluster:  # one Redis: the call itself would fail the same way
+                    raise
+                self._register_after = time.monotonic() + self._REGISTER_RETRY
+                return
             self._known_roots.add(root)
 
-    async def _aregister(self, root: str) -> None:
-        if root not in self._known_roots:
-            client = (await self._async_client())[0]
-            await self._acall(lambda: client.sadd(self._roots_key, root))
+    async def _aregister(self, root: str, required: bool = True) -> None:
+        if self._register_now(root, required):
+            try:
+                client = (await self._async_client())[0]
+                await self._acall(lambda: client.sadd(self._roots_key, root))
+            except StoreUnavailable:
+                if required or not self.cluster:  # one Redis: the call itself would fail the same way
+                    raise
+                self._register_after = time.monotonic() + self._REGISTER_RETRY
+                return
             self._known_roots.add(root)
 
     def _roots(self) -> list[str]:
@@ -915,7 +938,7 @@ class RedisStore(Store):
 
     def hold(self, request: HoldRequest) -> HoldResult:
         root = request.chain[0]
-        self._register(root)
+        self._register(root, required=False)
         try:
             reply = self._run("reserve", root, self._hold_args(request))
         except StoreUnavailable as error:
@@ -925,7 +948,7 @@ class RedisStore(Store):
 
     async def ahold(self, request: HoldRequest) -> HoldResult:
         root = request.chain[0]
-        await self._aregister(root)
+        await self._aregister(root, required=False)
         try:
             reply = await self._arun("reserve", root, self._hold_args(request))
         except (StoreUnavailable, asyncio.CancelledError) as error:

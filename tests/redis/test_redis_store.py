@@ -809,7 +809,8 @@ def test_cluster_sweep_goes_on_past_an_unreachable_tenant(redis_cluster_url: str
     assert isinstance(store, RedisStore)
     raw = redis.cluster.RedisCluster.from_url(store.url.replace("redis+cluster://", "redis://"))
     names = {f"tenant:s{i}": raw.get_node_from_key(store._keys(f"tenant:s{i}")[0]) for i in range(40)}
-    lost = "tenant:s0"
+    listing = raw.get_node_from_key(store._roots_key).name  # the set of tenants must stay readable
+    lost = next(t for t, node in names.items() if node.name != listing)
     healthy = [t for t, node in names.items() if node.name != names[lost].name][:3]
     for tenant in (lost, *healthy):
         authority.set_budget(Budget(tenant, "calls", 10))
@@ -918,3 +919,38 @@ def test_cluster_sweep_skips_a_node_only_when_it_cannot_be_reached(redis_cluster
     assert all(authority.balance(t)["calls"].held == 0 for t in same_node)
     raw.close()
     authority.close()
+
+
+def test_cluster_reserves_go_on_with_the_node_of_the_tenant_set_down(redis_cluster_url: str) -> None:
+    """A worker's first reserve for a tenant also records the tenant in the set sweep() reads; with
+    the node holding that set hung, reserves for tenants on the other nodes must still be served
+    (the registration is tried again later), not denied."""
+    import redis.cluster
+
+    url = redis_cluster_url.replace("?", "?socket_timeout=0.3&", 1)
+    admin = Authority(url)
+    store = admin.store
+    assert isinstance(store, RedisStore)
+    raw = redis.cluster.RedisCluster.from_url(store.url.replace("redis+cluster://", "redis://"))
+    listing = raw.get_node_from_key(store._roots_key)
+    tenant = next(
+        f"tenant:r{i}" for i in range(60) if raw.get_node_from_key(store._keys(f"tenant:r{i}")[0]).name != listing.name
+    )
+    admin.set_budget(Budget(tenant, "calls", 10))
+    worker = Authority(url)  # a worker that has not seen this tenant yet
+    worker.reserve(Action("step", "s", {"calls": 1}), "tenant:warmup/run:1")  # its client knows the slots
+    hung = redis_py.Redis(host=listing.host, port=listing.port)
+    hung.execute_command("CLIENT", "PAUSE", "2000", "WRITE")
+    try:
+        first = worker.reserve(Action("step", "s", {"calls": 1}), f"{tenant}/run:1")
+        assert first.allowed, first.reasons
+        started = time.monotonic()
+        assert worker.reserve(Action("step", "s", {"calls": 1}), f"{tenant}/run:1").allowed
+        assert time.monotonic() - started < 0.25  # not waiting on the hung node again right away
+    finally:
+        hung.execute_command("CLIENT", "UNPAUSE")
+        hung.close()
+        raw.close()
+    assert admin.balance(tenant)["calls"].held == 2
+    worker.close()
+    admin.close()
