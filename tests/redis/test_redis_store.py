@@ -46,6 +46,18 @@ def _budgeted_chain6(redis_url: str, clock: FakeClock) -> tuple[Authority, Redis
     return authority, store
 
 
+def _pause(address: tuple[str, int], millis: int, mode: str) -> redis_py.Redis:
+    """Hang a Redis node (CLIENT PAUSE): connections are accepted, commands wait."""
+    node = redis_py.Redis(host=address[0], port=address[1])
+    node.execute_command("CLIENT", "PAUSE", str(millis), mode)
+    return node
+
+
+def _unpause(node: redis_py.Redis) -> None:
+    node.execute_command("CLIENT", "UNPAUSE")
+    node.close()
+
+
 def test_reserve_and_commit_are_one_command_each(redis_url: str, clock: FakeClock) -> None:
     authority, _ = _budgeted_chain6(redis_url, clock)
     plans = [Plan({"usd": 200}), Plan({"usd": 150}), Plan({"usd": 1, "tokens": 10})]
@@ -744,8 +756,7 @@ def test_cluster_scripts_load_on_the_tenants_node_only(redis_cluster_url: str, f
     others = [node for node in raw.get_primaries() if owner.name != node.name and str(node.port) != startup]
     for node in raw.get_primaries():
         raw.get_redis_connection(node).script_flush()
-    hung = redis_py.Redis(host=others[0].host, port=others[0].port)
-    hung.execute_command("CLIENT", "PAUSE", "3000", "ALL")
+    hung = _pause((others[0].host, others[0].port), 3000, "ALL")
     try:
         action = Action("step", "s", {"calls": 1})
         if face == "sync":
@@ -756,8 +767,7 @@ def test_cluster_scripts_load_on_the_tenants_node_only(redis_cluster_url: str, f
         assert decision.reservation is not None
         assert authority.commit(decision.reservation).status == "committed"
     finally:
-        hung.execute_command("CLIENT", "UNPAUSE")
-        hung.close()
+        _unpause(hung)
         raw.close()
     assert authority.balance(tenant)["calls"].spent == 1
     authority.close()
@@ -779,8 +789,7 @@ def test_cluster_in_doubt_holds_are_released_through_their_own_node(redis_cluste
     for tenant in (lost, healthy):
         authority.set_budget(Budget(tenant, "calls", 10))
     action = Action("step", "s", {"calls": 1})
-    hung = redis_py.Redis(host=names[lost].host, port=names[lost].port)
-    hung.execute_command("CLIENT", "PAUSE", "2000", "ALL")
+    hung = _pause((names[lost].host, names[lost].port), 2000, "ALL")
     try:
         assert authority.reserve(action, f"{lost}/run:1").denied
         assert [root_of(rid) for rid in store._in_doubt] == [lost]
@@ -790,8 +799,7 @@ def test_cluster_in_doubt_holds_are_released_through_their_own_node(redis_cluste
             authority.commit(decision.reservation)
         assert [root_of(rid) for rid in store._in_doubt] == [lost]  # not tried through the healthy node
     finally:
-        hung.execute_command("CLIENT", "UNPAUSE")
-        hung.close()
+        _unpause(hung)
         raw.close()
     assert authority.reserve(action, f"{lost}/run:2").allowed
     assert not store._in_doubt
@@ -816,14 +824,12 @@ def test_cluster_sweep_goes_on_past_an_unreachable_tenant(redis_cluster_url: str
         authority.set_budget(Budget(tenant, "calls", 10))
         assert authority.reserve(Action("step", "s", {"calls": 1}), f"{tenant}/run:1", ttl=5).allowed
     clock.advance(10)
-    hung = redis_py.Redis(host=names[lost].host, port=names[lost].port)
-    hung.execute_command("CLIENT", "PAUSE", "2000", "ALL")
+    hung = _pause((names[lost].host, names[lost].port), 2000, "ALL")
     try:
         with pytest.raises(StoreUnavailable, match=f"sweep returned 3 expired holds but could not reach 1 .*{lost}"):
             authority.sweep()
     finally:
-        hung.execute_command("CLIENT", "UNPAUSE")
-        hung.close()
+        _unpause(hung)
         raw.close()
     assert all(authority.balance(t)["calls"].held == 0 for t in healthy)
     assert authority.sweep() == 1  # the lost tenant's, once its node answers again
@@ -939,8 +945,7 @@ def test_cluster_reserves_go_on_with_the_node_of_the_tenant_set_down(redis_clust
     admin.set_budget(Budget(tenant, "calls", 10))
     worker = Authority(url)  # a worker that has not seen this tenant yet
     worker.reserve(Action("step", "s", {"calls": 1}), "tenant:warmup/run:1")  # its client knows the slots
-    hung = redis_py.Redis(host=listing.host, port=listing.port)
-    hung.execute_command("CLIENT", "PAUSE", "2000", "WRITE")
+    hung = _pause((listing.host, listing.port), 2000, "WRITE")
     try:
         first = worker.reserve(Action("step", "s", {"calls": 1}), f"{tenant}/run:1")
         assert first.allowed, first.reasons
@@ -952,8 +957,7 @@ def test_cluster_reserves_go_on_with_the_node_of_the_tenant_set_down(redis_clust
         assert worker.reserve(Action("step", "s", {"calls": 1}), f"{tenant}/run:1").allowed
         assert not tried  # not waiting on the hung node again right away: retried a few seconds later
     finally:
-        hung.execute_command("CLIENT", "UNPAUSE")
-        hung.close()
+        _unpause(hung)
         raw.close()
     assert admin.balance(tenant)["calls"].held == 2
     worker.close()
