@@ -686,7 +686,7 @@ class Authority:
         if proposal is not None and proposal.deny is not None:
             decision = Decision(Outcome.DENY, parsed.path, checked.label, reasons=(proposal.deny, *proposal.notes))
         elif key is not None and (local := self._local_replay(request, checked, parsed, chosen)) is not None:
-            decision = local
+            return local  # answered as the fail-open decision it replays was (no shadow step either)
         else:
             try:
                 result = yield ("hold", (request,))
