@@ -8,12 +8,13 @@ balances, and turns store trouble into a decision (fail closed by default).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -106,6 +107,34 @@ def _events_query(after: object, limit: object, scope: str | Scope | None) -> st
     if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= 100_000:
         raise InvalidRequest("limit must be an int in 1..100000")
     return None if scope is None else parse_scope(scope).path
+
+
+_POLICY_RETRY = 10.0  # seconds before a failed policy refresh is tried again
+
+_SETTLING: set[asyncio.Future[Any]] = set()  # strong references to settles finishing after a cancel
+
+
+async def _finished(settle: Awaitable[Settlement], reservation_id: str) -> Settlement:
+    """Run an ``aguard`` exit's commit or release to the end even if the task is cancelled while it
+    waits (money spent is spent): the caller still gets its CancelledError, the settle finishes in
+    the background (a failure is logged; the hold then returns after its TTL)."""
+    task = asyncio.ensure_future(settle)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            _SETTLING.add(task)
+            task.add_done_callback(_settled_in_background(reservation_id))
+        raise
+
+
+def _settled_in_background(reservation_id: str) -> Callable[[asyncio.Future[Any]], None]:
+    def done(task: asyncio.Future[Any]) -> None:
+        _SETTLING.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("clearance: could not settle %s: %s", reservation_id, task.exception())
+
+    return done
 
 
 def _reason(rejection: Rejection, plan_count: int) -> Reason:
@@ -656,6 +685,9 @@ class Authority:
         except NotImplementedError:
             self._policy_refresh = math.inf  # this store keeps no policies: stop asking
         except StoreUnavailable as error:
+            # Not again for a while: with the store hung, every call would first wait out a timeout
+            # here (each call then outlasts policy_refresh), on top of its own.
+            self._policy_checked = time.monotonic() + _POLICY_RETRY
             logger.warning(
                 "clearance: could not refresh the policy, keeping version %s: %s", self._policy_version, error
             )
@@ -824,11 +856,11 @@ class Authority:
     ) -> Generator[_Op, Any, Decision]:
         """Shadow mode: let the action go ahead as requested and report what would have happened.
         The hold is empty, so the commit still records the real spend (flagged over_hold)."""
-        if would_be.reservation is not None and not would_be.reservation.local:
-            yield ("release", (would_be.reservation.id, self.clock()))
-        # No idempotency key: it names the would-be reservation, released just above.
+        # No idempotency key: it names the would-be reservation, released just below.
         request, _, _, chosen = self._request(action, scope, [Plan({}, rule="shadow")], ttl, None)
         try:
+            if would_be.reservation is not None and not would_be.reservation.local:
+                yield ("release", (would_be.reservation.id, self.clock()))
             result = yield ("hold", (request,))
         except StoreUnavailable as error:
             return self._unavailable(error, request, action, scope, chosen)
@@ -1173,11 +1205,12 @@ class Authority:
             if reservation is not None:
                 try:
                     if grant._actual is None:
-                        grant.settlement = await self.arelease(reservation)
+                        grant.settlement = await _finished(self.arelease(reservation), reservation.id)
                     else:
-                        grant.settlement = await self._acommit_steps(reservation, grant._actual)
+                        settling = self._acommit_steps(reservation, grant._actual)
+                        grant.settlement = await _finished(settling, reservation.id)
                 except Exception:  # never mask the caller's own exception
                     logger.exception("clearance: could not settle %s", reservation.id)
             raise
         if reservation is not None:
-            grant.settlement = await self._acommit_steps(reservation, grant._actual)
+            grant.settlement = await _finished(self._acommit_steps(reservation, grant._actual), reservation.id)

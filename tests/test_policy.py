@@ -212,6 +212,23 @@ def test_rate_limits_in_the_same_atomic_step(store_url: str, clock: FakeClock) -
     assert authority.reserve(Action.tool_call("calc"), RUN).allowed
 
 
+def test_shadow_mode_with_the_store_failing_midway_is_still_a_decision() -> None:
+    """The shadow step releases the would-be hold; the store failing there is store trouble (a
+    decision: fail closed by default), not an exception out of reserve."""
+    from clearance import StoreUnavailable
+    from clearance.stores.memory import MemoryStore
+
+    class ReleaseFails(MemoryStore):
+        def release(self, reservation_id, now):  # type: ignore[no-untyped-def]
+            raise StoreUnavailable("gone (test)")
+
+    document = PolicyDocument.parse({"ladders": [LADDER], "shadow": ["tenant:globex"]})
+    authority = Authority(ReleaseFails(), policy=Policy(document))
+    authority.set_budget(Budget("tenant:globex", "usd", "0.005"))  # the flagship does not fit: capped
+    decision = authority.reserve(flagship(), "tenant:globex/run:r1")
+    assert decision.denied and decision.reasons[0].code == "store_unavailable"
+
+
 def test_shadow_mode_reports_but_never_enforces(store_url: str) -> None:
     authority = authority_with(store=store_url, document={"ladders": [LADDER], "shadow": ["tenant:globex"]})
     authority.set_budget(Budget("tenant:globex", "usd", "0.0001"))

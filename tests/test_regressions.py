@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 
 from clearance import (
@@ -259,3 +261,33 @@ def test_a_late_commit_in_a_window_no_longer_kept_is_recorded_without_false_over
     assert authority.balance("tenant:acme")["usd"].spent == 1  # this minute's own lifecycle
     spent = {(b.scope, b.period): b.spent for b in authority.budgets("tenant:acme")}
     assert spent[("tenant:acme", None)] == 13 and spent[("tenant:acme/run:r2", None)] == 2
+
+
+def test_an_aguard_cancelled_while_its_exit_commit_waits_still_commits() -> None:
+    """Money spent is spent: a task cancelled while aguard's exit commit is on its way (a slow or
+    hung store) still gets its CancelledError, and the commit finishes in the background."""
+    import asyncio
+
+    class Slow(MemoryStore):
+        async def acommit(self, reservation_id, actual, now):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(0.05)
+            return self.commit(reservation_id, actual, now)
+
+    authority = Authority(Slow())
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+
+    async def work() -> None:
+        async with authority.aguard(Action("step", "s", {"usd": 1}), RUN) as grant:
+            grant.settle({"usd": "0.4"})
+
+    async def main() -> None:
+        task = asyncio.ensure_future(work())
+        await asyncio.sleep(0.01)  # inside the exit commit's sleep
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.1)  # the commit finishes in the background
+
+    asyncio.run(main())
+    balance = authority.balance("tenant:acme")["usd"]
+    assert (balance.spent, balance.held) == (Decimal("0.4"), 0)

@@ -665,7 +665,7 @@ class RedisStore(Store):
             connection = client.connection_pool.get_connection()
             kept = False
         try:
-            if kept:
+            if kept and connection._sock is not None:  # (can_read() would reconnect a closed one, waiting)
                 try:
                     stale = connection.can_read()
                 except (redis.ConnectionError, redis.TimeoutError, OSError):  # the server closed it
