@@ -122,16 +122,17 @@ async def _finished(settle: Awaitable[Settlement], reservation_id: str) -> Settl
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        if not task.done():
-            _SETTLING.add(task)
-            task.add_done_callback(_settled_in_background(reservation_id))
+        _SETTLING.add(task)
+        task.add_done_callback(_settled_in_background(reservation_id))  # (runs at once if already done)
         raise
 
 
 def _settled_in_background(reservation_id: str) -> Callable[[asyncio.Future[Any]], None]:
     def done(task: asyncio.Future[Any]) -> None:
         _SETTLING.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():  # the event loop shut down first (asyncio.run ending right after the cancel)
+            logger.warning("clearance: settling %s was cut short; its hold returns after its TTL", reservation_id)
+        elif task.exception() is not None:
             logger.error("clearance: could not settle %s: %s", reservation_id, task.exception())
 
     return done
@@ -428,6 +429,7 @@ class Authority:
         self._policy: Policy | None = policy if policy is not None else (Policy(rules=rules) if rules else None)
         self._policy_version = 0
         self._policy_checked = -math.inf
+        self._policy_known = False  # a policy version has been read from the store
         self._policy_refresh = float(policy_refresh)
         self._ensured: dict[tuple[str, str, str], None] = {}
 
@@ -674,6 +676,7 @@ class Authority:
         self._policy_checked = checked
         try:
             version = yield ("policy_version", ())
+            self._policy_known = True
             if version != self._policy_version:
                 version, text = yield ("policy", ())
                 document = PolicyDocument.loads(text, "json") if text else None
@@ -685,9 +688,12 @@ class Authority:
         except NotImplementedError:
             self._policy_refresh = math.inf  # this store keeps no policies: stop asking
         except StoreUnavailable as error:
-            # Not again for a while: with the store hung, every call would first wait out a timeout
-            # here (each call then outlasts policy_refresh), on top of its own.
-            self._policy_checked = time.monotonic() + _POLICY_RETRY
+            # With the store hung every call would first wait out a timeout here (each then outlasts
+            # policy_refresh), on top of its own: once this process knows a policy version, it keeps
+            # that one for a while. Never before it has read one (it must learn the policy), and not
+            # over a reset made meanwhile (apply_policy in this process).
+            if self._policy_known and self._policy_checked == checked:
+                self._policy_checked = time.monotonic() + _POLICY_RETRY
             logger.warning(
                 "clearance: could not refresh the policy, keeping version %s: %s", self._policy_version, error
             )

@@ -291,3 +291,68 @@ def test_an_aguard_cancelled_while_its_exit_commit_waits_still_commits() -> None
     asyncio.run(main())
     balance = authority.balance("tenant:acme")["usd"]
     assert (balance.spent, balance.held) == (Decimal("0.4"), 0)
+
+
+def test_an_aguard_settle_cut_short_by_the_loop_ending_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    class Slow(MemoryStore):
+        async def acommit(self, reservation_id, actual, now):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(1)
+            return self.commit(reservation_id, actual, now)
+
+    authority = Authority(Slow())
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+
+    async def work() -> None:
+        async with authority.aguard(Action("step", "s", {"usd": 1}), RUN):
+            pass
+
+    async def main() -> None:
+        task = asyncio.ensure_future(work())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task  # then asyncio.run ends, cancelling the background settle
+
+    asyncio.run(main())
+    assert any("was cut short" in record.getMessage() for record in caplog.records)
+
+
+def test_a_failed_policy_refresh_backs_off_only_once_a_version_is_known() -> None:
+    """A process that never read a policy version keeps trying (it must learn the policy); one that
+    has backs off, but never over a reset made meanwhile (apply_policy in this process)."""
+    import math
+    import time
+
+    from clearance import StoreUnavailable
+
+    class Flaky(MemoryStore):
+        fail = True
+        hook: object = None
+
+        def policy_version(self) -> int:
+            if callable(self.hook):
+                self.hook()
+            if self.fail:
+                raise StoreUnavailable("blip (test)")
+            return super().policy_version()
+
+    store = Flaky()
+    authority = Authority(store, policy_refresh=0)
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    authority.reserve(Action("step", "s", {"usd": 1}), RUN)
+    assert authority._policy_checked <= time.monotonic()  # no back-off: no version known yet
+    store.fail = False
+    authority.reserve(Action("step", "s", {"usd": 1}), RUN)
+    store.fail = True
+
+    def applied_meanwhile() -> None:
+        authority._policy_checked = -math.inf  # what apply_policy does
+
+    store.hook = applied_meanwhile
+    authority.reserve(Action("step", "s", {"usd": 1}), RUN)
+    assert authority._policy_checked == -math.inf  # the reset stands
+    store.hook = None
+    authority.reserve(Action("step", "s", {"usd": 1}), RUN)
+    assert authority._policy_checked > time.monotonic()  # known version, store failing: back off
