@@ -552,10 +552,6 @@ class Authority:
             reason = Reason("store_unavailable", f"store unavailable, failing closed: {error}", scope.path)
             return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_CLOSED)
         key = request.idempotency_key
-        if key is not None:
-            replayed = self._local_replay(request, action, scope, plans)
-            if replayed is not None:
-                return replayed
         steps, caps = _chosen(action, plans, 0)
         reservation = Reservation(
             _LOCAL_PREFIX + request.reservation_id,
@@ -569,7 +565,7 @@ class Authority:
             local=True,
         )
         over = self._emergency.take(reservation, request.now, None if key is None else (request.chain[0], key))
-        if isinstance(over, Reservation):  # the same key's reservation, made meanwhile by another thread
+        if isinstance(over, Reservation):  # the key's own reservation: a retry (or another thread's)
             return self._replayed_locally(over, action, scope, plans)
         if over is not None:
             if over in self._emergency.limits:
@@ -932,7 +928,7 @@ class Authority:
         ):
             return self._run(self._reserve_flow(action, scope, plans, ttl, idempotency_key))
         request, checked, parsed, chosen = self._request(action, scope, plans, ttl, idempotency_key)
-        if idempotency_key is not None and self._emergency.keys:
+        if idempotency_key is not None:
             local = self._local_replay(request, checked, parsed, chosen)
             if local is not None:
                 return local

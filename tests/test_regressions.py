@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 
 import pytest
@@ -263,18 +264,23 @@ def test_a_late_commit_in_a_window_no_longer_kept_is_recorded_without_false_over
     assert spent[("tenant:acme", None)] == 13 and spent[("tenant:acme/run:r2", None)] == 2
 
 
-def test_an_aguard_cancelled_while_its_exit_commit_waits_still_commits() -> None:
-    """Money spent is spent: a task cancelled while aguard's exit commit is on its way (a slow or
-    hung store) still gets its CancelledError, and the commit finishes in the background."""
-    import asyncio
+def _with_slow_commits(seconds: float) -> Authority:
+    """An Authority on a memory store whose async commits take ``seconds`` (a slow or hung store)."""
 
     class Slow(MemoryStore):
         async def acommit(self, reservation_id, actual, now):  # type: ignore[no-untyped-def]
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(seconds)
             return self.commit(reservation_id, actual, now)
 
     authority = Authority(Slow())
     authority.set_budget(Budget("tenant:acme", "usd", 10))
+    return authority
+
+
+def test_an_aguard_cancelled_while_its_exit_commit_waits_still_commits() -> None:
+    """Money spent is spent: a task cancelled while aguard's exit commit is on its way (a slow or
+    hung store) still gets its CancelledError, and the commit finishes in the background."""
+    authority = _with_slow_commits(0.05)
 
     async def work() -> None:
         async with authority.aguard(Action("step", "s", {"usd": 1}), RUN) as grant:
@@ -294,15 +300,7 @@ def test_an_aguard_cancelled_while_its_exit_commit_waits_still_commits() -> None
 
 
 def test_an_aguard_settle_cut_short_by_the_loop_ending_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    import asyncio
-
-    class Slow(MemoryStore):
-        async def acommit(self, reservation_id, actual, now):  # type: ignore[no-untyped-def]
-            await asyncio.sleep(1)
-            return self.commit(reservation_id, actual, now)
-
-    authority = Authority(Slow())
-    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    authority = _with_slow_commits(1.0)
 
     async def work() -> None:
         async with authority.aguard(Action("step", "s", {"usd": 1}), RUN):

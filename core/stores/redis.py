@@ -251,13 +251,9 @@ def _check_url(url: str, options: dict[str, Any], cluster: bool) -> None:
         if cluster:  # the asyncio cluster client takes fewer options than the sync one (no **kwargs)
             with warnings.catch_warnings():  # its deprecation notices belong to the real client's build
                 warnings.simplefilter("ignore")
-                redis.asyncio.cluster.RedisCluster.from_url(_plain_scheme(url), **options)
+                redis.asyncio.cluster.RedisCluster.from_url(url, **options)
     except (TypeError, ValueError) as error:
         raise InvalidRequest(f"bad Redis store option in {url!r}: {error}") from None
-
-
-def _plain_scheme(url: str) -> str:
-    return url.replace("+cluster://", "://", 1)
 
 
 _CLUSTER_OPTIONS = frozenset(inspect.signature(redis.cluster.RedisCluster.__init__).parameters) - {"kwargs", "self"}
@@ -479,23 +475,21 @@ class RedisStore(Store):
                 found = self._sync
         return found
 
+    def _memory_info(self, client: Any) -> Any:
+        """``INFO memory`` (every primary's, on a cluster): the reply, or its awaitable for asyncio."""
+        return client.info("memory", target_nodes=client.PRIMARIES) if self.cluster else client.info("memory")
+
     def _check_eviction(self, client: Any) -> None:
         """Once per store, after its first good call (so a hung server never costs a second
         timeout): see :meth:`_warn_if_evicting`. A check, not a dependency: without INFO, no warning."""
         self._eviction_checked = True
         with contextlib.suppress(Exception):
-            if self.cluster:
-                self._warn_if_evicting(client.info("memory", target_nodes=client.PRIMARIES))
-            else:
-                self._warn_if_evicting(client.info("memory"))
+            self._warn_if_evicting(self._memory_info(client))
 
     async def _acheck_eviction(self, client: Any) -> None:
         self._eviction_checked = True
         with contextlib.suppress(Exception):
-            if self.cluster:
-                self._warn_if_evicting(await client.info("memory", target_nodes=client.PRIMARIES))
-            else:
-                self._warn_if_evicting(await client.info("memory"))
+            self._warn_if_evicting(await self._memory_info(client))
 
     def _warn_if_evicting(self, info: Any) -> None:
         """Warn once when Redis may evict the ledger's keys (an ``allkeys-*`` policy): under memory
@@ -867,22 +861,29 @@ class RedisStore(Store):
     # The set of tenants (one key, on one node of a cluster) is read by sweep() and the listings.
     # Budgets are registered there before they are written; a reserve registers its tenant too, but
     # only as far as it can on a cluster: with that one node down, the tenants on the other nodes
-    # must still be served. A failed registration is tried again on a later reserve, at most every few seconds.
+    # must still be served. A failed registration is tried again on a later reserve, a few seconds on.
     _REGISTER_RETRY = 5.0
 
     def _register_now(self, root: str, required: bool) -> bool:
-        """Whether to try registering ``root`` now (raising or skipping after a recent failure)."""
+        """Whether to try registering ``root`` now (not after a recent failure, unless required)."""
         return root not in self._known_roots and (required or time.monotonic() >= self._register_after)
+
+    def _skip_registration(self, required: bool) -> bool:
+        """After a failed registration: go on without it (a reserve on a cluster, tried again a few
+        seconds later), or not (a budget; or one Redis, where the call itself would fail the same way)."""
+        if required or not self.cluster:
+            return False
+        self._register_after = time.monotonic() + self._REGISTER_RETRY
+        return True
 
     def _register(self, root: str, required: bool = True) -> None:
         if self._register_now(root, required):
             try:
                 self._call(lambda: self._client.sadd(self._roots_key, root))
             except StoreUnavailable:
-                if required or not self.cluster:  # one Redis: the call itself would fail the same way
-                    raise
-                self._register_after = time.monotonic() + self._REGISTER_RETRY
-                return
+                if self._skip_registration(required):
+                    return
+                raise
             self._known_roots.add(root)
 
     async def _aregister(self, root: str, required: bool = True) -> None:
@@ -891,10 +892,9 @@ class RedisStore(Store):
                 client = (await self._async_client())[0]
                 await self._acall(lambda: client.sadd(self._roots_key, root))
             except StoreUnavailable:
-                if required or not self.cluster:  # one Redis: the call itself would fail the same way
-                    raise
-                self._register_after = time.monotonic() + self._REGISTER_RETRY
-                return
+                if self._skip_registration(required):
+                    return
+                raise
             self._known_roots.add(root)
 
     def _roots(self) -> list[str]:
