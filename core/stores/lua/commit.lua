@@ -12,13 +12,15 @@ if not rec then
 end
 local prior = rec.st
 
-local held_by_unit = {}
-for unit, steps in string.gmatch(rec.a, '(%S+) (%S+)') do
-  held_by_unit[unit] = tonumber(steps)
-end
+-- The usual commit: one unit held and the same one unit charged (or "-"): no tables needed.
+local held_unit, held_text = string.match(rec.a, '^(%S+) (%S+)$')
 local actual_text = actual_arg
+local single = false
 if actual_arg == '-' then
   actual_text = rec.a
+  single = held_unit ~= nil
+elseif held_unit and string.match(actual_arg, '^(%S+) %S+$') == held_unit then
+  single = true
 else
   local named = {}
   for unit in string.gmatch(actual_arg, '(%S+) %S+') do
@@ -51,14 +53,27 @@ elseif prior == 'released' then
 end
 local charge = {}
 local over_hold, charging = false, false
-for unit, steps in string.gmatch(actual_text, '(%S+) (%S+)') do
-  local n = tonumber(steps)
-  if n > (held_by_unit[unit] or 0) then
-    over_hold = true
-  end
+if single then
+  local n = string.match(actual_text, ' (%S+)$') + 0
+  over_hold = n > held_text + 0
   if n > 0 then
-    charge[unit] = n
+    charge[held_unit] = n
     charging = true
+  end
+else
+  local held_by_unit = {}
+  for unit, steps in string.gmatch(rec.a, '(%S+) (%S+)') do
+    held_by_unit[unit] = steps + 0
+  end
+  for unit, steps in string.gmatch(actual_text, '(%S+) (%S+)') do
+    local n = steps + 0
+    if n > (held_by_unit[unit] or 0) then
+      over_hold = true
+    end
+    if n > 0 then
+      charge[unit] = n
+      charging = true
+    end
   end
 end
 if over_hold then
@@ -68,11 +83,14 @@ end
 -- Counter changes are gathered in `writes` (field -> new value) and written with one HSET at the end.
 -- The held counters of a live hold are read in the same HMGET as the chain's budget index.
 local writes = {}
-local hold_fields, hold_steps = {}, {}
+local hold_fields, hold_steps, hold_suffixes, hold_ids = {}, {}, {}, {}
 if prior == 'held' then
-  for suffix, steps in string.gmatch(rec.h, '(%S+) (%S+)') do
-    hold_fields[#hold_fields + 1] = 'h' .. suffix
-    hold_steps[#hold_steps + 1] = tonumber(steps)
+  for suffix, id, steps in string.gmatch(rec.h, '((%d+)|%S*) (%S+)') do
+    local i = #hold_fields + 1
+    hold_fields[i] = 'h' .. suffix
+    hold_steps[i] = steps + 0
+    hold_suffixes[i] = suffix
+    hold_ids[i] = id
   end
 end
 local over = false
@@ -86,15 +104,13 @@ local charged = {}  -- spent field -> the steps this commit adds to it
 -- level by level (the general path below, which is what a version mismatch falls back to).
 local fast = false
 if charging and #hold_fields > 0 and rec.v ~= '' then
-  local unit = string.match(rec.a, '^(%S+) %S+$')
-  local steps = unit and charge[unit]
-  if steps and next(charge, unit) == nil and next(charge) == unit then
+  local steps = single and charge[held_unit]
+  if steps then
     local fields = {'#v'}
     for i, field in ipairs(hold_fields) do
-      local suffix = string.sub(field, 2)
       fields[3 * i - 1] = field
-      fields[3 * i] = 's' .. suffix
-      fields[3 * i + 1] = 'l' .. string.match(suffix, '^(%d+)|')
+      fields[3 * i] = 's' .. hold_suffixes[i]
+      fields[3 * i + 1] = 'l' .. hold_ids[i]
     end
     local got = hmget(K_LEDGER, fields)
     if got[1] == rec.v then
@@ -106,12 +122,12 @@ if charging and #hold_fields > 0 and rec.v ~= '' then
           fast = false
           break
         end
-        local held_now = tonumber(got[3 * i - 1] or '0') - hold_steps[i]
-        local spent = tonumber(got[3 * i] or '0') + steps
+        local held_now = (got[3 * i - 1] or 0) - hold_steps[i]
+        local spent = (got[3 * i] or 0) + steps
         moved[hold_fields[i]] = held_now
         moved[fields[3 * i]] = spent
         charged[fields[3 * i]] = steps
-        past = past or spent + held_now > tonumber(limit)
+        past = past or spent + held_now > limit + 0
       end
       if fast then
         writes, over = moved, past

@@ -140,8 +140,7 @@ end
 --   ("unit steps ..."), holds ("<id>|<window> steps <id>|<window> steps ...": the counter suffixes), windows,
 --   committed amounts ('' unless committed), flags (','-joined), idempotency key ('' = none), label.
 -- Only the label can contain a tab (idempotency keys are printable): it comes last.
-local RECORD = '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t'
-  .. '([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$'
+local RECORD = '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$'
 
 local function decode(raw)
   if string.byte(raw, 1) == 123 then
@@ -224,7 +223,8 @@ local function reclaim()
   check_clock()
   -- Highest scores first: expired holds (their budget is waited for) before settled reservations
   -- to forget, those oldest first.
-  local due = redis.call('ZREVRANGEBYSCORE', K_DUE, NOW, string.format('%.17g', -NOW_N), 'LIMIT', 0, BATCH)
+  local due = redis.call('ZREVRANGEBYSCORE', K_DUE, NOW, NOW_N > 0 and '-' .. NOW or string.format('%.17g', -NOW_N),
+    'LIMIT', 0, BATCH)
   if #due == 0 then
     return 0, 0, 0
   end
@@ -265,8 +265,8 @@ end
 
 -- Budgets on `chain` (of units in `wanted`, a set, or all when nil) with the counters of their window
 -- in `windows_text`, in chain order then each level's budget order: a list of
--- {scope, unit, period, window, limit, spent, held, level, counter suffix "<id>|<window>", new window},
--- numbers as strings; "new window" is true for a period budget whose window has no counters yet
+-- {scope, unit, period, window, limit, spent, held, level, counter suffix "<id>|<window>", new window,
+-- held counter field "h<suffix>"}, numbers as strings; "new window" is true for a period budget whose window has no counters yet
 -- (a script writing them passes the entry to note_windows).
 -- `extra` (optional) are more ledger fields read in the same HMGET as the budget index; their
 -- values are returned second.
@@ -299,9 +299,10 @@ local function states(chain, wanted, windows_text, extra)
             window = windows[period]
           end
           local suffix = id .. '|' .. window
-          out[#out + 1] = {scope, unit, period, window, limit, '0', '0', level, suffix, false}
+          local held_field = 'h' .. suffix
+          out[#out + 1] = {scope, unit, period, window, limit, '0', '0', level, suffix, false, held_field}
           fields[#fields + 1] = 's' .. suffix
-          fields[#fields + 1] = 'h' .. suffix
+          fields[#fields + 1] = held_field
         end
       end
     end
@@ -337,9 +338,9 @@ end
 --     must not push out the window the others are counting in now), and
 --   * with nothing held in it (its holds settle there later); such a window waits for the next time.
 -- Costs one HGET, one TIME and one HSET per budget per new window, nothing otherwise.
-local KEEP_WINDOWS = 8
-local PERIOD_SECONDS = {minute = 60, hour = 3600, day = 86400, week = 604800, month = 2678400}
 local function note_windows(entries)
+  local KEEP_WINDOWS = 8  -- (built here, not in the prelude: most calls open no window)
+  local PERIOD_SECONDS = {minute = 60, hour = 3600, day = 86400, week = 604800, month = 2678400}
   for _, s in ipairs(entries) do
     if s[10] then
       s[10] = false
@@ -378,15 +379,12 @@ local function note_windows(entries)
 end
 
 -- States as one string "scope|unit|period|window|limit|spent|held|scope|..." (one reply element
--- instead of seven per budget), `extra_held` added to the held of the suffixes it names.
-local function states_text(list, extra_held)
+-- instead of seven per budget); `held_now` (optional, counter suffix -> held as written) replaces
+-- the held read of the counters it names.
+local function states_text(list, held_now)
   local parts = {}
   for i, s in ipairs(list) do
-    local held = s[7]
-    local add = extra_held and extra_held[s[9]]
-    if add then
-      held = fmt_int(tonumber(held) + add)
-    end
+    local held = held_now and held_now[s[9]] or s[7]
     parts[i] = s[1] .. '|' .. s[2] .. '|' .. s[3] .. '|' .. s[4] .. '|' .. s[5] .. '|' .. s[6] .. '|' .. held
   end
   return table.concat(parts, '|')

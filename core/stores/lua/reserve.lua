@@ -13,7 +13,13 @@ local chain = split_words(ARGV[8])
 local depth = #chain
 local plans = {}
 local wanted = {}
-for plan_text in string.gmatch(ARGV[9], '[^;]+') do
+-- The usual request, one plan of one unit and no headroom demanded ("unit steps|"), parsed in one match.
+local one_unit, one_steps = string.match(ARGV[9], '^(%S+) (%d+)|$')
+if one_unit then
+  plans[1] = {{{one_unit, one_steps, one_steps + 0}}, {}, one_unit .. ' ' .. one_steps}
+  wanted[one_unit] = true
+end
+for plan_text in string.gmatch(one_unit and '' or ARGV[9], '[^;]+') do
   local amounts_text, ppm_text = string.match(plan_text, '^([^|]*)|(.*)$')
   local words = split_words(amounts_text)
   local amounts = {}
@@ -30,8 +36,10 @@ for plan_text in string.gmatch(ARGV[9], '[^;]+') do
   end
   plans[#plans + 1] = {amounts, ppm, amounts_text}
 end
-for unit in string.gmatch(ARGV[10], '%S+') do
-  wanted[unit] = true
+if ARGV[10] ~= '' then
+  for unit in string.gmatch(ARGV[10], '%S+') do
+    wanted[unit] = true
+  end
 end
 
 reclaim()
@@ -96,8 +104,8 @@ for p, plan in ipairs(plans) do
   for _, entry in ipairs(plan[1]) do
     local unit, steps, amount = entry[1], entry[2], entry[3]
     for _, s in ipairs(by_unit[unit] or {}) do
-      local limit = tonumber(s[5])
-      local remaining = limit - tonumber(s[6]) - tonumber(s[7])
+      local limit = s[5] + 0  -- (arithmetic converts a numeric string for half what tonumber() costs)
+      local remaining = limit - s[6] - s[7]
       local code, required = nil, 0
       if remaining < 0 then
         code = 'budget_overage'
@@ -137,7 +145,8 @@ if chosen < 0 then
 end
 
 -- The new held counters in one HSET (they were just read: states() carries them), not one HINCRBY each.
-local added, hold_fields, writes, opened = {}, {}, {}, {}
+-- `held_now` (counter suffix -> the new held, as written) is reused for the reply.
+local added, held_now, hold_fields, writes, opened = {}, {}, {}, {}, {}
 for i, h in ipairs(chosen_holds) do
   added[h[1]] = h[3]
   hold_fields[i] = h[1] .. ' ' .. h[2]
@@ -145,8 +154,10 @@ end
 for _, s in ipairs(list) do
   local amount = added[s[9]]
   if amount then
-    writes[#writes + 1] = 'h' .. s[9]
-    writes[#writes + 1] = fmt_int(tonumber(s[7]) + amount)
+    local value = fmt_int(s[7] + amount)
+    held_now[s[9]] = value
+    writes[#writes + 1] = s[11]
+    writes[#writes + 1] = value
     if s[10] then
       opened[#opened + 1] = s
     end
@@ -171,5 +182,5 @@ else
 end
 redis.call('ZADD', K_DUE, expires_at, token)
 audit('hold', scope, token, amounts_text, 'plan=' .. plan)
-return 'held\n' .. token .. '\n' .. plan .. '\n' .. expires_at .. '\n' .. states_text(list, added) .. '\n'
+return 'held\n' .. token .. '\n' .. plan .. '\n' .. expires_at .. '\n' .. states_text(list, held_now) .. '\n'
   .. table.concat(rejections, '|')
