@@ -554,6 +554,28 @@ def test_reclaim_returns_expired_holds_before_forgetting(redis_url: str, clock: 
     authority.close()
 
 
+def test_audit_goes_on_after_a_stream_top_ahead_of_the_server_clock(redis_url: str, clock: FakeClock) -> None:
+    """Audit ids come from the server clock; when the stream's last id is ahead of it (the clock
+    stepped back, or a restored copy from a faster host), the event is written after the top instead
+    of failing the hold or commit it records."""
+    authority = Authority(redis_url, clock=clock)
+    authority.set_budget(Budget("tenant:ahead", "usd", 10))
+    raw = _raw(redis_url)
+    (log_key,) = raw.keys("*{tenant:ahead}:log")
+    future_us = (int(time.time()) + 3600) * 1_000_000
+    event = {"at": "0", "k": "budget_set", "s": "tenant:ahead", "r": "", "a": "", "d": ""}
+    raw.xadd(log_key, event, id=f"{future_us}-0")  # type: ignore[arg-type]
+    decision = authority.reserve(Action("step", "s", {"usd": 1}), "tenant:ahead/run:1")
+    assert decision.allowed
+    assert authority.commit(decision.reservation, {"usd": "0.5"}).status == "committed"  # type: ignore[arg-type]
+    events = authority.events(scope="tenant:ahead", newest=True, limit=2)
+    assert [e.kind for e in events] == ["hold", "commit"]
+    assert all(e.seq > future_us * 1000 for e in events)
+    assert authority.balance("tenant:ahead")["usd"].spent == Decimal("0.5")
+    raw.close()
+    authority.close()
+
+
 def test_a_burst_of_audit_events_from_one_script_pages_without_gaps(redis_url: str, clock: FakeClock) -> None:
     """One script reads the server clock once; its events' ids must still page (seq = us * 1000 + n
     needs n < 1000), here 1,200 expiries and a hold written by one reserve."""

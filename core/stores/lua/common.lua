@@ -49,7 +49,7 @@ end
 
 local function server_seconds()
   local t = server_clock()
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+  return t[1] + t[2] / 1000000
 end
 
 local function fmt_int(n)
@@ -63,11 +63,11 @@ local audited = 0  -- events written by this script: they share one reading of t
 local function audit(kind, scope, token, amounts, detail)
   local t = server_clock()
   -- AuditEvent.seq = us * 1000 + n needs n < 1000: a script's 1000th event moves on a microsecond.
-  local us = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]) + math.floor(audited / 1000))
+  local us = string.format('%d-*', t[1] * 1000000 + t[2] + (audited < 1000 and 0 or math.floor(audited / 1000)))
   audited = audited + 1
-  local ok = redis.pcall('XADD', K_LOG, 'MAXLEN', '~', CAP, us .. '-*', 'at', NOW,
+  local ok = redis.pcall('XADD', K_LOG, 'MAXLEN', '~', CAP, us, 'at', NOW,
     'k', kind, 's', scope, 'r', token, 'a', amounts, 'd', detail)
-  if type(ok) == 'table' and ok.err then
+  if ok.err then  -- (a string, the new id, answers nil too)
     local info = redis.call('XINFO', 'STREAM', K_LOG)
     local top = '0-0'
     for i = 1, #info, 2 do
@@ -182,8 +182,11 @@ local function settle(token, rec, status)
   redis.call('HSET', K_RES, token, encode(rec))
   -- Retention runs from the later of the worker's clock and the server's: a worker whose clock is
   -- behind (commits are never refused for it) must not shorten it.
-  local from = math.max(NOW_N, server_seconds())
-  redis.call('ZADD', K_DUE, string.format('%.17g', -(from + tonumber(RETENTION))), token)
+  local from = server_seconds()
+  if NOW_N > from then
+    from = NOW_N
+  end
+  redis.call('ZADD', K_DUE, string.format('%.17g', -(from + RETENTION)), token)
 end
 
 local function expire(token, rec)
@@ -196,7 +199,7 @@ end
 -- commit, release and extend, which touch only that reservation's accounts.
 local function load_current(token)
   local rec = load(token)
-  if rec and rec.st == 'held' and tonumber(rec.e) <= NOW_N then
+  if rec and rec.st == 'held' and rec.e + 0 <= NOW_N then
     expire(token, rec)
   end
   return rec
@@ -207,7 +210,7 @@ end
 -- out twice. So a script that holds, extends or reclaims first refuses a worker whose clock is more
 -- than MAX_SKEW seconds off the server's (0: trust the workers' clocks, e.g. a FakeClock in tests).
 local function check_clock()
-  local limit = tonumber(MAX_SKEW)
+  local limit = MAX_SKEW + 0
   if limit > 0 then
     local skew = NOW_N - server_seconds()
     if skew > limit or skew < -limit then
