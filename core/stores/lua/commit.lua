@@ -80,9 +80,8 @@ if over_hold then
   flags[#flags + 1] = 'over_hold'
 end
 
--- Counter changes are gathered in `writes` (field -> new value) and written with one HSET at the end.
--- The held counters of a live hold are read in the same HMGET as the chain's budget index.
-local writes = {}
+-- Counter changes are written with one HSET at the end (pairs_out, below). The held counters of a
+-- live hold are read in the same HMGET as the chain's budget index (or its counters, fast path).
 local hold_fields, hold_steps, hold_suffixes, hold_ids = {}, {}, {}, {}
 if prior == 'held' then
   for suffix, id, steps in string.gmatch(rec.h, '((%d+)|%S*) (%S+)') do
@@ -95,7 +94,18 @@ if prior == 'held' then
 end
 local over = false
 local list, current
-local charged = {}  -- spent field -> the steps this commit adds to it
+-- The counters to write, as HSET field/value pairs. A spent counter past 2^53 (overage is recorded,
+-- never dropped, so spent can pass any limit) is no longer exact as a Lua number: it is incremented
+-- by Redis itself (int64) instead of written.
+local pairs_out = {}
+local function charge_spent(field, spent, steps)
+  if spent > 9007199254740991 then
+    redis.call('HINCRBY', K_LEDGER, field, fmt_int(steps))
+  else
+    pairs_out[#pairs_out + 1] = field
+    pairs_out[#pairs_out + 1] = fmt_int(spent)
+  end
+end
 
 -- Fast path, the usual commit: a live hold of one unit, charged in that unit only, on a chain where
 -- no budget was created or removed since the hold ("#v" as the record has it). Reserve held every
@@ -115,58 +125,56 @@ if charging and #hold_fields > 0 and rec.v ~= '' then
     local got = hmget(K_LEDGER, fields)
     if got[1] == rec.v then
       fast = true
-      local moved, past = {}, false
       for i = 1, #hold_fields do
-        local limit = got[3 * i + 1]
-        if not limit then  -- a budget set before "l<id>" was kept: the general way
+        if not got[3 * i + 1] then  -- a budget set before "l<id>" was kept: the general way
           fast = false
           break
         end
+      end
+    end
+    if fast then
+      for i = 1, #hold_fields do
         local held_now = (got[3 * i - 1] or 0) - hold_steps[i]
         local spent = (got[3 * i] or 0) + steps
-        moved[hold_fields[i]] = held_now
-        moved[fields[3 * i]] = spent
-        charged[fields[3 * i]] = steps
-        past = past or spent + held_now > limit + 0
-      end
-      if fast then
-        writes, over = moved, past
+        pairs_out[#pairs_out + 1] = hold_fields[i]
+        pairs_out[#pairs_out + 1] = fmt_int(held_now)
+        charge_spent(fields[3 * i], spent, steps)
+        over = over or spent + held_now > got[3 * i + 1] + 0
       end
     end
   end
 end
 
 if not fast then
+  local writes = {}  -- field -> new value
+  local charged = {}  -- spent field -> the steps this commit adds to it
   if charging then
     list, current = states(chain_of(rec.s), charge, rec.w, hold_fields)
   elseif #hold_fields > 0 then
     list, current = {}, hmget(K_LEDGER, hold_fields)
   end
   for i = 1, #hold_fields do
-    writes[hold_fields[i]] = tonumber(current[i] or '0') - hold_steps[i]
+    writes[hold_fields[i]] = (current[i] or 0) - hold_steps[i]
   end
-end
-
-if list then
-  for _, s in ipairs(list) do
-    local spent = tonumber(s[6]) + charge[s[2]]
-    local held_now = writes['h' .. s[9]] or tonumber(s[7])
-    writes['s' .. s[9]] = spent
-    charged['s' .. s[9]] = charge[s[2]]
-    if spent + held_now > tonumber(s[5]) then
-      over = true
+  if list then
+    for _, s in ipairs(list) do
+      local spent = s[6] + charge[s[2]]
+      local held_now = writes[s[11]] or s[7] + 0
+      writes['s' .. s[9]] = spent
+      charged['s' .. s[9]] = charge[s[2]]
+      if spent + held_now > s[5] + 0 then
+        over = true
+      end
     end
   end
-end
--- A spent counter past 2^53 (overage is recorded, never dropped, so spent can pass any limit) is no
--- longer exact as a Lua number: it is incremented by Redis itself (int64) instead of written.
-local pairs_out = {}
-for field, value in pairs(writes) do
-  if value > 9007199254740991 and charged[field] then
-    redis.call('HINCRBY', K_LEDGER, field, fmt_int(charged[field]))
-  else
-    pairs_out[#pairs_out + 1] = field
-    pairs_out[#pairs_out + 1] = fmt_int(value)
+  for field, value in pairs(writes) do
+    local steps = charged[field]
+    if steps then
+      charge_spent(field, value, steps)
+    else
+      pairs_out[#pairs_out + 1] = field
+      pairs_out[#pairs_out + 1] = fmt_int(value)
+    end
   end
 end
 if #pairs_out > 0 then

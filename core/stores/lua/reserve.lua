@@ -67,13 +67,17 @@ end
 local list, read = states(chain, wanted, windows_text, {'#v'})
 local version = read[1] or ''  -- a ledger from before "#v" has none: its holds commit the general way
 local by_unit = {}
-for _, s in ipairs(list) do
-  local bucket = by_unit[s[2]]
-  if not bucket then
-    bucket = {}
-    by_unit[s[2]] = bucket
+if one_unit and ARGV[10] == '' then
+  by_unit[one_unit] = list  -- states() read only the wanted units: here that one
+else
+  for _, s in ipairs(list) do
+    local bucket = by_unit[s[2]]
+    if not bucket then
+      bucket = {}
+      by_unit[s[2]] = bucket
+    end
+    bucket[#bucket + 1] = s
   end
-  bucket[#bucket + 1] = s
 end
 
 -- ceil(limit * ppm / 1e6) exactly in doubles: limit = q * 1e6 + r keeps every product below 2^53.
