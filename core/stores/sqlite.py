@@ -26,7 +26,9 @@ changes, so the schema keeps the pages a reserve or a commit touches few and sma
   idempotency index) and leaves its hold record in the audit trail. Forgetting walks the settle
   records in ``seq`` order from a watermark kept in ``meta``, so it needs no index either; each
   settle record carries its reservation's forget time (set by the settling process's retention),
-  and the walk stops at the first one not yet due.
+  and the walk stops at the first one not yet due. The walk runs in ``sweep()`` and every 1000th
+  hold; until it comes, lookups by id or idempotency key treat a reservation past its forget time
+  as forgotten already (a reused key frees its row on the spot), so forgetting is never late.
 * A reserve is one query (the chain's budgets and counters, plus whether any hold is due for
   reclaiming and the budgets version), one upsert of the holds and one insert. A commit reads the
   reservation, then, when no budget was set or removed since the hold (``meta.budgets`` counts
@@ -192,7 +194,11 @@ _RES_COLUMNS = (
     "committed, flags, idem, label, seq"
 )
 _FIND = "WHERE seq = ? AND rid = ? AND known IS NOT NULL"
-_LIVE = "kind = 'hold' AND known IS NOT NULL"
+# Lookups by id (third parameter: now) also skip what is past retention but not yet forgotten (the
+# forget pass runs in sweep() and every 1000th hold): forgetting is lazy, like expiry.
+_FIND_KEPT = _FIND + " AND (forget_at IS NULL OR forget_at > ?)"
+_LIVE = "kind = 'hold' AND known IS NOT NULL AND (forget_at IS NULL OR forget_at > ?)"
+_FORGET_ONE = "UPDATE log SET known = NULL, idem = NULL, holds = NULL, windows = NULL WHERE seq = ?"
 _PERIOD_ORDER = ("minute", "hour", "day", "week", "month")
 _PLAN_DETAIL = tuple(f"plan={index}" for index in range(17))
 
@@ -556,9 +562,13 @@ class SQLiteStore(Store):
                 if db.execute(_DUE_SQL, (now,)).fetchone() is not None:
                     self._reclaim(db, now)
                 row = db.execute(
-                    "SELECT rid, plan, expires_at, windows, amounts, at FROM log WHERE root = ? AND idem = ?",
+                    "SELECT rid, plan, expires_at, windows, amounts, at, forget_at, seq FROM log "
+                    "WHERE root = ? AND idem = ?",
                     (chain[0], request.idempotency_key),
                 ).fetchone()
+                if row is not None and row[6] is not None and row[6] <= now:
+                    db.execute(_FORGET_ONE, (row[7],))  # past retention: the key is free again
+                    row = None
                 if row is not None:
                     original = _windows(row[3], row[5])
                     held_units = {unit for unit, _ in _amounts(row[4])}
@@ -639,8 +649,10 @@ class SQLiteStore(Store):
             raise
         return HoldResult(rid, index, request.expires_at, tuple(after), tuple(choice.rejections))
 
-    def _load(self, db: sqlite3.Connection, reservation_id: str) -> ReservationRecord:
-        row = db.execute(f"SELECT {_RES_COLUMNS} FROM log {_FIND}", (_key(reservation_id), reservation_id)).fetchone()
+    def _load(self, db: sqlite3.Connection, reservation_id: str, now: float) -> ReservationRecord:
+        row = db.execute(
+            f"SELECT {_RES_COLUMNS} FROM log {_FIND_KEPT}", (_key(reservation_id), reservation_id, now)
+        ).fetchone()
         if row is None:
             root_of(reservation_id)
             raise ReservationNotFound(reservation_id)
@@ -699,8 +711,8 @@ class SQLiteStore(Store):
         try:
             row = db.execute(
                 "SELECT seq, status, expires_at, scope, amounts, holds, windows, at, committed, flags, "
-                f"budgets = (SELECT value FROM meta WHERE key = 'budgets') FROM log {_FIND}",
-                (_key(reservation_id), reservation_id),
+                f"budgets = (SELECT value FROM meta WHERE key = 'budgets') FROM log {_FIND_KEPT}",
+                (_key(reservation_id), reservation_id, now),
             ).fetchone()
             if row is None:
                 root_of(reservation_id)
@@ -748,7 +760,7 @@ class SQLiteStore(Store):
 
     def release(self, reservation_id: str, now: float) -> SettleResult:
         with self._write() as db:
-            record = self._load(db, reservation_id)
+            record = self._load(db, reservation_id, now)
             status = self._expire_if_due(db, record, now)
             if status != HELD:
                 return SettleResult(record.id, status, (), record.flags, replayed=True)
@@ -763,26 +775,26 @@ class SQLiteStore(Store):
 
     def extend(self, reservation_id: str, expires_at: float, now: float) -> ReservationRecord:
         with self._write() as db:
-            record = self._load(db, reservation_id)
+            record = self._load(db, reservation_id, now)
             status = self._expire_if_due(db, record, now)
             if status != HELD:
                 raise ReservationClosed(record.id, status)
             db.execute("UPDATE log SET expires_at = ? WHERE seq = ?", (expires_at, self._seq(db, record.id)))
             self._log(db, now, "extend", record.scope, record.id, (), f"expires_at={expires_at:.3f}")
-            return self._load(db, reservation_id)
+            return self._load(db, reservation_id, now)
 
     def reservation(self, reservation_id: str, now: float) -> ReservationRecord:
         with self._write() as db:
-            record = self._load(db, reservation_id)
+            record = self._load(db, reservation_id, now)
             if self._expire_if_due(db, record, now) != record.status:
-                record = self._load(db, reservation_id)
+                record = self._load(db, reservation_id, now)
             return record
 
     def reservations(self, scope: str | None, status: str | None, limit: int, now: float) -> list[ReservationRecord]:
         with self._write() as db:
             self._reclaim(db, now)
             sql = f"SELECT {_RES_COLUMNS} FROM log WHERE {_LIVE}"
-            params: list[Any] = []
+            params: list[Any] = [now]
             if status is not None:
                 sql += " AND status = ?"
                 params.append(status)

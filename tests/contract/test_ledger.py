@@ -567,3 +567,20 @@ def test_a_hold_on_thousands_of_budgets(authority: Authority) -> None:
     authority.commit(decision.reservation, dict.fromkeys(units, 2))
     assert {(b.spent, b.held) for b in authority.budgets(chain)} == {(2, 0)}
     assert {(b.spent, b.held) for b in authority.budgets(levels[0])} == {(2, 0)}
+
+
+def test_past_retention_a_reservation_is_forgotten_without_a_sweep(authority: Authority, clock: FakeClock) -> None:
+    # Forgetting is lazy like expiry: no sweep and few calls in between, yet a reservation settled
+    # more than retention ago is gone — its idempotency key is free again and its id is unknown.
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    first = authority.reserve(usd(2), CHAIN, idempotency_key="job-7")
+    authority.commit(first.reservation, {"usd": 1})  # type: ignore[arg-type]
+    clock.advance(72 * 3600)
+    again = authority.reserve(usd(2), CHAIN, idempotency_key="job-7")
+    assert again.outcome is Outcome.ALLOW and not again.replayed
+    assert again.reservation is not None and first.reservation is not None
+    assert again.reservation.id != first.reservation.id
+    with pytest.raises(ReservationNotFound):
+        authority.commit(first.reservation, {"usd": 1})
+    usd_balance = authority.balance("tenant:acme")["usd"]
+    assert (usd_balance.spent, usd_balance.held) == (1, 2)
