@@ -347,6 +347,24 @@ class MemoryStore(Store):
                 refs.append(ref)
         return states, refs
 
+    def _peek_states(self, chain: tuple[str, ...], units: object, windows: Windows) -> list[AccountState]:
+        """The chain's budgets of ``units`` in ``windows``, read only: a replayed reserve reports the
+        windows of its original hold, which may be gone by now (a budget keeps its 8 latest): such a
+        window reads as empty, as on Redis, and is not opened again (that would push out a newer one)."""
+        by_period = self._map(windows)
+        states: list[AccountState] = []
+        for scope in chain:
+            level = self._levels.get(scope)
+            if level is not None:
+                for budget in level.values():
+                    if budget.unit in units:  # type: ignore[operator]
+                        window = by_period[budget.period]
+                        spent, held = budget.counters.get(window, (0, 0))
+                        states.append(
+                            AccountState(budget.scope, budget.unit, budget.period, window, budget.limit, spent, held)
+                        )
+        return states
+
     # --- reservations --------------------------------------------------------------------------
     def hold(self, request: HoldRequest) -> HoldResult:
         plans = request.plans
@@ -363,7 +381,7 @@ class MemoryStore(Store):
                 existing = self._idempotency.get((request.chain[0], request.idempotency_key))
                 if existing is not None:
                     res = self._get(existing)
-                    states, _ = self._chain_budgets(res.chain, dict(res.amounts), res.windows)
+                    states = self._peek_states(res.chain, dict(res.amounts), res.windows)
                     return HoldResult(res.id, res.plan_index, res.expires_at, tuple(states), (), replayed=True)
             if simple:
                 fitted = self._hold_fitting(request, units)  # type: ignore[arg-type]

@@ -584,3 +584,22 @@ def test_past_retention_a_reservation_is_forgotten_without_a_sweep(authority: Au
         authority.commit(first.reservation, {"usd": 1})
     usd_balance = authority.balance("tenant:acme")["usd"]
     assert (usd_balance.spent, usd_balance.held) == (1, 2)
+
+
+def test_a_replay_long_after_its_window_reports_real_counters(authority: Authority, clock: FakeClock) -> None:
+    # A replayed reserve reports the window of its original hold. Stores keep a period budget's
+    # recent windows only (memory and Redis: 8): a window dropped since reads as empty, never as
+    # a placeholder (the memory store once reported spent = 2^53 there).
+    authority.set_budget(Budget("tenant:acme", "usd", 10, period="minute"))
+    first = authority.reserve(usd(4), CHAIN, idempotency_key="job-1")
+    authority.commit(first.reservation, {"usd": 3})  # type: ignore[arg-type]
+    for _ in range(10):  # ten more minutes, each opening its window
+        clock.advance(60)
+        authority.commit(authority.reserve(usd(1), CHAIN).reservation)  # type: ignore[arg-type]
+    replay = authority.reserve(usd(4), CHAIN, idempotency_key="job-1")
+    assert replay.replayed and replay.reservation is not None
+    assert replay.reservation.id == first.reservation.id  # type: ignore[union-attr]
+    (headroom,) = replay.headroom
+    assert (headroom.limit, headroom.held) == (10, 0)
+    assert headroom.spent in (3, 0)  # that window's spend, or nothing where it is gone
+    assert authority.balance("tenant:acme")["usd"].spent == 1
