@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import inspect
 import logging
@@ -300,6 +301,18 @@ def _amounts(text: str | None) -> Amounts:
 
 def _amounts_text(amounts: Amounts) -> str:
     return " ".join(f"{unit} {steps}" for unit, steps in amounts)
+
+
+def _exact_overage(rejections: tuple[Rejection, ...], accounts: tuple[AccountState, ...]) -> tuple[Rejection, ...]:
+    """An overage's ``remaining`` worked out again from the exact counters: the script subtracts in
+    Lua doubles, and a spent counter may be past 2^53 after overage (only then is it inexact)."""
+    exact = {(a.scope, a.unit, a.period): a.remaining for a in accounts}
+    return tuple(
+        dataclasses.replace(r, remaining=exact.get((r.scope, r.unit, r.period), r.remaining))
+        if r.code == "budget_overage"
+        else r
+        for r in rejections
+    )
 
 
 @lru_cache(maxsize=64)
@@ -930,6 +943,8 @@ class RedisStore(Store):
                 )
                 for i in range(0, len(f), 8)
             )
+            if "budget_overage" in rejections_text:
+                rejections = _exact_overage(rejections, accounts)
         if kind == "denied":
             return HoldResult(None, -1, 0.0, accounts, rejections)
         rid = f"{token}.{request.chain[0]}"

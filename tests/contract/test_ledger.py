@@ -294,9 +294,14 @@ def test_overage_past_the_largest_amount_stays_exact(authority: Authority) -> No
     # past 2^53 (where Lua's numbers stop being exact) on every store.
     authority.set_budget(Budget("tenant:acme", "tokens", 10))
     holds = [authority.reserve(Action("step", "s", {"tokens": 1}), CHAIN).reservation for _ in range(5)]
-    for reservation, actual in zip(holds, [MAX_AMOUNT, 1, 1, 1, 2], strict=True):
+    for reservation, actual in zip(holds, [MAX_AMOUNT, 1, 1, 1, 3], strict=True):
         assert "overage" in authority.commit(reservation, {"tokens": actual}).flags  # type: ignore[arg-type]
-    assert authority.balance("tenant:acme")["tokens"].spent == MAX_AMOUNT + 5
+    balance = authority.balance("tenant:acme")["tokens"]
+    assert balance.spent == MAX_AMOUNT + 6  # odd past 2^53: no double holds it
+    denied = authority.reserve(Action("step", "s", {"tokens": 1}), CHAIN)
+    (reason,) = denied.reasons
+    assert reason.code == "budget_overage"
+    assert reason.remaining == balance.remaining == 10 - MAX_AMOUNT - 6  # exact, not a double's neighbour
 
 
 def test_a_late_commit_is_remembered_for_retention_from_the_commit(authority: Authority, clock: FakeClock) -> None:
