@@ -172,6 +172,19 @@ class Choice:
     rejections: list[Rejection] = field(default_factory=list)
 
 
+# Periods from the shortest-lived window to lifetime: of two budgets with as little left, the one
+# that stays binding longer is named.
+_PERIOD_RANK = {"minute": 0, "hour": 1, "day": 2, "week": 3, "month": 4, "": 5}
+
+
+def _binds_before(remaining: int, period: str, named: Rejection) -> bool:
+    """Whether a budget with ``remaining`` left in ``period`` is the one to name rather than
+    ``named``: less left, or as little for longer."""
+    if remaining != named.remaining:
+        return remaining < named.remaining
+    return _PERIOD_RANK[period] > _PERIOD_RANK[named.period]
+
+
 def choose_plan(plans: Sequence[PlanSpec], chain: Sequence[str], budgets: Sequence[AccountState]) -> Choice:
     """Pick the first plan that fits every budget on the chain (the ladder), or none.
 
@@ -207,6 +220,8 @@ def choose_plan(plans: Sequence[PlanSpec], chain: Sequence[str], budgets: Sequen
             for position, account in enumerate(budgets):
                 if account[1] != unit:
                     continue
+                if rejection is not None and account[0] != rejection.scope:
+                    break  # the level's budgets of a unit come together: past them
                 limit = account[4]
                 remaining = limit - account[5] - account[6]
                 code = ""
@@ -222,9 +237,11 @@ def choose_plan(plans: Sequence[PlanSpec], chain: Sequence[str], budgets: Sequen
                         if remaining - amount < required:
                             code = MIN_HEADROOM
                 if code:
-                    rejection = Rejection(index, code, account[0], unit, account[2], amount, remaining, required)
-                    break
-                if amount:
+                    # Several budgets of this unit on this level (a daily and a monthly cap) may
+                    # not fit: name the tightest, the same on every store whatever their order.
+                    if rejection is None or _binds_before(remaining, account[2], rejection):
+                        rejection = Rejection(index, code, account[0], unit, account[2], amount, remaining, required)
+                elif amount and rejection is None:
                     holds.append((position, amount))
             if rejection is not None:
                 break

@@ -608,3 +608,28 @@ def test_a_replay_long_after_its_window_reports_real_counters(authority: Authori
     assert (headroom.limit, headroom.held) == (10, 0)
     assert headroom.spent in (3, 0)  # that window's spend, or nothing where it is gone
     assert authority.balance("tenant:acme")["usd"].spent == 1
+
+
+def test_of_several_budgets_on_a_level_the_tightest_is_named(authority: Authority) -> None:
+    # A daily and a monthly cap (and a lifetime one) on one scope: whatever order they were set in,
+    # a denial names the one with the least left, then the one that binds longest — on every store.
+    authority.set_budget(Budget("tenant:acme", "usd", 100))
+    authority.set_budget(Budget("tenant:acme", "usd", 5, period="month"))
+    authority.set_budget(Budget("tenant:acme", "usd", 3, period="day"))
+    authority.commit(authority.reserve(usd(2), CHAIN).reservation)  # type: ignore[arg-type]
+    (reason,) = authority.reserve(usd(4), CHAIN).reasons  # day 1 left, month 3, lifetime 98
+    assert (reason.code, reason.period, reason.remaining) == ("budget_exhausted", "day", 1)
+    authority.set_budget(Budget("tenant:acme", "usd", 3, period="month"))  # month 1 left too
+    (reason,) = authority.reserve(usd(4), CHAIN).reasons
+    assert (reason.period, reason.remaining) == ("month", 1)
+    authority.set_budget(Budget("tenant:acme", "usd", 1, period="hour"))  # hour 1 left too (a new window)
+    (reason,) = authority.reserve(usd(4), CHAIN).reasons
+    assert (reason.period, reason.remaining) == ("month", 1)  # as little left as the others, for longest
+    authority.set_budget(Budget("tenant:acme", "usd", 1, period="month"))  # spent 2 of 1: overage
+    plans = [Plan({"usd": 4}), Plan({"usd": 0}, caps=Caps(skip_optional=True))]
+    denied = authority.reserve(usd(4), CHAIN, plans=plans)
+    assert [(r.plan, r.code, r.period, r.remaining) for r in denied.reasons] == [
+        (0, "budget_overage", "month", -1),
+        (1, "budget_overage", "month", -1),
+    ]
+    assert denied.outcome is Outcome.DENY

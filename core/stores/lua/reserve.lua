@@ -99,6 +99,11 @@ local function required_of(limit, ppm)
   return q * ppm + c
 end
 
+-- Of several budgets of one unit on one level that do not fit, the tightest is named: least left,
+-- then the longest period (its place in PERIODS; lifetime last), as clearance.ledger.choose_plan
+-- does, so every store names the same one whatever their order. (No table or closure here: most
+-- reserves never compare two.)
+local PERIODS = ' minute hour day week month '
 local rejections = {}
 local chosen, chosen_holds = -1, nil
 for p, plan in ipairs(plans) do
@@ -107,7 +112,11 @@ for p, plan in ipairs(plans) do
   local rejected = false
   for _, entry in ipairs(plan[1]) do
     local unit, steps, amount = entry[1], entry[2], entry[3]
+    local named = nil  -- {remaining, period, scope} of the rejection named so far
     for _, s in ipairs(by_unit[unit] or {}) do
+      if named and s[1] ~= named[3] then
+        break  -- the level's budgets of a unit come together: past them
+      end
       local limit = s[5] + 0  -- (arithmetic converts a numeric string for half what tonumber() costs)
       local remaining = limit - s[6] - s[7]
       local code, required = nil, 0
@@ -125,12 +134,19 @@ for p, plan in ipairs(plans) do
         end
       end
       if code then
-        rejections[#rejections + 1] = fmt_int(p - 1) .. '|' .. code .. '|' .. s[1] .. '|' .. unit .. '|' .. s[3]
-          .. '|' .. steps .. '|' .. fmt_int(remaining) .. '|' .. fmt_int(required)
-        rejected = true
-        break
-      end
-      if amount > 0 then
+        local tighter = not named or remaining < named[1]
+        if not tighter and remaining == named[1] then
+          local rank = s[3] == '' and 99 or string.find(PERIODS, ' ' .. s[3] .. ' ', 1, true)
+          tighter = rank > (named[2] == '' and 99 or string.find(PERIODS, ' ' .. named[2] .. ' ', 1, true))
+        end
+        if tighter then
+          local text = fmt_int(p - 1) .. '|' .. code .. '|' .. s[1] .. '|' .. unit .. '|' .. s[3]
+            .. '|' .. steps .. '|' .. fmt_int(remaining) .. '|' .. fmt_int(required)
+          rejections[named and #rejections or #rejections + 1] = text  -- a tighter one replaces this plan's
+          named = {remaining, s[3], s[1]}
+          rejected = true
+        end
+      elseif amount > 0 and not rejected then
         holds[#holds + 1] = {s[9], steps, amount}
       end
     end
