@@ -248,10 +248,13 @@ class MemoryStore(Store):
         self._seq += 1
         self._audit.append((self._seq, at, kind, scope, rid, amounts, detail))
 
-    def _get(self, reservation_id: str) -> _Reservation:
+    def _get(self, reservation_id: str, now: float) -> _Reservation:
         res = self._reservations.get(reservation_id)
         if isinstance(res, tuple):
-            return _Reservation.unpack(res)
+            # Settled: forgotten once past retention, even before _reclaim gets to it (lazy, like expiry).
+            if (res[5] or 0.0) + self._retention > now:
+                return _Reservation.unpack(res)
+            res = None
         if res is None:
             root_of(reservation_id)  # a malformed id is InvalidRequest; a well-formed unknown one is not found
             raise ReservationNotFound(reservation_id)
@@ -380,8 +383,8 @@ class MemoryStore(Store):
             if request.idempotency_key is not None:
                 existing = self._idempotency.get((request.chain[0], request.idempotency_key))
                 if existing is not None:
-                    res = self._get(existing)
-                    states = self._peek_states(res.chain, dict(res.amounts), res.windows)
+                    res = self._get(existing, now)
+                    states = self._peek_states(request.chain, dict(res.amounts), res.windows)
                     return HoldResult(res.id, res.plan_index, res.expires_at, tuple(states), (), replayed=True)
             if simple:
                 fitted = self._hold_fitting(request, units)  # type: ignore[arg-type]
@@ -457,7 +460,7 @@ class MemoryStore(Store):
         with self._lock:
             res = self._reservations.get(reservation_id)
             if type(res) is not _Reservation:  # settled (packed) or unknown: the general lookup
-                res = self._get(reservation_id)
+                res = self._get(reservation_id, now)
             if self._expiry and self._expiry[0][0] <= now:
                 self._reclaim(now)
             if res.status == COMMITTED:
@@ -526,7 +529,7 @@ class MemoryStore(Store):
 
     def release(self, reservation_id: str, now: float) -> SettleResult:
         with self._lock:
-            res = self._get(reservation_id)
+            res = self._get(reservation_id, now)
             self._reclaim(now)
             if res.status != HELD:
                 return SettleResult(res.id, res.status, (), res.flags, replayed=True)
@@ -537,7 +540,7 @@ class MemoryStore(Store):
 
     def extend(self, reservation_id: str, expires_at: float, now: float) -> ReservationRecord:
         with self._lock:
-            res = self._get(reservation_id)
+            res = self._get(reservation_id, now)
             self._reclaim(now)
             if res.status != HELD:
                 raise ReservationClosed(res.id, res.status)
@@ -548,7 +551,7 @@ class MemoryStore(Store):
 
     def reservation(self, reservation_id: str, now: float) -> ReservationRecord:
         with self._lock:
-            res = self._get(reservation_id)
+            res = self._get(reservation_id, now)
             self._reclaim(now)
             return res.record()
 

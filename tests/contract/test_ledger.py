@@ -575,12 +575,18 @@ def test_a_hold_on_thousands_of_budgets(authority: Authority) -> None:
 
 
 def test_past_retention_a_reservation_is_forgotten_without_a_sweep(authority: Authority, clock: FakeClock) -> None:
-    # Forgetting is lazy like expiry: no sweep and few calls in between, yet a reservation settled
-    # more than retention ago is gone — its idempotency key is free again and its id is unknown.
+    # Forgetting is lazy like expiry: no sweep and no other call in between, yet a reservation
+    # settled more than retention ago is gone — its id is unknown and its idempotency key free again.
     authority.set_budget(Budget("tenant:acme", "usd", 10))
     first = authority.reserve(usd(2), CHAIN, idempotency_key="job-7")
     authority.commit(first.reservation, {"usd": 1})  # type: ignore[arg-type]
+    released = authority.reserve(usd(1), CHAIN)
+    authority.release(released.reservation)  # type: ignore[arg-type]
     clock.advance(72 * 3600)
+    with pytest.raises(ReservationNotFound):  # the first call after: nothing has tidied up yet
+        authority.commit(released.reservation, {"usd": 1})  # type: ignore[arg-type]
+    with pytest.raises(ReservationNotFound):
+        authority.reservation(first.reservation)  # type: ignore[arg-type]
     again = authority.reserve(usd(2), CHAIN, idempotency_key="job-7")
     assert again.outcome is Outcome.ALLOW and not again.replayed
     assert again.reservation is not None and first.reservation is not None
@@ -633,3 +639,15 @@ def test_of_several_budgets_on_a_level_the_tightest_is_named(authority: Authorit
         (1, "budget_overage", "month", -1),
     ]
     assert denied.outcome is Outcome.DENY
+
+
+def test_a_plan_of_nothing_before_a_one_unit_plan(authority: Authority) -> None:
+    # The first plan holds nothing (skip the optional step): chosen, with the chain's usd in the
+    # headroom (the Redis script once read the two plans as one odd unit "|;usd").
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    plans = [Plan({}, caps=Caps(skip_optional=True)), Plan({"usd": 5})]
+    decision = authority.reserve(usd(5), CHAIN, plans=plans)
+    assert decision.outcome is Outcome.ALLOW_WITH_CAPS and decision.plan_index == 0
+    assert decision.reservation is not None and decision.reservation.amounts == {}
+    assert [(h.scope, h.unit, h.remaining) for h in decision.headroom] == [("tenant:acme", "usd", 10)]
+    assert authority.commit(decision.reservation).charged == {}

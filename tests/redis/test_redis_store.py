@@ -554,6 +554,23 @@ def test_reclaim_returns_expired_holds_before_forgetting(redis_url: str, clock: 
     authority.close()
 
 
+def test_a_reused_key_past_retention_is_free_even_when_reclaim_has_not_got_to_it(
+    redis_url: str, clock: FakeClock
+) -> None:
+    """Reclaim forgets at most a batch per call; a key past retention is free all the same."""
+    authority = Authority(redis_url + "&retention=100&reclaim_batch=1", clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    first = [authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6, idempotency_key=f"k{i}") for i in range(3)]
+    for decision in first:
+        authority.commit(decision.reservation, {"usd": 1})  # type: ignore[arg-type]
+    clock.advance(101)
+    again = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6, idempotency_key="k2")
+    assert not again.replayed and again.reservation is not None
+    assert again.reservation.id != first[2].reservation.id  # type: ignore[union-attr]
+    assert authority.balance("tenant:acme")["usd"].held == 1
+    authority.close()
+
+
 def test_audit_goes_on_after_a_stream_top_ahead_of_the_server_clock(redis_url: str, clock: FakeClock) -> None:
     """Audit ids come from the server clock; when the stream's last id is ahead of it (the clock
     stepped back, or a restored copy from a faster host), the event is written after the top instead

@@ -195,12 +195,49 @@ local function expire(token, rec)
   audit('expire', rec.s, token, rec.a, '')
 end
 
--- One reservation, expired first if its time has come (expiry iff expires_at <= now): enough for
--- commit, release and extend, which touch only that reservation's accounts.
+-- Forget a settled reservation: its record, its idempotency key (if still its own), its due entry.
+local function forget(token, rec)
+  if rec.i ~= '' and redis.call('HGET', K_RES, '!' .. rec.i) == token then
+    redis.call('HDEL', K_RES, '!' .. rec.i)
+  end
+  redis.call('HDEL', K_RES, token)
+  redis.call('ZREM', K_DUE, token)
+end
+
+-- Forgetting is lazy, like expiry: a settled reservation past its retention is forgotten when it is
+-- looked up, whether or not reclaim (at most BATCH per call) has got to it. Its forget time is its
+-- due score: minus the time once settled (plus the time on a ledger of 0.1).
+local function forgotten_now(token, rec)
+  if rec.st == 'held' then
+    return false
+  end
+  local score = redis.call('ZSCORE', K_DUE, token)
+  if not score then
+    return false
+  end
+  local at = score + 0
+  if at < 0 then
+    at = -at
+  end
+  if at > NOW_N then
+    return false
+  end
+  forget(token, rec)
+  return true
+end
+
+-- One reservation, expired first if its time has come (expiry iff expires_at <= now), nil once
+-- forgotten: enough for commit, release and extend, which touch only that reservation's accounts.
 local function load_current(token)
   local rec = load(token)
-  if rec and rec.st == 'held' and rec.e + 0 <= NOW_N then
-    expire(token, rec)
+  if rec then
+    if rec.st == 'held' then
+      if rec.e + 0 <= NOW_N then
+        expire(token, rec)
+      end
+    elseif forgotten_now(token, rec) then
+      return nil
+    end
   end
   return rec
 end
@@ -237,14 +274,10 @@ local function reclaim()
     if rec and rec.st == 'held' then
       expire(token, rec)
       expired = expired + 1
+    elseif rec then
+      forget(token, rec)
+      forgotten = forgotten + 1
     else
-      if rec then
-        if rec.i ~= '' and redis.call('HGET', K_RES, '!' .. rec.i) == token then
-          redis.call('HDEL', K_RES, '!' .. rec.i)
-        end
-        redis.call('HDEL', K_RES, token)
-        forgotten = forgotten + 1
-      end
       redis.call('ZREM', K_DUE, token)
     end
   end

@@ -14,7 +14,7 @@ local depth = #chain
 local plans = {}
 local wanted = {}
 -- The usual request, one plan of one unit and no headroom demanded ("unit steps|"), parsed in one match.
-local one_unit, one_steps = string.match(ARGV[9], '^(%S+) (%d+)|$')
+local one_unit, one_steps = string.match(ARGV[9], '^([^%s|;]+) (%d+)|$')
 if one_unit then
   plans[1] = {{{one_unit, one_steps, one_steps + 0}}, {}, one_unit .. ' ' .. one_steps}
   wanted[one_unit] = true
@@ -44,8 +44,7 @@ end
 
 reclaim()
 
-local function replay(existing, kind)
-  local rec = load(existing)
+local function replay(existing, kind, rec)
   local held_units = {}
   for unit in string.gmatch(rec.a, '(%S+) %S+') do
     held_units[unit] = true
@@ -54,13 +53,17 @@ local function replay(existing, kind)
     .. states_text(states(chain, held_units, rec.w), nil) .. '\n'
 end
 
-if ARGV[11] == '1' and redis.call('HEXISTS', K_RES, token) == 1 then
-  return replay(token, 'replay_id')
+if ARGV[11] == '1' then
+  local rec = load(token)
+  if rec then
+    return replay(token, 'replay_id', rec)
+  end
 end
 if idem ~= '' then
   local existing = redis.call('HGET', K_RES, '!' .. idem)
-  if existing and redis.call('HEXISTS', K_RES, existing) == 1 then
-    return replay(existing, 'replay_key')
+  local rec = existing and load(existing)
+  if rec and not forgotten_now(existing, rec) then  -- past retention, the key is free again
+    return replay(existing, 'replay_key', rec)
   end
 end
 
