@@ -50,7 +50,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -132,6 +132,10 @@ _STATES_DUE_BY_DEPTH = [
 _LAST_SEQ = "SELECT max(seq) FROM log"
 _DUE_SQL = "SELECT 1 FROM log WHERE status = 'held' AND expires_at <= ? LIMIT 1"
 _CHUNK = 64  # the most rows of one multi-row statement (see _upsert)
+_OVER_SQL = (
+    "SELECT 1 FROM accounts AS a JOIN budgets AS b USING (scope, unit, period) "
+    "WHERE a.scope = ? AND a.unit = ? AND a.period = ? AND a.win = ? AND a.spent + a.held > b.lim"
+)
 
 
 def _upserts(columns: str, update: str) -> list[str]:
@@ -671,11 +675,11 @@ class SQLiteStore(Store):
         windows: Windows,
         unholds: tuple[tuple[str, str, str, str, int], ...],
         charges: dict[str, int],
-        flags: list[str],
-    ) -> None:
+    ) -> list[tuple[str, str, str, str]]:
         """A commit whose budgets may differ from its hold's: return the hold, then charge every
-        budget on the chain now (read first, to flag the ones it takes past their limit)."""
+        budget on the chain now (read first, to find the ones it takes past their limit: returned)."""
         moves: dict[tuple[str, str, str, str], list[int]] = {}  # key -> [spent, held] changes
+        over: list[tuple[str, str, str, str]] = []
         for s, u, p, w, steps in unholds:
             moves[(s, u, p, w)] = [0, -steps]
         if charges:
@@ -684,7 +688,6 @@ class SQLiteStore(Store):
             params: list[Any] = [by_period[p] for p in _PERIOD_ORDER]
             params.append(None)
             params.extend(chain)
-            over = False
             for s, u, p, limit, spent, held in db.execute(_STATES_BY_DEPTH[len(chain)], params).fetchall():
                 steps = charges.get(u, 0)
                 if steps:
@@ -695,9 +698,7 @@ class SQLiteStore(Store):
                     else:
                         move[0] += steps
                     if spent + held + move[0] + move[1] > limit:
-                        over = True
-            if over:
-                flags.append(OVER_LIMIT)
+                        over.append(key)
         if moves:
             flat: list[Any] = []
             for key, (spent_change, held_change) in moves.items():
@@ -705,6 +706,19 @@ class SQLiteStore(Store):
                 flat.append(spent_change)
                 flat.append(held_change)
             _upsert(db, _MOVE_BY_COUNT, flat, 6)
+        return over
+
+    def _over_once_expired_are_back(
+        self, db: sqlite3.Connection, now: float, charged: Sequence[tuple[Any, ...]]
+    ) -> bool:
+        """Whether a commit that took some of the ``charged`` counters past their limit still does
+        once the expired holds are back: expired holds return on any call touching their budgets,
+        and one still counted would flag an overage that is none (the memory store reclaims before
+        it charges). Only called when the commit looks over, so the usual commit never pays for it."""
+        if db.execute(_DUE_SQL, (now,)).fetchone() is None:
+            return True
+        self._reclaim(db, now)
+        return any(db.execute(_OVER_SQL, key).fetchone() is not None for key in dict.fromkeys(charged))
 
     def commit(self, reservation_id: str, actual: Amounts | None, now: float) -> SettleResult:
         db = self._begin()
@@ -746,9 +760,13 @@ class SQLiteStore(Store):
                         flat.extend((s, u, p, w, spent, -steps if unhold else 0, seq))
                 if flat and _upsert(db, _MOVE_WITHIN_BY_COUNT, flat, 7) != len(flat) // 7:
                     _upsert(db, _MOVE_REST_BY_COUNT, flat, 7)  # the rows not stamped by the first
-                    flags.append(OVER_LIMIT)
+                    charged = [tuple(flat[i : i + 4]) for i in range(0, len(flat), 7) if flat[i + 4]]
+                    if self._over_once_expired_are_back(db, now, charged):
+                        flags.append(OVER_LIMIT)
             elif charges or unhold:
-                self._move_reading_budgets(db, scope, windows, holds if unhold else (), charges, flags)
+                over = self._move_reading_budgets(db, scope, windows, holds if unhold else (), charges)
+                if over and self._over_once_expired_are_back(db, now, over):
+                    flags.append(OVER_LIMIT)
             db.execute(_COMMIT_SQL, (_dump(actual), ",".join(flags), now, now + self._retention, seq))
             db.execute("COMMIT")
         except sqlite3.Error as error:

@@ -651,3 +651,24 @@ def test_a_plan_of_nothing_before_a_one_unit_plan(authority: Authority) -> None:
     assert decision.reservation is not None and decision.reservation.amounts == {}
     assert [(h.scope, h.unit, h.remaining) for h in decision.headroom] == [("tenant:acme", "usd", 10)]
     assert authority.commit(decision.reservation).charged == {}
+
+
+@pytest.mark.parametrize("general", [False, True], ids=["fast", "general"])
+def test_a_commit_is_not_flagged_overage_by_holds_that_have_expired(
+    authority: Authority, clock: FakeClock, general: bool
+) -> None:
+    # Expired holds return to their budgets on any call touching them: a commit that fits once they
+    # are back is no overage, whether or not anything reclaimed them before it (memory always did).
+    authority.set_budget(Budget("tenant:acme", "usd", 20))
+    stale = authority.reserve(usd(12), CHAIN, ttl=5)
+    live = authority.reserve(usd(4), CHAIN, ttl=100)
+    other = authority.reserve(usd(4), CHAIN, ttl=100)
+    assert stale.allowed and live.allowed and other.allowed
+    if general:  # a budget created since the hold: the commit reads the chain's budgets again
+        authority.set_budget(Budget("tenant:acme/workspace:eu", "calls", 5))
+    clock.advance(10)
+    assert authority.commit(live.reservation, {"usd": 5}).flags == ("over_hold",)  # type: ignore[arg-type]
+    balance = authority.balance("tenant:acme")["usd"]
+    assert (balance.spent, balance.held) == (5, 4)
+    # ... and one that does not fit even then still is.
+    assert authority.commit(other.reservation, {"usd": 16}).flags == ("over_hold", "overage")  # type: ignore[arg-type]

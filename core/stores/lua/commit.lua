@@ -139,7 +139,10 @@ if charging and #hold_fields > 0 and rec.v ~= '' then
         pairs_out[#pairs_out + 1] = hold_fields[i]
         pairs_out[#pairs_out + 1] = fmt_int(held_now)
         charge_spent(fields[3 * i], spent, steps)
-        over = over or spent + held_now > got[3 * i + 1] + 0
+        if spent + held_now > got[3 * i + 1] + 0 then
+          over = over or {}
+          over[#over + 1] = {fields[3 * i], hold_fields[i], got[3 * i + 1]}
+        end
       end
     end
   end
@@ -163,7 +166,8 @@ if not fast then
       writes['s' .. s[9]] = spent
       charged['s' .. s[9]] = charge[s[2]]
       if spent + held_now > s[5] + 0 then
-        over = true
+        over = over or {}
+        over[#over + 1] = {'s' .. s[9], s[11], s[5]}
       end
     end
   end
@@ -182,6 +186,32 @@ if #pairs_out > 0 then
 end
 if list then
   note_windows(list)
+end
+-- Expired holds return to their budgets on any call touching them: one still counted here would
+-- flag an overage that is none (the memory store reclaims before it charges). So a commit that looks
+-- over reclaims the tenant's expired holds (a batch, as reserve does) and looks again — unless this
+-- worker's clock is off (reclaim refuses it; a commit is never refused for that): the usual commit
+-- never pays for it. `over` lists {spent field, held field, limit} of the counters past their limit.
+if over then
+  local skew_limit = MAX_SKEW + 0
+  local skew = skew_limit > 0 and NOW_N - server_seconds() or 0
+  if skew <= skew_limit and skew >= -skew_limit
+      and #redis.call('ZRANGEBYSCORE', K_DUE, '(0', NOW, 'LIMIT', 0, 1) > 0 then
+    reclaim()
+    local fields = {}
+    for i, c in ipairs(over) do
+      fields[2 * i - 1] = c[1]
+      fields[2 * i] = c[2]
+    end
+    local got = hmget(K_LEDGER, fields)
+    local still = false
+    for i, c in ipairs(over) do
+      if (got[2 * i - 1] or 0) + (got[2 * i] or 0) > c[3] + 0 then
+        still = true
+      end
+    end
+    over = still
+  end
 end
 if over then
   flags[#flags + 1] = 'overage'
