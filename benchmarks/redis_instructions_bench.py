@@ -100,19 +100,29 @@ class Server:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def ours(port: int, depth: int) -> Callable[[int], None]:
+def ours(port: int, depth: int, tokens: bool = False) -> Callable[[int], None]:
+    """Our lifecycle; ``tokens``: a model call's, holding usd and tokens (a tokens budget at the root)."""
     authority = Authority(f"redis://127.0.0.1:{port}/0")
-    scope = "/".join(f"{KINDS[i]}:d{depth}n{i}" for i in range(depth))
+    scope = "/".join(f"{KINDS[i]}:d{depth}n{i}{'t' if tokens else ''}" for i in range(depth))
     levels = scope.split("/")
     for i in range(depth):
         authority.set_budget(Budget("/".join(levels[: i + 1]), "usd", 10**6))
-    action = Action("model_call", "m", {"usd": "0.001"})
+    amounts: dict[str, object] = {"usd": "0.001"}
+    actual: dict[str, object] = {"usd": "0.0007"}
+    if tokens:
+        authority.set_budget(Budget(levels[0], "tokens", 10**12))
+        amounts["tokens"], actual["tokens"] = 1000, 700
+    action = Action("model_call", "m", amounts)
 
     def run(count: int) -> None:
         for _ in range(count):
-            authority.commit(authority.reserve(action, scope).reservation, {"usd": "0.0007"})  # type: ignore[arg-type]
+            authority.commit(authority.reserve(action, scope).reservation, actual)  # type: ignore[arg-type]
 
     return run
+
+
+def ours_tokens(port: int, depth: int) -> Callable[[int], None]:
+    return ours(port, depth, tokens=True)
 
 
 def bare(port: int, depth: int) -> Callable[[int], None]:
@@ -149,22 +159,26 @@ def main() -> None:
     try:
         version = server.client.info("server")["redis_version"]
         print(f"redis-server {version} under callgrind: server instructions per reserve+commit lifecycle")
-        print("a usd budget on every level of the scope; bare = redis_bench.py's bare pair")
+        print("a usd budget on every level of the scope; bare = redis_bench.py's bare pair;")
+        print("usd+tokens = ours for a model call's hold of usd and tokens (a tokens budget at the root too)")
         run = trivial(server.port)
         run(WARM_UP)
         floor, _ = server.count(run, options.lifecycles)
         print(f"floor: two trivial script calls {floor:>12,.0f}")
-        print(f"{'depth':>5} {'ours':>12} {'bare':>12} {'ours/bare':>10} {'ours: calls':>12} {'bare: calls':>12}")
+        print(
+            f"{'depth':>5} {'ours':>12} {'bare':>12} {'ours/bare':>10} {'ours: calls':>12} {'bare: calls':>12}"
+            f" {'usd+tokens':>12} {'its calls':>10}"
+        )
         for depth in (int(d) for d in options.depths.split(",")):
             figures = []
-            for workload in (ours, bare):
+            for workload in (ours, bare, ours_tokens):
                 run = workload(server.port, depth)
                 run(WARM_UP)
                 figures.append(server.count(run, options.lifecycles))
-            (mine, my_calls), (theirs, their_calls) = figures
+            (mine, my_calls), (theirs, their_calls), (model, model_calls) = figures
             print(
                 f"{depth:>5} {mine:>12,.0f} {theirs:>12,.0f} {mine / theirs:>10.2f} {my_calls:>12.1f}"
-                f" {their_calls:>12.1f}",
+                f" {their_calls:>12.1f} {model:>12,.0f} {model_calls:>10.1f}",
                 flush=True,
             )
     finally:

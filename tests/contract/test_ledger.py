@@ -672,3 +672,35 @@ def test_a_commit_is_not_flagged_overage_by_holds_that_have_expired(
     assert (balance.spent, balance.held) == (5, 4)
     # ... and one that does not fit even then still is.
     assert authority.commit(other.reservation, {"usd": 16}).flags == ("over_hold", "overage")  # type: ignore[arg-type]
+
+
+def test_commits_of_holds_in_several_units(authority: Authority) -> None:
+    # A model call holds usd and tokens; its commit charges each budget its own unit (the Redis
+    # store does it from the hold's counters when no budget changed since, reading the chain's
+    # budgets otherwise: both ways must agree with the others).
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    authority.set_budget(Budget("tenant:acme", "tokens", 1000))
+    authority.set_budget(Budget("tenant:acme/workspace:eu", "usd", 5))
+    authority.set_budget(Budget("tenant:acme/workspace:eu", "calls", 5))
+
+    def step(amounts: dict[str, int], actual: dict[str, int]) -> tuple[str, ...]:
+        decision = authority.reserve(Action("model_call", "m", amounts), CHAIN)
+        assert decision.allowed
+        return authority.commit(decision.reservation, actual).flags  # type: ignore[arg-type]
+
+    def spent() -> tuple[object, ...]:
+        top, workspace = authority.balance("tenant:acme"), authority.balance("tenant:acme/workspace:eu")
+        held = (top["usd"].held, top["tokens"].held, workspace["usd"].held, workspace["calls"].held)
+        assert held == (0, 0, 0, 0)
+        return top["usd"].spent, top["tokens"].spent, workspace["usd"].spent, workspace["calls"].spent
+
+    assert step({"usd": 2, "tokens": 300}, {"usd": 1}) == ()  # tokens settle at their held amount
+    assert spent() == (1, 300, 1, 0)
+    assert step({"tokens": 300, "usd": 2}, {"tokens": 100, "usd": 0}) == ()  # another order; usd 0
+    assert spent() == (1, 400, 1, 0)
+    assert step({"usd": 1, "tokens": 0}, {"usd": 1, "tokens": 50}) == ("over_hold",)  # tokens held 0
+    assert spent() == (2, 450, 2, 0)
+    assert step({"usd": 1, "tokens": 100, "calls": 1}, {"calls": 2}) == ("over_hold",)
+    assert spent() == (3, 550, 3, 2)
+    assert step({"usd": 1, "tokens": 100}, {"usd": 4, "tokens": 0}) == ("over_hold", "overage")
+    assert spent() == (7, 550, 7, 2)

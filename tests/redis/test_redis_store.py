@@ -495,6 +495,35 @@ def test_usual_commit_reads_only_the_holds_counters_and_falls_back_when_it_canno
     authority.close()
 
 
+def test_a_hold_of_several_units_commits_from_its_own_counters(redis_url: str, clock: FakeClock) -> None:
+    """A model call holds usd and tokens: its record counts each unit's holds (6 usd budgets, 2 tokens
+    ones, in the order of its amounts), so the usual commit charges each counter its own unit from
+    one HMGET; a commit naming a unit it held nothing of, or after a budget change, reads the chain."""
+    authority, store = _budgeted_chain6(redis_url, clock)
+    for scope in ("tenant:acme", CHAIN6):
+        authority.set_budget(Budget(scope, "tokens", 10_000))
+    raw = _raw(redis_url, decode=True)
+    ledger_key, res_key = store._keys("tenant:acme")[:2]
+
+    def lifecycle(amounts: dict[str, int], actual: dict[str, int], record: str) -> int:
+        decision = authority.reserve(Action("model_call", "m", amounts), CHAIN6)
+        assert decision.reservation is not None
+        token = decision.reservation.id.split(".")[0]
+        assert raw.hget(res_key, token).split("\t")[1] == f"0/{raw.hget(ledger_key, '#v')}{record}"
+        before = _calls(raw, "hmget")
+        assert authority.commit(decision.reservation, actual).status == "committed"
+        return _calls(raw, "hmget") - before
+
+    assert lifecycle({"usd": 3, "tokens": 100}, {"usd": 2}, "/6,2") == 1
+    assert lifecycle({"tokens": 100, "usd": 3}, {"usd": 1, "tokens": 0}, "/2,6") == 1
+    assert lifecycle({"usd": 3, "tokens": 0}, {"usd": 1, "tokens": 5}, "/6,0") == 2  # tokens were not held
+    tokens = authority.balance("tenant:acme")["tokens"]
+    usd = authority.balance(CHAIN6)["usd"]
+    assert (usd.spent, usd.held, tokens.spent, tokens.held) == (4, 0, 105, 0)
+    raw.close()
+    authority.close()
+
+
 def test_a_worker_whose_clock_is_off_cannot_hold_or_reclaim(redis_url: str) -> None:
     """Expiry is judged by the workers' clocks, so a worker more than ``max_clock_skew`` off the server's
     clock is refused (fail closed) where it could hand a budget out twice: reserve, extend, reclaim.

@@ -53,6 +53,7 @@ elseif prior == 'released' then
 end
 local charge = {}
 local over_hold, charging = false, false
+local held_by_unit = nil  -- unit -> held amount (several units held)
 if single then
   local n = string.match(actual_text, ' (%S+)$') + 0
   over_hold = n > held_text + 0
@@ -61,7 +62,7 @@ if single then
     charging = true
   end
 else
-  local held_by_unit = {}
+  held_by_unit = {}
   for unit, steps in string.gmatch(rec.a, '(%S+) (%S+)') do
     held_by_unit[unit] = steps + 0
   end
@@ -107,15 +108,45 @@ local function charge_spent(field, spent, steps)
   end
 end
 
--- Fast path, the usual commit: a live hold of one unit, charged in that unit only, on a chain where
--- no budget was created or removed since the hold ("#v" as the record has it). Reserve held every
--- budget of that unit on the chain, so the hold's own counters are exactly the budgets to charge:
--- one HMGET of their counters and limits instead of reading and parsing the chain's budget index
--- level by level (the general path below, which is what a version mismatch falls back to).
+-- Fast path, the usual commit: a live hold charged only in units it held (a one-unit hold, or a
+-- model call's usd and tokens), on a chain where no budget was created or removed since the hold
+-- ("#v" as the record has it). Reserve held every budget of a unit it held an amount of, so the
+-- hold's own counters are exactly the budgets to charge: one HMGET of their counters and limits
+-- instead of reading and parsing the chain's budget index level by level (the general path below,
+-- which is what a version mismatch falls back to). A hold of several units records how many of its
+-- holds belong to each unit, in the order of its amounts ("<version>/<n>,<n>,..."), so each counter
+-- is charged its own unit; a record without them (one unit, or written before) needs none / goes
+-- the general way.
 local fast = false
-if charging and #hold_fields > 0 and rec.v ~= '' then
+local version, per_unit = string.match(rec.v, '^([^/]*)/?(.*)$')
+if charging and #hold_fields > 0 and version ~= '' then
   local steps = single and charge[held_unit]
-  if steps then
+  local steps_of = nil  -- several units: the steps each hold's counter is charged
+  if not steps and held_by_unit and per_unit ~= '' then
+    steps_of = {}
+    for unit in pairs(charge) do
+      if not ((held_by_unit[unit] or 0) > 0) then
+        steps_of = nil  -- charged in a unit it held nothing of: its budgets were never held
+        break
+      end
+    end
+    if steps_of then
+      local counts = string.gmatch(per_unit, '%d+')
+      local i = 0
+      for unit in string.gmatch(rec.a, '(%S+) %S+') do
+        local n = counts() + 0
+        local unit_steps = charge[unit] or 0
+        for _ = 1, n do
+          i = i + 1
+          steps_of[i] = unit_steps
+        end
+      end
+      if i ~= #hold_fields then
+        steps_of = nil
+      end
+    end
+  end
+  if steps or steps_of then
     local fields = {'#v'}
     for i, field in ipairs(hold_fields) do
       fields[3 * i - 1] = field
@@ -123,7 +154,7 @@ if charging and #hold_fields > 0 and rec.v ~= '' then
       fields[3 * i + 1] = 'l' .. hold_ids[i]
     end
     local got = hmget(K_LEDGER, fields)
-    if got[1] == rec.v then
+    if got[1] == version then
       fast = true
       for i = 1, #hold_fields do
         if not got[3 * i + 1] then  -- a budget set before "l<id>" was kept: the general way
@@ -135,13 +166,16 @@ if charging and #hold_fields > 0 and rec.v ~= '' then
     if fast then
       for i = 1, #hold_fields do
         local held_now = (got[3 * i - 1] or 0) - hold_steps[i]
-        local spent = (got[3 * i] or 0) + steps
         pairs_out[#pairs_out + 1] = hold_fields[i]
         pairs_out[#pairs_out + 1] = fmt_int(held_now)
-        charge_spent(fields[3 * i], spent, steps)
-        if spent + held_now > got[3 * i + 1] + 0 then
-          over = over or {}
-          over[#over + 1] = {fields[3 * i], hold_fields[i], got[3 * i + 1]}
+        local counter_steps = steps or steps_of[i]
+        if counter_steps > 0 then
+          local spent = (got[3 * i] or 0) + counter_steps
+          charge_spent(fields[3 * i], spent, counter_steps)
+          if spent + held_now > got[3 * i + 1] + 0 then
+            over = over or {}
+            over[#over + 1] = {fields[3 * i], hold_fields[i], got[3 * i + 1]}
+          end
         end
       end
     end

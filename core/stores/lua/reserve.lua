@@ -193,6 +193,16 @@ if #opened > 0 then
   note_windows(opened)
 end
 local amounts_text = plans[chosen + 1][3]
+local entries = plans[chosen + 1][1]
+if #entries > 1 and version ~= '' then
+  -- How many holds each unit has, in the order of the amounts (commit's fast path charges each
+  -- counter its own unit by them): every budget of a unit held an amount of, none of one held 0.
+  local counts = {}
+  for k, entry in ipairs(entries) do
+    counts[k] = entry[3] > 0 and fmt_int(#(by_unit[entry[1]] or {})) or '0'
+  end
+  version = version .. '/' .. table.concat(counts, ',')
+end
 local scope = chain[depth]
 local plan = fmt_int(chosen)
 local rec = 'held\t' .. plan .. (version ~= '' and '/' .. version or '') .. '\t' .. NOW .. '\t' .. expires_at
