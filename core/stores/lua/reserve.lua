@@ -21,11 +21,10 @@ if one_unit then
 end
 for plan_text in string.gmatch(one_unit and '' or ARGV[9], '[^;]+') do
   local amounts_text, ppm_text = string.match(plan_text, '^([^|]*)|(.*)$')
-  local words = split_words(amounts_text)
   local amounts = {}
-  for i = 1, #words, 2 do
-    amounts[#amounts + 1] = {words[i], words[i + 1], tonumber(words[i + 1])}
-    wanted[words[i]] = true
+  for unit, steps in string.gmatch(amounts_text, '(%S+) (%S+)') do
+    amounts[#amounts + 1] = {unit, steps, steps + 0}
+    wanted[unit] = true
   end
   local ppm = {}
   if ppm_text ~= '' then
