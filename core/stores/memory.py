@@ -248,13 +248,23 @@ class MemoryStore(Store):
         self._seq += 1
         self._audit.append((self._seq, at, kind, scope, rid, amounts, detail))
 
-    def _get(self, reservation_id: str, now: float) -> _Reservation:
+    def _kept(self, reservation_id: str, now: float) -> _Reservation | None:
+        """The reservation, or ``None`` if unknown or settled more than retention ago: forgotten on
+        the spot then (its idempotency key freed), whether or not _reclaim's queue has reached it —
+        lazy, like expiry (settles out of order, or a clock stepped back, put it behind another)."""
         res = self._reservations.get(reservation_id)
         if isinstance(res, tuple):
-            # Settled: forgotten once past retention, even before _reclaim gets to it (lazy, like expiry).
             if (res[5] or 0.0) + self._retention > now:
                 return _Reservation.unpack(res)
-            res = None
+            del self._reservations[reservation_id]
+            fixed = res[1]
+            if fixed[4] is not None and self._idempotency.get((fixed[0][0], fixed[4])) == reservation_id:
+                del self._idempotency[(fixed[0][0], fixed[4])]
+            return None
+        return res
+
+    def _get(self, reservation_id: str, now: float) -> _Reservation:
+        res = self._kept(reservation_id, now)
         if res is None:
             root_of(reservation_id)  # a malformed id is InvalidRequest; a well-formed unknown one is not found
             raise ReservationNotFound(reservation_id)
@@ -382,10 +392,10 @@ class MemoryStore(Store):
                 self._reclaim(now)
             if request.idempotency_key is not None:
                 existing = self._idempotency.get((request.chain[0], request.idempotency_key))
-                if existing is not None:
-                    res = self._get(existing, now)
-                    states = self._peek_states(request.chain, dict(res.amounts), res.windows)
-                    return HoldResult(res.id, res.plan_index, res.expires_at, tuple(states), (), replayed=True)
+                kept = None if existing is None else self._kept(existing, now)
+                if kept is not None:
+                    states = self._peek_states(request.chain, dict(kept.amounts), kept.windows)
+                    return HoldResult(kept.id, kept.plan_index, kept.expires_at, tuple(states), (), replayed=True)
             if simple:
                 fitted = self._hold_fitting(request, units)  # type: ignore[arg-type]
                 if fitted is not None:

@@ -704,3 +704,22 @@ def test_commits_of_holds_in_several_units(authority: Authority) -> None:
     assert spent() == (3, 550, 3, 2)
     assert step({"usd": 1, "tokens": 100}, {"usd": 4, "tokens": 0}) == ("over_hold", "overage")
     assert spent() == (7, 550, 7, 2)
+
+
+def test_a_key_is_free_past_retention_even_when_forgetting_is_out_of_order(
+    authority: Authority, clock: FakeClock
+) -> None:
+    # Settles that reach the store out of time order (threads, or a clock stepped back) leave a
+    # reservation due to be forgotten behind one that is not yet: its key is free on time anyway.
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    start = clock()
+    clock.set(start + 30 * 3600)
+    later = authority.reserve(usd(1), CHAIN, idempotency_key="A")
+    authority.commit(later.reservation)  # type: ignore[arg-type]
+    clock.set(start)
+    earlier = authority.reserve(usd(1), CHAIN, idempotency_key="B")
+    authority.commit(earlier.reservation)  # type: ignore[arg-type]
+    clock.set(start + 50 * 3600)  # past the earlier one's retention, within the later one's
+    again = authority.reserve(usd(1), CHAIN, idempotency_key="B")
+    assert again.allowed and not again.replayed
+    assert authority.reserve(usd(1), CHAIN, idempotency_key="A").replayed

@@ -600,6 +600,40 @@ def test_a_reused_key_past_retention_is_free_even_when_reclaim_has_not_got_to_it
     authority.close()
 
 
+def test_a_commit_returns_expired_holds_batch_after_batch_before_flagging_overage(
+    redis_url: str, clock: FakeClock
+) -> None:
+    """Reclaim returns a batch per call; a commit that looks over goes on until it fits or none is left."""
+    authority = Authority(redis_url + "&reclaim_batch=1", clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 20))
+    for _ in range(2):
+        assert authority.reserve(Action("step", "s", {"usd": 9}), CHAIN6, ttl=5).allowed
+    live = authority.reserve(Action("step", "s", {"usd": 2}), CHAIN6, ttl=100)
+    clock.advance(10)
+    assert authority.commit(live.reservation, {"usd": 12}).flags == ("over_hold",)  # type: ignore[arg-type]
+    balance = authority.balance("tenant:acme")["usd"]
+    assert (balance.spent, balance.held) == (12, 0)
+    authority.close()
+
+
+def test_a_worker_whose_clock_runs_ahead_forgets_nothing(redis_url: str) -> None:
+    """Retention is judged by the worker's clock: one far ahead must not forget what the others still
+    remember (a retry would then hold, and run the job, twice). Its commits go through all the same."""
+    url = f"{redis_url}&max_clock_skew=10&retention=600"
+    synced = Authority(url)
+    synced.set_budget(Budget("tenant:ahead2", "usd", 10))
+    first = synced.reserve(Action("step", "s", {"usd": 1}), "tenant:ahead2/run:1", idempotency_key="job-1")
+    assert first.reservation is not None
+    synced.commit(first.reservation)
+    ahead = Authority(url, clock=lambda: time.time() + 3600)
+    assert ahead.commit(first.reservation).replayed  # found, not forgotten
+    ahead.close()
+    assert synced.reservation(first.reservation).status == "committed"
+    retry = synced.reserve(Action("step", "s", {"usd": 1}), "tenant:ahead2/run:1", idempotency_key="job-1")
+    assert retry.replayed and synced.balance("tenant:ahead2")["usd"].spent == 1
+    synced.close()
+
+
 def test_audit_goes_on_after_a_stream_top_ahead_of_the_server_clock(redis_url: str, clock: FakeClock) -> None:
     """Audit ids come from the server clock; when the stream's last id is ahead of it (the clock
     stepped back, or a restored copy from a faster host), the event is written after the top instead

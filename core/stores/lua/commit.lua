@@ -223,28 +223,25 @@ if list then
 end
 -- Expired holds return to their budgets on any call touching them: one still counted here would
 -- flag an overage that is none (the memory store reclaims before it charges). So a commit that looks
--- over reclaims the tenant's expired holds (a batch, as reserve does) and looks again — unless this
--- worker's clock is off (reclaim refuses it; a commit is never refused for that): the usual commit
--- never pays for it. `over` lists {spent field, held field, limit} of the counters past their limit.
-if over then
-  local skew_limit = MAX_SKEW + 0
-  local skew = skew_limit > 0 and NOW_N - server_seconds() or 0
-  if skew <= skew_limit and skew >= -skew_limit
-      and #redis.call('ZRANGEBYSCORE', K_DUE, '(0', NOW, 'LIMIT', 0, 1) > 0 then
-    reclaim()
-    local fields = {}
-    for i, c in ipairs(over) do
-      fields[2 * i - 1] = c[1]
-      fields[2 * i] = c[2]
-    end
+-- over reclaims the tenant's expired holds, a batch at a time (expired holds come first), looking
+-- again after each, until it fits or none is left — unless this worker's clock is off (reclaim
+-- refuses it; a commit never is): the usual commit never pays for it. `over` lists {spent field,
+-- held field, limit} of the counters past their limit.
+if over and clock_ok() then
+  local counters = over
+  local fields = {}
+  for i, c in ipairs(counters) do
+    fields[2 * i - 1] = c[1]
+    fields[2 * i] = c[2]
+  end
+  while over and reclaim() > 0 do
     local got = hmget(K_LEDGER, fields)
-    local still = false
-    for i, c in ipairs(over) do
+    over = false
+    for i, c in ipairs(counters) do
       if (got[2 * i - 1] or 0) + (got[2 * i] or 0) > c[3] + 0 then
-        still = true
+        over = true
       end
     end
-    over = still
   end
 end
 if over then

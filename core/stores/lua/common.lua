@@ -195,6 +195,29 @@ local function expire(token, rec)
   audit('expire', rec.s, token, rec.a, '')
 end
 
+-- Expiry and retention are judged by the workers' clocks (ARGV[1]): a worker whose clock is behind
+-- makes holds the others see as expired, one ahead reclaims holds still in use or forgets what is
+-- still remembered — either could hand the same budget out twice, or run a job twice. So a script
+-- that holds, extends or reclaims first refuses a worker whose clock is more than MAX_SKEW seconds
+-- off the server's (0: trust the workers' clocks, e.g. a FakeClock in tests); commit and release,
+-- which are never refused for it, do neither reclaim nor forget for such a worker (clock_ok).
+local function clock_ok()
+  local limit = MAX_SKEW + 0
+  if limit > 0 then
+    local skew = NOW_N - server_seconds()
+    return skew <= limit and skew >= -limit, skew
+  end
+  return true, 0
+end
+
+local function check_clock()
+  local ok, skew = clock_ok()
+  if not ok then
+    error({err = 'ERR clearance: clock_skew: this worker\'s clock is ' .. string.format('%.3f', skew)
+      .. ' s off the Redis server\'s (max_clock_skew=' .. MAX_SKEW .. '); synchronise it (NTP)'})
+  end
+end
+
 -- Forget a settled reservation: its record, its idempotency key (if still its own), its due entry.
 local function forget(token, rec)
   if rec.i ~= '' and redis.call('HGET', K_RES, '!' .. rec.i) == token then
@@ -208,7 +231,7 @@ end
 -- looked up, whether or not reclaim (at most BATCH per call) has got to it. Its forget time is its
 -- due score: minus the time once settled (plus the time on a ledger of 0.1).
 local function forgotten_now(token, rec)
-  if rec.st == 'held' then
+  if rec.st == 'held' or not clock_ok() then
     return false
   end
   local score = redis.call('ZSCORE', K_DUE, token)
@@ -242,20 +265,6 @@ local function load_current(token)
   return rec
 end
 
--- Expiry is judged by the workers' clocks (ARGV[1]): a worker whose clock is behind makes holds the
--- others see as expired, one ahead reclaims holds still in use — either could hand the same budget
--- out twice. So a script that holds, extends or reclaims first refuses a worker whose clock is more
--- than MAX_SKEW seconds off the server's (0: trust the workers' clocks, e.g. a FakeClock in tests).
-local function check_clock()
-  local limit = MAX_SKEW + 0
-  if limit > 0 then
-    local skew = NOW_N - server_seconds()
-    if skew > limit or skew < -limit then
-      error({err = 'ERR clearance: clock_skew: this worker\'s clock is ' .. string.format('%.3f', skew)
-        .. ' s off the Redis server\'s (max_clock_skew=' .. MAX_SKEW .. '); synchronise it (NTP)'})
-    end
-  end
-end
 
 -- Lazy reclaim: return the tenant's expired holds to their budgets and drop settled reservations
 -- past retention, at most BATCH per call, expired holds first. Returns expired, seen, forgotten.
