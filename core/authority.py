@@ -40,6 +40,7 @@ from clearance.ledger import (
     Rejection,
     ReservationRecord,
     accounts_of,
+    binds_before,
     merge_actual,
 )
 from clearance.periods import Period, period_key, windows_at
@@ -1090,7 +1091,9 @@ class Authority:
         tightest: dict[str, AccountState] = {}
         for account in accounts:
             best = tightest.get(account.unit)
-            if best is None or account.remaining < best.remaining:
+            # Least remaining, then the period binding longest: the same budget a denial names,
+            # whatever order the store lists them in.
+            if best is None or binds_before(account.remaining, account.period, best.remaining, best.period):
                 tightest[account.unit] = account
         return {unit: balance_of(account) for unit, account in tightest.items()}
 

@@ -177,12 +177,12 @@ class Choice:
 _PERIOD_RANK = {"minute": 0, "hour": 1, "day": 2, "week": 3, "month": 4, "": 5}
 
 
-def _binds_before(remaining: int, period: str, named: Rejection) -> bool:
-    """Whether a budget with ``remaining`` left in ``period`` is the one to name rather than
-    ``named``: less left, or as little for longer."""
-    if remaining != named.remaining:
-        return remaining < named.remaining
-    return _PERIOD_RANK[period] > _PERIOD_RANK[named.period]
+def binds_before(remaining: int, period: str, other_remaining: int, other_period: str) -> bool:
+    """Whether a budget with ``remaining`` left in ``period`` is the one to name (in a denial, in
+    ``balance``) rather than the other of the same unit: less left, or as little for longer."""
+    if remaining != other_remaining:
+        return remaining < other_remaining
+    return _PERIOD_RANK[period] > _PERIOD_RANK[other_period]
 
 
 def choose_plan(plans: Sequence[PlanSpec], chain: Sequence[str], budgets: Sequence[AccountState]) -> Choice:
@@ -239,7 +239,7 @@ def choose_plan(plans: Sequence[PlanSpec], chain: Sequence[str], budgets: Sequen
                 if code:
                     # Several budgets of this unit on this level (a daily and a monthly cap) may
                     # not fit: name the tightest, the same on every store whatever their order.
-                    if rejection is None or _binds_before(remaining, account[2], rejection):
+                    if rejection is None or binds_before(remaining, account[2], rejection.remaining, rejection.period):
                         rejection = Rejection(index, code, account[0], unit, account[2], amount, remaining, required)
                 elif amount and rejection is None:
                     holds.append((position, amount))

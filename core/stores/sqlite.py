@@ -795,11 +795,13 @@ class SQLiteStore(Store):
         with self._write() as db:
             record = self._load(db, reservation_id, now)
             status = self._expire_if_due(db, record, now)
-            if status != HELD:
-                raise ReservationClosed(record.id, status)
-            db.execute("UPDATE log SET expires_at = ? WHERE seq = ?", (expires_at, self._seq(db, record.id)))
-            self._log(db, now, "extend", record.scope, record.id, (), f"expires_at={expires_at:.3f}")
-            return self._load(db, reservation_id, now)
+            if status == HELD:
+                db.execute("UPDATE log SET expires_at = ? WHERE seq = ?", (expires_at, self._seq(db, record.id)))
+                self._log(db, now, "extend", record.scope, record.id, (), f"expires_at={expires_at:.3f}")
+                return self._load(db, reservation_id, now)
+        # Closed: raised after the transaction commits, so an expiry this call found is kept (and
+        # its retention runs from now, as on the other stores), not rolled back with the error.
+        raise ReservationClosed(record.id, status)
 
     def reservation(self, reservation_id: str, now: float) -> ReservationRecord:
         with self._write() as db:

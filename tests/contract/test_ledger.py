@@ -631,6 +631,7 @@ def test_of_several_budgets_on_a_level_the_tightest_is_named(authority: Authorit
     authority.set_budget(Budget("tenant:acme", "usd", 1, period="hour"))  # hour 1 left too (a new window)
     (reason,) = authority.reserve(usd(4), CHAIN).reasons
     assert (reason.period, reason.remaining) == ("month", 1)  # as little left as the others, for longest
+    assert authority.balance("tenant:acme")["usd"].period == "month"  # balance names the same one
     authority.set_budget(Budget("tenant:acme", "usd", 1, period="month"))  # spent 2 of 1: overage
     plans = [Plan({"usd": 4}), Plan({"usd": 0}, caps=Caps(skip_optional=True))]
     denied = authority.reserve(usd(4), CHAIN, plans=plans)
@@ -723,3 +724,17 @@ def test_a_key_is_free_past_retention_even_when_forgetting_is_out_of_order(
     again = authority.reserve(usd(1), CHAIN, idempotency_key="B")
     assert again.allowed and not again.replayed
     assert authority.reserve(usd(1), CHAIN, idempotency_key="A").replayed
+
+
+def test_an_extend_that_finds_its_hold_expired_keeps_the_expiry(authority: Authority, clock: FakeClock) -> None:
+    # The extend is refused, but the expiry it found is recorded there and then (retention runs from
+    # it): SQLite rolled it back with the error, and a commit days later was recorded as late.
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    decision = authority.reserve(usd(1), CHAIN, ttl=5)
+    clock.advance(7)
+    with pytest.raises(ReservationClosed):
+        authority.extend(decision.reservation, 50)  # type: ignore[arg-type]
+    assert [e.kind for e in authority.events(scope="tenant:acme", newest=True, limit=1)] == ["expire"]
+    clock.advance(49 * 3600)
+    with pytest.raises(ReservationNotFound):
+        authority.commit(decision.reservation)  # type: ignore[arg-type]
