@@ -30,6 +30,7 @@ from clearance.errors import (
     ReservationNotFound,
     StoreUnavailable,
 )
+from clearance.ids import random_hex
 from clearance.ledger import (
     AccountState,
     Amounts,
@@ -481,7 +482,7 @@ class Authority:
         now = self.clock()
         lifetime = self.default_ttl if ttl is None else _check_ttl(ttl)
         request = HoldRequest(
-            f"{os.urandom(10).hex()}.{parsed.chain[0]}",
+            f"{random_hex(20)}.{parsed.chain[0]}",
             parsed.chain,
             specs,
             now,

@@ -11,6 +11,7 @@ of one deployment agree on windows as far as their clocks agree.
 from __future__ import annotations
 
 import asyncio
+import re
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -25,20 +26,23 @@ from clearance.ledger import (
     SettleResult,
 )
 from clearance.periods import Windows
+from clearance.scope import parse_scope
 
 DEFAULT_RETENTION = 48 * 3600.0
 """How long a settled or expired reservation is remembered (so a late commit is recorded once)."""
+
+
+_ID = re.compile(r"[0-9a-f]{20}\.(.*)", re.DOTALL)  # (one match: it is on every commit's path)
 
 
 def root_of(reservation_id: str) -> str:
     """The root scope encoded in a reservation id (``<hex>.<root>``), validating its shape."""
     if not isinstance(reservation_id, str):
         raise InvalidRequest(f"a reservation id must be a string, got {type(reservation_id).__name__}")
-    token, dot, root = reservation_id.partition(".")
-    if not dot or len(token) != 20 or not all(c in "0123456789abcdef" for c in token) or ":" not in root:
+    match = _ID.fullmatch(reservation_id)
+    root = match.group(1) if match else ""
+    if ":" not in root:
         raise InvalidRequest(f"malformed reservation id {reservation_id[:80]!r}")
-    from clearance.scope import parse_scope
-
     scope = parse_scope(root)
     if len(scope.chain) != 1:
         raise InvalidRequest(f"malformed reservation id {reservation_id[:80]!r}")

@@ -272,6 +272,7 @@ def test_redis_down_or_hung_is_a_decision_within_the_timeout(own_server: RedisSe
         decision, elapsed = timed(lambda: closed.reserve(action, SCOPE))
         assert decision.outcome is Outcome.DENY and decision.mode is Mode.FAIL_CLOSED  # type: ignore[attr-defined]
         assert decision.reasons[0].code == "store_unavailable"  # type: ignore[attr-defined]
+        assert "TimeoutError" in decision.reasons[0].message  # type: ignore[attr-defined]
         assert elapsed < 0.3 + 0.4
         # and again: no second wait (reconnecting a kept connection, or re-reading the policy version)
         decision, elapsed = timed(lambda: closed.reserve(action, SCOPE))

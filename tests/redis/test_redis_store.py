@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
+import struct
+import sys
 import tempfile
 import time
 from decimal import Decimal
@@ -17,7 +20,7 @@ from clearance import Action, Authority, Budget, ClockSkew, Decision, InvalidReq
 from clearance.periods import windows_at
 from clearance.stores import store_from_url
 from clearance.stores.base import DEFAULT_RETENTION, root_of
-from clearance.stores.redis import RedisStore
+from clearance.stores.redis import RedisStore, _unblock
 from clearance.testing import FakeClock
 from clearance.units import MAX_AMOUNT
 
@@ -75,6 +78,33 @@ def test_reserve_and_commit_are_one_command_each(redis_url: str, clock: FakeCloc
     # INFO itself is not counted among these; each ledger call is exactly one EVALSHA.
     assert (middle - before, after - middle) == (1, 1)
     raw.close()
+    authority.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel socket timeouts are used on Linux only")
+def test_a_ledger_call_is_one_send_and_one_receive_on_a_socket_the_kernel_times(
+    redis_url: str, clock: FakeClock
+) -> None:
+    # A socket with a Python-level timeout is polled before every send and receive: two more
+    # system calls per call. The store's connections block, with socket_timeout kept by the kernel.
+    authority = Authority(f"{redis_url}&socket_timeout=0.25", clock=clock)
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    authority.set_budget(Budget("tenant:k", "usd", 10))
+    decision = authority.reserve(Action("step", "s", {"usd": 1}), "tenant:k")
+    assert decision.reservation is not None
+    (connection,) = store._idle
+    sock = connection._sock
+    assert sock.gettimeout() is None  # blocking
+    for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+        seconds, micros = struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, option, 16))
+        assert abs(seconds + micros / 1e6 - 0.25) < 0.011  # (the kernel keeps it in scheduler ticks)
+    authority.commit(decision.reservation)
+    assert store._idle[0]._sock is sock  # kept, and not set up again
+    _unblock(connection)  # as it is before going back to redis-py's pool, for its other commands
+    assert sock.gettimeout() == 0.25
+    assert authority.balance("tenant:k")["usd"].spent == 1  # and set up again on the next call
+    assert sock.gettimeout() is None
     authority.close()
 
 

@@ -1,0 +1,66 @@
+"""Reservation ids: random from the OS's CSPRNG, drawn in batches per thread, never repeated across
+threads or across a fork."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import threading
+from unittest import mock
+
+import pytest
+
+from clearance import Action, Authority, Budget
+from clearance.ids import random_hex
+
+
+def test_ids_are_hex_and_distinct_and_draw_once_per_batch() -> None:
+    with mock.patch("clearance.ids.os.urandom", wraps=os.urandom) as urandom:
+        ids = [random_hex(20) for _ in range(2000)]
+    assert all(len(i) == 20 and int(i, 16) >= 0 for i in ids)
+    assert len(set(ids)) == 2000
+    assert 4 <= urandom.call_count <= 6  # 409 ids of 10 bytes per 4 KiB drawn
+
+
+def test_threads_never_share_ids() -> None:
+    found: list[list[str]] = []
+    start = threading.Barrier(8)
+
+    def draw() -> None:
+        start.wait()
+        found.append([random_hex(20) for _ in range(3000)])
+
+    threads = [threading.Thread(target=draw) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    every = [i for ids in found for i in ids]
+    assert len(every) == 24_000 and len(set(every)) == 24_000
+
+
+def _child_ids(queue: multiprocessing.Queue[list[str]]) -> None:
+    queue.put([random_hex(20) for _ in range(5)])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no fork on Windows")
+def test_a_forked_child_does_not_repeat_its_parents_next_ids() -> None:
+    random_hex(20)  # this thread's pool now holds undrawn bytes the child would inherit
+    context = multiprocessing.get_context("fork")
+    queue: multiprocessing.Queue[list[str]] = context.Queue()
+    child = context.Process(target=_child_ids, args=(queue,))
+    child.start()
+    theirs = queue.get(timeout=30)
+    child.join(timeout=30)
+    ours = [random_hex(20) for _ in range(5)]
+    assert not set(ours) & set(theirs)
+
+
+def test_reservations_take_their_ids_from_the_pool() -> None:
+    authority = Authority()
+    authority.set_budget(Budget("tenant:i", "calls", 100))
+    with mock.patch("clearance.ids.os.urandom", wraps=os.urandom) as urandom:
+        rids = [authority.reserve(Action("step", "s", {"calls": 1}), "tenant:i").reservation for _ in range(50)]
+    assert urandom.call_count <= 1
+    assert len({r.id for r in rids if r is not None}) == 50
