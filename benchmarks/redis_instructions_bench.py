@@ -1,7 +1,7 @@
 """Instructions the Redis *server* executes per reserve+commit lifecycle, counted by callgrind, beside
 the same count for redis_bench.py's bare pair and a one-line script.
 
-    python benchmarks/redis_instructions_bench.py [--depths 1,3,6] [--lifecycles 500]
+    python benchmarks/redis_instructions_bench.py [--depths 1,3,6] [--lifecycles 500] [--live-holds]
 
 Starts its own ``redis-server`` under ``valgrind --tool=callgrind`` (about 50x slower, so it is never
 used for timing), warms each workload up, then zeroes the counters (``callgrind_control -z``), runs
@@ -11,6 +11,10 @@ within a fraction of a percent whatever the machine is doing — unlike the p50s
 Also printed: the commands our scripts issue per lifecycle (``redis.call``), from INFO commandstats;
 on Redis 7.0 each costs roughly as much as a whole trivial script call, so they are most of the
 difference. Needs ``valgrind`` (with ``callgrind_control``) and ``redis-server``.
+
+``--live-holds`` then counts a depth-3 lifecycle again with 10, 10,000 and 100,000 held reservations
+parked in its tenant (a few minutes more): whether the server's work stays flat as holds pile up,
+which redis_bench.py's p50s (measured one size after the other on a drifting host) cannot settle.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from redis_bench import KINDS, Bare
+from redis_bench import KINDS, Bare, add_live_holds
 
 from clearance import Action, Authority, Budget
 
@@ -147,10 +151,29 @@ def trivial(port: int) -> Callable[[int], None]:
     return run
 
 
+def live_holds(server: Server, lifecycles: int) -> None:
+    """A depth-3 lifecycle's count with more and more held reservations (1 h TTL) in its tenant."""
+    run = ours(server.port, 3)
+    run(WARM_UP)
+    scope = "/".join(f"{KINDS[i]}:d3n{i}" for i in range(3))
+    # (parking 100,000 holds takes minutes under valgrind: no clock check, a long timeout)
+    url = f"redis://127.0.0.1:{server.port}/0?socket_timeout=120&max_clock_skew=0"
+    print(f"\n{'live holds':>10} {'ours, depth 3':>14} {'vs 10 holds':>12} {'calls':>6}")
+    parked, first = 0, 0.0
+    for target in (10, 10_000, 100_000):
+        add_live_holds(url, scope, target - parked)
+        parked = target
+        run(300)
+        count, calls = server.count(run, lifecycles)
+        first = first or count
+        print(f"{target:>10,} {count:>14,.0f} {count / first:>12.3f} {calls:>6.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depths", default="1,3,6", help="comma-separated scope depths")
     parser.add_argument("--lifecycles", type=int, default=500, help="lifecycles counted per figure")
+    parser.add_argument("--live-holds", action="store_true", help="also: depth 3 with 10 to 100,000 live holds")
     options = parser.parse_args()
     for tool in ("valgrind", "callgrind_control", "redis-server"):
         if shutil.which(tool) is None:
@@ -181,6 +204,8 @@ def main() -> None:
                 f" {their_calls:>12.1f} {model:>12,.0f} {model_calls:>10.1f}",
                 flush=True,
             )
+        if options.live_holds:
+            live_holds(server, options.lifecycles)
     finally:
         server.close()
 
