@@ -72,14 +72,10 @@ import heapq
 import inspect
 import logging
 import os
-import socket
-import struct
-import sys
 import threading
 import time
 import warnings
 import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import cache, lru_cache
 from importlib import resources
@@ -109,6 +105,7 @@ from clearance.ledger import (
 from clearance.periods import Windows
 from clearance.scope import parse_scope
 from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
+from clearance.stores.lending import AsyncLender, Lender
 
 logger = logging.getLogger("clearance.redis")
 
@@ -183,48 +180,6 @@ def _unavailable(error: BaseException, earlier: BaseException | None = None) -> 
     return failure
 
 
-# The ledger calls' connections (sync, plain TCP or Unix sockets, on Linux) are blocking sockets whose
-# timeouts the kernel keeps (SO_RCVTIMEO / SO_SNDTIMEO): a call is then one send and one receive. A
-# socket with a Python-level timeout is non-blocking and CPython polls it before each of them, so
-# every call paid two more system calls (measured: 10 per lifecycle instead of 6; on this kind of
-# virtual machine a system call costs a few microseconds, and they were most of a client's time).
-_KERNEL_TIMEOUTS = sys.platform.startswith("linux")
-
-
-def _block_with_kernel_timeouts(connection: Any) -> None:
-    """Make ``connection``'s socket blocking, with its ``socket_timeout`` kept by the kernel. Nothing
-    for a TLS socket (its reads buffer above the kernel) or a connection without a timeout; nothing
-    either when already done (a blocking socket's ``gettimeout()`` is None, a check without a system call)."""
-    sock = connection._sock
-    timeout = connection.socket_timeout
-    if sock is None or not timeout or sock.gettimeout() is None or type(sock) is not socket.socket:
-        return
-    seconds = int(timeout)
-    micros = max(1, round((timeout - seconds) * 1_000_000)) if seconds == 0 else round((timeout - seconds) * 1_000_000)
-    timeval = struct.pack("ll", seconds, min(micros, 999_999))  # (a zeroed timeval would mean: wait forever)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-    sock.settimeout(None)
-
-
-def _unblock(connection: Any) -> None:
-    """Back to redis-py's own socket mode before a connection returns to its pool (other commands)."""
-    sock = connection._sock
-    if sock is not None and sock.gettimeout() is None and connection.socket_timeout is not None:
-        sock.settimeout(connection.socket_timeout)
-
-
-def _timed_out(error: BaseException) -> bool:
-    """Whether a redis-py ConnectionError is a kernel timeout: a blocking socket past SO_RCVTIMEO or
-    SO_SNDTIMEO fails with EAGAIN, which redis-py reports as a connection error."""
-    cause: BaseException | None = error
-    for _ in range(4):
-        cause = cause.__cause__ or cause.__context__ if cause is not None else None
-        if isinstance(cause, BlockingIOError):
-            return True
-    return False
-
-
 _STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
 
 
@@ -232,7 +187,7 @@ def _forget_parent_connections() -> None:
     """In a forked child: the kept connections are the parent's sockets (redis-py's pools reset
     themselves the same way), and the store's locks may be held by threads that do not exist here."""
     for store in list(_STORES):
-        store._idle = deque()
+        store._lender = store._new_lender()
         # A lock another thread of the parent held at the fork stays held in the child, forever.
         store._sync_lock = threading.Lock()
         store._async_lock = threading.Lock()
@@ -456,17 +411,16 @@ class RedisStore(Store):
         self._head_cache: dict[tuple[str, str], bytes] = {}
         self._in_doubt: set[str] = set()
         self._in_doubt_lock = threading.Lock()
-        # Connections of the sync pool kept for ledger calls (see _evalsha); a forked child drops them.
-        self._idle: deque[Any] = deque()
-        self._keep_connections = self._max_connections // 2  # none with a one-connection pool
+        # Connections of the sync pool lent to ledger calls (see _evalsha); a forked child drops them.
+        self._lender = self._new_lender()
         _STORES.add(self)
         self._sync: tuple[Any, dict[str, Any]] | None = None  # built on first use: a cluster client connects
         self._sync_lock = threading.Lock()
         self._eviction_checked = False
-        # Per event loop: its asyncio client, scripts, the cluster's discovery and the kept connections.
+        # Per event loop: its asyncio client, scripts, the cluster's discovery and its lender.
         self._async_lock = threading.Lock()  # threads each running their own loop share the mapping
         self._async: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[Any, dict[str, Any], asyncio.Future[Any] | None, deque[Any]]
+            asyncio.AbstractEventLoop, tuple[Any, dict[str, Any], asyncio.Future[Any] | None, AsyncLender]
         ] = weakref.WeakKeyDictionary()
 
     @classmethod
@@ -524,6 +478,13 @@ class RedisStore(Store):
             raise _unavailable(error) from error
         return client, {name: client.register_script(script_source(name)) for name in _SCRIPTS}
 
+    def _new_lender(self, *, asynchronous: bool = False) -> Any:
+        """A lender of ledger-call connections (see clearance.stores.lending): they may take all but one
+        of the pool's connections (that one is left to the store's other commands), keep half of them
+        between calls, and wait for one as long as the pool would (``connect_timeout``)."""
+        limit, keep, wait = self._max_connections - 1, self._max_connections // 2, self._timeouts[1]
+        return AsyncLender(limit, keep, wait) if asynchronous else Lender(limit, keep, wait)
+
     def _sync_client(self) -> tuple[Any, dict[str, Any]]:
         found = self._sync
         if found is None:
@@ -569,7 +530,7 @@ class RedisStore(Store):
     def _client(self) -> Any:
         return self._sync_client()[0]
 
-    async def _async_client(self) -> tuple[Any, dict[str, Any], deque[Any]]:
+    async def _async_client(self) -> tuple[Any, dict[str, Any], AsyncLender]:
         """The asyncio client of the running loop (redis.asyncio connections belong to one loop), its
         scripts, and the connections its ledger calls keep between calls (see :meth:`_aevalsha`).
 
@@ -585,7 +546,7 @@ class RedisStore(Store):
                 if found is None:
                     client, scripts = self._built(asynchronous=True)
                     ready = asyncio.ensure_future(client.initialize()) if self.cluster else None
-                    found = (client, scripts, ready, deque())
+                    found = (client, scripts, ready, self._new_lender(asynchronous=True))
                     self._async[loop] = found
         ready = found[2]
         if ready is not None:
@@ -633,7 +594,7 @@ class RedisStore(Store):
             except Exception:  # pragma: no cover - best effort on shutdown
                 logger.debug("could not close an asyncio Redis client", exc_info=True)
         found, self._sync = self._sync, None
-        self._idle = deque()  # the pool's close below disconnects them all
+        self._lender = self._new_lender()  # the pool's close below disconnects them all
         if found is None:
             return
         client = found[0]
@@ -704,30 +665,21 @@ class RedisStore(Store):
                 return client.eval(script.script, len(keys), *keys, *args)
         body = b"".join(map(_bulk, args))
         count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))  # EVALSHA, sha, numkeys, the keys, the arguments
-        # A connection the store keeps between calls (taking one from redis-py's pool and giving it back
-        # costs ~9 µs a call: locks and metrics); the pool still makes them, so max_connections holds,
-        # and it keeps at most half of them, so the pool always has some for its other commands.
-        # The check below is the pool's own: a socket with something to read (the server closed it, or
-        # a reply was left behind) is reconnected before use.
-        idle = self._idle
+        # A connection lent by the store (kept between calls, handed from caller to caller in turn:
+        # see clearance.stores.lending); the pool still makes them, so max_connections holds. The
+        # check below is the pool's own: a socket with something to read (the server closed it, or a
+        # reply was left behind) is reconnected before use.
+        pool = client.connection_pool
+        lender = self._lender
+        connection, used = lender.borrow(pool)
         try:
-            connection = idle.pop()
-            kept = True
-        except IndexError:
-            connection = client.connection_pool.get_connection()
-            kept = False
-        try:
-            if kept and connection._sock is not None:  # (can_read() would reconnect a closed one, waiting)
+            if used and connection._sock is not None:  # (can_read() would reconnect a closed one, waiting)
                 try:
                     stale = connection.can_read()
                 except (redis.ConnectionError, redis.TimeoutError, OSError):  # the server closed it
                     stale = True
                 if stale:
                     connection.disconnect()  # the send below connects afresh
-            if _KERNEL_TIMEOUTS:
-                if connection._sock is None:
-                    connection.connect()
-                _block_with_kernel_timeouts(connection)
             try:
                 connection.send_packed_command([count + self._command_head(script, root) + body])
                 return connection.read_response()
@@ -738,20 +690,11 @@ class RedisStore(Store):
                 return connection.read_response()
         except redis.ResponseError:
             raise  # the whole reply was read: the connection is fine
-        except redis.ConnectionError as error:
-            connection.disconnect()  # a request or reply may be half-way: never hand this socket out again
-            if _timed_out(error):  # a kernel timeout (see _block_with_kernel_timeouts) is a timeout
-                raise redis.TimeoutError(f"Timeout on the socket: {error}") from error
-            raise
         except BaseException:
-            connection.disconnect()
+            connection.disconnect()  # a request or reply may be half-way: never hand this socket out again
             raise
         finally:
-            if len(idle) < self._keep_connections:
-                idle.append(connection)
-            else:
-                _unblock(connection)
-                client.connection_pool.release(connection)
+            lender.give_back(pool, connection)
 
     def _retry_args(self, name: str, args: list[str], started: float, error: redis.ConnectionError) -> list[str]:
         """The connection died, possibly after the server ran the script: the arguments to run it again
@@ -783,16 +726,16 @@ class RedisStore(Store):
             self._check_eviction(client)
         return reply
 
-    async def _aevalsha(self, client: Any, script: Any, root: str, args: list[str], idle: deque[Any]) -> Any:
-        """:meth:`_evalsha` for asyncio: the same hand-packed command, on a connection this loop's
-        ledger calls keep between calls (``idle``; at most half of ``max_connections``, the rest go back
-        to the pool), checked the way the pool checks one before handing it out.
+    async def _aevalsha(self, client: Any, script: Any, root: str, args: list[str], lender: AsyncLender) -> Any:
+        """:meth:`_evalsha` for asyncio: the same hand-packed command, on a connection lent by this
+        loop's ``lender`` (kept between calls, handed from task to task in turn), checked the way the
+        pool checks one before handing it out.
 
         Cancellation safe: a call cancelled (or failed) between writing the request and reading the
-        whole reply disconnects the connection before it is kept or returned (redis-py's own reads do
-        too; this does not rely on it; a disconnected connection reconnects on its next use). Keeping
-        one is a plain append, so a cancellation cannot lose it; one returned to the pool under a
-        contended lock is finished by :func:`_arelease`."""
+        whole reply disconnects the connection before it is given back (redis-py's own reads do
+        too; this does not rely on it; a disconnected connection reconnects on its next use). Giving
+        one back to the lender does not suspend, so a cancellation cannot lose it; one returned to
+        the pool under a contended lock is finished by :func:`_arelease`."""
         if self.cluster:  # see _evalsha: EVAL on the tenant's node, never a load on every primary
             keys = self._keys(root)
             try:
@@ -801,10 +744,8 @@ class RedisStore(Store):
                 return await client.eval(script.script, len(keys), *keys, *args)
         body = b"".join(map(_bulk, args))
         count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))
-        try:
-            connection = idle.pop()
-        except IndexError:
-            connection = await client.connection_pool.get_connection()
+        pool = client.connection_pool
+        connection, _ = await lender.borrow(pool)
         clean = False
         try:
             # Something to read on a kept connection (a reply left behind, or the server closed it):
@@ -834,27 +775,26 @@ class RedisStore(Store):
                 if not clean:  # a request or reply may be half-way: never use this socket again
                     await connection.disconnect(nowait=True)  # closes without waiting: no suspension
             finally:
-                if len(idle) < self._keep_connections:
-                    idle.append(connection)
-                else:
-                    await _arelease(client.connection_pool, connection)
+                spare = lender.give_back(connection)
+                if spare is not None:
+                    await _arelease(pool, spare)
 
     async def _arun(self, name: str, root: str, args: list[str]) -> Any:
-        client, scripts, idle = await self._async_client()
+        client, scripts, lender = await self._async_client()
         script = scripts[name]
         started = time.monotonic()
         try:
-            reply = await self._aevalsha(client, script, root, args, idle)
+            reply = await self._aevalsha(client, script, root, args, lender)
         except redis.ConnectionError as error:
             args = self._retry_args(name, args, started, error)
             try:
-                reply = await self._aevalsha(client, script, root, args, idle)
+                reply = await self._aevalsha(client, script, root, args, lender)
             except _ERRORS as again:
                 raise _unavailable(again, error) from again
         except _ERRORS as error:
             raise _unavailable(error) from error
         if self._in_doubt:
-            await self._asettle_in_doubt(client, scripts, idle, root, args[0])
+            await self._asettle_in_doubt(client, scripts, lender, root, args[0])
         if not self._eviction_checked:
             await self._acheck_eviction(client)
         return reply
@@ -911,13 +851,13 @@ class RedisStore(Store):
                 return
 
     async def _asettle_in_doubt(
-        self, client: Any, scripts: dict[str, Any], idle: deque[Any], root: str, now: str
+        self, client: Any, scripts: dict[str, Any], lender: AsyncLender, root: str, now: str
     ) -> None:
         taken = self._take_in_doubt(root)
         for done, rid in enumerate(taken):
             try:
                 args = [now, *self._head(0.0)[1:], rid[:20]]
-                await self._aevalsha(client, scripts["release"], root_of(rid), args, idle)
+                await self._aevalsha(client, scripts["release"], root_of(rid), args, lender)
             except BaseException as error:  # unreachable, or the task was cancelled: keep the rest for later
                 with self._in_doubt_lock:
                     self._in_doubt.update(taken[done:])

@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
-import struct
-import sys
 import tempfile
 import time
 from decimal import Decimal
@@ -20,7 +17,7 @@ from clearance import Action, Authority, Budget, ClockSkew, Decision, InvalidReq
 from clearance.periods import windows_at
 from clearance.stores import store_from_url
 from clearance.stores.base import DEFAULT_RETENTION, root_of
-from clearance.stores.redis import RedisStore, _unblock
+from clearance.stores.redis import RedisStore
 from clearance.testing import FakeClock
 from clearance.units import MAX_AMOUNT
 
@@ -78,33 +75,6 @@ def test_reserve_and_commit_are_one_command_each(redis_url: str, clock: FakeCloc
     # INFO itself is not counted among these; each ledger call is exactly one EVALSHA.
     assert (middle - before, after - middle) == (1, 1)
     raw.close()
-    authority.close()
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel socket timeouts are used on Linux only")
-def test_a_ledger_call_is_one_send_and_one_receive_on_a_socket_the_kernel_times(
-    redis_url: str, clock: FakeClock
-) -> None:
-    # A socket with a Python-level timeout is polled before every send and receive: two more
-    # system calls per call. The store's connections block, with socket_timeout kept by the kernel.
-    authority = Authority(f"{redis_url}&socket_timeout=0.25", clock=clock)
-    store = authority.store
-    assert isinstance(store, RedisStore)
-    authority.set_budget(Budget("tenant:k", "usd", 10))
-    decision = authority.reserve(Action("step", "s", {"usd": 1}), "tenant:k")
-    assert decision.reservation is not None
-    (connection,) = store._idle
-    sock = connection._sock
-    assert sock.gettimeout() is None  # blocking
-    for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
-        seconds, micros = struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, option, 16))
-        assert abs(seconds + micros / 1e6 - 0.25) < 0.011  # (the kernel keeps it in scheduler ticks)
-    authority.commit(decision.reservation)
-    assert store._idle[0]._sock is sock  # kept, and not set up again
-    _unblock(connection)  # as it is before going back to redis-py's pool, for its other commands
-    assert sock.gettimeout() == 0.25
-    assert authority.balance("tenant:k")["usd"].spent == 1  # and set up again on the next call
-    assert sock.gettimeout() is None
     authority.close()
 
 
@@ -393,11 +363,13 @@ async def test_async_calls_cancelled_midway_leave_the_pool_clean(redis_url: str,
             assert decision.allowed and decision.reservation is not None
             settled = await authority.acommit(decision.reservation)
             assert settled.status == "committed"
-    client, _, idle = await store._async_client()
+    client, _, lender = await store._async_client()
     await asyncio.sleep(0.05)  # release tasks of cancelled calls finish
     # In use: only the connections kept for the next ledger call (at most half the pool), each
-    # either disconnected (cut mid-call) or with nothing left to read.
+    # either disconnected (cut mid-call) or with nothing left to read; nobody left waiting for one.
+    idle = lender._idle
     assert set(client.connection_pool._in_use_connections) == set(idle) and len(idle) <= 2
+    assert not lender._waits and lender._taken == len(idle)
     for connection in idle:
         assert not connection.is_connected or not await connection.can_read()
     for _ in range(4):  # each good call releases up to 32 reserves left in doubt
@@ -712,7 +684,7 @@ def test_a_forked_child_never_uses_the_parents_connections(redis_url: str, clock
     authority.set_budget(Budget("tenant:fork", "calls", 100))
     assert authority.reserve(Action("step", "s", {"calls": 1}), "tenant:fork/run:parent").allowed
     store = authority.store
-    assert isinstance(store, RedisStore) and store._idle  # a connection kept for the next call
+    assert isinstance(store, RedisStore) and store._lender._idle  # a connection kept for the next call
     locks = (store._async_lock, store._in_doubt_lock, store._sync_lock)
     for lock in locks:  # as if other threads of the parent were inside them at the fork
         lock.acquire()
@@ -720,7 +692,7 @@ def test_a_forked_child_never_uses_the_parents_connections(redis_url: str, clock
     if pid == 0:  # the child
         code = 1
         try:
-            assert not store._idle  # the parent's sockets were dropped at the fork
+            assert not store._lender._idle  # the parent's sockets were dropped at the fork
             assert all(lock.acquire(blocking=False) for lock in (store._async_lock, store._in_doubt_lock))
             store._async_lock.release()
             store._in_doubt_lock.release()
@@ -756,7 +728,7 @@ def test_kept_connections_leave_the_pool_room_for_its_other_commands(redis_url: 
         thread.start()
     for thread in threads:
         thread.join()
-    assert len(store._idle) <= 2
+    assert len(store._lender._idle) <= 2
     pool = store._client.connection_pool
     held = [pool.get_connection() for _ in range(2)]  # the pool still has two for other commands
     for connection in held:
@@ -784,7 +756,8 @@ async def test_async_kept_connections_leave_room_and_survive_the_server_closing_
             await authority.acommit(decision.reservation)
 
     await asyncio.gather(*(worker() for _ in range(8)))
-    client, _, idle = await store._async_client()
+    client, _, lender = await store._async_client()
+    idle = lender._idle
     assert 1 <= len(idle) <= 2
     pool = client.connection_pool
     held = [await pool.get_connection() for _ in range(2)]  # the pool still has two for other commands
@@ -824,7 +797,7 @@ def test_a_one_connection_pool_keeps_none_and_a_killed_kept_connection_is_reconn
     store = authority.store
     assert isinstance(store, RedisStore)
     authority.set_budget(Budget("tenant:kill", "usd", 5))
-    assert len(store._idle) == 1
+    assert len(store._lender._idle) == 1
     raw = redis_py.Redis.from_url(store.url)
     assert raw.client_kill_filter(_type="normal") >= 1
     raw.close()

@@ -1,0 +1,66 @@
+"""More threads or asyncio tasks than pooled connections, on a healthy Redis: every call waits its
+turn and none fails. Connections kept between ledger calls used to go from caller to caller while
+callers that had found none kept waited in redis-py's pool, some past its timeout: their calls were
+denied as ``store_unavailable`` (77 of 4,000 lifecycles of 200 tasks on 8 connections)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from clearance import Action, Authority, Budget
+
+ACTION = Action("step", "s", {"calls": 1})
+
+
+def _url(redis_url: str, connections: int) -> str:
+    return f"{redis_url}&max_connections={connections}&socket_timeout=0.5&connect_timeout=0.5"
+
+
+def test_threads_outnumbering_connections_all_get_their_turn(redis_url: str) -> None:
+    authority = Authority(_url(redis_url, 3))
+    authority.set_budget(Budget("tenant:crowd", "calls", 10**9))
+    denied: list[str] = []
+    start = threading.Barrier(16)
+
+    def work() -> None:
+        start.wait()
+        for _ in range(60):
+            decision = authority.reserve(ACTION, "tenant:crowd")
+            if decision.reservation is None:
+                denied.append(decision.reasons[0].message)
+                continue
+            authority.commit(decision.reservation)
+
+    threads = [threading.Thread(target=work) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert denied == []
+    balance = authority.balance("tenant:crowd")["calls"]
+    assert (balance.spent, balance.held) == (16 * 60, 0)
+    authority.close()
+
+
+def test_tasks_outnumbering_connections_all_get_their_turn(redis_url: str) -> None:
+    async def main() -> list[str]:
+        authority = Authority(_url(redis_url, 8))
+        authority.set_budget(Budget("tenant:acrowd", "calls", 10**9))
+        denied: list[str] = []
+
+        async def work() -> None:
+            for _ in range(20):
+                decision = await authority.areserve(ACTION, "tenant:acrowd")
+                if decision.reservation is None:
+                    denied.append(decision.reasons[0].message)
+                    continue
+                await authority.acommit(decision.reservation)
+
+        await asyncio.gather(*(work() for _ in range(200)))
+        balance = authority.balance("tenant:acrowd")["calls"]
+        assert (balance.spent + len(denied), balance.held) == (4000, 0)
+        await authority.store.aclose()
+        return denied
+
+    assert asyncio.run(main()) == []
