@@ -344,9 +344,20 @@ def _states_of(text: str) -> list[AccountState]:
 
 
 def _plan_text(plan: PlanSpec) -> str:
-    amounts = " ".join(f"{unit} {steps}" for unit, steps in plan.amounts)
-    ppm = plan.headroom_ppm
-    return f"{amounts}|{' '.join(map(str, ppm)) if any(ppm) else ''}"
+    """A plan as reserve.lua reads it: "unit steps unit steps|ppm ppm ..." (cached: callers reuse
+    their ladders, and a 3-plan request spent ~2 µs building these anew)."""
+    key = (plan.amounts, plan.headroom_ppm)
+    text = _PLAN_TEXTS.get(key)
+    if text is None:
+        amounts = " ".join(f"{unit} {steps}" for unit, steps in plan.amounts)
+        ppm = plan.headroom_ppm
+        text = f"{amounts}|{' '.join(map(str, ppm)) if any(ppm) else ''}"
+        if len(_PLAN_TEXTS) < 4096:
+            _PLAN_TEXTS[key] = text
+    return text
+
+
+_PLAN_TEXTS: dict[tuple[Amounts, tuple[int, ...]], str] = {}
 
 
 def _seq(stream_id: str) -> int:
