@@ -11,9 +11,16 @@ comes back to the caller that has waited longest; callers go to the pool only wh
 calls hold fewer than ``limit`` of its connections (the rest are left to the store's other
 commands), and a connection goes back to the pool only when nobody waits and ``keep`` are kept.
 
+A caller that went to the pool and waits there (the store's other commands hold the rest) came
+before every caller queued since (callers queue only while someone is ahead of them), so a
+connection coming back goes to the pool first while such a caller waits. With a one-connection
+pool (``limit`` 0) the lender only passes calls through to the pool: keeping its one connection
+would leave the store's other commands none.
+
 One :class:`Lender` per sync client (threads), one :class:`AsyncLender` per event loop's client
 (tasks of that loop). A connection handed over may be disconnected (a failed call disconnects
-it): redis-py connects it again on its next use.
+it): redis-py connects it again on its next use. A caller that waited ``wait`` in vain gets
+:class:`NoConnection`: its request was never sent, so it is neither retried nor in doubt.
 """
 
 from __future__ import annotations
@@ -26,10 +33,14 @@ from typing import Any
 import redis
 
 _GO_TO_POOL = object()  # handed to a waiter instead of a connection: take one from the pool yourself
+_EXPIRED = object()  # an asyncio waiter's own timeout
 
 
-def _no_connection() -> redis.ConnectionError:
-    return redis.ConnectionError("No connection available.")
+class NoConnection(redis.ConnectionError):
+    """No connection came within the wait: the request was never sent."""
+
+    def __init__(self) -> None:
+        super().__init__("No connection available.")
 
 
 class _Wait:
@@ -44,16 +55,20 @@ class Lender:
     """Connections of one sync pool for ledger calls, shared by threads (see the module docstring)."""
 
     def __init__(self, limit: int, keep: int, wait: float) -> None:
-        self.limit = max(1, limit)
+        self.direct = limit < 1
+        self.limit = limit
         self.keep = keep
         self.wait = wait
         self._lock = threading.Lock()
         self._idle: deque[Any] = deque()
         self._waits: deque[_Wait] = deque()
         self._taken = 0  # connections taken from the pool and not given back (in use or kept)
+        self._in_pool = 0  # callers waiting in the pool itself
 
     def borrow(self, pool: Any) -> tuple[Any, bool]:
         """A connection, and whether it was used before (kept or handed over: check it before use)."""
+        if self.direct:
+            return pool.get_connection(), False
         with self._lock:
             if self._idle:
                 return self._idle.pop(), True
@@ -64,29 +79,51 @@ class Lender:
                 wait = _Wait()
                 self._waits.append(wait)
         if wait is not None:
-            if not wait.event.wait(self.wait):
+            try:
+                served = wait.event.wait(self.wait)
+            except BaseException:  # KeyboardInterrupt, a signal handler's exception, gevent.Timeout
+                self._leave(pool, wait)
+                raise
+            if not served:
                 with self._lock:
                     if not wait.event.is_set():
                         self._waits.remove(wait)
-                        raise _no_connection()
+                        raise NoConnection()
             if wait.handed is not _GO_TO_POOL:
                 return wait.handed, True
+        with self._lock:
+            self._in_pool += 1
         try:
             return pool.get_connection(), False
         except BaseException:
             self._untake()
             raise
+        finally:
+            with self._lock:
+                self._in_pool -= 1
 
     def give_back(self, pool: Any, connection: Any) -> None:
-        with self._lock:
-            if self._waits:
-                self._hand(connection)
-                return
-            if len(self._idle) < self.keep:
-                self._idle.append(connection)
-                return
-            self._taken -= 1
+        if not self.direct:
+            with self._lock:
+                if self._waits and not self._in_pool:
+                    self._hand(connection)
+                    return
+                if len(self._idle) < self.keep and not self._in_pool:
+                    self._idle.append(connection)
+                    return
+                self._taken -= 1
         pool.release(connection)
+
+    def _leave(self, pool: Any, wait: _Wait) -> None:
+        """A waiter leaves without using what it may have been handed: that goes on to the next one."""
+        with self._lock:
+            if not wait.event.is_set():
+                self._waits.remove(wait)
+                return
+        if wait.handed is _GO_TO_POOL:
+            self._untake()
+        else:
+            self.give_back(pool, wait.handed)
 
     def _untake(self) -> None:
         """A connection taken from the pool is not (it could not be had): the next waiter may try."""
@@ -102,59 +139,81 @@ class Lender:
         wait.event.set()
 
 
+def _expire(waiting: asyncio.Future[Any]) -> None:
+    if not waiting.done():
+        waiting.set_result(_EXPIRED)
+
+
 class AsyncLender:
     """The same for the tasks of one event loop (no lock: nothing here awaits between look and act)."""
 
     def __init__(self, limit: int, keep: int, wait: float) -> None:
-        self.limit = max(1, limit)
+        self.direct = limit < 1
+        self.limit = limit
         self.keep = keep
         self.wait = wait
         self._idle: deque[Any] = deque()
         self._waits: deque[asyncio.Future[Any]] = deque()
         self._taken = 0
+        self._in_pool = 0
 
     async def borrow(self, pool: Any) -> tuple[Any, bool]:
         """A connection, and whether it was used before (kept or handed over: check it before use)."""
+        if self.direct:
+            return await pool.get_connection(), False
         if self._idle:
             return self._idle.pop(), True
         if self._taken < self.limit and not self._waits:
             self._taken += 1
         else:
-            waiting: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiting: asyncio.Future[Any] = loop.create_future()
             self._waits.append(waiting)
+            # (not asyncio.wait_for: on Python 3.11 it drops a cancellation that comes with a result)
+            timer = loop.call_later(self.wait, _expire, waiting)
             try:
-                handed = await asyncio.wait_for(waiting, self.wait)
-            except BaseException as error:  # timed out or cancelled: leave the queue, keep nothing
-                if waiting.done() and not waiting.cancelled():
+                handed = await waiting
+            except BaseException:  # cancelled: leave the queue, keep nothing
+                if waiting.done() and not waiting.cancelled() and waiting.result() is not _EXPIRED:
                     self._pass_on(waiting.result())  # handed over in the same moment: to the next one
                 elif waiting in self._waits:
                     self._waits.remove(waiting)
-                if isinstance(error, asyncio.TimeoutError):
-                    raise _no_connection() from None
                 raise
+            finally:
+                timer.cancel()
+            if handed is _EXPIRED:
+                if waiting in self._waits:
+                    self._waits.remove(waiting)
+                raise NoConnection()
             if handed is not _GO_TO_POOL:
                 return handed, True
+        self._in_pool += 1
         try:
             return await pool.get_connection(), False
         except BaseException:
             self._untake()
             raise
+        finally:
+            self._in_pool -= 1
 
     def give_back(self, connection: Any) -> Any:
         """Hand ``connection`` over or keep it; or return it, for the caller to release to the pool
         (that may suspend: see clearance.stores.redis._arelease)."""
-        if self._hand(connection):
-            return None
-        if len(self._idle) < self.keep:
-            self._idle.append(connection)
-            return None
+        if self.direct:
+            return connection
+        if not self._in_pool:
+            if self._hand(connection):
+                return None
+            if len(self._idle) < self.keep:
+                self._idle.append(connection)
+                return None
         self._taken -= 1
         return connection
 
     def _hand(self, handed: Any) -> bool:
         while self._waits:
             waiting = self._waits.popleft()
-            if not waiting.done():  # (one cancelled by its timeout may still be queued a moment)
+            if not waiting.done():  # (one whose time ran out may still be queued a moment)
                 waiting.set_result(handed)
                 return True
         return False

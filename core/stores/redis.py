@@ -105,7 +105,7 @@ from clearance.ledger import (
 from clearance.periods import Windows
 from clearance.scope import parse_scope
 from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
-from clearance.stores.lending import AsyncLender, Lender
+from clearance.stores.lending import AsyncLender, Lender, NoConnection
 
 logger = logging.getLogger("clearance.redis")
 
@@ -162,8 +162,17 @@ class _ClockSkew(ClockSkew):
 
 
 def _maybe_sent(error: BaseException) -> bool:
-    """False when the request certainly never left (the connection could not be opened)."""
-    return not (isinstance(error, redis.ConnectionError) and "connecting to" in str(error))
+    """False when the request certainly never left: the connection could not be opened, or no
+    connection came in time (from the lender, or from redis-py's pool)."""
+    return not (_no_connection(error) or (isinstance(error, redis.ConnectionError) and "connecting to" in str(error)))
+
+
+def _no_connection(error: BaseException) -> bool:
+    """No connection came in time, from the lender or from redis-py's pool: nothing was sent, and
+    waiting again would outlast the timeout."""
+    return isinstance(error, NoConnection) or (
+        isinstance(error, redis.ConnectionError) and str(error) == "No connection available."
+    )
 
 
 def _unavailable(error: BaseException, earlier: BaseException | None = None) -> StoreUnavailable:
@@ -491,8 +500,9 @@ class RedisStore(Store):
 
     def _new_lender(self, *, asynchronous: bool = False) -> Any:
         """A lender of ledger-call connections (see clearance.stores.lending): they may take all but one
-        of the pool's connections (that one is left to the store's other commands), keep half of them
-        between calls, and wait for one as long as the pool would (``connect_timeout``)."""
+        of the pool's connections (that one is left to the store's other commands; a one-connection
+        pool is used directly), keep half of them between calls, and wait for one as long as the
+        pool would (``connect_timeout``)."""
         limit, keep, wait = self._max_connections - 1, self._max_connections // 2, self._timeouts[1]
         return AsyncLender(limit, keep, wait) if asynchronous else Lender(limit, keep, wait)
 
@@ -724,6 +734,8 @@ class RedisStore(Store):
         try:
             reply = self._evalsha(client, script, root, args)
         except redis.ConnectionError as error:
+            if _no_connection(error):
+                raise _unavailable(error) from error
             args = self._retry_args(name, args, started, error)
             try:
                 reply = self._evalsha(client, script, root, args)
@@ -797,6 +809,8 @@ class RedisStore(Store):
         try:
             reply = await self._aevalsha(client, script, root, args, lender)
         except redis.ConnectionError as error:
+            if _no_connection(error):
+                raise _unavailable(error) from error
             args = self._retry_args(name, args, started, error)
             try:
                 reply = await self._aevalsha(client, script, root, args, lender)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from decimal import Decimal
 
 from clearance import Action, Authority, Budget
+from clearance.stores.redis import RedisStore
 
 ACTION = Action("step", "s", {"calls": 1})
 
@@ -39,7 +41,7 @@ def test_threads_outnumbering_connections_all_get_their_turn(redis_url: str) -> 
         thread.join()
     assert denied == []
     balance = authority.balance("tenant:crowd")["calls"]
-    assert (balance.spent, balance.held) == (16 * 60, 0)
+    assert (balance.spent, balance.held) == (Decimal(16 * 60), Decimal(0))
     authority.close()
 
 
@@ -59,8 +61,28 @@ def test_tasks_outnumbering_connections_all_get_their_turn(redis_url: str) -> No
 
         await asyncio.gather(*(work() for _ in range(200)))
         balance = authority.balance("tenant:acrowd")["calls"]
-        assert (balance.spent + len(denied), balance.held) == (4000, 0)
+        assert (balance.spent + len(denied), balance.held) == (Decimal(4000), Decimal(0))
         await authority.store.aclose()
         return denied
 
     assert asyncio.run(main()) == []
+
+
+def test_no_connection_in_time_is_not_retried_nor_in_doubt(redis_url: str) -> None:
+    # The request was never sent: waiting a second time would outlast the timeout, and no hold can
+    # have landed, so there is nothing to release later.
+    authority = Authority(f"{redis_url}&max_connections=2&socket_timeout=2&connect_timeout=0.2")
+    authority.set_budget(Budget("tenant:busy", "calls", 10))
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    client, _ = store._sync_client()
+    taken, _ = store._lender.borrow(client.connection_pool)  # the one connection ledger calls may use
+    try:
+        decision = authority.reserve(ACTION, "tenant:busy")
+    finally:
+        store._lender.give_back(client.connection_pool, taken)
+    assert decision.reservation is None and decision.reasons[0].code == "store_unavailable"
+    assert "No connection available" in decision.reasons[0].message
+    assert not store._in_doubt
+    assert authority.reserve(ACTION, "tenant:busy").reservation is not None
+    authority.close()
