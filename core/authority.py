@@ -30,7 +30,7 @@ from clearance.errors import (
     ReservationNotFound,
     StoreUnavailable,
 )
-from clearance.ids import random_hex
+from clearance.ids import random_id
 from clearance.ledger import (
     AccountState,
     Amounts,
@@ -482,7 +482,7 @@ class Authority:
         now = self.clock()
         lifetime = self.default_ttl if ttl is None else _check_ttl(ttl)
         request = HoldRequest(
-            f"{random_hex(20)}.{parsed.chain[0]}",
+            f"{random_id()}.{parsed.chain[0]}",
             parsed.chain,
             specs,
             now,

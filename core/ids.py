@@ -3,53 +3,39 @@
 A reservation id starts with 20 random hex digits (80 bits from the OS's CSPRNG): that is what makes it
 unguessable and never repeated. ``os.urandom`` is one ``getrandom`` system call per id, one of the
 few a lifecycle makes on the embedded stores, and a tenth of the system calls of a lifecycle on Redis.
-So each thread draws 4 KiB at a time and hands out slices of it: the same bytes, from the same source.
-A thread's first draw is small (64 bytes): a short-lived thread, or a greenlet where gevent makes
-thread-locals per greenlet, makes an id or two, and 4 KiB costs ~14 µs to draw and turn into hex.
+So the process draws 4 KiB at a time, cuts it into ids, and hands them out: the same bytes, from the
+same source. ``list.pop`` is atomic, so threads (and greenlets) never get the same one, with no lock
+and no thread-local (whose attribute lookups cost more than the system call saved); two threads
+refilling at once only draw twice.
 
-Two processes must never hand out the same bytes: a child forked while its parent's thread held
-undrawn bytes would repeat the parent's next ids. Only the forking thread lives on in the child, so
-emptying that thread's pool there (``os.register_at_fork``) makes the child draw afresh.
+Two processes must never hand out the same ids: a child forked with ids left in the list would
+repeat its parent's next ones, so the list is emptied in the child (``os.register_at_fork``).
 """
 
 from __future__ import annotations
 
 import os
-import threading
 
-_FIRST_DRAW = 64  # bytes: 6 ids of 10 bytes
-_DRAW = 4096  # bytes per system call after that: 409 ids
+_DRAW = 4090  # bytes per system call: 409 ids of 10 bytes
+_ID_BYTES = 10
 
-
-class _Pool(threading.local):
-    """One thread's undrawn random bytes, as hex digits."""
-
-    def __init__(self) -> None:
-        self.digits = ""
-        self.at = 0
-        self.draw = _FIRST_DRAW
+_ids: list[str] = []
 
 
-_pool = _Pool()
-
-
-def _empty() -> None:
-    _pool.digits = ""
-    _pool.at = 0
+def _refill() -> None:
+    digits = os.urandom(_DRAW).hex()
+    step = 2 * _ID_BYTES
+    _ids.extend([digits[i : i + step] for i in range(0, len(digits) - step + 1, step)])
 
 
 if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)
-    os.register_at_fork(after_in_child=_empty)
+    os.register_at_fork(after_in_child=_ids.clear)
 
 
-def random_hex(digits: int) -> str:
-    """``digits`` (even) random hex digits from the OS's CSPRNG."""
-    pool = _pool
-    at = pool.at
-    end = at + digits
-    if end > len(pool.digits):
-        pool.digits = os.urandom(max(pool.draw, digits // 2)).hex()
-        pool.draw = _DRAW
-        at, end = 0, digits
-    pool.at = end
-    return pool.digits[at:end]
+def random_id() -> str:
+    """20 random hex digits (10 bytes) from the OS's CSPRNG."""
+    while True:
+        try:
+            return _ids.pop()
+        except IndexError:
+            _refill()

@@ -1,4 +1,4 @@
-"""Reservation ids: random from the OS's CSPRNG, drawn in batches per thread, never repeated across
+"""Reservation ids: random from the OS's CSPRNG, drawn 4 KiB at a time, never repeated across
 threads or across a fork."""
 
 from __future__ import annotations
@@ -12,30 +12,16 @@ from unittest import mock
 import pytest
 
 from clearance import Action, Authority, Budget
-from clearance.ids import random_hex
+from clearance.ids import random_id
 
 
-def test_ids_are_hex_and_distinct_and_draw_once_per_batch() -> None:
+def test_ids_are_hex_and_distinct_and_drawn_in_batches() -> None:
     with mock.patch("clearance.ids.os.urandom", wraps=os.urandom) as urandom:
-        ids = [random_hex(20) for _ in range(2000)]
+        ids = [random_id() for _ in range(2000)]
     assert all(len(i) == 20 and int(i, 16) >= 0 for i in ids)
     assert len(set(ids)) == 2000
-    assert 4 <= urandom.call_count <= 7  # 409 ids of 10 bytes per 4 KiB drawn (6 in a thread's first draw)
-
-
-def test_a_threads_first_draw_is_small_and_long_ids_still_come_whole() -> None:
-    drawn: list[int] = []
-
-    def draw() -> None:
-        with mock.patch("clearance.ids.os.urandom", wraps=os.urandom) as urandom:
-            assert len(random_hex(20)) == 20
-            assert len(random_hex(300)) == 300  # more than the first draw has left
-            drawn.extend(call.args[0] for call in urandom.call_args_list)
-
-    thread = threading.Thread(target=draw)
-    thread.start()
-    thread.join()
-    assert drawn == [64, 4096]
+    assert 4 <= urandom.call_count <= 5  # 409 ids of 10 bytes per draw
+    assert {call.args[0] for call in urandom.call_args_list} == {4090}
 
 
 def test_threads_never_share_ids() -> None:
@@ -44,7 +30,7 @@ def test_threads_never_share_ids() -> None:
 
     def draw() -> None:
         start.wait()
-        found.append([random_hex(20) for _ in range(3000)])
+        found.append([random_id() for _ in range(3000)])
 
     threads = [threading.Thread(target=draw) for _ in range(8)]
     for thread in threads:
@@ -56,26 +42,26 @@ def test_threads_never_share_ids() -> None:
 
 
 def _child_ids(queue: multiprocessing.Queue[list[str]]) -> None:
-    queue.put([random_hex(20) for _ in range(5)])
+    queue.put([random_id() for _ in range(5)])
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no fork on Windows")
 def test_a_forked_child_does_not_repeat_its_parents_next_ids() -> None:
-    random_hex(20)  # this thread's pool now holds undrawn bytes the child would inherit
+    random_id()  # ids are now waiting in the list the child would inherit
     context = multiprocessing.get_context("fork")
     queue: multiprocessing.Queue[list[str]] = context.Queue()
     child = context.Process(target=_child_ids, args=(queue,))
     child.start()
     theirs = queue.get(timeout=30)
     child.join(timeout=30)
-    ours = [random_hex(20) for _ in range(5)]
+    ours = [random_id() for _ in range(5)]
     assert not set(ours) & set(theirs)
 
 
-def test_reservations_take_their_ids_from_the_pool() -> None:
+def test_reservations_take_their_ids_from_the_batch() -> None:
     authority = Authority()
     authority.set_budget(Budget("tenant:i", "calls", 100))
     with mock.patch("clearance.ids.os.urandom", wraps=os.urandom) as urandom:
         rids = [authority.reserve(Action("step", "s", {"calls": 1}), "tenant:i").reservation for _ in range(50)]
-    assert urandom.call_count <= 2
+    assert urandom.call_count <= 1
     assert len({r.id for r in rids if r is not None}) == 50
