@@ -224,8 +224,8 @@ def test_a_caller_waiting_in_the_pool_is_served_before_later_ones() -> None:
         def get_connection(self) -> Any:
             if self.made == 0:
                 return super().get_connection()
-            assert self.returned.wait(5)
-            return self.free.pop()
+            assert self.returned.wait(5)  # the store's other commands hold the rest, until one comes back
+            return self.free.pop() if self.free else super().get_connection()
 
         def release(self, connection: Any) -> None:
             self.free.append(connection)
@@ -246,6 +246,85 @@ def test_a_caller_waiting_in_the_pool_is_served_before_later_ones() -> None:
     lender.give_back(pool, held)  # to the pool, for the one waiting there
     early.join(5)
     assert got["early"] == ("c1", False)
-    lender.give_back(pool, "c1")  # and now to the one queued behind it
-    late.join(5)
-    assert got["late"] == ("c1", True)
+    late.join(5)  # then the one queued behind it goes to the pool for the slot that freed
+    assert got["late"] == ("c2", False)
+    assert lender._taken == 2 and not lender._waits
+
+
+def test_slots_given_back_to_the_pool_for_its_waiter_are_offered_to_the_queue_after() -> None:
+    # A and B hold connections, C waits in the pool, W1 and W2 queue. A's and B's connections go to
+    # the pool (C came first); once C is served, the queue must be sent to the pool for the two
+    # slots freed, or W1 and W2 wait out their time with the lender well under its limit.
+    gate = threading.Event()
+
+    class GatedPool(FakePool):
+        def get_connection(self) -> Any:
+            if threading.current_thread().name == "C":
+                assert gate.wait(5)  # waiting in the pool (the store's other commands hold the rest)
+            return super().get_connection()
+
+    pool, lender = GatedPool(), Lender(limit=3, keep=1, wait=2.0)
+    a, _ = lender.borrow(pool)
+    b, _ = lender.borrow(pool)
+    c = threading.Thread(target=lambda: lender.borrow(pool), name="C")
+    c.start()
+    deadline = time.monotonic() + 5
+    while not lender._in_pool:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    got: dict[str, Any] = {}
+
+    def wait_for_one(name: str) -> None:
+        try:
+            got[name] = lender.borrow(pool)
+        except NoConnection as error:
+            got[name] = error
+
+    queued = []
+    for n, name in enumerate(("W1", "W2")):
+        thread = threading.Thread(target=wait_for_one, args=(name,))
+        thread.start()
+        _waiting(lender, n + 1)
+        queued.append(thread)
+    lender.give_back(pool, a)
+    lender.give_back(pool, b)
+    assert pool.released == [a, b]  # to the pool, for C
+    gate.set()
+    c.join(5)
+    for thread in queued:
+        thread.join(5)
+    assert all(isinstance(got[name], tuple) for name in ("W1", "W2")), got
+    assert lender._taken == 3 and not lender._waits and not lender._in_pool
+
+
+def test_async_slots_given_back_to_the_pool_are_offered_to_the_queue_after() -> None:
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        class GatedPool(AsyncFakePool):
+            gated: object = None
+
+            async def get_connection(self) -> Any:
+                if asyncio.current_task() is self.gated:
+                    await gate.wait()
+                return FakePool.get_connection(self)
+
+        pool, lender = GatedPool(), AsyncLender(limit=3, keep=1, wait=2.0)
+        a, _ = await lender.borrow(pool)
+        b, _ = await lender.borrow(pool)
+        c = pool.gated = asyncio.ensure_future(lender.borrow(pool))
+        await asyncio.sleep(0.01)
+        assert lender._in_pool == 1
+        w1 = asyncio.ensure_future(lender.borrow(pool))
+        w2 = asyncio.ensure_future(lender.borrow(pool))
+        await asyncio.sleep(0.01)
+        for connection in (a, b):
+            spare = lender.give_back(connection)
+            assert spare is connection  # for the caller to release to the pool, where C waits
+            pool.release(spare)
+        gate.set()
+        assert (await c)[1] is False
+        assert isinstance(await w1, tuple) and isinstance(await w2, tuple)
+        assert lender._taken == 3 and not lender._waits and not lender._in_pool
+
+    asyncio.run(main())

@@ -13,7 +13,8 @@ commands), and a connection goes back to the pool only when nobody waits and ``k
 
 A caller that went to the pool and waits there (the store's other commands hold the rest) came
 before every caller queued since (callers queue only while someone is ahead of them), so a
-connection coming back goes to the pool first while such a caller waits. With a one-connection
+connection coming back goes to the pool first while such a caller waits (and once it is served,
+callers queued meanwhile go to the pool for what went back there). With a one-connection
 pool (``limit`` 0) the lender only passes calls through to the pool: keeping its one connection
 would leave the store's other commands none.
 
@@ -101,6 +102,7 @@ class Lender:
         finally:
             with self._lock:
                 self._in_pool -= 1
+                self._send_to_pool()
 
     def give_back(self, pool: Any, connection: Any) -> None:
         if not self.direct:
@@ -129,9 +131,14 @@ class Lender:
         """A connection taken from the pool is not (it could not be had): the next waiter may try."""
         with self._lock:
             self._taken -= 1
-            if self._waits and self._taken < self.limit:
-                self._taken += 1
-                self._hand(_GO_TO_POOL)
+            self._send_to_pool()
+
+    def _send_to_pool(self) -> None:
+        """Waiters go to the pool for the connections the ledger calls may take and have not (some
+        went back to the pool for a caller waiting there), once nobody waits there. Lock held."""
+        while self._waits and self._taken < self.limit and not self._in_pool:
+            self._taken += 1
+            self._hand(_GO_TO_POOL)
 
     def _hand(self, handed: Any) -> None:
         wait = self._waits.popleft()
@@ -175,7 +182,7 @@ class AsyncLender:
                 handed = await waiting
             except BaseException:  # cancelled: leave the queue, keep nothing
                 if waiting.done() and not waiting.cancelled() and waiting.result() is not _EXPIRED:
-                    self._pass_on(waiting.result())  # handed over in the same moment: to the next one
+                    self._pass_on(pool, waiting.result())  # handed over in the same moment: pass it on
                 elif waiting in self._waits:
                     self._waits.remove(waiting)
                 raise
@@ -195,6 +202,7 @@ class AsyncLender:
             raise
         finally:
             self._in_pool -= 1
+            self._send_to_pool()
 
     def give_back(self, connection: Any) -> Any:
         """Hand ``connection`` over or keep it; or return it, for the caller to release to the pool
@@ -218,16 +226,29 @@ class AsyncLender:
                 return True
         return False
 
-    def _pass_on(self, handed: Any) -> None:
+    def _pass_on(self, pool: Any, handed: Any) -> None:
+        """What a caller leaving was handed in the same moment goes where a give-back would send it
+        (releasing to the pool in a task of its own: a cancelled caller cannot await it)."""
         if handed is _GO_TO_POOL:
             self._untake()
-        elif not self._hand(handed):
-            self._idle.append(handed)  # (keeps one more than `keep` until the next give-back)
+            return
+        spare = self.give_back(handed)
+        if spare is not None:
+            task = asyncio.ensure_future(pool.release(spare))
+            _RELEASING.add(task)
+            task.add_done_callback(_RELEASING.discard)
 
     def _untake(self) -> None:
         """A connection taken from the pool is not (it could not be had): the next waiter may try."""
         self._taken -= 1
-        if self._waits and self._taken < self.limit:
+        self._send_to_pool()
+
+    def _send_to_pool(self) -> None:
+        """As :meth:`Lender._send_to_pool`."""
+        while self._waits and self._taken < self.limit and not self._in_pool:
             self._taken += 1
             if not self._hand(_GO_TO_POOL):
                 self._taken -= 1
+
+
+_RELEASING: set[asyncio.Future[Any]] = set()  # strong references to release tasks while they run
