@@ -192,6 +192,28 @@ def _unavailable(error: BaseException, earlier: BaseException | None = None) -> 
 _STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
 
 
+class _Permits:
+    """What a cluster's ledger calls borrow from their lender: turns, not connections (the cluster
+    client picks the node's connection itself)."""
+
+    def get_connection(self) -> object:
+        return self
+
+    def release(self, permit: object) -> None:
+        pass
+
+
+class _AsyncPermits:
+    async def get_connection(self) -> object:
+        return self
+
+    async def release(self, permit: object) -> None:
+        pass
+
+
+_PERMITS, _ASYNC_PERMITS = _Permits(), _AsyncPermits()
+
+
 def _forget_parent_connections() -> None:
     """In a forked child: the kept connections are the parent's sockets (redis-py's pools reset
     themselves the same way), and the store's locks may be held by threads that do not exist here."""
@@ -504,6 +526,8 @@ class RedisStore(Store):
         pool is used directly), keep half of them between calls, and wait for one as long as the
         pool would (``connect_timeout``)."""
         limit, keep, wait = self._max_connections - 1, self._max_connections // 2, self._timeouts[1]
+        if self.cluster:  # turns, not connections (see _evalsha): none to keep
+            keep = 0
         return AsyncLender(limit, keep, wait) if asynchronous else Lender(limit, keep, wait)
 
     def _sync_client(self) -> tuple[Any, dict[str, Any]]:
@@ -678,12 +702,17 @@ class RedisStore(Store):
         if self.cluster:
             # Not redis-py's Script: on NOSCRIPT it loads the script on every primary, so one master
             # down would fail the calls of tenants on the healthy ones. EVAL runs (and caches) the
-            # script on the tenant's own node only.
+            # script on the tenant's own node only. The cluster client's per-node pools refuse a call
+            # beyond max_connections at once (MaxConnectionsError) instead of waiting: calls take a
+            # turn from the lender first, which lets fewer run at once than any node's pool holds.
             keys = self._keys(root)
+            permit, _ = self._lender.borrow(_PERMITS)
             try:
                 return client.evalsha(script.sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
                 return client.eval(script.script, len(keys), *keys, *args)
+            finally:
+                self._lender.give_back(_PERMITS, permit)
         body = b"".join(map(_bulk, args))
         count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))  # EVALSHA, sha, numkeys, the keys, the arguments
         # A connection lent by the store (kept between calls, handed from caller to caller in turn:
@@ -759,12 +788,15 @@ class RedisStore(Store):
         too; this does not rely on it; a disconnected connection reconnects on its next use). Giving
         one back to the lender does not suspend, so a cancellation cannot lose it; one returned to
         the pool under a contended lock is finished by :func:`_arelease`."""
-        if self.cluster:  # see _evalsha: EVAL on the tenant's node, never a load on every primary
+        if self.cluster:  # see _evalsha: EVAL on the tenant's node, never a load on every primary; a turn first
             keys = self._keys(root)
+            permit, _ = await lender.borrow(_ASYNC_PERMITS)
             try:
                 return await client.evalsha(script.sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
                 return await client.eval(script.script, len(keys), *keys, *args)
+            finally:
+                lender.give_back(permit)  # (permits need no release: nothing suspends here)
         body = b"".join(map(_bulk, args))
         count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))
         pool = client.connection_pool
