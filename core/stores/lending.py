@@ -163,6 +163,8 @@ class AsyncLender:
         self._waits: deque[asyncio.Future[Any]] = deque()
         self._taken = 0
         self._in_pool = 0
+        # A cluster's ledger calls take turns per node: the lenders of this loop's nodes, by name.
+        self.by_node: dict[str, AsyncLender] = {}
 
     async def borrow(self, pool: Any) -> tuple[Any, bool]:
         """A connection, and whether it was used before (kept or handed over: check it before use)."""

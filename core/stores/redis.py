@@ -219,6 +219,7 @@ def _forget_parent_connections() -> None:
     themselves the same way), and the store's locks may be held by threads that do not exist here."""
     for store in list(_STORES):
         store._lender = store._new_lender()
+        store._node_lenders = {}
         # A lock another thread of the parent held at the fork stays held in the child, forever.
         store._sync_lock = threading.Lock()
         store._async_lock = threading.Lock()
@@ -455,6 +456,7 @@ class RedisStore(Store):
         self._in_doubt_lock = threading.Lock()
         # Connections of the sync pool lent to ledger calls (see _evalsha); a forked child drops them.
         self._lender = self._new_lender()
+        self._node_lenders: dict[str, Lender] = {}  # a cluster's: one per node (see _node_lender)
         _STORES.add(self)
         self._sync: tuple[Any, dict[str, Any]] | None = None  # built on first use: a cluster client connects
         self._sync_lock = threading.Lock()
@@ -526,9 +528,23 @@ class RedisStore(Store):
         pool is used directly), keep half of them between calls, and wait for one as long as the
         pool would (``connect_timeout``)."""
         limit, keep, wait = self._max_connections - 1, self._max_connections // 2, self._timeouts[1]
-        if self.cluster:  # turns, not connections (see _evalsha): none to keep
-            keep = 0
+        if self.cluster:  # turns on one node, not connections (see _evalsha): none to keep, one at least
+            limit, keep = max(1, limit), 0
         return AsyncLender(limit, keep, wait) if asynchronous else Lender(limit, keep, wait)
+
+    def _node_lender(self, client: Any, key: str, lenders: dict[str, Any], *, asynchronous: bool) -> Any:
+        """The lender of turns for the cluster node that serves ``key``'s slot: one per node, as the
+        cluster client keeps a pool per node, so calls stuck on a hung node never hold the turns of
+        tenants on healthy ones. (A slot no node is known for shares one lender: the call fails
+        its own way.)"""
+        try:
+            name = client.nodes_manager.get_node_from_slot(client.keyslot(key)).name
+        except Exception:
+            name = "?"
+        lender = lenders.get(name)
+        if lender is None:
+            lender = lenders.setdefault(name, self._new_lender(asynchronous=asynchronous))
+        return lender
 
     def _sync_client(self) -> tuple[Any, dict[str, Any]]:
         found = self._sync
@@ -640,6 +656,7 @@ class RedisStore(Store):
                 logger.debug("could not close an asyncio Redis client", exc_info=True)
         found, self._sync = self._sync, None
         self._lender = self._new_lender()  # the pool's close below disconnects them all
+        self._node_lenders = {}
         if found is None:
             return
         client = found[0]
@@ -706,13 +723,14 @@ class RedisStore(Store):
             # beyond max_connections at once (MaxConnectionsError) instead of waiting: calls take a
             # turn from the lender first, which lets fewer run at once than any node's pool holds.
             keys = self._keys(root)
-            permit, _ = self._lender.borrow(_PERMITS)
+            lender = self._node_lender(client, keys[0], self._node_lenders, asynchronous=False)
+            permit, _ = lender.borrow(_PERMITS)
             try:
                 return client.evalsha(script.sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
                 return client.eval(script.script, len(keys), *keys, *args)
             finally:
-                self._lender.give_back(_PERMITS, permit)
+                lender.give_back(_PERMITS, permit)
         body = b"".join(map(_bulk, args))
         count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))  # EVALSHA, sha, numkeys, the keys, the arguments
         # A connection lent by the store (kept between calls, handed from caller to caller in turn:
@@ -790,13 +808,14 @@ class RedisStore(Store):
         the pool under a contended lock is finished by :func:`_arelease`."""
         if self.cluster:  # see _evalsha: EVAL on the tenant's node, never a load on every primary; a turn first
             keys = self._keys(root)
-            permit, _ = await lender.borrow(_ASYNC_PERMITS)
+            node_lender = self._node_lender(client, keys[0], lender.by_node, asynchronous=True)
+            permit, _ = await node_lender.borrow(_ASYNC_PERMITS)
             try:
                 return await client.evalsha(script.sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
                 return await client.eval(script.script, len(keys), *keys, *args)
             finally:
-                lender.give_back(permit)  # (permits need no release: nothing suspends here)
+                node_lender.give_back(permit)  # (permits need no release: nothing suspends here)
         body = b"".join(map(_bulk, args))
         count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))
         pool = client.connection_pool

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from decimal import Decimal
 
 import pytest
+import redis as redis_py
 
 from clearance import Action, Authority, Budget
 from clearance.stores.redis import RedisStore
@@ -94,4 +96,68 @@ def test_no_connection_in_time_is_not_retried_nor_in_doubt(redis_url: str) -> No
     assert "No connection available" in decision.reasons[0].message
     assert not store._in_doubt
     assert authority.reserve(ACTION, "tenant:busy").reservation is not None
+    authority.close()
+
+
+def test_calls_stuck_on_a_hung_cluster_node_do_not_hold_the_turns_of_other_nodes(redis_cluster_url: str) -> None:
+    # Turns are per node, as the cluster client's pools are: threads waiting on a paused node must
+    # not leave tenants on a healthy node without a turn.
+    authority = Authority(_url(redis_cluster_url, 8))
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    client, _ = store._sync_client()
+    roots = [f"tenant:n{i}" for i in range(30)]
+    for root in roots:
+        authority.set_budget(Budget(root, "calls", 10**9))
+    ports = {root: client.get_node_from_key("{" + root + "}").port for root in roots}
+    hung = roots[0]
+    healthy = next(root for root in roots if ports[root] != ports[hung])
+    for root in (hung, healthy):
+        assert authority.reserve(ACTION, root).reservation is not None
+    pauser = redis_py.Redis(port=ports[hung])
+    pauser.execute_command("CLIENT", "PAUSE", "2500", "ALL")  # type: ignore[no-untyped-call]
+    denied: dict[str, list[str]] = {"hung": [], "healthy": []}
+
+    def work(kind: str, root: str) -> None:
+        for _ in range(5):
+            decision = authority.reserve(ACTION, root)
+            if decision.reservation is None:
+                denied[kind].append(decision.reasons[0].message)
+
+    stuck = [threading.Thread(target=work, args=("hung", hung)) for _ in range(10)]
+    for thread in stuck:
+        thread.start()
+    time.sleep(0.05)  # the paused node's callers hold its turns first
+    others = [threading.Thread(target=work, args=("healthy", healthy)) for _ in range(4)]
+    for thread in others:
+        thread.start()
+    for thread in stuck + others:
+        thread.join()
+    pauser.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
+    pauser.close()
+    assert denied["hung"]  # (the paused node's calls timed out: the test did pause it)
+    assert denied["healthy"] == []
+    authority.close()
+
+
+def test_a_one_connection_cluster_store_still_takes_turns(redis_cluster_url: str) -> None:
+    # The cluster client refuses a second call at once on a one-connection pool: turns, one at a time.
+    authority = Authority(_url(redis_cluster_url, 1))
+    authority.set_budget(Budget("tenant:one", "calls", 10**9))
+    denied: list[str] = []
+
+    def work() -> None:
+        for _ in range(20):
+            decision = authority.reserve(ACTION, "tenant:one")
+            if decision.reservation is None:
+                denied.append(decision.reasons[0].message)
+                continue
+            authority.commit(decision.reservation)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert denied == []
     authority.close()
