@@ -25,29 +25,34 @@ def _url(redis_url: str, connections: int) -> str:
     return f"{redis_url}&max_connections={connections}&socket_timeout=0.5&connect_timeout=0.5"
 
 
-@pytest.mark.parametrize("kind", ["redis", "cluster"])
-def test_threads_outnumbering_connections_all_get_their_turn(kind: str, request: pytest.FixtureRequest) -> None:
-    redis_url = request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url")
-    authority = Authority(_url(redis_url, 3))
-    authority.set_budget(Budget("tenant:crowd", "calls", 10**9))
+def _crowd(authority: Authority, scope: str, threads: int, lifecycles: int) -> list[str]:
+    """``threads`` threads each running ``lifecycles`` reserve+commit at once: the denials' messages."""
     denied: list[str] = []
-    start = threading.Barrier(16)
+    start = threading.Barrier(threads)
 
     def work() -> None:
         start.wait()
-        for _ in range(60):
-            decision = authority.reserve(ACTION, "tenant:crowd")
+        for _ in range(lifecycles):
+            decision = authority.reserve(ACTION, scope)
             if decision.reservation is None:
                 denied.append(decision.reasons[0].message)
                 continue
             authority.commit(decision.reservation)
 
-    threads = [threading.Thread(target=work) for _ in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert denied == []
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return denied
+
+
+@pytest.mark.parametrize("kind", ["redis", "cluster"])
+def test_threads_outnumbering_connections_all_get_their_turn(kind: str, request: pytest.FixtureRequest) -> None:
+    redis_url = request.getfixturevalue("redis_url" if kind == "redis" else "redis_cluster_url")
+    authority = Authority(_url(redis_url, 3))
+    authority.set_budget(Budget("tenant:crowd", "calls", 10**9))
+    assert _crowd(authority, "tenant:crowd", threads=16, lifecycles=60) == []
     balance = authority.balance("tenant:crowd")["calls"]
     assert (balance.spent, balance.held) == (Decimal(16 * 60), Decimal(0))
     authority.close()
@@ -144,20 +149,5 @@ def test_a_one_connection_cluster_store_still_takes_turns(redis_cluster_url: str
     # The cluster client refuses a second call at once on a one-connection pool: turns, one at a time.
     authority = Authority(_url(redis_cluster_url, 1))
     authority.set_budget(Budget("tenant:one", "calls", 10**9))
-    denied: list[str] = []
-
-    def work() -> None:
-        for _ in range(20):
-            decision = authority.reserve(ACTION, "tenant:one")
-            if decision.reservation is None:
-                denied.append(decision.reasons[0].message)
-                continue
-            authority.commit(decision.reservation)
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert denied == []
+    assert _crowd(authority, "tenant:one", threads=4, lifecycles=20) == []
     authority.close()
