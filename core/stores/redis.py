@@ -963,7 +963,7 @@ class RedisStore(Store):
     def _register(self, root: str, required: bool = True) -> None:
         if self._register_now(root, required):
             try:
-                self._call(lambda: self._client.sadd(self._roots_key, root))
+                self._call(lambda: self._in_turn(lambda client: client.sadd(self._roots_key, root)))
             except StoreUnavailable:
                 if self._skip_registration(required):
                     return
@@ -973,13 +973,37 @@ class RedisStore(Store):
     async def _aregister(self, root: str, required: bool = True) -> None:
         if self._register_now(root, required):
             try:
-                client = (await self._async_client())[0]
-                await self._acall(lambda: client.sadd(self._roots_key, root))
+                client, _, lender = await self._async_client()
+                await self._acall(lambda: self._ain_turn(client, lender, lambda: client.sadd(self._roots_key, root)))
             except StoreUnavailable:
                 if self._skip_registration(required):
                     return
                 raise
             self._known_roots.add(root)
+
+    def _in_turn(self, command: Callable[[Any], _T]) -> _T:
+        """``command(client)`` for the tenants registry; on a cluster in a turn on the registry's node
+        (see _node_lender): a burst of new tenants' budgets would otherwise exhaust that node's
+        pool, whose client refuses the rest at once."""
+        client = self._client
+        if not self.cluster:
+            return command(client)
+        lender = self._node_lender(client, self._roots_key, self._node_lenders, asynchronous=False)
+        permit, _ = lender.borrow(_PERMITS)
+        try:
+            return command(client)
+        finally:
+            lender.give_back(_PERMITS, permit)
+
+    async def _ain_turn(self, client: Any, lender: AsyncLender, command: Callable[[], Awaitable[_T]]) -> _T:
+        if not self.cluster:
+            return await command()
+        node_lender = self._node_lender(client, self._roots_key, lender.by_node, asynchronous=True)
+        permit, _ = await node_lender.borrow(_ASYNC_PERMITS)
+        try:
+            return await command()
+        finally:
+            node_lender.give_back(permit)
 
     def _roots(self) -> list[str]:
         return sorted(self._call(lambda: self._client.smembers(self._roots_key)))

@@ -151,3 +151,28 @@ def test_a_one_connection_cluster_store_still_takes_turns(redis_cluster_url: str
     authority.set_budget(Budget("tenant:one", "calls", 10**9))
     assert _crowd(authority, "tenant:one", threads=4, lifecycles=20) == []
     authority.close()
+
+
+def test_a_burst_of_new_tenants_on_a_cluster_takes_turns_too(redis_cluster_url: str) -> None:
+    # Each new tenant's first budget registers it (SADD on the registry's node): 100 at once on a
+    # 4-connection pool failed 96 times with MaxConnectionsError before they took turns.
+    authority = Authority(_url(redis_cluster_url, 4))
+    store = authority.store
+    assert isinstance(store, RedisStore)
+
+    async def main() -> list[str]:
+        failed: list[str] = []
+
+        async def provision(n: int) -> None:
+            try:
+                await authority.aset_budget(Budget(f"tenant:burst{n}", "calls", 10))
+            except Exception as error:  # counted, not raised
+                failed.append(repr(error))
+
+        await asyncio.gather(*(provision(n) for n in range(100)))
+        await store.aclose()
+        return failed
+
+    assert asyncio.run(main()) == []
+    assert {f"tenant:burst{n}" for n in range(100)} <= set(store._roots())  # every one registered
+    authority.close()
