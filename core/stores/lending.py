@@ -52,19 +52,28 @@ class _Wait:
         self.handed: Any = None
 
 
-class Lender:
-    """Connections of one sync pool for ledger calls, shared by threads (see the module docstring)."""
+class _Lending:
+    """What both lenders keep. On a cluster a store lends turns per node, not connections (the
+    cluster client picks the node's connection itself): ``by_node`` holds those lenders, by node."""
 
     def __init__(self, limit: int, keep: int, wait: float) -> None:
         self.direct = limit < 1
         self.limit = limit
         self.keep = keep
         self.wait = wait
-        self._lock = threading.Lock()
         self._idle: deque[Any] = deque()
-        self._waits: deque[_Wait] = deque()
         self._taken = 0  # connections taken from the pool and not given back (in use or kept)
         self._in_pool = 0  # callers waiting in the pool itself
+        self.by_node: dict[str, Any] = {}
+
+
+class Lender(_Lending):
+    """Connections of one sync pool for ledger calls, shared by threads (see the module docstring)."""
+
+    def __init__(self, limit: int, keep: int, wait: float) -> None:
+        super().__init__(limit, keep, wait)
+        self._lock = threading.Lock()
+        self._waits: deque[_Wait] = deque()
 
     def borrow(self, pool: Any) -> tuple[Any, bool]:
         """A connection, and whether it was used before (kept or handed over: check it before use)."""
@@ -151,20 +160,12 @@ def _expire(waiting: asyncio.Future[Any]) -> None:
         waiting.set_result(_EXPIRED)
 
 
-class AsyncLender:
+class AsyncLender(_Lending):
     """The same for the tasks of one event loop (no lock: nothing here awaits between look and act)."""
 
     def __init__(self, limit: int, keep: int, wait: float) -> None:
-        self.direct = limit < 1
-        self.limit = limit
-        self.keep = keep
-        self.wait = wait
-        self._idle: deque[Any] = deque()
+        super().__init__(limit, keep, wait)
         self._waits: deque[asyncio.Future[Any]] = deque()
-        self._taken = 0
-        self._in_pool = 0
-        # A cluster's ledger calls take turns per node: the lenders of this loop's nodes, by name.
-        self.by_node: dict[str, AsyncLender] = {}
 
     async def borrow(self, pool: Any) -> tuple[Any, bool]:
         """A connection, and whether it was used before (kept or handed over: check it before use)."""

@@ -219,7 +219,6 @@ def _forget_parent_connections() -> None:
     themselves the same way), and the store's locks may be held by threads that do not exist here."""
     for store in list(_STORES):
         store._lender = store._new_lender()
-        store._node_lenders = {}
         # A lock another thread of the parent held at the fork stays held in the child, forever.
         store._sync_lock = threading.Lock()
         store._async_lock = threading.Lock()
@@ -455,8 +454,7 @@ class RedisStore(Store):
         self._in_doubt: set[str] = set()
         self._in_doubt_lock = threading.Lock()
         # Connections of the sync pool lent to ledger calls (see _evalsha); a forked child drops them.
-        self._lender = self._new_lender()
-        self._node_lenders: dict[str, Lender] = {}  # a cluster's: one per node (see _node_lender)
+        self._lender = self._new_lender()  # (on a cluster, its lenders of turns per node: see _in_turn)
         _STORES.add(self)
         self._sync: tuple[Any, dict[str, Any]] | None = None  # built on first use: a cluster client connects
         self._sync_lock = threading.Lock()
@@ -546,6 +544,30 @@ class RedisStore(Store):
             lender = lenders.setdefault(name, self._new_lender(asynchronous=asynchronous))
         return lender
 
+    def _in_turn(self, client: Any, key: str, command: Callable[[], _T]) -> _T:
+        """``command()``; on a cluster in a turn on the node serving ``key``. The cluster client's
+        per-node pools refuse a call beyond max_connections at once (MaxConnectionsError) instead
+        of waiting: calls take turns first, fewer at once than a node's pool holds."""
+        if not self.cluster:
+            return command()
+        lender = self._node_lender(client, key, self._lender.by_node, asynchronous=False)
+        permit, _ = lender.borrow(_PERMITS)
+        try:
+            return command()
+        finally:
+            lender.give_back(_PERMITS, permit)
+
+    async def _ain_turn(self, client: Any, lender: AsyncLender, key: str, command: Callable[[], Awaitable[_T]]) -> _T:
+        """:meth:`_in_turn` for asyncio, with this loop's ``lender``."""
+        if not self.cluster:
+            return await command()
+        node_lender = self._node_lender(client, key, lender.by_node, asynchronous=True)
+        permit, _ = await node_lender.borrow(_ASYNC_PERMITS)
+        try:
+            return await command()
+        finally:
+            node_lender.give_back(permit)  # (permits need no release: nothing suspends here)
+
     def _sync_client(self) -> tuple[Any, dict[str, Any]]:
         found = self._sync
         if found is None:
@@ -593,7 +615,7 @@ class RedisStore(Store):
 
     async def _async_client(self) -> tuple[Any, dict[str, Any], AsyncLender]:
         """The asyncio client of the running loop (redis.asyncio connections belong to one loop), its
-        scripts, and the connections its ledger calls keep between calls (see :meth:`_aevalsha`).
+        scripts, and the lender of its ledger calls' connections (see :meth:`_aevalsha`).
 
         A cluster client is initialised (slots discovered) once, before any task uses it: redis-py
         replaces its startup node objects during the first discovery, and tasks already talking to
@@ -656,7 +678,6 @@ class RedisStore(Store):
                 logger.debug("could not close an asyncio Redis client", exc_info=True)
         found, self._sync = self._sync, None
         self._lender = self._new_lender()  # the pool's close below disconnects them all
-        self._node_lenders = {}
         if found is None:
             return
         client = found[0]
@@ -719,18 +740,16 @@ class RedisStore(Store):
         if self.cluster:
             # Not redis-py's Script: on NOSCRIPT it loads the script on every primary, so one master
             # down would fail the calls of tenants on the healthy ones. EVAL runs (and caches) the
-            # script on the tenant's own node only. The cluster client's per-node pools refuse a call
-            # beyond max_connections at once (MaxConnectionsError) instead of waiting: calls take a
-            # turn from the lender first, which lets fewer run at once than any node's pool holds.
+            # script on the tenant's own node only. In a turn on that node (see _in_turn).
             keys = self._keys(root)
-            lender = self._node_lender(client, keys[0], self._node_lenders, asynchronous=False)
-            permit, _ = lender.borrow(_PERMITS)
-            try:
-                return client.evalsha(script.sha, len(keys), *keys, *args)
-            except redis.exceptions.NoScriptError:
-                return client.eval(script.script, len(keys), *keys, *args)
-            finally:
-                lender.give_back(_PERMITS, permit)
+
+            def run() -> Any:
+                try:
+                    return client.evalsha(script.sha, len(keys), *keys, *args)
+                except redis.exceptions.NoScriptError:
+                    return client.eval(script.script, len(keys), *keys, *args)
+
+            return self._in_turn(client, keys[0], run)
         body = b"".join(map(_bulk, args))
         count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))  # EVALSHA, sha, numkeys, the keys, the arguments
         # A connection lent by the store (kept between calls, handed from caller to caller in turn:
@@ -808,14 +827,14 @@ class RedisStore(Store):
         the pool under a contended lock is finished by :func:`_arelease`."""
         if self.cluster:  # see _evalsha: EVAL on the tenant's node, never a load on every primary; a turn first
             keys = self._keys(root)
-            node_lender = self._node_lender(client, keys[0], lender.by_node, asynchronous=True)
-            permit, _ = await node_lender.borrow(_ASYNC_PERMITS)
-            try:
-                return await client.evalsha(script.sha, len(keys), *keys, *args)
-            except redis.exceptions.NoScriptError:
-                return await client.eval(script.script, len(keys), *keys, *args)
-            finally:
-                node_lender.give_back(permit)  # (permits need no release: nothing suspends here)
+
+            async def run() -> Any:
+                try:
+                    return await client.evalsha(script.sha, len(keys), *keys, *args)
+                except redis.exceptions.NoScriptError:
+                    return await client.eval(script.script, len(keys), *keys, *args)
+
+            return await self._ain_turn(client, lender, keys[0], run)
         body = b"".join(map(_bulk, args))
         count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))
         pool = client.connection_pool
@@ -963,7 +982,7 @@ class RedisStore(Store):
     def _register(self, root: str, required: bool = True) -> None:
         if self._register_now(root, required):
             try:
-                self._call(lambda: self._in_turn(lambda client: client.sadd(self._roots_key, root)))
+                self._call(lambda: self._register_in_turn(self._client, root))
             except StoreUnavailable:
                 if self._skip_registration(required):
                     return
@@ -974,36 +993,18 @@ class RedisStore(Store):
         if self._register_now(root, required):
             try:
                 client, _, lender = await self._async_client()
-                await self._acall(lambda: self._ain_turn(client, lender, lambda: client.sadd(self._roots_key, root)))
+                await self._acall(
+                    lambda: self._ain_turn(client, lender, self._roots_key, lambda: client.sadd(self._roots_key, root))
+                )
             except StoreUnavailable:
                 if self._skip_registration(required):
                     return
                 raise
             self._known_roots.add(root)
 
-    def _in_turn(self, command: Callable[[Any], _T]) -> _T:
-        """``command(client)`` for the tenants registry; on a cluster in a turn on the registry's node
-        (see _node_lender): a burst of new tenants' budgets would otherwise exhaust that node's
-        pool, whose client refuses the rest at once."""
-        client = self._client
-        if not self.cluster:
-            return command(client)
-        lender = self._node_lender(client, self._roots_key, self._node_lenders, asynchronous=False)
-        permit, _ = lender.borrow(_PERMITS)
-        try:
-            return command(client)
-        finally:
-            lender.give_back(_PERMITS, permit)
-
-    async def _ain_turn(self, client: Any, lender: AsyncLender, command: Callable[[], Awaitable[_T]]) -> _T:
-        if not self.cluster:
-            return await command()
-        node_lender = self._node_lender(client, self._roots_key, lender.by_node, asynchronous=True)
-        permit, _ = await node_lender.borrow(_ASYNC_PERMITS)
-        try:
-            return await command()
-        finally:
-            node_lender.give_back(permit)
+    def _register_in_turn(self, client: Any, root: str) -> Any:
+        """SADD to the tenants registry, in a turn on its node on a cluster (see _in_turn)."""
+        return self._in_turn(client, self._roots_key, lambda: client.sadd(self._roots_key, root))
 
     def _roots(self) -> list[str]:
         return sorted(self._call(lambda: self._client.smembers(self._roots_key)))
