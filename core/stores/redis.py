@@ -894,15 +894,22 @@ class RedisStore(Store):
             await self._acheck_eviction(client)
         return reply
 
-    def _call(self, command: Callable[[], _T]) -> _T:
+    def _keyed(self, key: str, command: Callable[[Any], _T]) -> _T:
+        """``command(client)``, one plain command on ``key`` (not a ledger script): on a cluster in a
+        turn on the node serving ``key``, as every call there must take one (see _in_turn: a policy
+        read or a listing beside busy ledger calls was refused MaxConnectionsError); every failure
+        is StoreUnavailable."""
         try:
-            return command()
+            client = self._client
+            return self._in_turn(client, key, lambda: command(client))
         except _ERRORS as error:
             raise _unavailable(error) from error
 
-    async def _acall(self, command: Callable[[], Awaitable[_T]]) -> _T:
+    async def _akeyed(self, key: str, command: Callable[[Any], Awaitable[_T]]) -> _T:
+        """:meth:`_keyed` for asyncio."""
+        client, _, lender = await self._async_client()
         try:
-            return await command()
+            return await self._ain_turn(client, lender, key, lambda: command(client))
         except _ERRORS as error:
             raise _unavailable(error) from error
 
@@ -982,7 +989,7 @@ class RedisStore(Store):
     def _register(self, root: str, required: bool = True) -> None:
         if self._register_now(root, required):
             try:
-                self._call(lambda: self._register_in_turn(self._client, root))
+                self._keyed(self._roots_key, lambda client: client.sadd(self._roots_key, root))
             except StoreUnavailable:
                 if self._skip_registration(required):
                     return
@@ -992,22 +999,15 @@ class RedisStore(Store):
     async def _aregister(self, root: str, required: bool = True) -> None:
         if self._register_now(root, required):
             try:
-                client, _, lender = await self._async_client()
-                await self._acall(
-                    lambda: self._ain_turn(client, lender, self._roots_key, lambda: client.sadd(self._roots_key, root))
-                )
+                await self._akeyed(self._roots_key, lambda client: client.sadd(self._roots_key, root))
             except StoreUnavailable:
                 if self._skip_registration(required):
                     return
                 raise
             self._known_roots.add(root)
 
-    def _register_in_turn(self, client: Any, root: str) -> Any:
-        """SADD to the tenants registry, in a turn on its node on a cluster (see _in_turn)."""
-        return self._in_turn(client, self._roots_key, lambda: client.sadd(self._roots_key, root))
-
     def _roots(self) -> list[str]:
-        return sorted(self._call(lambda: self._client.smembers(self._roots_key)))
+        return sorted(self._keyed(self._roots_key, lambda client: client.smembers(self._roots_key)))
 
     # --- reservations ----------------------------------------------------------------------------
     def _hold_args(self, request: HoldRequest) -> list[str]:
@@ -1199,24 +1199,22 @@ class RedisStore(Store):
 
     def policy(self) -> tuple[int, str | None]:
         key = self._keys(_GLOBAL_ROOT)[0]
-        version, document = self._call(lambda: self._client.hmget(key, ["version", "document"]))
+        version, document = self._keyed(key, lambda client: client.hmget(key, ["version", "document"]))
         return (int(version), document) if version else (0, None)
 
     def policy_version(self) -> int:
         key = self._keys(_GLOBAL_ROOT)[0]
-        version = self._call(lambda: self._client.hget(key, "version"))
+        version = self._keyed(key, lambda client: client.hget(key, "version"))
         return int(version) if version else 0
 
     async def apolicy(self) -> tuple[int, str | None]:
-        client = (await self._async_client())[0]
         key = self._keys(_GLOBAL_ROOT)[0]
-        version, document = await self._acall(lambda: client.hmget(key, ["version", "document"]))
+        version, document = await self._akeyed(key, lambda client: client.hmget(key, ["version", "document"]))
         return (int(version), document) if version else (0, None)
 
     async def apolicy_version(self) -> int:
-        client = (await self._async_client())[0]
         key = self._keys(_GLOBAL_ROOT)[0]
-        version = await self._acall(lambda: client.hget(key, "version"))
+        version = await self._akeyed(key, lambda client: client.hget(key, "version"))
         return int(version) if version else 0
 
     def _remove_args(self, scope: str, unit: str, period: str, now: float) -> list[str]:
@@ -1306,10 +1304,10 @@ class RedisStore(Store):
         key = self._keys(root)[3]  # the audit stream
         start = "-" if after <= 0 else "(" + _stream_id(after)
         if before is None:
-            entries = self._call(lambda: self._client.xrange(key, min=start, max="+", count=count))
+            entries = self._keyed(key, lambda client: client.xrange(key, min=start, max="+", count=count))
         else:
             end = "+" if before <= 0 else "(" + _stream_id(before)
-            entries = self._call(lambda: self._client.xrevrange(key, max=end, min=start, count=count))
+            entries = self._keyed(key, lambda client: client.xrevrange(key, max=end, min=start, count=count))
         events = []
         for stream_id, fields in entries:
             token = fields.get("r", "")

@@ -861,6 +861,9 @@ def test_cluster_scripts_load_on_the_tenants_node_only(redis_cluster_url: str, f
     others = [node for node in raw.get_primaries() if owner.name != node.name and str(node.port) != startup]
     for node in raw.get_primaries():
         raw.get_redis_connection(node).script_flush()
+    # A running process: it has read the policy (its key may live on the master hung below; a process
+    # that has not read it yet fails closed until it can: test_policy's first-read tests).
+    authority.current_policy()
     hung = _pause((others[0].host, others[0].port), 3000, "ALL")
     try:
         action = Action("step", "s", {"calls": 1})
@@ -1057,8 +1060,8 @@ def test_cluster_reserves_go_on_with_the_node_of_the_tenant_set_down(redis_clust
         worker_store = worker.store
         assert isinstance(worker_store, RedisStore) and tenant not in worker_store._known_roots
         tried: list[object] = []
-        real_call = worker_store._call
-        worker_store._call = lambda command: tried.append(command) or real_call(command)  # type: ignore[method-assign]
+        real_call = worker_store._keyed
+        worker_store._keyed = lambda key, command: tried.append(key) or real_call(key, command)  # type: ignore[method-assign]
         assert worker.reserve(Action("step", "s", {"calls": 1}), f"{tenant}/run:1").allowed
         assert not tried  # not waiting on the hung node again right away: retried a few seconds later
     finally:
