@@ -543,15 +543,22 @@ class Authority:
         action: Action,
         scope: Scope,
         plans: tuple[Plan, ...] | None,
+        policy_unread: bool = False,
     ) -> Decision:
+        """Store trouble as a decision: fail closed, or open within the emergency cap where configured.
+        ``policy_unread``: the store's policy could not be read (this process has not read it yet), so
+        a risky action is never failed open — it may need an allow rule that policy would give."""
         if isinstance(error, ClockSkew):  # never failed open: this worker's holds could be reclaimed early
             return _clock_skew(error, action, scope)
         fail_open = self._fail_open
+        if policy_unread and action.risk not in (None, "read"):
+            fail_open = False
         if fail_open is not True and not (
             isinstance(fail_open, tuple) and any(scope.is_within(prefix) for prefix in fail_open)
         ):
             logger.warning("clearance store unavailable, denying %s at %s: %s", action.label, scope.path, error)
-            reason = Reason("store_unavailable", f"store unavailable, failing closed: {error}", scope.path)
+            what = "store unavailable (reading its policy)" if policy_unread else "store unavailable"
+            reason = Reason("store_unavailable", f"{what}, failing closed: {error}", scope.path)
             return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_CLOSED)
         key = request.idempotency_key
         steps, caps = _chosen(action, plans, 0)
@@ -665,16 +672,21 @@ class Authority:
         """Async twin of :meth:`current_policy`."""
         return await self._arun(self._policy_flow())
 
-    def _policy_flow(self) -> Generator[_Op, Any, Policy | None]:
+    def _policy_flow(self, required: bool = False) -> Generator[_Op, Any, Policy | None]:
+        """The policy in force, read again when its refresh is due. Until this process has read the
+        store's policy once, every caller reads it (no decision is made as if there were none while
+        the first read is under way), and with ``required`` (a decision) a failed first read raises
+        StoreUnavailable: that decision is store trouble, not one made without the policy."""
         if self._fixed_policy is not None:
             return self._fixed_policy
         checked = time.monotonic()
-        if checked - self._policy_checked < self._policy_refresh:
+        known = self._policy_known
+        if known and checked - self._policy_checked < self._policy_refresh:
             return self._policy
-        self._policy_checked = checked
+        if known:
+            self._policy_checked = checked  # the others keep the known policy while this one reads
         try:
             version = yield ("policy_version", ())
-            self._policy_known = True
             if version != self._policy_version:
                 version, text = yield ("policy", ())
                 document = PolicyDocument.loads(text, "json") if text else None
@@ -683,9 +695,15 @@ class Authority:
                 else:
                     self._policy = None
                 self._policy_version = version
+            if not known:  # only now, the policy in place: the others may rely on it from here on
+                self._policy_checked = max(self._policy_checked, checked)
+                self._policy_known = True
         except NotImplementedError:
             self._policy_refresh = math.inf  # this store keeps no policies: stop asking
+            self._policy_known = True
         except StoreUnavailable as error:
+            if not known and required:
+                raise
             # With the store hung every call would first wait out a timeout here (each then outlasts
             # policy_refresh), on top of its own: once this process knows a policy version, it keeps
             # that one for a while. Never before it has read one (it must learn the policy), and not
@@ -707,7 +725,10 @@ class Authority:
         proposal: Proposal | None = None
         policy: Policy | None = None
         if plans is None:
-            policy = yield from self._policy_flow()
+            try:
+                policy = yield from self._policy_flow(required=True)
+            except StoreUnavailable as error:
+                return self._unavailable(error, request, checked, parsed, chosen, policy_unread=True)
             # An empty policy changes nothing for plain actions, but risk classes still need its
             # allow rules: a policy in force governs risk whatever else it says.
             if policy is not None and (not policy.empty or checked.risk not in (None, "read")):
@@ -926,7 +947,9 @@ class Authority:
         ``idempotency_key`` returns the same reservation.
         """
         if plans is None and (
-            self._policy is not None or time.monotonic() - self._policy_checked >= self._policy_refresh
+            self._policy is not None
+            or not self._policy_known
+            or time.monotonic() - self._policy_checked >= self._policy_refresh
         ):
             return self._run(self._reserve_flow(action, scope, plans, ttl, idempotency_key))
         request, checked, parsed, chosen = self._request(action, scope, plans, ttl, idempotency_key)

@@ -394,3 +394,81 @@ def test_example_policies_are_valid(path: Path) -> None:
     document = PolicyDocument.load(path)
     Policy(document)  # builds
     assert document == PolicyDocument.loads(document.to_json(), "json")  # survives storage
+
+
+def test_no_decision_skips_a_policy_another_thread_is_still_reading() -> None:
+    """A new process's first decisions all wait for the store's policy: while one thread's first
+    read is under way, another's decision must not be made as if there were no policy (a payment
+    that needs an allow rule went through)."""
+    import threading
+
+    from clearance.stores.memory import MemoryStore
+
+    first_read_started, let_it_finish = threading.Event(), threading.Event()
+
+    class SlowFirstRead(MemoryStore):
+        reads = 0
+
+        def policy_version(self) -> int:
+            SlowFirstRead.reads += 1
+            if SlowFirstRead.reads == 1:
+                first_read_started.set()
+                assert let_it_finish.wait(10)
+            return super().policy_version()
+
+    store = SlowFirstRead()
+    Authority(store).apply_policy(PolicyDocument.parse({}))  # in force: risk needs an allow rule
+    worker = Authority(store)
+    worker.set_budget(Budget("tenant:acme", "usd", 10))
+    pay = Action("side_effect", "charge_card", {"usd": 1}, risk="payment")
+    decisions: list[object] = []
+    SlowFirstRead.reads = 0
+    first = threading.Thread(target=lambda: decisions.append(worker.reserve(pay, RUN)))
+    first.start()
+    assert first_read_started.wait(10)
+    try:
+        second = worker.reserve(pay, RUN)
+    finally:
+        let_it_finish.set()
+        first.join(10)
+    assert second.denied and second.reasons[0].code == "risk_not_allowed"
+    assert [d.reasons[0].code for d in decisions] == ["risk_not_allowed"]  # type: ignore[attr-defined]
+    assert worker.balance("tenant:acme")["usd"].held == 0
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_a_failed_first_policy_read_is_store_trouble_not_no_policy(fail_open: bool) -> None:
+    """Until a process has read the store's policy once, a decision whose policy read fails is store
+    trouble (fail closed; with fail_open, plain actions fail open but risky ones never do) — not a
+    decision made without the policy, then or for the next policy_refresh seconds."""
+    from clearance import StoreUnavailable
+    from clearance.stores.memory import MemoryStore
+
+    class FirstReadFails(MemoryStore):
+        failures = 1
+
+        def policy_version(self) -> int:
+            if FirstReadFails.failures > 0:
+                FirstReadFails.failures -= 1
+                raise StoreUnavailable("policy key unreachable (test)")
+            return super().policy_version()
+
+    store = FirstReadFails()
+    Authority(store).apply_policy(PolicyDocument.parse({}))
+    worker = Authority(store, fail_open=fail_open, policy_refresh=60)
+    worker.set_budget(Budget("tenant:acme", "usd", 10))
+    pay = Action("side_effect", "charge_card", {"usd": 1}, risk="payment")
+    plain = Action("step", "plain", {"usd": 1})
+    FirstReadFails.failures = 2
+    denied = worker.reserve(pay, RUN)
+    assert denied.denied and denied.mode is Mode.FAIL_CLOSED
+    assert denied.reasons[0].code == "store_unavailable" and "policy" in denied.reasons[0].message
+    during = worker.reserve(plain, RUN)
+    if fail_open:
+        assert during.allowed and during.mode is Mode.FAIL_OPEN
+    else:
+        assert during.denied and during.reasons[0].code == "store_unavailable"
+    assert worker.balance("tenant:acme")["usd"].held == 0  # nothing held in the ledger meanwhile
+    after = worker.reserve(pay, RUN)  # the store answers again: the policy is read and applies
+    assert after.denied and after.reasons[0].code == "risk_not_allowed"
+    assert worker.reserve(plain, RUN).allowed
