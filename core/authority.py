@@ -432,6 +432,7 @@ class Authority:
         self._policy_version = 0
         self._policy_checked = -math.inf
         self._policy_known = False  # a policy version has been read from the store
+        self._policy_resets = 0  # apply_policy's "read it again now": a read under way must not undo it
         self._policy_refresh = float(policy_refresh)
         self._ensured: dict[tuple[str, str, str], None] = {}
 
@@ -547,11 +548,12 @@ class Authority:
     ) -> Decision:
         """Store trouble as a decision: fail closed, or open within the emergency cap where configured.
         ``policy_unread``: the store's policy could not be read (this process has not read it yet), so
-        a risky action is never failed open — it may need an allow rule that policy would give."""
+        a risky action is never failed open (it may need an allow rule that policy would give), nor
+        is any action with code ``rules`` (they apply on top of a policy this process cannot know)."""
         if isinstance(error, ClockSkew):  # never failed open: this worker's holds could be reclaimed early
             return _clock_skew(error, action, scope)
         fail_open = self._fail_open
-        if policy_unread and action.risk not in (None, "read"):
+        if policy_unread and (action.risk not in (None, "read") or self._rules):
             fail_open = False
         if fail_open is not True and not (
             isinstance(fail_open, tuple) and any(scope.is_within(prefix) for prefix in fail_open)
@@ -644,6 +646,7 @@ class Authority:
         for budget in self._policy_budgets(document):
             self.set_budget(budget)
         version = self.store.put_policy(document.to_json(), self.clock())
+        self._policy_resets += 1
         self._policy_checked = -math.inf  # this process sees it on its very next decision
         return version
 
@@ -652,6 +655,7 @@ class Authority:
         for budget in self._policy_budgets(document):
             await self.aset_budget(budget)
         version = await self.store.aput_policy(document.to_json(), self.clock())
+        self._policy_resets += 1
         self._policy_checked = -math.inf
         return version
 
@@ -665,12 +669,14 @@ class Authority:
         return budgets
 
     def current_policy(self) -> Policy | None:
-        """The policy decisions use now (refreshing it from the store if it is due)."""
-        return self._run(self._policy_flow())
+        """The policy decisions use now (refreshing it from the store if it is due); ``None`` when
+        none is in force. Raises StoreUnavailable while this process has not been able to read the
+        store's policy yet (decisions are denied then: see docs/policies.md)."""
+        return self._run(self._policy_flow(required=True))
 
     async def acurrent_policy(self) -> Policy | None:
         """Async twin of :meth:`current_policy`."""
-        return await self._arun(self._policy_flow())
+        return await self._arun(self._policy_flow(required=True))
 
     def _policy_flow(self, required: bool = False) -> Generator[_Op, Any, Policy | None]:
         """The policy in force, read again when its refresh is due. Until this process has read the
@@ -681,6 +687,7 @@ class Authority:
             return self._fixed_policy
         checked = time.monotonic()
         known = self._policy_known
+        resets = self._policy_resets
         if known and checked - self._policy_checked < self._policy_refresh:
             return self._policy
         if known:
@@ -696,13 +703,15 @@ class Authority:
                     self._policy = None
                 self._policy_version = version
             if not known:  # only now, the policy in place: the others may rely on it from here on
-                self._policy_checked = max(self._policy_checked, checked)
+                if self._policy_resets == resets:  # (else apply_policy asked for a fresh read meanwhile)
+                    self._policy_checked = max(self._policy_checked, checked)
                 self._policy_known = True
         except NotImplementedError:
             self._policy_refresh = math.inf  # this store keeps no policies: stop asking
+            self._policy_checked = checked
             self._policy_known = True
         except StoreUnavailable as error:
-            if not known and required:
+            if required and not self._policy_known:  # (another thread may have read it meanwhile)
                 raise
             # With the store hung every call would first wait out a timeout here (each then outlasts
             # policy_refresh), on top of its own: once this process knows a policy version, it keeps
@@ -946,10 +955,9 @@ class Authority:
         amounts are held). A denial is a Decision, not an exception. Retrying with the same
         ``idempotency_key`` returns the same reservation.
         """
+        known = self._policy_known  # read first: _policy_flow sets _policy before it
         if plans is None and (
-            self._policy is not None
-            or not self._policy_known
-            or time.monotonic() - self._policy_checked >= self._policy_refresh
+            not known or self._policy is not None or time.monotonic() - self._policy_checked >= self._policy_refresh
         ):
             return self._run(self._reserve_flow(action, scope, plans, ttl, idempotency_key))
         request, checked, parsed, chosen = self._request(action, scope, plans, ttl, idempotency_key)

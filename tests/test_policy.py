@@ -472,3 +472,65 @@ def test_a_failed_first_policy_read_is_store_trouble_not_no_policy(fail_open: bo
     after = worker.reserve(pay, RUN)  # the store answers again: the policy is read and applies
     assert after.denied and after.reasons[0].code == "risk_not_allowed"
     assert worker.reserve(plain, RUN).allowed
+
+
+def test_apply_policy_during_the_first_read_is_seen_by_the_next_decision() -> None:
+    """apply_policy asks this process to read the policy again on its next decision; a first read
+    that was under way (and got the version before) must not undo that for policy_refresh seconds."""
+    import threading
+
+    from clearance.stores.memory import MemoryStore
+
+    got_version, go_on = threading.Event(), threading.Event()
+
+    class SlowRead(MemoryStore):
+        slow = False
+
+        def policy_version(self) -> int:
+            version = super().policy_version()
+            if SlowRead.slow:
+                SlowRead.slow = False
+                got_version.set()
+                assert go_on.wait(10)
+            return version
+
+    authority = Authority(SlowRead(), policy_refresh=60)
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    pay = Action("side_effect", "charge_card", {"usd": 1}, risk="payment")
+    SlowRead.slow = True
+    first = threading.Thread(target=authority.reserve, args=(pay, RUN))
+    first.start()
+    assert got_version.wait(10)
+    try:
+        authority.apply_policy(PolicyDocument.parse({}))  # in force now: risk needs an allow rule
+    finally:
+        go_on.set()
+        first.join(10)
+    denied = authority.reserve(pay, RUN)
+    assert denied.denied and denied.reasons[0].code == "risk_not_allowed"
+
+
+def test_code_rules_are_never_skipped_by_failing_open_before_the_policy_is_read() -> None:
+    """Code rules apply on top of the store's policy; with that policy unread (its first read
+    failed) a decision cannot apply them as they would be: fail closed even with fail_open. And
+    current_policy() says the policy is unknown rather than answering 'none'."""
+    from clearance import StoreUnavailable
+    from clearance.stores.memory import MemoryStore
+
+    class ReadFails(MemoryStore):
+        def policy_version(self) -> int:
+            raise StoreUnavailable("policy key unreachable (test)")
+
+    def no_plain_steps(action: Action, scope: object, proposal: object) -> None:
+        from clearance.decision import Reason
+
+        if action.name == "plain":
+            proposal.deny = Reason("custom", "no plain steps", scope.path)  # type: ignore[attr-defined]
+
+    authority = Authority(ReadFails(), fail_open=True, rules=[no_plain_steps])
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    decision = authority.reserve(Action("step", "plain", {"usd": 1}), RUN)
+    assert decision.denied and decision.mode is Mode.FAIL_CLOSED
+    assert decision.reasons[0].code == "store_unavailable"
+    with pytest.raises(StoreUnavailable):
+        authority.current_policy()
