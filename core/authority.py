@@ -111,6 +111,11 @@ def _events_query(after: object, limit: object, scope: str | Scope | None) -> st
     return None if scope is None else parse_scope(scope).path
 
 
+class _PolicyUnreadable(StoreUnavailable):
+    """The store holds a policy this worker cannot parse (written by another version of clearance):
+    decisions fail closed, never open, until it can read one."""
+
+
 _POLICY_RETRY = 10.0  # seconds before a failed policy refresh is tried again
 
 _SETTLING: set[asyncio.Future[Any]] = set()  # strong references to settles finishing after a cancel
@@ -433,6 +438,8 @@ class Authority:
         self._policy_checked = -math.inf
         self._policy_known = False  # a policy version has been read from the store
         self._policy_resets = 0  # apply_policy's "read it again now": a read under way must not undo it
+        self._policy_lock = threading.Lock()  # installs a policy read: never an older one over a newer
+        self._policy_unreadable: tuple[int, str] | None = None  # a stored version this worker cannot parse
         self._policy_refresh = float(policy_refresh)
         self._ensured: dict[tuple[str, str, str], None] = {}
 
@@ -553,7 +560,7 @@ class Authority:
         if isinstance(error, ClockSkew):  # never failed open: this worker's holds could be reclaimed early
             return _clock_skew(error, action, scope)
         fail_open = self._fail_open
-        if policy_unread and (action.risk not in (None, "read") or self._rules):
+        if policy_unread and (action.risk not in (None, "read") or self._rules or isinstance(error, _PolicyUnreadable)):
             fail_open = False
         if fail_open is not True and not (
             isinstance(fail_open, tuple) and any(scope.is_within(prefix) for prefix in fail_open)
@@ -688,20 +695,31 @@ class Authority:
         checked = time.monotonic()
         known = self._policy_known
         resets = self._policy_resets
+        seen = self._policy_version
         if known and checked - self._policy_checked < self._policy_refresh:
             return self._policy
         if known:
             self._policy_checked = checked  # the others keep the known policy while this one reads
         try:
             version = yield ("policy_version", ())
-            if version != self._policy_version:
+            if version != seen and (self._policy_unreadable is None or self._policy_unreadable[0] != version):
                 version, text = yield ("policy", ())
-                document = PolicyDocument.loads(text, "json") if text else None
-                if document is not None or self._rules:
-                    self._policy = Policy(document, rules=self._rules, version=version)
+                try:
+                    document = PolicyDocument.loads(text, "json") if text else None
+                    policy = Policy(document, rules=self._rules, version=version) if document or self._rules else None
+                except InvalidRequest as error:
+                    # Stored by another version of clearance (a rolling upgrade), say: keep deciding
+                    # with the policy this process knows; with none known, decisions fail closed.
+                    self._policy_unreadable = (version, str(error))
+                    logger.error("clearance: cannot read the store's policy version %s: %s", version, error)
                 else:
-                    self._policy = None
-                self._policy_version = version
+                    with self._policy_lock:  # another thread may have installed a newer one meanwhile
+                        if self._policy_version == seen:
+                            self._policy, self._policy_version = policy, version
+                            self._policy_unreadable = None
+            unreadable = self._policy_unreadable
+            if unreadable is not None and unreadable[0] == version and not self._policy_known:
+                raise _PolicyUnreadable(f"the store's policy version {unreadable[0]} cannot be read: {unreadable[1]}")
             if not known:  # only now, the policy in place: the others may rely on it from here on
                 if self._policy_resets == resets:  # (else apply_policy asked for a fresh read meanwhile)
                     self._policy_checked = max(self._policy_checked, checked)
@@ -747,8 +765,11 @@ class Authority:
                         checked, parsed, proposal.plans, ttl, key, proposal.probes
                     )
         if proposal is not None:
-            for template in proposal.templates:
-                yield from self._ensure_flow(template)
+            try:  # the per-run budgets this decision must count against: none may be skipped
+                for template in proposal.templates:
+                    yield from self._ensure_flow(template)
+            except StoreUnavailable as error:
+                return self._unavailable(error, request, checked, parsed, chosen)
         if proposal is not None and proposal.deny is not None:
             decision = Decision(Outcome.DENY, parsed.path, checked.label, reasons=(proposal.deny, *proposal.notes))
         elif key is not None and (local := self._local_replay(request, checked, parsed, chosen)) is not None:
@@ -765,7 +786,7 @@ class Authority:
                 decision = self._decide(result, checked, parsed, chosen, request.now)
                 if proposal is not None and policy is not None:
                     decision = yield from self._refine_flow(
-                        decision, result, proposal, policy, checked, parsed, ttl, key
+                        decision, result, proposal, policy, checked, parsed, chosen, ttl, key
                     )
         if proposal is not None and proposal.shadow and (decision.denied or decision.caps is not None):
             decision = yield from self._shadow_flow(decision, checked, parsed, ttl, key)
@@ -827,8 +848,6 @@ class Authority:
             yield ("ensure_budget", (scope, unit, period, limit, self.clock()))
         except NotImplementedError:
             logger.warning("clearance: %s cannot create per-run budgets; %s is not counted", self.store.url, unit)
-        except StoreUnavailable:
-            return  # the hold that follows meets the same trouble and turns it into a decision
         if len(self._ensured) > 100_000:
             self._ensured.clear()
         self._ensured[(scope, unit, period)] = None
@@ -841,10 +860,12 @@ class Authority:
         policy: Policy,
         action: Action,
         scope: Scope,
+        plans: tuple[Plan, ...] | None,
         ttl: float | None,
         key: str | None,
     ) -> Generator[_Op, Any, Decision]:
-        """After the store decided: the output cap when nothing fit, and the tool caps."""
+        """After the store decided: the output cap when nothing fit, and the tool caps. ``plans``:
+        the ones the store was asked to hold (a replay is matched against them and the capped one)."""
         notes = tuple(proposal.notes)
         if decision.denied and proposal.output_retry is not None:
             plan = policy.output_cap_plan(proposal.output_retry, accounts_of(result.accounts))
@@ -854,6 +875,8 @@ class Authority:
                     retried: HoldResult = yield ("hold", (request,))
                 except StoreUnavailable as error:
                     return self._unavailable(error, request, action, scope, chosen)
+                if retried.replayed:  # the same idempotency key held meanwhile (a concurrent retry)
+                    return (yield from self._replay_flow(retried, action, scope, plans, proposal.output_retry))
                 second = self._decide(retried, action, scope, chosen, request.now)
                 if second.allowed:
                     assert plan.caps is not None
@@ -893,8 +916,11 @@ class Authority:
         # No idempotency key: it names the would-be reservation, released just below.
         request, _, _, chosen = self._request(action, scope, [Plan({}, rule="shadow")], ttl, None)
         try:
-            if would_be.reservation is not None and not would_be.reservation.local:
-                yield ("release", (would_be.reservation.id, self.clock()))
+            if would_be.reservation is not None:
+                if would_be.reservation.local:  # a would-be made failing open: off the emergency cap
+                    self._emergency.settle(would_be.reservation.id, None, False, self.clock())
+                else:
+                    yield ("release", (would_be.reservation.id, self.clock()))
             result = yield ("hold", (request,))
         except StoreUnavailable as error:
             return self._unavailable(error, request, action, scope, chosen)

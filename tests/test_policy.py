@@ -534,3 +534,108 @@ def test_code_rules_are_never_skipped_by_failing_open_before_the_policy_is_read(
     assert decision.reasons[0].code == "store_unavailable"
     with pytest.raises(StoreUnavailable):
         authority.current_policy()
+
+
+def test_a_per_run_budget_that_cannot_be_created_is_store_trouble() -> None:
+    """calls_per_run creates each run's budget on first use; when that fails the decision is store
+    trouble, not a hold made without the budget (every tool call was allowed)."""
+    from clearance import StoreUnavailable
+    from clearance.stores.memory import MemoryStore
+
+    class EnsureFails(MemoryStore):
+        fail = True
+
+        def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
+            if EnsureFails.fail:
+                raise StoreUnavailable("registry node down (test)")
+            return super().ensure_budget(scope, unit, period, limit, now)
+
+    authority = authority_with({"tools": {"calls_per_run": 2}}, EnsureFails())  # type: ignore[arg-type]
+    denied = authority.reserve(Action.tool_call("calc"), RUN)
+    assert denied.denied and denied.reasons[0].code == "store_unavailable"
+    assert authority.budgets(RUN) == []
+    EnsureFails.fail = False
+    assert [authority.reserve(Action.tool_call("calc"), RUN).allowed for _ in range(3)] == [True, True, False]
+
+
+def test_a_stored_policy_this_worker_cannot_parse_fails_closed_and_keeps_the_last_good_one() -> None:
+    """A policy written by another version of clearance (a rolling upgrade, say): never an exception
+    out of reserve. With no policy known the decisions fail closed (even with fail_open); with one
+    known, it stays in force; a readable version later is picked up."""
+    from clearance.stores.memory import MemoryStore
+
+    store = MemoryStore()
+    store.put_policy('{"budgets": [], "new_feature": {}}', 0.0)
+    fresh = Authority(store, fail_open=True, policy_refresh=0)
+    fresh.set_budget(Budget("tenant:acme", "usd", 10))
+    for _ in range(2):
+        denied = fresh.reserve(Action("step", "s", {"usd": 1}), RUN)
+        assert denied.denied and denied.mode is Mode.FAIL_CLOSED and "cannot be read" in denied.reasons[0].message
+    store.put_policy(PolicyDocument.parse({}).to_json(), 0.0)  # readable again: risk needs an allow rule
+    pay = Action("side_effect", "charge_card", {"usd": 1}, risk="payment")
+    assert fresh.reserve(pay, RUN).reasons[0].code == "risk_not_allowed"
+    store.put_policy('{"budgets": [], "new_feature": {}}', 0.0)
+    assert fresh.reserve(pay, RUN).reasons[0].code == "risk_not_allowed"  # the last good one stays
+    assert fresh.reserve(Action("step", "s", {"usd": 1}), RUN).allowed
+
+
+def test_shadow_mode_returns_a_would_be_hold_made_failing_open_to_the_emergency_cap() -> None:
+    """Shadow mode releases the would-be hold; one made while failing open is local and must go back
+    to this process's emergency cap (it was charged for it until its TTL)."""
+    from clearance import StoreUnavailable
+    from clearance.stores.memory import MemoryStore
+
+    class DownAfterFirstHold(MemoryStore):
+        holds = 0
+
+        def hold(self, request):  # type: ignore[no-untyped-def]
+            DownAfterFirstHold.holds += 1
+            if DownAfterFirstHold.holds > 1:
+                raise StoreUnavailable("down (test)")
+            return super().hold(request)
+
+    document = {"ladders": [LADDER], "output_cap": {"floor": 100}, "shadow": ["tenant:acme"]}
+    authority = authority_with(document, DownAfterFirstHold(), fail_open=True)  # type: ignore[arg-type]
+    authority.set_budget(Budget("tenant:acme", "usd", "0.0003"))  # nothing fits: the capped retry fails open
+    decision = authority.reserve(flagship(), RUN)
+    assert decision.allowed and decision.mode is Mode.FAIL_OPEN and decision.reservation is not None
+    assert decision.reservation.amounts == {}  # shadow: the action goes ahead as asked, nothing held
+    emergency = authority._emergency
+    assert list(emergency.holds) == [decision.reservation.id]  # the would-be one is gone
+    authority.commit(decision.reservation, {"usd": "0.0003"})
+    assert not emergency.holds
+
+
+def test_an_output_cap_retry_that_meets_a_concurrent_retry_of_its_key_answers_with_that_reservation() -> None:
+    """The output-cap hold of a reserve with an idempotency key can find the key already held by a
+    concurrent retry of the same call (with another plan): the answer is that reservation, as for
+    any replay — not an IndexError, nor caps the reservation does not hold."""
+    import threading
+
+    from clearance.stores.memory import MemoryStore
+
+    key = "step-7"
+    others: list[object] = []
+
+    class ConcurrentRetry(MemoryStore):
+        holds = 0
+
+        def hold(self, request):  # type: ignore[no-untyped-def]
+            ConcurrentRetry.holds += 1
+            if ConcurrentRetry.holds == 2:  # before the output-cap hold: the budget grows, the retry runs
+                authority.set_budget(Budget("tenant:acme", "usd", "0.0006"))
+                retry = threading.Thread(
+                    target=lambda: others.append(authority.reserve(flagship(), RUN, idempotency_key=key))
+                )
+                retry.start()
+                retry.join()
+            return super().hold(request)
+
+    authority = authority_with({"ladders": [LADDER], "output_cap": {"floor": 100}}, ConcurrentRetry())  # type: ignore[arg-type]
+    authority.set_budget(Budget("tenant:acme", "usd", "0.0003"))
+    first = authority.reserve(flagship(), RUN, idempotency_key=key)
+    [retry] = others
+    assert first.reservation is not None and retry.reservation is not None  # type: ignore[attr-defined]
+    assert first.reservation.id == retry.reservation.id  # type: ignore[attr-defined]
+    assert first.caps == retry.caps == Caps(model="gpt-4.1-nano")  # type: ignore[attr-defined]
+    assert first.reservation.amounts == retry.reservation.amounts  # type: ignore[attr-defined]
