@@ -136,3 +136,51 @@ def test_opening_a_ledger_another_process_is_writing_is_not_an_error(tmp_path: P
     finally:
         writer.execute("ROLLBACK")
         writer.close()
+
+
+def test_a_cancelled_areserve_releases_the_hold_its_thread_made(tmp_path: Path) -> None:
+    """The async face runs a hold in a worker thread, which a cancelled task cannot stop: the hold
+    lands and nobody will ever see its id (``asyncio.wait_for`` around an agent step, say), so it is
+    released as it lands instead of keeping the budget until its TTL. With an idempotency key it is
+    kept: a retry with the key gets it."""
+    import asyncio
+    import threading
+    import time
+
+    entered = threading.Event()
+
+    class SlowHold(SQLiteStore):
+        def hold(self, request):  # type: ignore[no-untyped-def]
+            entered.set()
+            time.sleep(0.3)  # the transaction is under way when the task is cancelled
+            return super().hold(request)
+
+    authority = Authority(SlowHold(str(tmp_path / "ledger.db")), default_ttl=600)
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    action = Action("step", "s", {"usd": 4})
+
+    async def cancelled(key: str | None) -> None:
+        entered.clear()
+        task = asyncio.ensure_future(authority.areserve(action, CHAIN, idempotency_key=key))
+        await asyncio.to_thread(entered.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    def held_once_settled(expected: int) -> int:
+        deadline = time.monotonic() + 10  # the release runs when the hold lands, in a thread of its own
+        held = -1
+        while time.monotonic() < deadline:
+            held = int(authority.balance("tenant:acme")["usd"].held)
+            if held == expected:
+                break
+            time.sleep(0.02)
+        return held
+
+    asyncio.run(cancelled(None))
+    assert held_once_settled(0) == 0
+    asyncio.run(cancelled("step-1"))
+    assert held_once_settled(4) == 4
+    retried = authority.reserve(action, CHAIN, idempotency_key="step-1")
+    assert retried.allowed and retried.replayed
+    authority.close()

@@ -11,7 +11,9 @@ of one deployment agree on windows as far as their clocks agree.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import threading
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -27,6 +29,8 @@ from clearance.ledger import (
 )
 from clearance.periods import Windows
 from clearance.scope import parse_scope
+
+_log = logging.getLogger("clearance")
 
 DEFAULT_RETENTION = 48 * 3600.0
 """How long a settled or expired reservation is remembered (so a late commit is recorded once)."""
@@ -47,6 +51,44 @@ def root_of(reservation_id: str) -> str:
     if len(scope.chain) != 1:
         raise InvalidRequest(f"malformed reservation id {reservation_id[:80]!r}")
     return root
+
+
+class _Handoff:
+    """One hold run in a worker thread for an awaiting task, and what becomes of it if the task is
+    cancelled first: whichever of the two comes second (the hold landing, the task giving up)
+    releases it, so the release never waits on the event loop (it may be closing)."""
+
+    __slots__ = ("_abandoned", "_landed", "_lock", "_request", "_store")
+
+    def __init__(self, store: Store, request: HoldRequest) -> None:
+        self._store, self._request = store, request
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._landed: HoldResult | None = None
+
+    def hold(self) -> HoldResult:
+        result = self._store.hold(self._request)
+        with self._lock:
+            self._landed = result
+            abandoned = self._abandoned
+        if abandoned:
+            self._release(result)
+        return result
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            landed = self._landed
+        if landed is not None:  # landed, the task gave up before it heard: not on the event loop
+            threading.Thread(target=self._release, args=(landed,), name="clearance-release", daemon=True).start()
+
+    def _release(self, result: HoldResult) -> None:
+        if result.reservation_id is None or result.replayed or self._request.idempotency_key is not None:
+            return  # nothing held, or someone else's (a key's earlier reservation), or the key's own
+        try:
+            self._store.release(result.reservation_id, self._request.now)
+        except Exception:  # the store in trouble: the hold returns at its TTL all the same
+            _log.warning("clearance: could not release the hold of a cancelled reserve", exc_info=True)
 
 
 class Store(ABC):
@@ -131,7 +173,16 @@ class Store(ABC):
 
     # --- async face (worker thread by default) ----------------------------------------------
     async def ahold(self, request: HoldRequest) -> HoldResult:
-        return await asyncio.to_thread(self.hold, request)
+        """The hold in a worker thread. A task cancelled meanwhile (``asyncio.wait_for`` around an
+        agent step, say) cannot stop the thread: the hold lands and nobody will ever see its id, so
+        it is released as soon as it lands instead of waiting out its TTL — unless the request has
+        an idempotency key (a retry with it gets that reservation) or found an earlier one."""
+        handoff = _Handoff(self, request)
+        try:
+            return await asyncio.to_thread(handoff.hold)
+        except asyncio.CancelledError:
+            handoff.abandon()
+            raise
 
     async def acommit(self, reservation_id: str, actual: Amounts | None, now: float) -> SettleResult:
         return await asyncio.to_thread(self.commit, reservation_id, actual, now)
