@@ -639,3 +639,46 @@ def test_an_output_cap_retry_that_meets_a_concurrent_retry_of_its_key_answers_wi
     assert first.reservation.id == retry.reservation.id  # type: ignore[attr-defined]
     assert first.caps == retry.caps == Caps(model="gpt-4.1-nano")  # type: ignore[attr-defined]
     assert first.reservation.amounts == retry.reservation.amounts  # type: ignore[attr-defined]
+
+
+def test_a_slow_policy_read_never_puts_an_older_version_back() -> None:
+    """Thread A reads version 1 slowly; meanwhile version 2 is applied and thread B reads and
+    installs it. A's late reply must not put version 1 back (for policy_refresh seconds)."""
+    import threading
+
+    from clearance.stores.memory import MemoryStore
+
+    got_v1, go_on = threading.Event(), threading.Event()
+
+    class SlowPolicyRead(MemoryStore):
+        slow = False
+
+        def policy_version(self) -> int:
+            return int(self._policy[0])  # (not through policy(): only the document read is slow)
+
+        def policy(self) -> tuple[int, str | None]:
+            result = super().policy()
+            if SlowPolicyRead.slow and threading.current_thread().name == "A":
+                got_v1.set()
+                assert go_on.wait(10)
+            return result
+
+    store = SlowPolicyRead()
+    admin = Authority(store)  # another process
+    admin.apply_policy(PolicyDocument.parse({"risk": [{"allow": ["payment"]}]}))  # v1: payments allowed
+    worker = Authority(store, policy_refresh=60)
+    worker.set_budget(Budget("tenant:acme", "usd", 100))
+    pay = Action("side_effect", "charge_card", {"usd": 1}, risk="payment")
+    SlowPolicyRead.slow = True
+    first = threading.Thread(target=worker.reserve, args=(pay, RUN), name="A")
+    first.start()
+    assert got_v1.wait(10)
+    try:
+        admin.apply_policy(PolicyDocument.parse({}))  # v2: payments need an allow rule
+        assert worker.reserve(pay, RUN).reasons[0].code == "risk_not_allowed"
+    finally:
+        go_on.set()
+        first.join(10)
+    later = worker.reserve(pay, RUN)
+    assert later.denied and later.reasons[0].code == "risk_not_allowed"
+    assert worker.current_policy().version == 2  # type: ignore[union-attr]
