@@ -139,6 +139,10 @@ _NOT_REPEATABLE = frozenset({"remove_budget", "policy"})
 # already made does not write a second audit event for it; a retried commit that finds its own amounts
 # committed answers as its first run would have (not replayed).
 _RETRY_FLAGGED = frozenset({"reserve", "set_budget", "extend", "commit"})
+# A reserve denied while a backlog of expired holds waits is asked again after reclaiming them, at
+# most this many times in all (a backlog is reclaimed whole each time: one more round is rare).
+_BACKLOG_ROUNDS = 3
+_BACKLOG_REPLIES = ("backlog", ["backlog"])  # accounts' and list's "reclaim first, then ask again"
 
 
 @cache
@@ -1041,7 +1045,7 @@ class RedisStore(Store):
             )
             if "budget_overage" in rejections_text:
                 rejections = _exact_overage(rejections, accounts)
-        if kind == "denied":
+        if kind in ("denied", "backlog"):
             return HoldResult(None, -1, 0.0, accounts, rejections)
         rid = f"{token}.{request.chain[0]}"
         # 'replay_id' is this very call seen again after a lost reply: for the caller it is the first answer.
@@ -1050,21 +1054,37 @@ class RedisStore(Store):
     def hold(self, request: HoldRequest) -> HoldResult:
         root = request.chain[0]
         self._register(root, required=False)
-        try:
-            reply = self._run("reserve", root, self._hold_args(request))
-        except StoreUnavailable as error:
-            self._doubt(request, error)
-            raise
+        args = self._hold_args(request)
+        for round_ in range(_BACKLOG_ROUNDS):
+            try:
+                reply = self._run("reserve", root, args)
+            except StoreUnavailable as error:
+                self._doubt(request, error)
+                raise
+            if not reply.startswith("backlog") or round_ == _BACKLOG_ROUNDS - 1:
+                break
+            try:  # denied with more expired holds waiting than a call reclaims: reclaim them, ask again
+                self._drain(root, request.now)
+            except StoreUnavailable:
+                break  # the denial stands: nothing was held
         return self._hold_result(request, reply)
 
     async def ahold(self, request: HoldRequest) -> HoldResult:
         root = request.chain[0]
         await self._aregister(root, required=False)
-        try:
-            reply = await self._arun("reserve", root, self._hold_args(request))
-        except (StoreUnavailable, asyncio.CancelledError) as error:
-            self._doubt(request, error)
-            raise
+        args = self._hold_args(request)
+        for round_ in range(_BACKLOG_ROUNDS):
+            try:
+                reply = await self._arun("reserve", root, args)
+            except (StoreUnavailable, asyncio.CancelledError) as error:
+                self._doubt(request, error)
+                raise
+            if not reply.startswith("backlog") or round_ == _BACKLOG_ROUNDS - 1:
+                break
+            try:
+                await self._adrain(root, request.now)
+            except StoreUnavailable:
+                break
         return self._hold_result(request, reply)
 
     @staticmethod
@@ -1161,7 +1181,7 @@ class RedisStore(Store):
         found: list[ReservationRecord] = []
         for root in roots:
             args = [*self._head(now), scope or "", status or "", str(limit)]
-            reply = self._run("list", root, args)
+            reply = self._run_drained("list", root, args, now)
             found.extend(self._record(f"{reply[i]}.{root}", root, reply[i + 1]) for i in range(0, len(reply), 2))
         return heapq.nsmallest(limit, found, key=lambda r: (-r.created_at, r.id))
 
@@ -1239,17 +1259,18 @@ class RedisStore(Store):
         if scope is None:
             states: list[AccountState] = []
             for root in self._roots():
-                states += self._states(self._run("accounts", root, [*self._head(now), "", "1", text]))
+                states += self._states(self._run_drained("accounts", root, [*self._head(now), "", "1", text], now))
             return self._states_sorted(states)
         root = parse_scope(scope).root
-        return self._states(self._run("accounts", root, [*self._head(now), scope, "1" if subtree else "0", text]))
+        args = [*self._head(now), scope, "1" if subtree else "0", text]
+        return self._states(self._run_drained("accounts", root, args, now))
 
     async def aaccounts(self, scope: str | None, windows: Windows, now: float, subtree: bool) -> list[AccountState]:
         if scope is None:
             return await asyncio.to_thread(self.accounts, scope, windows, now, subtree)
         root = parse_scope(scope).root
         args = [*self._head(now), scope, "1" if subtree else "0", _windows_text(windows)]
-        return self._states(await self._arun("accounts", root, args))
+        return self._states(await self._arun_drained("accounts", root, args, now))
 
     @staticmethod
     def _states_sorted(states: list[AccountState]) -> list[AccountState]:
@@ -1270,11 +1291,7 @@ class RedisStore(Store):
                 failed.append(root)
                 continue
             try:
-                while True:
-                    count, due, forgotten = self._run("sweep", root, self._head(now))
-                    expired += int(count)
-                    if int(due) < self._batch and int(forgotten) < self._batch:
-                        break
+                expired += self._drain(root, now)
             except ClockSkew:
                 raise  # this worker's clock, not a tenant's node: every other tenant would refuse it too
             except StoreUnavailable as error:
@@ -1288,6 +1305,47 @@ class RedisStore(Store):
                 f"sweep returned {expired} expired holds but could not reach {len(failed)} tenant(s): {shown} ({first})"
             ) from first
         return expired
+
+    def _drain(self, root: str, now: float) -> int:
+        """Reclaim a tenant's expired holds (and forget what is past retention) a batch per script
+        call until none is left: each call stays short, so other tenants' calls go on in between.
+        Returns how many holds expired."""
+        expired = 0
+        while True:
+            count, due, forgotten = self._run("sweep", root, self._head(now))
+            expired += int(count)
+            if int(due) < self._batch and int(forgotten) < self._batch:
+                return expired
+
+    async def _adrain(self, root: str, now: float) -> int:
+        """:meth:`_drain` for asyncio."""
+        expired = 0
+        while True:
+            count, due, forgotten = await self._arun("sweep", root, self._head(now))
+            expired += int(count)
+            if int(due) < self._batch and int(forgotten) < self._batch:
+                return expired
+
+    def _run_drained(self, name: str, root: str, args: list[str], now: float) -> Any:
+        """A read script (accounts, list) that answers 'backlog' when more expired holds wait than
+        one call reclaims: they are reclaimed (see :meth:`_drain`), then it is asked again."""
+        reply = self._run(name, root, args)
+        if reply in _BACKLOG_REPLIES:
+            self._drain(root, now)
+            reply = self._run(name, root, args)
+            if reply in _BACKLOG_REPLIES:  # a new batch expired meanwhile: unlikely
+                raise StoreUnavailable(f"could not catch up with the expired holds of {root}: try again")
+        return reply
+
+    async def _arun_drained(self, name: str, root: str, args: list[str], now: float) -> Any:
+        """:meth:`_run_drained` for asyncio."""
+        reply = await self._arun(name, root, args)
+        if reply in _BACKLOG_REPLIES:
+            await self._adrain(root, now)
+            reply = await self._arun(name, root, args)
+            if reply in _BACKLOG_REPLIES:
+                raise StoreUnavailable(f"could not catch up with the expired holds of {root}: try again")
+        return reply
 
     def _node_of(self, root: str) -> str | None:
         """The cluster node that holds a tenant's slot, as redis-py's slot table says (None: unknown)."""

@@ -13,7 +13,17 @@ import pytest
 import redis as redis_py
 from redis_servers import RedisServer, free_port, require_redis
 
-from clearance import Action, Authority, Budget, ClockSkew, Decision, InvalidRequest, Plan, StoreUnavailable
+from clearance import (
+    Action,
+    Authority,
+    Budget,
+    ClockSkew,
+    Decision,
+    InvalidRequest,
+    Plan,
+    ReservationNotFound,
+    StoreUnavailable,
+)
 from clearance.periods import windows_at
 from clearance.stores import store_from_url
 from clearance.stores.base import DEFAULT_RETENTION, root_of
@@ -615,6 +625,68 @@ def test_a_commit_returns_expired_holds_batch_after_batch_before_flagging_overag
     assert authority.commit(live.reservation, {"usd": 12}).flags == ("over_hold",)  # type: ignore[arg-type]
     balance = authority.balance("tenant:acme")["usd"]
     assert (balance.spent, balance.held) == (12, 0)
+    authority.close()
+
+
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+def test_more_expired_holds_than_one_call_reclaims_never_deny_or_show_as_held(
+    kind: str, clock: FakeClock, request: pytest.FixtureRequest
+) -> None:
+    """Reclaim returns a batch per script call (one long script would stall every tenant); a
+    reserve denied while more expired holds wait (a crashed fleet's, say), and a balance or a
+    listing, reclaim them batch by batch and answer as the memory store does — never a false
+    denial, never an expired hold shown as held."""
+    url = request.getfixturevalue("redis_url" if kind == "single" else "redis_cluster_url")
+    authority = Authority(url + "&reclaim_batch=5", clock=clock)
+    reference = Authority("memory://", clock=clock)
+    for ledger in (authority, reference):
+        ledger.set_budget(Budget("tenant:crash", "calls", 23))
+        for _ in range(23):
+            assert ledger.reserve(Action("step", "s", {"calls": 1}), "tenant:crash/run:1", ttl=10).allowed
+    clock.advance(11)
+    assert [r.id for r in authority.reservations("tenant:crash", status="held")] == []
+    assert authority.balance("tenant:crash")["calls"].held == 0
+    for _ in range(23):  # expire them again, then ask for all of it at once
+        assert authority.reserve(Action("step", "s", {"calls": 1}), "tenant:crash/run:1", ttl=10).allowed
+    clock.advance(11)
+    for ledger in (authority, reference):
+        everything = ledger.reserve(Action("step", "s", {"calls": 23}), "tenant:crash/run:1")
+        assert everything.allowed, everything.reasons
+        assert ledger.balance("tenant:crash")["calls"].held == 23
+    authority.close()
+
+
+@pytest.mark.asyncio
+async def test_more_expired_holds_than_one_call_reclaims_async(redis_url: str, clock: FakeClock) -> None:
+    """The same on the asyncio face: areserve and a balance reclaim the backlog first."""
+    authority = Authority(redis_url + "&reclaim_batch=5", clock=clock)
+    await authority.aset_budget(Budget("tenant:crash-a", "calls", 17))
+    for _ in range(17):
+        assert (await authority.areserve(Action("step", "s", {"calls": 1}), "tenant:crash-a/run:1", ttl=10)).allowed
+    clock.advance(11)
+    assert (await authority.abalance("tenant:crash-a"))["calls"].held == 0
+    for _ in range(17):
+        assert (await authority.areserve(Action("step", "s", {"calls": 1}), "tenant:crash-a/run:1", ttl=10)).allowed
+    clock.advance(11)
+    assert (await authority.areserve(Action("step", "s", {"calls": 17}), "tenant:crash-a/run:1")).allowed
+    await authority.store.aclose()
+
+
+def test_with_every_clock_trusted_retention_runs_from_the_workers_clock(redis_url: str) -> None:
+    """max_clock_skew=0 trusts the workers' clocks (a FakeClock in tests): retention runs from the
+    worker's clock alone, as on the other stores, even when it is behind the server's."""
+    clock = FakeClock(time.time() - 30 * 86400)  # a month behind the Redis server
+    authority = Authority(redis_url, clock=clock)  # (the fixture's URL has max_clock_skew=0)
+    authority.set_budget(Budget("tenant:behind", "usd", 10))
+    decision = authority.reserve(Action("step", "s", {"usd": 1}), "tenant:behind/run:1", idempotency_key="job-1")
+    assert decision.reservation is not None
+    authority.commit(decision.reservation)
+    clock.advance(DEFAULT_RETENTION + 3600)
+    authority.sweep()
+    with pytest.raises(ReservationNotFound):
+        authority.commit(decision.reservation)
+    again = authority.reserve(Action("step", "s", {"usd": 1}), "tenant:behind/run:1", idempotency_key="job-1")
+    assert again.allowed and not again.replayed
     authority.close()
 
 

@@ -1,10 +1,13 @@
 -- accounts: budgets at a scope (or under it), each with its current window's counters, after
 -- reclaiming expired holds. ARGV[3] scope ('' = the whole tenant), [4] '1' for the subtree,
--- [5] windows. Reply: one '|'-joined text, 7 fields per budget.
+-- [5] windows. Reply: one '|'-joined text, 7 fields per budget; or 'backlog' when a full batch of
+-- expired holds was reclaimed (more may wait: the client sweeps the tenant and asks again).
 
 local scope, subtree = ARGV[3], ARGV[4] == '1'
 local windows = ARGV[5]
-reclaim()
+if reclaim() >= BATCH + 0 then
+  return 'backlog'
+end
 local scopes = {}
 if not subtree and scope ~= '' then
   scopes[1] = scope

@@ -181,10 +181,14 @@ local function settle(token, rec, status)
   rec.t = NOW
   redis.call('HSET', K_RES, token, encode(rec))
   -- Retention runs from the later of the worker's clock and the server's: a worker whose clock is
-  -- behind (commits are never refused for it) must not shorten it.
-  local from = server_seconds()
-  if NOW_N > from then
-    from = NOW_N
+  -- behind (commits are never refused for it) must not shorten it. With MAX_SKEW 0 every clock is
+  -- trusted (a FakeClock in tests): the worker's alone, as on the other stores.
+  local from = NOW_N
+  if MAX_SKEW + 0 > 0 then
+    local server = server_seconds()
+    if server > from then
+      from = server
+    end
   end
   redis.call('ZADD', K_DUE, string.format('%.17g', -(from + RETENTION)), token)
 end

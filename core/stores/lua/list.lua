@@ -1,11 +1,14 @@
 -- list: the tenant's reservations at or under a scope, newest first.
 -- ARGV[3] scope ('' = the whole tenant), [4] status ('' = any), [5] limit.
--- Reply: {token, record, token, record, ...}. Held ones come from the positive scores of the due
+-- Reply: {token, record, token, record, ...}, or {'backlog'} when a full batch of expired holds was
+-- reclaimed (more may wait: the client sweeps the tenant and asks again). Held ones come from the positive scores of the due
 -- index (live holds only);
 -- any other status scans every reservation the tenant remembers (retention): an admin listing.
 
 local scope, status, limit = ARGV[3], ARGV[4], tonumber(ARGV[5])
-reclaim()
+if reclaim() >= BATCH + 0 then
+  return {'backlog'}
+end
 local tokens
 if status == 'held' then
   tokens = redis.call('ZRANGEBYSCORE', K_DUE, '(0', '+inf')  -- live holds only: small

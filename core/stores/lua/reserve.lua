@@ -6,7 +6,7 @@
 -- the client's retry after a lost reply (only then can the token already exist).
 -- Reply: "kind\ntoken\nplan index\nexpires_at\naccounts\nrejections" with kind 'held', 'denied',
 -- 'replay_key' (idempotency key seen) or 'replay_id' (this very id seen: a retry after a lost
--- reply). Accounts and rejections are '|'-joined fields, 7 per account and 8 per rejection.
+-- reply), or 'backlog': denied while more expired holds wait than one call reclaims (see below). Accounts and rejections are '|'-joined fields, 7 per account and 8 per rejection.
 
 local token, expires_at, idem, label, windows_text = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local chain = split_words(ARGV[8])
@@ -41,7 +41,11 @@ if ARGV[10] ~= '' then
   end
 end
 
-reclaim()
+-- A full batch of expired holds reclaimed: more may wait (a crashed fleet's holds, say), and a
+-- denial could be theirs. Rather than reclaim them all here (one long script stalls every tenant on
+-- this Redis), a denial then answers 'backlog': the client sweeps the tenant batch by batch and
+-- asks again (nothing else was written).
+local backlog = reclaim() >= BATCH + 0
 
 local function replay(existing, kind, rec)
   local held_units = {}
@@ -163,7 +167,7 @@ for p, plan in ipairs(plans) do
 end
 
 if chosen < 0 then
-  return 'denied\n\n-1\n0\n' .. states_text(list, nil) .. '\n' .. table.concat(rejections, '|')
+  return (backlog and 'backlog' or 'denied') .. '\n\n-1\n0\n' .. states_text(list, nil) .. '\n' .. table.concat(rejections, '|')
 end
 
 -- The new held counters in one HSET (they were just read: states() carries them), not one HINCRBY each.
