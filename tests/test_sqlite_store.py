@@ -184,3 +184,42 @@ def test_a_cancelled_areserve_releases_the_hold_its_thread_made(tmp_path: Path) 
     retried = authority.reserve(action, CHAIN, idempotency_key="step-1")
     assert retried.allowed and retried.replayed
     authority.close()
+
+
+def test_a_child_forked_while_a_thread_is_in_a_transaction_can_write(tmp_path: Path) -> None:
+    """SQLite keeps a file's lock state in process memory: a child forked while another thread of
+    the parent was inside a transaction inherited "a lock is held" and could never write (every
+    write waited out busy_timeout). fork() now waits for the transaction to end."""
+    import os
+    import threading
+
+    path = tmp_path / "ledger.db"
+    store = SQLiteStore(str(path), busy_timeout=2.0)
+    authority = Authority(store)
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    inside, done = threading.Event(), threading.Event()
+
+    def in_a_transaction() -> None:
+        with store._write() as db:
+            db.execute("UPDATE meta SET value = value WHERE key = 'budgets'")
+            inside.set()
+            done.wait(10)
+
+    busy = threading.Thread(target=in_a_transaction)
+    busy.start()
+    assert inside.wait(10)
+    threading.Timer(0.3, done.set).start()
+    pid = os.fork()
+    if pid == 0:  # the child: its reserve and commit must go through (exit code 0)
+        code = 1
+        try:
+            decision = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN)
+            if decision.reservation is not None and authority.commit(decision.reservation).status == "committed":
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    busy.join(10)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert authority.balance("tenant:acme")["usd"].spent == 1
+    authority.close()

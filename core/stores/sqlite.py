@@ -77,6 +77,17 @@ from clearance.periods import Windows, windows_at
 from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
 
 SCHEMA_VERSION = 5
+
+# SQLite keeps each database file's lock state in process memory, shared by every connection of the
+# process. A child forked while a thread of this process is inside a transaction inherits a copy
+# that says a lock is held, and can never write to that file (every write waited out busy_timeout:
+# a new connection in the child does not help). So every transaction and read holds this lock, and
+# fork() waits for it: a child always starts with no transaction under way. (It also queues this
+# process's threads for the file's write lock, which SQLite's busy handler would do by polling.)
+_TRANSACTIONS = threading.Lock()
+os.register_at_fork(
+    before=_TRANSACTIONS.acquire, after_in_parent=_TRANSACTIONS.release, after_in_child=_TRANSACTIONS.release
+)
 PAGE_SIZE = 1024
 WAL_AUTOCHECKPOINT = 4096  # pages
 
@@ -421,11 +432,18 @@ class SQLiteStore(Store):
         return db
 
     def _begin(self) -> sqlite3.Connection:
+        """A connection in a write transaction, holding _TRANSACTIONS (the caller releases it when the
+        transaction ends, in a ``finally``)."""
         db = self._connection()
+        if not _TRANSACTIONS.acquire(timeout=self._busy_timeout):
+            raise StoreUnavailable(f"SQLite ledger {self.path} is busy: no transaction within the busy timeout")
         try:
             db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as error:
-            raise StoreUnavailable(f"SQLite ledger {self.path} is busy or unreadable: {error}") from error
+        except BaseException as error:
+            _TRANSACTIONS.release()
+            if isinstance(error, sqlite3.Error):
+                raise StoreUnavailable(f"SQLite ledger {self.path} is busy or unreadable: {error}") from error
+            raise
         return db
 
     def _failed(self, db: sqlite3.Connection, error: sqlite3.Error) -> StoreUnavailable:
@@ -443,6 +461,8 @@ class SQLiteStore(Store):
         except BaseException:
             self._rollback(db)
             raise
+        finally:
+            _TRANSACTIONS.release()
 
     @staticmethod
     def _rollback(db: sqlite3.Connection) -> None:
@@ -455,10 +475,14 @@ class SQLiteStore(Store):
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         db = self._connection()
+        if not _TRANSACTIONS.acquire(timeout=self._busy_timeout):  # (a read holds file locks too)
+            raise StoreUnavailable(f"SQLite ledger {self.path} is busy: no read within the busy timeout")
         try:
             yield db
         except sqlite3.Error as error:
             raise StoreUnavailable(f"SQLite ledger {self.path} failed: {error}") from error
+        finally:
+            _TRANSACTIONS.release()
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -651,6 +675,8 @@ class SQLiteStore(Store):
         except BaseException:
             self._rollback(db)
             raise
+        finally:
+            _TRANSACTIONS.release()
         return HoldResult(rid, index, request.expires_at, tuple(after), tuple(choice.rejections))
 
     def _load(self, db: sqlite3.Connection, reservation_id: str, now: float) -> ReservationRecord:
@@ -774,6 +800,8 @@ class SQLiteStore(Store):
         except BaseException:
             self._rollback(db)
             raise
+        finally:
+            _TRANSACTIONS.release()
         return SettleResult(reservation_id, COMMITTED, actual, tuple(flags))
 
     def release(self, reservation_id: str, now: float) -> SettleResult:
