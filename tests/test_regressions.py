@@ -354,3 +354,34 @@ def test_a_failed_policy_refresh_backs_off_only_once_a_version_is_known() -> Non
     store.hook = None
     authority.reserve(Action("step", "s", {"usd": 1}), RUN)
     assert authority._policy_checked > time.monotonic()  # known version, store failing: back off
+
+
+def test_memory_ensure_budget_never_undoes_an_operators_limit_set_meanwhile() -> None:
+    """ensure_budget (a per-run budget template) creates a budget only if there is none: looking and
+    creating are one lock section, so an operator's set_budget landing right after the look is not
+    overwritten by the template (it was: looked, let go of the lock, then set the template's limit)."""
+    from clearance.stores.memory import MemoryStore
+
+    store = MemoryStore()
+    lock = store._lock
+    scope = "tenant:acme/run:r1"
+
+    class OperatorActsOnRelease:
+        """The store's lock; the first time a section ends, the operator sets a limit."""
+
+        pending = True
+
+        def __enter__(self) -> None:
+            lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            lock.release()
+            if OperatorActsOnRelease.pending:
+                OperatorActsOnRelease.pending = False
+                store.set_budget(scope, "usd", "", 500, 1.0)
+
+    store._lock = OperatorActsOnRelease()  # type: ignore[assignment]
+    store.ensure_budget(scope, "usd", "", 10, 1.0)
+    store._lock = lock
+    [state] = store.accounts(scope, (("", ""),), 2.0, False)
+    assert state.limit == 500

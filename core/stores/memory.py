@@ -576,16 +576,19 @@ class MemoryStore(Store):
     # --- budgets -------------------------------------------------------------------------------
     def set_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
         with self._lock:
-            level = self._levels.setdefault(scope, {})
-            budget = level.get((unit, period))
-            if budget is None:
-                budget = self._parked.pop((scope, unit, period), None) or _Budget(scope, unit, period, limit)
-                budget.limit = limit
-                level[(unit, period)] = budget
-                self._budget_version += 1
-            else:
-                budget.limit = limit
-            self._log(now, "budget_set", scope, None, ((unit, limit),), f"period={period or 'lifetime'}")
+            self._set_budget_locked(scope, unit, period, limit, now)
+
+    def _set_budget_locked(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
+        level = self._levels.setdefault(scope, {})
+        budget = level.get((unit, period))
+        if budget is None:
+            budget = self._parked.pop((scope, unit, period), None) or _Budget(scope, unit, period, limit)
+            budget.limit = limit
+            level[(unit, period)] = budget
+            self._budget_version += 1
+        else:
+            budget.limit = limit
+        self._log(now, "budget_set", scope, None, ((unit, limit),), f"period={period or 'lifetime'}")
 
     def remove_budget(self, scope: str, unit: str, period: str, now: float) -> bool:
         with self._lock:
@@ -602,12 +605,12 @@ class MemoryStore(Store):
             return True
 
     def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
-        with self._lock:
+        with self._lock:  # one section: an operator's set_budget cannot land between look and create
             level = self._levels.get(scope)
             if level is not None and (unit, period) in level:
                 return False
-        self.set_budget(scope, unit, period, limit, now)  # a racing creator only re-sets the same limit
-        return True
+            self._set_budget_locked(scope, unit, period, limit, now)
+            return True
 
     def put_policy(self, document: str, now: float) -> int:
         with self._lock:
