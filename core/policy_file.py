@@ -243,6 +243,8 @@ class PolicyDocument(_Rule):
             text = file.read_text(encoding="utf-8")
         except OSError as error:
             raise InvalidRequest(f"cannot read policy file {file}: {error}") from None
+        except UnicodeDecodeError as error:
+            raise InvalidRequest(f"policy file {file} is not UTF-8 text: {error}") from None
         return cls.loads(text, file.suffix.lower().lstrip(".") or "yaml")
 
     @classmethod

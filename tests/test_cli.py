@@ -295,3 +295,84 @@ def test_listings_piped_off_a_terminal_are_printed_whole(ledger: str) -> None:
     listing = piped.invoke(app, ["--store", ledger, "reservations", "ls"])
     assert listing.exit_code == 0, listing.output
     assert held.reservation.id in listing.output and "…" not in listing.output
+
+
+def test_names_with_brackets_are_printed_as_they_are(tmp_path: Path, ledger: str) -> None:
+    """File names and action names are data, not rich markup: a "[/]" in one crashed the command
+    (after apply had stored the policy), a "[prod]" vanished from the output."""
+    folder = tmp_path / "q["
+    folder.mkdir()
+    policy = folder / "]x[prod].yaml"
+    policy.write_text("ladders:\n  - provider: openai\n    rungs: [gpt-4.1, gpt-4.1-mini]\n")
+    checked = runner.invoke(app, ["policy", "check", str(policy)])
+    assert checked.exit_code == 0, checked.output
+    assert checked.output.count(str(policy)) == 2
+    applied = runner.invoke(app, ["--store", ledger, "apply", str(policy)])
+    assert applied.exit_code == 0, applied.output
+    assert str(policy) in applied.output
+    with Authority(ledger) as authority:
+        authority.set_budget(Budget("tenant:acme", "usd", 10))
+        authority.reserve(Action("tool_call", "fetch[/][prod]", {"usd": 1}), "tenant:acme/run:r1", ttl=600)
+    listing = runner.invoke(app, ["--store", ledger, "reservations", "ls"])
+    assert listing.exit_code == 0, listing.output
+    assert "tool_call:fetch[/][prod]" in listing.output
+
+
+def test_a_ladder_rung_that_cannot_be_priced_is_a_warning(tmp_path: Path) -> None:
+    """A typo in a rung ("gpt-4.1-mnii") used to pass the check, then fail every reserve on the
+    ladder; workers now skip the rung (ladder_unpriced), and check says so."""
+    policy = tmp_path / "typo.yaml"
+    policy.write_text("ladders:\n  - provider: openai\n    rungs: [gpt-4.1, gpt-4.1-mnii, gpt-4.1-nano]\n")
+    result = runner.invoke(app, ["policy", "check", str(policy)])
+    assert result.exit_code == 0, result.output
+    assert "warning: no price known for model 'gpt-4.1-mnii'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("store", "message"),
+    [
+        ("redis://[::1/0", "bad store URL"),
+        (" sqlite:///rel.db", "must not begin or end with spaces"),
+        ("sqlite:///rel.db ", "must not begin or end with spaces"),
+        ("redis://:s3cret@localhost:1/0?socket_timout=1", "redis://:***@localhost:1/0"),
+    ],
+)
+def test_bad_store_urls_are_one_line_and_never_show_a_password(store: str, message: str, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["--store", store, "budget", "ls"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and message in result.output
+    assert "s3cret" not in result.output and "Traceback" not in result.output
+    assert not list(tmp_path.glob("rel.db*"))
+
+
+def test_a_policy_file_that_is_not_text_exits_2(tmp_path: Path) -> None:
+    policy = tmp_path / "binary.yaml"
+    policy.write_bytes(b"\xff\xfe\x00")
+    result = runner.invoke(app, ["policy", "check", str(policy)])
+    assert result.exit_code == 2, result.output
+    assert "not UTF-8 text" in result.output
+
+
+def test_another_applications_database_is_refused_untouched(tmp_path: Path) -> None:
+    """Opening a file as a ledger switches it to WAL for good: a database that is not a ledger is
+    refused before anything in it changes."""
+    import sqlite3
+
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE users(id INTEGER PRIMARY KEY, name TEXT)")
+    before = path.read_bytes()
+    result = runner.invoke(app, ["--store", f"sqlite:///{path}", "budget", "ls"])
+    assert result.exit_code == 3, result.output
+    assert "not a clearance ledger" in result.output
+    assert path.read_bytes() == before
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_piped_lines_are_not_folded_at_80_columns(ledger: str) -> None:
+    piped = CliRunner(env={"COLUMNS": None})
+    scope = "tenant:globex-international/workspace:emea-operations/app:support-desk/workflow:refunds"
+    result = piped.invoke(app, ["--store", ledger, "budget", "set", scope, "usd", "5"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"budget set: {scope} usd = $5"

@@ -25,7 +25,7 @@ from rich.text import Text
 
 from clearance import AuditEvent, Authority, Budget, ClearanceError, PolicyDocument, StoreUnavailable
 from clearance.cli import demo as demo_workload
-from clearance.cli.explain import explain
+from clearance.cli.explain import explain, unpriced
 from clearance.cli.tables import budgets_table, event_line, exact, reservations_table, unit_label
 
 DEFAULT_STORE = "sqlite:///clearance.db"
@@ -47,8 +47,9 @@ app.add_typer(reservations_app, name="reservations")
 app.add_typer(events_app, name="events")
 app.add_typer(policy_app, name="policy")
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# soft_wrap: a line is never folded at 80 columns when piped (grep, logs); the terminal wraps it.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _tables() -> Console:
@@ -67,6 +68,11 @@ StoreOption = Annotated[
         show_default=False,
     ),
 ]
+
+
+def _warn_unpriced(document: PolicyDocument) -> None:
+    for problem in unpriced(document):
+        err.print(Text(f"warning: {problem} (workers skip that rung)", style="yellow"))
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -133,7 +139,7 @@ def demo(
         console = out if out.is_terminal or "COLUMNS" in os.environ else Console(highlight=False, width=100)
         result = demo_workload.run(console, url, settings, note=note)
     if folder is not None:
-        out.print(f"[dim]the ledger is kept for a look around: clearance --store {url} budget ls[/]", soft_wrap=True)
+        out.print(Text(f"the ledger is kept for a look around: clearance --store {url} budget ls", style="dim"))
     raise typer.Exit(0 if result.ok else 1)
 
 
@@ -218,7 +224,7 @@ def events_tail(
         int, typer.Option("--lines", "-n", min=1, max=100_000, help="How many of the newest events.")
     ] = 20,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events until Ctrl-C.")] = False,
-    interval: Annotated[float, typer.Option(min=0.05, help="Seconds between polls with --follow.")] = 1.0,
+    interval: Annotated[float, typer.Option(min=0.05, max=3600, help="Seconds between polls with --follow.")] = 1.0,
     store: StoreOption = None,
 ) -> None:
     """Show the newest audit events (holds, commits, releases, expiries, budget changes)."""
@@ -227,7 +233,7 @@ def events_tail(
         if not events and not follow:
             out.print("no events" + (f" at or under {scope}" if scope else ""))
         for event in events:
-            out.print(event_line(event), soft_wrap=True)
+            out.print(Text(event_line(event)))
         if not follow:
             return
         after = events[-1].seq if events else 0
@@ -235,7 +241,7 @@ def events_tail(
             while True:
                 time.sleep(interval)
                 for event in authority.events(after=after, limit=1000, scope=scope):
-                    out.print(event_line(event), soft_wrap=True)
+                    out.print(Text(event_line(event)))
                     after = event.seq
         except KeyboardInterrupt:
             return
@@ -250,7 +256,8 @@ def policy_check(file: PolicyFile) -> None:
     with _handled():
         document = PolicyDocument.load(file)
     out.print(explain(document, str(file)))
-    out.print("[green]policy OK[/]: apply it with [bold]clearance apply[/] " + str(file), soft_wrap=True)
+    _warn_unpriced(document)
+    out.print(Text.assemble(("policy OK", "green"), ": apply it with ", ("clearance apply", "bold"), f" {file}"))
 
 
 @app.command("apply")
@@ -264,5 +271,7 @@ def apply_policy(ctx: typer.Context, file: PolicyFile, store: StoreOption = None
             except NotImplementedError as error:
                 raise _fail(f"{error}: nothing was applied", 2) from None
             version = authority.apply_policy(document)
+    _warn_unpriced(document)
     budgets = len(document.budgets) + len(document.rate_limits)
-    out.print(f"applied {file} as policy version {version} ({budgets} budget{'' if budgets == 1 else 's'} written)")
+    written = f"{budgets} budget{'' if budgets == 1 else 's'} written"
+    out.print(Text(f"applied {file} as policy version {version} ({written})"))

@@ -35,6 +35,7 @@ from rich.text import Text
 from clearance import Action, Authority, Balance, Budget, Decision, Outcome, Policy, PolicyDocument, Reservation
 from clearance.cli.tables import amount, unit_label
 from clearance.periods import ALL_PERIODS, windows_at
+from clearance.stores import redact_url
 
 Key = tuple[str, str, str, str]  # (scope, unit, period, window) of one budget's current window
 
@@ -375,7 +376,7 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
         f"[bold]clearance demo[/] · seed {settings.seed} · {settings.workers} worker threads · "
         f"{settings.runs} agent runs"
     )
-    console.print(f"store {url}{note}", style="cyan", soft_wrap=True)
+    console.print(Text(f"store {redact_url(url)}{note}", style="cyan"), soft_wrap=True)
     for budget in _budgets(settings.runs):
         authority.set_budget(budget)
     # A ledger given with --store may hold earlier demos: reconcile against what this one adds.

@@ -7,6 +7,7 @@ picks it up.
 
 from __future__ import annotations
 
+from rich.text import Text
 from rich.tree import Tree
 
 from clearance import PolicyDocument
@@ -40,7 +41,7 @@ def _rung(rung: Rung) -> str:
 
 def explain(document: PolicyDocument, source: str) -> Tree:
     """Every section that says something, one line per rule."""
-    tree = Tree(f"[bold]{source}[/] — policy format v{document.version}")
+    tree = Tree(Text.assemble((source, "bold"), f" — policy format v{document.version}"))
     if document.budgets:
         branch = tree.add(f"budgets ({len(document.budgets)}), written by apply")
         for b in document.budgets:
@@ -87,4 +88,30 @@ def explain(document: PolicyDocument, source: str) -> Tree:
         tree.add(f"shadow mode (decide and report, never enforce): {', '.join(document.shadow)}")
     if not tree.children:
         tree.add("empty: no budgets and no rules")
+    _as_text(tree)
     return tree
+
+
+def _as_text(tree: Tree) -> None:
+    """Labels as plain text: names from the file (a model "gpt[x]", a path "policy[prod].yaml")
+    are not rich markup, and must not be read as such (a "[/]" in one crashed the command)."""
+    for node in tree.children:
+        if isinstance(node.label, str):
+            node.label = Text(node.label)
+        _as_text(node)
+
+
+def unpriced(document: PolicyDocument) -> list[str]:
+    """Ladder rungs this process cannot price (a typo, or a model only registered in the workers'
+    code): workers skip such a rung (reason ``ladder_unpriced``), so an operator hears of it now."""
+    from clearance.errors import InvalidRequest
+    from clearance.pricing import price_nano_usd
+
+    problems = []
+    for ladder in document.ladders:
+        for rung in ladder.rungs:
+            try:
+                price_nano_usd(ladder.provider, rung.model, 1, 1)
+            except InvalidRequest as error:
+                problems.append(str(error))
+    return list(dict.fromkeys(problems))

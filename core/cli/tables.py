@@ -102,7 +102,7 @@ def reservations_table(reservations: Iterable[Reservation], now: float) -> Table
         left = r.expires_at - now
         expires = f"{left:.0f}s" if r.status == "held" and left >= 0 else "-"
         shown = r.committed if r.status == "committed" and r.committed is not None else r.amounts
-        table.add_row(r.id, r.status, amounts(shown), expires, r.label, r.scope)
+        table.add_row(r.id, r.status, amounts(shown), expires, Text(r.label), r.scope)  # (a name is not markup)
     return table
 
 

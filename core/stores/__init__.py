@@ -12,20 +12,48 @@ Drivers are imported only when their store is constructed, so ``import clearance
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from clearance.errors import InvalidRequest
 from clearance.stores.base import DEFAULT_RETENTION, Store
 
-__all__ = ["Store", "store_from_url"]
+__all__ = ["Store", "redact_url", "store_from_url"]
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for messages and logs: a password in it (``redis://:secret@host``, or a
+    ``password=`` option) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<an unreadable URL>"
+    netloc = parts.netloc
+    if parts.password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}:***@{host}"
+    query = "&".join(
+        f"{name}=***" if name.lower() == "password" else f"{name}={value}"
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def store_from_url(url: str) -> Store:
     """Build the store a URL names. Query parameters become options, e.g.
     ``sqlite:///ledger.db?retention=86400``."""
     if not isinstance(url, str) or "://" not in url:
-        raise InvalidRequest(f"a store URL looks like memory://, sqlite:///path.db or redis://host:port, got {url!r}")
-    parts = urlsplit(url)
+        raise InvalidRequest(
+            f"a store URL looks like memory://, sqlite:///path.db or redis://host:port, got {redact_url(str(url))!r}"
+        )
+    if url != url.strip() or any(ord(c) < 32 for c in url):
+        # " sqlite:///x.db" would be read as the file /x.db (urlsplit strips the scheme's spaces only)
+        raise InvalidRequest(f"a store URL must not begin or end with spaces or hold control characters: {url!r}")
+    try:
+        parts = urlsplit(url)
+    except ValueError as error:  # an unbalanced "[" in the host, say
+        raise InvalidRequest(f"bad store URL {redact_url(url)!r}: {error}") from None
     scheme = parts.scheme.lower()
     options = dict(parse_qsl(parts.query))
     if scheme == "memory":
@@ -52,7 +80,7 @@ def store_from_url(url: str) -> Store:
         except ImportError as error:  # pragma: no cover - depends on installed extras
             raise ImportError('the Redis store needs redis-py: pip install "clearance[redis]"') from error
         return RedisStore.from_url(url)
-    raise InvalidRequest(f"unknown store scheme {scheme!r} in {url!r}")
+    raise InvalidRequest(f"unknown store scheme {scheme!r} in {redact_url(url)!r}")
 
 
 def _floats(options: dict[str, str], *names: str) -> dict[str, float]:

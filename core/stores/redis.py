@@ -104,6 +104,7 @@ from clearance.ledger import (
 )
 from clearance.periods import Windows
 from clearance.scope import parse_scope
+from clearance.stores import redact_url
 from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
 from clearance.stores.lending import AsyncLender, Lender, NoConnection
 
@@ -269,11 +270,11 @@ def _check_url(url: str, options: dict[str, Any], cluster: bool) -> None:
     try:
         kwargs: dict[str, Any] = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
     except ValueError as error:
-        raise InvalidRequest(f"bad Redis URL {url!r}: {error}") from None
+        raise InvalidRequest(f"bad Redis URL {redact_url(url)!r}: {error}") from None
     parts = urlsplit(url)
     database = parts.path.strip("/")
     if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
-        raise InvalidRequest(f"bad Redis URL {url!r}: the database must be a number, got {database!r}")
+        raise InvalidRequest(f"bad Redis URL {redact_url(url)!r}: the database must be a number, got {database!r}")
     kwargs.update(options)
     kwargs.update(decode_responses=True, protocol=2, socket_timeout=1.0, socket_connect_timeout=1.0)
     connection_class = kwargs.pop("connection_class", redis.connection.Connection)
@@ -289,7 +290,7 @@ def _check_url(url: str, options: dict[str, Any], cluster: bool) -> None:
                 warnings.simplefilter("ignore")
                 redis.asyncio.cluster.RedisCluster.from_url(url, **options)
     except (TypeError, ValueError) as error:
-        raise InvalidRequest(f"bad Redis store option in {url!r}: {error}") from None
+        raise InvalidRequest(f"bad Redis store option in {redact_url(url)!r}: {error}") from None
 
 
 _CLUSTER_OPTIONS = frozenset(inspect.signature(redis.cluster.RedisCluster.__init__).parameters) - {"kwargs", "self"}
@@ -438,7 +439,8 @@ class RedisStore(Store):
         if not 0 <= max_clock_skew <= 86400:
             raise InvalidRequest(f"max_clock_skew must be in [0, 86400] seconds (0: off), got {max_clock_skew}")
         _check_url(url, redis_options, cluster)  # bad input now, not at the first call
-        self.url = url
+        self._url = url
+        self.url = redact_url(url)  # (for messages and logs: no password)
         self.cluster = cluster
         self.key_prefix = key_prefix
         self._retention = _float(retention)
@@ -508,14 +510,14 @@ class RedisStore(Store):
         if self.cluster:
             options["max_connections"] = self._max_connections
             if asynchronous:
-                return redis.asyncio.cluster.RedisCluster.from_url(self.url, **options)
-            return redis.cluster.RedisCluster.from_url(self.url, **options)
+                return redis.asyncio.cluster.RedisCluster.from_url(self._url, **options)
+            return redis.cluster.RedisCluster.from_url(self._url, **options)
         pool_options = {**options, "max_connections": self._max_connections, "timeout": connect_timeout}
         if asynchronous:
             return redis.asyncio.Redis.from_pool(
-                redis.asyncio.BlockingConnectionPool.from_url(self.url, **pool_options)
+                redis.asyncio.BlockingConnectionPool.from_url(self._url, **pool_options)
             )
-        return redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(self.url, **pool_options))
+        return redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(self._url, **pool_options))
 
     def _built(self, asynchronous: bool) -> tuple[Any, dict[str, Any]]:
         try:
