@@ -16,6 +16,7 @@ Built-in rules come from a :class:`~clearance.policy_file.PolicyDocument`; Pytho
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,16 @@ from clearance.policy_file import KNOWN_RISKS, Ladder, PolicyDocument, Rung
 from clearance.pricing import price_nano_usd
 from clearance.scope import Scope
 from clearance.units import to_steps
+
+logger = logging.getLogger("clearance")
+_warned_unpriced: set[str] = set()
+
+
+def _warn_unpriced(model: str, error: InvalidRequest) -> None:
+    """Once per model and process: the log is read by people, each decision also says so."""
+    if model not in _warned_unpriced:
+        _warned_unpriced.add(model)
+        logger.warning("clearance: a policy ladder rung cannot be priced and is skipped: %s", error)
 
 PolicyRule = Callable[[Action, Scope, "Proposal"], None]
 """A code rule: may change ``proposal.plans``, set ``proposal.deny``, add ``proposal.notes``."""
@@ -209,10 +220,23 @@ class Policy:
             }
 
         plans: list[Plan] = []
+        priced: list[Rung] = []
         for rung in rungs:
             caps = None if rung.model == action.model else Caps(model=rung.model)
             rule = f"ladder:{rung.model}" if found else None
-            plans.append(Plan.of_steps(amounts(rung.model, input_tokens, output_tokens), caps, rung.min_headroom, rule))
+            try:
+                steps = amounts(rung.model, input_tokens, output_tokens)
+            except InvalidRequest as error:
+                if rung.model == action.model:
+                    raise
+                # A rung this process cannot price (a typo in the policy, a model registered on other
+                # workers only): skipped, said so, not every call on the ladder failing.
+                _warn_unpriced(rung.model, error)
+                proposal.notes.append(Reason("ladder_unpriced", f"rung skipped: {error}", scope.path, rule=rule))
+                continue
+            priced.append(rung)
+            plans.append(Plan.of_steps(steps, caps, rung.min_headroom, rule))
+        rungs = priced
         cheapest = rungs[-1].model
         changed_model = None if cheapest == action.model else cheapest
         kept_input = input_tokens

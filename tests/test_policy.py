@@ -682,3 +682,14 @@ def test_a_slow_policy_read_never_puts_an_older_version_back() -> None:
     later = worker.reserve(pay, RUN)
     assert later.denied and later.reasons[0].code == "risk_not_allowed"
     assert worker.current_policy().version == 2  # type: ignore[union-attr]
+
+
+def test_a_ladder_rung_that_cannot_be_priced_is_skipped_and_said_so() -> None:
+    """A rung this process cannot price (a typo, a model registered on other workers only) is
+    skipped with reason ladder_unpriced: every call on the ladder used to raise InvalidRequest."""
+    ladder = {"provider": "openai", "rungs": ["gpt-4.1", "gpt-4.1-mnii", "gpt-4.1-nano"]}
+    authority = authority_with({"ladders": [ladder]})
+    authority.set_budget(Budget("tenant:acme", "usd", "0.005"))  # the flagship does not fit: the nano does
+    decision = authority.reserve(flagship(), RUN)
+    assert decision.caps == Caps(model="gpt-4.1-nano")
+    assert any(r.code == "ladder_unpriced" and "gpt-4.1-mnii" in r.message for r in decision.reasons)
