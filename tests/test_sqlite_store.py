@@ -223,3 +223,35 @@ def test_a_child_forked_while_a_thread_is_in_a_transaction_can_write(tmp_path: P
     assert os.waitstatus_to_exitcode(status) == 0
     assert authority.balance("tenant:acme")["usd"].spent == 1
     authority.close()
+
+
+def test_a_write_waiting_on_one_ledger_file_holds_up_no_other_file_and_no_read(tmp_path: Path) -> None:
+    """This process's writers take turns per file (fork() waits for the turn under way); a write
+    transaction open on one file must not hold up writes to another file, nor reads (WAL)."""
+    import threading
+
+    busy_store = SQLiteStore(str(tmp_path / "a.db"), busy_timeout=0.2)
+    other = Authority(SQLiteStore(str(tmp_path / "b.db"), busy_timeout=0.2))
+    same = Authority(SQLiteStore(str(tmp_path / "a.db"), busy_timeout=0.2))
+    same.set_budget(Budget("tenant:acme", "usd", 10))
+    inside, done = threading.Event(), threading.Event()
+
+    def in_a_transaction() -> None:
+        with busy_store._write():
+            inside.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=in_a_transaction)
+    holder.start()
+    assert inside.wait(10)
+    try:
+        other.set_budget(Budget("tenant:acme", "usd", 10))  # another file: not held up
+        assert other.reserve(Action("step", "s", {"usd": 1}), CHAIN).allowed
+        assert same.balance("tenant:acme")["usd"].limit == 10  # a read of the busy file
+        with pytest.raises(StoreUnavailable):  # a write to it waits its turn, then gives up
+            same.set_budget(Budget("tenant:acme", "usd", 20))
+    finally:
+        done.set()
+        holder.join(10)
+    same.set_budget(Budget("tenant:acme", "usd", 20))
+    assert same.balance("tenant:acme")["usd"].limit == 20

@@ -51,6 +51,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -81,15 +82,38 @@ from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
 SCHEMA_VERSION = 5
 
 # SQLite keeps each database file's lock state in process memory, shared by every connection of the
-# process. A child forked while a thread of this process is inside a transaction inherits a copy
-# that says a lock is held, and can never write to that file (every write waited out busy_timeout:
-# a new connection in the child does not help). So every transaction and read holds this lock, and
-# fork() waits for it: a child always starts with no transaction under way. (It also queues this
-# process's threads for the file's write lock, which SQLite's busy handler would do by polling.)
-_TRANSACTIONS = threading.Lock()
-os.register_at_fork(
-    before=_TRANSACTIONS.acquire, after_in_parent=_TRANSACTIONS.release, after_in_child=_TRANSACTIONS.release
-)
+# process. A child forked while a thread of this process is inside a write transaction inherits a
+# copy that says the write lock is held, and can never write to that file (every write waited out
+# busy_timeout: a new connection in the child does not help). So a write transaction holds its
+# file's lock below, and fork() waits for all of them: a child starts with no transaction under way.
+# (It also queues this process's threads for the file's write lock, which SQLite's busy handler
+# would do by polling.) Reads take no lock: in WAL mode they never wait for a writer.
+_file_locks: dict[str, threading.Lock] = {}
+_file_locks_guard = threading.Lock()
+
+
+def _lock_of(path: str) -> threading.Lock:
+    key = os.path.realpath(path)
+    with _file_locks_guard:
+        lock = _file_locks.get(key)
+        if lock is None:
+            lock = _file_locks[key] = threading.Lock()
+        return lock
+
+
+def _before_fork() -> None:
+    _file_locks_guard.acquire()
+    for lock in _file_locks.values():  # (a thread holds at most one, and takes none while it does)
+        lock.acquire()
+
+
+def _after_fork() -> None:
+    for lock in _file_locks.values():
+        lock.release()
+    _file_locks_guard.release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
 PAGE_SIZE = 1024
 WAL_AUTOCHECKPOINT = 4096  # pages
 
@@ -388,6 +412,7 @@ class SQLiteStore(Store):
         self._local = threading.local()
         self._holds_since_forget = 0
         self._window_cache: tuple[Windows, list[str]] = ((), [])  # one tuple: threads share it
+        self._turns = _lock_of(path)  # this file's write transactions in this process, in turn
         self._refuse_foreign()
         with self._read() as db:
             if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
@@ -464,15 +489,29 @@ class SQLiteStore(Store):
         return db
 
     def _begin(self) -> sqlite3.Connection:
-        """A connection in a write transaction, holding _TRANSACTIONS (the caller releases it when the
-        transaction ends, in a ``finally``)."""
+        """A connection in a write transaction, holding this file's turn (``self._turns``: the caller
+        releases it when the transaction ends, in a ``finally``). Waiting for the turn and for the
+        file's write lock share one ``busy_timeout``."""
         db = self._connection()
-        if not _TRANSACTIONS.acquire(timeout=self._busy_timeout):
-            raise StoreUnavailable(f"SQLite ledger {self.path} is busy: no transaction within the busy timeout")
+        turns, local = self._turns, self._local
+        if turns.acquire(blocking=False):
+            waited = False
+        else:
+            started = time.monotonic()
+            if not turns.acquire(timeout=self._busy_timeout):
+                raise StoreUnavailable(f"SQLite ledger {self.path} is busy: no transaction within the busy timeout")
+            waited = True
         try:
+            if waited:  # SQLite waits for other processes only as long as is left
+                left = self._busy_timeout - (time.monotonic() - started)
+                db.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
+                local.shortened = True
+            elif getattr(local, "shortened", False):
+                db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+                local.shortened = False
             db.execute("BEGIN IMMEDIATE")
         except BaseException as error:
-            _TRANSACTIONS.release()
+            turns.release()
             if isinstance(error, sqlite3.Error):
                 raise StoreUnavailable(f"SQLite ledger {self.path} is busy or unreadable: {error}") from error
             raise
@@ -494,7 +533,7 @@ class SQLiteStore(Store):
             self._rollback(db)
             raise
         finally:
-            _TRANSACTIONS.release()
+            self._turns.release()
 
     @staticmethod
     def _rollback(db: sqlite3.Connection) -> None:
@@ -507,14 +546,10 @@ class SQLiteStore(Store):
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         db = self._connection()
-        if not _TRANSACTIONS.acquire(timeout=self._busy_timeout):  # (a read holds file locks too)
-            raise StoreUnavailable(f"SQLite ledger {self.path} is busy: no read within the busy timeout")
         try:
             yield db
         except sqlite3.Error as error:
             raise StoreUnavailable(f"SQLite ledger {self.path} failed: {error}") from error
-        finally:
-            _TRANSACTIONS.release()
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -708,7 +743,7 @@ class SQLiteStore(Store):
             self._rollback(db)
             raise
         finally:
-            _TRANSACTIONS.release()
+            self._turns.release()
         return HoldResult(rid, index, request.expires_at, tuple(after), tuple(choice.rejections))
 
     def _load(self, db: sqlite3.Connection, reservation_id: str, now: float) -> ReservationRecord:
@@ -833,7 +868,7 @@ class SQLiteStore(Store):
             self._rollback(db)
             raise
         finally:
-            _TRANSACTIONS.release()
+            self._turns.release()
         return SettleResult(reservation_id, COMMITTED, actual, tuple(flags))
 
     def release(self, reservation_id: str, now: float) -> SettleResult:
