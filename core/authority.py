@@ -714,7 +714,7 @@ class Authority:
                     logger.error("clearance: cannot read the store's policy version %s: %s", version, error)
                 else:
                     with self._policy_lock:  # another thread may have installed a newer one meanwhile
-                        if self._policy_version == seen:
+                        if self._policy_version == seen or version > self._policy_version:
                             self._policy, self._policy_version = policy, version
                             self._policy_unreadable = None
             unreadable = self._policy_unreadable
@@ -764,7 +764,7 @@ class Authority:
                     request, checked, parsed, chosen = self._request(
                         checked, parsed, proposal.plans, ttl, key, proposal.probes
                     )
-        if proposal is not None:
+        if proposal is not None and proposal.deny is None:
             try:  # the per-run budgets this decision must count against: none may be skipped
                 for template in proposal.templates:
                     yield from self._ensure_flow(template)

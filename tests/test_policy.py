@@ -693,3 +693,27 @@ def test_a_ladder_rung_that_cannot_be_priced_is_skipped_and_said_so() -> None:
     decision = authority.reserve(flagship(), RUN)
     assert decision.caps == Caps(model="gpt-4.1-nano")
     assert any(r.code == "ladder_unpriced" and "gpt-4.1-mnii" in r.message for r in decision.reasons)
+
+
+def test_a_rule_denial_is_never_failed_open_by_a_per_run_budget_it_could_not_create() -> None:
+    """A rule that denies comes first: the per-run budget templates are not even looked at, so
+    the store being down there cannot turn the denial into a fail-open allow."""
+    from clearance import StoreUnavailable
+    from clearance.decision import Reason
+    from clearance.stores.memory import MemoryStore
+
+    class Down(MemoryStore):
+        def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
+            raise StoreUnavailable("down (test)")
+
+        def hold(self, request):  # type: ignore[no-untyped-def]
+            raise StoreUnavailable("down (test)")
+
+    def no_rm(action: Action, scope: object, proposal: object) -> None:
+        if action.name == "rm":
+            proposal.deny = Reason("custom", "rm is never allowed", scope.path)  # type: ignore[attr-defined]
+
+    policy = Policy(PolicyDocument.parse({"tools": {"calls_per_run": 5}}), rules=[no_rm])
+    authority = Authority(Down(), policy=policy, fail_open=True, emergency_limits={"calls": 10})
+    decision = authority.reserve(Action.tool_call("rm"), RUN)
+    assert decision.denied and decision.mode is Mode.ENFORCED and decision.reasons[0].code == "custom"

@@ -1066,7 +1066,7 @@ class RedisStore(Store):
             if not reply.startswith("backlog") or round_ == _BACKLOG_ROUNDS - 1:
                 break
             try:  # denied with more expired holds waiting than a call reclaims: reclaim them, ask again
-                self._drain(root, request.now)
+                self._drain(root, request.now, expired_only=True)
             except StoreUnavailable:
                 break  # the denial stands: nothing was held
         return self._hold_result(request, reply)
@@ -1308,24 +1308,25 @@ class RedisStore(Store):
             ) from first
         return expired
 
-    def _drain(self, root: str, now: float) -> int:
+    def _drain(self, root: str, now: float, *, expired_only: bool = False) -> int:
         """Reclaim a tenant's expired holds (and forget what is past retention) a batch per script
         call until none is left: each call stays short, so other tenants' calls go on in between.
-        Returns how many holds expired."""
+        ``expired_only``: stop once the expired holds are done (expired holds come first; forgetting
+        is lazy, a lookup never needs it). Returns how many holds expired."""
         expired = 0
         while True:
             count, due, forgotten = self._run("sweep", root, self._head(now))
             expired += int(count)
-            if int(due) < self._batch and int(forgotten) < self._batch:
+            if int(count) < self._batch and (expired_only or (int(due) < self._batch and int(forgotten) < self._batch)):
                 return expired
 
     async def _adrain(self, root: str, now: float) -> int:
-        """:meth:`_drain` for asyncio."""
+        """:meth:`_drain` for asyncio, the expired holds only."""
         expired = 0
         while True:
-            count, due, forgotten = await self._arun("sweep", root, self._head(now))
+            count, _, _ = await self._arun("sweep", root, self._head(now))
             expired += int(count)
-            if int(due) < self._batch and int(forgotten) < self._batch:
+            if int(count) < self._batch:
                 return expired
 
     def _run_drained(self, name: str, root: str, args: list[str], now: float) -> Any:
@@ -1333,7 +1334,7 @@ class RedisStore(Store):
         one call reclaims: they are reclaimed (see :meth:`_drain`), then it is asked again."""
         reply = self._run(name, root, args)
         if reply in _BACKLOG_REPLIES:
-            self._drain(root, now)
+            self._drain(root, now, expired_only=True)
             reply = self._run(name, root, args)
             if reply in _BACKLOG_REPLIES:  # a new batch expired meanwhile: unlikely
                 raise StoreUnavailable(f"could not catch up with the expired holds of {root}: try again")
