@@ -12,7 +12,7 @@ from pydantic import Field, field_validator
 from clearance._model import InputModel
 from clearance.errors import InvalidRequest
 from clearance.pricing import price_nano_usd
-from clearance.units import USD_SCALE, from_step_map, to_step_map
+from clearance.units import from_step_map, from_steps, to_step_map
 
 _WORD_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _LABEL_RE = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
@@ -110,7 +110,8 @@ class Action(InputModel):
         (:func:`clearance.pricing.set_fallback_price`). ``extra`` adds amounts of other units.
         """
         nano = price_nano_usd(provider, model, input_tokens, max_output_tokens)
-        amounts: dict[str, Any] = {"usd": Decimal(nano) / USD_SCALE, "tokens": input_tokens + max_output_tokens}
+        # (from_steps divides exactly: the caller's decimal context could round the price down)
+        amounts: dict[str, Any] = {"usd": from_steps("usd", nano), "tokens": input_tokens + max_output_tokens}
         if extra:
             amounts.update(extra)
         meta = {"input_tokens": input_tokens, "max_output_tokens": max_output_tokens, **(metadata or {})}

@@ -42,6 +42,7 @@ from clearance.ledger import (
     ReservationRecord,
     accounts_of,
     binds_before,
+    commit_flags,
     merge_actual,
 )
 from clearance.periods import Period, period_key, windows_at
@@ -332,23 +333,42 @@ class _EmergencyCap:
                 done = self.settled.get(rid)
                 if done is None:
                     raise ReservationNotFound(rid)
-                if done.status != "expired" or not commit:
+                if done.status == "committed" or not commit:
                     return Settlement(rid, done.status, done.committed_steps or (), done.flags, replayed=True)
-                reservation, steps, flags = done, (), ("late",)  # what was held came back at expiry
+                # Reality wins, as in the ledger: a commit after release or expiry is charged (what was
+                # held came back then), flagged after_release / late.
+                reservation, prior = done, done.status
             else:
-                reservation, steps, flags = held, held.steps, ()
-                self._give_back(steps)
+                reservation, prior = held, "held"
+                self._give_back(held.steps)
             if not commit:
                 reservation.status = "released"
                 self._remember(reservation)
                 return Settlement(rid, "released")
+            steps = reservation.steps
             charged = steps if actual is None else merge_actual(steps, actual)
+            flags = tuple(commit_flags(prior, steps, charged))
             for unit, amount in charged:
                 if unit in self.limits:
                     self.used[unit] += amount
             reservation.status, reservation.committed_steps, reservation.flags = "committed", charged, flags
             self._remember(reservation)
             return Settlement(rid, "committed", charged, flags)
+
+
+def _guarded(decision: Decision) -> Decision:
+    """The decision a guard may run its block on, else :class:`Denied`. A guard retried with the
+    idempotency key of one that already committed (its block ran, its cost is recorded) is denied
+    ``replay_settled``, as a replay of a released or expired reservation is: running the block again
+    would do the step twice and its cost would be dropped (the commit replays)."""
+    if decision.denied:
+        raise Denied(decision)
+    reservation = decision.reservation
+    if decision.replayed and reservation is not None and reservation.status == "committed":
+        message = f"this idempotency key's reservation {reservation.id} is committed: the step it guards has run"
+        reason = Reason("replay_settled", message, decision.scope)
+        raise Denied(Decision(Outcome.DENY, decision.scope, decision.action_label, reasons=(reason,), replayed=True))
+    return decision
 
 
 class Grant:
@@ -1235,9 +1255,7 @@ class Authority:
         ...     reply = call_model(model=grant.caps.model if grant.caps else None)
         ...     grant.settle({"usd": reply.cost})
         """
-        decision = self.reserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key)
-        if decision.denied:
-            raise Denied(decision)
+        decision = _guarded(self.reserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key))
         grant = Grant(decision)
         try:
             yield grant
@@ -1257,9 +1275,7 @@ class Authority:
         idempotency_key: str | None = None,
     ) -> AsyncIterator[Grant]:
         """Async twin of :meth:`guard`."""
-        decision = await self.areserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key)
-        if decision.denied:
-            raise Denied(decision)
+        decision = _guarded(await self.areserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key))
         grant = Grant(decision)
         reservation = decision.reservation
         try:

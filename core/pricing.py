@@ -47,11 +47,24 @@ _fallback: ModelRate | None = None
 _rates: dict[tuple[str | None, str], ModelRate | None] = {}
 
 
+def _price(name: str, value: Any) -> Decimal:
+    """A price in USD per million tokens: a finite, non-negative number (``InvalidRequest`` if not)."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        price = Decimal(str(value))
+    except (ArithmeticError, ValueError, TypeError):
+        raise InvalidRequest(f"{name} must be a number of USD per million tokens, got {value!r}") from None
+    if not price.is_finite() or price < 0:
+        raise InvalidRequest(f"{name} must be finite and non-negative, got {value!r}")
+    return price
+
+
 def register_price(model: str, input_per_mtok: Any, output_per_mtok: Any, *, provider: str | None = None) -> None:
     """Price a model genai-prices does not know (or override one), in USD per million tokens."""
-    rate = ModelRate(Decimal(str(input_per_mtok)), Decimal(str(output_per_mtok)))
-    if rate.input_per_mtok < 0 or rate.output_per_mtok < 0 or not rate.input_per_mtok.is_finite():
-        raise InvalidRequest("prices must be finite and non-negative")
+    if not isinstance(model, str) or not model or not (provider is None or isinstance(provider, str)):
+        raise InvalidRequest("register_price needs a model name (and, optionally, a provider name)")
+    rate = ModelRate(_price("input_per_mtok", input_per_mtok), _price("output_per_mtok", output_per_mtok))
     with _lock:
         _custom[(provider, model)] = rate
         _rates.clear()
@@ -60,11 +73,13 @@ def register_price(model: str, input_per_mtok: Any, output_per_mtok: Any, *, pro
 def set_fallback_price(input_per_mtok: Any | None, output_per_mtok: Any | None = None) -> None:
     """Price unknown models at this rate instead of raising ``InvalidRequest``; ``None`` turns it off."""
     global _fallback  # noqa: PLW0603 - process-wide configuration by design
+    rate = None
+    if input_per_mtok is not None:
+        given = _price("input_per_mtok", input_per_mtok)
+        # (None: the input price for output too; 0 is a price like any other)
+        rate = ModelRate(given, given if output_per_mtok is None else _price("output_per_mtok", output_per_mtok))
     with _lock:
-        if input_per_mtok is None:
-            _fallback = None
-        else:
-            _fallback = ModelRate(Decimal(str(input_per_mtok)), Decimal(str(output_per_mtok or input_per_mtok)))
+        _fallback = rate
         _rates.clear()
 
 
@@ -114,6 +129,8 @@ def price_nano_usd(provider: str | None, model: str, input_tokens: int, output_t
     """Price of a call in nano-dollars (rounded up)."""
     if not isinstance(model, str) or not model:
         raise InvalidRequest("a model name is required to price a model call")
+    if provider is not None and not isinstance(provider, str):
+        raise InvalidRequest(f"provider must be a name or None, got {provider!r}")
     for name, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value > 2**40:
             raise InvalidRequest(f"{name} must be a non-negative int, got {value!r}")

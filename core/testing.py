@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -28,13 +29,15 @@ class FakeClock:
 
     def advance(self, seconds: float) -> float:
         """Move forward by ``seconds``; returns the new time."""
-        if seconds < 0:
-            raise ValueError("a clock only moves forward")
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds < math.inf:
+            raise ValueError(f"a clock only moves forward, by a finite number of seconds: got {seconds!r}")
         with self._lock:
             self._now += seconds
             return self._now
 
     def set(self, now: float) -> None:
+        if isinstance(now, bool) or not isinstance(now, int | float) or not math.isfinite(now):
+            raise ValueError(f"a time is a finite number of seconds since the epoch: got {now!r}")
         with self._lock:
             self._now = float(now)
 

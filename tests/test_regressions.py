@@ -385,3 +385,84 @@ def test_memory_ensure_budget_never_undoes_an_operators_limit_set_meanwhile() ->
     store._lock = lock
     [state] = store.accounts(scope, (("", ""),), 2.0, False)
     assert state.limit == 500
+
+
+def test_a_guard_retried_with_the_key_of_one_that_committed_does_not_run_again() -> None:
+    """A guard whose idempotency key already committed (its block ran, its cost is recorded) is
+    denied replay_settled: running the block again would do the step twice, its cost dropped."""
+    from clearance import Denied
+
+    authority = Authority()
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    runs = 0
+    with authority.guard(Action("step", "s", {"usd": 1}), RUN, idempotency_key="step-1") as grant:
+        runs += 1
+        grant.settle({"usd": "0.4"})
+    with (
+        pytest.raises(Denied) as denied,
+        authority.guard(Action("step", "s", {"usd": 1}), RUN, idempotency_key="step-1"),
+    ):
+        runs += 1
+    assert runs == 1
+    assert denied.value.decision.reasons[0].code == "replay_settled"
+    assert authority.balance("tenant:acme")["usd"].spent == Decimal("0.4")
+    # reserve itself still answers a retry with the committed reservation (a lost reply, say)
+    replay = authority.reserve(Action("step", "s", {"usd": 1}), RUN, idempotency_key="step-1")
+    assert replay.replayed and replay.reservation is not None and replay.reservation.status == "committed"
+
+
+def test_a_model_call_is_priced_exactly_whatever_the_callers_decimal_context() -> None:
+    import decimal
+
+    from clearance.pricing import price_nano_usd
+
+    with decimal.localcontext() as context:
+        context.prec = 3
+        held = dict(Action.model_call("openai", "gpt-4o", 1001, 500).steps)["usd"]
+    assert held == price_nano_usd("openai", "gpt-4o", 1001, 500)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        (("m", "nan", 1), {}),
+        (("m", "abc", 1), {}),
+        (("m", 1, "nan"), {}),
+        (("m", 1, "inf"), {}),
+        (("m", -1, 1), {}),
+        (("m", True, 1), {}),
+        (("", 1, 1), {}),
+        (("m", 1, 1), {"provider": 5}),
+    ],
+)
+def test_bad_prices_are_invalid_requests(args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+    from clearance.pricing import register_price
+
+    with pytest.raises(InvalidRequest):
+        register_price(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_the_fallback_price_is_checked_and_a_zero_output_price_is_a_price() -> None:
+    from clearance.pricing import set_fallback_price
+
+    for bad in (("abc",), ("inf",), (1, "nan"), (-1,)):
+        with pytest.raises(InvalidRequest):
+            set_fallback_price(*bad)
+    try:
+        set_fallback_price(5, 0)
+        call = Action.model_call("nosuchprovider", "no-such-model", 0, 1_000_000)
+        assert call.amounts["usd"] == 0  # output priced at 0, not at the input price
+        with pytest.raises(InvalidRequest):
+            Action.model_call(5, "gpt-4o", 1, 1)  # type: ignore[arg-type]
+    finally:
+        set_fallback_price(None)
+
+
+def test_a_fake_clock_moves_by_finite_seconds_only() -> None:
+    clock = FakeClock()
+    for bad in (float("nan"), float("inf"), -1):
+        with pytest.raises(ValueError):
+            clock.advance(bad)
+    with pytest.raises(ValueError):
+        clock.set(float("nan"))
+    assert clock() == FakeClock()()

@@ -233,3 +233,33 @@ def test_a_late_local_commit_keeps_its_key(monkeypatch: pytest.MonkeyPatch) -> N
     assert authority.commit(first.reservation, {"usd": "0.1"}).flags == ("late",)
     retry = authority.reserve(ACTION, SCOPE, idempotency_key="k0")
     assert retry.replayed and retry.reservation is not None and retry.reservation.id == first.reservation.id
+
+
+def test_reservations_made_failing_open_settle_like_ledger_ones() -> None:
+    """Reality wins for local reservations too: a commit after their release or past their TTL is
+    charged (to the emergency cap) and flagged after_release / late, as on every store — not
+    answered as a replay of the release, or charged nothing."""
+    clock = FakeClock()
+    store = FlakyStore()
+    authority = Authority(store, fail_open=True, emergency_limits={"usd": 5}, clock=clock)
+    ledger = Authority(clock=clock)  # the reference: the same calls on a ledger store
+    for each in (authority, ledger):
+        each.set_budget(Budget("tenant:acme", "usd", 10))
+    store.down = True
+    settlements = []
+    for each in (authority, ledger):
+        released = each.reserve(Action("step", "s", {"usd": "0.5"}), SCOPE, ttl=60)
+        expired = each.reserve(Action("step", "s", {"usd": "0.5"}), SCOPE, ttl=5)
+        assert released.reservation is not None and expired.reservation is not None
+        each.release(released.reservation)
+        clock.advance(10)
+        after_release = each.commit(released.reservation, {"usd": "0.4"})
+        late = each.commit(expired.reservation)
+        settlements.append([(s.status, s.charged_steps, s.flags, s.replayed) for s in (after_release, late)])
+        clock.advance(1)
+    assert settlements[0] == settlements[1]
+    assert settlements[0] == [
+        ("committed", (("usd", 400_000_000),), ("after_release",), False),
+        ("committed", (("usd", 500_000_000),), ("late",), False),
+    ]
+    assert authority._emergency.used == {"usd": 900_000_000}
