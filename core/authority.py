@@ -14,6 +14,7 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
@@ -462,6 +463,9 @@ class Authority:
         self._policy_unreadable: tuple[int, str] | None = None  # a stored version this worker cannot parse
         self._policy_refresh = float(policy_refresh)
         self._ensured: dict[tuple[str, str, str], None] = {}
+        # Would-be holds shadow mode could not release (the store failed just then): (id, expires_at),
+        # released by the next shadow decision that can, unless their TTL has returned them first.
+        self._shadow_unreleased: deque[tuple[str, float]] = deque(maxlen=10_000)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Authority:
@@ -935,12 +939,25 @@ class Authority:
         The hold is empty, so the commit still records the real spend (flagged over_hold)."""
         # No idempotency key: it names the would-be reservation, released just below.
         request, _, _, chosen = self._request(action, scope, [Plan({}, rule="shadow")], ttl, None)
+        unreleased = self._shadow_unreleased
+        would_hold = would_be.reservation
         try:
-            if would_be.reservation is not None:
-                if would_be.reservation.local:  # a would-be made failing open: off the emergency cap
-                    self._emergency.settle(would_be.reservation.id, None, False, self.clock())
+            if would_hold is not None:
+                if would_hold.local:  # a would-be made failing open: off the emergency cap
+                    self._emergency.settle(would_hold.id, None, False, self.clock())
                 else:
-                    yield ("release", (would_be.reservation.id, self.clock()))
+                    unreleased.append((would_hold.id, would_hold.expires_at))
+            for _ in range(len(unreleased)):  # this one, and any an earlier decision could not release
+                try:
+                    rid, expires_at = unreleased.popleft()
+                except IndexError:  # (another thread took the last)
+                    break
+                if expires_at > self.clock():  # past its TTL the ledger has given it back already
+                    try:
+                        yield ("release", (rid, self.clock()))
+                    except StoreUnavailable:
+                        unreleased.append((rid, expires_at))
+                        raise
             result = yield ("hold", (request,))
         except StoreUnavailable as error:
             return self._unavailable(error, request, action, scope, chosen)

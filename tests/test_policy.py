@@ -717,3 +717,30 @@ def test_a_rule_denial_is_never_failed_open_by_a_per_run_budget_it_could_not_cre
     authority = Authority(Down(), policy=policy, fail_open=True, emergency_limits={"calls": 10})
     decision = authority.reserve(Action.tool_call("rm"), RUN)
     assert decision.denied and decision.mode is Mode.ENFORCED and decision.reasons[0].code == "custom"
+
+
+def test_a_would_be_hold_shadow_mode_could_not_release_is_released_by_the_next_shadow_decision() -> None:
+    """Shadow mode releases the would-be hold before its own; when the store fails just then the
+    decision is store trouble, and the would-be hold (nobody else knows its id) is released by the
+    next shadow decision instead of keeping its budget until its TTL."""
+    from clearance import StoreUnavailable
+    from clearance.stores.memory import MemoryStore
+
+    class ReleaseFailsOnce(MemoryStore):
+        failures = 1
+
+        def release(self, reservation_id, now):  # type: ignore[no-untyped-def]
+            if ReleaseFailsOnce.failures:
+                ReleaseFailsOnce.failures -= 1
+                raise StoreUnavailable("gone (test)")
+            return super().release(reservation_id, now)
+
+    document = PolicyDocument.parse({"ladders": [LADDER], "shadow": ["tenant:globex"]})
+    authority = Authority(ReleaseFailsOnce(), policy=Policy(document))
+    authority.set_budget(Budget("tenant:globex", "usd", "0.005"))  # the flagship does not fit: capped
+    first = authority.reserve(flagship(), "tenant:globex/run:r1")
+    assert first.denied and first.reasons[0].code == "store_unavailable"
+    assert authority.balance("tenant:globex")["usd"].held > 0  # the would-be hold, for now
+    second = authority.reserve(flagship(), "tenant:globex/run:r2")
+    assert second.allowed and second.mode is Mode.SHADOW
+    assert authority.balance("tenant:globex")["usd"].held == 0  # both would-be holds released
