@@ -690,6 +690,30 @@ def test_with_every_clock_trusted_retention_runs_from_the_workers_clock(redis_ur
     authority.close()
 
 
+def test_a_reserve_request_arriving_after_its_own_retry_holds_nothing_more(redis_url: str, clock: FakeClock) -> None:
+    """A reserve's first copy can reach Redis after the client, its connection reset, retried on
+    a new one (a proxy's buffer, or two connections read in one event-loop turn). Whichever copy
+    comes second — before or after the commit — is a replay: one hold, never a second one
+    stranded under the same id (it was: held 2, and 1 left after the commit for good)."""
+    authority = Authority(redis_url, clock=clock)
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    authority.set_budget(Budget("tenant:late", "usd", 10))
+    request = authority._request(Action("step", "s", {"usd": 1}), "tenant:late/run:1", None, 60.0, None)[0]
+    first_copy = store._hold_args(request)
+    retry = [*first_copy[:-1], "1"]
+    assert store._run("reserve", "tenant:late", retry).startswith("held\n")
+    assert store._run("reserve", "tenant:late", first_copy).startswith("replay_id\n")  # the late first copy
+    assert authority.balance("tenant:late")["usd"].held == 1
+    settled = authority.commit(f"{request.reservation_id[:20]}.tenant:late")
+    assert settled.status == "committed"
+    assert store._run("reserve", "tenant:late", first_copy).startswith("replay_id\n")  # after the commit too
+    balance = authority.balance("tenant:late")["usd"]
+    assert (balance.spent, balance.held) == (1, 0)
+    assert [e.kind for e in authority.events(scope="tenant:late")].count("hold") == 1
+    authority.close()
+
+
 def test_a_worker_whose_clock_runs_ahead_forgets_nothing(redis_url: str) -> None:
     """Retention is judged by the worker's clock: one far ahead must not forget what the others still
     remember (a retry would then hold, and run the job, twice). Its commits go through all the same."""

@@ -170,6 +170,18 @@ if chosen < 0 then
   return (backlog and 'backlog' or 'denied') .. '\n\n-1\n0\n' .. states_text(list, nil) .. '\n' .. table.concat(rejections, '|')
 end
 
+-- This id enters the due index here, before anything is held: an id already there is this very
+-- request seen again — its first copy, delayed, arriving after the client's retry on a new
+-- connection (or the retry after it): answered as a replay, so nothing is held twice. (The usual
+-- reserve pays nothing for it: the ZADD was always made, NX only moved it before the writes.)
+if redis.call('ZADD', K_DUE, 'NX', expires_at, token) == 0 then
+  local rec = load(token)
+  if rec then
+    return replay(token, 'replay_id', rec)
+  end
+  redis.call('ZADD', K_DUE, expires_at, token)  -- an entry without a record (none is made so): reset
+end
+
 -- The new held counters in one HSET (they were just read: states() carries them), not one HINCRBY each.
 -- `held_now` (counter suffix -> the new held, as written) is reused for the reply.
 local added, held_now, hold_fields, writes, opened = {}, {}, {}, {}, {}
@@ -216,7 +228,6 @@ if idem ~= '' then
 else
   redis.call('HSET', K_RES, token, rec)
 end
-redis.call('ZADD', K_DUE, expires_at, token)
 audit('hold', scope, token, amounts_text, 'plan=' .. plan)
 return 'held\n' .. token .. '\n' .. plan .. '\n' .. expires_at .. '\n' .. states_text(list, held_now) .. '\n'
   .. table.concat(rejections, '|')
