@@ -463,6 +463,7 @@ class RedisStore(Store):
         self._lender = self._new_lender()  # (on a cluster, its lenders of turns per node: see _in_turn)
         _STORES.add(self)
         self._sync: tuple[Any, dict[str, Any]] | None = None  # built on first use: a cluster client connects
+        self._nodes_seen: dict[tuple[str, int], None] = {}  # cluster nodes discovered (see _remember_nodes)
         self._sync_lock = threading.Lock()
         self._eviction_checked = False
         # Per event loop: its asyncio client, scripts, the cluster's discovery and its lender.
@@ -509,15 +510,32 @@ class RedisStore(Store):
         }
         if self.cluster:
             options["max_connections"] = self._max_connections
-            if asynchronous:
-                return redis.asyncio.cluster.RedisCluster.from_url(self._url, **options)
-            return redis.cluster.RedisCluster.from_url(self._url, **options)
+            module = redis.asyncio.cluster if asynchronous else redis.cluster
+            known = self._known_nodes()
+            if known:  # besides the URL's seed, which may be the node that is down
+                options["startup_nodes"] = [module.ClusterNode(host, port) for host, port in known]
+            return module.RedisCluster.from_url(self._url, **options)
         pool_options = {**options, "max_connections": self._max_connections, "timeout": connect_timeout}
         if asynchronous:
             return redis.asyncio.Redis.from_pool(
                 redis.asyncio.BlockingConnectionPool.from_url(self._url, **pool_options)
             )
         return redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(self._url, **pool_options))
+
+    def _known_nodes(self) -> list[tuple[str, int]]:
+        """The cluster nodes this store's clients have discovered (see :meth:`_remember_nodes`)."""
+        return list(self._nodes_seen)
+
+    def _remember_nodes(self, client: Any) -> None:
+        """Keep the nodes a cluster client has just discovered. A client built later (for a new event
+        loop — one per ``asyncio.run`` — or after a fork) starts from them too: started from the
+        URL's one seed, it could not connect while that node was down, even for healthy tenants."""
+        try:
+            nodes = list(client.nodes_manager.nodes_cache.values())
+        except Exception:  # (not a cluster client, or one that discovered nothing)
+            return
+        for node in nodes:
+            self._nodes_seen[(str(node.host), int(node.port))] = None
 
     def _built(self, asynchronous: bool) -> tuple[Any, dict[str, Any]]:
         try:
@@ -580,6 +598,8 @@ class RedisStore(Store):
             with self._sync_lock:
                 if self._sync is None:
                     self._sync = self._built(asynchronous=False)
+                    if self.cluster:
+                        self._remember_nodes(self._sync[0])
                 found = self._sync
         return found
 
@@ -639,10 +659,13 @@ class RedisStore(Store):
                     self._async[loop] = found
         ready = found[2]
         if ready is not None:
-            if not ready.done():
+            waited = not ready.done()
+            if waited:
                 with contextlib.suppress(Exception):  # read below, from the future itself
                     await asyncio.shield(ready)
             problem = RuntimeError("cancelled") if ready.cancelled() else ready.exception()
+            if waited and problem is None:  # (once a client, not on every call)
+                self._remember_nodes(found[0])
             if problem is not None:
                 with self._async_lock:
                     if self._async.get(loop) is found:

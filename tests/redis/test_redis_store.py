@@ -977,6 +977,40 @@ def test_cluster_scripts_load_on_the_tenants_node_only(redis_cluster_url: str, f
     authority.close()
 
 
+def test_cluster_a_new_event_loop_connects_with_its_seed_node_hung(redis_cluster_url: str) -> None:
+    """Each event loop gets its own cluster client (one per asyncio.run). Built from the URL's one
+    seed, a new one could not connect while that node was hung or down — every tenant denied, the
+    healthy ones too; it now starts from every node the store has discovered. (redis-py reads its
+    command table from the owner of slot 0: with that node down a new client still cannot start.)"""
+    import redis.cluster
+
+    raw = redis.cluster.RedisCluster.from_url(redis_cluster_url.replace("redis+cluster://", "redis://"))
+    slot0 = raw.nodes_manager.slots_cache[0][0].name
+    seed = next(node for node in raw.get_primaries() if node.name != slot0)
+    query = redis_cluster_url.split("?", 1)[1]
+    url = f"redis+cluster://{seed.host}:{seed.port}?socket_timeout=0.3&{query}"
+    authority = Authority(url, policy_refresh=3600)
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    tenant = next(
+        f"tenant:seed{i}"
+        for i in range(100)
+        if raw.get_node_from_key(store._keys(f"tenant:seed{i}")[0]).name != seed.name
+    )
+    authority.set_budget(Budget(tenant, "calls", 10))
+    action = Action("step", "s", {"calls": 1})
+    assert asyncio.run(authority.areserve(action, f"{tenant}/run:1")).allowed  # a first loop discovers the nodes
+    hung = _pause((seed.host, seed.port), 2500, "ALL")
+    try:
+        decision = asyncio.run(authority.areserve(action, f"{tenant}/run:1"))  # a new loop, a new client
+        assert decision.allowed, decision.reasons
+    finally:
+        _unpause(hung)
+        raw.close()
+    assert authority.balance(tenant)["calls"].held == 2
+    authority.close()
+
+
 def test_cluster_in_doubt_holds_are_released_through_their_own_node(redis_cluster_url: str) -> None:
     """A reserve lost on a hung master leaves its id in doubt; calls to tenants on healthy masters
     must not try to release it (each try would wait out the timeout on the hung node), and the
