@@ -253,23 +253,6 @@ local function forgotten_now(token, rec)
   return true
 end
 
--- One reservation, expired first if its time has come (expiry iff expires_at <= now), nil once
--- forgotten: enough for commit, release and extend, which touch only that reservation's accounts.
-local function load_current(token)
-  local rec = load(token)
-  if rec then
-    if rec.st == 'held' then
-      if rec.e + 0 <= NOW_N then
-        expire(token, rec)
-      end
-    elseif forgotten_now(token, rec) then
-      return nil
-    end
-  end
-  return rec
-end
-
-
 -- Lazy reclaim: return the tenant's expired holds to their budgets and drop settled reservations
 -- past retention, at most BATCH per call, expired holds first. Returns expired, seen, forgotten.
 local function reclaim()
@@ -295,6 +278,31 @@ local function reclaim()
     end
   end
   return expired, #due, forgotten
+end
+
+-- One reservation, expired first if its time has come (expiry iff expires_at <= now), nil once
+-- forgotten: enough for commit, release and extend, which touch only that reservation's accounts.
+local function load_current(token)
+  local rec = load(token)
+  if rec then
+    if rec.st == 'held' then
+      if rec.e + 0 <= NOW_N then
+        -- Due: the tenant's other due holds go back too (as the other stores do on any call that
+        -- meets an expired hold, and reserve here always does), so when each is reclaimed — and
+        -- its retention starts — does not depend on which reservation a caller touched first.
+        if clock_ok() then
+          reclaim()
+          rec = load(token)
+        end
+        if rec and rec.st == 'held' then  -- (a worker whose clock is off, or past the batch)
+          expire(token, rec)
+        end
+      end
+    elseif forgotten_now(token, rec) then
+      return nil
+    end
+  end
+  return rec
 end
 
 -- The chain of a scope path: "a:1/b:2" -> {"a:1", "a:1/b:2"}
