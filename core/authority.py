@@ -368,7 +368,9 @@ def _guarded(decision: Decision) -> Decision:
     if decision.replayed and reservation is not None and reservation.status == "committed":
         message = f"this idempotency key's reservation {reservation.id} is committed: the step it guards has run"
         reason = Reason("replay_settled", message, decision.scope)
-        raise Denied(Decision(Outcome.DENY, decision.scope, decision.action_label, reasons=(reason,), replayed=True))
+        denied = Decision(Outcome.DENY, decision.scope, decision.action_label, reasons=(reason,), replayed=True)
+        denied.mode = decision.mode  # (a local replay says it was made failing open)
+        raise Denied(denied)
     return decision
 
 
@@ -465,7 +467,7 @@ class Authority:
         self._ensured: dict[tuple[str, str, str], None] = {}
         # Would-be holds shadow mode could not release (the store failed just then): (id, expires_at),
         # released by the next shadow decision that can, unless their TTL has returned them first.
-        self._shadow_unreleased: deque[tuple[str, float]] = deque(maxlen=10_000)
+        self._shadow_unreleased: deque[tuple[str, str, float]] = deque(maxlen=10_000)  # (id, tenant, expires_at)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Authority:
@@ -939,25 +941,18 @@ class Authority:
         The hold is empty, so the commit still records the real spend (flagged over_hold)."""
         # No idempotency key: it names the would-be reservation, released just below.
         request, _, _, chosen = self._request(action, scope, [Plan({}, rule="shadow")], ttl, None)
-        unreleased = self._shadow_unreleased
         would_hold = would_be.reservation
         try:
             if would_hold is not None:
                 if would_hold.local:  # a would-be made failing open: off the emergency cap
                     self._emergency.settle(would_hold.id, None, False, self.clock())
                 else:
-                    unreleased.append((would_hold.id, would_hold.expires_at))
-            for _ in range(len(unreleased)):  # this one, and any an earlier decision could not release
-                try:
-                    rid, expires_at = unreleased.popleft()
-                except IndexError:  # (another thread took the last)
-                    break
-                if expires_at > self.clock():  # past its TTL the ledger has given it back already
                     try:
-                        yield ("release", (rid, self.clock()))
+                        yield ("release", (would_hold.id, self.clock()))
                     except StoreUnavailable:
-                        unreleased.append((rid, expires_at))
+                        self._shadow_unreleased.append((would_hold.id, scope.root, would_hold.expires_at))
                         raise
+            yield from self._release_shadow_leftovers(scope.root)
             result = yield ("hold", (request,))
         except StoreUnavailable as error:
             return self._unavailable(error, request, action, scope, chosen)
@@ -972,6 +967,31 @@ class Authority:
         decision.would_be = would_be
         return decision
 
+    def _release_shadow_leftovers(self, root: str) -> Generator[_Op, Any, None]:
+        """Best effort, a few at a time: would-be holds of this tenant an earlier shadow decision
+        could not release (its store failed just then). Only this tenant's (on a cluster another
+        tenant's node may be down), never failing this decision, and none past its TTL (the
+        ledger has given those back already)."""
+        leftovers = self._shadow_unreleased
+        for _ in range(min(4, len(leftovers))):
+            try:
+                entry = leftovers.popleft()
+            except IndexError:  # (another thread took the last)
+                return
+            rid, owner, expires_at = entry
+            if expires_at <= self.clock():
+                continue
+            if owner != root:
+                leftovers.append(entry)
+                continue
+            try:
+                yield ("release", (rid, self.clock()))
+            except StoreUnavailable:
+                leftovers.append(entry)
+                return
+            except ReservationNotFound:  # the ledger lost it (a Redis restarted without persistence)
+                continue
+
     def _run(self, flow: Generator[_Op, Any, _T]) -> _T:
         """Drive a flow against the sync face of the store."""
         store = self.store
@@ -980,8 +1000,8 @@ class Authority:
             while True:
                 try:
                     value = getattr(store, name)(*args)
-                except (StoreUnavailable, NotImplementedError) as error:
-                    name, args = flow.throw(error)
+                except (StoreUnavailable, NotImplementedError, ReservationNotFound) as error:
+                    name, args = flow.throw(error)  # (a flow that does not catch it raises it on)
                 else:
                     name, args = flow.send(value)
         except StopIteration as stop:
@@ -995,8 +1015,8 @@ class Authority:
             while True:
                 try:
                     value = await getattr(store, "a" + name)(*args)
-                except (StoreUnavailable, NotImplementedError) as error:
-                    name, args = flow.throw(error)
+                except (StoreUnavailable, NotImplementedError, ReservationNotFound) as error:
+                    name, args = flow.throw(error)  # (a flow that does not catch it raises it on)
                 else:
                     name, args = flow.send(value)
         except StopIteration as stop:

@@ -744,3 +744,33 @@ def test_a_would_be_hold_shadow_mode_could_not_release_is_released_by_the_next_s
     second = authority.reserve(flagship(), "tenant:globex/run:r2")
     assert second.allowed and second.mode is Mode.SHADOW
     assert authority.balance("tenant:globex")["usd"].held == 0  # both would-be holds released
+
+
+def test_a_would_be_hold_left_unreleased_never_fails_another_tenants_shadow_decisions() -> None:
+    """Leftover would-be holds are released best effort, by later decisions of their own tenant
+    only: one whose store keeps failing (its cluster node down) must not fail the shadow decisions
+    of tenants on healthy nodes (they were all denied store_unavailable until its TTL)."""
+    from clearance import StoreUnavailable
+    from clearance.stores.memory import MemoryStore
+
+    class TenantANodeDown(MemoryStore):
+        down = False
+
+        def release(self, reservation_id, now):  # type: ignore[no-untyped-def]
+            if TenantANodeDown.down and reservation_id.endswith(".tenant:a"):
+                raise StoreUnavailable("tenant:a's node is down (test)")
+            return super().release(reservation_id, now)
+
+    document = PolicyDocument.parse({"ladders": [LADDER], "shadow": ["tenant:a", "tenant:b"]})
+    authority = Authority(TenantANodeDown(), policy=Policy(document))
+    for tenant in ("tenant:a", "tenant:b"):
+        authority.set_budget(Budget(tenant, "usd", "0.005"))  # the flagship does not fit: capped
+    TenantANodeDown.down = True
+    assert authority.reserve(flagship(), "tenant:a/run:1").reasons[0].code == "store_unavailable"
+    for run in range(3):
+        decision = authority.reserve(flagship(), f"tenant:b/run:{run}")
+        assert decision.allowed and decision.mode is Mode.SHADOW, decision.reasons
+    assert authority.balance("tenant:b")["usd"].held == 0
+    TenantANodeDown.down = False
+    assert authority.reserve(flagship(), "tenant:a/run:2").mode is Mode.SHADOW
+    assert authority.balance("tenant:a")["usd"].held == 0  # the leftover went with tenant:a's next decision

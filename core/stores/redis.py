@@ -534,8 +534,8 @@ class RedisStore(Store):
             nodes = list(client.nodes_manager.nodes_cache.values())
         except Exception:  # (not a cluster client, or one that discovered nothing)
             return
-        for node in nodes:
-            self._nodes_seen[(str(node.host), int(node.port))] = None
+        if nodes:  # the latest discovery only: an address the cluster gave up may serve another one now
+            self._nodes_seen = {(str(node.host), int(node.port)): None for node in nodes}
 
     def _built(self, asynchronous: bool) -> tuple[Any, dict[str, Any]]:
         try:
