@@ -705,17 +705,17 @@ class Authority:
         """The policy decisions use now (refreshing it from the store if it is due); ``None`` when
         none is in force. Raises StoreUnavailable while this process has not been able to read the
         store's policy yet (decisions are denied then: see docs/policies.md)."""
-        return self._run(self._policy_flow(required=True))
+        return self._run(self._policy_flow())
 
     async def acurrent_policy(self) -> Policy | None:
         """Async twin of :meth:`current_policy`."""
-        return await self._arun(self._policy_flow(required=True))
+        return await self._arun(self._policy_flow())
 
-    def _policy_flow(self, required: bool = False) -> Generator[_Op, Any, Policy | None]:
+    def _policy_flow(self) -> Generator[_Op, Any, Policy | None]:
         """The policy in force, read again when its refresh is due. Until this process has read the
         store's policy once, every caller reads it (no decision is made as if there were none while
-        the first read is under way), and with ``required`` (a decision) a failed first read raises
-        StoreUnavailable: that decision is store trouble, not one made without the policy."""
+        the first read is under way), and a failed first read raises StoreUnavailable: a decision
+        is then store trouble, not one made without the policy."""
         if self._fixed_policy is not None:
             return self._fixed_policy
         checked = time.monotonic()
@@ -755,7 +755,7 @@ class Authority:
             self._policy_checked = checked
             self._policy_known = True
         except StoreUnavailable as error:
-            if required and not self._policy_known:  # (another thread may have read it meanwhile)
+            if not self._policy_known:  # (another thread may have read it meanwhile)
                 raise
             # With the store hung every call would first wait out a timeout here (each then outlasts
             # policy_refresh), on top of its own: once this process knows a policy version, it keeps
@@ -779,7 +779,7 @@ class Authority:
         policy: Policy | None = None
         if plans is None:
             try:
-                policy = yield from self._policy_flow(required=True)
+                policy = yield from self._policy_flow()
             except StoreUnavailable as error:
                 return self._unavailable(error, request, checked, parsed, chosen, policy_unread=True)
             # An empty policy changes nothing for plain actions, but risk classes still need its
