@@ -140,10 +140,6 @@ _NOT_REPEATABLE = frozenset({"remove_budget", "policy"})
 # already made does not write a second audit event for it; a retried commit that finds its own amounts
 # committed answers as its first run would have (not replayed).
 _RETRY_FLAGGED = frozenset({"reserve", "set_budget", "extend", "commit"})
-# A reserve denied while a backlog of expired holds waits is asked again after reclaiming them, at
-# most this many times in all (a backlog is reclaimed whole each time: one more round is rare).
-_BACKLOG_ROUNDS = 3
-_BACKLOG_REPLIES = ("backlog", ["backlog"])  # accounts' and list's "reclaim first, then ask again"
 
 
 @cache
@@ -178,6 +174,20 @@ def _no_connection(error: BaseException) -> bool:
     return isinstance(error, NoConnection) or (
         isinstance(error, redis.ConnectionError) and str(error) == "No connection available."
     )
+
+
+def _backlog(reply: Any) -> bool:
+    """A script's "more expired holds wait than one call reclaims: reclaim them, then ask again"
+    (a reserve's denial says it in its kind; accounts and list answer it alone)."""
+    return reply == ["backlog"] or (isinstance(reply, str) and reply.startswith("backlog"))
+
+
+def _caught_up(reply: Any, root: str) -> Any:
+    """A reply after the backlog was reclaimed. A reserve's second 'backlog' is a denial all the
+    same (it carries the states); a read with still more expired (a new batch meanwhile) gives up."""
+    if reply in ("backlog", ["backlog"]):
+        raise StoreUnavailable(f"could not catch up with the expired holds of {root}: try again")
+    return reply
 
 
 def _unavailable(error: BaseException, earlier: BaseException | None = None) -> StoreUnavailable:
@@ -1079,37 +1089,21 @@ class RedisStore(Store):
     def hold(self, request: HoldRequest) -> HoldResult:
         root = request.chain[0]
         self._register(root, required=False)
-        args = self._hold_args(request)
-        for round_ in range(_BACKLOG_ROUNDS):
-            try:
-                reply = self._run("reserve", root, args)
-            except StoreUnavailable as error:
-                self._doubt(request, error)
-                raise
-            if not reply.startswith("backlog") or round_ == _BACKLOG_ROUNDS - 1:
-                break
-            try:  # denied with more expired holds waiting than a call reclaims: reclaim them, ask again
-                self._drain(root, request.now, expired_only=True)
-            except StoreUnavailable:
-                break  # the denial stands: nothing was held
+        try:
+            reply = self._run_drained("reserve", root, self._hold_args(request), request.now)
+        except StoreUnavailable as error:
+            self._doubt(request, error)
+            raise
         return self._hold_result(request, reply)
 
     async def ahold(self, request: HoldRequest) -> HoldResult:
         root = request.chain[0]
         await self._aregister(root, required=False)
-        args = self._hold_args(request)
-        for round_ in range(_BACKLOG_ROUNDS):
-            try:
-                reply = await self._arun("reserve", root, args)
-            except (StoreUnavailable, asyncio.CancelledError) as error:
-                self._doubt(request, error)
-                raise
-            if not reply.startswith("backlog") or round_ == _BACKLOG_ROUNDS - 1:
-                break
-            try:
-                await self._adrain(root, request.now)
-            except StoreUnavailable:
-                break
+        try:
+            reply = await self._arun_drained("reserve", root, self._hold_args(request), request.now)
+        except (StoreUnavailable, asyncio.CancelledError) as error:
+            self._doubt(request, error)
+            raise
         return self._hold_result(request, reply)
 
     @staticmethod
@@ -1353,24 +1347,21 @@ class RedisStore(Store):
                 return expired
 
     def _run_drained(self, name: str, root: str, args: list[str], now: float) -> Any:
-        """A read script (accounts, list) that answers 'backlog' when more expired holds wait than
-        one call reclaims: they are reclaimed (see :meth:`_drain`), then it is asked again."""
+        """A script (reserve, accounts, list) that answers 'backlog' when more expired holds wait
+        than one call reclaims and they could matter (a reserve's denial, a balance, a listing):
+        they are reclaimed (see :meth:`_drain`), then it is asked once more."""
         reply = self._run(name, root, args)
-        if reply in _BACKLOG_REPLIES:
+        if _backlog(reply):
             self._drain(root, now, expired_only=True)
-            reply = self._run(name, root, args)
-            if reply in _BACKLOG_REPLIES:  # a new batch expired meanwhile: unlikely
-                raise StoreUnavailable(f"could not catch up with the expired holds of {root}: try again")
+            reply = _caught_up(self._run(name, root, args), root)
         return reply
 
     async def _arun_drained(self, name: str, root: str, args: list[str], now: float) -> Any:
         """:meth:`_run_drained` for asyncio."""
         reply = await self._arun(name, root, args)
-        if reply in _BACKLOG_REPLIES:
+        if _backlog(reply):
             await self._adrain(root, now)
-            reply = await self._arun(name, root, args)
-            if reply in _BACKLOG_REPLIES:
-                raise StoreUnavailable(f"could not catch up with the expired holds of {root}: try again")
+            reply = _caught_up(await self._arun(name, root, args), root)
         return reply
 
     def _node_of(self, root: str) -> str | None:
