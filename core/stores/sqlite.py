@@ -46,13 +46,11 @@ is refused rather than misread.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sqlite3
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -377,18 +375,6 @@ def _record(row: Any) -> ReservationRecord:
     )
 
 
-def _refused(path: str, version: int) -> StoreUnavailable:
-    found = (
-        "tables but no clearance schema version (a ledger from before versioning, or not a clearance ledger)"
-        if version == 1
-        else f"schema version {version}"
-    )
-    return StoreUnavailable(
-        f"SQLite ledger {path} has {found}; this clearance reads schema version {SCHEMA_VERSION} "
-        "only. Start a new ledger file (there is no migration)."
-    )
-
-
 class SQLiteStore(Store):
     """``sqlite:///path.db`` — the ledger in one SQLite file, shared by every process on the machine."""
 
@@ -413,7 +399,6 @@ class SQLiteStore(Store):
         self._holds_since_forget = 0
         self._window_cache: tuple[Windows, list[str]] = ((), [])  # one tuple: threads share it
         self._turns = _lock_of(path)  # this file's write transactions in this process, in turn
-        self._refuse_foreign()
         with self._read() as db:
             if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
                 return  # the usual case: a read, so a writer holding the lock cannot fail the construction
@@ -436,30 +421,16 @@ class SQLiteStore(Store):
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 version = SCHEMA_VERSION
             if version != SCHEMA_VERSION:
-                raise _refused(path, version)
-
-    def _refuse_foreign(self) -> None:
-        """Every ledger is in WAL mode from its creation; a database file that is not (another
-        application's, say) is checked read-only first, and refused before anything in it changes —
-        opening it as a ledger would switch it to WAL for good."""
-        try:
-            with open(self.path, "rb") as file:
-                header = file.read(100)
-        except OSError:
-            return  # none yet (it is created), or unreadable: opening it says so
-        if len(header) < 100 or not header.startswith(b"SQLite format 3\x00") or header[18] == 2:
-            return  # empty, not a database (opening it says so), or in WAL mode
-        try:
-            uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
-            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=self._busy_timeout)) as db:
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-                tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        except sqlite3.Error as error:
-            raise StoreUnavailable(f"cannot open SQLite ledger {self.path}: {error}") from error
-        if version == 0 and tables:
-            version = 1
-        if version not in (0, 4, SCHEMA_VERSION):
-            raise _refused(self.path, version)
+                found = (
+                    "tables but no clearance schema version (a ledger from before versioning, or not a "
+                    "clearance ledger)"
+                    if version == 1
+                    else f"schema version {version}"
+                )
+                raise StoreUnavailable(
+                    f"SQLite ledger {path} has {found}; this clearance reads schema version {SCHEMA_VERSION} "
+                    "only. Start a new ledger file (there is no migration)."
+                )
 
     # --- connections and transactions -----------------------------------------------------------
     def _connection(self) -> sqlite3.Connection:
@@ -477,7 +448,13 @@ class SQLiteStore(Store):
             )
             db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             mode = db.execute("PRAGMA journal_mode").fetchone()[0]
-            if mode != "wal":
+            # A ledger is in WAL mode from its creation. A new (empty) file becomes one; a database
+            # with tables but no ledger version (another application's) is left as it is — WAL would
+            # stay in it for good — and __init__ refuses it.
+            if mode != "wal" and (
+                db.execute("PRAGMA user_version").fetchone()[0] in (4, SCHEMA_VERSION)
+                or db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None
+            ):
                 db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # only takes effect on a new file
                 db.execute("PRAGMA journal_mode = WAL")
             db.execute(f"PRAGMA synchronous = {self._synchronous}")
