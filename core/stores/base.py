@@ -79,12 +79,13 @@ class _Handoff:
         with self._lock:
             self._abandoned = True
             landed = self._landed
-        if landed is not None:  # landed, the task gave up before it heard: not on the event loop
+        if landed is not None and landed.reservation_id is not None:  # landed, unheard: not on the event loop
             threading.Thread(target=self._release, args=(landed,), name="clearance-release", daemon=True).start()
 
     def _release(self, result: HoldResult) -> None:
-        if result.reservation_id is None or result.replayed or self._request.idempotency_key is not None:
-            return  # nothing held, or someone else's (a key's earlier reservation), or the key's own
+        """(Requests without an idempotency key only: see Store.ahold.)"""
+        if result.reservation_id is None:
+            return  # denied: nothing held
         try:
             self._store.release(result.reservation_id, self._request.now)
         except Exception:  # the store in trouble: the hold returns at its TTL all the same
@@ -177,6 +178,8 @@ class Store(ABC):
         agent step, say) cannot stop the thread: the hold lands and nobody will ever see its id, so
         it is released as soon as it lands instead of waiting out its TTL — unless the request has
         an idempotency key (a retry with it gets that reservation) or found an earlier one."""
+        if request.idempotency_key is not None:  # a retry with the key gets the hold: nothing to release
+            return await asyncio.to_thread(self.hold, request)
         handoff = _Handoff(self, request)
         try:
             return await asyncio.to_thread(handoff.hold)

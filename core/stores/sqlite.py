@@ -470,7 +470,7 @@ class SQLiteStore(Store):
         releases it when the transaction ends, in a ``finally``). Waiting for the turn and for the
         file's write lock share one ``busy_timeout``."""
         db = self._connection()
-        turns, local = self._turns, self._local
+        turns = self._turns
         if turns.acquire(blocking=False):
             waited = False
         else:
@@ -479,14 +479,15 @@ class SQLiteStore(Store):
                 raise StoreUnavailable(f"SQLite ledger {self.path} is busy: no transaction within the busy timeout")
             waited = True
         try:
-            if waited:  # SQLite waits for other processes only as long as is left
+            if waited:  # SQLite waits for other processes only as long as is left (only the waiter pays)
                 left = self._busy_timeout - (time.monotonic() - started)
                 db.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
-                local.shortened = True
-            elif getattr(local, "shortened", False):
-                db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-                local.shortened = False
-            db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                finally:
+                    db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            else:
+                db.execute("BEGIN IMMEDIATE")
         except BaseException as error:
             turns.release()
             if isinstance(error, sqlite3.Error):
