@@ -240,7 +240,8 @@ def _forget_parent_connections() -> None:
         store._in_doubt_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_parent_connections)
+if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)
+    os.register_at_fork(after_in_child=_forget_parent_connections)
 
 
 def _drop_async(client: Any, loop_alive: bool) -> None:
@@ -521,7 +522,7 @@ class RedisStore(Store):
         if self.cluster:
             options["max_connections"] = self._max_connections
             module = redis.asyncio.cluster if asynchronous else redis.cluster
-            known = self._known_nodes()
+            known = list(self._nodes_seen)
             if known:  # besides the URL's seed, which may be the node that is down
                 options["startup_nodes"] = [module.ClusterNode(host, port) for host, port in known]
             return module.RedisCluster.from_url(self._url, **options)
@@ -531,10 +532,6 @@ class RedisStore(Store):
                 redis.asyncio.BlockingConnectionPool.from_url(self._url, **pool_options)
             )
         return redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(self._url, **pool_options))
-
-    def _known_nodes(self) -> list[tuple[str, int]]:
-        """The cluster nodes this store's clients have discovered (see :meth:`_remember_nodes`)."""
-        return list(self._nodes_seen)
 
     def _remember_nodes(self, client: Any) -> None:
         """Keep the nodes a cluster client has just discovered. A client built later (for a new event

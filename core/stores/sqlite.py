@@ -111,7 +111,8 @@ def _after_fork() -> None:
     _file_locks_guard.release()
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
+if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
 PAGE_SIZE = 1024
 WAL_AUTOCHECKPOINT = 4096  # pages
 
