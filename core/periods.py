@@ -56,9 +56,21 @@ def windows_at(now: float) -> Windows:
     cached_minute, cached = _cache
     if minute == cached_minute:
         return cached
+    result = _windows_of_minute(minute)
+    _cache = (minute, result)
+    return result
+
+
+def window_at(now: float, period: str) -> str:
+    """The window id of ``period`` at ``now``, bypassing ``windows_at``'s cache (which holds the
+    current minute for the hot path): for looking at other times."""
+    return window_of(_windows_of_minute(int(now // 60)), period)
+
+
+def _windows_of_minute(minute: int) -> Windows:
     t = datetime.fromtimestamp(minute * 60, UTC)
     iso_year, iso_week, _ = t.isocalendar()
-    result: Windows = (
+    return (
         (LIFETIME, ""),
         ("minute", t.strftime("%Y-%m-%dT%H:%M")),
         ("hour", t.strftime("%Y-%m-%dT%H")),
@@ -66,8 +78,6 @@ def windows_at(now: float) -> Windows:
         ("week", f"{iso_year:04d}-W{iso_week:02d}"),
         ("month", t.strftime("%Y-%m")),
     )
-    _cache = (minute, result)
-    return result
 
 
 def window_of(windows: Windows, period: str) -> str:

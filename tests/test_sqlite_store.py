@@ -1,5 +1,6 @@
 """SQLite-only behaviour: forgetting settled reservations when processes keep them for different
-retentions, and the schema version check (with its one in-place upgrade)."""
+retentions, a file that stays bounded (audit capacity, old period windows), and the schema
+version check (with its in-place upgrades)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from clearance import Action, Authority, Budget, ReservationNotFound, StoreUnavailable
+from clearance import Action, Authority, Budget, InvalidRequest, ReservationNotFound, StoreUnavailable
 from clearance.stores.sqlite import SCHEMA_VERSION, SQLiteStore
 from clearance.testing import FakeClock
 
@@ -85,6 +86,7 @@ def test_a_version_4_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
     # Make it the file version-4 code left: its trigger, its version, settle records without a forget time.
     raw = sqlite3.connect(path, isolation_level=None)
     raw.execute("DROP TRIGGER log_settle")
+    raw.execute("DROP INDEX accounts_window")
     raw.execute(_V4_TRIGGER)
     raw.execute("UPDATE log SET forget_at = NULL WHERE kind = 'commit'")
     raw.execute("PRAGMA user_version = 4")
@@ -93,6 +95,7 @@ def test_a_version_4_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
     raw = sqlite3.connect(path)
     assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert "new.forget_at" in raw.execute("SELECT sql FROM sqlite_master WHERE name = 'log_settle'").fetchone()[0]
+    assert raw.execute("SELECT 1 FROM sqlite_master WHERE name = 'accounts_window'").fetchone() is not None
     raw.close()
     upgraded = Authority(store, clock=clock)
     new = _lifecycle(upgraded)
@@ -105,6 +108,116 @@ def test_a_version_4_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
     assert not _known(store, old, clock()) and not _known(store, new, clock())
     assert upgraded.balance("tenant:acme")["usd"].spent == 2
     upgraded.close()
+
+
+def test_a_version_5_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Version 5 lacks only the index the window pruning walks: it is added when the file is opened."""
+    path = str(tmp_path / "ledger.db")
+    clock = FakeClock()
+    authority = Authority(SQLiteStore(path), clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10_000))
+    _lifecycle(authority)
+    authority.close()
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("DROP INDEX accounts_window")
+    raw.execute("PRAGMA user_version = 5")
+    raw.close()
+    upgraded = Authority(SQLiteStore(path), clock=clock)
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert raw.execute("SELECT 1 FROM sqlite_master WHERE name = 'accounts_window'").fetchone() is not None
+    raw.close()
+    _lifecycle(upgraded)
+    assert upgraded.balance("tenant:acme")["usd"].spent == 2
+    upgraded.close()
+
+
+def _rows(path: str, sql: str) -> int:
+    raw = sqlite3.connect(path)
+    try:
+        return int(raw.execute(sql).fetchone()[0])
+    finally:
+        raw.close()
+
+
+def test_the_audit_trail_keeps_its_newest_records_and_every_remembered_reservation(tmp_path: Path) -> None:
+    """Past ``audit_capacity`` the oldest audit records go (the file used to grow by every lifecycle
+    for good), a batch per maintenance pass; a reservation's hold record stays while the
+    reservation is remembered — however old — and goes when it is forgotten."""
+    path = str(tmp_path / "ledger.db")
+    clock = FakeClock()
+    store = SQLiteStore(path, retention=100, audit_capacity=50)
+    authority = Authority(store, clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10_000))
+    kept = authority.reserve(Action("step", "s", {"usd": 5}), CHAIN, ttl=10_000).reservation
+    assert kept is not None
+    for _ in range(300):
+        _lifecycle(authority)
+    clock.advance(150)
+    authority.sweep()
+    assert _rows(path, "SELECT count(*) FROM log") <= 50 + 1  # the newest 50, and the one still held
+    events = authority.events(limit=1000)
+    assert len(events) <= 51 and events[-1].kind == "commit"
+    assert _known(store, kept.id, clock())  # held, far below the line: still there
+    authority.commit(kept)
+    clock.advance(150)
+    authority.sweep()
+    assert _rows(path, f"SELECT count(*) FROM log WHERE rid = '{kept.id}' AND kind = 'hold'") == 0  # forgotten: gone
+    assert _rows(path, "SELECT count(*) FROM log") <= 50
+    assert authority.balance("tenant:acme")["usd"].spent == 305  # the counters never depended on it
+    again = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN).reservation  # ids go on from the top
+    assert again is not None and _known(store, again.id, clock())
+    authority.close()
+
+
+def test_old_period_windows_are_pruned_unless_something_is_held_in_them(tmp_path: Path) -> None:
+    """A minute budget opens a window a minute: counters of windows that began more than 8 periods
+    ago go in the maintenance pass (the file used to keep them all), except one with a hold in it;
+    a late commit into a pruned window is still recorded, never dropped."""
+    path = str(tmp_path / "ledger.db")
+    clock = FakeClock()
+    authority = Authority(SQLiteStore(path), clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10_000, period="minute"))
+    authority.set_budget(Budget("tenant:acme", "usd", 100_000))
+    held = authority.reserve(Action("step", "s", {"usd": 7}), CHAIN, ttl=7200).reservation
+    assert held is not None
+    for _ in range(60):
+        _lifecycle(authority)
+        clock.advance(60)
+    authority.sweep()
+    minutes = _rows(path, "SELECT count(*) FROM accounts WHERE period = 'minute'")
+    assert minutes <= 8 + 1 + 1  # the last 8 periods' (and the current), and the held one
+    assert _rows(path, "SELECT count(*) FROM accounts WHERE period = 'minute' AND held > 0") == 1
+    assert _rows(path, "SELECT spent FROM accounts WHERE period = ''") == 60 * 10**9  # nano-dollars: untouched
+    clock.advance(7200)  # the hold expires; its window's counters go at the next pass
+    authority.sweep()
+    assert _rows(path, "SELECT count(*) FROM accounts WHERE period = 'minute' AND held > 0") == 0
+    settlement = authority.commit(held, {"usd": 7})
+    assert "late" in settlement.flags and settlement.charged["usd"] == 7
+    assert _rows(path, "SELECT spent FROM accounts WHERE period = ''") == 67 * 10**9
+    authority.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///{}?audit_capacity=0",
+        "sqlite:///{}?audit_capacity=1.5",
+        "sqlite:///{}?audit_capacity=-3",
+        "memory://?audit_capacity=x",
+    ],
+)
+def test_a_bad_audit_capacity_is_invalid(tmp_path: Path, url: str) -> None:
+    with pytest.raises(InvalidRequest, match="audit_capacity"):
+        Authority.from_url(url.format(tmp_path / "ledger.db"))
+    with pytest.raises(InvalidRequest, match="audit_capacity"):
+        SQLiteStore(str(tmp_path / "other.db"), audit_capacity=0)
+
+
+def test_audit_capacity_from_the_url(tmp_path: Path) -> None:
+    authority = Authority.from_url(f"sqlite:///{tmp_path / 'ledger.db'}?audit_capacity=5&retention=100")
+    assert isinstance(authority.store, SQLiteStore) and authority.store._audit_capacity == 5
+    authority.close()
 
 
 @pytest.mark.parametrize("version", [3, SCHEMA_VERSION + 1])

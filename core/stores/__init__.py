@@ -42,7 +42,7 @@ def redact_url(url: str) -> str:
 
 def store_from_url(url: str) -> Store:
     """Build the store a URL names. Query parameters become options, e.g.
-    ``sqlite:///ledger.db?retention=86400``."""
+    ``sqlite:///ledger.db?retention=86400&audit_capacity=5000000``."""
     if not isinstance(url, str) or "://" not in url:
         raise InvalidRequest(
             f"a store URL looks like memory://, sqlite:///path.db or redis://host:port, got {redact_url(str(url))!r}"
@@ -59,20 +59,24 @@ def store_from_url(url: str) -> Store:
     if scheme == "memory":
         from clearance.stores.memory import MemoryStore
 
-        return MemoryStore(retention=_floats(options, "retention").get("retention", DEFAULT_RETENTION))
+        capacity = _capacity(options, 100_000)
+        values = _floats(options, "retention")
+        return MemoryStore(retention=values.get("retention", DEFAULT_RETENTION), audit_capacity=capacity)
     if scheme == "sqlite":
-        from clearance.stores.sqlite import SQLiteStore
+        from clearance.stores.sqlite import DEFAULT_AUDIT_CAPACITY, SQLiteStore
 
         # sqlite:///ledger.db is relative, sqlite:////var/lib/ledger.db absolute (SQLAlchemy's convention)
         path = url[len("sqlite://") :].split("?", 1)[0]
         path = path[1:] if path.startswith("/") else path
         if not path:
             raise InvalidRequest("sqlite URL needs a path: sqlite:///ledger.db or sqlite:////abs/ledger.db")
+        capacity = _capacity(options, DEFAULT_AUDIT_CAPACITY)
         values = _floats(options, "retention", "busy_timeout")
         return SQLiteStore(
             path,
             retention=values.get("retention", DEFAULT_RETENTION),
             busy_timeout=values.get("busy_timeout", 5.0),
+            audit_capacity=capacity,
         )
     if scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix"):
         try:
@@ -81,6 +85,16 @@ def store_from_url(url: str) -> Store:
             raise ImportError('the Redis store needs redis-py: pip install "clearance[redis]"') from error
         return RedisStore.from_url(url)
     raise InvalidRequest(f"unknown store scheme {scheme!r} in {redact_url(url)!r}")
+
+
+def _capacity(options: dict[str, str], default: int) -> int:
+    """``audit_capacity`` (audit records kept), taken out of ``options``; ``default`` when not given."""
+    if "audit_capacity" not in options:
+        return default
+    text = options.pop("audit_capacity")
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidRequest(f"store option audit_capacity must be a positive whole number, got {text!r}")
+    return int(text)
 
 
 def _floats(options: dict[str, str], *names: str) -> dict[str, float]:

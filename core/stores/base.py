@@ -39,6 +39,13 @@ DEFAULT_RETENTION = 48 * 3600.0
 _ID = re.compile(r"[0-9a-f]{20}\.(.*)", re.DOTALL)  # (one match: it is on every commit's path)
 
 
+def audit_capacity_of(value: object) -> int:
+    """A store's ``audit_capacity`` (how many audit records it keeps), checked: a positive int."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest(f"audit_capacity must be a positive whole number, got {value!r}")
+    return value
+
+
 def root_of(reservation_id: str) -> str:
     """The root scope encoded in a reservation id (``<hex>.<root>``), validating its shape."""
     if not isinstance(reservation_id, str):

@@ -39,7 +39,7 @@ from clearance.ledger import (
     new_account_state,
 )
 from clearance.periods import Windows
-from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
+from clearance.stores.base import DEFAULT_RETENTION, Store, audit_capacity_of, in_subtree, root_of
 from clearance.units import MAX_AMOUNT
 
 _WINDOWS_KEPT = 8  # the most recent windows of a period budget kept in memory
@@ -217,6 +217,7 @@ class MemoryStore(Store):
     scheme: ClassVar[str] = "memory"
 
     def __init__(self, *, retention: float = DEFAULT_RETENTION, audit_capacity: int = 100_000) -> None:
+        audit_capacity = audit_capacity_of(audit_capacity)
         self.url = "memory://"
         self._lock = threading.Lock()
         self._levels: dict[str, dict[tuple[str, str], _Budget]] = {}  # scope -> (unit, period) -> budget

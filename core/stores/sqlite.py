@@ -17,7 +17,7 @@ changes, so the schema keeps the pages a reserve or a commit touches few and sma
   its own ``hold`` record (``seq`` is the audit sequence), with its current state in extra columns;
   settling it updates that row and appends the ``commit``/``release``/``expire`` record (by an SQL
   trigger, in the same statement). A reserve and its commit usually touch the same last page.
-  ``seq`` is a plain ``INTEGER PRIMARY KEY``: rows are never deleted, so it only grows.
+  ``seq`` is a plain ``INTEGER PRIMARY KEY``; only the oldest rows are ever deleted, so it only grows.
 * A reservation id starts with its hold record's ``seq`` (12 hex digits, then 8 random ones, then
   ``.<root>``), so finding it is a primary-key lookup with no index of its own to write: the store
   reads ``max(seq)`` in the reserve's first query (under the write lock, so nobody else can take
@@ -36,12 +36,18 @@ changes, so the schema keeps the pages a reserve or a commit touches few and sma
   their limit; the rest, flagged ``overage``, by a second one) instead of reading the budgets.
 * Amounts and holds are short delimited strings, not JSON; windows are not stored when they are
   the calendar windows of the reservation's creation time (they are recomputed from it).
+* Bounded: the maintenance pass (``sweep()`` and every 1000th hold) deletes audit records beyond
+  the newest ``audit_capacity`` (a watermark ``pruned`` in ``meta``; a reservation's hold record is
+  kept while the reservation is remembered, and deleted when it is forgotten) and the counters of
+  period windows that began more than ``WINDOWS_KEPT`` periods ago with nothing held in them
+  (through the index ``accounts_window``, written only when a window's row is created). Without it
+  the file grew by every lifecycle's records and every minute budget's windows, for good.
 * ``wal_autocheckpoint`` is raised to 4096 pages (4 MiB of WAL): fewer checkpoints (each with an
   fsync). It changes when the WAL is copied back into the database file, not what is durable.
 
-The schema version is kept in ``PRAGMA user_version``; version 4 (the same but for the settle
-trigger) is upgraded in place, a file with another version (or an unversioned ledger from before)
-is refused rather than misread.
+The schema version is kept in ``PRAGMA user_version``; versions 4 (the same but for the settle
+trigger and the window index) and 5 (but for the window index) are upgraded in place, a file with
+another version (or an unversioned ledger from before) is refused rather than misread.
 """
 
 from __future__ import annotations
@@ -74,10 +80,20 @@ from clearance.ledger import (
     merge_actual,
     new_account_state,
 )
-from clearance.periods import Windows, windows_at
-from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
+from clearance.periods import Windows, window_at, windows_at
+from clearance.stores.base import DEFAULT_RETENTION, Store, audit_capacity_of, in_subtree, root_of
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
+
+DEFAULT_AUDIT_CAPACITY = 1_000_000
+"""Audit records a SQLite ledger keeps by default (the newest; see ``SQLiteStore``)."""
+
+WINDOWS_KEPT = 8
+"""Periods of counters a period budget keeps: its windows that began more than 8 periods ago are
+deleted (unless something is still held in them), as the other stores keep their 8 latest."""
+
+_PERIOD_SECONDS = (("minute", 60), ("hour", 3600), ("day", 86400), ("week", 604800), ("month", 2678400))
+_PRUNE_BATCH = 20_000  # the most log rows one maintenance pass looks at (and window rows it deletes)
 
 # SQLite keeps each database file's lock state in process memory, shared by every connection of the
 # process. A child forked while a thread of this process is inside a write transaction inherits a
@@ -129,8 +145,12 @@ _SETTLE_TRIGGER = """CREATE TRIGGER log_settle AFTER UPDATE OF status ON log WHE
             new.forget_at);
 END"""
 
+# Counters of period windows by window, for the pruning pass (an entry is written only when a
+# window's row is created or deleted: counters change, their window never does).
+_WINDOW_INDEX = "CREATE INDEX IF NOT EXISTS accounts_window ON accounts(period, win) WHERE period <> ''"
+
 # Statements are separated by ";;" (the trigger, above, is created after them).
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE budgets(
     scope TEXT NOT NULL, unit TEXT NOT NULL, period TEXT NOT NULL, lim INTEGER NOT NULL,
     PRIMARY KEY (scope, unit, period)) WITHOUT ROWID;;
@@ -145,6 +165,7 @@ CREATE TABLE log(
     settled_at REAL, forget_at REAL, committed TEXT, flags TEXT, idem TEXT, label TEXT, budgets INTEGER);;
 CREATE INDEX log_expiry ON log(expires_at) WHERE status = 'held';;
 CREATE UNIQUE INDEX log_idem ON log(root, idem) WHERE idem IS NOT NULL;;
+{_WINDOW_INDEX};;
 CREATE TABLE meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;;
 INSERT INTO meta(key, value) VALUES ('budgets', 0)
 """
@@ -388,7 +409,9 @@ class SQLiteStore(Store):
         retention: float = DEFAULT_RETENTION,
         busy_timeout: float = 5.0,
         synchronous: str = "NORMAL",
+        audit_capacity: int = DEFAULT_AUDIT_CAPACITY,
     ) -> None:
+        self._audit_capacity = audit_capacity_of(audit_capacity)
         self.path = path
         self.url = f"sqlite:///{path}"
         self._retention = retention
@@ -414,11 +437,14 @@ class SQLiteStore(Store):
                     db.execute(_SETTLE_TRIGGER)
                     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                     version = SCHEMA_VERSION
-            elif version == 4:
-                # Version 4 differs only in its settle trigger (its settle records carry no forget
-                # time; the forget pass reads those the old way): upgraded in place.
-                db.execute("DROP TRIGGER log_settle")
-                db.execute(_SETTLE_TRIGGER)
+            elif version in (4, 5):
+                # Version 5 lacks only the index the window pruning walks; version 4 also has the
+                # old settle trigger (its settle records carry no forget time; the forget pass reads
+                # those the old way): both upgraded in place.
+                if version == 4:
+                    db.execute("DROP TRIGGER log_settle")
+                    db.execute(_SETTLE_TRIGGER)
+                db.execute(_WINDOW_INDEX)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 version = SCHEMA_VERSION
             if version != SCHEMA_VERSION:
@@ -453,7 +479,7 @@ class SQLiteStore(Store):
             # with tables but no ledger version (another application's) is left as it is — WAL would
             # stay in it for good — and __init__ refuses it.
             if mode != "wal" and (
-                db.execute("PRAGMA user_version").fetchone()[0] in (4, SCHEMA_VERSION)
+                db.execute("PRAGMA user_version").fetchone()[0] in (4, 5, SCHEMA_VERSION)
                 or db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None
             ):
                 db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # only takes effect on a new file
@@ -555,11 +581,49 @@ class SQLiteStore(Store):
             db.execute(_SETTLE_SQL, (EXPIRED, now, now + self._retention, seq))  # the trigger records it
         return len(rows)
 
-    def _forget(self, db: sqlite3.Connection, now: float) -> None:
+    def _maintain(self, db: sqlite3.Connection, now: float) -> int:
+        """The maintenance pass (``sweep()``, and every 1000th hold): reclaim expired holds, forget
+        what is past retention, and keep the file bounded. Returns the holds expired."""
+        expired = self._reclaim(db, now)
+        marks = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('forgotten', 'pruned')").fetchall())
+        forgotten = self._forget(db, now, marks.get("forgotten") or 0, marks.get("pruned") or 0)
+        self._prune_log(db, forgotten, marks.get("pruned") or 0)
+        self._prune_windows(db, now)
+        return expired
+
+    def _prune_log(self, db: sqlite3.Connection, forgotten: int, pruned: int) -> None:
+        """Delete audit records older than the newest ``audit_capacity``, a batch at a time, up to
+        where the forget pass has walked (the settle records after it are still to be read). Hold
+        records of reservations still remembered stay: ``_forget`` deletes them when it forgets
+        them (their ``seq`` is at or below the ``pruned`` watermark then)."""
+        top = db.execute(_LAST_SEQ).fetchone()[0] or 0
+        end = min(top - self._audit_capacity, forgotten, pruned + _PRUNE_BATCH)
+        if end <= pruned:
+            return
+        db.execute("DELETE FROM log WHERE seq > ? AND seq <= ? AND known IS NULL", (pruned, end))
+        db.execute(
+            "INSERT INTO meta(key, value) VALUES ('pruned', ?) ON CONFLICT DO UPDATE SET value = excluded.value",
+            (end,),
+        )
+
+    @staticmethod
+    def _prune_windows(db: sqlite3.Connection, now: float) -> None:
+        """Delete the counters of period windows that began more than ``WINDOWS_KEPT`` periods
+        before ``now`` and hold nothing (window ids sort in time order). A late commit into such a
+        window writes its counters again (recorded, never dropped); the next pass deletes them."""
+        for period, seconds in _PERIOD_SECONDS:
+            oldest_kept = window_at(now - WINDOWS_KEPT * seconds, period)
+            db.execute(
+                "DELETE FROM accounts WHERE (scope, unit, period, win) IN (SELECT scope, unit, period, win "
+                "FROM accounts WHERE period = ? AND win < ? AND held = 0 LIMIT ?)",
+                (period, oldest_kept, _PRUNE_BATCH),
+            )
+
+    def _forget(self, db: sqlite3.Connection, now: float, start: int, pruned: int) -> int:
         """Take reservations settled more than ``retention`` ago out of the lookup indexes, walking
-        the settle records from where the last pass stopped."""
-        row = db.execute("SELECT value FROM meta WHERE key = 'forgotten'").fetchone()
-        start = last = row[0] if row else 0
+        the settle records from where the last pass stopped (``start``); a hold record at or below
+        the ``pruned`` watermark goes altogether. Returns where this pass stopped."""
+        last = start
         settled: list[tuple[int, str, float]] = []
         cursor = db.execute(
             "SELECT seq, at, rid, forget_at FROM log WHERE seq > ? AND kind IN ('commit', 'release', 'expire') "
@@ -585,11 +649,15 @@ class SQLiteStore(Store):
                 f"{_FIND} AND status <> 'held' AND forget_at <= ?",
                 settled,
             )
+            below = [(seq,) for seq, _, _ in settled if seq <= pruned]
+            if below:  # the audit trail is past them already: the record goes too
+                db.executemany("DELETE FROM log WHERE seq = ? AND known IS NULL", below)
         if last != start:
             db.execute(
                 "INSERT INTO meta(key, value) VALUES ('forgotten', ?) ON CONFLICT DO UPDATE SET value = excluded.value",
                 (last,),
             )
+        return last
 
     def _window_params(self, windows: Windows) -> list[str]:
         """The states query's window parameters (cached: the Authority passes the same tuple all
@@ -630,8 +698,7 @@ class SQLiteStore(Store):
             self._holds_since_forget += 1
             if self._holds_since_forget >= 1000:
                 self._holds_since_forget = 0
-                self._reclaim(db, now)
-                self._forget(db, now)
+                self._maintain(db, now)
             if request.idempotency_key is not None:
                 if db.execute(_DUE_SQL, (now,)).fetchone() is not None:
                     self._reclaim(db, now)
@@ -987,9 +1054,7 @@ class SQLiteStore(Store):
     # --- maintenance ---------------------------------------------------------------------------
     def sweep(self, now: float) -> int:
         with self._write() as db:
-            expired = self._reclaim(db, now)
-            self._forget(db, now)
-            return expired
+            return self._maintain(db, now)
 
     def events(self, after: int, limit: int, scope: str | None, newest: bool = False) -> list[AuditEvent]:
         with self._read() as db:
