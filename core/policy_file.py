@@ -23,7 +23,8 @@ the new version up on its next decision after its refresh interval (default 1 s)
     rate_limits: [{scope: "tenant:acme", kind: tool_call, limit: 60, per: minute}]
     shadow: ["tenant:globex"]
 
-Every rule may carry ``scope``: it then applies only at or below that scope.
+Ladders, caps, optional steps and risk rules may carry ``scope``: they then apply only at or below
+that scope. A rate limit names its scope; ``tools`` apply everywhere.
 """
 
 from __future__ import annotations

@@ -254,6 +254,20 @@ def test_policy_check_explains_without_touching_a_store(tmp_path: Path) -> None:
     assert not (tmp_path / "clearance.db").exists()
 
 
+def test_policy_check_piped_off_a_terminal_prints_every_rule_whole() -> None:
+    """Piped and without COLUMNS, the rule tree used to be cut at 80 columns (the rest of a ladder
+    lost); a terminal wraps it within the tree instead (tested: a narrow COLUMNS)."""
+    policy = str(Path(__file__).resolve().parent.parent / "examples" / "policies" / "default.yaml")
+    ladder = "openai: gpt-4.1 (while 40% of every budget would remain) → gpt-4.1-mini (while 5% of every budget"
+    piped = CliRunner(env={"COLUMNS": None}).invoke(app, ["policy", "check", policy])
+    assert piped.exit_code == 0, piped.output
+    assert ladder + " would remain) → gpt-4.1-nano" in piped.output
+    narrow = CliRunner(env={"COLUMNS": "60"}).invoke(app, ["policy", "check", policy])
+    assert narrow.exit_code == 0, narrow.output
+    tree = [line for line in narrow.output.splitlines() if line[:1] in "│├└ "]
+    assert tree and max(map(len, tree)) <= 60 and "gpt-4.1-nano" in narrow.output
+
+
 def test_policy_check_rejects_a_malformed_document(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text("budgets:\n  - {scope: 'tenant:acme', unit: usd, limit: -1}\n", encoding="utf-8")

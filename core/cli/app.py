@@ -255,14 +255,16 @@ def policy_check(file: PolicyFile) -> None:
     """Validate a policy document and say, rule by rule, what it will do. Touches no store."""
     with _handled():
         document = PolicyDocument.load(file)
-    out.print(explain(document, str(file)))
+    # Wrapped within the tree at a terminal's width; piped, a rule is one line (never cut at 80 columns).
+    _tables().print(explain(document, str(file)), soft_wrap=False)
     _warn_unpriced(document)
     out.print(Text.assemble(("policy OK", "green"), ": apply it with ", ("clearance apply", "bold"), f" {file}"))
 
 
 @app.command("apply")
 def apply_policy(ctx: typer.Context, file: PolicyFile, store: StoreOption = None) -> None:
-    """Write a policy's budgets and store it as the next version; every worker picks it up on its next decision."""
+    """Write a policy's budgets and store it as the next version; every worker picks it up within its
+    refresh interval (policy_refresh, 1 s by default)."""
     with _handled():
         document = PolicyDocument.load(file)
         with _authority(ctx, store) as authority:

@@ -71,6 +71,27 @@ def test_the_documented_acl_user_can_do_everything(redis_url: str) -> None:
         store.close()
 
 
+def test_the_documented_acl_user_can_use_another_database_with_the_documented_extra(redis_url: str) -> None:
+    """``redis://…/4``: redis-py selects the database on every connection, which the base user may not."""
+    store = RedisStore.from_url(redis_url)
+    prefix = store.key_prefix
+    raw = redis_py.Redis.from_url(store.url)
+    extra = re.search(r"database other than 0 \(`[^`]*`\) add `([^`]*)`", DOC.read_text(encoding="utf-8"))
+    assert extra is not None, "docs/redis.md lost the extra for a database other than 0"
+    words = [("~" + prefix + "*") if w == "~clearance:*" else w for w in documented_acl(cluster=False)]
+    user = f"acldb{prefix.rstrip(':')}"
+    raw.execute_command("ACL", "SETUSER", user, *words[1:], *extra.group(1).split())
+    try:
+        base = store.url.replace("redis://", f"redis://{user}:s3cret@", 1).rsplit("/", 1)[0]
+        authority = Authority(f"{base}/4?key_prefix={prefix}")
+        _exercise(authority)
+        authority.close()
+    finally:
+        raw.execute_command("ACL", "DELUSER", user)
+        raw.close()
+        store.close()
+
+
 def test_the_documented_acl_user_can_do_everything_on_a_cluster(redis_cluster_url: str) -> None:
     store = RedisStore.from_url(redis_cluster_url)
     prefix = store.key_prefix
