@@ -525,6 +525,7 @@ class Authority:
             None if idempotency_key is None else _check_key(idempotency_key),
             action.label,
             probes,
+            time.monotonic(),
         )
         return request, action, parsed, chosen
 

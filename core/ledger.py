@@ -60,6 +60,11 @@ class HoldRequest:
     idempotency_key: str | None = None
     label: str = ""
     probes: tuple[str, ...] = ()  # units to report in the result's accounts without checking them
+    # time.monotonic() when the request was made (0: unknown). A store that had to wait (for its
+    # write lock; on the async face, for a worker thread) counts that wait against its timeout and
+    # makes the hold live its TTL from when it is made: one made with the expiry read before a long
+    # wait could be born expired, and its budget handed out again at once.
+    issued: float = 0.0
 
 
 class AccountState(NamedTuple):

@@ -4,7 +4,10 @@ version check (with its in-place upgrades)."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -249,6 +252,67 @@ def test_opening_a_ledger_another_process_is_writing_is_not_an_error(tmp_path: P
     finally:
         writer.execute("ROLLBACK")
         writer.close()
+
+
+def _lock_for(path: str, seconds: float) -> threading.Thread:
+    """Another writer holding the ledger's write lock for ``seconds`` (started before returning)."""
+    locked = threading.Event()
+
+    def hold_lock() -> None:
+        writer = sqlite3.connect(path, isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")
+        locked.set()
+        time.sleep(seconds)
+        writer.execute("ROLLBACK")
+        writer.close()
+
+    thread = threading.Thread(target=hold_lock)
+    thread.start()
+    assert locked.wait(10)
+    return thread
+
+
+def test_a_hold_that_waited_for_the_lock_lives_its_ttl_from_when_it_is_made(tmp_path: Path) -> None:
+    """The expiry used to be read before the wait for the write lock: a reserve that waited longer
+    than its TTL came back ALLOW with a hold already expired, and the next reserve took the same
+    budget (emails limit 1, spent 2)."""
+    path = str(tmp_path / "ledger.db")
+    authority = Authority(SQLiteStore(path, busy_timeout=10))
+    authority.set_budget(Budget("tenant:acme", "emails", 1))
+    email = Action("side_effect", "send", {"emails": 1})
+    writer = _lock_for(path, 1.5)
+    first = authority.reserve(email, CHAIN, ttl=1.0)  # waits ~1.5 s for the lock
+    second = authority.reserve(email, CHAIN)
+    writer.join()
+    assert first.allowed and first.reservation is not None
+    assert authority.reservation(first.reservation).status == "held"
+    assert second.denied and second.reasons[0].code == "budget_exhausted"
+    authority.close()
+
+
+def test_async_holds_queued_for_a_worker_thread_answer_within_the_busy_timeout(tmp_path: Path) -> None:
+    """More async reserves than worker threads, the file locked for 3 s, busy_timeout 1 s: each is a
+    decision within the timeout from its own call (its wait for a thread counts). They used to wait
+    in line, a busy_timeout each, and the last came back ALLOW after the lock was freed, with holds
+    already expired."""
+    path = str(tmp_path / "ledger.db")
+    authority = Authority(SQLiteStore(path, busy_timeout=1))
+    authority.set_budget(Budget("tenant:acme", "emails", 100))
+
+    async def burst() -> list[str]:
+        decisions = await asyncio.gather(
+            *(authority.areserve(Action("side_effect", "send", {"emails": 1}), CHAIN, ttl=5) for _ in range(40))
+        )
+        return [d.reasons[0].code if d.denied else "allow" for d in decisions]
+
+    writer = _lock_for(path, 3.0)
+    try:
+        codes = asyncio.run(burst())
+    finally:
+        writer.join()
+    assert codes == ["store_unavailable"] * 40
+    assert authority.balance("tenant:acme")["emails"].held == 0
+    authority.close()
 
 
 def test_a_cancelled_areserve_releases_the_hold_its_thread_made(tmp_path: Path) -> None:

@@ -66,9 +66,11 @@ class _Budget:
         if counters is None:
             if len(self.counters) >= _WINDOWS_KEPT:
                 # A period budget opens a window per minute/hour/...: without pruning a long-lived
-                # process keeps them all. The oldest goes (window names sort in time order), never
-                # the current one, even when late commits re-open old windows; holds still point at
-                # their own window's counters, so a hold made in a pruned window settles as before.
+                # process keeps them all. The oldest window with nothing held in it goes (window
+                # names sort in time order), never the current one, even when late commits re-open
+                # old windows. A window something is held in stays until that settles, as on SQLite
+                # and Redis: a commit that looks its window up (the general path, after a budget
+                # change) must find the counters it is compared with, or its overage goes unflagged.
                 oldest = min(self.counters)
                 if window < oldest:
                     # Older than every window kept: its counts may be gone with it. A hold there (a
@@ -77,7 +79,9 @@ class _Budget:
                     # audit) against counters of its own that are not kept — opening the window
                     # again would push out a newer one.
                     return [0, 0] if charging else [MAX_AMOUNT + 1, 0]
-                del self.counters[oldest]
+                free = [name for name, (_, held) in self.counters.items() if held == 0]
+                if free:
+                    del self.counters[min(free)]
             counters = self.counters[window] = [0, 0]
         return counters
 

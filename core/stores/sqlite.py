@@ -39,7 +39,7 @@ changes, so the schema keeps the pages a reserve or a commit touches few and sma
 * Bounded: the maintenance pass (``sweep()`` and every 1000th hold) deletes audit records beyond
   the newest ``audit_capacity`` (a watermark ``pruned`` in ``meta``; a reservation's hold record is
   kept while the reservation is remembered, and deleted when it is forgotten) and the counters of
-  period windows that began more than ``WINDOWS_KEPT`` periods ago with nothing held in them
+  period windows older than the ``WINDOWS_KEPT`` latest periods with nothing held in them
   (through the index ``accounts_window``, written only when a window's row is created). Without it
   the file grew by every lifecycle's records and every minute budget's windows, for good.
 * ``wal_autocheckpoint`` is raised to 4096 pages (4 MiB of WAL): fewer checkpoints (each with an
@@ -89,10 +89,11 @@ DEFAULT_AUDIT_CAPACITY = 1_000_000
 """Audit records a SQLite ledger keeps by default (the newest; see ``SQLiteStore``)."""
 
 WINDOWS_KEPT = 8
-"""Periods of counters a period budget keeps: its windows that began more than 8 periods ago are
+"""Periods of counters a period budget keeps: the current window and the 7 before it; older ones are
 deleted (unless something is still held in them), as the other stores keep their 8 latest."""
 
 _PERIOD_SECONDS = (("minute", 60), ("hour", 3600), ("day", 86400), ("week", 604800), ("month", 2678400))
+_LATE_HOLD = 0.05  # seconds a hold may wait for the write lock before its expiry is moved by the wait
 _PRUNE_BATCH = 20_000  # the most log rows one maintenance pass looks at (and window rows it deletes)
 
 # SQLite keeps each database file's lock state in process memory, shared by every connection of the
@@ -492,17 +493,23 @@ class SQLiteStore(Store):
         local.pid = os.getpid()
         return db
 
-    def _begin(self) -> sqlite3.Connection:
+    def _begin(self, issued: float = 0.0) -> sqlite3.Connection:
         """A connection in a write transaction, holding this file's turn (``self._turns``: the caller
         releases it when the transaction ends, in a ``finally``). Waiting for the turn and for the
-        file's write lock share one ``busy_timeout``."""
+        file's write lock share one ``busy_timeout``, counted from ``issued`` when given (a hold's
+        request: on the async face its wait for a worker thread counts too)."""
         db = self._connection()
         turns = self._turns
-        if turns.acquire(blocking=False):
-            waited = False
-        else:
-            started = time.monotonic()
-            if not turns.acquire(timeout=self._busy_timeout):
+        started = issued
+        waited = False  # (then BEGIN waits for other processes only as long as is left)
+        if issued:
+            elapsed = time.monotonic() - issued
+            if elapsed >= self._busy_timeout:
+                raise StoreUnavailable(f"SQLite ledger {self.path} is busy: no transaction within the busy timeout")
+            waited = elapsed > _LATE_HOLD
+        if not turns.acquire(blocking=False):
+            started = started or time.monotonic()
+            if not turns.acquire(timeout=max(0.0, self._busy_timeout - (time.monotonic() - started))):
                 raise StoreUnavailable(f"SQLite ledger {self.path} is busy: no transaction within the busy timeout")
             waited = True
         try:
@@ -608,11 +615,11 @@ class SQLiteStore(Store):
 
     @staticmethod
     def _prune_windows(db: sqlite3.Connection, now: float) -> None:
-        """Delete the counters of period windows that began more than ``WINDOWS_KEPT`` periods
-        before ``now`` and hold nothing (window ids sort in time order). A late commit into such a
+        """Delete the counters of period windows older than the ``WINDOWS_KEPT`` latest periods at
+        ``now`` that hold nothing (window ids sort in time order). A late commit into such a
         window writes its counters again (recorded, never dropped); the next pass deletes them."""
         for period, seconds in _PERIOD_SECONDS:
-            oldest_kept = window_at(now - WINDOWS_KEPT * seconds, period)
+            oldest_kept = window_at(now - (WINDOWS_KEPT - 1) * seconds, period)
             db.execute(
                 "DELETE FROM accounts WHERE (scope, unit, period, win) IN (SELECT scope, unit, period, win "
                 "FROM accounts WHERE period = ? AND win < ? AND held = 0 LIMIT ?)",
@@ -693,7 +700,12 @@ class SQLiteStore(Store):
         chain = request.chain
         windows = request.windows
         params = self._window_params(windows)
-        db = self._begin()
+        db = self._begin(request.issued)
+        expires_at = request.expires_at
+        if request.issued:
+            late = time.monotonic() - request.issued
+            if late > _LATE_HOLD:  # it waited for the lock: its TTL runs from now, not from the request
+                expires_at += late
         try:
             self._holds_since_forget += 1
             if self._holds_since_forget >= 1000:
@@ -776,7 +788,7 @@ class SQLiteStore(Store):
                     index,
                     ";".join(holds),
                     "" if windows == windows_at(now) else json.dumps(windows, separators=(",", ":")),
-                    request.expires_at,
+                    expires_at,
                     request.idempotency_key,
                     request.label,
                     version,
@@ -790,7 +802,7 @@ class SQLiteStore(Store):
             raise
         finally:
             self._turns.release()
-        return HoldResult(rid, index, request.expires_at, tuple(after), tuple(choice.rejections))
+        return HoldResult(rid, index, expires_at, tuple(after), tuple(choice.rejections))
 
     def _load(self, db: sqlite3.Connection, reservation_id: str, now: float) -> ReservationRecord:
         row = db.execute(

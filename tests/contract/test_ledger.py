@@ -616,6 +616,24 @@ def test_a_replay_long_after_its_window_reports_real_counters(authority: Authori
     assert authority.balance("tenant:acme")["usd"].spent == 1
 
 
+def test_a_hold_in_an_old_window_settles_against_that_windows_counters(authority: Authority, clock: FakeClock) -> None:
+    # A hold kept while nine newer minute windows open: its window is not pruned while it holds, and
+    # its commit is compared with that window's counters — also on the general path a budget
+    # created meanwhile (another tenant's) sends it down. Memory pruned the window and lost the
+    # overage flag then.
+    authority.set_budget(Budget("tenant:acme", "calls", 10, period="minute"))
+    held = authority.reserve(Action("step", "x", {"calls": 6}), "tenant:acme/run:1", ttl=3600)
+    assert held.reservation is not None
+    other = authority.reserve(Action("step", "x", {"calls": 4}), "tenant:acme/run:2")
+    authority.commit(other.reservation, {"calls": 4})  # type: ignore[arg-type]
+    for _ in range(9):
+        clock.advance(60)
+        authority.commit(authority.reserve(Action("step", "x", {"calls": 1}), CHAIN).reservation)  # type: ignore[arg-type]
+    authority.set_budget(Budget("tenant:zzz", "usd", 1))
+    settled = authority.commit(held.reservation, {"calls": 8})  # that window: 4 + 8 = 12 of 10
+    assert set(settled.flags) == {"over_hold", "overage"}
+
+
 def test_of_several_budgets_on_a_level_the_tightest_is_named(authority: Authority) -> None:
     # A daily and a monthly cap (and a lifetime one) on one scope: whatever order they were set in,
     # a denial names the one with the least left, then the one that binds longest — on every store.
