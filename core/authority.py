@@ -404,6 +404,27 @@ class Grant:
         self._actual = tuple(to_step_map(actual, "actual amounts").items())
 
 
+async def _unstoppable(call: Awaitable[_T]) -> _T:
+    """Await ``call`` to its end even if this task is cancelled meanwhile (the cancellation is
+    raised here all the same). For releases: a shadow decision's would-be hold, or a hold given
+    back, whose release a cancelled task dropped would keep its budget until its TTL — nobody
+    else has its id (an SQLite job still queued for a worker thread is dropped with its task; a
+    Redis request waiting for a connection is never sent)."""
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_outcome_read)
+        raise
+
+
+def _outcome_read(task: asyncio.Future[Any]) -> None:
+    """Read a finished background task's outcome: nobody awaits it any more, and an exception left
+    unread is logged as "never retrieved" (store trouble is retried or expires with its TTL)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class Authority:
     """Budget and action authority for agents.
 
@@ -1009,13 +1030,15 @@ class Authority:
             return stop.value  # type: ignore[no-any-return]
 
     async def _arun(self, flow: Generator[_Op, Any, _T]) -> _T:
-        """Drive a flow against the async face of the store."""
+        """Drive a flow against the async face of the store. A release, once started, runs to its
+        end even if the task is cancelled meanwhile (see ``_unstoppable``)."""
         store = self.store
         try:
             name, args = next(flow)
             while True:
                 try:
-                    value = await getattr(store, "a" + name)(*args)
+                    call = getattr(store, "a" + name)(*args)
+                    value = await (_unstoppable(call) if name == "release" else call)
                 except (StoreUnavailable, NotImplementedError, ReservationNotFound) as error:
                     name, args = flow.throw(error)  # (a flow that does not catch it raises it on)
                 else:

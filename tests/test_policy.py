@@ -746,6 +746,37 @@ def test_a_would_be_hold_shadow_mode_could_not_release_is_released_by_the_next_s
     assert authority.balance("tenant:globex")["usd"].held == 0  # both would-be holds released
 
 
+def test_a_shadow_decision_cancelled_while_it_releases_the_would_be_hold_still_releases_it() -> None:
+    """``asyncio.wait_for`` around an agent step can cancel ``areserve`` while it releases the
+    would-be hold (on SQLite a job still queued for a worker thread, on Redis a request waiting for
+    a connection): the release used to be dropped, and nobody else has that hold's id, so it kept
+    its budget until its TTL. A release, once started, runs to its end."""
+    import asyncio
+
+    from clearance.stores.memory import MemoryStore
+
+    class SlowRelease(MemoryStore):
+        async def arelease(self, reservation_id, now):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(0.05)  # waiting for a worker thread or a connection
+            return self.release(reservation_id, now)
+
+    document = PolicyDocument.parse({"ladders": [LADDER], "shadow": ["tenant:globex"]})
+    authority = Authority(SlowRelease(), policy=Policy(document))
+    authority.set_budget(Budget("tenant:globex", "usd", "0.005"))  # the flagship does not fit: capped
+
+    async def cancelled_midway() -> None:
+        task = asyncio.ensure_future(authority.areserve(flagship(), "tenant:globex/run:r1"))
+        await asyncio.sleep(0.01)  # the would-be hold is made; its release is under way
+        assert authority.balance("tenant:globex")["usd"].held > 0
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.1)
+
+    asyncio.run(cancelled_midway())
+    assert authority.balance("tenant:globex")["usd"].held == 0
+
+
 def test_a_would_be_hold_left_unreleased_never_fails_another_tenants_shadow_decisions() -> None:
     """Leftover would-be holds are released best effort, by later decisions of their own tenant
     only: one whose store keeps failing (its cluster node down) must not fail the shadow decisions
