@@ -719,7 +719,13 @@ class Authority:
         if not isinstance(document, PolicyDocument):
             raise InvalidRequest(f"expected a PolicyDocument, got {type(document).__name__}")
         budgets = [Budget(entry.scope, entry.unit, entry.limit, entry.period) for entry in document.budgets]
-        budgets += [Budget(rate.scope, rate.unit, rate.limit, rate.per) for rate in document.rate_limits]
+        # Rate limits on one scope, unit and window share one counter: every one binds, so the
+        # tightest is the budget (one after another, the last written would win).
+        rates: dict[tuple[str, str, str], int] = {}
+        for rate in document.rate_limits:
+            key = (rate.scope, rate.unit, rate.per)
+            rates[key] = min(rate.limit, rates.get(key, rate.limit))
+        budgets += [Budget(scope, unit, limit, per) for (scope, unit, per), limit in rates.items()]
         Policy(document, rules=self._rules)
         return budgets
 

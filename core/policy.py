@@ -41,6 +41,7 @@ def _warn_unpriced(model: str, error: InvalidRequest) -> None:
         _warned_unpriced.add(model)
         logger.warning("clearance: a policy ladder rung cannot be priced and is skipped: %s", error)
 
+
 PolicyRule = Callable[[Action, Scope, "Proposal"], None]
 """A code rule: may change ``proposal.plans``, set ``proposal.deny``, add ``proposal.notes``."""
 
@@ -213,11 +214,7 @@ class Policy:
         others = _add(others, extra)
 
         def amounts(model: str, tokens_in: int, tokens_out: int) -> dict[str, int]:
-            return {
-                "usd": price_nano_usd(provider, model, tokens_in, tokens_out),
-                "tokens": tokens_in + tokens_out,
-                **others,
-            }
+            return _call_amounts(price_nano_usd(provider, model, tokens_in, tokens_out), tokens_in + tokens_out, others)
 
         plans: list[Plan] = []
         priced: list[Rung] = []
@@ -273,11 +270,10 @@ class Policy:
     ) -> list[Plan] | None:
         if not action.optional:
             return plans
-        thresholds = {
-            rule.level: rule.below
-            for rule in self.document.optional
-            if _within(scope, rule.scope) and (rule.level == "*" or scope.level_of(rule.level) is not None)
-        }
+        thresholds: dict[str, float] = {}
+        for rule in self.document.optional:  # every rule that applies binds: the strictest per level
+            if _within(scope, rule.scope) and (rule.level == "*" or scope.level_of(rule.level) is not None):
+                thresholds[rule.level] = max(rule.below, thresholds.get(rule.level, 0.0))
         if not thresholds:
             return plans
         base = plans if plans is not None else [Plan.of_steps(dict(action.steps))]
@@ -321,13 +317,15 @@ class Policy:
 
     @staticmethod
     def output_cap_plan(retry: OutputRetry, accounts: Sequence[AccountState]) -> Plan | None:
-        """The longest answer every budget on the chain still pays for, if at least the floor."""
-
-        keep = [(a, _required(retry.min_headroom, a)) for a in accounts]
+        """The longest answer every budget on the chain still pays for, if at least the floor. Only
+        budgets of the units the plan holds count, as in the store: accounts reported for a unit
+        the plan does not hold (a tool budget probed for the tool caps) do not stop it."""
+        held = {"usd", "tokens", *retry.fixed}
+        keep = [(a, _required(retry.min_headroom, a)) for a in accounts if a.unit in held]
 
         def fits(tokens_out: int) -> bool:
             usd = price_nano_usd(retry.provider, retry.model, retry.input_tokens, tokens_out)
-            need = {"usd": usd, "tokens": retry.input_tokens + tokens_out, **retry.fixed}
+            need = _call_amounts(usd, retry.input_tokens + tokens_out, retry.fixed)
             return all(need.get(a.unit, 0) <= a.remaining - required for a, required in keep)
 
         low, high = retry.floor, retry.max_output_tokens - 1
@@ -344,7 +342,7 @@ class Policy:
 
 def _output_plan(retry: OutputRetry, tokens_out: int) -> Plan:
     usd = price_nano_usd(retry.provider, retry.model, retry.input_tokens, tokens_out)
-    steps = {"usd": usd, "tokens": retry.input_tokens + tokens_out, **retry.fixed}
+    steps = _call_amounts(usd, retry.input_tokens + tokens_out, retry.fixed)
     model = None if retry.model == retry.requested_model else retry.model
     trimmed = retry.input_tokens if retry.trimmed_input else None
     caps = Caps(model=model, max_output_tokens=tokens_out, max_input_tokens=trimmed)
@@ -362,6 +360,12 @@ def _required(headroom: float | dict[str, float], account: AccountState) -> int:
     return -(-account.limit * ppm // 1_000_000) if ppm else 0
 
 
+def _call_amounts(usd: int, tokens: int, others: dict[str, int]) -> dict[str, int]:
+    """A model call's amounts: its price and tokens, plus what rules add (a risk class's ``usd``
+    comes on top of the price, never instead of it)."""
+    return _add({"usd": usd, "tokens": tokens}, others)
+
+
 def _add(base: dict[str, int], extra: dict[str, int]) -> dict[str, int]:
     merged = dict(base)
     for unit, steps in extra.items():
@@ -376,8 +380,10 @@ def _with_headroom(plan: Plan, thresholds: dict[str, float]) -> Plan:
         return dict(value) if isinstance(value, dict) else ({"*": value} if value else {})
 
     own, extra = as_map(plan.min_headroom), as_map(thresholds)
+    # A plan's own map names a level's threshold or falls back to "*"; the optional rules all bind,
+    # so a level's is the largest of its own rule's and the "*" rule's.
     merged = {
-        kind: max(own.get(kind, own.get("*", 0.0)), extra.get(kind, extra.get("*", 0.0)))
+        kind: max(own.get(kind, own.get("*", 0.0)), extra.get(kind, 0.0), extra.get("*", 0.0))
         for kind in set(own) | set(extra)
     }
     return Plan.of_steps(dict(plan.steps), plan.caps, merged, plan.rule)

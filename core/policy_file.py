@@ -102,7 +102,8 @@ class Ladder(_Scoped):
     """Models from best to cheapest; a call to any rung may fall to the rungs after it."""
 
     provider: str | None = None
-    rungs: list[Rung] = Field(min_length=1, max_length=16)
+    rungs: list[Rung] = Field(min_length=1, max_length=14)
+    """At most 14: with a context cap's plan and an optional step's skip, a reserve's 16 plans."""
 
     @field_validator("rungs", mode="before")
     @classmethod

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clearance import Action, Authority, Budget, Caps, Mode, Outcome, Plan, Policy
+from clearance import Action, Authority, Budget, Caps, InvalidRequest, Mode, Outcome, Plan, Policy
 from clearance.policy_file import PolicyDocument
 from clearance.testing import FakeClock
 
@@ -258,9 +258,7 @@ def test_code_rules_can_override() -> None:
     )
     assert authority.reserve(flagship(), RUN).caps == Caps(model="gpt-4.1-mini")
     # the same rule passed as Authority(rules=...) on top of a pinned policy (it was ignored)
-    pinned = Authority(
-        "memory://", policy=Policy(PolicyDocument.parse({"ladders": [LADDER]})), rules=[never_flagship]
-    )
+    pinned = Authority("memory://", policy=Policy(PolicyDocument.parse({"ladders": [LADDER]})), rules=[never_flagship])
     assert pinned.reserve(flagship(), RUN).caps == Caps(model="gpt-4.1-mini")
 
 
@@ -805,3 +803,75 @@ def test_a_would_be_hold_left_unreleased_never_fails_another_tenants_shadow_deci
     TenantANodeDown.down = False
     assert authority.reserve(flagship(), "tenant:a/run:2").mode is Mode.SHADOW
     assert authority.balance("tenant:a")["usd"].held == 0  # the leftover went with tenant:a's next decision
+
+
+def test_a_risk_class_amount_in_usd_comes_on_top_of_a_model_calls_price() -> None:
+    """A risk rule that adds ``usd`` to a write used to replace the model call's price with it: a
+    $0.18 call held $0.01 under a $0.05 budget (and overspent at its commit)."""
+    document = PolicyDocument.parse({"risk": [{"allow": ["write"], "amounts": {"usd": "0.01"}}], "ladders": [LADDER]})
+    authority = Authority("memory://", policy=Policy(document))
+    authority.set_budget(Budget("tenant:acme", "usd", "0.05"))
+    call = Action.model_call("openai", "gpt-4.1", input_tokens=10_000, max_output_tokens=20_000, risk="write")
+    assert call.amounts["usd"] == Decimal("0.18")
+    decision = authority.reserve(call, "tenant:acme")
+    assert decision.caps is not None and decision.caps.model == "gpt-4.1-mini"  # $0.18 + $0.01 does not fit
+    assert decision.reservation is not None
+    assert decision.reservation.amounts["usd"] == Decimal("0.036") + Decimal("0.01")
+
+
+def test_every_optional_rule_that_applies_binds() -> None:
+    """A ``"*"`` rule and a rule for the level, or two for one level: the strictest applies (the
+    last one listed used to win, and a level's own rule hid the ``"*"`` one)."""
+    for rules in (
+        [{"level": "*", "below": 0.3}, {"level": "workflow", "below": 0.2}],
+        [{"level": "workflow", "below": 0.3}, {"level": "workflow", "below": 0.2, "scope": "tenant:acme"}],
+    ):
+        authority = Authority("memory://", policy=Policy(PolicyDocument.parse({"optional": rules})))
+        authority.set_budget(Budget("tenant:acme/workflow:w", "usd", 10))
+        authority.commit(
+            authority.reserve(Action("step", "spend", {"usd": "7.5"}), "tenant:acme/workflow:w").reservation
+        )  # type: ignore[arg-type]
+        polish = authority.reserve(Action("step", "polish", {"usd": "0.01"}, optional=True), "tenant:acme/workflow:w")
+        assert polish.caps is not None and polish.caps.skip_optional, rules  # 25% left, below 30%
+
+
+def test_the_output_cap_is_not_stopped_by_a_tool_budget_the_call_does_not_hold() -> None:
+    """Model calls probe tool budgets (for the tool caps) without holding them: one exhausted or in
+    overage used to withhold the output cap, denying a call every budget it holds could pay for."""
+    document = PolicyDocument.parse(
+        {
+            "budgets": [{"scope": "tenant:acme", "unit": "tool.web_search.calls", "limit": 5}],
+            "ladders": [{"provider": "openai", "rungs": ["gpt-4.1", "gpt-4.1-mini"]}],
+            "output_cap": {"floor": 128},
+            "tools": {"toolsets": {"search": ["web_search"]}},
+        }
+    )
+    authority = Authority("memory://")
+    authority.apply_policy(document)
+    authority.set_budget(Budget("tenant:acme", "usd", "0.01"))
+    for _ in range(5):
+        authority.commit(authority.reserve(Action.tool_call("web_search"), "tenant:acme").reservation)  # type: ignore[arg-type]
+    authority.set_budget(Budget("tenant:acme", "tool.web_search.calls", 3))  # lowered below what was spent
+    decision = authority.reserve(Action.model_call("openai", "gpt-4.1", 1000, 8000), "tenant:acme")
+    assert decision.caps is not None and decision.caps.max_output_tokens is not None
+    assert decision.caps.disabled_tools == ("web_search",)
+
+
+def test_a_ladder_has_at_most_14_rungs() -> None:
+    """With a context cap's plan and an optional step's skip, 16 rungs made 18 plans: a policy that
+    passed ``policy check`` then raised out of every reserve on that ladder."""
+    rungs = [f"model-{i}" for i in range(15)]
+    with pytest.raises(InvalidRequest, match="at most 14"):
+        PolicyDocument.parse({"ladders": [{"provider": "openai", "rungs": rungs}]})
+    PolicyDocument.parse({"ladders": [{"provider": "openai", "rungs": rungs[:14]}]})
+
+
+def test_rate_limits_sharing_a_scope_kind_and_window_all_bind() -> None:
+    """Two limits on one counter (2 and 5 tool calls a minute): the tightest binds. The last one
+    listed used to overwrite the other's budget."""
+    clock = FakeClock()
+    rates = [{"scope": "tenant:acme", "kind": "tool_call", "limit": n, "per": "minute"} for n in (2, 5)]
+    authority = Authority("memory://", clock=clock)
+    authority.apply_policy(PolicyDocument.parse({"rate_limits": rates}))
+    outcomes = [authority.reserve(Action.tool_call("t"), "tenant:acme").allowed for _ in range(4)]
+    assert outcomes == [True, True, False, False]

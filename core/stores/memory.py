@@ -79,7 +79,10 @@ class _Budget:
                     # audit) against counters of its own that are not kept — opening the window
                     # again would push out a newer one.
                     return [0, 0] if charging else [MAX_AMOUNT + 1, 0]
-                free = [name for name, (_, held) in self.counters.items() if held == 0]
+                # Only a window older than the one opening goes: a late commit re-opening an old
+                # window must never push out a newer one (the current one, when every window older
+                # than it still holds something).
+                free = [name for name, (_, held) in self.counters.items() if held == 0 and name < window]
                 if free:
                     del self.counters[min(free)]
             counters = self.counters[window] = [0, 0]

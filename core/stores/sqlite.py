@@ -900,10 +900,13 @@ class SQLiteStore(Store):
             charges = {unit: steps for unit, steps in actual if steps}
             held_steps = dict(amounts)
             unhold = prior == HELD
-            if charges and row[10] and all(held_steps.get(unit, 0) > 0 for unit in charges):
+            if charges and unhold and row[10] and all(held_steps.get(unit, 0) > 0 for unit in charges):
                 # No budget changed since the hold and every charged unit was held (so the hold
                 # covered every budget of that unit): the hold's counters are the ones to charge,
-                # one row each (a hold names each counter once), and no budget needs reading.
+                # one row each (a hold names each counter once), and no budget needs reading. Only
+                # while it holds: its windows' rows exist then (a window something is held in is
+                # never pruned); a late commit may meet a pruned window, whose row the upsert would
+                # insert without the limit check (its overage unflagged): the general way.
                 flat: list[Any] = []
                 for s, u, p, w, steps in holds:
                     spent = charges.get(u, 0)

@@ -634,6 +634,44 @@ def test_a_hold_in_an_old_window_settles_against_that_windows_counters(authority
     assert set(settled.flags) == {"over_hold", "overage"}
 
 
+def test_a_late_commit_reopening_an_old_window_never_pushes_out_the_current_one(
+    authority: Authority, clock: FakeClock
+) -> None:
+    # Every window but one holds something; a late commit into the free one (made before the
+    # current window opened) re-opens it. Memory once pruned the current window then (the only
+    # one with nothing held): its spend was gone and the minute's budget handed out again.
+    authority.set_budget(Budget("tenant:acme", "usd", 10, period="minute"))
+    late = None
+    for minute in range(8):
+        if minute == 3:  # touches no usd counter: its window opens for usd only at the late commit
+            late = authority.reserve(Action("step", "x", {"calls": 1}), "tenant:acme/run:z", ttl=60)
+        else:
+            held = authority.reserve(Action("step", "x", {"usd": "0.01"}), f"tenant:acme/run:h{minute}", ttl=3600)
+            assert held.allowed
+        clock.advance(60)
+    spend = authority.reserve(Action("step", "x", {"usd": "9.9"}), "tenant:acme/run:c")
+    authority.commit(spend.reservation, {"usd": "9.9"})  # type: ignore[arg-type]
+    assert late is not None and late.reservation is not None
+    authority.commit(late.reservation, {"calls": 1, "usd": "0.001"})  # into minute 3's window
+    assert authority.balance("tenant:acme")["usd"].spent == Decimal("9.9")
+    assert authority.reserve(Action("step", "x", {"usd": "9.9"}), "tenant:acme/run:d").denied
+
+
+def test_a_late_commit_over_the_limit_is_flagged_even_when_its_window_is_gone(
+    authority: Authority, clock: FakeClock
+) -> None:
+    # The hold expired and its minute's counters were pruned (ten minutes later, after a sweep):
+    # a commit of 15 against a limit of 10 is still recorded, and flagged overage on its own.
+    authority.set_budget(Budget("tenant:acme", "usd", 10, period="minute"))
+    expired = authority.reserve(usd(1), CHAIN, ttl=30)
+    for _ in range(10):
+        clock.advance(60)
+        authority.commit(authority.reserve(usd(1), CHAIN).reservation)  # type: ignore[arg-type]
+    authority.sweep()
+    settled = authority.commit(expired.reservation, {"usd": 15})  # type: ignore[arg-type]
+    assert set(settled.flags) == {"late", "over_hold", "overage"}
+
+
 def test_of_several_budgets_on_a_level_the_tightest_is_named(authority: Authority) -> None:
     # A daily and a monthly cap (and a lifetime one) on one scope: whatever order they were set in,
     # a denial names the one with the least left, then the one that binds longest — on every store.
