@@ -147,6 +147,13 @@ def _settled_in_background(reservation_id: str) -> Callable[[asyncio.Future[Any]
     return done
 
 
+def _issued(request: HoldRequest) -> HoldRequest:
+    """``request`` stamped as sent to the store now: its waits from here on (for a worker thread,
+    for the store's lock) count against the store's timeout and move its expiry (see HoldRequest)."""
+    request.issued = time.monotonic()
+    return request
+
+
 def _reason(rejection: Rejection, plan_count: int) -> Reason:
     unit = rejection.unit
     needed = from_steps(unit, rejection.needed)
@@ -404,25 +411,30 @@ class Grant:
         self._actual = tuple(to_step_map(actual, "actual amounts").items())
 
 
-async def _unstoppable(call: Awaitable[_T]) -> _T:
-    """Await ``call`` to its end even if this task is cancelled meanwhile (the cancellation is
-    raised here all the same). For releases: a shadow decision's would-be hold, or a hold given
-    back, whose release a cancelled task dropped would keep its budget until its TTL — nobody
-    else has its id (an SQLite job still queued for a worker thread is dropped with its task; a
-    Redis request waiting for a connection is never sent)."""
-    task = asyncio.ensure_future(call)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        task.add_done_callback(_outcome_read)
-        raise
+# The emergency cap is per process: Authorities of one store (by URL) and the same limits share
+# one. Each with its own — an Authority built per request, or one per framework adapter — would
+# multiply what failing open may spend. A forked child starts with none (it is another process).
+_EMERGENCY_CAPS: dict[tuple[str, tuple[tuple[str, int], ...]], _EmergencyCap] = {}
+_EMERGENCY_CAPS_LOCK = threading.Lock()
 
 
-def _outcome_read(task: asyncio.Future[Any]) -> None:
-    """Read a finished background task's outcome: nobody awaits it any more, and an exception left
-    unread is logged as "never retrieved" (store trouble is retried or expires with its TTL)."""
-    if not task.cancelled():
-        task.exception()
+def _emergency_cap_for(url: str, limits: dict[str, int]) -> _EmergencyCap:
+    key = (url, tuple(sorted(limits.items())))
+    with _EMERGENCY_CAPS_LOCK:
+        cap = _EMERGENCY_CAPS.get(key)
+        if cap is None:
+            cap = _EMERGENCY_CAPS[key] = _EmergencyCap(limits)
+        return cap
+
+
+def _forget_emergency_caps() -> None:
+    global _EMERGENCY_CAPS_LOCK  # noqa: PLW0603 - a fresh lock in a forked child (one held at fork stays held)
+    _EMERGENCY_CAPS_LOCK = threading.Lock()
+    _EMERGENCY_CAPS.clear()
+
+
+if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)
+    os.register_at_fork(after_in_child=_forget_emergency_caps)
 
 
 class Authority:
@@ -435,7 +447,8 @@ class Authority:
 
     ``store`` is a :class:`Store` or a URL; by default the ``CLEARANCE_STORE`` environment variable,
     else ``memory://``. ``fail_open`` (``True`` or a list of scope prefixes) lets actions go ahead
-    while the store is unreachable, bounded per process by ``emergency_limits`` (default 1 USD).
+    while the store is unreachable, bounded per process by ``emergency_limits`` (default 1 USD; the
+    Authorities of one store with the same limits share that cap).
 
     Without ``plans``, a policy turns each action into plans: ``policy`` if given, else the one
     applied to the store (``clearance apply``), re-read when its version changes (checked at most
@@ -466,7 +479,7 @@ class Authority:
         else:
             self._fail_open = tuple(parse_scope(prefix) for prefix in fail_open)
         limits = to_step_map(emergency_limits if emergency_limits is not None else {"usd": 1}, "emergency_limits")
-        self._emergency = _EmergencyCap(limits)
+        self._emergency = _emergency_cap_for(self.store.url, limits)
         if policy is not None and not isinstance(policy, Policy):
             raise InvalidRequest(f"policy must be a clearance.Policy, got {type(policy).__name__}")
         if not all(callable(rule) for rule in rules):
@@ -546,7 +559,6 @@ class Authority:
             None if idempotency_key is None else _check_key(idempotency_key),
             action.label,
             probes,
-            time.monotonic(),
         )
         return request, action, parsed, chosen
 
@@ -830,7 +842,7 @@ class Authority:
             return local  # answered as the fail-open decision it replays was (no shadow step either)
         else:
             try:
-                result = yield ("hold", (request,))
+                result = yield ("hold", (_issued(request),))
             except StoreUnavailable as error:
                 return self._unavailable(error, request, checked, parsed, chosen)
             if result.replayed:
@@ -926,7 +938,7 @@ class Authority:
             if plan is not None:
                 request, _, _, chosen = self._request(action, scope, [plan], ttl, key, proposal.probes)
                 try:
-                    retried: HoldResult = yield ("hold", (request,))
+                    retried: HoldResult = yield ("hold", (_issued(request),))
                 except StoreUnavailable as error:
                     return self._unavailable(error, request, action, scope, chosen)
                 if retried.replayed:  # the same idempotency key held meanwhile (a concurrent retry)
@@ -981,7 +993,7 @@ class Authority:
                         self._shadow_unreleased.append((would_hold.id, scope.root, would_hold.expires_at))
                         raise
             yield from self._release_shadow_leftovers(scope.root)
-            result = yield ("hold", (request,))
+            result = yield ("hold", (_issued(request),))
         except StoreUnavailable as error:
             return self._unavailable(error, request, action, scope, chosen)
         decision = self._decide(result, action, scope, chosen, request.now)
@@ -1037,14 +1049,17 @@ class Authority:
 
     async def _arun(self, flow: Generator[_Op, Any, _T]) -> _T:
         """Drive a flow against the async face of the store. A release, once started, runs to its
-        end even if the task is cancelled meanwhile (see ``_unstoppable``)."""
+        end even if the task is cancelled meanwhile (a shadow decision's would-be hold, say, whose
+        release a cancelled task dropped would keep its budget until its TTL: nobody else has its
+        id — an SQLite job still queued for a worker thread is dropped with its task, a Redis
+        request waiting for a connection is never sent)."""
         store = self.store
         try:
             name, args = next(flow)
             while True:
                 try:
                     call = getattr(store, "a" + name)(*args)
-                    value = await (_unstoppable(call) if name == "release" else call)
+                    value = await (_finished(call, args[0]) if name == "release" else call)
                 except (StoreUnavailable, NotImplementedError, ReservationNotFound) as error:
                     name, args = flow.throw(error)  # (a flow that does not catch it raises it on)
                 else:

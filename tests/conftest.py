@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from clearance import Authority
+from clearance.authority import _EMERGENCY_CAPS
 from clearance.testing import FakeClock
 
 pytest_plugins = ["redis_servers"]
@@ -41,6 +42,13 @@ def make_store_url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) ->
 @pytest.fixture(params=[pytest.param(kind, marks=getattr(pytest.mark, kind)) for kind in STORE_KINDS])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return make_store_url(request.param, request, tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_emergency_caps() -> None:
+    """The fail-open emergency cap is per process (shared by the Authorities of one store URL and
+    limits): each test starts with none, as a new process would."""
+    _EMERGENCY_CAPS.clear()
 
 
 @pytest.fixture

@@ -201,6 +201,28 @@ def test_old_period_windows_are_pruned_unless_something_is_held_in_them(tmp_path
     authority.close()
 
 
+def test_window_pruning_walks_its_index(tmp_path: Path) -> None:
+    """The partial index serves the pruning only with its own condition repeated in the query:
+    without it every 1000th reserve scanned every counter of the file under the write lock."""
+    from clearance.stores.sqlite import _PRUNE_WINDOWS_SQL
+
+    path = str(tmp_path / "ledger.db")
+    SQLiteStore(path).close()
+    raw = sqlite3.connect(path)
+    plan = " ".join(row[3] for row in raw.execute(f"EXPLAIN QUERY PLAN {_PRUNE_WINDOWS_SQL}", ("minute", "x", 10)))
+    raw.close()
+    assert "USING INDEX accounts_window" in plan, plan
+
+
+def test_a_busy_timeout_of_0_means_one_try_not_a_refusal(tmp_path: Path) -> None:
+    """``busy_timeout=0``: never wait for the lock — every reserve on a free file used to be refused
+    as if its timeout had already passed."""
+    authority = Authority(SQLiteStore(str(tmp_path / "ledger.db"), busy_timeout=0))
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    assert all(authority.reserve(Action("step", "s", {"usd": 1}), CHAIN).allowed for _ in range(5))
+    authority.close()
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -208,6 +230,7 @@ def test_old_period_windows_are_pruned_unless_something_is_held_in_them(tmp_path
         "sqlite:///{}?audit_capacity=1.5",
         "sqlite:///{}?audit_capacity=-3",
         "memory://?audit_capacity=x",
+        "memory://?audit_capacity=\u00b2",
     ],
 )
 def test_a_bad_audit_capacity_is_invalid(tmp_path: Path, url: str) -> None:

@@ -70,6 +70,20 @@ def test_fail_open_within_the_emergency_cap() -> None:
     assert authority.balance("tenant:acme")["usd"].held == ACTION.amounts["usd"]  # only the enforced hold
 
 
+def test_the_emergency_cap_is_per_process_not_per_authority() -> None:
+    """Authorities of one store (by URL) with the same limits share the cap: one built per request,
+    or one per framework adapter, each with a cap of its own multiplied what failing open could
+    spend (two Authorities let 2 USD through a 1 USD cap). Other limits are another cap."""
+    stores = [FlakyStore(), FlakyStore()]  # (one URL: memory://)
+    authorities = [Authority(store, fail_open=True, emergency_limits={"usd": 1}) for store in stores]
+    for store in stores:
+        store.down = True
+    allowed = [authority.reserve(ACTION, SCOPE).allowed for _ in range(3) for authority in authorities]
+    assert allowed.count(True) == 2  # 0.4 + 0.4 of the one shared 1 USD
+    other = Authority(stores[0], fail_open=True, emergency_limits={"usd": 2})
+    assert other.reserve(ACTION, SCOPE).allowed
+
+
 def test_fail_open_only_where_configured() -> None:
     store = FlakyStore()
     authority = Authority(store, fail_open=["tenant:internal"])

@@ -92,7 +92,7 @@ def _capacity(options: dict[str, str], default: int) -> int:
     if "audit_capacity" not in options:
         return default
     text = options.pop("audit_capacity")
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise InvalidRequest(f"store option audit_capacity must be a positive whole number, got {text!r}")
     return int(text)
 

@@ -37,8 +37,9 @@ changes, so the schema keeps the pages a reserve or a commit touches few and sma
 * Amounts and holds are short delimited strings, not JSON; windows are not stored when they are
   the calendar windows of the reservation's creation time (they are recomputed from it).
 * Bounded: the maintenance pass (``sweep()`` and every 1000th hold) deletes audit records beyond
-  the newest ``audit_capacity`` (a watermark ``pruned`` in ``meta``; a reservation's hold record is
-  kept while the reservation is remembered, and deleted when it is forgotten) and the counters of
+  the newest ``audit_capacity`` once the forget pass has read them (a watermark ``pruned`` in
+  ``meta``; a reservation's hold record is kept while the reservation is remembered, and deleted
+  when it is forgotten: so the records of the last ``retention`` are always kept) and the counters of
   period windows older than the ``WINDOWS_KEPT`` latest periods with nothing held in them
   (through the index ``accounts_window``, written only when a window's row is created). Without it
   the file grew by every lifecycle's records and every minute budget's windows, for good.
@@ -239,6 +240,11 @@ def _upsert(db: sqlite3.Connection, statements: list[str], flat: list[Any], widt
     return changed
 
 
+# ("period <> ''" repeated: without it SQLite cannot use the partial index, and scans every counter.)
+_PRUNE_WINDOWS_SQL = (
+    "DELETE FROM accounts WHERE (scope, unit, period, win) IN (SELECT scope, unit, period, win "
+    "FROM accounts WHERE period <> '' AND period = ? AND win < ? AND held = 0 LIMIT ?)"
+)
 _BUDGETS_CHANGED = "UPDATE meta SET value = value + 1 WHERE key = 'budgets'"
 _UNHOLD_SQL = "UPDATE accounts SET held = held - ? WHERE scope = ? AND unit = ? AND period = ? AND win = ?"
 _INSERT_SQL = (
@@ -504,7 +510,7 @@ class SQLiteStore(Store):
         waited = False  # (then BEGIN waits for other processes only as long as is left)
         if issued:
             elapsed = time.monotonic() - issued
-            if elapsed >= self._busy_timeout:
+            if elapsed > max(self._busy_timeout, _LATE_HOLD):  # (busy_timeout 0: one try, never a wait)
                 raise StoreUnavailable(f"SQLite ledger {self.path} is busy: no transaction within the busy timeout")
             waited = elapsed > _LATE_HOLD
         if not turns.acquire(blocking=False):
@@ -620,11 +626,7 @@ class SQLiteStore(Store):
         window writes its counters again (recorded, never dropped); the next pass deletes them."""
         for period, seconds in _PERIOD_SECONDS:
             oldest_kept = window_at(now - (WINDOWS_KEPT - 1) * seconds, period)
-            db.execute(
-                "DELETE FROM accounts WHERE (scope, unit, period, win) IN (SELECT scope, unit, period, win "
-                "FROM accounts WHERE period = ? AND win < ? AND held = 0 LIMIT ?)",
-                (period, oldest_kept, _PRUNE_BATCH),
-            )
+            db.execute(_PRUNE_WINDOWS_SQL, (period, oldest_kept, _PRUNE_BATCH))
 
     def _forget(self, db: sqlite3.Connection, now: float, start: int, pruned: int) -> int:
         """Take reservations settled more than ``retention`` ago out of the lookup indexes, walking
