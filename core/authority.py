@@ -147,6 +147,34 @@ def _settled_in_background(reservation_id: str) -> Callable[[asyncio.Future[Any]
     return done
 
 
+def _cap_tools(decision: Decision, result: HoldResult, proposal: Proposal, policy: Policy, scope: Scope) -> None:
+    """Add the tool caps to an allowed decision: ``disabled_tools`` for tool budgets exhausted on the
+    chain, ``max_tool_calls=0`` once the run's tool calls are used up (from the probed accounts)."""
+    if not (decision.allowed and proposal.probes):
+        return
+    tool_caps = policy.tool_caps(accounts_of(result.accounts), proposal.run_scope)
+    if tool_caps is None:
+        return
+    base = decision.caps or Caps()
+    decision.caps = base.model_copy(
+        update={"disabled_tools": tool_caps.disabled_tools, "max_tool_calls": tool_caps.max_tool_calls}
+    )
+    decision.outcome = Outcome.ALLOW_WITH_CAPS
+    which = ", ".join(tool_caps.disabled_tools) or "all tools (tool calls for this run used up)"
+    decision.reasons = (
+        *decision.reasons,
+        Reason("tools_capped", f"tool budget exhausted: {which}", scope.path, rule="tools"),
+    )
+
+
+def _shadow_default(reservation: object) -> Amounts | None:
+    """What a commit without actual amounts records: the held amounts (``None``), or for a shadow
+    decision's reservation (an empty hold) what the action asked for."""
+    if isinstance(reservation, Reservation) and reservation.shadow_steps:
+        return reservation.shadow_steps
+    return None
+
+
 def _issued(request: HoldRequest) -> HoldRequest:
     """``request`` stamped as sent to the store now: its waits from here on (for a worker thread,
     for the store's lock) count against the store's timeout and move its expiry (see HoldRequest)."""
@@ -848,14 +876,22 @@ class Authority:
             if result.replayed:
                 retry = proposal.output_retry if proposal is not None else None
                 decision = yield from self._replay_flow(result, checked, parsed, chosen, retry)
+                if proposal is not None and policy is not None:  # the tool caps, as of now
+                    _cap_tools(decision, result, proposal, policy, parsed)
             else:
                 decision = self._decide(result, checked, parsed, chosen, request.now)
                 if proposal is not None and policy is not None:
                     decision = yield from self._refine_flow(
                         decision, result, proposal, policy, checked, parsed, chosen, ttl, key
                     )
-        if proposal is not None and proposal.shadow and (decision.denied or decision.caps is not None):
-            decision = yield from self._shadow_flow(decision, checked, parsed, ttl, key)
+        if proposal is not None and proposal.shadow:
+            if decision.denied or decision.caps is not None:
+                decision = yield from self._shadow_flow(decision, checked, parsed, ttl, key, request.plans[0].amounts)
+            elif decision.mode is Mode.ENFORCED:  # enforcement allows it as asked: its hold is the real one
+                decision.would_be = replace(decision)
+                decision.mode = Mode.SHADOW
+                summary = "shadow mode: enforcement would have answered allow"
+                decision.reasons = (Reason("shadow", summary, parsed.path, rule="shadow"), *decision.reasons)
         return decision
 
     def _replay_flow(
@@ -957,28 +993,23 @@ class Authority:
                     second.reasons = (*decision.reasons, why)
                     second.plan_index = len(result.rejections)  # one past the plans that did not fit
                     decision, result = second, retried
-        if decision.allowed and proposal.probes:
-            tool_caps = policy.tool_caps(accounts_of(result.accounts), proposal.run_scope)
-            if tool_caps is not None:
-                base = decision.caps or Caps()
-                decision.caps = base.model_copy(
-                    update={"disabled_tools": tool_caps.disabled_tools, "max_tool_calls": tool_caps.max_tool_calls}
-                )
-                decision.outcome = Outcome.ALLOW_WITH_CAPS
-                which = ", ".join(tool_caps.disabled_tools) or "all tools (tool calls for this run used up)"
-                decision.reasons = (
-                    *decision.reasons,
-                    Reason("tools_capped", f"tool budget exhausted: {which}", scope.path, rule="tools"),
-                )
+        _cap_tools(decision, result, proposal, policy, scope)
         if notes:
             decision.reasons = (*decision.reasons, *notes)
         return decision
 
     def _shadow_flow(
-        self, would_be: Decision, action: Action, scope: Scope, ttl: float | None, key: str | None
+        self,
+        would_be: Decision,
+        action: Action,
+        scope: Scope,
+        ttl: float | None,
+        key: str | None,
+        requested: Amounts,
     ) -> Generator[_Op, Any, Decision]:
         """Shadow mode: let the action go ahead as requested and report what would have happened.
-        The hold is empty, so the commit still records the real spend (flagged over_hold)."""
+        The hold is empty, so the commit still records the real spend (flagged over_hold): the
+        actual amounts, or without them ``requested`` (what enforcement's hold would have been)."""
         # No idempotency key: it names the would-be reservation, released just below.
         request, _, _, chosen = self._request(action, scope, [Plan({}, rule="shadow")], ttl, None)
         would_hold = would_be.reservation
@@ -1005,6 +1036,8 @@ class Authority:
         decision.caps = None
         decision.outcome = Outcome.ALLOW
         decision.would_be = would_be
+        if decision.reservation is not None:
+            decision.reservation.shadow_steps = requested
         return decision
 
     def _release_shadow_leftovers(self, root: str) -> Generator[_Op, Any, None]:
@@ -1135,6 +1168,8 @@ class Authority:
         """
         rid = _reservation_id(reservation)
         steps = self._actual(actual)
+        if steps is None:
+            steps = _shadow_default(reservation)
         if rid.startswith(_LOCAL_PREFIX):
             return self._local(rid, steps, commit=True)
         return self.store.commit(rid, steps, self.clock())
@@ -1143,6 +1178,8 @@ class Authority:
         """Async twin of :meth:`commit`."""
         rid = _reservation_id(reservation)
         steps = self._actual(actual)
+        if steps is None:
+            steps = _shadow_default(reservation)
         if rid.startswith(_LOCAL_PREFIX):
             return self._local(rid, steps, commit=True)
         return await self.store.acommit(rid, steps, self.clock())
@@ -1312,11 +1349,15 @@ class Authority:
         grant.settlement = self._commit_steps(reservation, grant._actual)
 
     def _commit_steps(self, reservation: Reservation, steps: Amounts | None) -> Settlement:
+        if steps is None:
+            steps = _shadow_default(reservation)
         if reservation.local:
             return self._local(reservation.id, steps, commit=True)
         return self.store.commit(reservation.id, steps, self.clock())
 
     async def _acommit_steps(self, reservation: Reservation, steps: Amounts | None) -> Settlement:
+        if steps is None:
+            steps = _shadow_default(reservation)
         if reservation.local:
             return self._local(reservation.id, steps, commit=True)
         return await self.store.acommit(reservation.id, steps, self.clock())

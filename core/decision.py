@@ -107,6 +107,9 @@ class Reservation:
     committed_steps: Amounts | None = None
     flags: tuple[str, ...] = ()
     local: bool = False  # made while the store was down (fail open): settles only in this process
+    # Shadow mode: what the action asked for (its hold is empty: nothing is enforced). A commit of
+    # this object without actual amounts records these, as enforcement would have recorded its hold.
+    shadow_steps: Amounts = ()
 
     @property
     def amounts(self) -> dict[str, Decimal]:

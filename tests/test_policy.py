@@ -875,3 +875,46 @@ def test_rate_limits_sharing_a_scope_kind_and_window_all_bind() -> None:
     authority.apply_policy(PolicyDocument.parse({"rate_limits": rates}))
     outcomes = [authority.reserve(Action.tool_call("t"), "tenant:acme").allowed for _ in range(4)]
     assert outcomes == [True, True, False, False]
+
+
+def test_a_retry_with_the_key_keeps_the_tool_caps(store_url: str) -> None:
+    """A reserve retried with its idempotency key answers with the same reservation and caps: the
+    tool caps (from the probed tool budgets) were dropped from the retry's answer."""
+    document = PolicyDocument.parse(
+        {
+            "budgets": [{"scope": "tenant:acme", "unit": "tool.web_search.calls", "limit": 2}],
+            "ladders": [{"provider": "openai", "rungs": ["gpt-4.1", "gpt-4.1-mini"]}],
+            "tools": {"toolsets": {"search": ["web_search"]}, "calls_per_run": 5},
+        }
+    )
+    authority = Authority(store_url)
+    authority.apply_policy(document)
+    for _ in range(2):
+        authority.commit(authority.reserve(Action.tool_call("web_search"), RUN).reservation)  # type: ignore[arg-type]
+    first = authority.reserve(flagship(), RUN, idempotency_key="k1")
+    retry = authority.reserve(flagship(), RUN, idempotency_key="k1")
+    assert first.caps is not None and first.caps.disabled_tools == ("web_search",)
+    assert retry.replayed and retry.reservation is not None and first.reservation is not None
+    assert retry.reservation.id == first.reservation.id
+    assert retry.caps == first.caps and retry.outcome is first.outcome
+    authority.close()
+
+
+def test_shadow_mode_records_the_spend_of_a_guard_that_does_not_settle(store_url: str) -> None:
+    """Under shadow every decision is Mode.SHADOW (a plain allow came back ENFORCED), and a guard
+    that does not settle records what the action asked for, as enforcement would have — the empty
+    shadow hold used to record nothing once enforcement would have denied (rate counts included)."""
+    rates = [{"scope": "tenant:globex", "kind": "tool_call", "limit": 2, "per": "minute"}]
+    authority = Authority(store_url, clock=FakeClock())
+    authority.apply_policy(PolicyDocument.parse({"shadow": ["tenant:globex"], "rate_limits": rates}))
+    authority.set_budget(Budget("tenant:globex", "usd", 1))
+    would_be = []
+    for _ in range(4):
+        with authority.guard(Action.tool_call("search", {"usd": "0.4"}), "tenant:globex") as grant:
+            assert grant.decision.mode is Mode.SHADOW and grant.decision.allowed
+            assert grant.decision.would_be is not None and grant.decision.reasons[0].code == "shadow"
+            would_be.append(grant.decision.would_be.outcome)
+    assert would_be == [Outcome.ALLOW, Outcome.ALLOW, Outcome.DENY, Outcome.DENY]
+    balances = authority.balance("tenant:globex")
+    assert balances["usd"].spent == Decimal("1.6") and balances["rate.tool_call"].spent == 4
+    authority.close()

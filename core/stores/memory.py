@@ -402,7 +402,8 @@ class MemoryStore(Store):
                 existing = self._idempotency.get((request.chain[0], request.idempotency_key))
                 kept = None if existing is None else self._kept(existing, now)
                 if kept is not None:
-                    states = self._peek_states(request.chain, dict(kept.amounts), kept.windows)
+                    units = {*dict(kept.amounts), *request.probes}  # (probes: for the caller's tool caps)
+                    states = self._peek_states(request.chain, units, kept.windows)
                     return HoldResult(kept.id, kept.plan_index, kept.expires_at, tuple(states), (), replayed=True)
             if simple:
                 fitted = self._hold_fitting(request, units)  # type: ignore[arg-type]

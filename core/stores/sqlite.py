@@ -726,7 +726,7 @@ class SQLiteStore(Store):
                     row = None
                 if row is not None:
                     original = _windows(row[3], row[5])
-                    held_units = {unit for unit, _ in _amounts(row[4])}
+                    held_units = {unit for unit, _ in _amounts(row[4])}.union(request.probes)
                     original_params = [dict(original)[p] for p in _PERIOD_ORDER]
                     states = self._states(db, chain, held_units, original_params, original)
                     db.execute("COMMIT")

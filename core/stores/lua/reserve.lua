@@ -52,6 +52,9 @@ local function replay(existing, kind, rec)
   for unit in string.gmatch(rec.a, '(%S+) %S+') do
     held_units[unit] = true
   end
+  for unit in string.gmatch(ARGV[10], '%S+') do  -- probes: reported too (the caller's tool caps)
+    held_units[unit] = true
+  end
   return kind .. '\n' .. existing .. '\n' .. rec.p .. '\n' .. rec.e .. '\n'
     .. states_text(states(chain, held_units, rec.w), nil) .. '\n'
 end
