@@ -61,13 +61,31 @@ def test_demo_budgets_bind_and_degrade(ledger: str) -> None:
 
 
 def test_demo_twice_on_one_ledger_still_reconciles(ledger: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # the second demo finds the first one's spending: it reconciles what it added, and mostly hits denials
-    first = runner.invoke(app, ["demo", "--quick", "--runs", "20", "--store", ledger])
+    # the second demo finds the first one's spending: it reconciles what it added, and mostly hits
+    # denials (a first demo of 200 runs spends past the limits a quick one sets: not a ledger bug)
+    first = runner.invoke(app, ["demo", "--quick", "--runs", "200", "--store", ledger])
     second = runner.invoke(app, ["--store", ledger, "demo", "--quick", "--runs", "20"])
     assert first.exit_code == 0, first.output
     assert second.exit_code == 0, second.output
     assert _reconciled(second.output)
     assert ledger in second.output
+
+
+def test_demo_reconciliation_catches_a_ledger_that_charges_other_amounts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reconciliation compares the ledger with what the workers sent, not with the ledger's own
+    answer: a store charging half of every commit used to reconcile "OK"."""
+    from clearance.stores.memory import MemoryStore
+
+    honest = MemoryStore.commit
+
+    def halved(self, reservation_id, actual, now):  # type: ignore[no-untyped-def]
+        half = None if actual is None else tuple((unit, steps // 2) for unit, steps in actual)
+        return honest(self, reservation_id, half, now)
+
+    monkeypatch.setattr(MemoryStore, "commit", halved)
+    result = runner.invoke(app, ["demo", "--quick", "--runs", "20", "--store", "memory://"])
+    assert result.exit_code == 1, result.output
+    assert "reconciliation: FAILED" in result.output and "the ledger charged" in result.output
 
 
 def test_demo_default_store_is_a_fresh_temporary_ledger(ledger: str, monkeypatch: pytest.MonkeyPatch) -> None:

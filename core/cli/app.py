@@ -140,7 +140,7 @@ def demo(
         result = demo_workload.run(console, url, settings, note=note)
     if folder is not None:
         out.print(Text(f"the ledger is kept for a look around: clearance --store {url} budget ls", style="dim"))
-    raise typer.Exit(0 if result.ok else 1)
+    raise typer.Exit(0 if result.ok else 3 if result.store_trouble else 1)
 
 
 @budget_app.command("set", context_settings={"ignore_unknown_options": True})  # "-5": a (bad) amount, not an option

@@ -32,10 +32,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 from rich.text import Text
 
-from clearance import Action, Authority, Balance, Budget, Decision, Outcome, Policy, PolicyDocument, Reservation
+from clearance import (
+    Action,
+    Authority,
+    Balance,
+    Budget,
+    Decision,
+    Outcome,
+    Policy,
+    PolicyDocument,
+    Reservation,
+    StoreUnavailable,
+)
 from clearance.cli.tables import amount, unit_label
 from clearance.periods import ALL_PERIODS, windows_at
 from clearance.stores import redact_url
+from clearance.units import from_steps, to_steps
 
 Key = tuple[str, str, str, str]  # (scope, unit, period, window) of one budget's current window
 
@@ -203,6 +215,7 @@ class Tally:
     runs_halted: int = 0
     caps_seen: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     errors: list[str] = field(default_factory=list)
+    store_trouble: bool = False  # a worker stopped by StoreUnavailable (not a ledger bug: exit 3)
 
     def decided(self, decision: Decision, units: list[str]) -> None:
         with self.lock:
@@ -338,8 +351,14 @@ def _agent_run(
         # usd and tokens come in under the worst case; counted units (calls, tool.*.calls, rate.*) as held
         actual = {unit: (value * fraction if unit in ("usd", "tokens") else value) for unit, value in held.items()}
         actual = {unit: (value.to_integral_value() if unit != "usd" else value) for unit, value in actual.items()}
+        # in the ledger's own steps (usd: nano-dollars, rounded up as the ledger would), so the tally
+        # can hold the ledger to exactly what was sent
+        actual = {unit: from_steps(unit, to_steps(unit, value)) for unit, value in actual.items()}
         settlement = authority.commit(reservation, actual)
-        tally.settled(reservation, settlement.charged)
+        if settlement.charged != actual:
+            with tally.lock:
+                tally.errors.append(f"{reservation.id}: committed {actual}, the ledger charged {settlement.charged}")
+        tally.settled(reservation, actual)  # what the worker committed, not the ledger's own answer
     with tally.lock:
         if halted:
             tally.runs_halted += 1
@@ -354,6 +373,7 @@ class DemoResult:
     problems: list[str]
     budgets: int
     snapshots: int
+    store_trouble: bool = False
 
 
 def _schedule(settings: DemoSettings) -> list[Workflow]:
@@ -382,7 +402,7 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
     # A ledger given with --store may hold earlier demos: reconcile against what this one adds.
     start = {_key(b): b.spent for b in _demo_budgets(authority)}
     tally = Tally()
-    race = _race(console, authority, url, settings, tally)
+    race = _race(console, authority, url, settings, tally, start)
 
     # Crashed workers never settle: wait until their holds have expired, then sweep them back.
     wait = tally.crash_expiry - time.time()
@@ -391,7 +411,7 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
     swept = authority.sweep()
     final = _demo_budgets(authority)
     race.snapshots += 1
-    race.violations.extend(_over_limit(final))
+    race.violations.extend(_over_limit(final, start))
     problems = tally.errors + race.violations + _mismatches(final, start, tally)
 
     console.print(_scope_table(final, tally))
@@ -406,7 +426,7 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
         console.print(f"[bold red]reconciliation: FAILED[/] — {len(problems)} problem(s):")
         for problem in problems[:20]:
             console.print(f"  [red]{problem}[/]")
-    return DemoResult(ok, problems, len(final), race.snapshots)
+    return DemoResult(ok, problems, len(final), race.snapshots, tally.store_trouble)
 
 
 @dataclass
@@ -416,7 +436,9 @@ class Race:
     violations: list[str] = field(default_factory=list)
 
 
-def _race(console: Console, authority: Authority, url: str, settings: DemoSettings, tally: Tally) -> Race:
+def _race(
+    console: Console, authority: Authority, url: str, settings: DemoSettings, tally: Tally, start: dict[Key, Decimal]
+) -> Race:
     """Run every agent run on the worker threads; meanwhile show progress and snapshot every budget."""
     batch = os.urandom(2).hex()
     queue = list(enumerate(_schedule(settings)))
@@ -443,6 +465,7 @@ def _race(console: Console, authority: Authority, url: str, settings: DemoSettin
         except Exception as error:  # surfaced in the report, never a silent thread death
             with tally.lock:
                 tally.errors.append(f"worker failed: {type(error).__name__}: {error}")
+                tally.store_trouble = tally.store_trouble or isinstance(error, StoreUnavailable)
             stop.set()
         finally:
             if shared is None:
@@ -468,7 +491,7 @@ def _race(console: Console, authority: Authority, url: str, settings: DemoSettin
                 thread.start()
             while any(thread.is_alive() for thread in threads):
                 race.snapshots += 1
-                race.violations.extend(_over_limit(_demo_budgets(authority)))
+                race.violations.extend(_over_limit(_demo_budgets(authority), start))
                 with tally.lock:
                     done = tally.runs_done + tally.runs_halted + tally.crashed
                     d = tally.decisions
@@ -541,11 +564,13 @@ def _key(balance: Balance) -> Key:
     return (balance.scope, balance.unit, balance.period or "", balance.window)
 
 
-def _over_limit(balances: list[Balance]) -> list[str]:
+def _over_limit(balances: list[Balance], start: dict[Key, Decimal]) -> list[str]:
+    """Budgets past their limit. An earlier demo on the same ledger (``--store``) may have spent more
+    than this one's limit already: such a budget denies everything, and must not go past that."""
     return [
         f"{b.scope} {unit_label(b.unit, b.period)}: spent {b.spent} + held {b.held} > limit {b.limit}"
         for b in balances
-        if b.spent + b.held > b.limit
+        if b.spent + b.held > max(b.limit, start.get(_key(b), Decimal(0)))
     ]
 
 
