@@ -17,9 +17,11 @@ from clearance import (
     Action,
     Authority,
     Budget,
+    Caps,
     ClockSkew,
     Decision,
     InvalidRequest,
+    Outcome,
     Plan,
     ReservationNotFound,
     StoreUnavailable,
@@ -653,6 +655,36 @@ def test_more_expired_holds_than_one_call_reclaims_never_deny_or_show_as_held(
         everything = ledger.reserve(Action("step", "s", {"calls": 23}), "tenant:crash/run:1")
         assert everything.allowed, everything.reasons
         assert ledger.balance("tenant:crash")["calls"].held == 23
+    authority.close()
+
+
+def test_a_backlog_of_expired_holds_never_sends_a_reserve_down_the_ladder(redis_url: str, clock: FakeClock) -> None:
+    """The first plan rejected for an expired hold the batch did not reach: a later plan used to be
+    held (capped, a false budget_exhausted) where the memory store holds the first."""
+    authority = Authority(redis_url + "&reclaim_batch=3", clock=clock)
+    authority.set_budget(Budget("tenant:ladder", "usd", 10))
+    authority.reserve(Action("step", "big", {"usd": 7}), "tenant:ladder", ttl=10)  # expires first
+    for i in range(3):
+        authority.reserve(Action("step", f"s{i}", {"usd": 1}), "tenant:ladder", ttl=20)
+    clock.advance(30)  # all four expired: more than one batch
+    plans = [Plan({"usd": 5}), Plan({"usd": 1}, caps=Caps(max_output_tokens=10))]
+    decision = authority.reserve(Action("step", "want", {"usd": 5}), "tenant:ladder", plans=plans)
+    assert decision.outcome is Outcome.ALLOW and decision.plan_index == 0, decision.reasons
+    assert authority.balance("tenant:ladder")["usd"].held == 5
+    authority.close()
+
+
+def test_a_listing_never_shows_what_is_past_retention(redis_url: str, clock: FakeClock) -> None:
+    """More settled reservations past retention than one reclaim forgets: a listing showed the rest,
+    which lookups already treat as forgotten."""
+    authority = Authority(redis_url + "&retention=100&reclaim_batch=3", clock=clock)
+    authority.set_budget(Budget("tenant:listing", "usd", 100))
+    for _ in range(5):
+        decision = authority.reserve(Action("step", "s", {"usd": 1}), "tenant:listing")
+        authority.commit(decision.reservation, {"usd": 1})  # type: ignore[arg-type]
+    clock.advance(1000)
+    assert authority.reservations("tenant:listing", status=None) == []
+    assert authority.reservations("tenant:listing", status="committed") == []
     authority.close()
 
 

@@ -13,7 +13,16 @@ local tokens
 if status == 'held' then
   tokens = redis.call('ZRANGEBYSCORE', K_DUE, '(0', '+inf')  -- live holds only: small
 else
-  tokens = redis.call('ZRANGE', K_DUE, 0, -1)  -- everything remembered: an admin scan
+  -- Everything remembered: an admin scan. Not what is past retention (a settled reservation's
+  -- score is minus its forget time) that reclaim, a batch per call, has not forgotten yet.
+  tokens = {}
+  local scored = redis.call('ZRANGE', K_DUE, 0, -1, 'WITHSCORES')
+  for i = 1, #scored, 2 do
+    local score = scored[i + 1] + 0
+    if score > 0 or -score > NOW_N then
+      tokens[#tokens + 1] = scored[i]
+    end
+  end
 end
 local prefix = scope .. '/'
 local found = {}

@@ -6,7 +6,8 @@
 -- the client's retry after a lost reply (only then can the token already exist).
 -- Reply: "kind\ntoken\nplan index\nexpires_at\naccounts\nrejections" with kind 'held', 'denied',
 -- 'replay_key' (idempotency key seen) or 'replay_id' (this very id seen: a retry after a lost
--- reply), or 'backlog': denied while more expired holds wait than one call reclaims (see below). Accounts and rejections are '|'-joined fields, 7 per account and 8 per rejection.
+-- reply), or 'backlog': not answered while more expired holds wait than one call reclaims and a
+-- plan was rejected (see below). Accounts and rejections are '|'-joined fields, 7 per account and 8 per rejection.
 
 local token, expires_at, idem, label, windows_text = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local chain = split_words(ARGV[8])
@@ -43,7 +44,7 @@ end
 
 -- A full batch of expired holds reclaimed: more may wait (a crashed fleet's holds, say), and a
 -- denial could be theirs. Rather than reclaim them all here (one long script stalls every tenant on
--- this Redis), a denial then answers 'backlog': the client sweeps the tenant batch by batch and
+-- this Redis), a denial (or a plan rejected) then answers 'backlog': the client sweeps the tenant batch by batch and
 -- asks again (nothing else was written).
 local backlog = reclaim() >= BATCH + 0
 
@@ -169,7 +170,10 @@ for p, plan in ipairs(plans) do
   end
 end
 
-if chosen < 0 then
+-- With a backlog, a plan rejected may have been rejected for an expired hold not reached yet: a
+-- later plan chosen then is no more an answer than a denial is (the client drains and asks again;
+-- a second 'backlog' in a row is taken as a denial).
+if chosen < 0 or (backlog and #rejections > 0) then
   return (backlog and 'backlog' or 'denied') .. '\n\n-1\n0\n' .. states_text(list, nil) .. '\n' .. table.concat(rejections, '|')
 end
 
