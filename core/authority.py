@@ -9,6 +9,7 @@ balances, and turns store trouble into a decision (fail closed by default).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from clearance.action import Action
@@ -33,6 +35,7 @@ from clearance.errors import (
 )
 from clearance.ids import random_id
 from clearance.ledger import (
+    LATE_HOLD,
     AccountState,
     Amounts,
     AuditEvent,
@@ -167,18 +170,34 @@ def _cap_tools(decision: Decision, result: HoldResult, proposal: Proposal, polic
     )
 
 
-def _shadow_default(reservation: object) -> Amounts | None:
-    """What a commit without actual amounts records: the held amounts (``None``), or for a shadow
-    decision's reservation (an empty hold) what the action asked for."""
-    if isinstance(reservation, Reservation) and reservation.shadow_steps:
+def _shadow_key(key: str) -> str:
+    """The idempotency key of a shadow hold, made from the caller's (which names the would-be one)."""
+    return f"shadow:{key}" if len(key) <= 193 else f"shadow:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def _shadow_actual(reservation: object, steps: Amounts | None) -> Amounts | None:
+    """What a commit records. A shadow decision's reservation holds nothing: its commit records the
+    actual amounts and, for every unit they leave out, what the action asked for — as a commit
+    records a held unit it leaves out at its hold (a commit naming only ``usd`` still counts the
+    rate-limit units). Any other reservation: ``steps`` as given."""
+    if not (isinstance(reservation, Reservation) and reservation.shadow_steps):
+        return steps
+    if steps is None:
         return reservation.shadow_steps
-    return None
+    named = {unit for unit, _ in steps}
+    return (*steps, *((unit, amount) for unit, amount in reservation.shadow_steps if unit not in named))
 
 
 def _issued(request: HoldRequest) -> HoldRequest:
     """``request`` stamped as sent to the store now: its waits from here on (for a worker thread,
-    for the store's lock) count against the store's timeout and move its expiry (see HoldRequest)."""
-    request.issued = time.monotonic()
+    for the store's lock) count against the store's timeout and move its expiry (see HoldRequest).
+    A wait since its expiry was computed (a policy read, a per-run budget created, each perhaps
+    waiting for the same lock) moves the expiry too: the TTL runs from the hold."""
+    sent = time.monotonic()
+    late = sent - request.issued if request.issued else 0.0
+    if late > LATE_HOLD:
+        request.expires_at += late
+    request.issued = sent
     return request
 
 
@@ -275,6 +294,15 @@ class _EmergencyCap:
         self.keys: dict[tuple[str, str], str] = {}
         self.key_of: dict[str, tuple[str, str]] = {}
         self.lock = threading.Lock()
+
+    def start_afresh(self) -> None:
+        """Nothing used, held or remembered, and a new lock (see ``_forget_emergency_caps``)."""
+        self.lock = threading.Lock()
+        self.used = dict.fromkeys(self.limits, 0)
+        self.holds.clear()
+        self.settled.clear()
+        self.keys.clear()
+        self.key_of.clear()
 
     def _give_back(self, steps: Amounts) -> None:
         for unit, amount in steps:
@@ -441,7 +469,7 @@ class Grant:
 
 # The emergency cap is per process: Authorities of one store (by URL) and the same limits share
 # one. Each with its own — an Authority built per request, or one per framework adapter — would
-# multiply what failing open may spend. A forked child starts with none (it is another process).
+# multiply what failing open may spend. A forked child starts them afresh (it is another process).
 _EMERGENCY_CAPS: dict[tuple[str, tuple[tuple[str, int], ...]], _EmergencyCap] = {}
 _EMERGENCY_CAPS_LOCK = threading.Lock()
 
@@ -456,9 +484,12 @@ def _emergency_cap_for(url: str, limits: dict[str, int]) -> _EmergencyCap:
 
 
 def _forget_emergency_caps() -> None:
+    """In a forked child: every cap starts empty — the child is another process — but stays the
+    one its store's Authorities share, those made before the fork included (they hold it too)."""
     global _EMERGENCY_CAPS_LOCK  # noqa: PLW0603 - a fresh lock in a forked child (one held at fork stays held)
     _EMERGENCY_CAPS_LOCK = threading.Lock()
-    _EMERGENCY_CAPS.clear()
+    for cap in _EMERGENCY_CAPS.values():
+        cap.start_afresh()
 
 
 if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)
@@ -587,6 +618,7 @@ class Authority:
             None if idempotency_key is None else _check_key(idempotency_key),
             action.label,
             probes,
+            time.monotonic(),  # (re-stamped when sent: see _issued)
         )
         return request, action, parsed, chosen
 
@@ -758,14 +790,19 @@ class Authority:
         """A policy's budgets, the whole document validated first: bad input changes nothing."""
         if not isinstance(document, PolicyDocument):
             raise InvalidRequest(f"expected a PolicyDocument, got {type(document).__name__}")
-        budgets = [Budget(entry.scope, entry.unit, entry.limit, entry.period) for entry in document.budgets]
-        # Rate limits on one scope, unit and window share one counter: every one binds, so the
-        # tightest is the budget (one after another, the last written would win).
-        rates: dict[tuple[str, str, str], int] = {}
-        for rate in document.rate_limits:
-            key = (rate.scope, rate.unit, rate.per)
-            rates[key] = min(rate.limit, rates.get(key, rate.limit))
-        budgets += [Budget(scope, unit, limit, per) for (scope, unit, per), limit in rates.items()]
+        # Entries on one scope, unit and window (two budgets, two rate limits, a budget on a rate
+        # limit's unit) share one counter: every one binds, so the tightest is the budget (written
+        # one after another, the last would win).
+        limits: dict[tuple[str, str, str | None], Decimal] = {}
+        entries: list[tuple[str, str, str | None, Decimal]] = [
+            (entry.scope, entry.unit, None if entry.period is None else str(entry.period), entry.limit)
+            for entry in document.budgets
+        ]
+        entries += [(rate.scope, rate.unit, rate.per, Decimal(rate.limit)) for rate in document.rate_limits]
+        for scope, unit, period, limit in entries:
+            key = (scope, unit, period)
+            limits[key] = min(limit, limits.get(key, limit))
+        budgets = [Budget(scope, unit, limit, period) for (scope, unit, period), limit in limits.items()]
         Policy(document, rules=self._rules)
         return budgets
 
@@ -888,6 +925,7 @@ class Authority:
             if decision.denied or decision.caps is not None:
                 decision = yield from self._shadow_flow(decision, checked, parsed, ttl, key, request.plans[0].amounts)
             elif decision.mode is Mode.ENFORCED:  # enforcement allows it as asked: its hold is the real one
+                yield from self._release_shadow_leftovers(parsed.root)
                 decision.would_be = replace(decision)
                 decision.mode = Mode.SHADOW
                 summary = "shadow mode: enforcement would have answered allow"
@@ -978,7 +1016,9 @@ class Authority:
                 except StoreUnavailable as error:
                     return self._unavailable(error, request, action, scope, chosen)
                 if retried.replayed:  # the same idempotency key held meanwhile (a concurrent retry)
-                    return (yield from self._replay_flow(retried, action, scope, plans, proposal.output_retry))
+                    replayed = yield from self._replay_flow(retried, action, scope, plans, proposal.output_retry)
+                    _cap_tools(replayed, retried, proposal, policy, scope)
+                    return replayed
                 second = self._decide(retried, action, scope, chosen, request.now)
                 if second.allowed:
                     assert plan.caps is not None
@@ -1010,8 +1050,10 @@ class Authority:
         """Shadow mode: let the action go ahead as requested and report what would have happened.
         The hold is empty, so the commit still records the real spend (flagged over_hold): the
         actual amounts, or without them ``requested`` (what enforcement's hold would have been)."""
-        # No idempotency key: it names the would-be reservation, released just below.
-        request, _, _, chosen = self._request(action, scope, [Plan({}, rule="shadow")], ttl, None)
+        # The caller's key names the would-be reservation, released just below: the shadow hold
+        # takes a key of its own made from it, so a retry finds it (and is not run twice).
+        shadow_key = None if key is None else _shadow_key(key)
+        request, _, _, chosen = self._request(action, scope, [Plan({}, rule="shadow")], ttl, shadow_key)
         would_hold = would_be.reservation
         try:
             if would_hold is not None:
@@ -1027,7 +1069,12 @@ class Authority:
             result = yield ("hold", (_issued(request),))
         except StoreUnavailable as error:
             return self._unavailable(error, request, action, scope, chosen)
-        decision = self._decide(result, action, scope, chosen, request.now)
+        if result.replayed:  # a retry: the shadow hold an earlier try made (settled: replay_settled)
+            decision = yield from self._replay_flow(result, action, scope, chosen, None)
+            if decision.denied:
+                return decision
+        else:
+            decision = self._decide(result, action, scope, chosen, request.now)
         summary = f"shadow mode: enforcement would have answered {would_be.outcome.value}"
         if would_be.caps is not None:
             summary += f" with {would_be.caps!r}"
@@ -1167,9 +1214,7 @@ class Authority:
         repeated commit changes nothing (``replayed``).
         """
         rid = _reservation_id(reservation)
-        steps = self._actual(actual)
-        if steps is None:
-            steps = _shadow_default(reservation)
+        steps = _shadow_actual(reservation, self._actual(actual))
         if rid.startswith(_LOCAL_PREFIX):
             return self._local(rid, steps, commit=True)
         return self.store.commit(rid, steps, self.clock())
@@ -1177,9 +1222,7 @@ class Authority:
     async def acommit(self, reservation: ReservationRef, actual: AmountsLike | None = None) -> Settlement:
         """Async twin of :meth:`commit`."""
         rid = _reservation_id(reservation)
-        steps = self._actual(actual)
-        if steps is None:
-            steps = _shadow_default(reservation)
+        steps = _shadow_actual(reservation, self._actual(actual))
         if rid.startswith(_LOCAL_PREFIX):
             return self._local(rid, steps, commit=True)
         return await self.store.acommit(rid, steps, self.clock())
@@ -1349,15 +1392,13 @@ class Authority:
         grant.settlement = self._commit_steps(reservation, grant._actual)
 
     def _commit_steps(self, reservation: Reservation, steps: Amounts | None) -> Settlement:
-        if steps is None:
-            steps = _shadow_default(reservation)
+        steps = _shadow_actual(reservation, steps)
         if reservation.local:
             return self._local(reservation.id, steps, commit=True)
         return self.store.commit(reservation.id, steps, self.clock())
 
     async def _acommit_steps(self, reservation: Reservation, steps: Amounts | None) -> Settlement:
-        if steps is None:
-            steps = _shadow_default(reservation)
+        steps = _shadow_actual(reservation, steps)
         if reservation.local:
             return self._local(reservation.id, steps, commit=True)
         return await self.store.acommit(reservation.id, steps, self.clock())

@@ -60,11 +60,15 @@ class HoldRequest:
     idempotency_key: str | None = None
     label: str = ""
     probes: tuple[str, ...] = ()  # units to report in the result's accounts without checking them
-    # time.monotonic() when the request was made (0: unknown). A store that had to wait (for its
-    # write lock; on the async face, for a worker thread) counts that wait against its timeout and
-    # makes the hold live its TTL from when it is made: one made with the expiry read before a long
-    # wait could be born expired, and its budget handed out again at once.
+    # time.monotonic() when the request was sent to the store (0: unknown). A store that had to wait
+    # (for its write lock; on the async face, for a worker thread) counts that wait against its
+    # timeout and makes the hold live its TTL from when it is made: one made with the expiry read
+    # before a long wait could be born expired, and its budget handed out again at once.
     issued: float = 0.0
+
+
+LATE_HOLD = 0.05
+"""Seconds a hold may wait after its expiry was computed before that expiry is moved by the wait."""
 
 
 class AccountState(NamedTuple):

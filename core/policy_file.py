@@ -102,8 +102,9 @@ class Ladder(_Scoped):
     """Models from best to cheapest; a call to any rung may fall to the rungs after it."""
 
     provider: str | None = None
-    rungs: list[Rung] = Field(min_length=1, max_length=14)
-    """At most 14: with a context cap's plan and an optional step's skip, a reserve's 16 plans."""
+    rungs: list[Rung] = Field(min_length=1, max_length=16)
+    """At most 16 (a reserve's plans). With a context cap's plan or an optional step's skip on top,
+    past 16 plans the cheapest rungs but the last plan are dropped (see Policy.propose)."""
 
     @field_validator("rungs", mode="before")
     @classmethod

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clearance import Action, Authority, Budget, Caps, InvalidRequest, Mode, Outcome, Plan, Policy
+from clearance import Action, Authority, Budget, Caps, Denied, InvalidRequest, Mode, Outcome, Plan, Policy
 from clearance.policy_file import PolicyDocument
 from clearance.testing import FakeClock
 
@@ -334,8 +334,6 @@ def test_policy_file_formats_agree(tmp_path: object) -> None:
     ],
 )
 def test_bad_policies_are_invalid_requests(document: dict[str, object]) -> None:
-    from clearance import InvalidRequest
-
     with pytest.raises(InvalidRequest):
         PolicyDocument.parse(document)
 
@@ -857,13 +855,44 @@ def test_the_output_cap_is_not_stopped_by_a_tool_budget_the_call_does_not_hold()
     assert decision.caps.disabled_tools == ("web_search",)
 
 
-def test_a_ladder_has_at_most_14_rungs() -> None:
-    """With a context cap's plan and an optional step's skip, 16 rungs made 18 plans: a policy that
-    passed ``policy check`` then raised out of every reserve on that ladder."""
-    rungs = [f"model-{i}" for i in range(15)]
-    with pytest.raises(InvalidRequest, match="at most 14"):
-        PolicyDocument.parse({"ladders": [{"provider": "openai", "rungs": rungs}]})
-    PolicyDocument.parse({"ladders": [{"provider": "openai", "rungs": rungs[:14]}]})
+RUNGS_16 = ["gpt-4.1", *["gpt-4.1-mini"] * 14, "gpt-4.1-nano"]
+
+
+def test_a_16_rung_ladder_with_a_context_cap_and_an_optional_skip_still_decides() -> None:
+    """16 rungs plus a context cap's plan and an optional step's skip made 18 plans: every reserve
+    on that ladder raised (a policy that passed ``policy check``). Past 16 plans the rungs after the
+    15th go and the last plan (the skip) stays; a stored policy with 16 rungs still parses."""
+    document = PolicyDocument.parse(
+        {
+            "ladders": [{"provider": "openai", "rungs": RUNGS_16}],
+            "context_cap": {"dominance": 0.5, "keep": 0.5, "floor": 1000},
+            "optional": [{"level": "*", "below": 0.2}],
+        }
+    )
+    authority = Authority("memory://", policy=Policy(document))
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    for optional, input_tokens in ((False, 500), (True, 500), (False, 50_000), (True, 50_000)):
+        call = Action.model_call("openai", "gpt-4.1", input_tokens, 100, optional=optional)
+        assert authority.reserve(call, "tenant:acme").allowed
+
+
+def test_policy_budgets_on_one_counter_all_bind() -> None:
+    """Two budget entries on one scope, unit and period, or a budget on a rate limit's unit: the
+    tightest applies (the last written used to win)."""
+    document = PolicyDocument.parse(
+        {
+            "budgets": [
+                {"scope": "tenant:x", "unit": "usd", "limit": 5, "period": "day"},
+                {"scope": "tenant:x", "unit": "usd", "limit": 7, "period": "day"},
+                {"scope": "tenant:x", "unit": "rate.tool_call", "limit": 1, "period": "minute"},
+            ],
+            "rate_limits": [{"scope": "tenant:x", "kind": "tool_call", "limit": 100, "per": "minute"}],
+        }
+    )
+    authority = Authority("memory://", clock=FakeClock())
+    authority.apply_policy(document)
+    limits = {(b.unit, b.period): b.limit for b in authority.budgets("tenant:x")}
+    assert limits == {("usd", "day"): 5, ("rate.tool_call", "minute"): 1}
 
 
 def test_rate_limits_sharing_a_scope_kind_and_window_all_bind() -> None:
@@ -917,4 +946,33 @@ def test_shadow_mode_records_the_spend_of_a_guard_that_does_not_settle(store_url
     assert would_be == [Outcome.ALLOW, Outcome.ALLOW, Outcome.DENY, Outcome.DENY]
     balances = authority.balance("tenant:globex")
     assert balances["usd"].spent == Decimal("1.6") and balances["rate.tool_call"].spent == 4
+    authority.close()
+
+
+def test_shadow_mode_a_partial_commit_and_a_retried_guard_record_as_enforcement_would(store_url: str) -> None:
+    """Under shadow, a commit naming only ``usd`` still counts the rest of what the action asked for
+    (tokens, the rate unit), and a guard retried with its idempotency key after it finished is
+    denied ``replay_settled`` — its block ran, and was recorded, once. Both held only when
+    enforcement would have allowed; when it would have denied, the rate counts were lost and the
+    retried block ran (and was recorded) again."""
+    rates = [{"scope": "tenant:globex", "kind": "model_call", "limit": 1, "per": "minute"}]
+    authority = Authority(store_url, clock=FakeClock())
+    authority.apply_policy(PolicyDocument.parse({"shadow": ["tenant:globex"], "rate_limits": rates}))
+    authority.set_budget(Budget("tenant:globex", "usd", 1))
+    authority.set_budget(Budget("tenant:globex", "tokens", 10**9))
+    for run in ("r1", "r2"):  # the second: enforcement would have denied it (one call a minute)
+        decision = authority.reserve(flagship(), f"tenant:globex/run:{run}")
+        assert decision.mode is Mode.SHADOW and decision.reservation is not None
+        authority.commit(decision.reservation, {"usd": "0.001"})
+    balances = authority.balance("tenant:globex")
+    assert balances["rate.model_call"].spent == 2 and balances["tokens"].spent == 4000
+    step = Action("step", "s", {"usd": "0.4"})
+    with authority.guard(step, "tenant:globex/run:r3", idempotency_key="k"):
+        pass
+    with (
+        pytest.raises(Denied, match="the step it guards has run"),
+        authority.guard(step, "tenant:globex/run:r3", idempotency_key="k"),
+    ):
+        pytest.fail("a retried guard must not run its block again")
+    assert authority.balance("tenant:globex")["usd"].spent == Decimal("0.402")
     authority.close()

@@ -313,6 +313,26 @@ def test_a_hold_that_waited_for_the_lock_lives_its_ttl_from_when_it_is_made(tmp_
     authority.close()
 
 
+def test_a_hold_after_a_per_run_budget_waited_for_the_lock_lives_its_ttl(tmp_path: Path) -> None:
+    """The wait may come before the hold: a run's first tool call creates its per-run budget
+    (``calls_per_run``) and that write waited for the lock, with the expiry already computed."""
+    from clearance import Policy
+    from clearance.policy_file import PolicyDocument
+
+    path = str(tmp_path / "ledger.db")
+    policy = Policy(PolicyDocument.parse({"tools": {"calls_per_run": 10}}))
+    authority = Authority(SQLiteStore(path, busy_timeout=10), policy=policy)
+    authority.set_budget(Budget("tenant:acme", "usd", 1))
+    writer = _lock_for(path, 1.5)
+    first = authority.reserve(Action.tool_call("web_search", {"usd": "0.6"}), "tenant:acme/run:r1", ttl=1.0)
+    second = authority.reserve(Action("step", "other", {"usd": "0.6"}), "tenant:acme/run:r2")
+    writer.join()
+    assert first.allowed and first.reservation is not None
+    assert authority.reservation(first.reservation).status == "held"
+    assert second.denied
+    authority.close()
+
+
 def test_async_holds_queued_for_a_worker_thread_answer_within_the_busy_timeout(tmp_path: Path) -> None:
     """More async reserves than worker threads, the file locked for 3 s, busy_timeout 1 s: each is a
     decision within the timeout from its own call (its wait for a thread counts). They used to wait

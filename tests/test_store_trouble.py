@@ -84,6 +84,28 @@ def test_the_emergency_cap_is_per_process_not_per_authority() -> None:
     assert other.reserve(ACTION, SCOPE).allowed
 
 
+def test_a_forked_child_shares_one_emergency_cap_and_starts_it_afresh() -> None:
+    """An Authority built before a fork (gunicorn --preload) and one built in the child share the
+    child's cap, which starts empty: the parent's use is not the child's."""
+    import os
+
+    store = FlakyStore()
+    early = Authority(store, fail_open=True, emergency_limits={"usd": 1})
+    store.down = True
+    assert early.reserve(ACTION, SCOPE).allowed  # the parent uses 0.4 before forking
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report how many of six 0.4 USD reserves its one cap allowed
+        late = Authority(store, fail_open=True, emergency_limits={"usd": 1})
+        allowed = [a.reserve(ACTION, SCOPE).allowed for _ in range(3) for a in (early, late)]
+        os.write(write, f"{allowed.count(True)} {early._emergency is late._emergency}".encode())
+        os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read, 100).decode() == "2 True" and status == 0
+    os.close(read)
+
+
 def test_fail_open_only_where_configured() -> None:
     store = FlakyStore()
     authority = Authority(store, fail_open=["tenant:internal"])

@@ -67,6 +67,7 @@ from clearance.ledger import (
     COMMITTED,
     EXPIRED,
     HELD,
+    LATE_HOLD,
     OVER_LIMIT,
     RELEASED,
     AccountState,
@@ -94,7 +95,6 @@ WINDOWS_KEPT = 8
 deleted (unless something is still held in them), as the other stores keep their 8 latest."""
 
 _PERIOD_SECONDS = (("minute", 60), ("hour", 3600), ("day", 86400), ("week", 604800), ("month", 2678400))
-_LATE_HOLD = 0.05  # seconds a hold may wait for the write lock before its expiry is moved by the wait
 _PRUNE_BATCH = 20_000  # the most log rows one maintenance pass looks at (and window rows it deletes)
 
 # SQLite keeps each database file's lock state in process memory, shared by every connection of the
@@ -510,9 +510,9 @@ class SQLiteStore(Store):
         waited = False  # (then BEGIN waits for other processes only as long as is left)
         if issued:
             elapsed = time.monotonic() - issued
-            if elapsed > max(self._busy_timeout, _LATE_HOLD):  # (busy_timeout 0: one try, never a wait)
+            if elapsed > max(self._busy_timeout, LATE_HOLD):  # (busy_timeout 0: one try, never a wait)
                 raise StoreUnavailable(f"SQLite ledger {self.path} is busy: no transaction within the busy timeout")
-            waited = elapsed > _LATE_HOLD
+            waited = elapsed > LATE_HOLD
         if not turns.acquire(blocking=False):
             started = started or time.monotonic()
             if not turns.acquire(timeout=max(0.0, self._busy_timeout - (time.monotonic() - started))):
@@ -706,7 +706,7 @@ class SQLiteStore(Store):
         expires_at = request.expires_at
         if request.issued:
             late = time.monotonic() - request.issued
-            if late > _LATE_HOLD:  # it waited for the lock: its TTL runs from now, not from the request
+            if late > LATE_HOLD:  # it waited for the lock: its TTL runs from now, not from the request
                 expires_at += late
         try:
             self._holds_since_forget += 1
