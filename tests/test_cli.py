@@ -217,6 +217,17 @@ def test_bad_store_url_exits_2() -> None:
     assert "unknown store scheme" in result.output
 
 
+def test_an_empty_store_url_is_an_error_not_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--store "$TYPO"`` (an empty value) used to write into CLEARANCE_STORE or ./clearance.db."""
+    monkeypatch.chdir(tmp_path)
+    for args in (["--store", "", "budget", "set", "tenant:a", "usd", "1"], ["budget", "ls", "--store", ""]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "a store URL looks like" in result.output
+    assert runner.invoke(app, ["demo", "--quick", "--store", ""]).exit_code == 2
+    assert not (tmp_path / "clearance.db").exists()
+
+
 def test_unreachable_store_exits_3(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'missing' / 'folder' / 'ledger.db'}"
     result = runner.invoke(app, ["--store", url, "budget", "ls"])

@@ -260,6 +260,27 @@ def test_a_ledger_of_another_schema_version_is_refused_untouched(tmp_path: Path,
     raw.close()
 
 
+@pytest.mark.parametrize("version", [4, 5, SCHEMA_VERSION])
+def test_another_applications_database_with_a_ledgers_version_number_is_refused_untouched(
+    tmp_path: Path, version: int
+) -> None:
+    """A version number alone could be anyone's: such a file used to be switched to WAL for good and
+    then fail with "no such table"."""
+    path = tmp_path / "theirs.db"
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("CREATE TABLE t(x)")
+    raw.execute("INSERT INTO t VALUES (1)")
+    raw.execute(f"PRAGMA user_version = {version}")
+    raw.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreUnavailable, match="not a clearance ledger"):
+        SQLiteStore(str(path))
+    assert path.read_bytes() == before
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    raw.close()
+
+
 def test_opening_a_ledger_another_process_is_writing_is_not_an_error(tmp_path: Path) -> None:
     """A store is built with a read when the file is already of this schema version, so a writer
     holding the lock cannot make the construction fail; the calls then answer as store trouble."""

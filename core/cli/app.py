@@ -98,12 +98,15 @@ def _handled() -> Iterator[None]:
 def _store_url(ctx: typer.Context, store: str | None, *, environment: bool = True) -> str | None:
     """The URL given on this command, else on ``clearance`` itself, else ``CLEARANCE_STORE``."""
     root = ctx.find_root().obj
-    given = store or (root if isinstance(root, str) else None)
-    return given or (os.environ.get("CLEARANCE_STORE") if environment else None) or None
+    given = store if store is not None else (root if isinstance(root, str) else None)
+    if given is not None:  # (an empty --store, a variable that was not set, is an error, not "none given")
+        return given
+    return (os.environ.get("CLEARANCE_STORE") if environment else None) or None
 
 
 def _authority(ctx: typer.Context, store: str | None) -> Authority:
-    return Authority.from_url(_store_url(ctx, store) or DEFAULT_STORE)
+    url = _store_url(ctx, store)
+    return Authority.from_url(DEFAULT_STORE if url is None else url)
 
 
 @app.callback()

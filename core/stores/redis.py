@@ -1371,13 +1371,18 @@ class RedisStore(Store):
     async def asweep(self, now: float) -> int:
         return await asyncio.to_thread(self.sweep, now)
 
-    def _read_stream(self, root: str, after: int, count: int, before: int | None = None) -> list[AuditEvent]:
-        """Events after ``after``, oldest first; with ``before``, the newest ones below it, newest first."""
+    def _read_stream(
+        self, root: str, after: int, count: int, before: int | None = None, below: int = 0
+    ) -> list[AuditEvent]:
+        """Events after ``after``, oldest first; with ``before``, the newest ones below it, newest first;
+        none at or past ``below`` (0: no bound)."""
         key = self._keys(root)[3]  # the audit stream
         start = "-" if after <= 0 else "(" + _stream_id(after)
         if before is None:
-            entries = self._keyed(key, lambda client: client.xrange(key, min=start, max="+", count=count))
+            end = "+" if below <= 0 else "(" + _stream_id(below)
+            entries = self._keyed(key, lambda client: client.xrange(key, min=start, max=end, count=count))
         else:
+            before = before if below <= 0 or 0 < before < below else below
             end = "+" if before <= 0 else "(" + _stream_id(before)
             entries = self._keyed(key, lambda client: client.xrevrange(key, max=end, min=start, count=count))
         events = []
@@ -1398,6 +1403,15 @@ class RedisStore(Store):
 
     def events(self, after: int, limit: int, scope: str | None, newest: bool = False) -> list[AuditEvent]:
         roots = [parse_scope(scope).root] if scope is not None else [*self._roots(), _GLOBAL_ROOT]
+        # Streams are read one after another: an event written meanwhile into one read already, with
+        # a lower seq than one read later, would fall below the caller's next ``after`` (a follower
+        # skipped it). So only events written before the reading began: every script that wrote
+        # one ran before this TIME (scripts run one at a time and take their ids from the server's
+        # clock). (A cluster's nodes have clocks of their own: no such bound there.)
+        below = 0
+        if len(roots) > 1 and not self.cluster:
+            seconds, micros = self._keyed(self._roots_key, lambda client: client.time())
+            below = (int(seconds) * 1_000_000 + int(micros)) * _SEQ_SPLIT
         found: list[AuditEvent] = []
         for root in roots:  # each tenant's stream, from its start or (newest) from its end, then merged
             cursor = after
@@ -1405,9 +1419,9 @@ class RedisStore(Store):
             kept: list[AuditEvent] = []
             while len(kept) < limit:
                 if newest:
-                    page = self._read_stream(root, after, max(limit, 100), before=before)
+                    page = self._read_stream(root, after, max(limit, 100), before=before, below=below)
                 else:
-                    page = self._read_stream(root, cursor, max(limit, 100))
+                    page = self._read_stream(root, cursor, max(limit, 100), below=below)
                 if not page:
                     break
                 kept.extend(e for e in page if in_subtree(e.scope, scope))

@@ -108,6 +108,14 @@ _file_locks: dict[str, threading.Lock] = {}
 _file_locks_guard = threading.Lock()
 
 
+def _is_ledger(db: sqlite3.Connection) -> bool:
+    """Whether the file has a ledger's tables (a version number alone could be anyone's)."""
+    found = db.execute(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('budgets', 'accounts', 'log', 'meta')"
+    ).fetchone()[0]
+    return bool(found == 4)
+
+
 def _lock_of(path: str) -> threading.Lock:
     key = os.path.realpath(path)
     with _file_locks_guard:
@@ -431,10 +439,12 @@ class SQLiteStore(Store):
         self._window_cache: tuple[Windows, list[str]] = ((), [])  # one tuple: threads share it
         self._turns = _lock_of(path)  # this file's write transactions in this process, in turn
         with self._read() as db:
-            if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION and _is_ledger(db):
                 return  # the usual case: a read, so a writer holding the lock cannot fail the construction
         with self._write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version in (4, 5, SCHEMA_VERSION) and not _is_ledger(db):
+                version = -1  # another application's database that happens to carry such a number
             if version == 0:
                 if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                     version = 1  # tables from before the schema was versioned
@@ -459,6 +469,8 @@ class SQLiteStore(Store):
                     "tables but no clearance schema version (a ledger from before versioning, or not a "
                     "clearance ledger)"
                     if version == 1
+                    else "a schema version but not a ledger's tables (not a clearance ledger)"
+                    if version == -1
                     else f"schema version {version}"
                 )
                 raise StoreUnavailable(
@@ -486,7 +498,7 @@ class SQLiteStore(Store):
             # with tables but no ledger version (another application's) is left as it is — WAL would
             # stay in it for good — and __init__ refuses it.
             if mode != "wal" and (
-                db.execute("PRAGMA user_version").fetchone()[0] in (4, 5, SCHEMA_VERSION)
+                (db.execute("PRAGMA user_version").fetchone()[0] in (4, 5, SCHEMA_VERSION) and _is_ledger(db))
                 or db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None
             ):
                 db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # only takes effect on a new file
