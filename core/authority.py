@@ -9,7 +9,6 @@ balances, and turns store trouble into a decision (fail closed by default).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 import os
@@ -168,11 +167,6 @@ def _cap_tools(decision: Decision, result: HoldResult, proposal: Proposal, polic
         *decision.reasons,
         Reason("tools_capped", f"tool budget exhausted: {which}", scope.path, rule="tools"),
     )
-
-
-def _shadow_key(key: str) -> str:
-    """The idempotency key of a shadow hold, made from the caller's (which names the would-be one)."""
-    return f"shadow:{key}" if len(key) <= 193 else f"shadow:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def _shadow_actual(reservation: object, steps: Amounts | None) -> Amounts | None:
@@ -895,6 +889,12 @@ class Authority:
                     request, checked, parsed, chosen = self._request(
                         checked, parsed, proposal.plans, ttl, key, proposal.probes
                     )
+        shadow_key = None
+        if proposal is not None and proposal.shadow and key is not None:
+            # Shadow mode: the would-be decision holds nothing under the caller's key (its hold is
+            # released at once); the shadow reservation takes it, so a retry finds that one.
+            shadow_key, key = key, None
+            request.idempotency_key = None
         if proposal is not None and proposal.deny is None:
             try:  # the per-run budgets this decision must count against: none may be skipped
                 for template in proposal.templates:
@@ -922,14 +922,8 @@ class Authority:
                         decision, result, proposal, policy, checked, parsed, chosen, ttl, key
                     )
         if proposal is not None and proposal.shadow:
-            if decision.denied or decision.caps is not None:
-                decision = yield from self._shadow_flow(decision, checked, parsed, ttl, key, request.plans[0].amounts)
-            elif decision.mode is Mode.ENFORCED:  # enforcement allows it as asked: its hold is the real one
-                yield from self._release_shadow_leftovers(parsed.root)
-                decision.would_be = replace(decision)
-                decision.mode = Mode.SHADOW
-                summary = "shadow mode: enforcement would have answered allow"
-                decision.reasons = (Reason("shadow", summary, parsed.path, rule="shadow"), *decision.reasons)
+            requested = request.plans[0].amounts  # the action as asked (with what rules add)
+            decision = yield from self._shadow_flow(decision, checked, parsed, ttl, shadow_key, requested)
         return decision
 
     def _replay_flow(
@@ -1048,12 +1042,12 @@ class Authority:
         requested: Amounts,
     ) -> Generator[_Op, Any, Decision]:
         """Shadow mode: let the action go ahead as requested and report what would have happened.
-        The hold is empty, so the commit still records the real spend (flagged over_hold): the
-        actual amounts, or without them ``requested`` (what enforcement's hold would have been)."""
-        # The caller's key names the would-be reservation, released just below: the shadow hold
-        # takes a key of its own made from it, so a retry finds it (and is not run twice).
-        shadow_key = None if key is None else _shadow_key(key)
-        request, _, _, chosen = self._request(action, scope, [Plan({}, rule="shadow")], ttl, shadow_key)
+        The would-be decision's hold is released and the shadow reservation made in its place,
+        with the caller's idempotency key: it holds the action as asked where that fits, and holds
+        nothing where it does not — its commit still records the real spend (flagged over_hold):
+        the actual amounts, and ``requested`` for every unit they leave out."""
+        plans = [Plan.of_steps(dict(requested), rule="shadow"), Plan({}, rule="shadow")]
+        request, _, _, chosen = self._request(action, scope, plans, ttl, key)
         would_hold = would_be.reservation
         try:
             if would_hold is not None:
@@ -1069,9 +1063,9 @@ class Authority:
             result = yield ("hold", (_issued(request),))
         except StoreUnavailable as error:
             return self._unavailable(error, request, action, scope, chosen)
-        if result.replayed:  # a retry: the shadow hold an earlier try made (settled: replay_settled)
+        if result.replayed:  # a retry with the key: its shadow reservation, as enforcement would answer
             decision = yield from self._replay_flow(result, action, scope, chosen, None)
-            if decision.denied:
+            if decision.denied:  # (settled: replay_settled — the step it guards has run)
                 return decision
         else:
             decision = self._decide(result, action, scope, chosen, request.now)
@@ -1082,6 +1076,7 @@ class Authority:
         decision.mode = Mode.SHADOW
         decision.caps = None
         decision.outcome = Outcome.ALLOW
+        decision.plan_index = 0
         decision.would_be = would_be
         if decision.reservation is not None:
             decision.reservation.shadow_steps = requested

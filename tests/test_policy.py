@@ -595,7 +595,7 @@ def test_shadow_mode_returns_a_would_be_hold_made_failing_open_to_the_emergency_
     authority.set_budget(Budget("tenant:acme", "usd", "0.0003"))  # nothing fits: the capped retry fails open
     decision = authority.reserve(flagship(), RUN)
     assert decision.allowed and decision.mode is Mode.FAIL_OPEN and decision.reservation is not None
-    assert decision.reservation.amounts == {}  # shadow: the action goes ahead as asked, nothing held
+    assert decision.reservation.amounts == flagship().amounts  # shadow: as asked, within the emergency cap
     emergency = authority._emergency
     assert list(emergency.holds) == [decision.reservation.id]  # the would-be one is gone
     authority.commit(decision.reservation, {"usd": "0.0003"})
@@ -975,4 +975,37 @@ def test_shadow_mode_a_partial_commit_and_a_retried_guard_record_as_enforcement_
     ):
         pytest.fail("a retried guard must not run its block again")
     assert authority.balance("tenant:globex")["usd"].spent == Decimal("0.402")
+    authority.close()
+
+
+def test_shadow_mode_gives_the_callers_key_to_the_shadow_reservation(store_url: str) -> None:
+    """Under shadow the caller's idempotency key names the reservation the caller got (the shadow
+    one), never the would-be hold released at once: a keyed guard retried after its block ran is
+    denied however enforcement would answer now (a rate window rolled over: the block ran and was
+    charged twice), a retry reports the same would-be decision, and a key of the caller's own
+    spelled like a derived one is not confused with it."""
+    clock = FakeClock()
+    rates = [{"scope": "tenant:globex", "kind": "step", "limit": 1, "per": "minute"}]
+    authority = Authority(store_url, clock=clock)
+    authority.apply_policy(PolicyDocument.parse({"shadow": ["tenant:globex/app:beta"], "rate_limits": rates}))
+    authority.set_budget(Budget("tenant:globex", "usd", 100))
+    step = Action("step", "s", {"usd": 1})
+    beta = "tenant:globex/app:beta"
+    with authority.guard(step, f"{beta}/run:r0"):  # the minute's one step
+        pass
+    with authority.guard(step, f"{beta}/run:r1", idempotency_key="k") as grant:
+        assert grant.decision.mode is Mode.SHADOW and grant.decision.would_be is not None
+        assert grant.decision.would_be.outcome is Outcome.DENY
+    again = authority.reserve(step, f"{beta}/run:r1", idempotency_key="k")
+    assert again.replayed and again.would_be is not None and again.would_be.outcome is Outcome.DENY
+    clock.advance(61)  # enforcement would allow it now
+    with (
+        pytest.raises(Denied, match="the step it guards has run"),
+        authority.guard(step, f"{beta}/run:r1", idempotency_key="k"),
+    ):
+        pytest.fail("a retried guard must not run its block again")
+    assert authority.balance("tenant:globex")["usd"].spent == 2
+    enforced = authority.reserve(step, "tenant:globex/app:prod", idempotency_key="shadow:abc")
+    shadowed = authority.reserve(step, f"{beta}/run:r2", idempotency_key="abc")
+    assert enforced.mode is Mode.ENFORCED and shadowed.mode is Mode.SHADOW and shadowed.allowed
     authority.close()

@@ -1402,16 +1402,17 @@ class RedisStore(Store):
         return events
 
     def events(self, after: int, limit: int, scope: str | None, newest: bool = False) -> list[AuditEvent]:
-        roots = [parse_scope(scope).root] if scope is not None else [*self._roots(), _GLOBAL_ROOT]
         # Streams are read one after another: an event written meanwhile into one read already, with
         # a lower seq than one read later, would fall below the caller's next ``after`` (a follower
-        # skipped it). So only events written before the reading began: every script that wrote
-        # one ran before this TIME (scripts run one at a time and take their ids from the server's
-        # clock). (A cluster's nodes have clocks of their own: no such bound there.)
+        # skipped it). So only events written before the reading began (the tenants listed after
+        # it): every script that wrote one ran before this TIME (scripts run one at a time and take
+        # their ids from the server's clock). (A cluster's nodes have clocks of their own: no such
+        # bound there. After the server's clock steps back, new events wait until it catches up.)
         below = 0
-        if len(roots) > 1 and not self.cluster:
+        if scope is None and not self.cluster:
             seconds, micros = self._keyed(self._roots_key, lambda client: client.time())
             below = (int(seconds) * 1_000_000 + int(micros)) * _SEQ_SPLIT
+        roots = [parse_scope(scope).root] if scope is not None else [*self._roots(), _GLOBAL_ROOT]
         found: list[AuditEvent] = []
         for root in roots:  # each tenant's stream, from its start or (newest) from its end, then merged
             cursor = after

@@ -724,6 +724,31 @@ def test_a_follower_never_skips_an_event_written_while_it_reads(
     authority.close()
 
 
+def test_a_follower_never_skips_a_tenant_created_while_it_lists_the_tenants(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tenants are listed, then their streams read: a tenant created (and another's event
+    written) in between must come in the next read, not fall below its ``after``."""
+    authority = Authority(redis_url)
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    authority.set_budget(Budget("tenant:ra", "usd", 100))
+    roots = store._roots
+
+    def roots_then_write() -> list[str]:
+        listed = roots()
+        authority.set_budget(Budget("tenant:rb", "usd", 100))  # a new tenant, not listed
+        authority.set_budget(Budget("tenant:ra", "usd", 200))  # a later event in a listed one
+        return listed
+
+    monkeypatch.setattr(store, "_roots", roots_then_write)
+    first = authority.events(limit=1000)
+    monkeypatch.setattr(store, "_roots", roots)
+    second = authority.events(after=max(e.seq for e in first), limit=1000)
+    assert sorted(e.seq for e in first + second) == [e.seq for e in authority.events(limit=1000)]
+    authority.close()
+
+
 @pytest.mark.asyncio
 async def test_more_expired_holds_than_one_call_reclaims_async(redis_url: str, clock: FakeClock) -> None:
     """The same on the asyncio face: areserve and a balance reclaim the backlog first."""
