@@ -149,6 +149,21 @@ def _settled_in_background(reservation_id: str) -> Callable[[asyncio.Future[Any]
     return done
 
 
+def _dropped_rate_limits(previous: str | None, budgets: list[Budget]) -> list[tuple[str, str, str | None]]:
+    """The rate-limit budgets the stored policy wrote that a new one does not: removed when it is
+    applied (they would go on binding — every call still counts in the unit a remaining limit
+    shares). Only rate limits: a budget the new document leaves out may be set by hand now."""
+    if previous is None:
+        return []
+    try:
+        old = PolicyDocument.loads(previous, "json")
+    except InvalidRequest:  # unreadable (a newer clearance's): nothing known to drop
+        return []
+    kept = {(b.scope, b.unit, b.period) for b in budgets}
+    dropped = {(rate.scope, rate.unit, rate.per) for rate in old.rate_limits}
+    return sorted(key for key in dropped if key not in kept)
+
+
 def _cap_tools(decision: Decision, result: HoldResult, proposal: Proposal, policy: Policy, scope: Scope) -> None:
     """Add the tool caps to an allowed decision: ``disabled_tools`` for tool budgets exhausted on the
     chain, ``max_tool_calls=0`` once the run's tool calls are used up (from the probed accounts)."""
@@ -764,8 +779,12 @@ class Authority:
     def apply_policy(self, document: PolicyDocument) -> int:
         """Write a policy's budgets (and rate-limit budgets) into the store, then store the policy
         as the next version; every Authority on the store picks it up. Returns the version."""
-        for budget in self._policy_budgets(document):
+        budgets = self._policy_budgets(document)
+        _, previous = self.store.policy()
+        for budget in budgets:
             self.set_budget(budget)
+        for scope, unit, period in _dropped_rate_limits(previous, budgets):
+            self.remove_budget(scope, unit, period)
         version = self.store.put_policy(document.to_json(), self.clock())
         self._policy_resets += 1
         self._policy_checked = -math.inf  # this process sees it on its very next decision
@@ -773,8 +792,12 @@ class Authority:
 
     async def aapply_policy(self, document: PolicyDocument) -> int:
         """Async twin of :meth:`apply_policy`."""
-        for budget in self._policy_budgets(document):
+        budgets = self._policy_budgets(document)
+        _, previous = await self.store.apolicy()
+        for budget in budgets:
             await self.aset_budget(budget)
+        for scope, unit, period in _dropped_rate_limits(previous, budgets):
+            await self.aremove_budget(scope, unit, period)
         version = await self.store.aput_policy(document.to_json(), self.clock())
         self._policy_resets += 1
         self._policy_checked = -math.inf

@@ -1009,3 +1009,23 @@ def test_shadow_mode_gives_the_callers_key_to_the_shadow_reservation(store_url: 
     shadowed = authority.reserve(step, f"{beta}/run:r2", idempotency_key="abc")
     assert enforced.mode is Mode.ENFORCED and shadowed.mode is Mode.SHADOW and shadowed.allowed
     authority.close()
+
+
+def test_a_rate_limit_a_new_policy_version_drops_stops_binding(store_url: str) -> None:
+    """Applying a version without a rate limit removes its budget: it went on binding (every call
+    still counts in the unit a remaining limit shares). Other budgets the new version leaves out
+    stay (they may be set by hand now)."""
+    clock = FakeClock()
+    authority = Authority(store_url, clock=clock)
+    minute = {"scope": "tenant:acme", "kind": "tool_call", "limit": 3, "per": "minute"}
+    hour = {"scope": "tenant:acme", "kind": "tool_call", "limit": 100, "per": "hour"}
+    budget = {"scope": "tenant:acme", "unit": "usd", "limit": 5}
+    authority.apply_policy(PolicyDocument.parse({"budgets": [budget], "rate_limits": [minute, hour]}))
+    for _ in range(3):
+        authority.commit(authority.reserve(Action.tool_call("t"), "tenant:acme").reservation)  # type: ignore[arg-type]
+    assert authority.reserve(Action.tool_call("t"), "tenant:acme").denied
+    authority.apply_policy(PolicyDocument.parse({"rate_limits": [hour]}))
+    assert authority.reserve(Action.tool_call("t"), "tenant:acme").allowed
+    kept = {(b.unit, b.period) for b in authority.budgets("tenant:acme")}
+    assert kept == {("usd", None), ("rate.tool_call", "hour")}
+    authority.close()
