@@ -159,7 +159,8 @@ def _dropped_rate_limits(previous: str | None, budgets: list[Budget]) -> list[tu
         old = PolicyDocument.loads(previous, "json")
     except InvalidRequest:  # unreadable (a newer clearance's): nothing known to drop
         return []
-    kept = {(b.scope, b.unit, b.period) for b in budgets}
+    kept: set[tuple[str, str, str | None]] = {(b.scope, b.unit, b.period) for b in budgets}
+    kept |= {(b.scope, b.unit, None if b.period is None else str(b.period)) for b in old.budgets}  # budgets stay
     dropped = {(rate.scope, rate.unit, rate.per) for rate in old.rate_limits}
     return sorted(key for key in dropped if key not in kept)
 
@@ -742,9 +743,7 @@ class Authority:
         return self._replayed_locally(found, action, scope, plans)
 
     @staticmethod
-    def _replayed_locally(
-        found: Reservation, action: Action, scope: Scope, plans: tuple[Plan, ...] | None
-    ) -> Decision:
+    def _replayed_locally(found: Reservation, action: Action, scope: Scope, plans: tuple[Plan, ...] | None) -> Decision:
         """The answer to a retry of a local reservation: the same one (with the caps of whichever of
         the plans it holds), or the ledger's denials."""
         held = dict(found.steps)
@@ -912,12 +911,36 @@ class Authority:
                     request, checked, parsed, chosen = self._request(
                         checked, parsed, proposal.plans, ttl, key, proposal.probes
                     )
-        shadow_key = None
-        if proposal is not None and proposal.shadow and key is not None:
-            # Shadow mode: the would-be decision holds nothing under the caller's key (its hold is
-            # released at once); the shadow reservation takes it, so a retry finds that one.
-            shadow_key, key = key, None
+        shadow: Decision | None = None
+        if proposal is not None and proposal.shadow and proposal.deny is None:
+            # Shadow mode: first the caller's own reservation, holding nothing, under its key (a
+            # retry finds it and is answered as under enforcement), then the would-be decision,
+            # made without the key and its hold released at once.
+            found = yield from self._shadow_hold(checked, parsed, ttl, key, request.plans[0].amounts)
+            if found.replayed or found.mode is not Mode.ENFORCED:
+                return found  # a retry's answer, or store trouble (failing open or closed)
+            shadow, key = found, None
             request.idempotency_key = None
+        decision = yield from self._enforced_flow(request, checked, parsed, chosen, proposal, policy, ttl, key)
+        if shadow is not None:
+            return (yield from self._shadow_finish(shadow, decision, parsed))
+        if proposal is not None and proposal.shadow:  # (a policy rule denied it: still a shadow decision)
+            decision = yield from self._shadow_of_denial(decision, checked, parsed, ttl, key, request.plans[0].amounts)
+        return decision
+
+    def _enforced_flow(
+        self,
+        request: HoldRequest,
+        checked: Action,
+        parsed: Scope,
+        chosen: tuple[Plan, ...] | None,
+        proposal: Proposal | None,
+        policy: Policy | None,
+        ttl: float | None,
+        key: str | None,
+    ) -> Generator[_Op, Any, Decision]:
+        """The decision as enforcement makes it, store trouble included (in shadow mode: the
+        would-be decision)."""
         if proposal is not None and proposal.deny is None:
             try:  # the per-run budgets this decision must count against: none may be skipped
                 for template in proposal.templates:
@@ -927,7 +950,7 @@ class Authority:
         if proposal is not None and proposal.deny is not None:
             decision = Decision(Outcome.DENY, parsed.path, checked.label, reasons=(proposal.deny, *proposal.notes))
         elif key is not None and (local := self._local_replay(request, checked, parsed, chosen)) is not None:
-            return local  # answered as the fail-open decision it replays was (no shadow step either)
+            return local  # answered as the fail-open decision it replays was
         else:
             try:
                 result = yield ("hold", (_issued(request),))
@@ -944,9 +967,6 @@ class Authority:
                     decision = yield from self._refine_flow(
                         decision, result, proposal, policy, checked, parsed, chosen, ttl, key
                     )
-        if proposal is not None and proposal.shadow:
-            requested = request.plans[0].amounts  # the action as asked (with what rules add)
-            decision = yield from self._shadow_flow(decision, checked, parsed, ttl, shadow_key, requested)
         return decision
 
     def _replay_flow(
@@ -1055,55 +1075,63 @@ class Authority:
             decision.reasons = (*decision.reasons, *notes)
         return decision
 
-    def _shadow_flow(
-        self,
-        would_be: Decision,
-        action: Action,
-        scope: Scope,
-        ttl: float | None,
-        key: str | None,
-        requested: Amounts,
+    def _shadow_hold(
+        self, action: Action, scope: Scope, ttl: float | None, key: str | None, requested: Amounts
     ) -> Generator[_Op, Any, Decision]:
-        """Shadow mode: let the action go ahead as requested and report what would have happened.
-        The would-be decision's hold is released and the shadow reservation made in its place,
-        with the caller's idempotency key: it holds the action as asked where that fits, and holds
-        nothing where it does not — its commit still records the real spend (flagged over_hold):
-        the actual amounts, and ``requested`` for every unit they leave out."""
-        plans = [Plan.of_steps(dict(requested), rule="shadow"), Plan({}, rule="shadow")]
-        request, _, _, chosen = self._request(action, scope, plans, ttl, key)
-        would_hold = would_be.reservation
+        """Shadow mode's own reservation, under the caller's idempotency key: it holds nothing
+        (nothing is enforced) and its commit records the real spend — the actual amounts, and
+        ``requested`` (the action as asked) for every unit they leave out. A retry with the key is
+        answered with it as under enforcement (``replay_settled`` once settled), the would-be
+        decision not made again."""
+        request, _, _, chosen = self._request(action, scope, [Plan({}, rule="shadow")], ttl, key)
+        if key is not None and (local := self._local_replay(request, action, scope, chosen)) is not None:
+            return local  # made failing open: answered as that decision was
+        yield from self._release_shadow_leftovers(scope.root)
         try:
-            if would_hold is not None:
-                if would_hold.local:  # a would-be made failing open: off the emergency cap
-                    self._emergency.settle(would_hold.id, None, False, self.clock())
-                else:
-                    try:
-                        yield ("release", (would_hold.id, self.clock()))
-                    except StoreUnavailable:
-                        self._shadow_unreleased.append((would_hold.id, scope.root, would_hold.expires_at))
-                        raise
-            yield from self._release_shadow_leftovers(scope.root)
             result = yield ("hold", (_issued(request),))
         except StoreUnavailable as error:
             return self._unavailable(error, request, action, scope, chosen)
-        if result.replayed:  # a retry with the key: its shadow reservation, as enforcement would answer
+        if result.replayed:
             decision = yield from self._replay_flow(result, action, scope, chosen, None)
-            if decision.denied:  # (settled: replay_settled — the step it guards has run)
-                return decision
-        else:
-            decision = self._decide(result, action, scope, chosen, request.now)
-        summary = f"shadow mode: enforcement would have answered {would_be.outcome.value}"
-        if would_be.caps is not None:
-            summary += f" with {would_be.caps!r}"
-        decision.reasons = (Reason("shadow", summary, scope.path, rule="shadow"), *would_be.reasons)
-        decision.mode = Mode.SHADOW
-        decision.caps = None
-        decision.outcome = Outcome.ALLOW
-        decision.plan_index = 0
-        decision.would_be = would_be
+            note = "shadow mode: a retry with the key of a shadow reservation (the would-be decision is not made again)"
+            decision.reasons = (Reason("shadow", note, scope.path, rule="shadow"), *decision.reasons)
+            decision.mode = Mode.SHADOW
+            return decision
+        decision = self._decide(result, action, scope, chosen, request.now)
         if decision.reservation is not None:
             decision.reservation.shadow_steps = requested
         return decision
+
+    def _shadow_finish(self, shadow: Decision, would_be: Decision, scope: Scope) -> Generator[_Op, Any, Decision]:
+        """Release the would-be decision's hold (nobody else has its id) and report it on the
+        shadow decision: the action goes ahead as requested."""
+        would_hold = would_be.reservation
+        if would_hold is not None:
+            if would_hold.local:  # a would-be made failing open: off the emergency cap
+                self._emergency.settle(would_hold.id, None, False, self.clock())
+            else:
+                try:
+                    yield ("release", (would_hold.id, self.clock()))
+                except StoreUnavailable:  # the next shadow decisions of this tenant try again
+                    self._shadow_unreleased.append((would_hold.id, scope.root, would_hold.expires_at))
+        summary = f"shadow mode: enforcement would have answered {would_be.outcome.value}"
+        if would_be.caps is not None:
+            summary += f" with {would_be.caps!r}"
+        shadow.reasons = (Reason("shadow", summary, scope.path, rule="shadow"), *would_be.reasons)
+        shadow.mode = Mode.SHADOW
+        shadow.caps = None
+        shadow.outcome = Outcome.ALLOW
+        shadow.would_be = would_be
+        return shadow
+
+    def _shadow_of_denial(
+        self, would_be: Decision, action: Action, scope: Scope, ttl: float | None, key: str | None, requested: Amounts
+    ) -> Generator[_Op, Any, Decision]:
+        """A shadow decision for a denial made before any hold (a policy rule's)."""
+        shadow = yield from self._shadow_hold(action, scope, ttl, key, requested)
+        if shadow.replayed or shadow.mode is not Mode.ENFORCED:
+            return shadow
+        return (yield from self._shadow_finish(shadow, would_be, scope))
 
     def _release_shadow_leftovers(self, root: str) -> Generator[_Op, Any, None]:
         """Best effort, a few at a time: would-be holds of this tenant an earlier shadow decision

@@ -213,8 +213,9 @@ def test_rate_limits_in_the_same_atomic_step(store_url: str, clock: FakeClock) -
 
 
 def test_shadow_mode_with_the_store_failing_midway_is_still_a_decision() -> None:
-    """The shadow step releases the would-be hold; the store failing there is store trouble (a
-    decision: fail closed by default), not an exception out of reserve."""
+    """The shadow step releases the would-be hold; the store failing there is no exception out of
+    reserve: the shadow decision (made before) stands, the would-be hold is left to the tenant's
+    next shadow decisions (or its TTL)."""
     from clearance import StoreUnavailable
     from clearance.stores.memory import MemoryStore
 
@@ -226,7 +227,8 @@ def test_shadow_mode_with_the_store_failing_midway_is_still_a_decision() -> None
     authority = Authority(ReleaseFails(), policy=Policy(document))
     authority.set_budget(Budget("tenant:globex", "usd", "0.005"))  # the flagship does not fit: capped
     decision = authority.reserve(flagship(), "tenant:globex/run:r1")
-    assert decision.denied and decision.reasons[0].code == "store_unavailable"
+    assert decision.allowed and decision.mode is Mode.SHADOW and decision.reasons[0].code == "shadow"
+    assert authority.balance("tenant:globex")["usd"].held > 0  # the would-be hold, until its TTL
 
 
 def test_shadow_mode_reports_but_never_enforces(store_url: str) -> None:
@@ -593,13 +595,11 @@ def test_shadow_mode_returns_a_would_be_hold_made_failing_open_to_the_emergency_
     document = {"ladders": [LADDER], "output_cap": {"floor": 100}, "shadow": ["tenant:acme"]}
     authority = authority_with(document, DownAfterFirstHold(), fail_open=True)  # type: ignore[arg-type]
     authority.set_budget(Budget("tenant:acme", "usd", "0.0003"))  # nothing fits: the capped retry fails open
-    decision = authority.reserve(flagship(), RUN)
-    assert decision.allowed and decision.mode is Mode.FAIL_OPEN and decision.reservation is not None
-    assert decision.reservation.amounts == flagship().amounts  # shadow: as asked, within the emergency cap
-    emergency = authority._emergency
-    assert list(emergency.holds) == [decision.reservation.id]  # the would-be one is gone
-    authority.commit(decision.reservation, {"usd": "0.0003"})
-    assert not emergency.holds
+    decision = authority.reserve(flagship(), RUN)  # the shadow reservation first (in the ledger)
+    assert decision.allowed and decision.mode is Mode.SHADOW and decision.reservation is not None
+    assert decision.would_be is not None and decision.would_be.mode is Mode.FAIL_OPEN
+    assert not authority._emergency.holds  # the would-be one, made failing open, is back in the cap
+    assert authority._emergency.used == {"usd": 0}
 
 
 def test_an_output_cap_retry_that_meets_a_concurrent_retry_of_its_key_answers_with_that_reservation() -> None:
@@ -735,7 +735,7 @@ def test_a_would_be_hold_shadow_mode_could_not_release_is_released_by_the_next_s
     authority = Authority(ReleaseFailsOnce(), policy=Policy(document))
     authority.set_budget(Budget("tenant:globex", "usd", "0.005"))  # the flagship does not fit: capped
     first = authority.reserve(flagship(), "tenant:globex/run:r1")
-    assert first.denied and first.reasons[0].code == "store_unavailable"
+    assert first.allowed and first.mode is Mode.SHADOW
     assert authority.balance("tenant:globex")["usd"].held > 0  # the would-be hold, for now
     second = authority.reserve(flagship(), "tenant:globex/run:r2")
     assert second.allowed and second.mode is Mode.SHADOW
@@ -793,7 +793,7 @@ def test_a_would_be_hold_left_unreleased_never_fails_another_tenants_shadow_deci
     for tenant in ("tenant:a", "tenant:b"):
         authority.set_budget(Budget(tenant, "usd", "0.005"))  # the flagship does not fit: capped
     TenantANodeDown.down = True
-    assert authority.reserve(flagship(), "tenant:a/run:1").reasons[0].code == "store_unavailable"
+    assert authority.reserve(flagship(), "tenant:a/run:1").mode is Mode.SHADOW  # its would-be hold stays
     for run in range(3):
         decision = authority.reserve(flagship(), f"tenant:b/run:{run}")
         assert decision.allowed and decision.mode is Mode.SHADOW, decision.reasons
@@ -982,8 +982,8 @@ def test_shadow_mode_gives_the_callers_key_to_the_shadow_reservation(store_url: 
     """Under shadow the caller's idempotency key names the reservation the caller got (the shadow
     one), never the would-be hold released at once: a keyed guard retried after its block ran is
     denied however enforcement would answer now (a rate window rolled over: the block ran and was
-    charged twice), a retry reports the same would-be decision, and a key of the caller's own
-    spelled like a derived one is not confused with it."""
+    charged twice), a retry is answered with the shadow reservation (no new would-be decision
+    stacked on it), and a key of the caller's own spelled like a derived one is not confused."""
     clock = FakeClock()
     rates = [{"scope": "tenant:globex", "kind": "step", "limit": 1, "per": "minute"}]
     authority = Authority(store_url, clock=clock)
@@ -996,8 +996,8 @@ def test_shadow_mode_gives_the_callers_key_to_the_shadow_reservation(store_url: 
     with authority.guard(step, f"{beta}/run:r1", idempotency_key="k") as grant:
         assert grant.decision.mode is Mode.SHADOW and grant.decision.would_be is not None
         assert grant.decision.would_be.outcome is Outcome.DENY
-    again = authority.reserve(step, f"{beta}/run:r1", idempotency_key="k")
-    assert again.replayed and again.would_be is not None and again.would_be.outcome is Outcome.DENY
+    again = authority.reserve(step, f"{beta}/run:r1", idempotency_key="k")  # its shadow reservation again
+    assert again.replayed and again.mode is Mode.SHADOW and again.would_be is None
     clock.advance(61)  # enforcement would allow it now
     with (
         pytest.raises(Denied, match="the step it guards has run"),
@@ -1029,3 +1029,32 @@ def test_a_rate_limit_a_new_policy_version_drops_stops_binding(store_url: str) -
     kept = {(b.unit, b.period) for b in authority.budgets("tenant:acme")}
     assert kept == {("usd", None), ("rate.tool_call", "hour")}
     authority.close()
+
+
+def test_shadow_mode_keyed_retries_replay_even_when_the_store_failed_midway() -> None:
+    """The shadow reservation is made first, under the caller's key: the store failing for the
+    would-be decision after it, or for it (failing open: a local reservation), leaves a retry of a
+    guard that ran denied, its block run once — it ran twice."""
+    from clearance import StoreUnavailable
+    from clearance.stores.memory import MemoryStore
+
+    class FailingHolds(MemoryStore):
+        failing: set[int] = set()
+        calls = 0
+
+        def hold(self, request):  # type: ignore[no-untyped-def]
+            FailingHolds.calls += 1
+            if FailingHolds.calls in FailingHolds.failing:
+                raise StoreUnavailable("down (test)")
+            return super().hold(request)
+
+    step = Action("step", "s", {"usd": 3})
+    for failing in ({2}, {1, 2, 3, 4}):  # the would-be hold only; every hold (fail open)
+        FailingHolds.calls, FailingHolds.failing = 0, failing
+        document = PolicyDocument.parse({"shadow": ["tenant:globex"]})
+        authority = Authority(FailingHolds(), fail_open=True, emergency_limits={"usd": 10}, policy=Policy(document))
+        authority.set_budget(Budget("tenant:globex", "usd", 100))
+        with authority.guard(step, "tenant:globex/run:r1", idempotency_key="k"):
+            pass
+        with pytest.raises(Denied), authority.guard(step, "tenant:globex/run:r1", idempotency_key="k"):
+            pytest.fail(f"a retried guard ran its block again (holds failing: {failing})")
