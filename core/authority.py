@@ -159,10 +159,29 @@ def _dropped_rate_limits(previous: str | None, budgets: list[Budget]) -> list[tu
         old = PolicyDocument.loads(previous, "json")
     except InvalidRequest:  # unreadable (a newer clearance's): nothing known to drop
         return []
-    kept: set[tuple[str, str, str | None]] = {(b.scope, b.unit, b.period) for b in budgets}
-    kept |= {(b.scope, b.unit, None if b.period is None else str(b.period)) for b in old.budgets}  # budgets stay
+    kept = {(b.scope, b.unit, b.period) for b in budgets}
     dropped = {(rate.scope, rate.unit, rate.per) for rate in old.rate_limits}
     return sorted(key for key in dropped if key not in kept)
+
+
+def _budgets_left_by(previous: str | None, budgets: list[Budget]) -> list[Budget]:
+    """``budgets`` entries of the stored policy that shared a counter with one of its rate limits
+    and that a new one leaves out: their counter held the tightest of the two; a dropped rate
+    limit goes, the entry stays as it was set."""
+    if previous is None:
+        return []
+    try:
+        old = PolicyDocument.loads(previous, "json")
+    except InvalidRequest:
+        return []
+    kept = {(b.scope, b.unit, b.period) for b in budgets}
+    rates = {(rate.scope, rate.unit, rate.per) for rate in old.rate_limits}
+    left = []
+    for entry in old.budgets:
+        key = (entry.scope, entry.unit, None if entry.period is None else str(entry.period))
+        if key in rates and key not in kept:
+            left.append(Budget(entry.scope, entry.unit, entry.limit, entry.period))
+    return left
 
 
 def _cap_tools(decision: Decision, result: HoldResult, proposal: Proposal, policy: Policy, scope: Scope) -> None:
@@ -782,8 +801,12 @@ class Authority:
         _, previous = self.store.policy()
         for budget in budgets:
             self.set_budget(budget)
+        left = _budgets_left_by(previous, budgets)
         for scope, unit, period in _dropped_rate_limits(previous, budgets):
-            self.remove_budget(scope, unit, period)
+            if not any((b.scope, b.unit, b.period) == (scope, unit, period) for b in left):
+                self.remove_budget(scope, unit, period)
+        for budget in left:
+            self.set_budget(budget)
         version = self.store.put_policy(document.to_json(), self.clock())
         self._policy_resets += 1
         self._policy_checked = -math.inf  # this process sees it on its very next decision
@@ -795,8 +818,12 @@ class Authority:
         _, previous = await self.store.apolicy()
         for budget in budgets:
             await self.aset_budget(budget)
+        left = _budgets_left_by(previous, budgets)
         for scope, unit, period in _dropped_rate_limits(previous, budgets):
-            await self.aremove_budget(scope, unit, period)
+            if not any((b.scope, b.unit, b.period) == (scope, unit, period) for b in left):
+                await self.aremove_budget(scope, unit, period)
+        for budget in left:
+            await self.aset_budget(budget)
         version = await self.store.aput_policy(document.to_json(), self.clock())
         self._policy_resets += 1
         self._policy_checked = -math.inf
@@ -1090,16 +1117,21 @@ class Authority:
         try:
             result = yield ("hold", (_issued(request),))
         except StoreUnavailable as error:
-            return self._unavailable(error, request, action, scope, chosen)
+            # Failing open (or closed) as any decision does: the local reservation holds the action
+            # as asked against the emergency cap, which bounds what shadow scopes spend meanwhile too.
+            as_asked = [Plan.of_steps(dict(requested), rule="shadow")]
+            asked, _, _, plans = self._request(action, scope, as_asked, ttl, key)
+            return self._unavailable(error, asked, action, scope, plans)
         if result.replayed:
             decision = yield from self._replay_flow(result, action, scope, chosen, None)
-            note = "shadow mode: a retry with the key of a shadow reservation (the would-be decision is not made again)"
-            decision.reasons = (Reason("shadow", note, scope.path, rule="shadow"), *decision.reasons)
-            decision.mode = Mode.SHADOW
-            return decision
-        decision = self._decide(result, action, scope, chosen, request.now)
-        if decision.reservation is not None:
-            decision.reservation.shadow_steps = requested
+            if decision.mode is Mode.ENFORCED:  # (store trouble reading it stays what it is)
+                note = "shadow mode: a retry with the key of a shadow reservation (no new would-be decision)"
+                decision.reasons = (Reason("shadow", note, scope.path, rule="shadow"), *decision.reasons)
+                decision.mode = Mode.SHADOW
+        else:
+            decision = self._decide(result, action, scope, chosen, request.now)
+        if decision.reservation is not None and not decision.reservation.local:
+            decision.reservation.shadow_steps = requested  # a retry's too: its commit records the same
         return decision
 
     def _shadow_finish(self, shadow: Decision, would_be: Decision, scope: Scope) -> Generator[_Op, Any, Decision]:

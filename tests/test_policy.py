@@ -1058,3 +1058,48 @@ def test_shadow_mode_keyed_retries_replay_even_when_the_store_failed_midway() ->
             pass
         with pytest.raises(Denied), authority.guard(step, "tenant:globex/run:r1", idempotency_key="k"):
             pytest.fail(f"a retried guard ran its block again (holds failing: {failing})")
+
+
+def test_shadow_mode_retries_commit_what_was_asked_and_the_emergency_cap_bounds_failing_open(
+    store_url: str,
+) -> None:
+    """A keyed retry's shadow reservation records what was asked too (its commit recorded nothing,
+    so whichever of concurrent retries committed first decided whether the spend was counted); with
+    the store down, shadow scopes fail open within the emergency cap like any other (they ignored it)."""
+    from clearance import StoreUnavailable
+    from clearance.stores.memory import MemoryStore
+
+    rates = [{"scope": "tenant:globex", "kind": "step", "limit": 100, "per": "minute"}]
+    authority = Authority(store_url, clock=FakeClock())
+    authority.apply_policy(PolicyDocument.parse({"shadow": ["tenant:globex"], "rate_limits": rates}))
+    authority.set_budget(Budget("tenant:globex", "usd", 100))
+    step = Action("step", "s", {"usd": 1})
+    first = authority.reserve(step, "tenant:globex/run:r1", idempotency_key="k")
+    retry = authority.reserve(step, "tenant:globex/run:r1", idempotency_key="k")
+    assert retry.replayed and retry.reservation is not None
+    authority.commit(retry.reservation)  # the retry's answer committed first, without amounts
+    assert first.reservation is not None and authority.commit(first.reservation).replayed
+    balances = authority.balance("tenant:globex")
+    assert balances["usd"].spent == 1 and balances["rate.step"].spent == 1
+    authority.close()
+
+    class Down(MemoryStore):
+        def hold(self, request):  # type: ignore[no-untyped-def]
+            raise StoreUnavailable("down (test)")
+
+    document = PolicyDocument.parse({"shadow": ["tenant:globex"]})
+    failing = Authority(Down(), fail_open=True, emergency_limits={"usd": 2}, policy=Policy(document))
+    outcomes = [failing.reserve(step, f"tenant:globex/run:{i}").allowed for i in range(4)]
+    assert outcomes == [True, True, False, False]
+
+
+def test_a_budgets_entry_on_a_dropped_rate_limits_counter_stays_as_set() -> None:
+    """A `budgets` entry and a rate limit on one counter: the tightest was written. A version that
+    drops both leaves the entry's own limit (the rate limit's kept binding)."""
+    minute = {"scope": "tenant:acme", "kind": "tool_call", "limit": 3, "per": "minute"}
+    entry = {"scope": "tenant:acme", "unit": "rate.tool_call", "limit": 10, "period": "minute"}
+    authority = Authority("memory://", clock=FakeClock())
+    authority.apply_policy(PolicyDocument.parse({"budgets": [entry], "rate_limits": [minute]}))
+    assert [b.limit for b in authority.budgets("tenant:acme")] == [3]
+    authority.apply_policy(PolicyDocument.parse({}))
+    assert [b.limit for b in authority.budgets("tenant:acme")] == [10]
