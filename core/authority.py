@@ -1040,8 +1040,12 @@ class Authority:
         chosen = None if plans is None and match == 0 else tuple(candidates)
         replayed = HoldResult(rid, match, record.expires_at, result.accounts, (), replayed=True)
         decision = self._decide(replayed, action, scope, chosen, record.created_at)
-        if decision.reservation is not None:
-            decision.reservation.status = record.status
+        if decision.reservation is not None:  # the reservation as it stands (a committed one says so)
+            found = decision.reservation
+            found.status = record.status
+            found.idempotency_key = record.idempotency_key
+            found.committed_steps = record.committed
+            found.flags = record.flags
         return decision
 
     def _ensure_flow(self, template: tuple[str, str, str, int]) -> Generator[_Op, Any, None]:

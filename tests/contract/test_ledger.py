@@ -794,3 +794,16 @@ def test_an_extend_that_finds_its_hold_expired_keeps_the_expiry(authority: Autho
     clock.advance(49 * 3600)
     with pytest.raises(ReservationNotFound):
         authority.commit(decision.reservation)  # type: ignore[arg-type]
+
+
+def test_a_replay_reports_the_reservation_as_it_stands(authority: Authority) -> None:
+    # A reserve retried with its key after the commit: the same reservation, committed, with its key,
+    # what was committed and its flags (the key and the commit were missing from the answer).
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    first = authority.reserve(usd(1), CHAIN, idempotency_key="job-7")
+    authority.commit(first.reservation, {"usd": 2})  # type: ignore[arg-type]
+    again = authority.reserve(usd(1), CHAIN, idempotency_key="job-7")
+    assert again.replayed and again.reservation is not None
+    found = again.reservation
+    assert (found.status, found.idempotency_key, found.flags) == ("committed", "job-7", ("over_hold",))
+    assert found.committed == {"usd": 2}
