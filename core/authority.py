@@ -176,12 +176,12 @@ def _budgets_left_by(previous: str | None, budgets: list[Budget]) -> list[Budget
         return []
     kept = {(b.scope, b.unit, b.period) for b in budgets}
     rates = {(rate.scope, rate.unit, rate.per) for rate in old.rate_limits}
-    left = []
-    for entry in old.budgets:
+    left: dict[tuple[str, str, str | None], Decimal] = {}
+    for entry in old.budgets:  # (several on one counter: the tightest, as they were written)
         key = (entry.scope, entry.unit, None if entry.period is None else str(entry.period))
         if key in rates and key not in kept:
-            left.append(Budget(entry.scope, entry.unit, entry.limit, entry.period))
-    return left
+            left[key] = min(entry.limit, left.get(key, entry.limit))
+    return [Budget(scope, unit, limit, period) for (scope, unit, period), limit in left.items()]
 
 
 def _cap_tools(decision: Decision, result: HoldResult, proposal: Proposal, policy: Policy, scope: Scope) -> None:
@@ -1115,17 +1115,16 @@ class Authority:
         answered with it as under enforcement (``replay_settled`` once settled), the would-be
         decision not made again."""
         request, _, _, chosen = self._request(action, scope, [Plan({}, rule="shadow")], ttl, key)
-        if key is not None and (local := self._local_replay(request, action, scope, chosen)) is not None:
+        # Failing open (or closed) as any decision does: a local reservation holds the action as
+        # asked against the emergency cap, which bounds what shadow scopes spend meanwhile too.
+        asked, _, _, as_asked = self._request(action, scope, [Plan.of_steps(dict(requested), rule="shadow")], ttl, key)
+        if key is not None and (local := self._local_replay(asked, action, scope, as_asked)) is not None:
             return local  # made failing open: answered as that decision was
         yield from self._release_shadow_leftovers(scope.root)
         try:
             result = yield ("hold", (_issued(request),))
         except StoreUnavailable as error:
-            # Failing open (or closed) as any decision does: the local reservation holds the action
-            # as asked against the emergency cap, which bounds what shadow scopes spend meanwhile too.
-            as_asked = [Plan.of_steps(dict(requested), rule="shadow")]
-            asked, _, _, plans = self._request(action, scope, as_asked, ttl, key)
-            return self._unavailable(error, asked, action, scope, plans)
+            return self._unavailable(error, asked, action, scope, as_asked)
         if result.replayed:
             decision = yield from self._replay_flow(result, action, scope, chosen, None)
             if decision.mode is Mode.ENFORCED:  # (store trouble reading it stays what it is)

@@ -1056,8 +1056,12 @@ def test_shadow_mode_keyed_retries_replay_even_when_the_store_failed_midway() ->
         authority.set_budget(Budget("tenant:globex", "usd", 100))
         with authority.guard(step, "tenant:globex/run:r1", idempotency_key="k"):
             pass
-        with pytest.raises(Denied), authority.guard(step, "tenant:globex/run:r1", idempotency_key="k"):
+        with pytest.raises(Denied) as denied, authority.guard(step, "tenant:globex/run:r1", idempotency_key="k"):
             pytest.fail(f"a retried guard ran its block again (holds failing: {failing})")
+        assert denied.value.decision.reasons[-1].code == "replay_settled", denied.value.decision.reasons
+        made = authority.reserve(step, "tenant:globex/run:r2", idempotency_key="k2").reservation
+        again = authority.reserve(step, "tenant:globex/run:r2", idempotency_key="k2").reservation
+        assert made is not None and again is not None and again.id == made.id
 
 
 def test_shadow_mode_retries_commit_what_was_asked_and_the_emergency_cap_bounds_failing_open(
@@ -1097,9 +1101,9 @@ def test_a_budgets_entry_on_a_dropped_rate_limits_counter_stays_as_set() -> None
     """A `budgets` entry and a rate limit on one counter: the tightest was written. A version that
     drops both leaves the entry's own limit (the rate limit's kept binding)."""
     minute = {"scope": "tenant:acme", "kind": "tool_call", "limit": 3, "per": "minute"}
-    entry = {"scope": "tenant:acme", "unit": "rate.tool_call", "limit": 10, "period": "minute"}
+    entries = [{"scope": "tenant:acme", "unit": "rate.tool_call", "limit": n, "period": "minute"} for n in (10, 50)]
     authority = Authority("memory://", clock=FakeClock())
-    authority.apply_policy(PolicyDocument.parse({"budgets": [entry], "rate_limits": [minute]}))
+    authority.apply_policy(PolicyDocument.parse({"budgets": entries, "rate_limits": [minute]}))
     assert [b.limit for b in authority.budgets("tenant:acme")] == [3]
     authority.apply_policy(PolicyDocument.parse({}))
-    assert [b.limit for b in authority.budgets("tenant:acme")] == [10]
+    assert [b.limit for b in authority.budgets("tenant:acme")] == [10]  # the tightest entry, whatever its place
