@@ -838,7 +838,9 @@ class RedisStore(Store):
         except redis.ConnectionError as error:
             if _no_connection(error):
                 raise _unavailable(error) from error
-            args = self._retry_args(name, args, started, error)
+            # In place: a caller asking again (after draining a backlog) repeats the retry — the
+            # first copy may still land — so it must carry the retry flag too.
+            args[:] = self._retry_args(name, args, started, error)
             try:
                 reply = self._evalsha(client, script, root, args)
             except _ERRORS as again:
@@ -917,7 +919,9 @@ class RedisStore(Store):
         except redis.ConnectionError as error:
             if _no_connection(error):
                 raise _unavailable(error) from error
-            args = self._retry_args(name, args, started, error)
+            # In place: a caller asking again (after draining a backlog) repeats the retry — the
+            # first copy may still land — so it must carry the retry flag too.
+            args[:] = self._retry_args(name, args, started, error)
             try:
                 reply = await self._aevalsha(client, script, root, args, lender)
             except _ERRORS as again:

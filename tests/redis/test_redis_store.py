@@ -749,6 +749,41 @@ def test_a_follower_never_skips_a_tenant_created_while_it_lists_the_tenants(
     authority.close()
 
 
+def test_a_retried_reserve_asked_again_after_a_backlog_keeps_its_retry_flag(
+    redis_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reserve whose reply was lost is retried with the retry flag; if that answers 'backlog', the
+    client drains and asks again — with the flag too: the first copy, delayed, may have landed in
+    between (it held budget under the same id, the caller was denied and could not see it)."""
+    authority = Authority(redis_url + "&reclaim_batch=3", clock=clock)
+    authority.set_budget(Budget("tenant:flag", "usd", 10))
+    for _ in range(10):
+        authority.reserve(Action("step", "s", {"usd": 1}), "tenant:flag/run:1", ttl=10)
+    clock.advance(11)
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    send = store._evalsha
+    reserves: list[str] = []
+
+    def lossy(client: Any, script: Any, root: str, args: list[str]) -> Any:
+        if len(args) == 11:  # a reserve
+            reserves.append(args[-1])
+            if len(reserves) == 1:
+                raise redis_py.ConnectionError("Connection reset by peer")  # the first copy: delayed
+            if len(reserves) == 3:  # the re-ask after draining: the delayed first copy lands just before
+                send(client, script, root, [*args[:-1], "0"])
+        return send(client, script, root, args)
+
+    monkeypatch.setattr(store, "_evalsha", lossy)
+    decision = authority.reserve(Action("step", "s", {"usd": 6}), "tenant:flag/run:2", ttl=60)
+    monkeypatch.setattr(store, "_evalsha", send)
+    assert reserves == ["0", "1", "1"]
+    assert decision.allowed and decision.reservation is not None  # the delayed copy's hold, replayed
+    assert [r.id for r in authority.reservations("tenant:flag")] == [decision.reservation.id]
+    assert authority.balance("tenant:flag")["usd"].held == 6
+    authority.close()
+
+
 @pytest.mark.asyncio
 async def test_more_expired_holds_than_one_call_reclaims_async(redis_url: str, clock: FakeClock) -> None:
     """The same on the asyncio face: areserve and a balance reclaim the backlog first."""
