@@ -1014,6 +1014,10 @@ class Authority:
         except StoreUnavailable as error:
             reason = Reason("store_unavailable", f"store unavailable, failing closed: {error}", scope.path)
             return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_CLOSED)
+        except ReservationNotFound:  # forgotten between the hold and this read (its retention ended)
+            message = f"this idempotency key's reservation {rid} was just forgotten (past retention): retry"
+            reason = Reason("replay_settled", message, scope.path)
+            return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), replayed=True)
         if record.status not in ("held", "committed"):
             message = f"this idempotency key's reservation {rid} is {record.status}: retry with a new key"
             reason = Reason("replay_settled", message, scope.path)

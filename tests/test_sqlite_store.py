@@ -354,6 +354,23 @@ def test_a_hold_after_a_per_run_budget_waited_for_the_lock_lives_its_ttl(tmp_pat
     authority.close()
 
 
+def test_a_keyed_retry_whose_reservation_is_forgotten_while_it_waits_is_a_decision(tmp_path: Path) -> None:
+    """The hold judged retention when it was asked (a replay), the answer read the reservation after
+    the wait for the lock (forgotten by then): ReservationNotFound escaped reserve."""
+    path = str(tmp_path / "ledger.db")
+    authority = Authority(SQLiteStore(path, retention=1, busy_timeout=5))
+    authority.set_budget(Budget("tenant:acme", "calls", 100))
+    step = Action.tool_call("t", {"calls": 1})
+    authority.commit(authority.reserve(step, CHAIN, idempotency_key="K").reservation)  # type: ignore[arg-type]
+    time.sleep(0.5)
+    writer = _lock_for(path, 0.9)
+    decision = authority.reserve(step, CHAIN, idempotency_key="K")  # (asked within retention)
+    writer.join()
+    assert decision.denied and decision.reasons[0].code == "replay_settled"
+    assert authority.reserve(step, CHAIN, idempotency_key="K").allowed  # the key is free again
+    authority.close()
+
+
 def test_async_holds_queued_for_a_worker_thread_answer_within_the_busy_timeout(tmp_path: Path) -> None:
     """More async reserves than worker threads, the file locked for 3 s, busy_timeout 1 s: each is a
     decision within the timeout from its own call (its wait for a thread counts). They used to wait
