@@ -648,6 +648,7 @@ class Authority:
             action.label,
             probes,
             time.monotonic(),  # (re-stamped when sent: see _issued)
+            self.clock,
         )
         return request, action, parsed, chosen
 

@@ -65,6 +65,9 @@ class HoldRequest:
     # timeout and makes the hold live its TTL from when it is made: one made with the expiry read
     # before a long wait could be born expired, and its budget handed out again at once.
     issued: float = 0.0
+    # The caller's clock (None: unknown): a store that waited re-reads it, so that what is due by
+    # then (an expired hold, a reservation past retention) is judged at the time the hold is made.
+    clock: Callable[[], float] | None = None
 
 
 LATE_HOLD = 0.05

@@ -356,7 +356,8 @@ def test_a_hold_after_a_per_run_budget_waited_for_the_lock_lives_its_ttl(tmp_pat
 
 def test_a_keyed_retry_whose_reservation_is_forgotten_while_it_waits_is_a_decision(tmp_path: Path) -> None:
     """The hold judged retention when it was asked (a replay), the answer read the reservation after
-    the wait for the lock (forgotten by then): ReservationNotFound escaped reserve."""
+    the wait for the lock (forgotten by then): ReservationNotFound escaped reserve. Now the hold
+    judges it when it is made: the key is free again."""
     path = str(tmp_path / "ledger.db")
     authority = Authority(SQLiteStore(path, retention=1, busy_timeout=5))
     authority.set_budget(Budget("tenant:acme", "calls", 100))
@@ -366,8 +367,22 @@ def test_a_keyed_retry_whose_reservation_is_forgotten_while_it_waits_is_a_decisi
     writer = _lock_for(path, 0.9)
     decision = authority.reserve(step, CHAIN, idempotency_key="K")  # (asked within retention)
     writer.join()
-    assert decision.denied and decision.reasons[0].code == "replay_settled"
-    assert authority.reserve(step, CHAIN, idempotency_key="K").allowed  # the key is free again
+    assert decision.allowed and not decision.replayed  # the key is free again
+    authority.close()
+
+
+def test_a_hold_that_expired_while_a_reserve_waited_for_the_lock_is_not_counted(tmp_path: Path) -> None:
+    """What is due was judged at the time the reserve was asked: a hold that expired during its wait
+    for the lock still counted, and the reserve was denied where a retry right after was allowed."""
+    path = str(tmp_path / "ledger.db")
+    authority = Authority(SQLiteStore(path, busy_timeout=5))
+    authority.set_budget(Budget("tenant:acme", "calls", 1))
+    step = Action.tool_call("t", {"calls": 1})
+    assert authority.reserve(step, CHAIN, ttl=0.2).allowed
+    writer = _lock_for(path, 1.0)
+    decision = authority.reserve(step, CHAIN)  # asked while that hold lives; made after it expired
+    writer.join()
+    assert decision.allowed, decision.reasons
     authority.close()
 
 

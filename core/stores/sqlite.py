@@ -720,6 +720,8 @@ class SQLiteStore(Store):
             late = time.monotonic() - request.issued
             if late > LATE_HOLD:  # it waited for the lock: its TTL runs from now, not from the request
                 expires_at += late
+                if request.clock is not None:  # and what is due by now is judged now
+                    now = max(now, request.clock())
         try:
             self._holds_since_forget += 1
             if self._holds_since_forget >= 1000:
