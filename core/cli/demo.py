@@ -420,7 +420,8 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
     if ok:
         console.print(
             f"[bold green]reconciliation: OK[/] — spent + held <= limit for all {len(final)} budgets in "
-            f"{race.snapshots} snapshots,\n{'':21}and each budget's spent == the actuals its workers committed"
+            f"{race.snapshots} snapshots,\n{'':21}"
+            "and each budget's spent grew by exactly the actuals its workers committed"
         )
     else:
         console.print(f"[bold red]reconciliation: FAILED[/] — {len(problems)} problem(s):")
