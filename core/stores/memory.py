@@ -51,7 +51,7 @@ def _states_after(after: list[tuple[str, str, str, str, int, int, int]]) -> tupl
 
 
 class _Budget:
-    __slots__ = ("counters", "limit", "period", "scope", "unit")
+    __slots__ = ("counters", "limit", "period", "pruned", "scope", "unit")
 
     def __init__(self, scope: str, unit: str, period: str, limit: int) -> None:
         self.scope = scope
@@ -59,32 +59,32 @@ class _Budget:
         self.period = period
         self.limit = limit
         self.counters: dict[str, list[int]] = {}  # window -> [spent, held]
+        self.pruned = ""  # the newest window pruned so far ("": none)
 
     def window(self, window: str, *, charging: bool = False) -> list[int]:
         """The counters [spent, held] of ``window``. ``charging``: for a commit, not a hold."""
         counters = self.counters.get(window)
         if counters is None:
+            pruned = self.pruned
+            if (pruned and window <= pruned) or (len(self.counters) >= _WINDOWS_KEPT and window < min(self.counters)):
+                # A window pruned already, or older than every window kept (a clock stepped back
+                # more than 8 periods): its counts may be gone with it. A hold there finds it closed
+                # rather than empty: nothing fits, denied as overage. A late commit there is
+                # recorded (reservation, audit) against counters of its own that are not kept —
+                # opening the window again would push out a newer one, or count from zero.
+                return [0, 0] if charging else [MAX_AMOUNT + 1, 0]
             if len(self.counters) >= _WINDOWS_KEPT:
                 # A period budget opens a window per minute/hour/...: without pruning a long-lived
-                # process keeps them all. The oldest window with nothing held in it goes (window
-                # names sort in time order), never the current one, even when late commits re-open
-                # old windows. A window something is held in stays until that settles, as on SQLite
-                # and Redis: a commit that looks its window up (the general path, after a budget
-                # change) must find the counters it is compared with, or its overage goes unflagged.
-                oldest = min(self.counters)
-                if window < oldest:
-                    # Older than every window kept: its counts may be gone with it. A hold there (a
-                    # clock stepped back more than 8 periods) finds it closed rather than empty:
-                    # nothing fits, denied as overage. A late commit there is recorded (reservation,
-                    # audit) against counters of its own that are not kept — opening the window
-                    # again would push out a newer one.
-                    return [0, 0] if charging else [MAX_AMOUNT + 1, 0]
-                # Only a window older than the one opening goes: a late commit re-opening an old
-                # window must never push out a newer one (the current one, when every window older
-                # than it still holds something).
-                free = [name for name, (_, held) in self.counters.items() if held == 0 and name < window]
-                if free:
-                    del self.counters[min(free)]
+                # process keeps them all. The oldest windows with nothing held in them go (window
+                # names sort in time order) until 8 are left — only windows older than the one
+                # opening, so never the current one, even when late commits re-open old windows. A
+                # window something is held in stays until that settles, as on SQLite and Redis: a
+                # commit that looks its window up (the general path, after a budget change) must
+                # find the counters it is compared with, or its overage goes unflagged.
+                free = sorted(name for name, (_, held) in self.counters.items() if held == 0 and name < window)
+                for name in free[: len(self.counters) - _WINDOWS_KEPT + 1]:
+                    del self.counters[name]
+                    self.pruned = max(self.pruned, name)
             counters = self.counters[window] = [0, 0]
         return counters
 
