@@ -149,39 +149,32 @@ def _settled_in_background(reservation_id: str) -> Callable[[asyncio.Future[Any]
     return done
 
 
-def _dropped_rate_limits(previous: str | None, budgets: list[Budget]) -> list[tuple[str, str, str | None]]:
-    """The rate-limit budgets the stored policy wrote that a new one does not: removed when it is
-    applied (they would go on binding — every call still counts in the unit a remaining limit
-    shares). Only rate limits: a budget the new document leaves out may be set by hand now."""
+def _policy_leftovers(
+    previous: str | None, budgets: list[Budget]
+) -> tuple[list[tuple[str, str, str | None]], list[Budget]]:
+    """What applying a policy with ``budgets`` changes beyond writing them, against the stored
+    ``previous`` document: the rate-limit budgets it wrote that the new one does not (removed: they
+    would go on binding — every call still counts in the unit a remaining limit shares), and the
+    ``budgets`` entries it shared such a counter with (set again as they were, the tightest of
+    several: the counter held the tighter of entry and rate limit). A budget the new document
+    merely leaves out stays (it may be set by hand now); an unreadable stored policy (a newer
+    clearance's) changes nothing."""
     if previous is None:
-        return []
-    try:
-        old = PolicyDocument.loads(previous, "json")
-    except InvalidRequest:  # unreadable (a newer clearance's): nothing known to drop
-        return []
-    kept = {(b.scope, b.unit, b.period) for b in budgets}
-    dropped = {(rate.scope, rate.unit, rate.per) for rate in old.rate_limits}
-    return sorted(key for key in dropped if key not in kept)
-
-
-def _budgets_left_by(previous: str | None, budgets: list[Budget]) -> list[Budget]:
-    """``budgets`` entries of the stored policy that shared a counter with one of its rate limits
-    and that a new one leaves out: their counter held the tightest of the two; a dropped rate
-    limit goes, the entry stays as it was set."""
-    if previous is None:
-        return []
+        return [], []
     try:
         old = PolicyDocument.loads(previous, "json")
     except InvalidRequest:
-        return []
+        return [], []
     kept = {(b.scope, b.unit, b.period) for b in budgets}
-    rates = {(rate.scope, rate.unit, rate.per) for rate in old.rate_limits}
-    left: dict[tuple[str, str, str | None], Decimal] = {}
-    for entry in old.budgets:  # (several on one counter: the tightest, as they were written)
+    dropped: set[tuple[str, str, str | None]] = {(rate.scope, rate.unit, rate.per) for rate in old.rate_limits}
+    dropped -= kept
+    entries: dict[tuple[str, str, str | None], Decimal] = {}
+    for entry in old.budgets:
         key = (entry.scope, entry.unit, None if entry.period is None else str(entry.period))
-        if key in rates and key not in kept:
-            left[key] = min(entry.limit, left.get(key, entry.limit))
-    return [Budget(scope, unit, limit, period) for (scope, unit, period), limit in left.items()]
+        if key in dropped:
+            entries[key] = min(entry.limit, entries.get(key, entry.limit))
+    removed = sorted(key for key in dropped if key not in entries)
+    return removed, [Budget(scope, unit, limit, period) for (scope, unit, period), limit in entries.items()]
 
 
 def _cap_tools(decision: Decision, result: HoldResult, proposal: Proposal, policy: Policy, scope: Scope) -> None:
@@ -799,15 +792,11 @@ class Authority:
         """Write a policy's budgets (and rate-limit budgets) into the store, then store the policy
         as the next version; every Authority on the store picks it up. Returns the version."""
         budgets = self._policy_budgets(document)
-        _, previous = self.store.policy()
-        for budget in budgets:
+        removed, restored = _policy_leftovers(self.store.policy()[1], budgets)
+        for budget in [*budgets, *restored]:
             self.set_budget(budget)
-        left = _budgets_left_by(previous, budgets)
-        for scope, unit, period in _dropped_rate_limits(previous, budgets):
-            if not any((b.scope, b.unit, b.period) == (scope, unit, period) for b in left):
-                self.remove_budget(scope, unit, period)
-        for budget in left:
-            self.set_budget(budget)
+        for scope, unit, period in removed:
+            self.remove_budget(scope, unit, period)
         version = self.store.put_policy(document.to_json(), self.clock())
         self._policy_resets += 1
         self._policy_checked = -math.inf  # this process sees it on its very next decision
@@ -816,15 +805,11 @@ class Authority:
     async def aapply_policy(self, document: PolicyDocument) -> int:
         """Async twin of :meth:`apply_policy`."""
         budgets = self._policy_budgets(document)
-        _, previous = await self.store.apolicy()
-        for budget in budgets:
+        removed, restored = _policy_leftovers((await self.store.apolicy())[1], budgets)
+        for budget in [*budgets, *restored]:
             await self.aset_budget(budget)
-        left = _budgets_left_by(previous, budgets)
-        for scope, unit, period in _dropped_rate_limits(previous, budgets):
-            if not any((b.scope, b.unit, b.period) == (scope, unit, period) for b in left):
-                await self.aremove_budget(scope, unit, period)
-        for budget in left:
-            await self.aset_budget(budget)
+        for scope, unit, period in removed:
+            await self.aremove_budget(scope, unit, period)
         version = await self.store.aput_policy(document.to_json(), self.clock())
         self._policy_resets += 1
         self._policy_checked = -math.inf
@@ -1120,16 +1105,23 @@ class Authority:
         answered with it as under enforcement (``replay_settled`` once settled), the would-be
         decision not made again."""
         request, _, _, chosen = self._request(action, scope, [Plan({}, rule="shadow")], ttl, key)
-        # Failing open (or closed) as any decision does: a local reservation holds the action as
-        # asked against the emergency cap, which bounds what shadow scopes spend meanwhile too.
-        asked, _, _, as_asked = self._request(action, scope, [Plan.of_steps(dict(requested), rule="shadow")], ttl, key)
-        if key is not None and (local := self._local_replay(asked, action, scope, as_asked)) is not None:
-            return local  # made failing open: answered as that decision was
+
+        def as_asked() -> tuple[HoldRequest, tuple[Plan, ...] | None]:
+            # Failing open (or closed) as any decision does: a local reservation holds the action
+            # as asked against the emergency cap, which bounds what shadow scopes spend meanwhile.
+            asked, _, _, plans = self._request(action, scope, [Plan.of_steps(dict(requested), rule="shadow")], ttl, key)
+            return asked, plans
+
+        if key is not None and self._emergency.keys:  # (cheap: only when this process failed open)
+            asked, plans = as_asked()
+            if (local := self._local_replay(asked, action, scope, plans)) is not None:
+                return local  # made failing open: answered as that decision was
         yield from self._release_shadow_leftovers(scope.root)
         try:
             result = yield ("hold", (_issued(request),))
         except StoreUnavailable as error:
-            return self._unavailable(error, asked, action, scope, as_asked)
+            asked, plans = as_asked()
+            return self._unavailable(error, asked, action, scope, plans)
         if result.replayed:
             decision = yield from self._replay_flow(result, action, scope, chosen, None)
             if decision.mode is Mode.ENFORCED:  # (store trouble reading it stays what it is)

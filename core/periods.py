@@ -30,6 +30,10 @@ LIFETIME = ""
 
 ALL_PERIODS: tuple[str, ...] = (LIFETIME, *(p.value for p in Period))
 
+WINDOWS_KEPT = 8
+"""Windows a period budget keeps counters for: its 8 latest, on every store (the Redis scripts'
+``KEEP_WINDOWS``); older ones go unless something is still held in them."""
+
 Windows = tuple[tuple[str, str], ...]
 """``((period, window_id), ...)`` for every period, lifetime first."""
 

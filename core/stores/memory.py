@@ -38,11 +38,9 @@ from clearance.ledger import (
     merge_actual,
     new_account_state,
 )
-from clearance.periods import Windows
+from clearance.periods import WINDOWS_KEPT, Windows
 from clearance.stores.base import DEFAULT_RETENTION, Store, audit_capacity_of, in_subtree, root_of
 from clearance.units import MAX_AMOUNT
-
-_WINDOWS_KEPT = 8  # the most recent windows of a period budget kept in memory
 
 
 def _states_after(after: list[tuple[str, str, str, str, int, int, int]]) -> tuple[AccountState, ...]:
@@ -66,14 +64,14 @@ class _Budget:
         counters = self.counters.get(window)
         if counters is None:
             pruned = self.pruned
-            if (pruned and window <= pruned) or (len(self.counters) >= _WINDOWS_KEPT and window < min(self.counters)):
+            if (pruned and window <= pruned) or (len(self.counters) >= WINDOWS_KEPT and window < min(self.counters)):
                 # A window pruned already, or older than every window kept (a clock stepped back
                 # more than 8 periods): its counts may be gone with it. A hold there finds it closed
                 # rather than empty: nothing fits, denied as overage. A late commit there is
                 # recorded (reservation, audit) against counters of its own that are not kept —
                 # opening the window again would push out a newer one, or count from zero.
                 return [0, 0] if charging else [MAX_AMOUNT + 1, 0]
-            if len(self.counters) >= _WINDOWS_KEPT:
+            if len(self.counters) >= WINDOWS_KEPT:
                 # A period budget opens a window per minute/hour/...: without pruning a long-lived
                 # process keeps them all. The oldest windows with nothing held in them go (window
                 # names sort in time order) until 8 are left — only windows older than the one
@@ -82,7 +80,7 @@ class _Budget:
                 # commit that looks its window up (the general path, after a budget change) must
                 # find the counters it is compared with, or its overage goes unflagged.
                 free = sorted(name for name, (_, held) in self.counters.items() if held == 0 and name < window)
-                for name in free[: len(self.counters) - _WINDOWS_KEPT + 1]:
+                for name in free[: len(self.counters) - WINDOWS_KEPT + 1]:
                     del self.counters[name]
                     self.pruned = max(self.pruned, name)
             counters = self.counters[window] = [0, 0]

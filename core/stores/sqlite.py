@@ -82,7 +82,7 @@ from clearance.ledger import (
     merge_actual,
     new_account_state,
 )
-from clearance.periods import Windows, window_at, windows_at
+from clearance.periods import WINDOWS_KEPT, Windows, window_at, windows_at
 from clearance.stores.base import DEFAULT_RETENTION, Store, audit_capacity_of, in_subtree, root_of
 
 SCHEMA_VERSION = 6
@@ -90,9 +90,6 @@ SCHEMA_VERSION = 6
 DEFAULT_AUDIT_CAPACITY = 1_000_000
 """Audit records a SQLite ledger keeps by default (the newest; see ``SQLiteStore``)."""
 
-WINDOWS_KEPT = 8
-"""Periods of counters a period budget keeps: the current window and the 7 before it; older ones are
-deleted (unless something is still held in them), as the other stores keep their 8 latest."""
 
 _PERIOD_SECONDS = (("minute", 60), ("hour", 3600), ("day", 86400), ("week", 604800), ("month", 2678400))
 _PRUNE_BATCH = 20_000  # the most log rows one maintenance pass looks at (and window rows it deletes)

@@ -396,7 +396,7 @@ end
 --   * with nothing held in it (its holds settle there later); such a window waits for the next time.
 -- Costs one HGET, one TIME and one HSET per budget per new window, nothing otherwise.
 local function note_windows(entries)
-  local KEEP_WINDOWS = 8  -- (built here, not in the prelude: most calls open no window)
+  local KEEP_WINDOWS = 8  -- (clearance.periods.WINDOWS_KEPT; built here, not in the prelude: most calls open no window)
   local PERIOD_SECONDS = {minute = 60, hour = 3600, day = 86400, week = 604800, month = 2678400}
   for _, s in ipairs(entries) do
     if s[10] then
