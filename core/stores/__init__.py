@@ -88,11 +88,12 @@ def store_from_url(url: str) -> Store:
 
 
 def _capacity(options: dict[str, str], default: int) -> int:
-    """``audit_capacity`` (audit records kept), taken out of ``options``; ``default`` when not given."""
+    """``audit_capacity`` (audit records kept), taken out of ``options``; ``default`` when not given.
+    Only read as a whole number here: the store checks its range."""
     if "audit_capacity" not in options:
         return default
     text = options.pop("audit_capacity")
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+    if not (text.isascii() and text.isdigit()):
         raise InvalidRequest(f"store option audit_capacity must be a positive whole number, got {text!r}")
     return int(text)
 
