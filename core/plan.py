@@ -136,11 +136,15 @@ def _zeros(depth: int) -> tuple[int, ...]:
     return _ZEROS[depth] if depth < len(_ZEROS) else (0,) * depth
 
 
+MAX_PLANS = 16
+"""The most plans one reserve may carry."""
+
+
 def check_plans(plans: object) -> tuple[Plan, ...]:
     if not isinstance(plans, list | tuple) or not plans:
         raise InvalidRequest("plans must be a non-empty list of Plan")
-    if len(plans) > 16:
-        raise InvalidRequest("at most 16 plans per reservation")
+    if len(plans) > MAX_PLANS:
+        raise InvalidRequest(f"at most {MAX_PLANS} plans per reservation")
     for plan in plans:
         if not isinstance(plan, Plan):
             raise InvalidRequest(f"plans must contain Plan objects, got {type(plan).__name__}")

@@ -25,7 +25,7 @@ from clearance.action import Action
 from clearance.decision import Reason
 from clearance.errors import InvalidRequest
 from clearance.ledger import AccountState
-from clearance.plan import Caps, Plan
+from clearance.plan import MAX_PLANS, Caps, Plan
 from clearance.policy_file import KNOWN_RISKS, Ladder, PolicyDocument, Rung
 from clearance.pricing import price_nano_usd
 from clearance.scope import Scope
@@ -136,10 +136,10 @@ class Policy:
         if plans is None and extra:
             plans = [Plan.of_steps(_add(dict(action.steps), extra))]
         plans = self._optional(action, scope, plans, proposal)
-        if plans is not None and len(plans) > _MAX_PLANS:
+        if plans is not None and len(plans) > MAX_PLANS:
             # A 15- or 16-rung ladder with a context cap's plan or an optional step's skip: the
             # best rungs and the last plan (the skip, or the cheapest) stay, within a reserve's 16.
-            plans = [*plans[: _MAX_PLANS - 1], plans[-1]]
+            plans = [*plans[: MAX_PLANS - 1], plans[-1]]
         proposal.plans = plans
         if action.kind == "model_call" and self._tool_probes:
             proposal.probes = self._tool_probes
@@ -362,9 +362,6 @@ def _required(headroom: float | dict[str, float], account: AccountState) -> int:
         fraction = headroom
     ppm = round(fraction * 1_000_000)
     return -(-account.limit * ppm // 1_000_000) if ppm else 0
-
-
-_MAX_PLANS = 16  # a reserve's most plans (clearance.plan.check_plans)
 
 
 def _call_amounts(usd: int, tokens: int, others: dict[str, int]) -> dict[str, int]:
