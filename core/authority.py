@@ -579,7 +579,7 @@ class Authority:
         self._policy_lock = threading.Lock()  # installs a policy read: never an older one over a newer
         self._policy_unreadable: tuple[int, str] | None = None  # a stored version this worker cannot parse
         self._policy_refresh = float(policy_refresh)
-        self._ensured: dict[tuple[str, str, str], None] = {}
+        self._ensured: dict[tuple[str, str, str], float] = {}  # template budget -> when last ensured
         # Would-be holds shadow mode could not release (the store failed just then): (id, expires_at),
         # released by the next shadow decision that can, unless their TTL has returned them first.
         self._shadow_unreleased: deque[tuple[str, str, float]] = deque(maxlen=10_000)  # (id, tenant, expires_at)
@@ -1039,16 +1039,22 @@ class Authority:
         return decision
 
     def _ensure_flow(self, template: tuple[str, str, str, int]) -> Generator[_Op, Any, None]:
+        """Create a template (per-run) budget on first use, and while it is used ensure it again at
+        least every hour (an eighth of the store's retention, if less): the store keeps a template
+        budget at least half its retention past the last such call, then forgets it (see
+        ``Store.ensure_budget``), so a budget still in use never looks unused to it."""
         scope, unit, period, limit = template
-        if (scope, unit, period) in self._ensured:
+        now = self.clock()
+        last = self._ensured.get((scope, unit, period))
+        if last is not None and 0 <= now - last < min(3600.0, self.store.retention / 8):
             return
         try:
-            yield ("ensure_budget", (scope, unit, period, limit, self.clock()))
+            yield ("ensure_budget", (scope, unit, period, limit, now))
         except NotImplementedError:
             logger.warning("clearance: %s cannot create per-run budgets; %s is not counted", self.store.url, unit)
         if len(self._ensured) > 100_000:
             self._ensured.clear()
-        self._ensured[(scope, unit, period)] = None
+        self._ensured[(scope, unit, period)] = now
 
     def _refine_flow(
         self,

@@ -143,6 +143,97 @@ def test_tool_calls_per_run(store_url: str) -> None:
     assert authority.reserve(flagship(), "tenant:acme/workflow:triage/run:r2").caps is None
 
 
+def _with_option(url: str, option: str) -> str:
+    return url + ("&" if "?" in url else "?") + option
+
+
+def _tool_call_budgets(authority: Authority) -> list[str]:
+    return sorted(b.scope for b in authority.budgets() if b.unit == "tool_calls")
+
+
+def test_a_runs_budget_is_forgotten_once_the_run_is_idle(store_url: str) -> None:
+    """A run has no end the ledger could see: its per-run budget (and counter) is forgotten once
+    unused for the retention; a run seen again after that starts a new count."""
+    clock = FakeClock()
+    authority = authority_with(
+        {"tools": {"calls_per_run": 2}}, store=_with_option(store_url, "retention=800"), clock=clock
+    )
+    for run in ("r1", "r2"):
+        decision = authority.reserve(Action.tool_call("calc"), f"tenant:acme/run:{run}")
+        authority.commit(decision.reservation)  # type: ignore[arg-type]
+    assert _tool_call_budgets(authority) == ["tenant:acme/run:r1", "tenant:acme/run:r2"]
+    clock.advance(500)
+    authority.sweep()
+    assert len(_tool_call_budgets(authority)) == 2  # not yet
+    clock.advance(400)
+    authority.sweep()
+    assert _tool_call_budgets(authority) == []
+    removed = [e for e in authority.events(limit=100) if e.kind == "budget_remove"]
+    assert sorted(e.scope for e in removed) == ["tenant:acme/run:r1", "tenant:acme/run:r2"]
+    assert all(e.detail == "period=lifetime idle" for e in removed)
+    again = authority.reserve(Action.tool_call("calc"), "tenant:acme/run:r1")
+    assert again.allowed
+    assert authority.balance("tenant:acme/run:r1")["tool_calls"].spent == 0  # a new count
+    authority.close()
+
+
+def test_a_run_in_use_keeps_its_budget(store_url: str) -> None:
+    """While a run keeps calling, its budget is never forgotten: the count holds however long the
+    run lasts (the Authority ensures the budget again at least every retention / 8)."""
+    clock = FakeClock()
+    authority = authority_with(
+        {"tools": {"calls_per_run": 4}}, store=_with_option(store_url, "retention=800"), clock=clock
+    )
+    allowed = 0
+    for _ in range(16):  # 16 x 150 s: three retentions
+        decision = authority.reserve(Action.tool_call("calc"), RUN)
+        if decision.allowed:
+            allowed += 1
+            authority.commit(decision.reservation)  # type: ignore[arg-type]
+        clock.advance(150)
+        authority.sweep()
+    assert allowed == 4
+    assert authority.balance(RUN)["tool_calls"].spent == 4
+    authority.close()
+
+
+def test_a_runs_budget_with_a_hold_waits_for_it(store_url: str) -> None:
+    clock = FakeClock()
+    authority = authority_with(
+        {"tools": {"calls_per_run": 2}}, store=_with_option(store_url, "retention=800"), clock=clock
+    )
+    held = authority.reserve(Action.tool_call("calc"), RUN, ttl=5000)
+    assert held.reservation is not None
+    clock.advance(1000)
+    authority.sweep()
+    assert _tool_call_budgets(authority) == [RUN]  # something is held on it
+    assert authority.commit(held.reservation).status == "committed"
+    clock.advance(61)
+    authority.sweep()
+    assert _tool_call_budgets(authority) == []
+    # The settled reservation is still remembered, and still reads (its budget is gone).
+    record = authority.reservation(held.reservation.id)
+    assert record.status == "committed"
+    assert [r.id for r in authority.reservations(RUN, status=None)] == [held.reservation.id]
+    authority.close()
+
+
+def test_an_operators_budget_on_a_run_is_never_forgotten(store_url: str) -> None:
+    clock = FakeClock()
+    authority = authority_with(
+        {"tools": {"calls_per_run": 2}}, store=_with_option(store_url, "retention=800"), clock=clock
+    )
+    authority.set_budget(Budget("tenant:acme/run:own", "tool_calls", 5))
+    assert authority.reserve(Action.tool_call("calc"), "tenant:acme/run:own").allowed  # no template over it
+    assert authority.reserve(Action.tool_call("calc"), RUN).allowed  # a template...
+    authority.set_budget(Budget(RUN, "tool_calls", 3))  # ...made an operator's
+    clock.advance(2000)
+    authority.sweep()
+    assert _tool_call_budgets(authority) == sorted([RUN, "tenant:acme/run:own"])
+    assert authority.balance("tenant:acme/run:own")["tool_calls"].limit == 5
+    authority.close()
+
+
 def test_optional_steps_are_skipped_below_the_threshold() -> None:
     authority = authority_with({"optional": [{"level": "workflow", "below": 0.5}]})
     authority.set_budget(Budget("tenant:acme/workflow:triage", "usd", 10))

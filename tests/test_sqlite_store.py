@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from clearance import Action, Authority, Budget, InvalidRequest, ReservationNotFound, StoreUnavailable
-from clearance.stores.sqlite import SCHEMA_VERSION, SQLiteStore
+from clearance.stores.sqlite import SCHEMA_VERSION, UPGRADABLE, SQLiteStore
 from clearance.testing import FakeClock
 
 CHAIN = "tenant:acme/run:r1"
@@ -131,6 +131,35 @@ def test_a_version_5_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
     assert raw.execute("SELECT 1 FROM sqlite_master WHERE name = 'accounts_window'").fetchone() is not None
     raw.close()
     _lifecycle(upgraded)
+    assert upgraded.balance("tenant:acme")["usd"].spent == 2
+    upgraded.close()
+
+
+def test_a_version_6_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Version 6 lacks only the template budgets' column and index: added when the file is opened,
+    and its per-run budgets (templates made before) are an operator's: kept, as they were."""
+    path = str(tmp_path / "ledger.db")
+    clock = FakeClock()
+    authority = Authority(SQLiteStore(path), clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10_000))
+    _lifecycle(authority)
+    authority.close()
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("DROP INDEX budgets_until")
+    raw.execute("ALTER TABLE budgets DROP COLUMN until")
+    raw.execute("PRAGMA user_version = 6")
+    raw.close()
+    store = SQLiteStore(path, retention=100)
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert raw.execute("SELECT 1 FROM sqlite_master WHERE name = 'budgets_until'").fetchone() is not None
+    raw.close()
+    upgraded = Authority(store, clock=clock)
+    _lifecycle(upgraded)
+    assert store.ensure_budget("tenant:acme/run:r1", "tool_calls", "", 5, clock())
+    clock.advance(101)
+    upgraded.sweep()
+    assert [b.scope for b in upgraded.budgets()] == ["tenant:acme"]
     assert upgraded.balance("tenant:acme")["usd"].spent == 2
     upgraded.close()
 
@@ -260,7 +289,7 @@ def test_a_ledger_of_another_schema_version_is_refused_untouched(tmp_path: Path,
     raw.close()
 
 
-@pytest.mark.parametrize("version", [4, 5, SCHEMA_VERSION])
+@pytest.mark.parametrize("version", [*UPGRADABLE, SCHEMA_VERSION])
 def test_another_applications_database_with_a_ledgers_version_number_is_refused_untouched(
     tmp_path: Path, version: int
 ) -> None:

@@ -35,6 +35,10 @@ _log = logging.getLogger("clearance")
 DEFAULT_RETENTION = 48 * 3600.0
 """How long a settled or expired reservation is remembered (so a late commit is recorded once)."""
 
+TEMPLATE_RECHECK = 60.0
+"""Seconds until a template budget due to be forgotten, but with something still held on it, is
+looked at again (see ``Store.ensure_budget``)."""
+
 
 _ID = re.compile(r"[0-9a-f]{20}\.(.*)", re.DOTALL)  # (one match: it is on every commit's path)
 
@@ -105,6 +109,12 @@ class Store(ABC):
 
     scheme: ClassVar[str] = ""
     url: str = ""
+    _retention: float = DEFAULT_RETENTION
+
+    @property
+    def retention(self) -> float:
+        """Seconds a settled reservation is remembered (and a template budget kept unused)."""
+        return self._retention
 
     # --- reservations -------------------------------------------------------------------------
     @abstractmethod
@@ -161,7 +171,15 @@ class Store(ABC):
     # --- budget templates and policy documents ---------------------------------------------
     def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
         """Create the budget only if that (scope, unit, period) has none; True if it was created.
-        Policies use it for per-run budgets (templates), so an operator's own change is never undone."""
+        Policies use it for per-run budgets (templates), so an operator's own change is never undone.
+
+        A budget made here is a *template* budget: a run's, and a run has no end the ledger could
+        see, so without more the ledger would keep every run's budget and counters for good. It is
+        kept until ``now + retention``, pushed that far again by a later call once less than half
+        of it is left (the Authority calls again while it keeps using the budget), and then
+        forgotten — budget, counters, everything — by the store's maintenance once that time has
+        passed with nothing held on it (a hold still there puts it off by ``TEMPLATE_RECHECK``).
+        ``set_budget`` on a template budget makes it an operator's, kept like any other."""
         raise NotImplementedError(f"{type(self).__name__} does not support budget templates yet")
 
     def put_policy(self, document: str, now: float) -> int:

@@ -39,7 +39,14 @@ from clearance.ledger import (
     new_account_state,
 )
 from clearance.periods import WINDOWS_KEPT, Windows
-from clearance.stores.base import DEFAULT_RETENTION, Store, audit_capacity_of, in_subtree, root_of
+from clearance.stores.base import (
+    DEFAULT_RETENTION,
+    TEMPLATE_RECHECK,
+    Store,
+    audit_capacity_of,
+    in_subtree,
+    root_of,
+)
 from clearance.units import MAX_AMOUNT
 
 
@@ -49,13 +56,14 @@ def _states_after(after: list[tuple[str, str, str, str, int, int, int]]) -> tupl
 
 
 class _Budget:
-    __slots__ = ("counters", "limit", "period", "pruned", "scope", "unit")
+    __slots__ = ("counters", "limit", "period", "pruned", "scope", "unit", "until")
 
     def __init__(self, scope: str, unit: str, period: str, limit: int) -> None:
         self.scope = scope
         self.unit = unit
         self.period = period
         self.limit = limit
+        self.until: float | None = None  # a template's (ensure_budget): forgotten once idle past this
         self.counters: dict[str, list[int]] = {}  # window -> [spent, held]
         self.pruned = ""  # the newest window pruned so far ("": none)
 
@@ -228,6 +236,7 @@ class MemoryStore(Store):
         self._levels: dict[str, dict[tuple[str, str], _Budget]] = {}  # scope -> (unit, period) -> budget
         self._parked: dict[tuple[str, str, str], _Budget] = {}  # removed budgets, kept for their counters
         self._budget_version = 0  # bumped whenever a budget is created or removed
+        self._templates: list[tuple[float, str, str, str]] = []  # heap of (until, scope, unit, period)
         self._reservations: dict[str, _Reservation | _Packed] = {}  # settled ones packed (see pack())
         self._idempotency: dict[tuple[str, str], str] = {}
         self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, id) for held reservations
@@ -322,7 +331,27 @@ class MemoryStore(Store):
                 fixed = gone[1]
                 if fixed[4] is not None:
                     self._idempotency.pop((fixed[0][0], fixed[4]), None)
+        templates = self._templates
+        while templates and templates[0][0] <= now:
+            self._forget_template(heapq.heappop(templates), now)
         return expired
+
+    def _forget_template(self, entry: tuple[float, str, str, str], now: float) -> None:
+        """Remove a template budget idle past its ``until`` (see ``ensure_budget``), counters and
+        all — unless something is still held on it: then it is looked at again a minute later."""
+        _, scope, unit, period = entry
+        level = self._levels.get(scope)
+        budget = level.get((unit, period)) if level else None
+        if level is None or budget is None or budget.until is None or budget.until > now:
+            return  # removed, set by an operator since, or refreshed (a later heap entry has it)
+        if any(held for _, held in budget.counters.values()):
+            heapq.heappush(self._templates, (now + TEMPLATE_RECHECK, scope, unit, period))
+            return
+        del level[(unit, period)]
+        if not level:
+            del self._levels[scope]
+        self._budget_version += 1
+        self._log(now, "budget_remove", scope, None, ((unit, 0),), f"period={period or 'lifetime'} idle")
 
     def _refs_of(self, chain: tuple[str, ...], windows: Windows) -> list[tuple[_Budget, str, list[int]]]:
         """Every budget on ``chain`` (root first) with its counters in ``windows``. Cached per chain:
@@ -394,7 +423,11 @@ class MemoryStore(Store):
             units = {u for plan in plans for u, _ in plan.amounts}.union(request.probes)
         with self._lock:
             now = request.now
-            if (self._expiry and self._expiry[0][0] <= now) or (self._forget_at and self._forget_at[0] <= now):
+            if (
+                (self._expiry and self._expiry[0][0] <= now)
+                or (self._forget_at and self._forget_at[0] <= now)
+                or (self._templates and self._templates[0][0] <= now)
+            ):
                 self._reclaim(now)
             if request.idempotency_key is not None:
                 existing = self._idempotency.get((request.chain[0], request.idempotency_key))
@@ -595,6 +628,7 @@ class MemoryStore(Store):
             self._budget_version += 1
         else:
             budget.limit = limit
+        budget.until = None  # an operator's budget from now on, even if a template made it
         self._log(now, "budget_set", scope, None, ((unit, limit),), f"period={period or 'lifetime'}")
 
     def remove_budget(self, scope: str, unit: str, period: str, now: float) -> bool:
@@ -614,10 +648,16 @@ class MemoryStore(Store):
     def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
         with self._lock:  # one section: an operator's set_budget cannot land between look and create
             level = self._levels.get(scope)
-            if level is not None and (unit, period) in level:
-                return False
-            self._set_budget_locked(scope, unit, period, limit, now)
-            return True
+            budget = level.get((unit, period)) if level else None
+            created = budget is None
+            if budget is None:
+                self._set_budget_locked(scope, unit, period, limit, now)
+                budget = self._levels[scope][(unit, period)]
+            elif budget.until is None or budget.until >= now + self._retention / 2:
+                return False  # an operator's, or a template refreshed not long ago
+            budget.until = now + self._retention
+            heapq.heappush(self._templates, (budget.until, scope, unit, period))
+            return created
 
     def put_policy(self, document: str, now: float) -> int:
         with self._lock:

@@ -454,10 +454,10 @@ class RedisStore(Store):
         self.url = redact_url(url)  # (for messages and logs: no password)
         self.cluster = cluster
         self.key_prefix = key_prefix
-        self._retention = _float(retention)
+        self._retention = float(retention)
         self._cap = str(int(audit_capacity))
         self._batch = int(reclaim_batch)
-        self._config = f"{self._retention} {self._cap} {self._batch} {_float(max_clock_skew)}"
+        self._config = f"{_float(retention)} {self._cap} {self._batch} {_float(max_clock_skew)}"
         self._timeouts = (float(socket_timeout), float(connect_timeout))
         self._max_connections = int(max_connections)
         self._options = dict(redis_options)

@@ -41,13 +41,17 @@ changes, so the schema keeps the pages a reserve or a commit touches few and sma
   ``meta``; a reservation's hold record is kept while the reservation is remembered, and deleted
   when it is forgotten: so the records of the last ``retention`` are always kept) and the counters of
   period windows older than the ``WINDOWS_KEPT`` latest periods with nothing held in them
-  (through the index ``accounts_window``, written only when a window's row is created). Without it
-  the file grew by every lifecycle's records and every minute budget's windows, for good.
+  (through the index ``accounts_window``, written only when a window's row is created), and
+  template budgets (a policy's per-run ones) unused past their ``until`` with their counters
+  (through ``budgets_until``). Without it the file grew by every lifecycle's records, every minute
+  budget's windows and every run's budget, for good.
 * ``wal_autocheckpoint`` is raised to 4096 pages (4 MiB of WAL): fewer checkpoints (each with an
   fsync). It changes when the WAL is copied back into the database file, not what is durable.
 
 The schema version is kept in ``PRAGMA user_version``; versions 4 (the same but for the settle
-trigger and the window index) and 5 (but for the window index) are upgraded in place, a file with
+trigger, the window index and template budgets), 5 (but for the window index and template budgets)
+and 6 (but for ``budgets.until``, the time a template budget — ``ensure_budget``, a policy's
+per-run budget — may be forgotten, and its index) are upgraded in place, a file with
 another version (or an unversioned ledger from before) is refused rather than misread.
 """
 
@@ -83,9 +87,17 @@ from clearance.ledger import (
     new_account_state,
 )
 from clearance.periods import WINDOWS_KEPT, Windows, window_at, windows_at
-from clearance.stores.base import DEFAULT_RETENTION, Store, audit_capacity_of, in_subtree, root_of
+from clearance.stores.base import (
+    DEFAULT_RETENTION,
+    TEMPLATE_RECHECK,
+    Store,
+    audit_capacity_of,
+    in_subtree,
+    root_of,
+)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
+UPGRADABLE = (4, 5, 6)  # schema versions upgraded in place (see SQLiteStore.__init__)
 
 DEFAULT_AUDIT_CAPACITY = 1_000_000
 """Audit records a SQLite ledger keeps by default (the newest; see ``SQLiteStore``)."""
@@ -156,11 +168,17 @@ END"""
 # window's row is created or deleted: counters change, their window never does).
 _WINDOW_INDEX = "CREATE INDEX IF NOT EXISTS accounts_window ON accounts(period, win) WHERE period <> ''"
 
+# Template budgets (ensure_budget) by the time they may be forgotten, for the maintenance pass; a
+# budget an operator set has none (schema version 7).
+_TEMPLATE_INDEX = "CREATE INDEX IF NOT EXISTS budgets_until ON budgets(until) WHERE until IS NOT NULL"
+_TEMPLATE_BATCH = 1000  # the most template budgets one maintenance pass forgets
+
 # Statements are separated by ";;" (the trigger, above, is created after them).
 _SCHEMA = f"""
 CREATE TABLE budgets(
-    scope TEXT NOT NULL, unit TEXT NOT NULL, period TEXT NOT NULL, lim INTEGER NOT NULL,
+    scope TEXT NOT NULL, unit TEXT NOT NULL, period TEXT NOT NULL, lim INTEGER NOT NULL, until REAL,
     PRIMARY KEY (scope, unit, period)) WITHOUT ROWID;;
+{_TEMPLATE_INDEX};;
 CREATE TABLE accounts(
     scope TEXT NOT NULL, unit TEXT NOT NULL, period TEXT NOT NULL, win TEXT NOT NULL,
     spent INTEGER NOT NULL DEFAULT 0, held INTEGER NOT NULL DEFAULT 0, stamp INTEGER,
@@ -440,7 +458,7 @@ class SQLiteStore(Store):
                 return  # the usual case: a read, so a writer holding the lock cannot fail the construction
         with self._write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version in (4, 5, SCHEMA_VERSION) and not _is_ledger(db):
+            if version in (*UPGRADABLE, SCHEMA_VERSION) and not _is_ledger(db):
                 version = -1  # another application's database that happens to carry such a number
             if version == 0:
                 if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
@@ -451,14 +469,18 @@ class SQLiteStore(Store):
                     db.execute(_SETTLE_TRIGGER)
                     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                     version = SCHEMA_VERSION
-            elif version in (4, 5):
-                # Version 5 lacks only the index the window pruning walks; version 4 also has the
-                # old settle trigger (its settle records carry no forget time; the forget pass reads
-                # those the old way): both upgraded in place.
+            elif version in UPGRADABLE:
+                # Version 6 lacks only the template budgets' column and index; version 5 also the
+                # index the window pruning walks; version 4 also has the old settle trigger (its
+                # settle records carry no forget time; the forget pass reads those the old way): all
+                # upgraded in place.
                 if version == 4:
                     db.execute("DROP TRIGGER log_settle")
                     db.execute(_SETTLE_TRIGGER)
                 db.execute(_WINDOW_INDEX)
+                if "until" not in {row[1] for row in db.execute("PRAGMA table_info(budgets)")}:
+                    db.execute("ALTER TABLE budgets ADD COLUMN until REAL")
+                db.execute(_TEMPLATE_INDEX)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 version = SCHEMA_VERSION
             if version != SCHEMA_VERSION:
@@ -495,7 +517,7 @@ class SQLiteStore(Store):
             # with tables but no ledger version (another application's) is left as it is — WAL would
             # stay in it for good — and __init__ refuses it.
             if mode != "wal" and (
-                (db.execute("PRAGMA user_version").fetchone()[0] in (4, 5, SCHEMA_VERSION) and _is_ledger(db))
+                (db.execute("PRAGMA user_version").fetchone()[0] in (*UPGRADABLE, SCHEMA_VERSION) and _is_ledger(db))
                 or db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None
             ):
                 db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # only takes effect on a new file
@@ -611,7 +633,33 @@ class SQLiteStore(Store):
         forgotten = self._forget(db, now, marks.get("forgotten") or 0, marks.get("pruned") or 0)
         self._prune_log(db, forgotten, marks.get("pruned") or 0)
         self._prune_windows(db, now)
+        self._forget_templates(db, now)
         return expired
+
+    def _forget_templates(self, db: sqlite3.Connection, now: float) -> None:
+        """Forget template budgets past their ``until`` (see ``Store.ensure_budget``) with nothing
+        held on them: the budget and its counters; one with a hold is looked at again later."""
+        due = db.execute(
+            "SELECT scope, unit, period FROM budgets WHERE until IS NOT NULL AND until <= ? LIMIT ?",
+            (now, _TEMPLATE_BATCH),
+        ).fetchall()
+        removed = 0
+        for key in due:
+            if db.execute(
+                "SELECT 1 FROM accounts WHERE scope = ? AND unit = ? AND period = ? AND held <> 0 LIMIT 1", key
+            ).fetchone():
+                db.execute(
+                    "UPDATE budgets SET until = ? WHERE scope = ? AND unit = ? AND period = ?",
+                    (now + TEMPLATE_RECHECK, *key),
+                )
+                continue
+            db.execute("DELETE FROM budgets WHERE scope = ? AND unit = ? AND period = ?", key)
+            db.execute("DELETE FROM accounts WHERE scope = ? AND unit = ? AND period = ?", key)
+            scope, unit, period = key
+            self._log(db, now, "budget_remove", scope, None, ((unit, 0),), f"period={period or 'lifetime'} idle")
+            removed += 1
+        if removed:
+            db.execute(_BUDGETS_CHANGED)
 
     def _prune_log(self, db: sqlite3.Connection, forgotten: int, pruned: int) -> None:
         """Delete audit records older than the newest ``audit_capacity``, a batch at a time, up to
@@ -999,7 +1047,7 @@ class SQLiteStore(Store):
         with self._write() as db:
             db.execute(
                 "INSERT INTO budgets(scope, unit, period, lim) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT DO UPDATE SET lim = excluded.lim",
+                "ON CONFLICT DO UPDATE SET lim = excluded.lim, until = NULL",  # (an operator's from now on)
                 (scope, unit, period, limit),
             )
             db.execute(_BUDGETS_CHANGED)
@@ -1018,11 +1066,16 @@ class SQLiteStore(Store):
 
     def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
         with self._write() as db:
+            until = now + self._retention
             cursor = db.execute(
-                "INSERT INTO budgets(scope, unit, period, lim) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (scope, unit, period, limit),
+                "INSERT INTO budgets(scope, unit, period, lim, until) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (scope, unit, period, limit, until),
             )
-            if cursor.rowcount == 0:
+            if cursor.rowcount == 0:  # an operator's budget, or a template: kept longer once half is left
+                db.execute(
+                    "UPDATE budgets SET until = ? WHERE scope = ? AND unit = ? AND period = ? AND until < ?",
+                    (until, scope, unit, period, now + self._retention / 2),
+                )
                 return False
             db.execute(_BUDGETS_CHANGED)
             self._log(db, now, "budget_set", scope, None, ((unit, limit),), f"period={period or 'lifetime'}")

@@ -253,6 +253,58 @@ local function forgotten_now(token, rec)
   return true
 end
 
+-- A template budget past its "u<id>" time (see set_budget.lua) goes — its entry in "@<scope>", its id,
+-- limit, windows and counters — unless something is held on it: then it is looked at again a minute
+-- later (TEMPLATE_RECHECK). Records of settled reservations may still name its id: public() skips it.
+local function forget_template(id)
+  local till = redis.call('HGET', K_LEDGER, 'u' .. id)
+  if not till or till + 0 > NOW_N then  -- set by an operator since, or kept longer: its entry moved
+    if not till then
+      redis.call('ZREM', K_DUE, '~' .. id)
+    end
+    return
+  end
+  local name = redis.call('HGET', K_LEDGER, '#' .. id)
+  local scope, unit, period = string.match(name or '', '^([^|]*)|([^|]*)|([^|]*)$')
+  local windows = {''}
+  if period and period ~= '' then
+    windows = {}
+    for window in string.gmatch(redis.call('HGET', K_LEDGER, 'w' .. id) or '', '([^ @]+)@?%d*') do
+      windows[#windows + 1] = window
+    end
+  end
+  local counters = {}
+  for _, window in ipairs(windows) do
+    local held = redis.call('HGET', K_LEDGER, 'h' .. id .. '|' .. window)
+    if held and held + 0 ~= 0 then
+      redis.call('ZADD', K_DUE, string.format('%.17g', -(NOW_N + 60)), '~' .. id)
+      return
+    end
+    counters[#counters + 1] = 's' .. id .. '|' .. window
+    counters[#counters + 1] = 'h' .. id .. '|' .. window
+  end
+  redis.call('ZREM', K_DUE, '~' .. id)
+  redis.call('HDEL', K_LEDGER, 'u' .. id, 'l' .. id, 'w' .. id, '#' .. id, unpack(counters))
+  if not scope then
+    return
+  end
+  redis.call('HDEL', K_LEDGER, '=' .. name)
+  local field = '@' .. scope
+  local kept = {}
+  for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
+    if string.match(entry, '|(%d+)$') ~= id then
+      kept[#kept + 1] = entry
+    end
+  end
+  if #kept == 0 then
+    redis.call('HDEL', K_LEDGER, field)
+  else
+    redis.call('HSET', K_LEDGER, field, table.concat(kept, ' '))
+  end
+  redis.call('HINCRBY', K_LEDGER, '#v', 1)
+  audit('budget_remove', scope, '', unit .. ' 0', 'period=' .. (period == '' and 'lifetime' or period) .. ' idle')
+end
+
 -- Lazy reclaim: return the tenant's expired holds to their budgets and drop settled reservations
 -- past retention, at most BATCH per call, expired holds first. Returns expired, seen, forgotten.
 local function reclaim()
@@ -266,15 +318,21 @@ local function reclaim()
   end
   local expired, forgotten = 0, 0
   for _, token in ipairs(due) do
-    local rec = load(token)
+    local rec = nil
+    if string.byte(token, 1) == 126 then  -- '~<id>': a template budget, not a reservation
+      forget_template(string.sub(token, 2))
+    else
+      rec = load(token)
+      if not rec then
+        redis.call('ZREM', K_DUE, token)
+      end
+    end
     if rec and rec.st == 'held' then
       expire(token, rec)
       expired = expired + 1
     elseif rec then
       forget(token, rec)
       forgotten = forgotten + 1
-    else
-      redis.call('ZREM', K_DUE, token)
     end
   end
   return expired, #due, forgotten
@@ -463,10 +521,11 @@ local function public(rec)
   local parts = {}
   for i = 1, #ids do
     local name = names[i]
-    if not name then
+    if name then
+      parts[#parts + 1] = name .. '|' .. windows[i] .. ' ' .. steps[i]
+    elseif rec.st == 'held' then
       error({err = 'ERR clearance: no budget ' .. ids[i] .. ' named by a reservation record'})
-    end
-    parts[i] = name .. '|' .. windows[i] .. ' ' .. steps[i]
+    end  -- (a settled reservation's hold on a template budget forgotten since: nothing left to name)
   end
   local copy = {}
   for k, v in pairs(rec) do

@@ -9,6 +9,10 @@ local kept, found = {}, false
 for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
   if string.sub(entry, 1, #head) == head then
     found = true
+    local id = string.match(entry, '|(%d+)$')
+    if id and redis.call('HDEL', K_LEDGER, 'u' .. id) == 1 then  -- a template's: removed like any other
+      redis.call('ZREM', K_DUE, '~' .. id)
+    end
   else
     kept[#kept + 1] = entry
   end

@@ -3,10 +3,24 @@
 -- (budget templates: an operator's own change is never undone), [9] '1' on the client's retry after a
 -- lost reply (a budget that already has this limit was set by the first run: no second audit event).
 -- Reply 1 if set, 0 if it existed.
+-- A template budget (ARGV[8] = '1') is kept until now + retention ("u<id>" -> that time, and "~<id>"
+-- in the due index scored by minus it, so reclaim finds it like a reservation to forget), pushed that
+-- far again by a later template call once less than half is left; then reclaim forgets it (see
+-- forget_template in common.lua). Set by an operator, it is an operator's budget, kept for good.
 -- A scope's budgets live in one field, "@<scope>" -> "unit|period|limit|id ...", in the order they
 -- were first set, so reserve reads every level's budgets with one HMGET. The id names the budget's
 -- counters ("s<id>|<window>", "h<id>|<window>"); a (scope, unit, period) keeps its id for good
 -- ("=<scope>|<unit>|<period>"), so a budget removed and set again continues its counters.
+
+-- A template budget is kept until now + retention (from the later of the two clocks, as settle()).
+local function keep_template(id)
+  local till = NOW_N + RETENTION
+  if MAX_SKEW + 0 > 0 then
+    till = math.max(till, server_seconds() + RETENTION)
+  end
+  redis.call('HSET', K_LEDGER, 'u' .. id, string.format('%.17g', till))
+  redis.call('ZADD', K_DUE, string.format('%.17g', -till), '~' .. id)
+end
 
 local scope, unit, period, limit, detail, only_new = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local retry = ARGV[9] == '1'
@@ -16,12 +30,20 @@ local kept, found, limit_field = {}, false, nil
 for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
   if string.sub(entry, 1, #head) == head then
     found = true
-    if only_new == '1' then
-      return 0
-    end
     local current, id = string.match(entry, '^[^|]*|[^|]*|([^|]*)|(%d+)$')
     if not id then
       refuse_old('a budget without an id')
+    end
+    local till = redis.call('HGET', K_LEDGER, 'u' .. id)
+    if only_new == '1' then
+      if till and till + 0 < NOW_N + RETENTION / 2 then
+        keep_template(id)
+      end
+      return 0
+    end
+    if till then  -- an operator's from now on
+      redis.call('HDEL', K_LEDGER, 'u' .. id)
+      redis.call('ZREM', K_DUE, '~' .. id)
     end
     if retry and current == limit then
       return 1
@@ -41,6 +63,9 @@ if not found then
   end
   kept[#kept + 1] = head .. limit .. '|' .. id
   limit_field = 'l' .. id
+  if only_new == '1' then
+    keep_template(id)
+  end
   redis.call('HINCRBY', K_LEDGER, '#v', 1)  -- a new budget on this chain: holds made before do not name it
 end
 redis.call('HSET', K_LEDGER, field, table.concat(kept, ' '), limit_field, limit)
