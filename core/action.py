@@ -107,8 +107,15 @@ class Action(InputModel):
         ``max_output_tokens`` at the model's genai-prices rate, and ``tokens`` for both.
 
         An unknown model raises :class:`InvalidRequest` unless a fallback price is configured
-        (:func:`clearance.pricing.set_fallback_price`). ``extra`` adds amounts of other units.
+        (:func:`clearance.pricing.set_fallback_price`). ``extra`` adds amounts of other units;
+        naming ``usd`` or ``tokens`` there is an :class:`InvalidRequest` (it replaced the worst-case
+        price, and a policy re-pricing the call dropped it: count a fee in a unit of its own).
         """
+        if isinstance(extra, Mapping) and ("usd" in extra or "tokens" in extra):
+            raise InvalidRequest(
+                "Action.model_call prices usd and counts tokens itself: extra takes other units only, got "
+                + ", ".join(sorted(unit for unit in extra if unit in ("usd", "tokens")))
+            )
         nano = price_nano_usd(provider, model, input_tokens, max_output_tokens)
         # (from_steps divides exactly: the caller's decimal context could round the price down)
         amounts: dict[str, Any] = {"usd": from_steps("usd", nano), "tokens": input_tokens + max_output_tokens}

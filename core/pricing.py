@@ -5,14 +5,22 @@ per-token rates of a model are looked up once and cached; a flat-rate model is t
 integer multiplications. Models with tiered prices (e.g. long-context surcharges) fall back to
 ``calc_price`` for the exact token counts, memoised.
 
+Some prices depend on when the call is made: off-peak hours (deepseek's models cost half from 16:30
+to 00:30 UTC) and prices that change on a start date. A cached rate is kept only until the next
+such change (computed from the model's price conditions), so a worker that first priced a model
+off-peak does not hold the off-peak price at peak time — under the call's real worst case.
+
 Prices are in nano-dollars per token, kept as ``Decimal`` so sub-nano rates stay exact until the
 final round-up.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+import time as _time
 from dataclasses import dataclass
+from datetime import UTC, datetime, time, timedelta
 from decimal import ROUND_CEILING, Context, Decimal, localcontext
 from functools import lru_cache
 from typing import Any
@@ -44,7 +52,11 @@ class ModelRate:
 _lock = threading.Lock()
 _custom: dict[tuple[str | None, str], ModelRate] = {}
 _fallback: ModelRate | None = None
-_rates: dict[tuple[str | None, str], ModelRate | None] = {}
+_generation = 0  # +1 by every register_price / set_fallback_price: a lookup begun before must not cache
+# (provider, model) -> (its flat rate, or None when tiered; until when, in epoch seconds, it applies)
+_rates: dict[tuple[str | None, str], tuple[ModelRate | None, float]] = {}
+_clock = _time.time  # (a name of this module's: tests move it)
+_MAX_RATES = 4096  # models cached (with a fallback price, model names from user input are all priced)
 
 
 def _price(name: str, value: Any) -> Decimal:
@@ -65,14 +77,16 @@ def register_price(model: str, input_per_mtok: Any, output_per_mtok: Any, *, pro
     if not isinstance(model, str) or not model or not (provider is None or isinstance(provider, str)):
         raise InvalidRequest("register_price needs a model name (and, optionally, a provider name)")
     rate = ModelRate(_price("input_per_mtok", input_per_mtok), _price("output_per_mtok", output_per_mtok))
+    global _generation  # noqa: PLW0603 - process-wide configuration by design
     with _lock:
         _custom[(provider, model)] = rate
+        _generation += 1
         _rates.clear()
 
 
 def set_fallback_price(input_per_mtok: Any | None, output_per_mtok: Any | None = None) -> None:
     """Price unknown models at this rate instead of raising ``InvalidRequest``; ``None`` turns it off."""
-    global _fallback  # noqa: PLW0603 - process-wide configuration by design
+    global _fallback, _generation  # noqa: PLW0603 - process-wide configuration by design
     rate = None
     if input_per_mtok is not None:
         given = _price("input_per_mtok", input_per_mtok)
@@ -80,27 +94,66 @@ def set_fallback_price(input_per_mtok: Any | None, output_per_mtok: Any | None =
         rate = ModelRate(given, given if output_per_mtok is None else _price("output_per_mtok", output_per_mtok))
     with _lock:
         _fallback = rate
+        _generation += 1
         _rates.clear()
 
 
-def _lookup(provider: str | None, model: str) -> ModelRate | None:
-    """Flat rate of a model, or ``None`` when its prices are tiered (use :func:`_tiered`)."""
+def _next_change(prices: Any, at: datetime) -> float:
+    """When the price of a model that applies at ``at`` may next change (epoch seconds; ``inf`` for
+    a model with one price): its next start date, or the next start or end of an off-peak window."""
+    if not isinstance(prices, list):
+        return math.inf
+    changes: list[datetime] = []
+    for conditional in prices:
+        constraint = getattr(conditional, "constraint", None)
+        start_date = getattr(constraint, "start_date", None)
+        if start_date is not None:
+            changes.append(datetime.combine(start_date, time(0), tzinfo=UTC))
+        for moment in (getattr(constraint, "start_time", None), getattr(constraint, "end_time", None)):
+            if isinstance(moment, time):
+                # The next time of day after ``at`` (its offset can put it on the day before or after);
+                # genai-prices reads naive times as UTC.
+                aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+                changes.extend(datetime.combine(at.date() + timedelta(days=d), aware) for d in (-1, 0, 1, 2))
+    after = [change for change in changes if change > at]
+    return min(after).timestamp() if after else math.inf
+
+
+def _store_rate(key: tuple[str | None, str], entry: tuple[ModelRate | None, float], generation: int) -> None:
+    with _lock:
+        if generation != _generation:  # a price was registered meanwhile: this lookup may predate it
+            return
+        if len(_rates) >= _MAX_RATES:
+            _rates.clear()
+        _rates[key] = entry
+
+
+def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float]:
+    """Flat rate of a model (``None`` when its prices are tiered: use :func:`_tiered`) and until when
+    it applies (epoch seconds)."""
     key = (provider, model)
-    if key in _rates:
-        return _rates[key]
+    entry = _rates.get(key)
+    if entry is not None and _clock() < entry[1]:
+        return entry
+    generation = _generation
     custom = _custom.get(key) or _custom.get((None, model))
     if custom is not None:
-        _rates[key] = custom
-        return custom
+        entry = (custom, math.inf)
+        _store_rate(key, entry, generation)
+        return entry
     from genai_prices import Usage, calc_price  # imported on first use: keeps `import clearance` light
 
+    at = datetime.now(UTC)
     try:
         with localcontext(_GENAI_CONTEXT):
-            calc = calc_price(Usage(input_tokens=1, output_tokens=1), model_ref=model, provider_id=provider)
+            usage = Usage(input_tokens=1, output_tokens=1)
+            calc = calc_price(usage, model_ref=model, provider_id=provider, genai_request_timestamp=at)
     except LookupError:
-        if _fallback is not None:
-            _rates[key] = _fallback
-            return _fallback
+        fallback = _fallback
+        if fallback is not None:
+            entry = (fallback, math.inf)
+            _store_rate(key, entry, generation)
+            return entry
         raise InvalidRequest(
             f"no price known for model {model!r}"
             + (f" of provider {provider!r}" if provider else "")
@@ -110,12 +163,15 @@ def _lookup(provider: str | None, model: str) -> ModelRate | None:
     rate: ModelRate | None = None
     if isinstance(price.input_mtok, Decimal | int) and isinstance(price.output_mtok, Decimal | int | None):
         rate = ModelRate(Decimal(price.input_mtok), Decimal(price.output_mtok or 0))
-    _rates[key] = rate
-    return rate
+    entry = (rate, _next_change(calc.model.prices, at))
+    _store_rate(key, entry, generation)
+    return entry
 
 
 @lru_cache(maxsize=4096)
-def _tiered(provider: str | None, model: str, input_tokens: int, output_tokens: int) -> int:
+def _tiered(provider: str | None, model: str, input_tokens: int, output_tokens: int, until: float) -> int:
+    """The exact price of a tiered model's call, memoised per price period (``until``: when the
+    prices that apply now may change)."""
     from genai_prices import Usage, calc_price
 
     with localcontext(_GENAI_CONTEXT):  # genai-prices computes in the current context: never the caller's
@@ -134,10 +190,10 @@ def price_nano_usd(provider: str | None, model: str, input_tokens: int, output_t
     for name, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value > 2**40:
             raise InvalidRequest(f"{name} must be a non-negative int, got {value!r}")
-    rate = _lookup(provider, model)
+    rate, until = _lookup(provider, model)
     if rate is not None:
         return rate.nano_usd(input_tokens, output_tokens)
-    return _tiered(provider, model, input_tokens, output_tokens)
+    return _tiered(provider, model, input_tokens, output_tokens, until)
 
 
 def price_usd(provider: str | None, model: str, input_tokens: int, output_tokens: int) -> Decimal:

@@ -92,6 +92,90 @@ def test_pricing_uses_genai_prices_and_custom_rates() -> None:
         set_fallback_price(None)
 
 
+def test_a_price_that_depends_on_the_time_of_day_is_not_kept_past_its_hours(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deepseek-chat costs twice as much from 00:30 to 16:30 UTC: a worker that first priced it
+    off-peak must not go on holding the off-peak price at peak time (under the real worst case)."""
+    import datetime as real
+
+    from genai_prices import Usage, calc_price
+
+    from clearance import pricing
+
+    moments = {"now": real.datetime(2026, 11, 26, 20, 0, tzinfo=real.UTC)}
+
+    class Clock(real.datetime):
+        @classmethod
+        def now(cls, tz: real.tzinfo | None = None) -> real.datetime:  # type: ignore[override]
+            return moments["now"]
+
+    monkeypatch.setattr(pricing, "datetime", Clock)
+    def clock() -> float:
+        return moments["now"].timestamp()
+
+    monkeypatch.setattr(pricing, "_clock", clock)
+    pricing._rates.clear()
+
+    def worst_case_at(moment: real.datetime) -> Decimal:
+        usage = Usage(input_tokens=100_000, output_tokens=8_000)
+        calc = calc_price(usage, "deepseek-chat", provider_id="deepseek", genai_request_timestamp=moment)
+        return Decimal(calc.total_price)
+
+    off_peak = Action.model_call("deepseek", "deepseek-chat", 100_000, 8_000).amounts["usd"]
+    assert off_peak >= worst_case_at(moments["now"])
+    moments["now"] = real.datetime(2026, 11, 27, 0, 29, tzinfo=real.UTC)
+    assert Action.model_call("deepseek", "deepseek-chat", 100_000, 8_000).amounts["usd"] == off_peak  # cached
+    moments["now"] = real.datetime(2026, 11, 27, 10, 0, tzinfo=real.UTC)
+    peak = Action.model_call("deepseek", "deepseek-chat", 100_000, 8_000).amounts["usd"]
+    assert peak >= worst_case_at(moments["now"]) > off_peak
+    moments["now"] = real.datetime(2026, 11, 27, 16, 30, tzinfo=real.UTC)
+    assert Action.model_call("deepseek", "deepseek-chat", 100_000, 8_000).amounts["usd"] == off_peak
+    pricing._rates.clear()
+
+
+def test_a_price_registered_while_a_lookup_runs_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lookup of genai-prices' rate that began before ``register_price`` must not cache that rate
+    over the registered one (the override was ignored for the rest of the process)."""
+    import threading
+
+    import genai_prices
+
+    from clearance import pricing
+
+    pricing._rates.clear()
+    started, go_on = threading.Event(), threading.Event()
+    real_calc = genai_prices.calc_price
+
+    def slow_calc(*args: object, **kwargs: object) -> object:
+        started.set()
+        go_on.wait(5)
+        return real_calc(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(genai_prices, "calc_price", slow_calc)
+    looking = threading.Thread(target=price_usd, args=("openai", "gpt-4o-mini", 1_000_000, 0))
+    looking.start()
+    assert started.wait(5)
+    register_price("gpt-4o-mini", 50, 50, provider="openai")
+    go_on.set()
+    looking.join()
+    try:
+        assert price_usd("openai", "gpt-4o-mini", 1_000_000, 0) == 50
+    finally:
+        pricing._custom.pop(("openai", "gpt-4o-mini"), None)
+        pricing._rates.clear()
+
+
+def test_a_model_calls_extra_amounts_cannot_replace_its_price() -> None:
+    """``extra`` adds other units; a ``usd`` there replaced the worst-case price (and a policy
+    re-pricing the call then dropped it): refused, clearly."""
+    with pytest.raises(InvalidRequest, match="extra takes other units only, got usd"):
+        Action.model_call("openai", "gpt-4o", 1000, 800, extra={"usd": "0.01"})
+    with pytest.raises(InvalidRequest, match="got tokens"):
+        Action.model_call("openai", "gpt-4o", 1000, 800, extra={"tokens": 5, "emails": 1})
+    action = Action.model_call("openai", "gpt-4o", 1000, 800, extra={"requests": 1})
+    assert action.amounts["requests"] == 1
+    assert action.amounts["usd"] == Decimal("0.0105")
+
+
 def test_amounts_never_depend_on_the_callers_decimal_context() -> None:
     """A program that sets a low Decimal precision (or rounding down) must not get its money
     rounded: conversions and prices use their own exact context."""
