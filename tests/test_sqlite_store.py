@@ -557,3 +557,31 @@ def test_a_write_waiting_on_one_ledger_file_holds_up_no_other_file_and_no_read(t
         holder.join(10)
     same.set_budget(Budget("tenant:acme", "usd", 20))
     assert same.balance("tenant:acme")["usd"].limit == 20
+
+
+def test_looking_reservations_up_does_not_wait_for_the_write_lock(tmp_path: Path) -> None:
+    """`reservations ls` and a look-up by id are reads: a writer holding the lock (a long sweep,
+    another process's transaction) must not make them wait out busy_timeout and fail. Only a
+    reservation due to expire takes the lock, to expire it first."""
+    path = str(tmp_path / "ledger.db")
+    clock = FakeClock()
+    authority = Authority(SQLiteStore(path, busy_timeout=0.2), clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 100))
+    held = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN, ttl=60)
+    assert held.reservation is not None
+    done = _lifecycle(authority)
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        assert {r.id for r in authority.reservations(CHAIN, status=None)} == {held.reservation.id, done}
+        assert authority.reservation(held.reservation.id).status == "held"
+        assert authority.reservation(done).status == "committed"
+        clock.advance(61)  # now the hold is due: expiring it needs the lock
+        with pytest.raises(StoreUnavailable):
+            authority.reservation(held.reservation.id)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert authority.reservation(held.reservation.id).status == "expired"
+    assert [r.status for r in authority.reservations(CHAIN, status=None)] == ["expired", "committed"]
+    authority.close()

@@ -1021,6 +1021,12 @@ class SQLiteStore(Store):
         raise ReservationClosed(record.id, status)
 
     def reservation(self, reservation_id: str, now: float) -> ReservationRecord:
+        # A read (no write lock: a look-up must not queue behind, or stall, the writers) unless the
+        # reservation is due to expire: then it expires first, like on any other call touching it.
+        with self._read() as db:
+            record = self._load(db, reservation_id, now)
+        if record.status != HELD or record.expires_at > now:
+            return record
         with self._write() as db:
             record = self._load(db, reservation_id, now)
             if self._expire_if_due(db, record, now) != record.status:
@@ -1028,8 +1034,13 @@ class SQLiteStore(Store):
             return record
 
     def reservations(self, scope: str | None, status: str | None, limit: int, now: float) -> list[ReservationRecord]:
-        with self._write() as db:
-            self._reclaim(db, now)
+        # Reads, after a write only when some hold is due to expire (as accounts() does).
+        with self._read() as db:
+            due = db.execute(_DUE_SQL, (now,)).fetchone() is not None
+        if due:
+            with self._write() as db:
+                self._reclaim(db, now)
+        with self._read() as db:
             sql = f"SELECT {_RES_COLUMNS} FROM log WHERE {_LIVE}"
             params: list[Any] = [now]
             if status is not None:
