@@ -190,6 +190,16 @@ def _caught_up(reply: Any, root: str) -> Any:
     return reply
 
 
+def _cluster_broke(error: Exception) -> redis.ConnectionError:
+    """A cluster call that failed inside redis-py with something other than a Redis error. After a
+    node fails, redis-py's cluster client re-initialises and closes the connections of every node,
+    calls of other threads or tasks still on them included — on healthy nodes too: those die with
+    an ``AttributeError`` (a writer gone) rather than a ``ConnectionError``. It is one all the same:
+    the request may or may not have been sent, so it is retried (with the retry flag) or in doubt,
+    and the caller gets a decision, never a bare stack trace."""
+    return redis.ConnectionError(f"the cluster client closed this call's connection: {type(error).__name__}: {error}")
+
+
 def _unavailable(error: BaseException, earlier: BaseException | None = None) -> StoreUnavailable:
     if isinstance(error, redis.ResponseError) and "clearance: clock_skew" in str(error):
         skew = _ClockSkew(str(error).split("clearance: ", 1)[1].split(" script:", 1)[0])
@@ -781,9 +791,14 @@ class RedisStore(Store):
 
             def run() -> Any:
                 try:
-                    return client.evalsha(script.sha, len(keys), *keys, *args)
-                except redis.exceptions.NoScriptError:
-                    return client.eval(script.script, len(keys), *keys, *args)
+                    try:
+                        return client.evalsha(script.sha, len(keys), *keys, *args)
+                    except redis.exceptions.NoScriptError:
+                        return client.eval(script.script, len(keys), *keys, *args)
+                except _ERRORS:
+                    raise
+                except Exception as error:
+                    raise _cluster_broke(error) from error
 
             return self._in_turn(client, keys[0], run)
         body = b"".join(map(_bulk, args))
@@ -868,9 +883,14 @@ class RedisStore(Store):
 
             async def run() -> Any:
                 try:
-                    return await client.evalsha(script.sha, len(keys), *keys, *args)
-                except redis.exceptions.NoScriptError:
-                    return await client.eval(script.script, len(keys), *keys, *args)
+                    try:
+                        return await client.evalsha(script.sha, len(keys), *keys, *args)
+                    except redis.exceptions.NoScriptError:
+                        return await client.eval(script.script, len(keys), *keys, *args)
+                except _ERRORS:
+                    raise
+                except Exception as error:
+                    raise _cluster_broke(error) from error
 
             return await self._ain_turn(client, lender, keys[0], run)
         body = b"".join(map(_bulk, args))
@@ -944,6 +964,10 @@ class RedisStore(Store):
             return self._in_turn(client, key, lambda: command(client))
         except _ERRORS as error:
             raise _unavailable(error) from error
+        except Exception as error:
+            if not self.cluster:
+                raise
+            raise _unavailable(_cluster_broke(error)) from error
 
     async def _akeyed(self, key: str, command: Callable[[Any], Awaitable[_T]]) -> _T:
         """:meth:`_keyed` for asyncio."""
@@ -952,6 +976,10 @@ class RedisStore(Store):
             return await self._ain_turn(client, lender, key, lambda: command(client))
         except _ERRORS as error:
             raise _unavailable(error) from error
+        except Exception as error:
+            if not self.cluster:
+                raise
+            raise _unavailable(_cluster_broke(error)) from error
 
     # --- in-doubt holds --------------------------------------------------------------------------
     def _doubt(self, request: HoldRequest, error: BaseException) -> None:

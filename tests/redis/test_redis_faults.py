@@ -458,3 +458,70 @@ def test_a_lost_reply_does_not_repeat_a_remove_or_a_policy(redis_url: str, monke
     store.set_budget("tenant:once", "calls", "", 5, 4.0)  # a call that converges is retried: no error
     assert [a.limit for a in store.accounts("tenant:once", windows_at(4.0), 4.0, False)] == [5]
     store.close()
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_cluster_connections_closed_under_a_call_are_store_trouble(
+    redis_cluster_url: str, monkeypatch: pytest.MonkeyPatch, face: str
+) -> None:
+    """When a master fails, redis-py's cluster client re-initialises and closes the connections of
+    every node, under the calls of other tasks too — on healthy nodes — which then die with an
+    AttributeError (their writer gone), not a ConnectionError. Found killing a master under 120
+    asyncio tasks: tenants on healthy masters got bare AttributeErrors and their landed holds
+    stranded. Such a failure is a lost connection: retried with the retry flag (never a second
+    hold), and a decision or StoreUnavailable when it persists."""
+    import redis.asyncio.cluster
+    import redis.cluster
+
+    cls = redis.asyncio.cluster.RedisCluster if face == "async" else redis.cluster.RedisCluster
+    real = cls.evalsha
+    mode = {"now": "after"}
+
+    def broken() -> AttributeError:
+        return AttributeError("'NoneType' object has no attribute 'writelines'")
+
+    if face == "async":
+
+        async def evalsha(self: object, *args: object) -> object:
+            if mode["now"] == "always":
+                raise broken()
+            reply = await real(self, *args)  # type: ignore[misc]
+            if mode["now"] == "after":
+                mode["now"] = "off"
+                raise broken()  # it landed; its reply is lost
+            return reply
+    else:
+
+        def evalsha(self: object, *args: object) -> object:  # type: ignore[misc]
+            if mode["now"] == "always":
+                raise broken()
+            reply = real(self, *args)  # type: ignore[arg-type]
+            if mode["now"] == "after":
+                mode["now"] = "off"
+                raise broken()
+            return reply
+
+    authority = Authority(redis_cluster_url)
+    scope = "tenant:broken/run:r1"
+    authority.set_budget(Budget("tenant:broken", "calls", 10))
+    monkeypatch.setattr(cls, "evalsha", evalsha)
+    action = Action("tool_call", "x", {"calls": 1})
+
+    def call(method: str, *args: object) -> object:
+        if face == "async":
+            return asyncio.run(getattr(authority, "a" + method)(*args))
+        return getattr(authority, method)(*args)
+
+    decision = call("reserve", action, scope)  # landed, reply lost: the retry answers it
+    assert decision.allowed and decision.reservation is not None  # type: ignore[attr-defined]
+    assert authority.balance("tenant:broken")["calls"].held == 1  # one hold, not two
+    mode["now"] = "always"
+    denied = call("reserve", action, scope)
+    assert denied.denied and denied.reasons[0].code == "store_unavailable"  # type: ignore[attr-defined]
+    with pytest.raises(StoreUnavailable):
+        call("commit", decision.reservation)  # type: ignore[attr-defined]
+    mode["now"] = "off"
+    call("commit", decision.reservation)  # type: ignore[attr-defined]
+    balance = authority.balance("tenant:broken")["calls"]
+    assert (balance.spent, balance.held) == (1, 0)
+    authority.close()
