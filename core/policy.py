@@ -143,8 +143,13 @@ class Policy:
         proposal.plans = plans
         if action.kind == "model_call" and self._tool_probes:
             proposal.probes = self._tool_probes
-            run = scope.level_of(self.document.tools.run_kind)
+            tools = self.document.tools
+            run = scope.level_of(tools.run_kind)
             proposal.run_scope = scope.chain[run] if run is not None else None
+            if run is not None and tools.calls_per_run is not None:
+                # The run's budget is read for max_tool_calls: a run that only makes model calls
+                # is in use too, and must keep its count (see Store.ensure_budget).
+                proposal.templates.append((scope.chain[run], "tool_calls", "", tools.calls_per_run))
         self._run_rules(action, scope, proposal)
         return proposal
 

@@ -210,11 +210,72 @@ def test_a_runs_budget_with_a_hold_waits_for_it(store_url: str) -> None:
     assert authority.commit(held.reservation).status == "committed"
     clock.advance(61)
     authority.sweep()
+    assert _tool_call_budgets(authority) == [RUN]  # in use until just now: kept a retention more
+    clock.advance(801)
+    authority.sweep()
     assert _tool_call_budgets(authority) == []
-    # The settled reservation is still remembered, and still reads (its budget is gone).
+    authority.close()
+
+
+def test_a_reservation_outliving_its_runs_budget_still_reads(store_url: str) -> None:
+    """A late commit (after expiry) is remembered a retention from then, longer than the run's
+    budget it held on: looking it up must not fail for the budget being gone."""
+    clock = FakeClock()
+    authority = authority_with(
+        {"tools": {"calls_per_run": 2}}, store=_with_option(store_url, "retention=800"), clock=clock
+    )
+    held = authority.reserve(Action.tool_call("calc"), RUN, ttl=100)
+    assert held.reservation is not None
+    clock.advance(700)
+    authority.sweep()  # expired
+    assert "late" in authority.commit(held.reservation).flags
+    clock.advance(110)
+    authority.sweep()
+    assert _tool_call_budgets(authority) == []
     record = authority.reservation(held.reservation.id)
     assert record.status == "committed"
     assert [r.id for r in authority.reservations(RUN, status=None)] == [held.reservation.id]
+    authority.close()
+
+
+def test_a_run_making_only_model_calls_keeps_its_budget(store_url: str) -> None:
+    """A run whose tool calls are used up goes on with model calls capped at max_tool_calls=0:
+    those calls read its budget, so they keep it too (found in review: the cap lifted after the
+    retention, and the run got its tool calls again)."""
+    clock = FakeClock()
+    authority = authority_with(
+        {"tools": {"calls_per_run": 2}}, store=_with_option(store_url, "retention=800"), clock=clock
+    )
+    for _ in range(2):
+        decision = authority.reserve(Action.tool_call("calc"), RUN)
+        authority.commit(decision.reservation)  # type: ignore[arg-type]
+    for _ in range(10):  # 10 x 100 s of model calls only
+        decision = authority.reserve(flagship(), RUN)
+        assert decision.caps is not None and decision.caps.max_tool_calls == 0
+        authority.release(decision.reservation)  # type: ignore[arg-type]
+        clock.advance(100)
+        authority.sweep()
+    assert authority.reserve(Action.tool_call("calc"), RUN).denied
+    authority.close()
+
+
+def test_a_runs_budget_is_kept_a_retention_after_a_long_hold_settles(store_url: str) -> None:
+    """A hold outliving the retention keeps the run's budget in use: once it settles the budget is
+    kept a whole retention more (found in review: it went a minute later, and the run's count with it)."""
+    clock = FakeClock()
+    authority = authority_with(
+        {"tools": {"calls_per_run": 1}}, store=_with_option(store_url, "retention=800"), clock=clock
+    )
+    held = authority.reserve(Action.tool_call("calc"), RUN, ttl=900)
+    assert held.reservation is not None
+    for _ in range(9):
+        clock.advance(100)
+        authority.sweep()
+    authority.commit(held.reservation)
+    for _ in range(3):
+        clock.advance(100)
+        authority.sweep()
+    assert authority.reserve(Action.tool_call("calc"), RUN).denied  # 1 of 1 used: still counted
     authority.close()
 
 

@@ -147,6 +147,7 @@ def test_a_version_6_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
     raw = sqlite3.connect(path, isolation_level=None)
     raw.execute("DROP INDEX budgets_until")
     raw.execute("ALTER TABLE budgets DROP COLUMN until")
+    raw.execute("ALTER TABLE budgets DROP COLUMN held_seen")
     raw.execute("PRAGMA user_version = 6")
     raw.close()
     store = SQLiteStore(path, retention=100)

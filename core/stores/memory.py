@@ -56,7 +56,7 @@ def _states_after(after: list[tuple[str, str, str, str, int, int, int]]) -> tupl
 
 
 class _Budget:
-    __slots__ = ("counters", "limit", "period", "pruned", "scope", "unit", "until")
+    __slots__ = ("counters", "held_seen", "limit", "period", "pruned", "scope", "unit", "until")
 
     def __init__(self, scope: str, unit: str, period: str, limit: int) -> None:
         self.scope = scope
@@ -64,6 +64,7 @@ class _Budget:
         self.period = period
         self.limit = limit
         self.until: float | None = None  # a template's (ensure_budget): forgotten once idle past this
+        self.held_seen = False  # a template found with a hold when its time came (see _forget_template)
         self.counters: dict[str, list[int]] = {}  # window -> [spent, held]
         self.pruned = ""  # the newest window pruned so far ("": none)
 
@@ -338,14 +339,18 @@ class MemoryStore(Store):
 
     def _forget_template(self, entry: tuple[float, str, str, str], now: float) -> None:
         """Remove a template budget idle past its ``until`` (see ``ensure_budget``), counters and
-        all — unless something is still held on it: then it is looked at again a minute later."""
+        all. One with something still held on it is in use: looked at again every
+        ``TEMPLATE_RECHECK``, and once nothing is held any more, kept a whole retention more."""
         _, scope, unit, period = entry
         level = self._levels.get(scope)
         budget = level.get((unit, period)) if level else None
         if level is None or budget is None or budget.until is None or budget.until > now:
             return  # removed, set by an operator since, or refreshed (a later heap entry has it)
-        if any(held for _, held in budget.counters.values()):
-            heapq.heappush(self._templates, (now + TEMPLATE_RECHECK, scope, unit, period))
+        held = any(held for _, held in budget.counters.values())
+        if held or budget.held_seen:
+            budget.held_seen = held
+            budget.until = now + (TEMPLATE_RECHECK if held else self._retention)
+            heapq.heappush(self._templates, (budget.until, scope, unit, period))
             return
         del level[(unit, period)]
         if not level:
@@ -656,6 +661,7 @@ class MemoryStore(Store):
             elif budget.until is None or budget.until >= now + self._retention / 2:
                 return False  # an operator's, or a template refreshed not long ago
             budget.until = now + self._retention
+            budget.held_seen = False
             heapq.heappush(self._templates, (budget.until, scope, unit, period))
             return created
 

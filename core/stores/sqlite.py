@@ -176,7 +176,7 @@ _TEMPLATE_BATCH = 1000  # the most template budgets one maintenance pass forgets
 # Statements are separated by ";;" (the trigger, above, is created after them).
 _SCHEMA = f"""
 CREATE TABLE budgets(
-    scope TEXT NOT NULL, unit TEXT NOT NULL, period TEXT NOT NULL, lim INTEGER NOT NULL, until REAL,
+    scope TEXT NOT NULL, unit TEXT NOT NULL, period TEXT NOT NULL, lim INTEGER NOT NULL, until REAL, held_seen INTEGER,
     PRIMARY KEY (scope, unit, period)) WITHOUT ROWID;;
 {_TEMPLATE_INDEX};;
 CREATE TABLE accounts(
@@ -478,8 +478,11 @@ class SQLiteStore(Store):
                     db.execute("DROP TRIGGER log_settle")
                     db.execute(_SETTLE_TRIGGER)
                 db.execute(_WINDOW_INDEX)
-                if "until" not in {row[1] for row in db.execute("PRAGMA table_info(budgets)")}:
+                columns = {row[1] for row in db.execute("PRAGMA table_info(budgets)")}
+                if "until" not in columns:
                     db.execute("ALTER TABLE budgets ADD COLUMN until REAL")
+                if "held_seen" not in columns:
+                    db.execute("ALTER TABLE budgets ADD COLUMN held_seen INTEGER")
                 db.execute(_TEMPLATE_INDEX)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 version = SCHEMA_VERSION
@@ -638,19 +641,22 @@ class SQLiteStore(Store):
 
     def _forget_templates(self, db: sqlite3.Connection, now: float) -> None:
         """Forget template budgets past their ``until`` (see ``Store.ensure_budget``) with nothing
-        held on them: the budget and its counters; one with a hold is looked at again later."""
+        held on them: the budget and its counters. One with something held is in use: looked at
+        again after ``TEMPLATE_RECHECK``, and once nothing is held any more, kept a retention more."""
         due = db.execute(
-            "SELECT scope, unit, period FROM budgets WHERE until IS NOT NULL AND until <= ? LIMIT ?",
+            "SELECT scope, unit, period, held_seen FROM budgets WHERE until IS NOT NULL AND until <= ? LIMIT ?",
             (now, _TEMPLATE_BATCH),
         ).fetchall()
         removed = 0
-        for key in due:
-            if db.execute(
+        for *fields, held_seen in due:
+            key = tuple(fields)
+            held = db.execute(
                 "SELECT 1 FROM accounts WHERE scope = ? AND unit = ? AND period = ? AND held <> 0 LIMIT 1", key
-            ).fetchone():
+            ).fetchone()
+            if held or held_seen:
                 db.execute(
-                    "UPDATE budgets SET until = ? WHERE scope = ? AND unit = ? AND period = ?",
-                    (now + TEMPLATE_RECHECK, *key),
+                    "UPDATE budgets SET until = ?, held_seen = ? WHERE scope = ? AND unit = ? AND period = ?",
+                    (now + (TEMPLATE_RECHECK if held else self._retention), 1 if held else None, *key),
                 )
                 continue
             db.execute("DELETE FROM budgets WHERE scope = ? AND unit = ? AND period = ?", key)
@@ -1056,9 +1062,9 @@ class SQLiteStore(Store):
     # --- budgets -------------------------------------------------------------------------------
     def set_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
         with self._write() as db:
-            db.execute(
+            db.execute(  # (an operator's budget from now on, even if a template made it)
                 "INSERT INTO budgets(scope, unit, period, lim) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT DO UPDATE SET lim = excluded.lim, until = NULL",  # (an operator's from now on)
+                "ON CONFLICT DO UPDATE SET lim = excluded.lim, until = NULL, held_seen = NULL",
                 (scope, unit, period, limit),
             )
             db.execute(_BUDGETS_CHANGED)
@@ -1084,7 +1090,8 @@ class SQLiteStore(Store):
             )
             if cursor.rowcount == 0:  # an operator's budget, or a template: kept longer once half is left
                 db.execute(
-                    "UPDATE budgets SET until = ? WHERE scope = ? AND unit = ? AND period = ? AND until < ?",
+                    "UPDATE budgets SET until = ?, held_seen = NULL WHERE scope = ? AND unit = ? AND period = ? "
+                    "AND until < ?",
                     (until, scope, unit, period, now + self._retention / 2),
                 )
                 return False

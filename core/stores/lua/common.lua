@@ -254,10 +254,13 @@ local function forgotten_now(token, rec)
 end
 
 -- A template budget past its "u<id>" time (see set_budget.lua) goes — its entry in "@<scope>", its id,
--- limit, windows and counters — unless something is held on it: then it is looked at again a minute
--- later (TEMPLATE_RECHECK). Records of settled reservations may still name its id: public() skips it.
+-- limit, windows and counters — unless it is in use: with something held on it, it is looked at again
+-- a minute later (TEMPLATE_RECHECK; "u<id>" then ends in '!'), and once nothing is held any more, it
+-- is kept a whole retention more. Records of settled reservations may still name its id: public()
+-- skips it.
 local function forget_template(id)
-  local till = redis.call('HGET', K_LEDGER, 'u' .. id)
+  local raw = redis.call('HGET', K_LEDGER, 'u' .. id)
+  local till, held_seen = string.match(raw or '', '^([^!]+)(!?)$')
   if not till or till + 0 > NOW_N then  -- set by an operator since, or kept longer: its entry moved
     if not till then
       redis.call('ZREM', K_DUE, '~' .. id)
@@ -274,14 +277,19 @@ local function forget_template(id)
     end
   end
   local counters = {}
+  local held = false
   for _, window in ipairs(windows) do
-    local held = redis.call('HGET', K_LEDGER, 'h' .. id .. '|' .. window)
-    if held and held + 0 ~= 0 then
-      redis.call('ZADD', K_DUE, string.format('%.17g', -(NOW_N + 60)), '~' .. id)
-      return
-    end
+    local steps = redis.call('HGET', K_LEDGER, 'h' .. id .. '|' .. window)
+    held = held or (steps and steps + 0 ~= 0)
     counters[#counters + 1] = 's' .. id .. '|' .. window
     counters[#counters + 1] = 'h' .. id .. '|' .. window
+  end
+  if held or held_seen == '!' then
+    local later = NOW_N + (held and 60 or RETENTION)
+    local text = string.format('%.17g', later)
+    redis.call('HSET', K_LEDGER, 'u' .. id, held and text .. '!' or text)
+    redis.call('ZADD', K_DUE, string.format('%.17g', -later), '~' .. id)
+    return
   end
   redis.call('ZREM', K_DUE, '~' .. id)
   redis.call('HDEL', K_LEDGER, 'u' .. id, 'l' .. id, 'w' .. id, '#' .. id, unpack(counters))

@@ -34,7 +34,7 @@ for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
     if not id then
       refuse_old('a budget without an id')
     end
-    local till = redis.call('HGET', K_LEDGER, 'u' .. id)
+    local till = string.match(redis.call('HGET', K_LEDGER, 'u' .. id) or '', '^([^!]+)')  -- (see forget_template)
     if only_new == '1' then
       if till and till + 0 < NOW_N + RETENTION / 2 then
         keep_template(id)
