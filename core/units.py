@@ -26,10 +26,12 @@ MAX_AMOUNT = 2**53 - 1
 """Largest amount in smallest steps any store accepts."""
 
 USD_SCALE = 10**9
-_SCALES: dict[str, int] = {"usd": USD_SCALE}
 _UNIT_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 _PLAIN_USD = re.compile(r"([0-9]{1,8})(?:\.([0-9]{1,9}))?")  # at most 9 decimals: nothing to round
+# Unit names seen valid -> their scale. Bounded (dynamic tool names make units without end: every
+# MCP tool is a `tool.<name>.calls`): emptied when full, and every reader copes with a unit gone.
 _known_units: dict[str, int] = {}
+_MAX_KNOWN_UNITS = 65_536
 
 # Decimal arithmetic here never uses the caller's context (a program may set ``getcontext().prec = 6``):
 # enough digits for any amount the API accepts to scale exactly, any exponent, and rounding up
@@ -46,6 +48,8 @@ def check_unit(unit: object) -> str:
         if unit in _known_units:
             return unit
         if _UNIT_RE.fullmatch(unit):
+            if len(_known_units) >= _MAX_KNOWN_UNITS:
+                _known_units.clear()
             _known_units[unit] = scale_of(unit)
             return unit
     raise InvalidRequest(f"invalid unit name {unit!r}: expected [a-z][a-z0-9_.-]{{0,63}}")
@@ -53,12 +57,7 @@ def check_unit(unit: object) -> str:
 
 def scale_of(unit: str) -> int:
     """How many smallest steps make one ``unit`` (10**9 for ``usd`` and ``*.usd``, else 1)."""
-    scale = _SCALES.get(unit)
-    if scale is None:
-        scale = USD_SCALE if unit.endswith(".usd") else 1
-        if scale != 1:
-            _SCALES[unit] = scale
-    return scale
+    return USD_SCALE if unit == "usd" or unit.endswith(".usd") else 1
 
 
 def _as_decimal(value: object, what: str) -> Decimal:
@@ -89,14 +88,15 @@ def _as_decimal(value: object, what: str) -> Decimal:
 
 def to_steps(unit: str, value: object) -> int:
     """Convert a user amount of ``unit`` into exact integer steps, validating it."""
-    if type(unit) is not str or unit not in _known_units:
-        check_unit(unit)
+    scale = _known_units.get(unit) if type(unit) is str else None
+    if scale is None:
+        scale = scale_of(check_unit(unit))
     if type(value) is int and value >= 0:  # the common case for tokens, calls and whole dollars
-        steps = value * _SCALES[unit] if unit in _SCALES else value
+        steps = value * scale
         if steps <= MAX_AMOUNT:
             return steps
     kind = type(value)
-    if (kind is str or kind is float) and unit in _SCALES:
+    if (kind is str or kind is float) and scale != 1:
         # The common cases for money, "0.0071" or 0.0071 (a float's repr is the shortest string that
         # round-trips): exact integer arithmetic, no Decimal context needed. Anything else (an
         # exponent, more than 9 decimals to round up, a sign, nan) takes the general path below.
@@ -111,7 +111,6 @@ def to_steps(unit: str, value: object) -> int:
     d = _as_decimal(value, f"amount of {unit}")
     if d < 0:
         raise InvalidRequest(f"amount of {unit} must not be negative, got {d}")
-    scale = scale_of(unit)
     if d > MAX_AMOUNT // scale + 1:  # cheap guard before scaling huge exponents
         raise InvalidRequest(f"amount of {unit} {d} exceeds the largest supported amount")
     if scale == 1:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from clearance import Action, Authority, Budget, InvalidRequest, ReservationNotFound, StoreUnavailable
-from clearance.stores.sqlite import SCHEMA_VERSION, UPGRADABLE, SQLiteStore
+from clearance.periods import WINDOWS_KEPT
+from clearance.stores.sqlite import MAINTAIN_EVERY, SCHEMA_VERSION, UPGRADABLE, SQLiteStore
 from clearance.testing import FakeClock
 
 CHAIN = "tenant:acme/run:r1"
@@ -585,4 +586,49 @@ def test_looking_reservations_up_does_not_wait_for_the_write_lock(tmp_path: Path
         writer.close()
     assert authority.reservation(held.reservation.id).status == "expired"
     assert [r.status for r in authority.reservations(CHAIN, status=None)] == ["expired", "committed"]
+    authority.close()
+
+
+def test_short_lived_authorities_keep_the_file_bounded(tmp_path: Path) -> None:
+    """The maintenance pass is due by what the ledger wrote, not by what one store object did:
+    with an Authority per 300 reserves (per request, recycled workers, CLI jobs) it never ran,
+    and nothing was ever forgotten or pruned."""
+    path = str(tmp_path / "ledger.db")
+    url = f"sqlite:///{path}?retention=3600&audit_capacity=1000"
+    clock = FakeClock()
+    authority = Authority(url, clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10**6, period="day"))
+    sizes = []
+    for _ in range(6):
+        for _ in range(1500):
+            if not clock() % 300:
+                authority.close()
+                authority = Authority(url, clock=clock)
+            decision = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN)
+            authority.commit(decision.reservation)  # type: ignore[arg-type]
+            clock.advance(1)
+        clock.advance(2 * 86400)  # everything above is past retention
+        sizes.append((_rows(path, "SELECT count(*) FROM log"), _rows(path, "SELECT count(*) FROM accounts")))
+    authority.close()
+    assert max(log for log, _ in sizes[2:]) <= 1000 + MAINTAIN_EVERY + 3000  # capacity + a pass + a round
+    assert max(accounts for _, accounts in sizes) <= WINDOWS_KEPT + 1
+
+
+def test_sweep_keeps_up_with_a_busy_audit_trail(tmp_path: Path) -> None:
+    """A pass prunes a batch; a lifecycle that writes many records (extends as heartbeats) outran
+    one pass per sweep for good. sweep() repeats the pass until nothing is left over."""
+    path = str(tmp_path / "ledger.db")
+    clock = FakeClock()
+    authority = Authority(f"sqlite:///{path}?retention=3600&audit_capacity=1000", clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10**6))
+    for _ in range(3):
+        for _ in range(700):
+            decision = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN)
+            assert decision.reservation is not None
+            for _ in range(40):
+                authority.extend(decision.reservation, 60)
+            authority.commit(decision.reservation)
+        clock.advance(2 * 86400)
+        authority.sweep()
+        assert _rows(path, "SELECT count(*) FROM log") <= 1000
     authority.close()

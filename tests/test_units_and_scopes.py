@@ -209,3 +209,17 @@ def test_amounts_never_depend_on_the_callers_decimal_context() -> None:
     assert to_steps("usd", Decimal("1e-999999999")) == 1
     with pytest.raises(InvalidRequest, match="not a bool"):
         Plan({"usd": 1}, min_headroom=True)
+
+
+def test_the_unit_names_seen_are_bounded_and_forgetting_them_changes_no_amount(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every distinct tool name makes units (`tool.<name>.calls` under a policy): the names seen
+    are kept in a bounded table, and a unit forgotten from it still converts at its scale."""
+    from clearance import units
+
+    monkeypatch.setattr(units, "_MAX_KNOWN_UNITS", 100)
+    for i in range(250):
+        assert to_steps(f"tool.mcp_{i}.calls", 2) == 2
+        assert to_steps(f"tool.mcp_{i}.usd", "0.5") == 500_000_000
+        assert len(units._known_units) <= 100
+    assert to_steps("tool.mcp_0.usd", 1) == 10**9  # long forgotten: still at its scale
+    assert to_steps("usd", "0.000000001") == 1

@@ -26,8 +26,8 @@ changes, so the schema keeps the pages a reserve or a commit touches few and sma
   idempotency index) and leaves its hold record in the audit trail. Forgetting walks the settle
   records in ``seq`` order from a watermark kept in ``meta``, so it needs no index either; each
   settle record carries its reservation's forget time (set by the settling process's retention),
-  and the walk stops at the first one not yet due. The walk runs in ``sweep()`` and every 1000th
-  hold; until it comes, lookups by id or idempotency key treat a reservation past its forget time
+  and the walk stops at the first one not yet due. The walk runs in the maintenance pass (see
+  below); until it comes, lookups by id or idempotency key treat a reservation past its forget time
   as forgotten already (a reused key frees its row on the spot), so forgetting is never late.
 * A reserve is one query (the chain's budgets and counters, plus whether any hold is due for
   reclaiming and the budgets version), one upsert of the holds and one insert. A commit reads the
@@ -36,11 +36,12 @@ changes, so the schema keeps the pages a reserve or a commit touches few and sma
   their limit; the rest, flagged ``overage``, by a second one) instead of reading the budgets.
 * Amounts and holds are short delimited strings, not JSON; windows are not stored when they are
   the calendar windows of the reservation's creation time (they are recomputed from it).
-* Bounded: the maintenance pass (``sweep()`` and every 1000th hold) deletes audit records beyond
-  the newest ``audit_capacity`` once the forget pass has read them (a watermark ``pruned`` in
-  ``meta``; a reservation's hold record is kept while the reservation is remembered, and deleted
-  when it is forgotten: so the records of the last ``retention`` are always kept) and the counters of
-  period windows older than the ``WINDOWS_KEPT`` latest periods with nothing held in them
+* Bounded: the maintenance pass (``sweep()``, and a reserve every ``MAINTAIN_EVERY`` log records,
+  counted in the ledger) deletes audit records beyond the newest ``audit_capacity`` once the
+  forget pass has read them (a watermark ``pruned`` in ``meta``; a reservation's hold record is
+  kept while the reservation is remembered, and deleted when it is forgotten: so the records of
+  the last ``retention`` are always kept) and the counters of period windows older than the
+  ``WINDOWS_KEPT`` latest periods with nothing held in them
   (through the index ``accounts_window``, written only when a window's row is created), and
   template budgets (a policy's per-run ones) unused past their ``until`` with their counters
   (through ``budgets_until``). Without it the file grew by every lifecycle's records, every minute
@@ -208,10 +209,17 @@ _STATES_BY_DEPTH = [_STATES_SQL.format(places=", ".join(f"?{7 + i}" for i in ran
 # is due (?6 = now) and the last seq (the new hold record takes the next): one round trip.
 _STATES_DUE_BY_DEPTH = [
     sql + "UNION ALL SELECT NULL, (SELECT value FROM meta WHERE key = 'budgets'), "
-    "EXISTS (SELECT 1 FROM log WHERE status = 'held' AND expires_at <= ?6), (SELECT max(seq) FROM log), NULL, NULL"
+    "EXISTS (SELECT 1 FROM log WHERE status = 'held' AND expires_at <= ?6), (SELECT max(seq) FROM log), "
+    "(SELECT value FROM meta WHERE key = 'maintained'), NULL"
     for sql in _STATES_BY_DEPTH
 ]
 _LAST_SEQ = "SELECT max(seq) FROM log"
+_LAST_AND_MAINTAINED = "SELECT (SELECT max(seq) FROM log), (SELECT value FROM meta WHERE key = 'maintained')"
+MAINTAIN_EVERY = 2000
+"""Log records (holds, settles, extends, budget changes) written, by any process, between two
+maintenance passes: the pass runs in the reserve that finds this many since the last one. Counted
+in the ledger, not per process or store object: workers that never live long (an Authority per
+request, recycled workers, CLI jobs) keep the file bounded as well as one long-lived process."""
 _DUE_SQL = "SELECT 1 FROM log WHERE status = 'held' AND expires_at <= ? LIMIT 1"
 _CHUNK = 64  # the most rows of one multi-row statement (see _upsert)
 _OVER_SQL = (
@@ -286,7 +294,7 @@ _RES_COLUMNS = (
 )
 _FIND = "WHERE seq = ? AND rid = ? AND known IS NOT NULL"
 # Lookups by id (third parameter: now) also skip what is past retention but not yet forgotten (the
-# forget pass runs in sweep() and every 1000th hold): forgetting is lazy, like expiry.
+# forget pass runs in the maintenance pass): forgetting is lazy, like expiry.
 _FIND_KEPT = _FIND + " AND (forget_at IS NULL OR forget_at > ?)"
 _LIVE = "kind = 'hold' AND known IS NOT NULL AND (forget_at IS NULL OR forget_at > ?)"
 _FORGET_ONE = "UPDATE log SET known = NULL, idem = NULL, holds = NULL, windows = NULL WHERE seq = ?"
@@ -450,7 +458,6 @@ class SQLiteStore(Store):
             raise ValueError("synchronous must be NORMAL, FULL or EXTRA")
         self._synchronous = synchronous.upper()
         self._local = threading.local()
-        self._holds_since_forget = 0
         self._window_cache: tuple[Windows, list[str]] = ((), [])  # one tuple: threads share it
         self._turns = _lock_of(path)  # this file's write transactions in this process, in turn
         with self._read() as db:
@@ -628,18 +635,24 @@ class SQLiteStore(Store):
             db.execute(_SETTLE_SQL, (EXPIRED, now, now + self._retention, seq))  # the trigger records it
         return len(rows)
 
-    def _maintain(self, db: sqlite3.Connection, now: float) -> int:
-        """The maintenance pass (``sweep()``, and every 1000th hold): reclaim expired holds, forget
-        what is past retention, and keep the file bounded. Returns the holds expired."""
+    def _maintain(self, db: sqlite3.Connection, now: float) -> tuple[int, bool]:
+        """The maintenance pass (``sweep()``, and a reserve once ``MAINTAIN_EVERY`` log records were
+        written since the last pass, by any process): reclaim expired holds, forget what is past
+        retention, and keep the file bounded. Returns the holds expired, and whether a step stopped
+        at its batch size (more is left for another pass)."""
         expired = self._reclaim(db, now)
         marks = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('forgotten', 'pruned')").fetchall())
-        forgotten = self._forget(db, now, marks.get("forgotten") or 0, marks.get("pruned") or 0)
-        self._prune_log(db, forgotten, marks.get("pruned") or 0)
-        self._prune_windows(db, now)
-        self._forget_templates(db, now)
-        return expired
+        forgotten, more = self._forget(db, now, marks.get("forgotten") or 0, marks.get("pruned") or 0)
+        more = self._prune_log(db, forgotten, marks.get("pruned") or 0) or more
+        more = self._prune_windows(db, now) or more
+        more = self._forget_templates(db, now) or more
+        db.execute(
+            "INSERT INTO meta(key, value) VALUES ('maintained', (SELECT max(seq) FROM log)) "
+            "ON CONFLICT DO UPDATE SET value = excluded.value"
+        )
+        return expired, more
 
-    def _forget_templates(self, db: sqlite3.Connection, now: float) -> None:
+    def _forget_templates(self, db: sqlite3.Connection, now: float) -> bool:
         """Forget template budgets past their ``until`` (see ``Store.ensure_budget``) with nothing
         held on them: the budget and its counters. One with something held is in use: looked at
         again after ``TEMPLATE_RECHECK``, and once nothing is held any more, kept a retention more."""
@@ -666,8 +679,9 @@ class SQLiteStore(Store):
             removed += 1
         if removed:
             db.execute(_BUDGETS_CHANGED)
+        return len(due) >= _TEMPLATE_BATCH
 
-    def _prune_log(self, db: sqlite3.Connection, forgotten: int, pruned: int) -> None:
+    def _prune_log(self, db: sqlite3.Connection, forgotten: int, pruned: int) -> bool:
         """Delete audit records older than the newest ``audit_capacity``, a batch at a time, up to
         where the forget pass has walked (the settle records after it are still to be read). Hold
         records of reservations still remembered stay: ``_forget`` deletes them when it forgets
@@ -675,26 +689,30 @@ class SQLiteStore(Store):
         top = db.execute(_LAST_SEQ).fetchone()[0] or 0
         end = min(top - self._audit_capacity, forgotten, pruned + _PRUNE_BATCH)
         if end <= pruned:
-            return
+            return False
         db.execute("DELETE FROM log WHERE seq > ? AND seq <= ? AND known IS NULL", (pruned, end))
         db.execute(
             "INSERT INTO meta(key, value) VALUES ('pruned', ?) ON CONFLICT DO UPDATE SET value = excluded.value",
             (end,),
         )
+        return end < min(top - self._audit_capacity, forgotten)  # stopped at the batch size
 
     @staticmethod
-    def _prune_windows(db: sqlite3.Connection, now: float) -> None:
+    def _prune_windows(db: sqlite3.Connection, now: float) -> bool:
         """Delete the counters of period windows older than the ``WINDOWS_KEPT`` latest periods at
         ``now`` that hold nothing (window ids sort in time order). A late commit into such a
         window writes its counters again (recorded, never dropped); the next pass deletes them."""
+        more = False
         for period, seconds in _PERIOD_SECONDS:
             oldest_kept = window_at(now - (WINDOWS_KEPT - 1) * seconds, period)
-            db.execute(_PRUNE_WINDOWS_SQL, (period, oldest_kept, _PRUNE_BATCH))
+            more = db.execute(_PRUNE_WINDOWS_SQL, (period, oldest_kept, _PRUNE_BATCH)).rowcount >= _PRUNE_BATCH or more
+        return more
 
-    def _forget(self, db: sqlite3.Connection, now: float, start: int, pruned: int) -> int:
+    def _forget(self, db: sqlite3.Connection, now: float, start: int, pruned: int) -> tuple[int, bool]:
         """Take reservations settled more than ``retention`` ago out of the lookup indexes, walking
         the settle records from where the last pass stopped (``start``); a hold record at or below
-        the ``pruned`` watermark goes altogether. Returns where this pass stopped."""
+        the ``pruned`` watermark goes altogether. Returns where this pass stopped, and whether it
+        stopped at its batch size."""
         last = start
         settled: list[tuple[int, str, float]] = []
         cursor = db.execute(
@@ -729,7 +747,7 @@ class SQLiteStore(Store):
                 "INSERT INTO meta(key, value) VALUES ('forgotten', ?) ON CONFLICT DO UPDATE SET value = excluded.value",
                 (last,),
             )
-        return last
+        return last, len(settled) >= 10_000
 
     def _window_params(self, windows: Windows) -> list[str]:
         """The states query's window parameters (cached: the Authority passes the same tuple all
@@ -774,10 +792,6 @@ class SQLiteStore(Store):
                 if request.clock is not None:  # and what is due by now is judged now
                     now = max(now, request.clock())
         try:
-            self._holds_since_forget += 1
-            if self._holds_since_forget >= 1000:
-                self._holds_since_forget = 0
-                self._maintain(db, now)
             if request.idempotency_key is not None:
                 if db.execute(_DUE_SQL, (now,)).fetchone() is not None:
                     self._reclaim(db, now)
@@ -796,18 +810,22 @@ class SQLiteStore(Store):
                     states = self._states(db, chain, held_units, original_params, original)
                     db.execute("COMMIT")
                     return HoldResult(row[0], row[1], row[2], tuple(states), (), replayed=True)
+                last, maintained = db.execute(_LAST_AND_MAINTAINED).fetchone()
+                if (last or 0) - (maintained or 0) >= MAINTAIN_EVERY:
+                    self._maintain(db, now)
+                    last = db.execute(_LAST_SEQ).fetchone()[0]
                 states = self._states(db, chain, units, params, windows)
                 version = None  # unknown here: the commit will read the budgets
-                last = db.execute(_LAST_SEQ).fetchone()[0]
             else:
                 by_period = None
                 states = []
                 due = False
+                maintained = None
                 for scope, unit, period, limit, spent, held in db.execute(
                     _STATES_DUE_BY_DEPTH[len(chain)], [*params, now, *chain]
                 ):
                     if scope is None:
-                        version, due, last = unit, period, limit
+                        version, due, last, maintained = unit, period, limit, spent
                     elif unit in units:
                         if by_period is None:
                             by_period = dict(windows)
@@ -816,8 +834,13 @@ class SQLiteStore(Store):
                                 AccountState, (scope, unit, period, by_period[period], limit, spent, held)
                             )
                         )
-                if due:
-                    self._reclaim(db, now)
+                maintain = (last or 0) - (maintained or 0) >= MAINTAIN_EVERY
+                if due or maintain:
+                    if maintain:  # (it reclaims too; it may change the budgets: read again)
+                        self._maintain(db, now)
+                        version = db.execute("SELECT value FROM meta WHERE key = 'budgets'").fetchone()[0]
+                    else:
+                        self._reclaim(db, now)
                     states = self._states(db, chain, units, params, windows)
                     last = db.execute(_LAST_SEQ).fetchone()[0]
             choice = choose_plan(plans, chain, states)
@@ -1152,8 +1175,16 @@ class SQLiteStore(Store):
 
     # --- maintenance ---------------------------------------------------------------------------
     def sweep(self, now: float) -> int:
-        with self._write() as db:
-            return self._maintain(db, now)
+        """Maintenance passes until one finishes within its batch sizes (each in a transaction of
+        its own, so a long backlog never holds the write lock all at once)."""
+        expired = 0
+        for _ in range(10_000):
+            with self._write() as db:
+                found, more = self._maintain(db, now)
+            expired += found
+            if not more:
+                break
+        return expired
 
     def events(self, after: int, limit: int, scope: str | None, newest: bool = False) -> list[AuditEvent]:
         with self._read() as db:
