@@ -39,14 +39,15 @@ Windows = tuple[tuple[str, str], ...]
 
 
 def period_key(period: Period | str | None) -> str:
-    """Normalise a user period (``None``, ``"day"``, ``Period.DAY``) to its store key."""
-    if period is None or period == LIFETIME:
+    """Normalise a user period (``None`` or ``"lifetime"``, ``"day"``, ``Period.DAY``) to its store key."""
+    if period is None or period in (LIFETIME, "lifetime"):
         return LIFETIME
     try:
         return Period(period).value
     except ValueError:
         raise InvalidRequest(
-            f"invalid period {period!r}: expected one of {', '.join(p.value for p in Period)} or None"
+            f"invalid period {period!r}: expected one of {', '.join(p.value for p in Period)}, "
+            "or lifetime (None)"
         ) from None
 
 

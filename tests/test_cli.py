@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -61,14 +64,30 @@ def test_demo_budgets_bind_and_degrade(ledger: str) -> None:
 
 
 def test_demo_twice_on_one_ledger_still_reconciles(ledger: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # the second demo finds the first one's spending: it reconciles what it added, and mostly hits
-    # denials (a first demo of 200 runs spends past the limits a quick one sets: not a ledger bug)
     first = runner.invoke(app, ["demo", "--quick", "--runs", "200", "--store", ledger])
     second = runner.invoke(app, ["--store", ledger, "demo", "--quick", "--runs", "20"])
     assert first.exit_code == 0, first.output
     assert second.exit_code == 0, second.output
     assert _reconciled(second.output)
     assert ledger in second.output
+
+
+def test_two_demos_at_once_on_one_ledger_both_reconcile(tmp_path: Path) -> None:
+    """Each demo on a shared ledger (--store) has tenants of its own: two at once used to count each
+    other's spend and both "fail" with exit 1, the code that reports a ledger bug. Expired holds
+    of other tenants no longer skew its count of crashed workers' holds either."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    with Authority(url) as other:  # another tenant's holds, expiring during the demos
+        other.set_budget(Budget("tenant:other", "calls", 10))
+        for _ in range(5):
+            other.reserve(Action("tool_call", "x", {"calls": 1}), "tenant:other", ttl=0.5)
+    command = [sys.executable, "-c", "from clearance.cli import main; main()", "demo", "--quick", "--store", url]
+    demos = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [demo.communicate(timeout=120)[0] for demo in demos]
+    for demo, output in zip(demos, outputs, strict=True):
+        assert demo.returncode == 0, output
+        assert _reconciled(output)
+        assert "this demo's tenants: tenant:acme-" in output
 
 
 def test_demo_reconciliation_catches_a_ledger_that_charges_other_amounts(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -419,3 +438,77 @@ def test_piped_lines_are_not_folded_at_80_columns(ledger: str) -> None:
     result = piped.invoke(app, ["--store", ledger, "budget", "set", scope, "usd", "5"])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == f"budget set: {scope} usd = $5"
+
+
+def test_listings_on_a_narrow_terminal_are_printed_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an 80- or 60-column terminal rich cut reservation ids and amounts (``…tenant:glo…``,
+    ``$0.…``) and dropped columns: a listing is printed at its own width, the terminal wraps it."""
+    import io
+
+    from clearance.cli import app as cli
+    from clearance.cli.tables import budgets_table
+
+    screen = io.StringIO()
+    narrow = cli._Console(width=60, file=screen, force_terminal=True, color_system=None, highlight=False)
+    monkeypatch.setattr(cli, "out", narrow)
+    with Authority() as authority:
+        authority.set_budget(Budget("tenant:globex/workflow:review/run:r-0001", "usd", "0.125"))
+        cli._listing(budgets_table(authority.budgets()))
+    text = screen.getvalue()
+    assert "tenant:globex/workflow:review/run:r-0001" in text and "$0.125" in text and "…" not in text
+
+
+def _cli_process(*args: str, **options: object) -> subprocess.Popen[str]:
+    command = [sys.executable, "-c", "from clearance.cli import main; main()", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options)  # type: ignore[call-overload]
+
+
+def test_output_closed_early_exits_141_not_the_demos_1(tmp_path: Path) -> None:
+    """``clearance demo | head -1``: rich (and click) exit 1 on a broken pipe, the code that
+    reports a failed reconciliation; a script under pipefail took it for a ledger bug."""
+    demo = _cli_process("demo", "--quick", "--store", f"sqlite:///{tmp_path / 'ledger.db'}")
+    assert demo.stdout is not None
+    demo.stdout.readline()
+    demo.stdout.close()  # the reader goes away
+    demo.wait(timeout=120)
+    assert demo.stderr is not None
+    with demo.stderr:
+        assert demo.returncode == 141, demo.stderr.read()
+
+
+def test_a_terminal_without_unicode_gets_the_report_not_a_traceback(tmp_path: Path) -> None:
+    environment = {**os.environ, "PYTHONIOENCODING": "latin-1"}
+    demo = _cli_process(
+        "demo", "--quick", "--store", f"sqlite:///{tmp_path / 'ledger.db'}", env=environment, encoding="latin-1"
+    )
+    output, errors = demo.communicate(timeout=120)
+    assert demo.returncode == 0, errors
+    assert "reconciliation: OK ?" in output and "Traceback" not in errors
+
+
+@pytest.mark.parametrize("path", [":memory:", "file:ledger.db"])
+def test_a_sqlite_ledger_must_be_a_file(path: str) -> None:
+    """Each thread's connection would open a database of its own: `budget set` said "set" and kept
+    nothing, and the demo "failed" its reconciliation."""
+    result = runner.invoke(app, ["--store", f"sqlite:///{path}", "budget", "set", "tenant:a", "usd", "1"])
+    assert result.exit_code == 2 and "use memory://" in result.output
+
+
+def test_a_short_file_that_is_no_database_is_refused_untouched(tmp_path: Path) -> None:
+    """SQLite takes a file shorter than a page for an empty database: a 1-byte file became a ledger."""
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"x")
+    result = runner.invoke(app, ["--store", f"sqlite:///{path}", "budget", "ls"])
+    assert result.exit_code == 3 and "not a SQLite database" in result.output
+    assert path.read_bytes() == b"x"
+
+
+def test_budget_periods_on_the_command_line(ledger: str) -> None:
+    lifetime = runner.invoke(app, ["--store", ledger, "budget", "set", "tenant:a", "usd", "5", "--period", "lifetime"])
+    assert lifetime.exit_code == 0, lifetime.output
+    empty = runner.invoke(app, ["--store", ledger, "budget", "set", "tenant:b", "usd", "5", "--period", ""])
+    assert empty.exit_code == 2 and "--period needs a value" in empty.output  # (an unset variable)
+    wrong = runner.invoke(app, ["--store", ledger, "budget", "set", "tenant:c", "usd", "5", "--period", "fortnight"])
+    assert wrong.exit_code == 2 and "or lifetime" in wrong.output and "None" not in wrong.output.split("or lifetime")[0]
+    with Authority(ledger) as authority:
+        assert [(b.scope, b.period) for b in authority.budgets()] == [("tenant:a", None)]

@@ -6,11 +6,12 @@ Which ledger a command talks to: ``--store URL`` (before or after the command na
 fresh SQLite ledger in a temporary folder, so trying clearance never writes into a ledger you care about.
 
 Exit codes: 0 fine, 1 the demo's reconciliation failed, 2 bad input (scope, unit, amount, option),
-3 the store could not be reached.
+3 the store could not be reached, 141 the reader of the output went away (``| head``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -21,9 +22,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from clearance import AuditEvent, Authority, Budget, ClearanceError, PolicyDocument, StoreUnavailable
+from clearance.cli import PIPE_CLOSED
 from clearance.cli import demo as demo_workload
 from clearance.cli.explain import explain, unpriced
 from clearance.cli.tables import budgets_table, event_line, exact, reservations_table, unit_label
@@ -47,15 +50,38 @@ app.add_typer(reservations_app, name="reservations")
 app.add_typer(events_app, name="events")
 app.add_typer(policy_app, name="policy")
 
+class _Console(Console):
+    """rich's console, ending with exit code 141 when the reader of its output goes away
+    (``| head -1``): rich's own 1 is the code of a failed demo."""
+
+    def on_broken_pipe(self) -> None:
+        try:
+            super().on_broken_pipe()  # (points stdout at /dev/null, so nothing more fails at exit)
+        except SystemExit:
+            raise SystemExit(PIPE_CLOSED) from None
+
+
 # soft_wrap: a line is never folded at 80 columns when piped (grep, logs); the terminal wraps it.
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = _Console(highlight=False, soft_wrap=True)
+err = _Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _tables() -> Console:
     """Where listings go. Piped (cron, a CI log, ``| grep``) rich would assume 80 columns and cut
     cells (``$0.…``, ``…tenant:gl…``): a listing is data, so off a terminal it is printed whole."""
-    return out if out.is_terminal or "COLUMNS" in os.environ else Console(highlight=False, width=1000)
+    return out if out.is_terminal or "COLUMNS" in os.environ else _Console(highlight=False, width=1000)
+
+
+def _listing(table: Table) -> None:
+    """Print a listing whole: on a terminal narrower than its rows rich would cut ids, scopes and
+    amounts (``00000000017e881c9247.tenant:glo…``, ``$0.…``) and drop columns — but ids are copied
+    into commands and amounts are the point. Too wide, it is printed at its own width and the
+    terminal wraps the lines."""
+    console = _tables()
+    needed = console.measure(table, options=console.options.update_width(10_000)).maximum
+    if needed > console.width:
+        console = _Console(highlight=False, width=needed, file=console.file)
+    console.print(table)
 
 
 StoreOption = Annotated[
@@ -137,9 +163,12 @@ def demo(
         url = f"sqlite:///{folder / 'ledger.db'}"
         note = " (a fresh temporary ledger)"
     settings = demo_workload.settings_for(seed, workers, runs, quick)
+    if folder is None:  # a ledger others may use, other demos too: tenants of this demo's own
+        settings = dataclasses.replace(settings, tag=os.urandom(2).hex())
+        note = f" (this demo's tenants: tenant:acme-{settings.tag}, tenant:globex-{settings.tag}, ...)"
     with _handled():
         # piped into a file or a CI log, rich would assume 80 columns and fold the table; 100 reads better
-        console = out if out.is_terminal or "COLUMNS" in os.environ else Console(highlight=False, width=100)
+        console = out if out.is_terminal or "COLUMNS" in os.environ else _Console(highlight=False, width=100)
         result = demo_workload.run(console, url, settings, note=note)
     if folder is not None:
         out.print(Text(f"the ledger is kept for a look around: clearance --store {url} budget ls", style="dim"))
@@ -153,11 +182,14 @@ def budget_set(
     unit: Annotated[str, typer.Argument(metavar="UNIT", help="usd, tokens, calls or your own unit")],
     limit: Annotated[str, typer.Argument(metavar="LIMIT", help="e.g. 250 or 12.50 (exact decimal)")],
     period: Annotated[
-        str | None, typer.Option(help="minute, hour, day, week or month (UTC windows); lifetime when omitted.")
+        str | None,
+        typer.Option(help="minute, hour, day, week or month (UTC windows), or lifetime (the default)."),
     ] = None,
     store: StoreOption = None,
 ) -> None:
     """Create or change a budget. Counters are kept: lowering a limit below what is spent denies until there is room."""
+    if period == "":  # (an unset variable: not "lifetime" silently)
+        raise _fail("--period needs a value: minute, hour, day, week, month or lifetime", 2)
     with _handled():
         budget = Budget(scope, unit, limit, period=period)
         with _authority(ctx, store) as authority:
@@ -178,7 +210,7 @@ def budget_ls(
         if not balances:
             out.print("no budgets" + (f" at or under {scope}" if scope else ""))
             return
-        _tables().print(budgets_table(balances))
+        _listing(budgets_table(balances))
 
 
 @reservations_app.command("ls")
@@ -203,7 +235,7 @@ def reservations_ls(
                 f"no {'' if status == 'all' else status + ' '}reservations" + (f" at or under {scope}" if scope else "")
             )
             return
-        _tables().print(reservations_table(found, authority.clock()))
+        _listing(reservations_table(found, authority.clock()))
 
 
 @app.command()

@@ -165,7 +165,7 @@ WORKFLOWS: tuple[Workflow, ...] = (
 )
 
 
-def _budgets(runs: int) -> list[Budget]:
+def _budgets(runs: int, tag: str = "") -> list[Budget]:
     """Limits scale with the number of runs, from what a run of each workflow costs on average, so
     they bind in ``--quick`` and full runs alike: initech's daily dollars run out early, globex's CI
     calls and acme's daily dollars near the end, and acme's workflows degrade to cheaper models first."""
@@ -176,7 +176,7 @@ def _budgets(runs: int) -> list[Budget]:
 
     research, triage = expected("research", 0.053, 1.0), expected("triage", 0.009, 1.0)
     globex_runs = next(w.share for w in WORKFLOWS if w.tenant == "globex") * runs
-    return [
+    budgets = [
         Budget("tenant:acme", "usd", f"{(float(research) + float(triage)) * 0.8:.2f}", period="day"),
         Budget("tenant:acme", "tokens", max(runs * 12_000, 20_000)),
         Budget("tenant:acme/workflow:research", "usd", research),
@@ -186,6 +186,7 @@ def _budgets(runs: int) -> list[Budget]:
         Budget("tenant:initech", "usd", expected("reports", 0.021, 0.65), period="day"),
         Budget("tenant:initech/workflow:reports", "usd", expected("reports", 0.021, 1.5)),
     ]
+    return [Budget(_tagged(b.scope, tag), b.unit, b.limit, period=b.period) for b in budgets]
 
 
 # --- what the workers record ---------------------------------------------------------------------------
@@ -209,6 +210,7 @@ class Tally:
     committed_usd: Decimal = Decimal(0)
     releases: int = 0
     crashed: int = 0
+    crashed_ids: list[str] = field(default_factory=list)
     crash_expiry: float = 0.0
     retries: int = 0
     runs_done: int = 0
@@ -272,6 +274,17 @@ class DemoSettings:
     latency: float = 1.0  # scales the simulated model/tool latency
     ttl: float = 30.0  # a hold outlives any simulated action by far, so no honest commit is ever late
     crash_ttl: float = 1.0  # a crashed worker's hold comes back this fast (the demo has no time to wait 30 s)
+    tag: str = ""  # on a ledger given with --store: this demo's tenants are tenant:acme-<tag>, ...
+
+
+def _tagged(scope: str, tag: str) -> str:
+    """``scope`` under this demo's own tenant: ``tenant:acme/...`` -> ``tenant:acme-<tag>/...``. On a
+    shared ledger (``--store``) demos, one after another or at the same time, then never count each
+    other's spend, and each reconciles against exactly what its own workers did."""
+    if not tag:
+        return scope
+    root, slash, rest = scope.partition("/")
+    return f"{root}-{tag}{slash}{rest}"
 
 
 def _request(step: Step, ladder: Ladder, rng: random.Random) -> Action:
@@ -300,7 +313,7 @@ def _agent_run(
     batch, index = run_id
     rng = random.Random(settings.seed * 1_000_003 + index)
     # the batch keeps a second demo on the same ledger from replaying the first one's idempotency keys
-    run_scope = f"{workflow.scope}/run:{batch}-{index:04d}"
+    run_scope = f"{_tagged(workflow.scope, settings.tag)}/run:{batch}-{index:04d}"
     authority.set_budget(Budget(run_scope, "usd", workflow.run_usd))
     halted = False
     # one run in 25 loses its worker mid-action, at a step drawn like everything else
@@ -339,6 +352,7 @@ def _agent_run(
         if crash:
             with tally.lock:
                 tally.crashed += 1
+                tally.crashed_ids.append(reservation.id)
                 tally.crash_expiry = max(tally.crash_expiry, reservation.expires_at)
             return  # the worker died mid-action: nobody commits or releases; the hold expires
         if rng.random() < 0.04:
@@ -397,10 +411,10 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
         f"{settings.runs} agent runs"
     )
     console.print(Text(f"store {redact_url(url)}{note}", style="cyan"), soft_wrap=True)
-    for budget in _budgets(settings.runs):
+    for budget in _budgets(settings.runs, settings.tag):
         authority.set_budget(budget)
     # A ledger given with --store may hold earlier demos: reconcile against what this one adds.
-    start = {_key(b): b.spent for b in _demo_budgets(authority)}
+    start = {_key(b): b.spent for b in _demo_budgets(authority, settings.tag)}
     tally = Tally()
     race = _race(console, authority, url, settings, tally, start)
 
@@ -408,14 +422,14 @@ def _run_demo(console: Console, authority: Authority, url: str, settings: DemoSe
     wait = tally.crash_expiry - time.time()
     if wait > 0:
         time.sleep(wait + 0.05)
-    swept = authority.sweep()
-    final = _demo_budgets(authority)
+    authority.sweep()
+    final = _demo_budgets(authority, settings.tag)
     race.snapshots += 1
     race.violations.extend(_over_limit(final, start))
-    problems = tally.errors + race.violations + _mismatches(final, start, tally)
+    problems = tally.errors + race.violations + _mismatches(final, start, tally) + _not_back(authority, tally)
 
     console.print(_scope_table(final, tally))
-    _summary(console, tally, settings, race.elapsed, swept)
+    _summary(console, tally, settings, race.elapsed)
     ok = not problems
     if ok:
         console.print(
@@ -492,7 +506,7 @@ def _race(
                 thread.start()
             while any(thread.is_alive() for thread in threads):
                 race.snapshots += 1
-                race.violations.extend(_over_limit(_demo_budgets(authority), start))
+                race.violations.extend(_over_limit(_demo_budgets(authority, settings.tag), start))
                 with tally.lock:
                     done = tally.runs_done + tally.runs_halted + tally.crashed
                     d = tally.decisions
@@ -526,7 +540,17 @@ def _mismatches(final: list[Balance], start: dict[Key, Decimal], tally: Tally) -
     return problems
 
 
-def _summary(console: Console, tally: Tally, settings: DemoSettings, elapsed: float, swept: int) -> None:
+def _not_back(authority: Authority, tally: Tally) -> list[str]:
+    """Every hold a crashed worker left must have come back by now (expired: lazily, or by the sweep)."""
+    problems = []
+    for rid in tally.crashed_ids:
+        status = authority.reservation(rid).status
+        if status != "expired":
+            problems.append(f"the hold {rid} of a crashed worker is {status}, not expired")
+    return problems
+
+
+def _summary(console: Console, tally: Tally, settings: DemoSettings, elapsed: float) -> None:
     d = tally.decisions
     crashed = tally.crashed
     console.print(
@@ -545,8 +569,8 @@ def _summary(console: Console, tally: Tally, settings: DemoSettings, elapsed: fl
     )
     console.print(f"retried    {tally.retries} reserves retried with their idempotency key: same hold, never two")
     console.print(
-        f"expired    {crashed} hold{'' if crashed == 1 else 's'} left by crashed workers came back "
-        f"({swept} by sweep, {crashed - swept} lazily)"
+        f"expired    {crashed} hold{'' if crashed == 1 else 's'} left by crashed workers came back after "
+        "their TTL (lazily, or by the final sweep)"
     )
     binding = sorted(tally.denied_by.items(), key=lambda kv: -kv[1])[:3]
     if binding:
@@ -554,10 +578,10 @@ def _summary(console: Console, tally: Tally, settings: DemoSettings, elapsed: fl
         console.print("denied by  " + f"\n{'':11}".join(stops))
 
 
-def _demo_budgets(authority: Authority) -> list[Balance]:
+def _demo_budgets(authority: Authority, tag: str = "") -> list[Balance]:
     """The demo tenants' budgets only: a ledger given with --store may hold other tenants, whose
     state (say, overage from a late commit) is none of the demo's business."""
-    tenants = sorted({f"tenant:{w.tenant}" for w in WORKFLOWS})
+    tenants = sorted({_tagged(f"tenant:{w.tenant}", tag) for w in WORKFLOWS})
     return [b for tenant in tenants for b in authority.budgets(tenant)]
 
 

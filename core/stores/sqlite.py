@@ -67,7 +67,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
-from clearance.errors import ReservationClosed, ReservationNotFound, StoreUnavailable
+from clearance.errors import InvalidRequest, ReservationClosed, ReservationNotFound, StoreUnavailable
 from clearance.ledger import (
     COMMITTED,
     EXPIRED,
@@ -124,6 +124,25 @@ def _is_ledger(db: sqlite3.Connection) -> bool:
         "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('budgets', 'accounts', 'log', 'meta')"
     ).fetchone()[0]
     return bool(found == 4)
+
+
+_HEADER = b"SQLite format 3\x00"
+
+
+def _check_header(path: str) -> None:
+    """Refuse a file that is not a SQLite database before SQLite sees it: one shorter than a page
+    (a byte of text, say) SQLite takes for an empty database, and would turn into a ledger."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(len(_HEADER))
+    except FileNotFoundError:
+        return  # a new ledger
+    except IsADirectoryError:
+        raise StoreUnavailable(f"cannot open SQLite ledger {path}: it is a directory") from None
+    except OSError as error:
+        raise StoreUnavailable(f"cannot open SQLite ledger {path}: {error}") from None
+    if head and head != _HEADER:
+        raise StoreUnavailable(f"{path} is not a SQLite database (not a clearance ledger): refused, left as it is")
 
 
 def _lock_of(path: str) -> threading.Lock:
@@ -450,6 +469,11 @@ class SQLiteStore(Store):
         audit_capacity: int = DEFAULT_AUDIT_CAPACITY,
     ) -> None:
         self._audit_capacity = audit_capacity_of(audit_capacity)
+        if not isinstance(path, str) or path in ("", ":memory:") or path.startswith("file:"):
+            # Each thread's connection would open a database of its own: budgets set in one thread,
+            # gone in the next (use memory:// for a ledger in this process).
+            raise InvalidRequest(f"a SQLite ledger is a file: got {path!r} (for one in memory, use memory://)")
+        _check_header(path)
         self.path = path
         self.url = f"sqlite:///{path}"
         self._retention = retention
