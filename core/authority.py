@@ -485,8 +485,38 @@ class Grant:
 
     def settle(self, actual: AmountsLike) -> None:
         """Record what the action actually cost; committed when the ``with`` block ends
-        (even if it then raises: money spent is spent)."""
-        self._actual = tuple(to_step_map(actual, "actual amounts").items())
+        (even if it then raises: money spent is spent). Inside the block only: once it has ended
+        its reservation is settled, and an actual given now would be lost (``InvalidRequest``)."""
+        steps = tuple(to_step_map(actual, "actual amounts").items())
+        if self.settlement is not None:
+            raise InvalidRequest(
+                f"settle() after the guard's block ended: reservation {self.settlement.reservation_id} is "
+                f"{self.settlement.status} already (settle inside the block; a later cost is not recorded)"
+            )
+        self._actual = steps
+
+
+def _settled(reservation: ReservationRef, settlement: Settlement) -> Settlement:
+    """``settlement``, after telling the caller's Reservation object (when given one) what became of
+    it: a guard whose block released or committed its reservation itself leaves it so."""
+    if isinstance(reservation, Reservation):
+        reservation.status = settlement.status
+        if settlement.status == "committed":
+            reservation.committed_steps, reservation.flags = settlement.charged_steps, settlement.flags
+    return settlement
+
+
+def _settled_by_block(grant: Grant, reservation: Reservation) -> bool:
+    """Whether the guard's block released or committed the reservation itself (through this
+    Authority, given the Reservation): then the guard leaves it as it is — committing the held
+    amounts after a release charged an action that never ran. (A block that only ``settle()``s
+    is committed by the guard, after a release too: money spent is spent.)"""
+    if grant._actual is not None or reservation.status not in ("released", "committed"):
+        return False
+    grant.settlement = Settlement(
+        reservation.id, reservation.status, reservation.committed_steps or (), reservation.flags, replayed=True
+    )
+    return True
 
 
 # The emergency cap is per process: Authorities of one store (by URL) and the same limits share
@@ -553,12 +583,18 @@ class Authority:
         self.store: Store = store_from_url(store) if isinstance(store, str) else store
         if not isinstance(self.store, Store):
             raise InvalidRequest(f"store must be a Store or a URL, got {type(store).__name__}")
+        if clock is not None and not callable(clock):
+            raise InvalidRequest(f"clock must be a callable returning epoch seconds, got {type(clock).__name__}")
         self.clock: Clock = clock or time.time
         self.default_ttl = _check_ttl(default_ttl)
         if isinstance(fail_open, bool):
             self._fail_open: bool | tuple[Scope, ...] = fail_open
-        else:
+        elif isinstance(fail_open, str):  # one scope prefix
+            self._fail_open = (parse_scope(fail_open),)
+        elif isinstance(fail_open, Iterable):
             self._fail_open = tuple(parse_scope(prefix) for prefix in fail_open)
+        else:
+            raise InvalidRequest(f"fail_open must be True, False or scope prefixes, got {fail_open!r}")
         limits = to_step_map(emergency_limits if emergency_limits is not None else {"usd": 1}, "emergency_limits")
         self._emergency = _emergency_cap_for(self.store.url, limits)
         if policy is not None and not isinstance(policy, Policy):
@@ -713,32 +749,45 @@ class Authority:
             reason = Reason("store_unavailable", f"{what}, failing closed: {error}", scope.path)
             return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_CLOSED)
         key = request.idempotency_key
-        steps, caps = _chosen(action, plans, 0)
-        reservation = Reservation(
-            _LOCAL_PREFIX + request.reservation_id,
-            scope.path,
-            steps,
-            request.expires_at,
-            0,
-            created_at=request.now,
-            label=action.label,
-            idempotency_key=key,
-            local=True,
-        )
-        over = self._emergency.take(reservation, request.now, None if key is None else (request.chain[0], key))
-        if isinstance(over, Reservation):  # the key's own reservation: a retry (or another thread's)
-            return self._replayed_locally(over, action, scope, plans)
-        if over is not None:
-            if over in self._emergency.limits:
-                message = f"store unavailable and this process's emergency cap of {over} is used"
+        # The ladder, as the ledger would take it: the first plan that fits the emergency cap.
+        last_over: tuple[str, Amounts] | None = None  # why the last (cheapest) plan did not fit
+        for index in range(len(plans) if plans else 1):
+            steps, caps = _chosen(action, plans, index)
+            reservation = Reservation(
+                _LOCAL_PREFIX + request.reservation_id,
+                scope.path,
+                steps,
+                request.expires_at,
+                index,
+                created_at=request.now,
+                label=action.label,
+                idempotency_key=key,
+                local=True,
+            )
+            over = self._emergency.take(reservation, request.now, None if key is None else (request.chain[0], key))
+            if isinstance(over, Reservation):  # the key's own reservation: a retry (or another thread's)
+                return self._replayed_locally(over, action, scope, plans)
+            if over is None:
+                break
+            last_over = (over, steps)
+        else:
+            assert last_over is not None
+            unit, steps = last_over
+            limit = self._emergency.limits.get(unit)
+            if limit is None:
+                message = f"store unavailable and no emergency limit bounds this action (add {unit} to them)"
+            elif dict(steps).get(unit, 0) > limit:
+                message = f"store unavailable and the action needs more {unit} than this process's whole emergency cap"
             else:
-                message = f"store unavailable and no emergency limit bounds this action (add {over} to them)"
-            reason = Reason("emergency_cap", message, scope.path, unit=over)
+                message = f"store unavailable and this process's emergency cap of {unit} is used"
+            reason = Reason("emergency_cap", message, scope.path, unit=unit)
             return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_OPEN)
         logger.warning("clearance store unavailable, failing open for %s at %s: %s", action.label, scope.path, error)
         reason = Reason("fail_open", f"store unavailable, allowed within the emergency cap: {error}", scope.path)
         outcome = Outcome.ALLOW if caps is None else Outcome.ALLOW_WITH_CAPS
-        return Decision(outcome, scope.path, action.label, reservation, caps, (reason,), (), 0, Mode.FAIL_OPEN)
+        return Decision(
+            outcome, scope.path, action.label, reservation, caps, (reason,), (), reservation.plan_index, Mode.FAIL_OPEN
+        )
 
     def _local_replay(
         self, request: HoldRequest, action: Action, scope: Scope, plans: tuple[Plan, ...] | None
@@ -1300,30 +1349,30 @@ class Authority:
         rid = _reservation_id(reservation)
         steps = _shadow_actual(reservation, self._actual(actual))
         if rid.startswith(_LOCAL_PREFIX):
-            return self._local(rid, steps, commit=True)
-        return self.store.commit(rid, steps, self.clock())
+            return _settled(reservation, self._local(rid, steps, commit=True))
+        return _settled(reservation, self.store.commit(rid, steps, self.clock()))
 
     async def acommit(self, reservation: ReservationRef, actual: AmountsLike | None = None) -> Settlement:
         """Async twin of :meth:`commit`."""
         rid = _reservation_id(reservation)
         steps = _shadow_actual(reservation, self._actual(actual))
         if rid.startswith(_LOCAL_PREFIX):
-            return self._local(rid, steps, commit=True)
-        return await self.store.acommit(rid, steps, self.clock())
+            return _settled(reservation, self._local(rid, steps, commit=True))
+        return _settled(reservation, await self.store.acommit(rid, steps, self.clock()))
 
     def release(self, reservation: ReservationRef) -> Settlement:
         """Return the whole hold to the budgets (the action did not run). Idempotent."""
         rid = _reservation_id(reservation)
         if rid.startswith(_LOCAL_PREFIX):
-            return self._local(rid, None, commit=False)
-        return self.store.release(rid, self.clock())
+            return _settled(reservation, self._local(rid, None, commit=False))
+        return _settled(reservation, self.store.release(rid, self.clock()))
 
     async def arelease(self, reservation: ReservationRef) -> Settlement:
         """Async twin of :meth:`release`."""
         rid = _reservation_id(reservation)
         if rid.startswith(_LOCAL_PREFIX):
-            return self._local(rid, None, commit=False)
-        return await self.store.arelease(rid, self.clock())
+            return _settled(reservation, self._local(rid, None, commit=False))
+        return _settled(reservation, await self.store.arelease(rid, self.clock()))
 
     def extend(self, reservation: ReservationRef, ttl: float) -> Reservation:
         """Keep a held reservation alive for ``ttl`` more seconds from now."""
@@ -1459,7 +1508,7 @@ class Authority:
     # --- context managers --------------------------------------------------------------------
     def _finish_sync(self, grant: Grant, failed: bool) -> None:
         reservation = grant.decision.reservation
-        if reservation is None:
+        if reservation is None or _settled_by_block(grant, reservation):
             return
         if failed and grant._actual is None:
             try:
@@ -1529,7 +1578,7 @@ class Authority:
         try:
             yield grant
         except BaseException:
-            if reservation is not None:
+            if reservation is not None and not _settled_by_block(grant, reservation):
                 try:
                     if grant._actual is None:
                         grant.settlement = await _finished(self.arelease(reservation), reservation.id)
@@ -1539,5 +1588,5 @@ class Authority:
                 except Exception:  # never mask the caller's own exception
                     logger.exception("clearance: could not settle %s", reservation.id)
             raise
-        if reservation is not None:
+        if reservation is not None and not _settled_by_block(grant, reservation):
             grant.settlement = await _finished(self._acommit_steps(reservation, grant._actual), reservation.id)

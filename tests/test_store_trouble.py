@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from decimal import Decimal
 
 import pytest
 
@@ -299,3 +300,79 @@ def test_reservations_made_failing_open_settle_like_ledger_ones() -> None:
         ("committed", (("usd", 500_000_000),), ("late",), False),
     ]
     assert authority._emergency.used == {"usd": 900_000_000}
+
+
+def test_failing_open_takes_the_first_plan_that_fits_the_emergency_cap() -> None:
+    """The ladder applies when failing open too: the flagship plan past the cap, the cheaper one
+    within it is held (it was denied, as if the cap were "used" — nothing was)."""
+    from clearance import Caps, Plan
+
+    store = FlakyStore()
+    authority = Authority(store, fail_open=True, emergency_limits={"usd": 1})
+    store.down = True
+    plans = [Plan({"usd": 2}), Plan({"usd": "0.5"}, caps=Caps(model="small"))]
+    decision = authority.reserve(ACTION, SCOPE, plans=plans)
+    assert decision.outcome is Outcome.ALLOW_WITH_CAPS and decision.mode is Mode.FAIL_OPEN
+    assert decision.caps == Caps(model="small") and decision.plan_index == 1
+    assert decision.reservation is not None and decision.reservation.amounts == {"usd": 0.5}
+    too_big = authority.reserve(Action("step", "s", {"usd": 2}), SCOPE)
+    assert too_big.denied and "more usd than this process's whole emergency cap" in too_big.reasons[0].message
+    authority.reserve(ACTION, SCOPE, plans=plans)  # the cap's second half
+    used = authority.reserve(ACTION, SCOPE, plans=plans)
+    assert used.denied and "emergency cap of usd is used" in used.reasons[0].message
+
+
+@pytest.mark.parametrize(
+    "options", [{"fail_open": 5}, {"fail_open": None}, {"clock": "x"}, {"fail_open": ["not a scope"]}]
+)
+def test_junk_given_to_the_authority_is_invalid_request(options: dict[str, object]) -> None:
+    from clearance import InvalidRequest
+
+    with pytest.raises(InvalidRequest):
+        Authority("memory://", **options)  # type: ignore[arg-type]
+
+
+def test_a_guard_whose_block_released_its_reservation_charges_nothing() -> None:
+    """A block deciding not to run its action releases the reservation: the guard's exit committed
+    the held amounts anyway (flagged after_release), charging an action that never ran."""
+    authority = Authority()
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    with authority.guard(ACTION, SCOPE) as grant:
+        assert grant.reservation is not None
+        assert authority.release(grant.reservation).status == "released"
+    assert grant.settlement is not None and grant.settlement.status == "released"
+    assert authority.balance("tenant:acme")["usd"].spent == 0
+    with authority.guard(ACTION, SCOPE) as grant:  # committed in the block: the guard leaves it
+        authority.commit(grant.reservation, {"usd": "0.1"})  # type: ignore[arg-type]
+    assert grant.settlement is not None and grant.settlement.charged == {"usd": Decimal("0.1")}
+    with authority.guard(ACTION, SCOPE) as grant:  # released, then it did cost something after all
+        authority.release(grant.reservation)  # type: ignore[arg-type]
+        grant.settle({"usd": "0.2"})
+    assert grant.settlement is not None and "after_release" in grant.settlement.flags
+    assert authority.balance("tenant:acme")["usd"].spent == Decimal("0.3")
+
+
+def test_settling_a_guard_after_its_block_is_an_error_not_a_lost_cost() -> None:
+    from clearance import InvalidRequest
+
+    authority = Authority()
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    with authority.guard(ACTION, SCOPE) as grant:
+        pass
+    with pytest.raises(InvalidRequest, match="after the guard's block ended"):
+        grant.settle({"usd": 5})
+    assert authority.balance("tenant:acme")["usd"].spent == Decimal("0.4")
+
+
+def test_an_aguard_whose_block_released_its_reservation_charges_nothing() -> None:
+    import asyncio
+
+    authority = Authority()
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+
+    async def run() -> None:
+        async with authority.aguard(ACTION, SCOPE) as grant:
+            await authority.arelease(grant.reservation)  # type: ignore[arg-type]
+
+    asyncio.run(run())
+    assert authority.balance("tenant:acme")["usd"].spent == 0
