@@ -406,7 +406,7 @@ class _EmergencyCap:
                 if done is None:
                     raise ReservationNotFound(rid)
                 raise ReservationClosed(rid, done.status)
-            held.expires_at = expires_at
+            held.expires_at = max(held.expires_at, expires_at)  # (never shortened, as in the ledger)
             return replace(held)
 
     def settle(self, rid: str, actual: Amounts | None, commit: bool, now: float) -> Settlement:
@@ -1375,7 +1375,8 @@ class Authority:
         return _settled(reservation, await self.store.arelease(rid, self.clock()))
 
     def extend(self, reservation: ReservationRef, ttl: float) -> Reservation:
-        """Keep a held reservation alive for ``ttl`` more seconds from now."""
+        """Keep a held reservation alive for at least ``ttl`` more seconds from now (a hold that
+        already lives longer is left as it is: an extend never shortens it)."""
         rid = _reservation_id(reservation)
         lifetime = _check_ttl(ttl)
         now = self.clock()

@@ -133,7 +133,8 @@ class Store(ABC):
 
     @abstractmethod
     def extend(self, reservation_id: str, expires_at: float, now: float) -> ReservationRecord:
-        """Push a held reservation's expiry to ``expires_at``."""
+        """Push a held reservation's expiry to ``expires_at`` (one already later is left as it is:
+        an extend never shortens a hold)."""
 
     @abstractmethod
     def reservation(self, reservation_id: str, now: float) -> ReservationRecord:

@@ -599,6 +599,8 @@ class MemoryStore(Store):
             self._reclaim(now)
             if res.status != HELD:
                 raise ReservationClosed(res.id, res.status)
+            if expires_at <= res.expires_at:
+                return res.record()  # it lives that long already: an extend never shortens a hold
             res.expires_at = expires_at
             heapq.heappush(self._expiry, (expires_at, res.id))
             self._log(now, "extend", res.scope, res.id, (), f"expires_at={expires_at:.3f}")

@@ -1065,6 +1065,8 @@ class SQLiteStore(Store):
         with self._write() as db:
             record = self._load(db, reservation_id, now)
             status = self._expire_if_due(db, record, now)
+            if status == HELD and expires_at <= record.expires_at:
+                return record  # it lives that long already: an extend never shortens a hold
             if status == HELD:
                 db.execute("UPDATE log SET expires_at = ? WHERE seq = ?", (expires_at, self._seq(db, record.id)))
                 self._log(db, now, "extend", record.scope, record.id, (), f"expires_at={expires_at:.3f}")

@@ -807,3 +807,15 @@ def test_a_replay_reports_the_reservation_as_it_stands(authority: Authority) -> 
     found = again.reservation
     assert (found.status, found.idempotency_key, found.flags) == ("committed", "job-7", ("over_hold",))
     assert found.committed == {"usd": 2}
+
+
+def test_an_extend_never_shortens_a_hold(authority: Authority, clock: FakeClock) -> None:
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    decision = authority.reserve(Action("step", "s", {"usd": 1}), "tenant:acme/run:r1", ttl=600)
+    assert decision.reservation is not None
+    expires = decision.reservation.expires_at
+    assert authority.extend(decision.reservation, 1).expires_at == expires  # a heartbeat of 1 s
+    clock.advance(100)
+    assert authority.reservation(decision.reservation).status == "held"
+    assert authority.extend(decision.reservation, 900).expires_at == clock() + 900
+    assert [e.kind for e in authority.events(limit=10)].count("extend") == 1

@@ -166,7 +166,7 @@ class LedgerMachine(RuleBasedStateMachine):
         res = self.model.reservations[rid]
         if res.status == "held":
             self.authority.extend(rid, ttl)
-            res.expires_at = self.model.now + ttl
+            res.expires_at = max(res.expires_at, self.model.now + ttl)  # an extend never shortens
         else:
             with pytest.raises(Exception, match=res.status):
                 self.authority.extend(rid, ttl)

@@ -1,4 +1,4 @@
--- extend: push a held reservation's expiry. ARGV[3] token, [4] expires_at, [5] audit detail, [6] '1' on
+-- extend: push a held reservation's expiry (never earlier than it is). ARGV[3] token, [4] expires_at, [5] audit detail, [6] '1' on
 -- the client's retry after a lost reply (an expiry already set to this value: no second audit event).
 -- Reply: "notfound", "closed\n<status>" or "ok\n<record>" (as public() shows it).
 
@@ -11,8 +11,8 @@ end
 if rec.st ~= 'held' then
   return 'closed\n' .. rec.st
 end
-if ARGV[6] == '1' and rec.e == expires_at then
-  return 'ok\n' .. public(rec)
+if (ARGV[6] == '1' and rec.e == expires_at) or expires_at + 0 <= rec.e + 0 then
+  return 'ok\n' .. public(rec)  -- (it lives that long already: an extend never shortens a hold)
 end
 rec.e = expires_at
 local raw = encode(rec)
