@@ -5,6 +5,7 @@ version check (with its in-place upgrades)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 import time
@@ -631,4 +632,74 @@ def test_sweep_keeps_up_with_a_busy_audit_trail(tmp_path: Path) -> None:
         clock.advance(2 * 86400)
         authority.sweep()
         assert _rows(path, "SELECT count(*) FROM log") <= 1000
+    authority.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
+def test_a_child_forked_while_a_thread_reads_the_ledger_works(tmp_path: Path) -> None:
+    """fork() waited only for write transactions: a child forked while another thread was inside a
+    read (a dashboard's balance(), the policy-version check of a reserve) inherited SQLite's file
+    mutex held and hung on its first call, forever (seen in ~1 child in 12)."""
+    import signal
+    import threading
+
+    authority = Authority(f"sqlite:///{tmp_path / 'ledger.db'}?busy_timeout=1")
+    authority.set_budget(Budget("tenant:t", "calls", 10**9))
+    stop = threading.Event()
+
+    def dashboard() -> None:
+        while not stop.is_set():
+            authority.balance("tenant:t")
+
+    readers = [threading.Thread(target=dashboard) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    stuck = 0
+    try:
+        for _ in range(40):
+            pid = os.fork()
+            if pid == 0:  # the child: one lifecycle, then out (never back into pytest)
+                try:
+                    decision = authority.reserve(Action("step", "s", {"calls": 1}), "tenant:t/run:c")
+                    authority.commit(decision.reservation)  # type: ignore[arg-type]
+                finally:
+                    os._exit(0)
+            deadline = time.monotonic() + 10
+            while not os.waitpid(pid, os.WNOHANG)[0]:
+                if time.monotonic() > deadline:
+                    stuck += 1
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.005)
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
+    assert stuck == 0
+    assert authority.balance("tenant:t")["calls"].spent == 40 - stuck
+    authority.close()
+
+
+def test_a_relative_ledger_path_is_one_file_after_a_chdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each thread opens its own connection: a relative path was resolved again by each, so after an
+    os.chdir() a new thread wrote into another file (an empty one, or another ledger)."""
+    import threading
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    authority = Authority("sqlite:///ledger.db")
+    authority.set_budget(Budget("tenant:t", "calls", 1))
+    assert authority.reserve(Action("step", "s", {"calls": 1}), "tenant:t").allowed
+    monkeypatch.chdir(tmp_path / "b")
+    answers: list[bool] = []
+    def reserve() -> None:
+        answers.append(authority.reserve(Action("step", "s", {"calls": 1}), "tenant:t").allowed)
+
+    worker = threading.Thread(target=reserve)
+    worker.start()
+    worker.join()
+    assert answers == [False]  # the same ledger: its one call is taken
+    assert not (tmp_path / "b" / "ledger.db").exists()
     authority.close()

@@ -154,20 +154,67 @@ def _lock_of(path: str) -> threading.Lock:
         return lock
 
 
+class _Readers:
+    """Threads inside SQLite outside a write transaction — reading, opening or closing a connection
+    — share this; ``fork()`` waits for them all. SQLite's own mutexes (a file's shared-memory and
+    inode locks) are process memory too: a child forked while a thread held one inherits it held,
+    and its first call on that file blocks forever (seen with a thread reading balances while a
+    pre-forking server forked its workers)."""
+
+    def __init__(self) -> None:
+        self._state = threading.Condition(threading.Lock())
+        self._inside = 0
+        self._forking = False  # a fork waits: no thread comes in (readers in a loop would starve it)
+
+    @contextmanager
+    def sharing(self) -> Iterator[None]:
+        with self._state:  # (blocked while a fork is under way: the forking thread holds it)
+            while self._forking:
+                self._state.wait()
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._inside -= 1
+                if not self._inside:
+                    self._state.notify_all()
+
+    def before_fork(self) -> None:
+        self._state.acquire()
+        self._forking = True
+        while self._inside:
+            self._state.wait()
+
+    def after_fork(self, child: bool) -> None:
+        self._forking = False
+        if child:
+            self._inside = 0  # (the threads inside are the parent's)
+        self._state.notify_all()
+        self._state.release()
+
+
+_readers = _Readers()
+
+
 def _before_fork() -> None:
     _file_locks_guard.acquire()
     for lock in _file_locks.values():  # (a thread holds at most one, and takes none while it does)
         lock.acquire()
+    _readers.before_fork()  # (a reader takes no turn lock, nor a turn holder this: no order to keep)
 
 
-def _after_fork() -> None:
+def _after_fork(child: bool = False) -> None:
+    _readers.after_fork(child)
     for lock in _file_locks.values():
         lock.release()
     _file_locks_guard.release()
 
 
 if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
+    os.register_at_fork(
+        before=_before_fork, after_in_parent=_after_fork, after_in_child=lambda: _after_fork(child=True)
+    )
 PAGE_SIZE = 1024
 WAL_AUTOCHECKPOINT = 4096  # pages
 
@@ -473,6 +520,9 @@ class SQLiteStore(Store):
             # Each thread's connection would open a database of its own: budgets set in one thread,
             # gone in the next (use memory:// for a ledger in this process).
             raise InvalidRequest(f"a SQLite ledger is a file: got {path!r} (for one in memory, use memory://)")
+        # Resolved once: each thread opens its own connection, and a relative path opened after an
+        # os.chdir() would be another file (an empty one, or another ledger with other budgets).
+        path = os.path.abspath(path)
         _check_header(path)
         self.path = path
         self.url = f"sqlite:///{path}"
@@ -537,6 +587,13 @@ class SQLiteStore(Store):
         db: sqlite3.Connection | None = getattr(local, "db", None)
         if db is not None and local.pid == os.getpid():
             return db
+        with _readers.sharing():
+            db = self._connect()
+        local.db = db
+        local.pid = os.getpid()
+        return db
+
+    def _connect(self) -> sqlite3.Connection:
         try:
             db = sqlite3.connect(
                 self.path,
@@ -560,8 +617,6 @@ class SQLiteStore(Store):
             db.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
         except sqlite3.Error as error:
             raise StoreUnavailable(f"cannot open SQLite ledger {self.path}: {error}") from error
-        local.db = db
-        local.pid = os.getpid()
         return db
 
     def _begin(self, issued: float = 0.0) -> sqlite3.Connection:
@@ -628,16 +683,20 @@ class SQLiteStore(Store):
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
+        """A connection for reads outside a write transaction (``fork()`` waits for them: see
+        ``_Readers``). Callers consume their rows inside the block."""
         db = self._connection()
-        try:
-            yield db
-        except sqlite3.Error as error:
-            raise StoreUnavailable(f"SQLite ledger {self.path} failed: {error}") from error
+        with _readers.sharing():
+            try:
+                yield db
+            except sqlite3.Error as error:
+                raise StoreUnavailable(f"SQLite ledger {self.path} failed: {error}") from error
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:
-            db.close()
+            with _readers.sharing():
+                db.close()
             self._local.db = None
 
     # --- ledger steps (inside a write transaction) ---------------------------------------------
