@@ -147,6 +147,13 @@ def _with_option(url: str, option: str) -> str:
     return url + ("&" if "?" in url else "?") + option
 
 
+def _counting_runs(store_url: str, calls: int) -> tuple[Authority, FakeClock]:
+    """An Authority counting ``calls`` tool calls per run, on a store keeping things 800 s."""
+    clock = FakeClock()
+    document = {"tools": {"calls_per_run": calls}}
+    return authority_with(document, store=_with_option(store_url, "retention=800"), clock=clock), clock
+
+
 def _tool_call_budgets(authority: Authority) -> list[str]:
     return sorted(b.scope for b in authority.budgets() if b.unit == "tool_calls")
 
@@ -154,10 +161,7 @@ def _tool_call_budgets(authority: Authority) -> list[str]:
 def test_a_runs_budget_is_forgotten_once_the_run_is_idle(store_url: str) -> None:
     """A run has no end the ledger could see: its per-run budget (and counter) is forgotten once
     unused for the retention; a run seen again after that starts a new count."""
-    clock = FakeClock()
-    authority = authority_with(
-        {"tools": {"calls_per_run": 2}}, store=_with_option(store_url, "retention=800"), clock=clock
-    )
+    authority, clock = _counting_runs(store_url, calls=2)
     for run in ("r1", "r2"):
         decision = authority.reserve(Action.tool_call("calc"), f"tenant:acme/run:{run}")
         authority.commit(decision.reservation)  # type: ignore[arg-type]
@@ -180,10 +184,7 @@ def test_a_runs_budget_is_forgotten_once_the_run_is_idle(store_url: str) -> None
 def test_a_run_in_use_keeps_its_budget(store_url: str) -> None:
     """While a run keeps calling, its budget is never forgotten: the count holds however long the
     run lasts (the Authority ensures the budget again at least every retention / 8)."""
-    clock = FakeClock()
-    authority = authority_with(
-        {"tools": {"calls_per_run": 4}}, store=_with_option(store_url, "retention=800"), clock=clock
-    )
+    authority, clock = _counting_runs(store_url, calls=4)
     allowed = 0
     for _ in range(16):  # 16 x 150 s: three retentions
         decision = authority.reserve(Action.tool_call("calc"), RUN)
@@ -198,10 +199,7 @@ def test_a_run_in_use_keeps_its_budget(store_url: str) -> None:
 
 
 def test_a_runs_budget_with_a_hold_waits_for_it(store_url: str) -> None:
-    clock = FakeClock()
-    authority = authority_with(
-        {"tools": {"calls_per_run": 2}}, store=_with_option(store_url, "retention=800"), clock=clock
-    )
+    authority, clock = _counting_runs(store_url, calls=2)
     held = authority.reserve(Action.tool_call("calc"), RUN, ttl=5000)
     assert held.reservation is not None
     clock.advance(1000)
@@ -220,10 +218,7 @@ def test_a_runs_budget_with_a_hold_waits_for_it(store_url: str) -> None:
 def test_a_reservation_outliving_its_runs_budget_still_reads(store_url: str) -> None:
     """A late commit (after expiry) is remembered a retention from then, longer than the run's
     budget it held on: looking it up must not fail for the budget being gone."""
-    clock = FakeClock()
-    authority = authority_with(
-        {"tools": {"calls_per_run": 2}}, store=_with_option(store_url, "retention=800"), clock=clock
-    )
+    authority, clock = _counting_runs(store_url, calls=2)
     held = authority.reserve(Action.tool_call("calc"), RUN, ttl=100)
     assert held.reservation is not None
     clock.advance(700)
@@ -242,10 +237,7 @@ def test_a_run_making_only_model_calls_keeps_its_budget(store_url: str) -> None:
     """A run whose tool calls are used up goes on with model calls capped at max_tool_calls=0:
     those calls read its budget, so they keep it too (found in review: the cap lifted after the
     retention, and the run got its tool calls again)."""
-    clock = FakeClock()
-    authority = authority_with(
-        {"tools": {"calls_per_run": 2}}, store=_with_option(store_url, "retention=800"), clock=clock
-    )
+    authority, clock = _counting_runs(store_url, calls=2)
     for _ in range(2):
         decision = authority.reserve(Action.tool_call("calc"), RUN)
         authority.commit(decision.reservation)  # type: ignore[arg-type]
@@ -262,10 +254,7 @@ def test_a_run_making_only_model_calls_keeps_its_budget(store_url: str) -> None:
 def test_a_runs_budget_is_kept_a_retention_after_a_long_hold_settles(store_url: str) -> None:
     """A hold outliving the retention keeps the run's budget in use: once it settles the budget is
     kept a whole retention more (found in review: it went a minute later, and the run's count with it)."""
-    clock = FakeClock()
-    authority = authority_with(
-        {"tools": {"calls_per_run": 1}}, store=_with_option(store_url, "retention=800"), clock=clock
-    )
+    authority, clock = _counting_runs(store_url, calls=1)
     held = authority.reserve(Action.tool_call("calc"), RUN, ttl=900)
     assert held.reservation is not None
     for _ in range(9):
@@ -280,10 +269,7 @@ def test_a_runs_budget_is_kept_a_retention_after_a_long_hold_settles(store_url: 
 
 
 def test_an_operators_budget_on_a_run_is_never_forgotten(store_url: str) -> None:
-    clock = FakeClock()
-    authority = authority_with(
-        {"tools": {"calls_per_run": 2}}, store=_with_option(store_url, "retention=800"), clock=clock
-    )
+    authority, clock = _counting_runs(store_url, calls=2)
     authority.set_budget(Budget("tenant:acme/run:own", "tool_calls", 5))
     assert authority.reserve(Action.tool_call("calc"), "tenant:acme/run:own").allowed  # no template over it
     assert authority.reserve(Action.tool_call("calc"), RUN).allowed  # a template...

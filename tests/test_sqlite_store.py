@@ -115,18 +115,24 @@ def test_a_version_4_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
     upgraded.close()
 
 
-def test_a_version_5_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
-    """Version 5 lacks only the index the window pruning walks: it is added when the file is opened."""
-    path = str(tmp_path / "ledger.db")
-    clock = FakeClock()
+def _older_ledger(path: str, clock: FakeClock, version: int, *downgrade: str) -> None:
+    """A ledger with one lifecycle in it, made to look like what schema ``version`` left."""
     authority = Authority(SQLiteStore(path), clock=clock)
     authority.set_budget(Budget("tenant:acme", "usd", 10_000))
     _lifecycle(authority)
     authority.close()
     raw = sqlite3.connect(path, isolation_level=None)
-    raw.execute("DROP INDEX accounts_window")
-    raw.execute("PRAGMA user_version = 5")
+    for statement in downgrade:
+        raw.execute(statement)
+    raw.execute(f"PRAGMA user_version = {version}")
     raw.close()
+
+
+def test_a_version_5_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Version 5 lacks only the index the window pruning walks: it is added when the file is opened."""
+    path = str(tmp_path / "ledger.db")
+    clock = FakeClock()
+    _older_ledger(path, clock, 5, "DROP INDEX accounts_window")
     upgraded = Authority(SQLiteStore(path), clock=clock)
     raw = sqlite3.connect(path)
     assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -138,20 +144,18 @@ def test_a_version_5_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
 
 
 def test_a_version_6_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
-    """Version 6 lacks only the template budgets' column and index: added when the file is opened,
+    """Version 6 lacks only the template budgets' columns and index: added when the file is opened,
     and its per-run budgets (templates made before) are an operator's: kept, as they were."""
     path = str(tmp_path / "ledger.db")
     clock = FakeClock()
-    authority = Authority(SQLiteStore(path), clock=clock)
-    authority.set_budget(Budget("tenant:acme", "usd", 10_000))
-    _lifecycle(authority)
-    authority.close()
-    raw = sqlite3.connect(path, isolation_level=None)
-    raw.execute("DROP INDEX budgets_until")
-    raw.execute("ALTER TABLE budgets DROP COLUMN until")
-    raw.execute("ALTER TABLE budgets DROP COLUMN held_seen")
-    raw.execute("PRAGMA user_version = 6")
-    raw.close()
+    _older_ledger(
+        path,
+        clock,
+        6,
+        "DROP INDEX budgets_until",
+        "ALTER TABLE budgets DROP COLUMN until",
+        "ALTER TABLE budgets DROP COLUMN held_seen",
+    )
     store = SQLiteStore(path, retention=100)
     raw = sqlite3.connect(path)
     assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
