@@ -1245,3 +1245,18 @@ def test_a_budgets_entry_on_a_dropped_rate_limits_counter_stays_as_set() -> None
     assert [b.limit for b in authority.budgets("tenant:acme")] == [3]
     authority.apply_policy(PolicyDocument.parse({}))
     assert [b.limit for b in authority.budgets("tenant:acme")] == [10]  # the tightest entry, whatever its place
+
+
+def test_a_run_seen_again_after_its_budget_went_idle_starts_a_new_count(store_url: str) -> None:
+    """Whether the maintenance got to the idle budget first (on Redis it waits its turn behind
+    older due entries; on SQLite for the next pass) or the run's own next call does, the run starts
+    a new count — the stores agreed only when maintenance came first."""
+    authority, clock = _counting_runs(store_url, calls=1)
+    decision = authority.reserve(Action.tool_call("calc"), RUN)
+    authority.commit(decision.reservation)  # type: ignore[arg-type]
+    clock.advance(900)  # idle past the retention; nothing else ran
+    again = authority.reserve(Action.tool_call("calc"), RUN)
+    assert again.allowed
+    assert authority.balance(RUN)["tool_calls"].held == 1
+    assert [e.detail for e in authority.events(limit=20) if e.kind == "budget_remove"] == ["period=lifetime idle"]
+    authority.close()

@@ -656,6 +656,12 @@ class MemoryStore(Store):
         with self._lock:  # one section: an operator's set_budget cannot land between look and create
             level = self._levels.get(scope)
             budget = level.get((unit, period)) if level else None
+            if budget is not None and budget.until is not None and budget.until <= now:
+                # Idle past its time, and its run seen again before the maintenance forgot it: as
+                # if it had (a new count), whichever call comes first (see _forget_template).
+                self._forget_template((budget.until, scope, unit, period), now)
+                level = self._levels.get(scope)
+                budget = level.get((unit, period)) if level else None
             created = budget is None
             if budget is None:
                 self._set_budget_locked(scope, unit, period, limit, now)

@@ -744,25 +744,31 @@ class SQLiteStore(Store):
             (now, _TEMPLATE_BATCH),
         ).fetchall()
         removed = 0
-        for *fields, held_seen in due:
-            key = tuple(fields)
-            held = db.execute(
-                "SELECT 1 FROM accounts WHERE scope = ? AND unit = ? AND period = ? AND held <> 0 LIMIT 1", key
-            ).fetchone()
-            if held or held_seen:
-                db.execute(
-                    "UPDATE budgets SET until = ?, held_seen = ? WHERE scope = ? AND unit = ? AND period = ?",
-                    (now + (TEMPLATE_RECHECK if held else self._retention), 1 if held else None, *key),
-                )
-                continue
-            db.execute("DELETE FROM budgets WHERE scope = ? AND unit = ? AND period = ?", key)
-            db.execute("DELETE FROM accounts WHERE scope = ? AND unit = ? AND period = ?", key)
-            scope, unit, period = key
-            self._log(db, now, "budget_remove", scope, None, ((unit, 0),), f"period={period or 'lifetime'} idle")
-            removed += 1
+        for scope, unit, period, held_seen in due:
+            removed += self._forget_template(db, scope, unit, period, bool(held_seen), now)
         if removed:
             db.execute(_BUDGETS_CHANGED)
         return len(due) >= _TEMPLATE_BATCH
+
+    def _forget_template(
+        self, db: sqlite3.Connection, scope: str, unit: str, period: str, held_seen: bool, now: float
+    ) -> bool:
+        """One template budget past its ``until``: forgotten (True; the caller bumps the budgets
+        version), or, in use, looked at again later."""
+        key = (scope, unit, period)
+        held = db.execute(
+            "SELECT 1 FROM accounts WHERE scope = ? AND unit = ? AND period = ? AND held <> 0 LIMIT 1", key
+        ).fetchone()
+        if held or held_seen:
+            db.execute(
+                "UPDATE budgets SET until = ?, held_seen = ? WHERE scope = ? AND unit = ? AND period = ?",
+                (now + (TEMPLATE_RECHECK if held else self._retention), 1 if held else None, *key),
+            )
+            return False
+        db.execute("DELETE FROM budgets WHERE scope = ? AND unit = ? AND period = ?", key)
+        db.execute("DELETE FROM accounts WHERE scope = ? AND unit = ? AND period = ?", key)
+        self._log(db, now, "budget_remove", scope, None, ((unit, 0),), f"period={period or 'lifetime'} idle")
+        return True
 
     def _prune_log(self, db: sqlite3.Connection, forgotten: int, pruned: int) -> bool:
         """Delete audit records older than the newest ``audit_capacity``, a batch at a time, up to
@@ -1191,6 +1197,15 @@ class SQLiteStore(Store):
 
     def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
         with self._write() as db:
+            found = db.execute(
+                "SELECT until, held_seen FROM budgets WHERE scope = ? AND unit = ? AND period = ?",
+                (scope, unit, period),
+            ).fetchone()
+            # Idle past its time, and its run seen again before the maintenance pass forgot it: as
+            # if the pass had (a new count), whichever comes first.
+            overdue = found is not None and found[0] is not None and found[0] <= now
+            if overdue and self._forget_template(db, scope, unit, period, bool(found[1]), now):
+                db.execute(_BUDGETS_CHANGED)
             until = now + self._retention
             cursor = db.execute(
                 "INSERT INTO budgets(scope, unit, period, lim, until) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",

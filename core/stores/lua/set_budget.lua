@@ -24,6 +24,15 @@ end
 
 local scope, unit, period, limit, detail, only_new = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local retry = ARGV[9] == '1'
+if only_new == '1' then
+  -- A template idle past its time whose run is seen again before reclaim forgot it: as if it had
+  -- (a new count), whichever comes first. (forget_template leaves one in use.)
+  local id = redis.call('HGET', K_LEDGER, '=' .. scope .. '|' .. unit .. '|' .. period)
+  local till = id and string.match(redis.call('HGET', K_LEDGER, 'u' .. id) or '', '^([^!]+)')
+  if till and till + 0 <= NOW_N then
+    forget_template(id)
+  end
+end
 local field = '@' .. scope
 local head = unit .. '|' .. period .. '|'
 local kept, found, limit_field = {}, false, nil
