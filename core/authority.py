@@ -508,10 +508,11 @@ def _settled(reservation: ReservationRef, settlement: Settlement) -> Settlement:
 
 def _settled_by_block(grant: Grant, reservation: Reservation) -> bool:
     """Whether the guard's block released or committed the reservation itself (through this
-    Authority, given the Reservation): then the guard leaves it as it is — committing the held
+    Authority, given the Reservation; a release that found it expired too): then the guard leaves
+    it as it is — committing the held
     amounts after a release charged an action that never ran. (A block that only ``settle()``s
     is committed by the guard, after a release too: money spent is spent.)"""
-    if grant._actual is not None or reservation.status not in ("released", "committed"):
+    if grant._actual is not None or reservation.status not in ("released", "committed", "expired"):
         return False
     grant.settlement = Settlement(
         reservation.id, reservation.status, reservation.committed_steps or (), reservation.flags, replayed=True
@@ -783,10 +784,17 @@ class Authority:
             reason = Reason("emergency_cap", message, scope.path, unit=unit)
             return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_OPEN)
         logger.warning("clearance store unavailable, failing open for %s at %s: %s", action.label, scope.path, error)
-        reason = Reason("fail_open", f"store unavailable, allowed within the emergency cap: {error}", scope.path)
-        outcome = Outcome.ALLOW if caps is None else Outcome.ALLOW_WITH_CAPS
+        reasons = [Reason("fail_open", f"store unavailable, allowed within the emergency cap: {error}", scope.path)]
+        index = reservation.plan_index
+        outcome = Outcome.ALLOW if index == 0 and caps is None else Outcome.ALLOW_WITH_CAPS
+        if outcome is Outcome.ALLOW_WITH_CAPS:  # (as the ledger answers: a later plan says so, caps or not)
+            caps = caps or Caps()
+            count = len(plans) if plans else 1
+            rule = plans[index].rule if plans else None
+            message = f"plan {index + 1} of {count} fits the emergency cap" + (f" ({rule})" if rule else "")
+            reasons.append(Reason("plan_selected", message, scope.path, plan=index, rule=rule))
         return Decision(
-            outcome, scope.path, action.label, reservation, caps, (reason,), (), reservation.plan_index, Mode.FAIL_OPEN
+            outcome, scope.path, action.label, reservation, caps, tuple(reasons), (), index, Mode.FAIL_OPEN
         )
 
     def _local_replay(

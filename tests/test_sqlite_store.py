@@ -707,3 +707,63 @@ def test_a_relative_ledger_path_is_one_file_after_a_chdir(tmp_path: Path, monkey
     assert answers == [False]  # the same ledger: its one call is taken
     assert not (tmp_path / "b" / "ledger.db").exists()
     authority.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX-only")
+def test_a_fifo_as_the_ledger_path_is_refused_not_waited_on(tmp_path: Path) -> None:
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    with pytest.raises(StoreUnavailable, match="not a regular file"):
+        SQLiteStore(str(path))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
+def test_an_exception_in_the_middle_of_a_read_never_stops_later_forks(tmp_path: Path) -> None:
+    """A read interrupted by an exception between two statements (Ctrl-C) could leave the count of
+    reads under way raised: every later fork() then waited for good. Reads hold a lock now."""
+    import signal
+
+    from clearance.stores import sqlite as sqlite_store
+
+    store = SQLiteStore(str(tmp_path / "ledger.db"))
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt(signum: int, frame: object) -> None:
+        code = getattr(frame, "f_code", None)
+        if code is not None and code.co_filename.endswith("stores/sqlite.py"):
+            raise Interrupt
+
+    import threading
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    done = threading.Event()
+    main = threading.get_ident()
+
+    def pester() -> None:  # signals the main thread, as Ctrl-C would, again and again
+        while not done.is_set():
+            signal.pthread_kill(main, signal.SIGUSR1)
+            time.sleep(0.00005)
+
+    pesterer = threading.Thread(target=pester)
+    pesterer.start()
+    interrupted = 0
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            try:
+                store.policy_version()
+            except Interrupt:
+                interrupted += 1
+    finally:
+        done.set()
+        pesterer.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert interrupted > 100
+    assert not any(lock.locked() for lock in sqlite_store._readers._locks)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    store.close()

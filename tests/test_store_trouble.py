@@ -376,3 +376,30 @@ def test_an_aguard_whose_block_released_its_reservation_charges_nothing() -> Non
 
     asyncio.run(run())
     assert authority.balance("tenant:acme")["usd"].spent == 0
+
+
+def test_a_guard_whose_block_released_an_expired_hold_charges_nothing() -> None:
+    clock = FakeClock()
+    authority = Authority(clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    with authority.guard(ACTION, SCOPE, ttl=5) as grant:
+        clock.advance(6)  # the hold expired while the block ran; it then gave the action up
+        assert authority.release(grant.reservation).status == "expired"  # type: ignore[arg-type]
+    assert grant.settlement is not None and grant.settlement.status == "expired"
+    assert authority.balance("tenant:acme")["usd"].spent == 0
+
+
+def test_failing_open_onto_a_later_plan_without_caps_says_so() -> None:
+    """ALLOW means the first plan: a later one held while failing open is ALLOW_WITH_CAPS, as the
+    ledger answers it (and as a retry of it was answered)."""
+    from clearance import Caps, Plan
+
+    store = FlakyStore()
+    authority = Authority(store, fail_open=True, emergency_limits={"usd": 1})
+    store.down = True
+    plans = [Plan({"usd": 2}), Plan({"usd": "0.5"})]
+    first = authority.reserve(ACTION, SCOPE, plans=plans, idempotency_key="k")
+    retry = authority.reserve(ACTION, SCOPE, plans=plans, idempotency_key="k")
+    for decision in (first, retry):
+        assert decision.outcome is Outcome.ALLOW_WITH_CAPS and decision.caps == Caps()
+        assert [r.code for r in decision.reasons] == ["fail_open", "plan_selected"]

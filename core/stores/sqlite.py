@@ -61,8 +61,10 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -133,12 +135,12 @@ def _check_header(path: str) -> None:
     """Refuse a file that is not a SQLite database before SQLite sees it: one shorter than a page
     (a byte of text, say) SQLite takes for an empty database, and would turn into a ledger."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # (a FIFO would block the open below for good)
+            raise StoreUnavailable(f"cannot open SQLite ledger {path}: not a regular file")
         with open(path, "rb") as file:
             head = file.read(len(_HEADER))
     except FileNotFoundError:
         return  # a new ledger
-    except IsADirectoryError:
-        raise StoreUnavailable(f"cannot open SQLite ledger {path}: it is a directory") from None
     except OSError as error:
         raise StoreUnavailable(f"cannot open SQLite ledger {path}: {error}") from None
     if head and head != _HEADER:
@@ -156,42 +158,48 @@ def _lock_of(path: str) -> threading.Lock:
 
 class _Readers:
     """Threads inside SQLite outside a write transaction — reading, opening or closing a connection
-    — share this; ``fork()`` waits for them all. SQLite's own mutexes (a file's shared-memory and
-    inode locks) are process memory too: a child forked while a thread held one inherits it held,
-    and its first call on that file blocks forever (seen with a thread reading balances while a
-    pre-forking server forked its workers)."""
+    — do it holding a lock of their own; ``fork()`` takes the gate (no thread starts another read)
+    and then every thread's lock, so it waits for the reads under way. SQLite's own mutexes (a
+    file's shared-memory and inode locks) are process memory too: a child forked while a thread held
+    one inherits it held, and its first call on that file blocks forever (seen with a thread reading
+    balances while a pre-forking server forked its workers).
+
+    Locks, not a count: an exception delivered between two statements (Ctrl-C in a read) could leave
+    a count raised, and every later fork waiting for good; a ``with`` on a lock always releases it."""
 
     def __init__(self) -> None:
-        self._state = threading.Condition(threading.Lock())
-        self._inside = 0
-        self._forking = False  # a fork waits: no thread comes in (readers in a loop would starve it)
+        self._gate = threading.Lock()
+        self._local = threading.local()
+        self._locks: weakref.WeakSet[threading.Lock] = weakref.WeakSet()  # (a thread's goes with it)
+        self._held: list[threading.Lock] = []
+
+    def _mine(self) -> threading.Lock:
+        lock: threading.Lock | None = getattr(self._local, "lock", None)
+        if lock is None:
+            lock = self._local.lock = threading.Lock()
+            with self._gate:
+                self._locks.add(lock)
+        return lock
 
     @contextmanager
     def sharing(self) -> Iterator[None]:
-        with self._state:  # (blocked while a fork is under way: the forking thread holds it)
-            while self._forking:
-                self._state.wait()
-            self._inside += 1
-        try:
+        mine = self._mine()
+        with self._gate:  # (held by a fork under way: wait for it)
+            pass
+        with mine:
             yield
-        finally:
-            with self._state:
-                self._inside -= 1
-                if not self._inside:
-                    self._state.notify_all()
 
     def before_fork(self) -> None:
-        self._state.acquire()
-        self._forking = True
-        while self._inside:
-            self._state.wait()
+        self._gate.acquire()
+        self._held = list(self._locks)
+        for lock in self._held:
+            lock.acquire()
 
-    def after_fork(self, child: bool) -> None:
-        self._forking = False
-        if child:
-            self._inside = 0  # (the threads inside are the parent's)
-        self._state.notify_all()
-        self._state.release()
+    def after_fork(self) -> None:
+        for lock in self._held:
+            lock.release()
+        self._held = []
+        self._gate.release()
 
 
 _readers = _Readers()
@@ -204,17 +212,15 @@ def _before_fork() -> None:
     _readers.before_fork()  # (a reader takes no turn lock, nor a turn holder this: no order to keep)
 
 
-def _after_fork(child: bool = False) -> None:
-    _readers.after_fork(child)
+def _after_fork() -> None:
+    _readers.after_fork()
     for lock in _file_locks.values():
         lock.release()
     _file_locks_guard.release()
 
 
 if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)
-    os.register_at_fork(
-        before=_before_fork, after_in_parent=_after_fork, after_in_child=lambda: _after_fork(child=True)
-    )
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
 PAGE_SIZE = 1024
 WAL_AUTOCHECKPOINT = 4096  # pages
 
