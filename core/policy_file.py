@@ -42,7 +42,18 @@ from clearance._model import InvalidModel
 from clearance.errors import InvalidRequest
 from clearance.periods import Period
 from clearance.scope import parse_scope
-from clearance.units import check_unit, to_steps
+from clearance.units import MAX_AMOUNT, check_unit, to_steps
+
+_KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # a scope kind (see clearance.scope)
+_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"  # a name printed on one line of `policy check`
+
+
+def _kind(value: str, star: bool = False) -> str:
+    """A scope kind a rule names (``"*"`` where any level is meant): one outside the scope grammar
+    could never match a scope, so the rule would silently never apply."""
+    if (star and value == "*") or _KIND.fullmatch(value):
+        return value
+    raise ValueError(f"{value!r} is not a scope kind ([a-z][a-z0-9_-]{{0,31}}{', or *' if star else ''})")
 
 FORMAT_VERSION = 1
 KNOWN_RISKS = ("read", "write", "external", "payment")
@@ -87,12 +98,14 @@ class BudgetEntry(_Rule):
 class Rung(_Rule):
     """One model of a ladder, with the headroom it demands (``{kind: fraction}`` or a fraction)."""
 
-    model: str = Field(min_length=1, max_length=256)
+    model: str = Field(min_length=1, max_length=256, pattern=_PRINTABLE)
     min_headroom: float | dict[str, float] = 0.0
 
     @field_validator("min_headroom")
     @classmethod
     def _check_headroom(cls, value: float | dict[str, float]) -> float | dict[str, float]:
+        for kind in value if isinstance(value, dict) else ():
+            _kind(kind, star=True)
         for fraction in value.values() if isinstance(value, dict) else (value,):
             _fraction(fraction)
         return value
@@ -101,7 +114,7 @@ class Rung(_Rule):
 class Ladder(_Scoped):
     """Models from best to cheapest; a call to any rung may fall to the rungs after it."""
 
-    provider: str | None = None
+    provider: str | None = Field(default=None, min_length=1, max_length=128, pattern=_PRINTABLE)
     rungs: list[Rung] = Field(min_length=1, max_length=16)
     """At most 16 (a reserve's plans). With a context cap's plan or an optional step's skip on top,
     past 16 plans the cheapest rungs but the last plan are dropped (see Policy.propose)."""
@@ -139,8 +152,10 @@ class Tools(_Rule):
     counts ``tool_calls`` on every run scope (created on first use)."""
 
     toolsets: dict[str, list[str]] = Field(default_factory=dict)
-    calls_per_run: int | None = Field(default=None, ge=0)
+    calls_per_run: int | None = Field(default=None, ge=0, le=MAX_AMOUNT, strict=True)
     run_kind: str = "run"
+
+    _run_kind = field_validator("run_kind")(classmethod(lambda cls, v: _kind(v)))
 
 
 class OptionalSteps(_Scoped):
@@ -151,6 +166,7 @@ class OptionalSteps(_Scoped):
     below: float
 
     _below = field_validator("below")(classmethod(lambda cls, v: _fraction(v)))
+    _level = field_validator("level")(classmethod(lambda cls, v: _kind(v, star=True)))
 
 
 class RiskRule(_Scoped):
@@ -175,7 +191,7 @@ class RateLimit(_Rule):
     scope: str
     kind: str
     name: str | None = None
-    limit: int = Field(ge=0)
+    limit: int = Field(ge=0, le=MAX_AMOUNT, strict=True)
     per: Literal["minute", "hour", "day", "week", "month"] = "minute"
 
     @field_validator("scope")
@@ -208,6 +224,42 @@ def _one_line(error: Exception) -> str:
     if isinstance(problem, str) and mark is not None:
         return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
     return " ".join(str(error).split())
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused if a key comes twice: the last one silently won (a second
+    ``budgets:`` list dropped the first), where TOML refuses the same document."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError(f"the key {key!r} is given twice")
+        found[key] = value
+    return found
+
+
+_loader: Any = None
+
+
+def _unique_keys_loader() -> Any:
+    """yaml's SafeLoader, refusing a mapping key given twice (see :func:`_unique_keys`)."""
+    global _loader  # noqa: PLW0603 - built once, on first use (yaml is imported only then)
+    if _loader is None:
+        import yaml
+
+        class UniqueKeys(yaml.SafeLoader):
+            def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+                seen = set()
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=deep)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"the key {key!r} is given twice", key_node.start_mark
+                        )
+                    seen.add(key)
+                return super().construct_mapping(node, deep=deep)
+
+        _loader = UniqueKeys
+    return _loader
 
 
 class PolicyDocument(_Rule):
@@ -254,13 +306,13 @@ class PolicyDocument(_Rule):
     def loads(cls, text: str, fmt: str = "yaml") -> PolicyDocument:
         try:
             if fmt == "toml":
-                data: Any = tomllib.loads(text)
+                data: Any = tomllib.loads(text)  # (TOML refuses a key given twice itself)
             elif fmt == "json":
-                data = json.loads(text)
+                data = json.loads(text, object_pairs_hook=_unique_keys)
             else:
                 import yaml
 
-                data = yaml.safe_load(text)
+                data = yaml.load(text, Loader=_unique_keys_loader())  # (a SafeLoader)
         except Exception as error:  # yaml, toml and json all have their own error types
             raise InvalidRequest(f"policy is not valid {fmt}: {_one_line(error)}") from None
         if data is None:

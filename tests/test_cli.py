@@ -296,7 +296,7 @@ def test_policy_check_explains_without_touching_a_store(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "tenant:acme usd/month <= $500.00" in result.output
     assert "gpt-4.1 (while 25% of the workflow budget would remain) → gpt-4.1-mini" in result.output
-    assert "optional steps are skipped once the workflow level has less than 20% left" in result.output
+    assert "optional steps run only while at least 20% of the workflow level's budget would remain" in result.output
     assert "rate limit: 60 tool_call per minute at tenant:acme" in result.output
     assert "policy OK" in result.output
     assert not (tmp_path / "clearance.db").exists()

@@ -1260,3 +1260,26 @@ def test_a_run_seen_again_after_its_budget_went_idle_starts_a_new_count(store_ur
     assert authority.balance(RUN)["tool_calls"].held == 1
     assert [e.detail for e in authority.events(limit=20) if e.kind == "budget_remove"] == ["period=lifetime idle"]
     authority.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "fmt", "found"),
+    [
+        ("tools: {calls_per_run: 100000000000000000000000}", "yaml", "calls_per_run"),
+        ("tools: {calls_per_run: true}", "yaml", "calls_per_run"),
+        ("rate_limits: [{scope: 'tenant:a', kind: tool_call, limit: 9007199254740992}]", "yaml", "limit"),
+        ("budgets: []\nrisk: []\nbudgets: []", "yaml", "given twice"),
+        ('{"output_cap": {}, "output_cap": {"floor": 5}}', "json", "given twice"),
+        ("optional: [{level: 'Bad Level!', below: 0.5}]", "yaml", "not a scope kind"),
+        ("tools: {calls_per_run: 3, run_kind: 'Run'}", "yaml", "not a scope kind"),
+        ("ladders: [{rungs: [{model: gpt-4.1, min_headroom: {'Not A Kind': 0.4}}]}]", "yaml", "not a scope kind"),
+        ('{"ladders": [{"rungs": ["gpt\\n4.1"]}]}', "json", "rungs"),
+    ],
+)
+def test_policy_documents_refuse_what_could_never_work(text: str, fmt: str, found: str) -> None:
+    """Found in a hunt through policy files: each passed `policy check` (and `apply`), then broke
+    every decision (a calls_per_run past 2^53 on SQLite), silently dropped a rule (a key given twice
+    in YAML or JSON; TOML refused it) or made one that could never apply (a kind outside the
+    scope grammar)."""
+    with pytest.raises(InvalidRequest, match=found):
+        PolicyDocument.loads(text, fmt)

@@ -25,8 +25,9 @@ def _percent(fraction: float) -> str:
 
 def _headroom(value: float | dict[str, float]) -> str:
     if isinstance(value, dict):
+        named = len(value) > 1  # "*" then stands for the levels not named
         parts = [
-            f"{_percent(fraction)} of {'every' if kind == '*' else 'the ' + kind} budget"
+            f"{_percent(fraction)} of {('every other' if named else 'every') if kind == '*' else 'the ' + kind} budget"
             for kind, fraction in value.items()
             if fraction
         ]
@@ -74,7 +75,8 @@ def explain(document: PolicyDocument, source: str) -> Tree:
     for rule in document.optional:
         level = "any budgeted level" if rule.level == "*" else f"the {rule.level} level"
         tree.add(
-            f"optional steps are skipped once {level} has less than {_percent(rule.below)} left{_where(rule.scope)}"
+            f"optional steps run only while at least {_percent(rule.below)} of {level}'s budget would remain "
+            f"after them, else are skipped{_where(rule.scope)}"
         )
     for risk in document.risk:
         kinds = f" for {', '.join(risk.kinds)}" if risk.kinds else ""
@@ -109,9 +111,27 @@ def unpriced(document: PolicyDocument) -> list[str]:
 
     problems = []
     for ladder in document.ladders:
+        # A ladder without a provider serves calls of every provider, and a call falls to the rungs
+        # after its own, priced with the call's provider: one of another provider's is skipped.
+        # So each rung is priced as a worker would, with the provider of every rung before it
+        # (the one genai-prices prices that model under), or the ladder's own provider.
+        starts: list[str | None] = []
         for rung in ladder.rungs:
-            try:
-                price_nano_usd(ladder.provider, rung.model, 1, 1)
-            except InvalidRequest as error:
-                problems.append(str(error))
+            if ladder.provider is None:
+                starts.append(_provider_of(rung.model))
+            for provider in dict.fromkeys(starts) if ladder.provider is None else (ladder.provider,):
+                try:
+                    price_nano_usd(provider, rung.model, 1, 1)
+                except InvalidRequest as error:
+                    problems.append(str(error))
     return list(dict.fromkeys(problems))
+
+
+def _provider_of(model: str) -> str | None:
+    """The provider genai-prices prices ``model`` under (``None`` if it knows no such model)."""
+    from genai_prices import Usage, calc_price
+
+    try:
+        return str(calc_price(Usage(input_tokens=1, output_tokens=1), model_ref=model).provider.id)
+    except LookupError:
+        return None
