@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from clearance import Action, Authority, Budget, InvalidRequest, ReservationNotFound, StoreUnavailable
-from clearance.periods import WINDOWS_KEPT
+from clearance.periods import WINDOWS_KEPT, windows_at
 from clearance.stores.sqlite import MAINTAIN_EVERY, SCHEMA_VERSION, UPGRADABLE, SQLiteStore
 from clearance.testing import FakeClock
 
@@ -761,9 +761,62 @@ def test_an_exception_in_the_middle_of_a_read_never_stops_later_forks(tmp_path: 
         pesterer.join()
         signal.signal(signal.SIGUSR1, previous)
     assert interrupted > 100
-    assert not any(lock.locked() for lock in sqlite_store._readers._locks)
+    free: list[bool] = []
+
+    def try_all() -> None:  # (from another thread: the locks are reentrant for their own)
+        for lock in list(sqlite_store._readers._locks):
+            got = lock.acquire(timeout=2)
+            if got:
+                lock.release()
+            free.append(got)
+
+    checker = threading.Thread(target=try_all)
+    checker.start()
+    checker.join()
+    assert free and all(free)
     pid = os.fork()
     if pid == 0:
         os._exit(0)
     os.waitpid(pid, 0)
+    store.close()
+
+
+def test_a_signal_handler_may_read_the_ledger_while_its_thread_reads(tmp_path: Path) -> None:
+    """Each read holds its thread's lock: a handler reading in the middle of a read of its own
+    thread waited for it for good (the lock is reentrant now)."""
+    import signal
+    import threading
+
+    store = SQLiteStore(str(tmp_path / "ledger.db"))
+    versions: list[int] = []
+    inside = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        if not inside.is_set():
+            inside.set()
+            try:
+                versions.append(store.policy_version())
+            finally:
+                inside.clear()
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    main = threading.get_ident()
+    done = threading.Event()
+
+    def pester() -> None:
+        while not done.is_set():
+            signal.pthread_kill(main, signal.SIGUSR1)
+            time.sleep(0.0005)
+
+    pesterer = threading.Thread(target=pester)
+    pesterer.start()
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            store.accounts(None, windows_at(time.time()), time.time(), True)
+    finally:
+        done.set()
+        pesterer.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert versions
     store.close()

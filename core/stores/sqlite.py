@@ -170,13 +170,14 @@ class _Readers:
     def __init__(self) -> None:
         self._gate = threading.Lock()
         self._local = threading.local()
-        self._locks: weakref.WeakSet[threading.Lock] = weakref.WeakSet()  # (a thread's goes with it)
-        self._held: list[threading.Lock] = []
+        # (a thread's goes with it; reentrant: a signal handler may read while its thread reads)
+        self._locks: weakref.WeakSet[threading.RLock] = weakref.WeakSet()
+        self._held: list[threading.RLock] = []
 
-    def _mine(self) -> threading.Lock:
-        lock: threading.Lock | None = getattr(self._local, "lock", None)
+    def _mine(self) -> threading.RLock:
+        lock: threading.RLock | None = getattr(self._local, "lock", None)
         if lock is None:
-            lock = self._local.lock = threading.Lock()
+            lock = self._local.lock = threading.RLock()
             with self._gate:
                 self._locks.add(lock)
         return lock

@@ -1328,3 +1328,25 @@ def test_cluster_reserves_go_on_with_the_node_of_the_tenant_set_down(redis_clust
     assert admin.balance(tenant)["calls"].held == 2
     worker.close()
     admin.close()
+
+
+def test_a_worker_whose_clock_is_ahead_does_not_forget_a_runs_budget_in_use(redis_url: str) -> None:
+    """A run's budget its run is seen with again once idle past its time is forgotten on the spot
+    (a new count) — but not by a worker whose clock is off: one 900 s ahead reset the count of a run
+    another worker was using, and the run made 4 calls of its 2 (found in review)."""
+    from clearance.policy_file import PolicyDocument
+
+    url = f"{redis_url}&max_clock_skew=10&retention=800"
+    right = Authority(url)
+    right.apply_policy(PolicyDocument.parse({"tools": {"calls_per_run": 2}}))
+    run = "tenant:skewrun/run:r1"
+    for _ in range(2):
+        decision = right.reserve(Action.tool_call("calc"), run)
+        right.commit(decision.reservation)  # type: ignore[arg-type]
+    assert right.reserve(Action.tool_call("calc"), run).denied
+    ahead = Authority(url, clock=lambda: time.time() + 900)
+    assert ahead.reserve(Action.tool_call("calc"), run).reasons[0].code == "clock_skew"
+    ahead.close()
+    assert right.balance(run)["tool_calls"].spent == 2
+    assert right.reserve(Action.tool_call("calc"), run).denied
+    right.close()

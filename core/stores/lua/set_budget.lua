@@ -24,9 +24,10 @@ end
 
 local scope, unit, period, limit, detail, only_new = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local retry = ARGV[9] == '1'
-if only_new == '1' then
+if only_new == '1' and clock_ok() then
   -- A template idle past its time whose run is seen again before reclaim forgot it: as if it had
-  -- (a new count), whichever comes first. (forget_template leaves one in use.)
+  -- (a new count), whichever comes first. (forget_template leaves one in use. Not for a worker
+  -- whose clock is off the server's: like reclaim, it would forget a budget still in use.)
   local id = redis.call('HGET', K_LEDGER, '=' .. scope .. '|' .. unit .. '|' .. period)
   local till = id and string.match(redis.call('HGET', K_LEDGER, 'u' .. id) or '', '^([^!]+)')
   if till and till + 0 <= NOW_N then
