@@ -54,7 +54,7 @@ from clearance.policy import OutputRetry, Policy, PolicyRule, Proposal
 from clearance.policy_file import PolicyDocument
 from clearance.scope import Scope, parse_scope
 from clearance.stores import Store, store_from_url
-from clearance.units import from_steps, to_step_map, to_steps
+from clearance.units import MAX_AMOUNT, from_steps, to_step_map, to_steps
 
 logger = logging.getLogger("clearance")
 
@@ -162,7 +162,7 @@ def _policy_leftovers(
     if previous is None:
         return [], []
     try:
-        old = PolicyDocument.loads(previous, "json")
+        old = PolicyDocument.loads(previous, "json", stored=True)
     except InvalidRequest:
         return [], []
     kept = {(b.scope, b.unit, b.period) for b in budgets}
@@ -922,7 +922,7 @@ class Authority:
             if version != seen and (self._policy_unreadable is None or self._policy_unreadable[0] != version):
                 version, text = yield ("policy", ())
                 try:
-                    document = PolicyDocument.loads(text, "json") if text else None
+                    document = PolicyDocument.loads(text, "json", stored=True) if text else None
                     policy = Policy(document, rules=self._rules, version=version) if document or self._rules else None
                 except InvalidRequest as error:
                     # Stored by another version of clearance (a rolling upgrade), say: keep deciding
@@ -1101,6 +1101,7 @@ class Authority:
         budget at least half its retention past the last such call, then forgets it (see
         ``Store.ensure_budget``), so a budget still in use never looks unused to it."""
         scope, unit, period, limit = template
+        limit = min(limit, MAX_AMOUNT)  # (a policy stored by an earlier version may name more)
         now = self.clock()
         last = self._ensured.get((scope, unit, period))
         if last is not None and 0 <= now - last < min(3600.0, self.store.retention / 8):

@@ -48,12 +48,47 @@ _KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # a scope kind (see clearance.scop
 _PRINTABLE = r"^[^\x00-\x1f\x7f]+$"  # a name printed on one line of `policy check`
 
 
-def _kind(value: str, star: bool = False) -> str:
-    """A scope kind a rule names (``"*"`` where any level is meant): one outside the scope grammar
-    could never match a scope, so the rule would silently never apply."""
-    if (star and value == "*") or _KIND.fullmatch(value):
-        return value
-    raise ValueError(f"{value!r} is not a scope kind ([a-z][a-z0-9_-]{{0,31}}{', or *' if star else ''})")
+def _no_bool(value: Any) -> Any:
+    """A count (a rate limit's ``limit``, ``calls_per_run``): ``true`` is no number of calls."""
+    if isinstance(value, bool):
+        raise ValueError("a whole number is needed, not a boolean")
+    return value
+
+
+def _as_written_problems(document: PolicyDocument) -> list[str]:
+    """What a document written today must not say, though a stored one (applied by an earlier
+    version, read back by every worker) still reads: a worker refusing it would fail closed on every
+    call until the policy was fixed. A scope kind outside the scope grammar makes a rule that never
+    applies; a control character breaks the one-line rules of ``policy check``; a count past
+    ``MAX_AMOUNT`` no store can hold."""
+
+    def kind(where: str, value: str, star: bool = False) -> None:
+        if not ((star and value == "*") or _KIND.fullmatch(value)):
+            grammar = "[a-z][a-z0-9_-]{0,31}" + (", or *" if star else "")
+            problems.append(f"{where}: {value!r} is not a scope kind ({grammar})")
+
+    def printable(where: str, value: str | None) -> None:
+        if value is not None and not re.fullmatch(_PRINTABLE, value):
+            problems.append(f"{where}: {value!r} has a control character")
+
+    def count(where: str, value: int | None) -> None:
+        if value is not None and value > MAX_AMOUNT:
+            problems.append(f"{where}: {value} is past the largest supported amount ({MAX_AMOUNT})")
+
+    problems: list[str] = []
+    for i, ladder in enumerate(document.ladders):
+        printable(f"ladders.{i}.provider", ladder.provider)
+        for j, rung in enumerate(ladder.rungs):
+            printable(f"ladders.{i}.rungs.{j}.model", rung.model)
+            for name in rung.min_headroom if isinstance(rung.min_headroom, dict) else ():
+                kind(f"ladders.{i}.rungs.{j}.min_headroom", name, star=True)
+    for i, rule in enumerate(document.optional):
+        kind(f"optional.{i}.level", rule.level, star=True)
+    kind("tools.run_kind", document.tools.run_kind)
+    count("tools.calls_per_run", document.tools.calls_per_run)
+    for i, rate in enumerate(document.rate_limits):
+        count(f"rate_limits.{i}.limit", rate.limit)
+    return problems
 
 FORMAT_VERSION = 1
 KNOWN_RISKS = ("read", "write", "external", "payment")
@@ -98,14 +133,12 @@ class BudgetEntry(_Rule):
 class Rung(_Rule):
     """One model of a ladder, with the headroom it demands (``{kind: fraction}`` or a fraction)."""
 
-    model: str = Field(min_length=1, max_length=256, pattern=_PRINTABLE)
+    model: str = Field(min_length=1, max_length=256)
     min_headroom: float | dict[str, float] = 0.0
 
     @field_validator("min_headroom")
     @classmethod
     def _check_headroom(cls, value: float | dict[str, float]) -> float | dict[str, float]:
-        for kind in value if isinstance(value, dict) else ():
-            _kind(kind, star=True)
         for fraction in value.values() if isinstance(value, dict) else (value,):
             _fraction(fraction)
         return value
@@ -114,7 +147,7 @@ class Rung(_Rule):
 class Ladder(_Scoped):
     """Models from best to cheapest; a call to any rung may fall to the rungs after it."""
 
-    provider: str | None = Field(default=None, min_length=1, max_length=128, pattern=_PRINTABLE)
+    provider: str | None = Field(default=None, min_length=1, max_length=128)
     rungs: list[Rung] = Field(min_length=1, max_length=16)
     """At most 16 (a reserve's plans). With a context cap's plan or an optional step's skip on top,
     past 16 plans the cheapest rungs but the last plan are dropped (see Policy.propose)."""
@@ -152,10 +185,10 @@ class Tools(_Rule):
     counts ``tool_calls`` on every run scope (created on first use)."""
 
     toolsets: dict[str, list[str]] = Field(default_factory=dict)
-    calls_per_run: int | None = Field(default=None, ge=0, le=MAX_AMOUNT, strict=True)
+    calls_per_run: int | None = Field(default=None, ge=0)
     run_kind: str = "run"
 
-    _run_kind = field_validator("run_kind")(classmethod(lambda cls, v: _kind(v)))
+    _count = field_validator("calls_per_run", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
 
 
 class OptionalSteps(_Scoped):
@@ -166,7 +199,6 @@ class OptionalSteps(_Scoped):
     below: float
 
     _below = field_validator("below")(classmethod(lambda cls, v: _fraction(v)))
-    _level = field_validator("level")(classmethod(lambda cls, v: _kind(v, star=True)))
 
 
 class RiskRule(_Scoped):
@@ -191,8 +223,10 @@ class RateLimit(_Rule):
     scope: str
     kind: str
     name: str | None = None
-    limit: int = Field(ge=0, le=MAX_AMOUNT, strict=True)
+    limit: int = Field(ge=0)
     per: Literal["minute", "hour", "day", "week", "month"] = "minute"
+
+    _count = field_validator("limit", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
 
     @field_validator("scope")
     @classmethod
@@ -246,8 +280,22 @@ def _unique_keys_loader() -> Any:
     if _loader is None:
         import yaml
 
+        merge = "tag:yaml.org,2002:merge"
+
         class UniqueKeys(yaml.SafeLoader):
+            def __init__(self, stream: Any) -> None:
+                super().__init__(stream)
+                self.merged: set[int] = set()  # mappings with a merge key ("<<: *anchor")
+
+            def flatten_mapping(self, node: Any) -> None:
+                if any(key_node.tag == merge for key_node, _ in node.value):
+                    self.merged.add(id(node))
+                super().flatten_mapping(node)
+
             def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+                if id(node) in self.merged or any(key_node.tag == merge for key_node, _ in node.value):
+                    # Merged keys may be overridden by the mapping's own: a key twice by design.
+                    return super().construct_mapping(node, deep=deep)
                 seen = set()
                 for key_node, _ in node.value:
                     key = self.construct_object(key_node, deep=deep)
@@ -283,12 +331,18 @@ class PolicyDocument(_Rule):
         return [parse_scope(scope).path for scope in value]
 
     @classmethod
-    def parse(cls, data: Any) -> PolicyDocument:
-        """Validate a mapping (from YAML, TOML or JSON); raise :class:`InvalidRequest` if malformed."""
+    def parse(cls, data: Any, *, stored: bool = False) -> PolicyDocument:
+        """Validate a mapping (from YAML, TOML or JSON); raise :class:`InvalidRequest` if malformed.
+        ``stored``: a document read back from a store, which an earlier version may have written:
+        checked as that version did (see ``_as_written_problems``)."""
         try:
-            return cls.model_validate(data)
+            document = cls.model_validate(data)
         except ValidationError as error:
             raise InvalidModel("policy", error) from None
+        problems = [] if stored else _as_written_problems(document)
+        if problems:
+            raise InvalidRequest("invalid policy: " + "; ".join(problems))
+        return document
 
     @classmethod
     def load(cls, path: str | Path) -> PolicyDocument:
@@ -303,7 +357,7 @@ class PolicyDocument(_Rule):
         return cls.loads(text, file.suffix.lower().lstrip(".") or "yaml")
 
     @classmethod
-    def loads(cls, text: str, fmt: str = "yaml") -> PolicyDocument:
+    def loads(cls, text: str, fmt: str = "yaml", *, stored: bool = False) -> PolicyDocument:
         try:
             if fmt == "toml":
                 data: Any = tomllib.loads(text)  # (TOML refuses a key given twice itself)
@@ -317,7 +371,7 @@ class PolicyDocument(_Rule):
             raise InvalidRequest(f"policy is not valid {fmt}: {_one_line(error)}") from None
         if data is None:
             data = {}
-        return cls.parse(data)
+        return cls.parse(data, stored=stored)
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_defaults=True)

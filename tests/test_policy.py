@@ -1283,3 +1283,32 @@ def test_policy_documents_refuse_what_could_never_work(text: str, fmt: str, foun
     scope grammar)."""
     with pytest.raises(InvalidRequest, match=found):
         PolicyDocument.loads(text, fmt)
+
+
+def test_policy_documents_as_written_before_still_read() -> None:
+    """YAML merge keys repeat keys by design; whole numbers written 60.0 were always counts."""
+    merged = PolicyDocument.loads(
+        "budgets:\n"
+        "  - &monthly {scope: 'tenant:acme', unit: usd, limit: 500, period: month}\n"
+        "  - {<<: *monthly, scope: 'tenant:globex'}\n"
+    )
+    assert [b.scope for b in merged.budgets] == ["tenant:acme", "tenant:globex"]
+    counts = PolicyDocument.loads(
+        "tools: {calls_per_run: 20.0}\nrate_limits: [{scope: 'tenant:a', kind: tool_call, limit: 60.0}]"
+    )
+    assert counts.tools.calls_per_run == 20 and counts.rate_limits[0].limit == 60
+
+
+def test_a_policy_stored_by_an_earlier_version_is_still_read_by_workers() -> None:
+    """Checks added for documents as written (a rule's kind in the scope grammar, say) must not
+    make a policy an earlier version applied unreadable: every fresh worker failed closed on every
+    call until the policy was fixed (found in review)."""
+    from clearance.stores.memory import MemoryStore
+
+    store = MemoryStore()
+    stored = '{"optional":[{"level":"Workflow","below":0.2}],"tools":{"calls_per_run":100000000000000000000000}}'
+    store.put_policy(stored, 0.0)
+    worker = Authority(store)
+    assert worker.reserve(Action.tool_call("calc"), RUN).allowed  # (its count clipped to what stores hold)
+    with pytest.raises(InvalidRequest, match="not a scope kind"):
+        PolicyDocument.loads('{"optional":[{"level":"Workflow","below":0.2}]}', "json")

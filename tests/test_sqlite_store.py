@@ -820,3 +820,37 @@ def test_a_signal_handler_may_read_the_ledger_while_its_thread_reads(tmp_path: P
         signal.signal(signal.SIGUSR1, previous)
     assert versions
     store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
+def test_a_signal_handler_reading_while_a_fork_waits_for_its_thread_does_not_deadlock(tmp_path: Path) -> None:
+    """A fork waits for this thread's read; a handler reading inside that read waited for the
+    fork: each for the other (found in review). A nested read does not wait for a fork."""
+    import signal
+    import threading
+
+    store = SQLiteStore(str(tmp_path / "ledger.db"))
+    got: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(store.policy_version()))
+    forked = threading.Event()
+
+    def forker() -> None:
+        pid = os.fork()  # waits for the main thread's read below
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        forked.set()
+
+    try:
+        with store._read() as db:
+            db.execute("SELECT 1").fetchall()
+            thread = threading.Thread(target=forker, daemon=True)
+            thread.start()
+            time.sleep(0.3)  # the fork holds the gate now, waiting for this read
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+            time.sleep(0.1)  # (the handler runs here, inside the read)
+        assert got == [0]
+        assert forked.wait(10)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    store.close()

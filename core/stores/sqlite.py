@@ -185,8 +185,9 @@ class _Readers:
     @contextmanager
     def sharing(self) -> Iterator[None]:
         mine = self._mine()
-        with self._gate:  # (held by a fork under way: wait for it)
-            pass
+        if not mine._is_owned():  # type: ignore[attr-defined]  # (a nested read — a signal handler's —
+            with self._gate:  # must not wait for a fork that waits for this thread's outer read)
+                pass  # (held by a fork under way: wait for it)
         with mine:
             yield
 
