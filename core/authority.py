@@ -600,6 +600,8 @@ class Authority:
         self._emergency = _emergency_cap_for(self.store.url, limits)
         if policy is not None and not isinstance(policy, Policy):
             raise InvalidRequest(f"policy must be a clearance.Policy, got {type(policy).__name__}")
+        if policy is not None:
+            policy.document.check_as_written()
         if not all(callable(rule) for rule in rules):
             raise InvalidRequest("rules must be callables rule(action, scope, proposal)")
         if isinstance(policy_refresh, bool) or not isinstance(policy_refresh, int | float) or not policy_refresh >= 0:
@@ -876,6 +878,7 @@ class Authority:
         """A policy's budgets, the whole document validated first: bad input changes nothing."""
         if not isinstance(document, PolicyDocument):
             raise InvalidRequest(f"expected a PolicyDocument, got {type(document).__name__}")
+        document.check_as_written()  # (one built in Python skipped parse's checks)
         # Entries on one scope, unit and window (two budgets, two rate limits, a budget on a rate
         # limit's unit) share one counter: every one binds, so the tightest is the budget (written
         # one after another, the last would win).

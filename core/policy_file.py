@@ -283,28 +283,28 @@ def _unique_keys_loader() -> Any:
         merge = "tag:yaml.org,2002:merge"
 
         class UniqueKeys(yaml.SafeLoader):
+            """Every mapping is flattened (its merge keys, ``<<: *anchor``, resolved) before it is
+            built — sometimes early, when another mapping merges it: its own keys are checked then,
+            once, before merged ones join them (those a key of its own may override, by design)."""
+
             def __init__(self, stream: Any) -> None:
                 super().__init__(stream)
-                self.merged: set[int] = set()  # mappings with a merge key ("<<: *anchor")
+                self.checked: set[int] = set()
 
             def flatten_mapping(self, node: Any) -> None:
-                if any(key_node.tag == merge for key_node, _ in node.value):
-                    self.merged.add(id(node))
+                if id(node) not in self.checked:
+                    self.checked.add(id(node))
+                    seen = set()
+                    for key_node, _ in node.value:
+                        if key_node.tag == merge:
+                            continue
+                        key = self.construct_object(key_node)
+                        if key in seen:
+                            raise yaml.constructor.ConstructorError(
+                                None, None, f"the key {key!r} is given twice", key_node.start_mark
+                            )
+                        seen.add(key)
                 super().flatten_mapping(node)
-
-            def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-                if id(node) in self.merged or any(key_node.tag == merge for key_node, _ in node.value):
-                    # Merged keys may be overridden by the mapping's own: a key twice by design.
-                    return super().construct_mapping(node, deep=deep)
-                seen = set()
-                for key_node, _ in node.value:
-                    key = self.construct_object(key_node, deep=deep)
-                    if key in seen:
-                        raise yaml.constructor.ConstructorError(
-                            None, None, f"the key {key!r} is given twice", key_node.start_mark
-                        )
-                    seen.add(key)
-                return super().construct_mapping(node, deep=deep)
 
         _loader = UniqueKeys
     return _loader
@@ -339,9 +339,8 @@ class PolicyDocument(_Rule):
             document = cls.model_validate(data)
         except ValidationError as error:
             raise InvalidModel("policy", error) from None
-        problems = [] if stored else _as_written_problems(document)
-        if problems:
-            raise InvalidRequest("invalid policy: " + "; ".join(problems))
+        if not stored:
+            document.check_as_written()
         return document
 
     @classmethod
@@ -372,6 +371,14 @@ class PolicyDocument(_Rule):
         if data is None:
             data = {}
         return cls.parse(data, stored=stored)
+
+    def check_as_written(self) -> None:
+        """Raise :class:`InvalidRequest` for what a document written today must not say (see
+        ``_as_written_problems``): ``parse``/``load`` check it; a document built in Python is
+        checked when it is applied or given to an Authority."""
+        problems = _as_written_problems(self)
+        if problems:
+            raise InvalidRequest("invalid policy: " + "; ".join(problems))
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_defaults=True)

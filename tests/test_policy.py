@@ -1312,3 +1312,20 @@ def test_a_policy_stored_by_an_earlier_version_is_still_read_by_workers() -> Non
     assert worker.reserve(Action.tool_call("calc"), RUN).allowed  # (its count clipped to what stores hold)
     with pytest.raises(InvalidRequest, match="not a scope kind"):
         PolicyDocument.loads('{"optional":[{"level":"Workflow","below":0.2}]}', "json")
+
+
+def test_a_key_given_twice_beside_a_merge_key_is_refused() -> None:
+    text = "budgets:\n  - &m {scope: 'tenant:acme', unit: usd, limit: 500}\n  - {<<: *m, limit: 100, limit: 100000}\n"
+    with pytest.raises(InvalidRequest, match="given twice"):
+        PolicyDocument.loads(text)
+    top = "<<: {version: 1}\nbudgets: []\nbudgets: [{scope: 'tenant:a', unit: usd, limit: 5000}]\n"
+    with pytest.raises(InvalidRequest, match="given twice"):
+        PolicyDocument.loads(top)
+
+
+def test_a_policy_built_in_python_is_checked_as_written_when_applied() -> None:
+    document = PolicyDocument(optional=[{"level": "Workflow", "below": 0.2}])  # type: ignore[list-item]
+    with pytest.raises(InvalidRequest, match="not a scope kind"):
+        Authority().apply_policy(document)
+    with pytest.raises(InvalidRequest, match="not a scope kind"):
+        Authority(policy=Policy(document))
