@@ -501,7 +501,9 @@ def _settled(reservation: ReservationRef, settlement: Settlement) -> Settlement:
     it: a guard whose block released or committed its reservation itself leaves it so."""
     if isinstance(reservation, Reservation):
         reservation.status = settlement.status
-        if settlement.status == "committed":
+        # (a release of a committed reservation answers "committed" with nothing charged by it:
+        # what was committed stays as it was)
+        if settlement.status == "committed" and (settlement.charged_steps or not settlement.replayed):
             reservation.committed_steps, reservation.flags = settlement.charged_steps, settlement.flags
     return settlement
 

@@ -403,3 +403,17 @@ def test_failing_open_onto_a_later_plan_without_caps_says_so() -> None:
     for decision in (first, retry):
         assert decision.outcome is Outcome.ALLOW_WITH_CAPS and decision.caps == Caps()
         assert [r.code for r in decision.reasons] == ["fail_open", "plan_selected"]
+
+
+def test_releasing_a_committed_reservation_keeps_what_it_says_was_committed() -> None:
+    """A block that commits and then releases in its clean-up: the release is a replay; the
+    Reservation (and the guard's settlement) kept saying nothing was committed (found in review)."""
+    authority = Authority()
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    with authority.guard(ACTION, SCOPE) as grant:
+        assert grant.reservation is not None
+        authority.commit(grant.reservation, {"usd": "0.3"})
+        authority.release(grant.reservation)
+    assert grant.reservation.committed == {"usd": Decimal("0.3")}
+    assert grant.settlement is not None and grant.settlement.charged == {"usd": Decimal("0.3")}
+    assert authority.balance("tenant:acme")["usd"].spent == Decimal("0.3")
