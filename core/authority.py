@@ -511,9 +511,9 @@ def _settled(reservation: ReservationRef, settlement: Settlement) -> Settlement:
 def _settled_by_block(grant: Grant, reservation: Reservation) -> bool:
     """Whether the guard's block released or committed the reservation itself (through this
     Authority, given the Reservation; a release that found it expired too): then the guard leaves
-    it as it is — committing the held
-    amounts after a release charged an action that never ran. (A block that only ``settle()``s
-    is committed by the guard, after a release too: money spent is spent.)"""
+    it as it is — committing the held amounts after a release charged an action that never ran.
+    (A block that only ``settle()``s is committed by the guard, after a release too: money spent is
+    spent.)"""
     if grant._actual is not None or reservation.status not in ("released", "committed", "expired"):
         return False
     grant.settlement = Settlement(
@@ -797,9 +797,7 @@ class Authority:
             rule = plans[index].rule if plans else None
             message = f"plan {index + 1} of {count} fits the emergency cap" + (f" ({rule})" if rule else "")
             reasons.append(Reason("plan_selected", message, scope.path, plan=index, rule=rule))
-        return Decision(
-            outcome, scope.path, action.label, reservation, caps, tuple(reasons), (), index, Mode.FAIL_OPEN
-        )
+        return Decision(outcome, scope.path, action.label, reservation, caps, tuple(reasons), (), index, Mode.FAIL_OPEN)
 
     def _local_replay(
         self, request: HoldRequest, action: Action, scope: Scope, plans: tuple[Plan, ...] | None
@@ -881,19 +879,9 @@ class Authority:
         if not isinstance(document, PolicyDocument):
             raise InvalidRequest(f"expected a PolicyDocument, got {type(document).__name__}")
         document.check_as_written()  # (one built in Python skipped parse's checks)
-        # Entries on one scope, unit and window (two budgets, two rate limits, a budget on a rate
-        # limit's unit) share one counter: every one binds, so the tightest is the budget (written
-        # one after another, the last would win).
-        limits: dict[tuple[str, str, str | None], Decimal] = {}
-        entries: list[tuple[str, str, str | None, Decimal]] = [
-            (entry.scope, entry.unit, None if entry.period is None else str(entry.period), entry.limit)
-            for entry in document.budgets
+        budgets = [
+            Budget(scope, unit, limit, period) for (scope, unit, period), limit in document.budget_limits().items()
         ]
-        entries += [(rate.scope, rate.unit, rate.per, Decimal(rate.limit)) for rate in document.rate_limits]
-        for scope, unit, period, limit in entries:
-            key = (scope, unit, period)
-            limits[key] = min(limit, limits.get(key, limit))
-        budgets = [Budget(scope, unit, limit, period) for (scope, unit, period), limit in limits.items()]
         Policy(document, rules=self._rules)
         return budgets
 

@@ -380,5 +380,17 @@ class PolicyDocument(_Rule):
         if problems:
             raise InvalidRequest("invalid policy: " + "; ".join(problems))
 
+    def budget_limits(self) -> dict[tuple[str, str, str | None], Decimal]:
+        """The budgets the document writes, ``(scope, unit, period) -> limit``. Entries on one
+        counter (two budgets, two rate limits, a budget on a rate limit's unit) all bind, so the
+        tightest is the budget (written one after another, the last would win)."""
+        limits: dict[tuple[str, str, str | None], Decimal] = {}
+        entries = [(e.scope, e.unit, None if e.period is None else e.period.value, e.limit) for e in self.budgets]
+        entries += [(rate.scope, rate.unit, rate.per, Decimal(rate.limit)) for rate in self.rate_limits]
+        for scope, unit, period, limit in entries:
+            key = (scope, unit, period)
+            limits[key] = min(limit, limits.get(key, limit))
+        return limits
+
     def to_json(self) -> str:
         return self.model_dump_json(exclude_defaults=True)

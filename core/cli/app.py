@@ -309,10 +309,6 @@ def apply_policy(ctx: typer.Context, file: PolicyFile, store: StoreOption = None
                 raise _fail(f"{error}: nothing was applied", 2) from None
             version = authority.apply_policy(document)
     _warn_unpriced(document)
-    # (a rate limit and a budget entry, or two rate limits, on one counter are one budget)
-    budgets = len(
-        {(b.scope, b.unit, b.period.value if b.period else "") for b in document.budgets}
-        | {(r.scope, r.unit, r.per) for r in document.rate_limits}
-    )
+    budgets = len(document.budget_limits())  # (entries on one counter are one budget)
     written = f"{budgets} budget{'' if budgets == 1 else 's'} written"
     out.print(Text(f"applied {file} as policy version {version} ({written})"))
