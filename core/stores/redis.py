@@ -1433,17 +1433,32 @@ class RedisStore(Store):
             )
         return events
 
+    def _reading_began(self) -> int:
+        """A seq below which every event that will ever be written already is: scripts run one at a
+        time on a node and take their event ids from its clock (never below it), so one with an id
+        below a node's TIME was written before that TIME. A cluster's nodes have clocks of their own:
+        the least of its primaries' (an event of a node whose clock runs ahead waits for the others)."""
+        if not self.cluster:
+            seconds, micros = self._keyed(self._roots_key, lambda client: client.time())
+            return (int(seconds) * 1_000_000 + int(micros)) * _SEQ_SPLIT
+        try:
+            client = self._client
+            times = client.time(target_nodes=client.PRIMARIES)  # {node: (seconds, micros)}
+        except _ERRORS as error:
+            raise _unavailable(error) from error
+        except Exception as error:
+            raise _unavailable(_cluster_broke(error)) from error
+        if not isinstance(times, dict):  # one primary: redis-py answers it alone
+            times = {"": times}
+        return min((int(s) * 1_000_000 + int(us)) * _SEQ_SPLIT for s, us in times.values())
+
     def events(self, after: int, limit: int, scope: str | None, newest: bool = False) -> list[AuditEvent]:
         # Streams are read one after another: an event written meanwhile into one read already, with
         # a lower seq than one read later, would fall below the caller's next ``after`` (a follower
         # skipped it). So only events written before the reading began (the tenants listed after
-        # it): every script that wrote one ran before this TIME (scripts run one at a time and take
-        # their ids from the server's clock). (A cluster's nodes have clocks of their own: no such
-        # bound there. After the server's clock steps back, new events wait until it catches up.)
-        below = 0
-        if scope is None and not self.cluster:
-            seconds, micros = self._keyed(self._roots_key, lambda client: client.time())
-            below = (int(seconds) * 1_000_000 + int(micros)) * _SEQ_SPLIT
+        # it): see _reading_began. (After a server's clock steps back, new events wait until it
+        # catches up.)
+        below = self._reading_began() if scope is None else 0
         roots = [parse_scope(scope).root] if scope is not None else [*self._roots(), _GLOBAL_ROOT]
         found: list[AuditEvent] = []
         for root in roots:  # each tenant's stream, from its start or (newest) from its end, then merged
