@@ -206,10 +206,11 @@ def choose_plan(plans: Sequence[PlanSpec], chain: Sequence[str], budgets: Sequen
     naming its unit, even with amount 0. The chosen holds are returned as indexes into ``budgets``.
     """
     choice = Choice(plan_index=-1)
-    need = dict(plans[0].amounts) if len(plans) == 1 else {}
+    need = dict(plans[0].amounts)
     if need and len(need) == len(plans[0].amounts) and not any(plans[0].headroom_ppm):
-        # The usual reserve: one plan (each unit once), no thresholds. One pass; on any misfit the
-        # general loop below works out the rejection.
+        # The usual reserve: the first plan (each unit once, no thresholds) fits, whatever later
+        # rungs the ladder has. One pass; on any misfit the general loop below works out the
+        # rejections and tries the later plans.
         fits: list[tuple[int, int]] = []
         for position, account in enumerate(budgets):
             amount = need.get(account[1])

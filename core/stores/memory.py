@@ -421,8 +421,10 @@ class MemoryStore(Store):
     # --- reservations --------------------------------------------------------------------------
     def hold(self, request: HoldRequest) -> HoldResult:
         plans = request.plans
-        simple = len(plans) == 1 and not request.probes and not any(plans[0].headroom_ppm)
-        if simple:
+        # The usual reserve: its first plan fits and demands no headroom. One pass holds it, whatever
+        # later rungs the ladder has (they are only reported: see _hold_fitting).
+        simple = not request.probes and not any(plans[0].headroom_ppm)
+        if simple and len(plans) == 1:
             units: object = dict(plans[0].amounts)
         else:
             units = {u for plan in plans for u, _ in plan.amounts}.union(request.probes)
@@ -442,7 +444,7 @@ class MemoryStore(Store):
                     states = self._peek_states(request.chain, units, kept.windows)
                     return HoldResult(kept.id, kept.plan_index, kept.expires_at, tuple(states), (), replayed=True)
             if simple:
-                fitted = self._hold_fitting(request, units)  # type: ignore[arg-type]
+                fitted = self._hold_fitting(request, dict(plans[0].amounts) if len(plans) > 1 else units, units)  # type: ignore[arg-type]
                 if fitted is not None:
                     return fitted
             states, refs = self._chain_budgets(request.chain, units, request.windows)
@@ -466,15 +468,19 @@ class MemoryStore(Store):
             self._keep(request, index, holds)
         return HoldResult(request.reservation_id, index, request.expires_at, tuple(after), tuple(choice.rejections))
 
-    def _hold_fitting(self, request: HoldRequest, need: dict[str, int]) -> HoldResult | None:
-        """One plan, no thresholds: check and hold in a single pass over the chain (undone if a
-        later level does not fit). ``None`` when something does not fit — the general path then
-        works out the rejections."""
+    def _hold_fitting(self, request: HoldRequest, need: dict[str, int], units: object) -> HoldResult | None:
+        """The first plan, no thresholds: check and hold it in a single pass over the chain (undone
+        if a later level does not fit). ``None`` when something does not fit — the general path then
+        works out the rejections and the later plans. ``units``: every unit of the ladder, whose
+        budgets are reported as the general path reports them (``need`` itself for one plan)."""
         holds: list[tuple[_Budget, str, list[int], int]] = []
         after: list[tuple[str, str, str, str, int, int, int]] = []  # plain values: no store objects kept
         for budget, window, counters in self._refs_of(request.chain, request.windows):
             steps = need.get(budget.unit)
             if steps is None:
+                if budget.unit in units:  # type: ignore[operator]  # a unit only a later plan names
+                    spent, held = counters
+                    after.append((budget.scope, budget.unit, budget.period, window, budget.limit, spent, held))
                 continue
             spent, held = counters
             limit = budget.limit

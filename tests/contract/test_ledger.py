@@ -121,6 +121,26 @@ def test_first_plan_fitting_is_plain_allow(authority: Authority) -> None:
     assert decision.caps is None
 
 
+def test_a_first_rung_that_fits_reports_the_units_later_rungs_name(authority: Authority) -> None:
+    """The usual ladder reserve (its first plan fits) takes a one-pass path on the embedded stores;
+    its headroom still shows every unit of the ladder, as a reserve taking a later rung does."""
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    authority.set_budget(Budget("tenant:acme/workspace:eu", "tokens", 1000))
+    authority.set_budget(Budget("tenant:acme/workspace:eu", "calls", 5))
+    plans = [Plan({"usd": 1}), Plan({"tokens": 100}, caps=Caps(model="mini")), Plan({"calls": 1})]
+    first = authority.reserve(usd(1), CHAIN, plans=plans)
+    assert first.outcome is Outcome.ALLOW and first.plan_index == 0
+    assert sorted((a.scope, a.unit, a.spent, a.held) for a in first.accounts) == [
+        ("tenant:acme", "usd", 0, 1_000_000_000),
+        ("tenant:acme/workspace:eu", "calls", 0, 0),
+        ("tenant:acme/workspace:eu", "tokens", 0, 0),
+    ]
+    authority.set_budget(Budget("tenant:acme", "usd", 1))  # the first rung no longer fits
+    second = authority.reserve(usd(1), CHAIN, plans=plans)
+    assert second.plan_index == 1
+    assert sorted((a.scope, a.unit) for a in second.accounts) == sorted((a.scope, a.unit) for a in first.accounts)
+
+
 def test_min_headroom_per_level(authority: Authority) -> None:
     authority.set_budget(Budget("tenant:acme", "usd", 100))
     authority.set_budget(Budget("tenant:acme/workspace:eu/app:support/workflow:triage", "usd", 10))
