@@ -468,6 +468,10 @@ class RedisStore(Store):
         self._cap = str(int(audit_capacity))
         self._batch = int(reclaim_batch)
         self._config = f"{_float(retention)} {self._cap} {self._batch} {_float(max_clock_skew)}"
+        # A process's first call on a tenant checks the user's permissions first (see common.lua);
+        # tenants whose call has since succeeded skip it.
+        self._config_first = self._config + " 1"
+        self._permitted: set[str] = set()
         self._timeouts = (float(socket_timeout), float(connect_timeout))
         self._max_connections = int(max_connections)
         self._options = dict(redis_options)
@@ -848,6 +852,9 @@ class RedisStore(Store):
         client, scripts = self._sync_client()
         script = scripts[name]
         started = time.monotonic()
+        first = root not in self._permitted
+        if first:
+            args[1] = self._config_first
         try:
             reply = self._evalsha(client, script, root, args)
         except redis.ConnectionError as error:
@@ -862,11 +869,19 @@ class RedisStore(Store):
                 raise _unavailable(again, error) from again
         except _ERRORS as error:
             raise _unavailable(error) from error
+        if first:
+            self._permit(root)
         if self._in_doubt:
             self._settle_in_doubt(root, args[0])
         if not self._eviction_checked:
             self._check_eviction(client)
         return reply
+
+    def _permit(self, root: str) -> None:
+        """``root``'s scripts ran with the permission check: later calls skip it."""
+        if len(self._permitted) >= 65536:
+            self._permitted.clear()  # (bounded: checking a tenant again costs a microsecond)
+        self._permitted.add(root)
 
     async def _aevalsha(self, client: Any, script: Any, root: str, args: list[str], lender: AsyncLender) -> Any:
         """:meth:`_evalsha` for asyncio: the same hand-packed command, on a connection lent by this
@@ -934,6 +949,9 @@ class RedisStore(Store):
         client, scripts, lender = await self._async_client()
         script = scripts[name]
         started = time.monotonic()
+        first = root not in self._permitted
+        if first:
+            args[1] = self._config_first
         try:
             reply = await self._aevalsha(client, script, root, args, lender)
         except redis.ConnectionError as error:
@@ -948,6 +966,8 @@ class RedisStore(Store):
                 raise _unavailable(again, error) from again
         except _ERRORS as error:
             raise _unavailable(error) from error
+        if first:
+            self._permit(root)
         if self._in_doubt:
             await self._asettle_in_doubt(client, scripts, lender, root, args[0])
         if not self._eviction_checked:

@@ -7,10 +7,11 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 import redis as redis_py
 import redis.cluster
 
-from clearance import Action, Authority, Budget
+from clearance import Action, Authority, Budget, StoreUnavailable
 from clearance.policy_file import PolicyDocument
 from clearance.stores.redis import RedisStore
 
@@ -109,5 +110,50 @@ def test_the_documented_acl_user_can_do_everything_on_a_cluster(redis_cluster_ur
     finally:
         for node in primaries:
             raw.get_redis_connection(node).execute_command("ACL", "DELUSER", user)
+        raw.close()
+        store.close()
+
+
+@pytest.mark.parametrize("missing", ["+xadd", "+time", "+@sortedset"])
+def test_a_user_missing_a_permission_changes_nothing(redis_url: str, missing: str) -> None:
+    """Redis keeps a script's writes when a later command is refused, and the audit (XADD, TIME)
+    comes last: a user lacking one permission had a denied reserve's hold written all the same
+    (the budget stayed taken until its TTL), and a commit or release that raised applied without
+    its audit event. A process's first call on a tenant now checks every permission first."""
+    store = RedisStore.from_url(redis_url)
+    prefix = store.key_prefix
+    raw = redis_py.Redis.from_url(store.url)
+    words = [("~" + prefix + "*") if w == "~clearance:*" else w for w in documented_acl(cluster=False)]
+    if missing == "+@sortedset":
+        words = [w for w in words if w != missing] + ["+zscore"]  # some of the family only
+    else:
+        words.remove(missing)
+    user = f"acllack{prefix.rstrip(':')}"
+    raw.execute_command("ACL", "SETUSER", user, *words[1:])
+    good = Authority(redis_url)
+    try:
+        good.set_budget(Budget("tenant:lack", "usd", 5))
+        lacking = Authority(store.url.replace("redis://", f"redis://{user}:s3cret@", 1) + f"?key_prefix={prefix}")
+        step = Action("step", "s", {"usd": 1})
+        for _ in range(3):
+            denied = lacking.reserve(step, "tenant:lack")
+            assert [r.code for r in denied.reasons] == ["store_unavailable"]
+            assert "may not run" in denied.reasons[0].message
+        assert good.balance("tenant:lack")["usd"].held == 0
+        assert good.reservations("tenant:lack") == []
+        held = good.reserve(step, "tenant:lack").reservation
+        assert held is not None
+        with pytest.raises(StoreUnavailable, match="may not run"):
+            lacking.commit(held, {"usd": "0.5"})
+        with pytest.raises(StoreUnavailable, match="may not run"):
+            lacking.release(held)
+        assert good.reservation(held).status == "held"
+        balance = good.balance("tenant:lack")["usd"]
+        assert (balance.spent, balance.held) == (0, 1)
+        assert [e.kind for e in good.events(scope="tenant:lack")] == ["budget_set", "hold"]
+        lacking.close()
+    finally:
+        good.close()
+        raw.execute_command("ACL", "DELUSER", user)
         raw.close()
         store.close()

@@ -36,7 +36,31 @@
 local K_LEDGER, K_RES, K_DUE, K_LOG = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local NOW = ARGV[1]
 local NOW_N = tonumber(NOW)
-local RETENTION, CAP, BATCH, MAX_SKEW = string.match(ARGV[2], '^(%S+) (%S+) (%S+) (%S+)$')
+local RETENTION, CAP, BATCH, MAX_SKEW, FIRST = string.match(ARGV[2], '^(%S+) (%S+) (%S+) (%S+) ?(%S*)$')
+
+-- A process's first call on a tenant (ARGV[2] ends in ' 1') first checks that the Redis user may run
+-- every command these scripts use, on these keys. Redis does not undo a script's writes when a later
+-- command is refused, and the audit (XADD, TIME) comes last: a user lacking one permission would have
+-- a denied reserve's hold written all the same, or a commit that raised without its audit event.
+-- (Once per tenant and process: a user's permissions narrowed while workers run reach only their
+-- new tenants, until they restart. Redis before 7.0 has no acl_check_cmd: nothing is checked.)
+if FIRST == '1' and redis.acl_check_cmd then
+  local needed = {
+    {'HGET', K_LEDGER, 'f'}, {'HMGET', K_LEDGER, 'f'}, {'HGETALL', K_LEDGER}, {'HSET', K_LEDGER, 'f', 'v'},
+    {'HINCRBY', K_LEDGER, 'f', '1'}, {'HDEL', K_LEDGER, 'f'},
+    {'HGET', K_RES, 'f'}, {'HSET', K_RES, 'f', 'v'}, {'HDEL', K_RES, 'f'},
+    {'ZSCORE', K_DUE, 'm'}, {'ZRANGE', K_DUE, '0', '-1'}, {'ZRANGEBYSCORE', K_DUE, '0', '1'},
+    {'ZREVRANGEBYSCORE', K_DUE, '1', '0'}, {'ZADD', K_DUE, '1', 'm'}, {'ZREM', K_DUE, 'm'},
+    {'XADD', K_LOG, '*', 'f', 'v'}, {'XINFO', 'STREAM', K_LOG}, {'TIME'},
+  }
+  for _, command in ipairs(needed) do
+    if not redis.acl_check_cmd(unpack(command)) then
+      local key = command[1] == 'XINFO' and command[3] or command[2]
+      error({err = 'NOPERM clearance: this Redis user may not run ' .. command[1] .. (key and ' on ' .. key or '')
+        .. ' (nothing was written; see the ACL line in docs/redis.md)'})
+    end
+  end
+end
 
 -- The server's clock, read at most once per script (audit ids, window pruning, the skew check).
 local server_time = nil
