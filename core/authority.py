@@ -60,6 +60,7 @@ logger = logging.getLogger("clearance")
 
 _T = TypeVar("_T")
 _Op = tuple[str, tuple[Any, ...]]
+_FIRST_POLICY = "first policy"  # a flow's op for the first policy read (not a store method)
 """A store operation a flow asks its driver to run: (method name, arguments)."""
 
 Clock = Callable[[], float]
@@ -616,6 +617,7 @@ class Authority:
         self._policy_version = 0
         self._policy_checked = -math.inf
         self._policy_known = False  # a policy version has been read from the store
+        self._first_reads: dict[asyncio.AbstractEventLoop, asyncio.Task[Policy | None]] = {}  # in flight, per loop
         self._policy_resets = 0  # apply_policy's "read it again now": a read under way must not undo it
         self._policy_lock = threading.Lock()  # installs a policy read: never an older one over a newer
         self._policy_unreadable: tuple[int, str] | None = None  # a stored version this worker cannot parse
@@ -897,11 +899,39 @@ class Authority:
 
     def _policy_flow(self) -> Generator[_Op, Any, Policy | None]:
         """The policy in force, read again when its refresh is due. Until this process has read the
-        store's policy once, every caller reads it (no decision is made as if there were none while
-        the first read is under way), and a failed first read raises StoreUnavailable: a decision
+        store's policy once, every caller waits for a read (no decision is made as if there were
+        none while the first read is under way; on asyncio the tasks of a loop share one: see
+        :meth:`_first_policy_read`), and a failed first read raises StoreUnavailable: a decision
         is then store trouble, not one made without the policy."""
         if self._fixed_policy is not None:
             return self._fixed_policy
+        if not self._policy_known:
+            first: Policy | None = yield (_FIRST_POLICY, ())  # (the drivers run _policy_read_flow for it)
+            return first
+        return (yield from self._policy_read_flow())
+
+    def _first_policy_read(self) -> Awaitable[Policy | None]:
+        """The first read of the store's policy, shared by every task of the running event loop that
+        waits for it: a task cancelled meanwhile (``asyncio.wait_for``, say) leaves it running for
+        the others. Each reading its own, a crowd of agents on short timeouts cancelled every read
+        (each cancel also drops its connection mid-reply) and no decision was made for seconds."""
+        loop = asyncio.get_running_loop()
+        task = self._first_reads.get(loop)
+        if task is None or task.done():
+            task = loop.create_task(self._arun(self._policy_read_flow()))
+            self._first_reads[loop] = task
+
+            def done(finished: asyncio.Task[Policy | None]) -> None:
+                if self._first_reads.get(loop) is finished:
+                    del self._first_reads[loop]
+                if not finished.cancelled():
+                    finished.exception()  # retrieved: its waiters may all have been cancelled
+
+            task.add_done_callback(done)
+        return asyncio.shield(task)
+
+    def _policy_read_flow(self) -> Generator[_Op, Any, Policy | None]:
+        """:meth:`_policy_flow`'s read: the version, then the policy if it changed."""
         checked = time.monotonic()
         known = self._policy_known
         resets = self._policy_resets
@@ -1254,7 +1284,10 @@ class Authority:
             name, args = next(flow)
             while True:
                 try:
-                    value = getattr(store, name)(*args)
+                    if name == _FIRST_POLICY:
+                        value = self._run(self._policy_read_flow())
+                    else:
+                        value = getattr(store, name)(*args)
                 except (StoreUnavailable, NotImplementedError, ReservationNotFound) as error:
                     name, args = flow.throw(error)  # (a flow that does not catch it raises it on)
                 else:
@@ -1273,8 +1306,12 @@ class Authority:
             name, args = next(flow)
             while True:
                 try:
-                    call = getattr(store, "a" + name)(*args)
-                    value = await (_finished(call, args[0]) if name == "release" else call)
+                    value: Any
+                    if name == _FIRST_POLICY:
+                        value = await self._first_policy_read()
+                    else:
+                        call = getattr(store, "a" + name)(*args)
+                        value = await (_finished(call, args[0]) if name == "release" else call)
                 except (StoreUnavailable, NotImplementedError, ReservationNotFound) as error:
                     name, args = flow.throw(error)  # (a flow that does not catch it raises it on)
                 else:

@@ -610,6 +610,44 @@ def test_a_failed_first_policy_read_is_store_trouble_not_no_policy(fail_open: bo
     assert worker.reserve(plain, RUN).allowed
 
 
+def test_agents_on_short_timeouts_share_the_first_policy_read() -> None:
+    """Until a process has read the store's policy, every decision waits for that read. Each task
+    reading its own, agents whose ``asyncio.wait_for`` timeouts were shorter than the read cancelled
+    every read and no decision was ever made (a cold worker stuck for seconds on a healthy Redis).
+    The tasks of a loop share one read now: cancelled callers leave it running for the next."""
+    import asyncio
+
+    from clearance.stores.memory import MemoryStore
+
+    class SlowPolicyRead(MemoryStore):
+        async def apolicy_version(self) -> int:
+            await asyncio.sleep(0.05)  # longer than any caller below waits
+            return await super().apolicy_version()
+
+    authority = Authority(SlowPolicyRead())
+    authority.set_budget(Budget("tenant:acme", "usd", 1000))
+    step = Action("step", "s", {"usd": 1})
+
+    async def agents() -> int:
+        decided = 0
+        deadline = asyncio.get_running_loop().time() + 5
+
+        async def agent() -> None:
+            nonlocal decided
+            while not decided and asyncio.get_running_loop().time() < deadline:
+                try:
+                    await asyncio.wait_for(authority.areserve(step, RUN), timeout=0.02)
+                except TimeoutError:
+                    continue
+                decided += 1
+
+        await asyncio.gather(*(agent() for _ in range(20)))
+        return decided
+
+    assert asyncio.run(agents()) > 0
+    assert authority._first_reads == {}  # nothing left in flight
+
+
 def test_apply_policy_during_the_first_read_is_seen_by_the_next_decision() -> None:
     """apply_policy asks this process to read the policy again on its next decision; a first read
     that was under way (and got the version before) must not undo that for policy_refresh seconds."""
