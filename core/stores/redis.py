@@ -169,11 +169,16 @@ def _maybe_sent(error: BaseException) -> bool:
 
 
 def _no_connection(error: BaseException) -> bool:
-    """No connection came in time, from the lender or from redis-py's pool: nothing was sent, and
-    waiting again would outlast the timeout."""
-    return isinstance(error, NoConnection) or (
+    """No connection came in time, from the lender or from redis-py's pool (a cluster node's refuses
+    when full): nothing was sent, and waiting again would outlast the timeout."""
+    return isinstance(error, NoConnection | redis.exceptions.MaxConnectionsError) or (
         isinstance(error, redis.ConnectionError) and str(error) == "No connection available."
     )
+
+
+# A cluster call refused by a full node pool waits this long, then twice as long each time (at most
+# the maximum), until connect_timeout: see RedisStore._in_turn.
+_POOL_PAUSE, _POOL_PAUSE_MAX = 0.001, 0.02
 
 
 def _backlog(reply: Any) -> bool:
@@ -598,7 +603,18 @@ class RedisStore(Store):
         lender = self._node_lender(client, key, self._lender.by_node, asynchronous=False)
         permit, _ = lender.borrow(_PERMITS)
         try:
-            return command()
+            pause, deadline = _POOL_PAUSE, time.monotonic() + self._timeouts[1]
+            while True:
+                try:
+                    return command()
+                except redis.exceptions.MaxConnectionsError:
+                    # Turns are taken on the node that owns the slot, but redis-py follows an ASK
+                    # (a slot being migrated) to another node's pool within the call: that pool,
+                    # full, refuses instead of waiting. Nothing was sent: wait, as a turn would.
+                    if time.monotonic() + pause > deadline:
+                        raise
+                    time.sleep(pause)
+                    pause = min(2 * pause, _POOL_PAUSE_MAX)
         finally:
             lender.give_back(_PERMITS, permit)
 
@@ -609,7 +625,15 @@ class RedisStore(Store):
         node_lender = self._node_lender(client, key, lender.by_node, asynchronous=True)
         permit, _ = await node_lender.borrow(_ASYNC_PERMITS)
         try:
-            return await command()
+            pause, deadline = _POOL_PAUSE, time.monotonic() + self._timeouts[1]
+            while True:
+                try:
+                    return await command()
+                except redis.exceptions.MaxConnectionsError:  # followed to a full pool: see _in_turn
+                    if time.monotonic() + pause > deadline:
+                        raise
+                    await asyncio.sleep(pause)
+                    pause = min(2 * pause, _POOL_PAUSE_MAX)
         finally:
             node_lender.give_back(permit)  # (permits need no release: nothing suspends here)
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis as redis_py
-from redis_servers import RedisServer, free_port, require_redis
+from redis_servers import RedisClusterServers, RedisServer, free_port, require_redis
 
 from clearance import Action, Authority, Budget, Mode, Outcome, StoreUnavailable
 from clearance.periods import windows_at
@@ -525,3 +525,69 @@ def test_cluster_connections_closed_under_a_call_are_store_trouble(
     balance = authority.balance("tenant:broken")["calls"]
     assert (balance.spent, balance.held) == (1, 0)
     authority.close()
+
+
+def test_cluster_calls_wait_their_turn_while_a_slot_migrates(redis_cluster: RedisClusterServers) -> None:
+    """Calls take turns per node, on the node that owns the tenant's slot; while the slot migrates
+    (keys moved, the slot still MIGRATING) redis-py follows the ASK to the target node's pool within
+    the call, past the target's own turns: that pool, full, refused instead of waiting
+    (MaxConnectionsError: a third of the reserves of tenants on either node denied store_unavailable,
+    releases raised). They wait now, as a turn would."""
+    prefix = f"ask{time.monotonic_ns()}:"
+    options = f"key_prefix={prefix}&max_clock_skew=0&max_connections=3&connect_timeout=2"
+    authority = Authority(f"{redis_cluster.url}?{options}")
+    admin = {node.port: redis_py.Redis(port=node.port, decode_responses=True) for node in redis_cluster.nodes}
+
+    def owner(tenant: str) -> tuple[int, int]:
+        slot = int(next(iter(admin.values())).cluster("keyslot", f"{{{tenant}}}"))
+        for port, client in admin.items():
+            for first, last, *_ in client.cluster("slots"):
+                if first <= slot <= last and _[0][1] == port:
+                    return slot, port
+        raise AssertionError(slot)
+
+    tenants = [f"tenant:ask{i}" for i in range(40)]
+    for tenant in tenants:
+        authority.set_budget(Budget(tenant, "usd", 1000))
+    moving = tenants[0]
+    slot, source = owner(moving)
+    beside = next(t for t in tenants[1:] if owner(t)[1] != source)
+    target = owner(beside)[1]
+    step = Action("step", "s", {"usd": "0.001"})
+    authority.release(authority.reserve(step, moving).reservation)  # type: ignore[arg-type]  # all 4 keys exist
+    refused: list[str] = []
+    stop = threading.Event()
+
+    def worker(tenant: str) -> None:
+        while not stop.is_set():
+            decision = authority.reserve(step, tenant)
+            if decision.reservation is None:
+                refused.append(f"{tenant}: {decision.reasons[0].message}")
+                continue
+            try:
+                authority.release(decision.reservation)
+            except StoreUnavailable as error:
+                refused.append(f"{tenant} release: {error}")
+
+    ids = {port: client.cluster("myid") for port, client in admin.items()}
+    threads = [threading.Thread(target=worker, args=(t,)) for t in [moving] * 4 + [beside] * 4]
+    admin[target].cluster("setslot", slot, "importing", ids[source])
+    admin[source].cluster("setslot", slot, "migrating", ids[target])
+    try:
+        for key in admin[source].cluster("getkeysinslot", slot, 100):
+            admin[source].execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", key)
+        for thread in threads:
+            thread.start()
+        time.sleep(1.5)  # the ASK window: every call on the moving tenant is redirected
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        for client in admin.values():
+            client.cluster("setslot", slot, "node", ids[target])
+    assert refused == []
+    for tenant in (moving, beside):
+        assert authority.balance(tenant)["usd"].held == 0
+    authority.close()
+    for client in admin.values():
+        client.close()
