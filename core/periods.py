@@ -72,6 +72,21 @@ def window_at(now: float, period: str) -> str:
     return window_of(_windows_of_minute(int(now // 60)), period)
 
 
+_SECONDS = {"minute": 60, "hour": 3600, "day": 86400, "week": 604800}
+
+
+def window_back(now: float, period: str, count: int) -> str:
+    """The id of the window ``count`` windows before ``period``'s window at ``now`` (months by the
+    calendar): the oldest of the ``count + 1`` latest. ``""`` for lifetime."""
+    if period == LIFETIME:
+        return ""
+    if period == "month":
+        t = datetime.fromtimestamp(int(now // 60) * 60, UTC)
+        months = t.year * 12 + t.month - 1 - count
+        return f"{months // 12:04d}-{months % 12 + 1:02d}"
+    return window_at(now - count * _SECONDS[period], period)
+
+
 def _windows_of_minute(minute: int) -> Windows:
     t = datetime.fromtimestamp(minute * 60, UTC)
     iso_year, iso_week, _ = t.isocalendar()

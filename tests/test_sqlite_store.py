@@ -237,6 +237,37 @@ def test_old_period_windows_are_pruned_unless_something_is_held_in_them(tmp_path
     authority.close()
 
 
+def test_a_month_budget_keeps_its_8_latest_months_as_memory_does(tmp_path: Path) -> None:
+    """Pruning took a month for 31 days: from 1 March, 7 x 31 days back is 28 July, so July stayed
+    as a 9th month and a late commit into it was flagged ``overage`` against its old spend — on
+    memory, which keeps the 8 latest months, it was not."""
+    from datetime import UTC, datetime
+
+    def at(text: str) -> float:
+        return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+    clock = FakeClock(at("2027-07-15T12:00:00"))
+    year = f"?retention={400 * 86400}"
+    stores = {
+        "memory": Authority(f"memory://{year}", clock=clock),
+        "sqlite": Authority(f"sqlite:///{tmp_path / 'ledger.db'}{year}", clock=clock),
+    }
+    late = {}
+    for name, authority in stores.items():
+        authority.set_budget(Budget("tenant:x", "calls", 11, period="month"))
+        late[name] = authority.reserve(Action("step", "h", {"calls": 6}), "tenant:x", ttl=60).reservation
+        authority.commit(authority.reserve(Action("step", "c", {"calls": 5}), "tenant:x").reservation)  # type: ignore[arg-type]
+    for month in ["2027-08", "2027-09", "2027-10", "2027-11", "2027-12", "2028-01", "2028-02", "2028-03"]:
+        clock.set(at(f"{month}-01T00:00:00"))
+        for authority in stores.values():
+            authority.commit(authority.reserve(Action("step", "o", {"calls": 1}), "tenant:x").reservation)  # type: ignore[arg-type]
+            authority.sweep()
+    flags = {name: authority.commit(late[name], {"calls": 8}).flags for name, authority in stores.items()}  # type: ignore[arg-type]
+    assert flags == {"memory": ("late", "over_hold"), "sqlite": ("late", "over_hold")}
+    for authority in stores.values():
+        authority.close()
+
+
 def test_window_pruning_walks_its_index(tmp_path: Path) -> None:
     """The partial index serves the pruning only with its own condition repeated in the query:
     without it every 1000th reserve scanned every counter of the file under the write lock."""

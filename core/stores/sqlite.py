@@ -89,7 +89,7 @@ from clearance.ledger import (
     merge_actual,
     new_account_state,
 )
-from clearance.periods import WINDOWS_KEPT, Windows, window_at, windows_at
+from clearance.periods import WINDOWS_KEPT, Windows, window_back, windows_at
 from clearance.stores.base import (
     DEFAULT_RETENTION,
     TEMPLATE_RECHECK,
@@ -106,7 +106,7 @@ DEFAULT_AUDIT_CAPACITY = 1_000_000
 """Audit records a SQLite ledger keeps by default (the newest; see ``SQLiteStore``)."""
 
 
-_PERIOD_SECONDS = (("minute", 60), ("hour", 3600), ("day", 86400), ("week", 604800), ("month", 2678400))
+_PERIODS = ("minute", "hour", "day", "week", "month")
 _PRUNE_BATCH = 20_000  # the most log rows one maintenance pass looks at (and window rows it deletes)
 
 # SQLite keeps each database file's lock state in process memory, shared by every connection of the
@@ -800,8 +800,8 @@ class SQLiteStore(Store):
         ``now`` that hold nothing (window ids sort in time order). A late commit into such a
         window writes its counters again (recorded, never dropped); the next pass deletes them."""
         more = False
-        for period, seconds in _PERIOD_SECONDS:
-            oldest_kept = window_at(now - (WINDOWS_KEPT - 1) * seconds, period)
+        for period in _PERIODS:
+            oldest_kept = window_back(now, period, WINDOWS_KEPT - 1)
             more = db.execute(_PRUNE_WINDOWS_SQL, (period, oldest_kept, _PRUNE_BATCH)).rowcount >= _PRUNE_BATCH or more
         return more
 

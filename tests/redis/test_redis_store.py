@@ -447,6 +447,50 @@ def test_period_budgets_keep_their_latest_windows_only(redis_url: str, clock: Fa
     authority.close()
 
 
+def test_windows_age_out_by_the_calendar_on_the_server(redis_url: str) -> None:
+    """A window is pruned once the 8 latest windows began before it by the server's clock. That
+    took 8 periods from the window's first write (anywhere inside it), so a 9th window stayed until
+    the next one opened, and a month was 31 days. The scripts' calendar is checked here against
+    clearance.periods over many times, month, year and leap-day boundaries included."""
+    import random
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    from clearance.periods import WINDOWS_KEPT, window_back
+
+    source = (Path(__file__).resolve().parents[2] / "core" / "stores" / "lua" / "common.lua").read_text()
+    begin = source.index("  local function kept_since")
+    body = source[begin : source.index("\n  end\n", begin) + 6]
+    script = (
+        f"local KEEP_WINDOWS = {WINDOWS_KEPT}\n"
+        "local PERIOD_SECONDS = {minute = 60, hour = 3600, day = 86400, week = 604800}\n"
+        f"{body}\nreturn string.format('%d', kept_since(tonumber(ARGV[1]), ARGV[2]))"
+    )
+
+    def start(window: str, period: str) -> int:
+        if period == "week":
+            year, week = window.split("-W")
+            return int(datetime.fromisocalendar(int(year), int(week), 1).replace(tzinfo=UTC).timestamp())
+        layout = {"minute": "%Y-%m-%dT%H:%M", "hour": "%Y-%m-%dT%H", "day": "%Y-%m-%d", "month": "%Y-%m"}[period]
+        return int(datetime.strptime(window, layout).replace(tzinfo=UTC).timestamp())
+
+    shuffle = random.Random(7)
+    times = [int(shuffle.uniform(0, 4.2e9)) for _ in range(300)]
+    times += [
+        int(datetime(year, month, 1, tzinfo=UTC).timestamp()) + nudge
+        for year in (2000, 2027, 2028, 2100)
+        for month in range(1, 13)
+        for nudge in (-1, 0, 1)
+    ]
+    raw = _raw(redis_url, decode=True)
+    kept_since = raw.register_script(script)
+    for now in times:
+        for period in ("minute", "hour", "day", "week", "month"):
+            expected = start(window_back(now, period, WINDOWS_KEPT - 1), period)
+            assert int(kept_since(args=[now, period])) == expected, (now, period)
+    raw.close()
+
+
 def test_a_worker_whose_clock_runs_ahead_cannot_prune_the_current_window(redis_url: str) -> None:
     """Window ids come from each worker's clock. A worker 9.5 minutes ahead opens nine "future"
     windows within one real minute; the window the others are counting in now was first written

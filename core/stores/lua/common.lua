@@ -480,14 +480,40 @@ end
 -- windows' counters are deleted — but only a window that is
 --   * not among the KEEP_WINDOWS latest by id (ids of one period sort in time order, so the current
 --     window is never the one deleted, even when a late commit re-opens an old window),
---   * first written more than KEEP_WINDOWS periods ago by the server's clock (window ids come from
---     the workers' clocks: a worker whose clock runs ahead fills the list with future windows, and
---     must not push out the window the others are counting in now), and
+--   * first written before the KEEP_WINDOWS latest windows began by the server's clock (window ids
+--     come from the workers' clocks: a worker whose clock runs ahead fills the list with future
+--     windows, and must not push out the window the others are counting in now), and
 --   * with nothing held in it (its holds settle there later); such a window waits for the next time.
 -- Costs one HGET, one TIME and one HSET per budget per new window, nothing otherwise.
 local function note_windows(entries)
   local KEEP_WINDOWS = 8  -- (clearance.periods.WINDOWS_KEPT; built here, not in the prelude: most calls open no window)
-  local PERIOD_SECONDS = {minute = 60, hour = 3600, day = 86400, week = 604800, month = 2678400}
+  local PERIOD_SECONDS = {minute = 60, hour = 3600, day = 86400, week = 604800}
+  -- When the KEEP_WINDOWS latest windows of `period` began at server time `now` (UTC calendar, as
+  -- clearance.periods.window_back): windows of fixed length (weeks from a Monday), months by the
+  -- civil calendar (days -> year and month and back: H. Hinnant's algorithms).
+  local function kept_since(now, period)
+    local span = PERIOD_SECONDS[period]
+    if span then
+      local offset = period == 'week' and 345600 or 0  -- Monday 1970-01-05
+      return math.floor((now - offset) / span) * span + offset - (KEEP_WINDOWS - 1) * span
+    end
+    local days = math.floor(now / 86400) + 719468
+    local era = math.floor(days / 146097)
+    local doe = days - era * 146097
+    local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+    local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+    local mp = math.floor((5 * doy + 2) / 153)
+    local year = yoe + era * 400 + (mp >= 10 and 1 or 0)
+    local month = (mp < 10 and mp + 3 or mp - 9) - (KEEP_WINDOWS - 1)  -- 1-based, maybe <= 0
+    year, month = year + math.floor((month - 1) / 12), (month - 1) % 12 + 1
+    -- days from the epoch to the 1st of that month (the inverse: days_from_civil)
+    local y = month <= 2 and year - 1 or year
+    local e = math.floor(y / 400)
+    local yoe2 = y - e * 400
+    local doy2 = math.floor((153 * (month > 2 and month - 3 or month + 9) + 2) / 5)
+    local doe2 = yoe2 * 365 + math.floor(yoe2 / 4) - math.floor(yoe2 / 100) + doy2
+    return (e * 146097 + doe2 - 719468) * 86400
+  end
   for _, s in ipairs(entries) do
     if s[10] then
       s[10] = false
@@ -503,7 +529,7 @@ local function note_windows(entries)
         local now = tonumber(server_clock()[1])
         known[#known + 1] = {s[4], now}
         table.sort(known, function(a, b) return a[1] < b[1] end)
-        local old_before = now - KEEP_WINDOWS * (PERIOD_SECONDS[s[3]] or 0)
+        local old_before = kept_since(now, s[3])
         local keep = {}
         local excess = #known - KEEP_WINDOWS
         for i, entry in ipairs(known) do
