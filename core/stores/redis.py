@@ -431,6 +431,28 @@ def _stream_id(seq: int) -> str:
     return f"{seq // _SEQ_SPLIT}-{seq % _SEQ_SPLIT}"
 
 
+_STREAMS_PER_TRIP = 500  # tenants' audit streams read in one pipeline (see RedisStore._read_streams)
+
+
+def _events_of(root: str, entries: list[tuple[str, dict[str, str]]]) -> list[AuditEvent]:
+    """A tenant's stream entries as AuditEvents (``root`` names its reservations)."""
+    events = []
+    for stream_id, fields in entries:
+        token = fields.get("r", "")
+        events.append(
+            AuditEvent(
+                seq=_seq(stream_id),
+                at=float(fields["at"]),
+                kind=fields["k"],
+                scope=fields["s"],
+                reservation_id=f"{token}.{root}" if token and root != _GLOBAL_ROOT else None,
+                steps=_amounts(fields.get("a")),
+                detail=fields.get("d", ""),
+            )
+        )
+    return events
+
+
 class RedisStore(Store):
     """``redis://`` — the ledger in Redis (or Redis Cluster), shared by every worker that can reach it.
 
@@ -1461,21 +1483,44 @@ class RedisStore(Store):
             before = before if below <= 0 or 0 < before < below else below
             end = "+" if before <= 0 else "(" + _stream_id(before)
             entries = self._keyed(key, lambda client: client.xrevrange(key, max=end, min=start, count=count))
-        events = []
-        for stream_id, fields in entries:
-            token = fields.get("r", "")
-            events.append(
-                AuditEvent(
-                    seq=_seq(stream_id),
-                    at=float(fields["at"]),
-                    kind=fields["k"],
-                    scope=fields["s"],
-                    reservation_id=f"{token}.{root}" if token and root != _GLOBAL_ROOT else None,
-                    steps=_amounts(fields.get("a")),
-                    detail=fields.get("d", ""),
-                )
-            )
-        return events
+        return _events_of(root, entries)
+
+    def _read_streams(self, roots: list[str], after: int, limit: int, newest: bool, below: int) -> list[AuditEvent]:
+        """Every tenant's first (``newest``: last) ``limit`` events after ``after`` and below ``below``,
+        read in pipelines of _STREAMS_PER_TRIP tenants: one round trip (per node, on a cluster) for
+        each, not one per tenant (2,000 tenants cost a follower's poll 0.26 s one by one)."""
+        found: list[AuditEvent] = []
+        for first in range(0, len(roots), _STREAMS_PER_TRIP):
+            chunk = roots[first : first + _STREAMS_PER_TRIP]
+            start = "-" if after <= 0 else "(" + _stream_id(after)
+            end = "+" if below <= 0 else "(" + _stream_id(below)
+            try:
+                pipe = self._client.pipeline(transaction=False)
+                for root in chunk:
+                    key = self._keys(root)[3]
+                    if newest:
+                        pipe.xrevrange(key, max=end, min=start, count=limit)
+                    else:
+                        pipe.xrange(key, min=start, max=end, count=limit)
+                replies = pipe.execute()
+            except _ERRORS as error:
+                raise _unavailable(error) from error
+            except Exception as error:
+                if not self.cluster:
+                    raise
+                raise _unavailable(_cluster_broke(error)) from error
+            for root, entries in zip(chunk, replies, strict=True):
+                found.extend(_events_of(root, entries))
+            # Only the ``limit`` best so far are kept, and later tenants are read only past them.
+            found.sort(key=lambda e: e.seq)
+            if len(found) >= limit:
+                if newest:
+                    found = found[-limit:]
+                    after = max(after, found[0].seq - 1)
+                else:
+                    found = found[:limit]
+                    below = found[-1].seq + 1 if below <= 0 else min(below, found[-1].seq + 1)
+        return found
 
     def _reading_began(self) -> int:
         """A seq below which every event that will ever be written already is: scripts run one at a
@@ -1502,9 +1547,12 @@ class RedisStore(Store):
         # skipped it). So only events written before the reading began (the tenants listed after
         # it): see _reading_began. (After a server's clock steps back, new events wait until it
         # catches up.)
-        below = self._reading_began() if scope is None else 0
-        roots = [parse_scope(scope).root] if scope is not None else [*self._roots(), _GLOBAL_ROOT]
-        found: list[AuditEvent] = []
+        if scope is None:  # every tenant's stream, whole (nothing to filter): pipelined
+            below = self._reading_began()
+            return self._read_streams([*self._roots(), _GLOBAL_ROOT], after, limit, newest, below)
+        below = 0
+        roots = [parse_scope(scope).root]
+        found = []
         for root in roots:  # each tenant's stream, from its start or (newest) from its end, then merged
             cursor = after
             before = 0
