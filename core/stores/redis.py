@@ -1128,7 +1128,7 @@ class RedisStore(Store):
                 if self._skip_registration(required):
                     return
                 raise
-            self._known_roots.add(root)
+            self._registered(root)
 
     async def _aregister(self, root: str, required: bool = True) -> None:
         if self._register_now(root, required):
@@ -1138,7 +1138,12 @@ class RedisStore(Store):
                 if self._skip_registration(required):
                     return
                 raise
-            self._known_roots.add(root)
+            self._registered(root)
+
+    def _registered(self, root: str) -> None:
+        if len(self._known_roots) >= 65536:
+            self._known_roots.clear()  # (bounded, for workers serving tenants without end: one SADD again each)
+        self._known_roots.add(root)
 
     def _roots(self) -> list[str]:
         return sorted(self._keyed(self._roots_key, lambda client: client.smembers(self._roots_key)))

@@ -1429,3 +1429,16 @@ def test_a_worker_whose_clock_is_ahead_does_not_forget_a_runs_budget_in_use(redi
     assert right.balance(run)["tool_calls"].spent == 2
     assert right.reserve(Action.tool_call("calc"), run).denied
     right.close()
+
+
+def test_the_tenants_a_process_registered_are_remembered_within_a_bound(redis_url: str) -> None:
+    """A worker serving tenants without end kept every tenant it had registered, for good; past
+    65,536 it forgets them (each is registered again, one SADD, on its next call)."""
+    authority = Authority(redis_url)
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    store._known_roots.update(f"tenant:old{i}" for i in range(65536))
+    authority.set_budget(Budget("tenant:fresh", "usd", 1))
+    assert store._known_roots == {"tenant:fresh"}
+    assert "tenant:fresh" in store._roots()
+    authority.close()
