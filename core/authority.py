@@ -60,8 +60,8 @@ logger = logging.getLogger("clearance")
 
 _T = TypeVar("_T")
 _Op = tuple[str, tuple[Any, ...]]
-_FIRST_POLICY = "first policy"  # a flow's op for the first policy read (not a store method)
 """A store operation a flow asks its driver to run: (method name, arguments)."""
+_FIRST_POLICY = "first policy"  # a flow's op for the first policy read (not a store method)
 
 Clock = Callable[[], float]
 AmountsLike = Mapping[str, Any]
@@ -617,7 +617,8 @@ class Authority:
         self._policy_version = 0
         self._policy_checked = -math.inf
         self._policy_known = False  # a policy version has been read from the store
-        self._first_reads: dict[asyncio.AbstractEventLoop, asyncio.Task[Policy | None]] = {}  # in flight, per loop
+        # The first policy read in flight, per event loop, with the _policy_resets it began at.
+        self._first_reads: dict[asyncio.AbstractEventLoop, tuple[int, asyncio.Task[Policy | None]]] = {}
         self._policy_resets = 0  # apply_policy's "read it again now": a read under way must not undo it
         self._policy_lock = threading.Lock()  # installs a policy read: never an older one over a newer
         self._policy_unreadable: tuple[int, str] | None = None  # a stored version this worker cannot parse
@@ -916,19 +917,25 @@ class Authority:
         the others. Each reading its own, a crowd of agents on short timeouts cancelled every read
         (each cancel also drops its connection mid-reply) and no decision was made for seconds."""
         loop = asyncio.get_running_loop()
-        task = self._first_reads.get(loop)
-        if task is None or task.done():
+        resets = self._policy_resets
+        shared = self._first_reads.get(loop)
+        # Not one begun before an apply_policy of this process (it may have read the version before).
+        if shared is None or shared[1].done() or shared[0] != resets:
+            for closed in [other for other in self._first_reads if other.is_closed()]:
+                # A loop closed by hand while its read was under way: nothing can run or cancel that
+                # read now (its caller's own task was reported by the loop already).
+                self._first_reads.pop(closed)[1]._log_destroy_pending = False  # type: ignore[attr-defined]
             task = loop.create_task(self._arun(self._policy_read_flow()))
-            self._first_reads[loop] = task
+            shared = self._first_reads[loop] = (resets, task)
 
             def done(finished: asyncio.Task[Policy | None]) -> None:
-                if self._first_reads.get(loop) is finished:
+                if self._first_reads.get(loop, (0, None))[1] is finished:
                     del self._first_reads[loop]
                 if not finished.cancelled():
                     finished.exception()  # retrieved: its waiters may all have been cancelled
 
             task.add_done_callback(done)
-        return asyncio.shield(task)
+        return asyncio.shield(shared[1])
 
     def _policy_read_flow(self) -> Generator[_Op, Any, Policy | None]:
         """:meth:`_policy_flow`'s read: the version, then the policy if it changed."""

@@ -648,6 +648,60 @@ def test_agents_on_short_timeouts_share_the_first_policy_read() -> None:
     assert authority._first_reads == {}  # nothing left in flight
 
 
+def test_async_apply_policy_during_a_shared_first_read_is_seen_by_the_next_decision() -> None:
+    """The tasks of a loop share the first policy read; one begun before this process applied a
+    policy may have read the version before, so a task's decision after its apply must not join it
+    (it was decided without the new policy: a payment allowed with no allow rule). And a loop
+    closed while its read was under way is not kept."""
+    import asyncio
+
+    from clearance.stores.memory import MemoryStore
+
+    async def main() -> None:
+        got_version, go_on = asyncio.Event(), asyncio.Event()
+
+        class SlowRead(MemoryStore):
+            slow = False
+
+            async def apolicy_version(self) -> int:
+                version = await super().apolicy_version()
+                if SlowRead.slow:
+                    SlowRead.slow = False
+                    got_version.set()
+                    await go_on.wait()
+                return version
+
+        authority = Authority(SlowRead(), policy_refresh=60)
+        await authority.aset_budget(Budget(RUN, "usd", 10))
+        pay = Action("side_effect", "charge_card", {"usd": 1}, risk="payment")
+        SlowRead.slow = True
+        first = asyncio.create_task(authority.areserve(pay, RUN))  # a cold worker's first read
+        await got_version.wait()
+        await authority.aapply_policy(PolicyDocument.parse({}))  # in force now: risk needs an allow rule
+        asyncio.get_running_loop().call_later(0.05, go_on.set)
+        decision = await authority.areserve(pay, RUN)  # this task's next decision, after its apply returned
+        await first
+        assert decision.denied and decision.reasons[0].code == "risk_not_allowed", decision
+
+    asyncio.run(main())
+
+    class Slower(MemoryStore):
+        async def apolicy_version(self) -> int:
+            await asyncio.sleep(0.2)
+            return await super().apolicy_version()
+
+    authority = Authority(Slower())
+    step = Action("step", "s", {"usd": 1})
+    for _ in range(3):  # a loop closed by hand while the shared read was under way
+        loop = asyncio.new_event_loop()
+        with pytest.raises(TimeoutError):
+            loop.run_until_complete(asyncio.wait_for(authority.areserve(step, RUN), 0.01))
+        loop.close()
+    assert len(authority._first_reads) <= 1
+    assert asyncio.run(authority.areserve(step, RUN)).allowed
+    assert authority._first_reads == {}
+
+
 def test_apply_policy_during_the_first_read_is_seen_by_the_next_decision() -> None:
     """apply_policy asks this process to read the policy again on its next decision; a first read
     that was under way (and got the version before) must not undo that for policy_refresh seconds."""

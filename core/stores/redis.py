@@ -77,7 +77,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable
-from functools import cache, lru_cache
+from functools import cache, lru_cache, partial
 from importlib import resources
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -611,6 +611,9 @@ class RedisStore(Store):
             name = client.nodes_manager.get_node_from_slot(client.keyslot(key)).name
         except Exception:
             name = "?"
+        return self._lender_of_node(name, lenders, asynchronous=asynchronous)
+
+    def _lender_of_node(self, name: str, lenders: dict[str, Any], *, asynchronous: bool) -> Any:
         lender = lenders.get(name)
         if lender is None:
             lender = lenders.setdefault(name, self._new_lender(asynchronous=asynchronous))
@@ -622,7 +625,10 @@ class RedisStore(Store):
         of waiting: calls take turns first, fewer at once than a node's pool holds."""
         if not self.cluster:
             return command()
-        lender = self._node_lender(client, key, self._lender.by_node, asynchronous=False)
+        return self._in_node_turn(self._node_lender(client, key, self._lender.by_node, asynchronous=False), command)
+
+    def _in_node_turn(self, lender: Any, command: Callable[[], _T]) -> _T:
+        """``command()`` in a turn of a cluster node's ``lender`` (see _in_turn)."""
         permit, _ = lender.borrow(_PERMITS)
         try:
             pause, deadline = _POOL_PAUSE, time.monotonic() + self._timeouts[1]
@@ -1495,19 +1501,31 @@ class RedisStore(Store):
         read in pipelines of _STREAMS_PER_TRIP tenants: one round trip (per node, on a cluster) for
         each, not one per tenant (2,000 tenants cost a follower's poll 0.26 s one by one)."""
         found: list[AuditEvent] = []
-        for first in range(0, len(roots), _STREAMS_PER_TRIP):
-            chunk = roots[first : first + _STREAMS_PER_TRIP]
+        groups: dict[str | None, list[str]] = {}  # on a cluster by node: each pipeline in a turn on its node
+        for root in roots:
+            groups.setdefault(self._node_of(root) if self.cluster else None, []).append(root)
+        chunks = [
+            (node, group[first : first + _STREAMS_PER_TRIP])
+            for node, group in groups.items()
+            for first in range(0, len(group), _STREAMS_PER_TRIP)
+        ]
+        for node, chunk in chunks:
             start = "-" if after <= 0 else "(" + _stream_id(after)
             end = "+" if below <= 0 else "(" + _stream_id(below)
             try:
-                pipe = self._client.pipeline(transaction=False)
+                client = self._client
+                pipe = client.pipeline(transaction=False)
                 for root in chunk:
                     key = self._keys(root)[3]
                     if newest:
                         pipe.xrevrange(key, max=end, min=start, count=limit)
                     else:
                         pipe.xrange(key, min=start, max=end, count=limit)
-                replies = pipe.execute()
+                if self.cluster:
+                    lender = self._lender_of_node(node or "?", self._lender.by_node, asynchronous=False)
+                    replies = self._in_node_turn(lender, pipe.execute)
+                else:
+                    replies = pipe.execute()
             except _ERRORS as error:
                 raise _unavailable(error) from error
             except Exception as error:
@@ -1535,16 +1553,21 @@ class RedisStore(Store):
         if not self.cluster:
             seconds, micros = self._keyed(self._roots_key, lambda client: client.time())
             return (int(seconds) * 1_000_000 + int(micros)) * _SEQ_SPLIT
+        least = None
         try:
             client = self._client
-            times = client.time(target_nodes=client.PRIMARIES)  # {node: (seconds, micros)}
+            for node in client.get_primaries():  # each in a turn on its node, as every call takes one
+                lender = self._lender_of_node(node.name, self._lender.by_node, asynchronous=False)
+                seconds, micros = self._in_node_turn(lender, partial(client.time, target_nodes=node))
+                seq = (int(seconds) * 1_000_000 + int(micros)) * _SEQ_SPLIT
+                least = seq if least is None else min(least, seq)
         except _ERRORS as error:
             raise _unavailable(error) from error
         except Exception as error:
             raise _unavailable(_cluster_broke(error)) from error
-        if not isinstance(times, dict):  # one primary: redis-py answers it alone
-            times = {"": times}
-        return min((int(s) * 1_000_000 + int(us)) * _SEQ_SPLIT for s, us in times.values())
+        if least is None:
+            raise StoreUnavailable("Redis Cluster: no primary known")
+        return least
 
     def events(self, after: int, limit: int, scope: str | None, newest: bool = False) -> list[AuditEvent]:
         # Streams are read one after another: an event written meanwhile into one read already, with

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -149,7 +150,7 @@ def test_a_user_missing_a_permission_changes_nothing(redis_url: str, missing: st
             lacking.release(held)
         assert good.reservation(held).status == "held"
         balance = good.balance("tenant:lack")["usd"]
-        assert (balance.spent, balance.held) == (0, 1)
+        assert (balance.spent, balance.held) == (Decimal(0), Decimal(1))
         assert [e.kind for e in good.events(scope="tenant:lack")] == ["budget_set", "hold"]
         lacking.close()
     finally:
