@@ -885,3 +885,61 @@ def test_a_signal_handler_reading_while_a_fork_waits_for_its_thread_does_not_dea
     finally:
         signal.signal(signal.SIGUSR1, previous)
     store.close()
+
+
+def test_a_second_store_on_an_open_ledger_keeps_the_process_s_locks(tmp_path: Path) -> None:
+    """Closing any descriptor of a file drops every POSIX lock the process holds on it, SQLite's
+    too. A second store on a ledger this process had open read its header (open, close): the
+    process's shared lock was gone, so another process closing its last connection took itself
+    for the last user and deleted the WAL this one went on writing into — its holds seen by nobody
+    else: 20 calls allowed against a limit of 10."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    worker = Authority(url)
+    worker.set_budget(Budget("tenant:t", "calls", 10))
+    Authority(url)  # an Authority per request, say
+    other = (
+        "import sys\nfrom clearance import Action, Authority\n"
+        f"a = Authority({url!r})\n"
+        "if sys.argv[1] == 'reserve':\n"
+        "    print(sum(a.reserve(Action.tool_call('x'), 'tenant:t').allowed for _ in range(10)))\n"
+    )
+    subprocess.run([sys.executable, "-c", other, "look"], check=True, timeout=60)  # comes and goes
+    assert os.path.exists(tmp_path / "ledger.db-wal")
+    assert all(worker.reserve(Action.tool_call("x"), "tenant:t").allowed for _ in range(10))
+    allowed = subprocess.run([sys.executable, "-c", other, "reserve"], check=True, capture_output=True, text=True)
+    assert allowed.stdout.strip() == "0"
+    worker.close()
+
+
+def test_a_ledger_file_deleted_or_replaced_under_a_worker_fails_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deleted ledger (a clean-up of /tmp, a mistaken rm): the worker's connections wrote on into
+    the deleted file and a new thread's connection made a new empty ledger there — without budgets,
+    so every later process allowed everything. Both now refuse: store trouble, a decision."""
+    from clearance.stores import sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "FILE_CHECK_EVERY", 0.0)
+    path = tmp_path / "ledger.db"
+    authority = Authority(f"sqlite:///{path}")
+    authority.set_budget(Budget("tenant:t", "calls", 10))
+    step = Action.tool_call("x")
+    assert authority.reserve(step, "tenant:t").allowed
+    for name in ("ledger.db", "ledger.db-wal", "ledger.db-shm"):
+        if (tmp_path / name).exists():
+            os.remove(tmp_path / name)
+    same_thread = authority.reserve(step, "tenant:t")
+    assert same_thread.denied and same_thread.reasons[0].code == "store_unavailable"
+    assert "deleted or replaced" in same_thread.reasons[0].message
+    answers: list[object] = []
+    thread = threading.Thread(target=lambda: answers.append(authority.reserve(step, "tenant:t")))
+    thread.start()
+    thread.join(30)
+    assert answers and answers[0].denied  # type: ignore[attr-defined]
+    assert not path.exists()  # no new, empty ledger made where it was
+    with pytest.raises(StoreUnavailable):
+        authority.commit(same_thread.reservation or "0" * 20 + ".tenant:t")
+    authority.close()

@@ -64,6 +64,7 @@ import sqlite3
 import stat
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -131,12 +132,25 @@ def _is_ledger(db: sqlite3.Connection) -> bool:
 _HEADER = b"SQLite format 3\x00"
 
 
+# The database files (device, inode) this process has opened through SQLite. Closing any descriptor
+# of a file drops every POSIX lock the process holds on it — SQLite's too, which it cannot tell: a
+# header read (open, close) of a ledger this process had open dropped its connections' shared lock,
+# and another process closing its last connection then took itself for the last user, checkpointed
+# and deleted the WAL while this one went on writing into it (its holds seen by nobody else: twice
+# the budget handed out). Such a file is never opened outside SQLite again.
+_opened_files: set[tuple[int, int]] = set()
+
+
 def _check_header(path: str) -> None:
     """Refuse a file that is not a SQLite database before SQLite sees it: one shorter than a page
-    (a byte of text, say) SQLite takes for an empty database, and would turn into a ledger."""
+    (a byte of text, say) SQLite takes for an empty database, and would turn into a ledger. Not a
+    file this process has open through SQLite (see _opened_files): it was checked then."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # (a FIFO would block the open below for good)
+        found = os.stat(path)
+        if not stat.S_ISREG(found.st_mode):  # (a FIFO would block the open below for good)
             raise StoreUnavailable(f"cannot open SQLite ledger {path}: not a regular file")
+        if (found.st_dev, found.st_ino) in _opened_files:
+            return
         with open(path, "rb") as file:
             head = file.read(len(_HEADER))
     except FileNotFoundError:
@@ -224,7 +238,11 @@ def _after_fork() -> None:
 if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)
     os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
 PAGE_SIZE = 1024
+FILE_CHECK_EVERY = 1.0  # seconds between checks that the ledger file is still the one opened (a stat)
 WAL_AUTOCHECKPOINT = 4096  # pages
+# A WAL grown past its checkpoints (a long reader held them back: hundreds of MB) is truncated to
+# this at the next one, rather than keeping its high-water mark on disk while the ledger is in use.
+JOURNAL_SIZE_LIMIT = 8 * 1024 * 1024
 
 # Settling a reservation (its row's status changes) appends the settle record, which carries the
 # reservation's forget time: the forget pass walks settle records and must not pass one whose
@@ -540,6 +558,8 @@ class SQLiteStore(Store):
             raise ValueError("synchronous must be NORMAL, FULL or EXTRA")
         self._synchronous = synchronous.upper()
         self._local = threading.local()
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file, once opened
+        self._file_checked = 0.0  # monotonic time it was last seen at its path (see _same_file)
         self._window_cache: tuple[Windows, list[str]] = ((), [])  # one tuple: threads share it
         self._turns = _lock_of(path)  # this file's write transactions in this process, in turn
         with self._read() as db:
@@ -601,14 +621,35 @@ class SQLiteStore(Store):
         local.pid = os.getpid()
         return db
 
+    def _same_file(self) -> None:
+        """Refuse a ledger file deleted or replaced since this store opened it (by a clean-up of
+        /tmp, a mistaken rm, a restore): writing on into the old one, or making a new empty ledger
+        for a new connection (a ledger without budgets, allowing everything), would split the
+        ledger between processes. Fail closed instead."""
+        try:
+            found = os.stat(self.path)
+            current: tuple[int, int] | None = (found.st_dev, found.st_ino)
+        except OSError:
+            current = None
+        if current != self._file:
+            raise StoreUnavailable(
+                f"SQLite ledger {self.path} was deleted or replaced since this process opened it: refused "
+                "(restart the process to use the file there now)"
+            )
+        self._file_checked = time.monotonic()
+
     def _connect(self) -> sqlite3.Connection:
+        first = self._file is None
+        if not first:
+            self._same_file()  # (and never create a new file where it was: mode=rw below)
         try:
             db = sqlite3.connect(
-                self.path,
+                self.path if first else f"file:{urllib.parse.quote(self.path)}?mode=rw",
                 timeout=self._busy_timeout,
                 isolation_level=None,
                 check_same_thread=False,
                 cached_statements=256,
+                uri=not first,
             )
             db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             mode = db.execute("PRAGMA journal_mode").fetchone()[0]
@@ -623,8 +664,18 @@ class SQLiteStore(Store):
                 db.execute("PRAGMA journal_mode = WAL")
             db.execute(f"PRAGMA synchronous = {self._synchronous}")
             db.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
+            db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")  # (see WAL_AUTOCHECKPOINT)
         except sqlite3.Error as error:
             raise StoreUnavailable(f"cannot open SQLite ledger {self.path}: {error}") from error
+        if first:
+            try:
+                found = os.stat(self.path)
+            except OSError as error:
+                db.close()
+                raise StoreUnavailable(f"cannot open SQLite ledger {self.path}: {error}") from error
+            self._file = (found.st_dev, found.st_ino)
+            _opened_files.add(self._file)
+            self._file_checked = time.monotonic()
         return db
 
     def _begin(self, issued: float = 0.0) -> sqlite3.Connection:
@@ -633,6 +684,8 @@ class SQLiteStore(Store):
         file's write lock share one ``busy_timeout``, counted from ``issued`` when given (a hold's
         request: on the async face its wait for a worker thread counts too)."""
         db = self._connection()
+        if time.monotonic() - self._file_checked >= FILE_CHECK_EVERY:
+            self._same_file()
         turns = self._turns
         started = issued
         waited = False  # (then BEGIN waits for other processes only as long as is left)
