@@ -619,6 +619,7 @@ class Authority:
         self._policy_known = False  # a policy version has been read from the store
         # The first policy read in flight, per event loop, with the _policy_resets it began at.
         self._first_reads: dict[asyncio.AbstractEventLoop, tuple[int, asyncio.Task[Policy | None]]] = {}
+        self._first_reads_lock = threading.Lock()
         self._policy_resets = 0  # apply_policy's "read it again now": a read under way must not undo it
         self._policy_lock = threading.Lock()  # installs a policy read: never an older one over a newer
         self._policy_unreadable: tuple[int, str] | None = None  # a stored version this worker cannot parse
@@ -918,23 +919,25 @@ class Authority:
         (each cancel also drops its connection mid-reply) and no decision was made for seconds."""
         loop = asyncio.get_running_loop()
         resets = self._policy_resets
-        shared = self._first_reads.get(loop)
-        # Not one begun before an apply_policy of this process (it may have read the version before).
-        if shared is None or shared[1].done() or shared[0] != resets:
-            for closed in [other for other in self._first_reads if other.is_closed()]:
-                # A loop closed by hand while its read was under way: nothing can run or cancel that
-                # read now (its caller's own task was reported by the loop already).
-                self._first_reads.pop(closed)[1]._log_destroy_pending = False  # type: ignore[attr-defined]
-            task = loop.create_task(self._arun(self._policy_read_flow()))
-            shared = self._first_reads[loop] = (resets, task)
+        with self._first_reads_lock:  # (threads run loops of their own)
+            shared = self._first_reads.get(loop)
+            # Not one begun before an apply_policy of this process (it may have read the version before).
+            if shared is None or shared[1].done() or shared[0] != resets:
+                for closed in [other for other in self._first_reads if other.is_closed()]:
+                    # A loop closed by hand while its read was under way: nothing can run or cancel
+                    # that read now (its caller's own task was reported by the loop already).
+                    self._first_reads.pop(closed)[1]._log_destroy_pending = False  # type: ignore[attr-defined]
+                task = loop.create_task(self._arun(self._policy_read_flow()))
+                shared = self._first_reads[loop] = (resets, task)
 
-            def done(finished: asyncio.Task[Policy | None]) -> None:
-                if self._first_reads.get(loop, (0, None))[1] is finished:
-                    del self._first_reads[loop]
-                if not finished.cancelled():
-                    finished.exception()  # retrieved: its waiters may all have been cancelled
+                def done(finished: asyncio.Task[Policy | None]) -> None:
+                    with self._first_reads_lock:
+                        if self._first_reads.get(loop, (0, None))[1] is finished:
+                            del self._first_reads[loop]
+                    if not finished.cancelled():
+                        finished.exception()  # retrieved: its waiters may all have been cancelled
 
-            task.add_done_callback(done)
+                task.add_done_callback(done)
         return asyncio.shield(shared[1])
 
     def _policy_read_flow(self) -> Generator[_Op, Any, Policy | None]:

@@ -943,3 +943,53 @@ def test_a_ledger_file_deleted_or_replaced_under_a_worker_fails_closed(
     with pytest.raises(StoreUnavailable):
         authority.commit(same_thread.reservation or "0" * 20 + ".tenant:t")
     authority.close()
+
+
+def test_a_short_file_is_refused_even_at_an_inode_number_this_process_had_open(tmp_path: Path) -> None:
+    """A ledger's inode number, once it is deleted, goes to the next new file: the check that skips
+    reading the header of a file open in this process must not let a short text file through
+    (SQLite takes one for an empty database, and would make it a ledger)."""
+    from clearance.stores import sqlite as sqlite_store
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    found = os.stat(notes)
+    sqlite_store._opened_files.add((found.st_dev, found.st_ino))
+    with pytest.raises(StoreUnavailable, match="not a SQLite database"):
+        SQLiteStore(str(notes))
+    assert notes.read_text() == "x"
+
+
+def test_a_store_is_made_whole_before_another_checks_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads making stores on one ledger: the second's header check (open, close) must not
+    fall between the first's check and its first connection, or it drops the lock that connection
+    just took (14 trials in 200 lost it). Header check and first connection are one step."""
+    from clearance.stores import sqlite as sqlite_store
+
+    seen: list[bool] = []
+    connect = SQLiteStore._connect
+
+    def watched(self: SQLiteStore) -> object:
+        if self._file is None:
+            seen.append(sqlite_store._opening.locked())
+        return connect(self)
+
+    monkeypatch.setattr(SQLiteStore, "_connect", watched)
+    SQLiteStore(str(tmp_path / "ledger.db")).close()
+    assert seen == [True]
+
+
+def test_a_ledger_path_that_is_not_utf8_opens_from_every_thread(tmp_path: Path) -> None:
+    """Later connections open the file by URI (never creating a new one): a path's bytes that are
+    not UTF-8 must reach it as they are, not end in a bare UnicodeEncodeError."""
+    folder = os.path.join(os.fsencode(tmp_path), b"caf\xe9")
+    os.mkdir(folder)
+    authority = Authority(f"sqlite:///{os.fsdecode(folder)}/ledger.db")
+    authority.set_budget(Budget("tenant:t", "calls", 5))
+    answers: list[bool] = []
+    step = Action.tool_call("x")
+    thread = threading.Thread(target=lambda: answers.append(authority.reserve(step, "tenant:t").allowed))
+    thread.start()
+    thread.join(30)
+    assert answers == [True]
+    authority.close()

@@ -130,6 +130,7 @@ def _is_ledger(db: sqlite3.Connection) -> bool:
 
 
 _HEADER = b"SQLite format 3\x00"
+_SMALLEST_DATABASE = 100  # bytes: a database file holds at least its 100-byte header
 
 
 # The database files (device, inode) this process has opened through SQLite. Closing any descriptor
@@ -137,8 +138,11 @@ _HEADER = b"SQLite format 3\x00"
 # header read (open, close) of a ledger this process had open dropped its connections' shared lock,
 # and another process closing its last connection then took itself for the last user, checkpointed
 # and deleted the WAL while this one went on writing into it (its holds seen by nobody else: twice
-# the budget handed out). Such a file is never opened outside SQLite again.
+# the budget handed out). Such a file is never opened outside SQLite again. Stores are made one at
+# a time (_opening), from the header check to their first connection: another thread's check must
+# not read the file between them.
 _opened_files: set[tuple[int, int]] = set()
+_opening = threading.Lock()
 
 
 def _check_header(path: str) -> None:
@@ -149,15 +153,20 @@ def _check_header(path: str) -> None:
         found = os.stat(path)
         if not stat.S_ISREG(found.st_mode):  # (a FIFO would block the open below for good)
             raise StoreUnavailable(f"cannot open SQLite ledger {path}: not a regular file")
-        if (found.st_dev, found.st_ino) in _opened_files:
-            return
-        with open(path, "rb") as file:
-            head = file.read(len(_HEADER))
+        if found.st_size == 0:
+            return  # a new ledger (or one being made): nothing to read
+        if found.st_size < _SMALLEST_DATABASE or (found.st_dev, found.st_ino) not in _opened_files:
+            # Not a file open in this process (its inode number may be a deleted ledger's, reused:
+            # then it is short, refused unread, or SQLite reads its header itself).
+            with open(path, "rb") as file:
+                head = file.read(len(_HEADER))
+        else:
+            head = _HEADER
     except FileNotFoundError:
         return  # a new ledger
     except OSError as error:
         raise StoreUnavailable(f"cannot open SQLite ledger {path}: {error}") from None
-    if head and head != _HEADER:
+    if head != _HEADER or found.st_size < _SMALLEST_DATABASE:
         raise StoreUnavailable(f"{path} is not a SQLite database (not a clearance ledger): refused, left as it is")
 
 
@@ -222,6 +231,7 @@ _readers = _Readers()
 
 
 def _before_fork() -> None:
+    _opening.acquire()  # (a store being made takes a reader's lock after it: the same order here)
     _file_locks_guard.acquire()
     for lock in _file_locks.values():  # (a thread holds at most one, and takes none while it does)
         lock.acquire()
@@ -233,6 +243,7 @@ def _after_fork() -> None:
     for lock in _file_locks.values():
         lock.release()
     _file_locks_guard.release()
+    _opening.release()
 
 
 if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)
@@ -549,7 +560,6 @@ class SQLiteStore(Store):
         # Resolved once: each thread opens its own connection, and a relative path opened after an
         # os.chdir() would be another file (an empty one, or another ledger with other budgets).
         path = os.path.abspath(path)
-        _check_header(path)
         self.path = path
         self.url = f"sqlite:///{path}"
         self._retention = retention
@@ -562,6 +572,9 @@ class SQLiteStore(Store):
         self._file_checked = 0.0  # monotonic time it was last seen at its path (see _same_file)
         self._window_cache: tuple[Windows, list[str]] = ((), [])  # one tuple: threads share it
         self._turns = _lock_of(path)  # this file's write transactions in this process, in turn
+        with _opening:  # the header check, then the first connection, one store at a time (see _opened_files)
+            _check_header(path)
+            self._connection()
         with self._read() as db:
             if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION and _is_ledger(db):
                 return  # the usual case: a read, so a writer holding the lock cannot fail the construction
@@ -644,7 +657,7 @@ class SQLiteStore(Store):
             self._same_file()  # (and never create a new file where it was: mode=rw below)
         try:
             db = sqlite3.connect(
-                self.path if first else f"file:{urllib.parse.quote(self.path)}?mode=rw",
+                self.path if first else f"file:{urllib.parse.quote(os.fsencode(self.path))}?mode=rw",
                 timeout=self._busy_timeout,
                 isolation_level=None,
                 check_same_thread=False,
