@@ -1,7 +1,11 @@
-"""Memory-only behaviour: how many period windows a budget keeps, and what a pruned window answers."""
+"""Memory-only behaviour: how many period windows a budget keeps, what a pruned window answers, and
+what a listing looks at."""
 
 from __future__ import annotations
 
+import pytest
+
+from clearance import Authority, Budget
 from clearance.ledger import HoldRequest, PlanSpec
 from clearance.periods import windows_at
 from clearance.stores.memory import MemoryStore
@@ -56,3 +60,25 @@ def test_a_pruned_window_newer_than_a_held_one_is_closed_not_empty() -> None:
         store.commit(_hold(store, T0 + 60 * minute, 1), None, T0 + 60 * minute + 1)  # type: ignore[arg-type]
     assert windows_at(T0 + 60)[1][1] not in _windows(store)  # minute 1 is pruned
     assert _hold(store, T0 + 90, 10) is None  # denied: closed, not empty
+
+
+def test_a_listing_under_a_scope_looks_at_its_tenant_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """balance() and budgets() under a scope looked at (and sorted) every tenant's budgets, holding
+    the store's lock: with 100,000 budgets a balance took 100 ms and stalled every other call."""
+    from clearance.stores import memory
+
+    authority = Authority("memory://")
+    for i in range(2000):
+        authority.set_budget(Budget(f"tenant:t{i}", "usd", 1))
+    authority.set_budget(Budget("tenant:t7/run:a", "usd", 1))
+    looked: list[str] = []
+    real = memory.in_subtree
+
+    def counted(path: str, scope: str | None) -> bool:
+        looked.append(path)
+        return real(path, scope)
+
+    monkeypatch.setattr(memory, "in_subtree", counted)
+    assert [b.scope for b in authority.budgets("tenant:t7")] == ["tenant:t7", "tenant:t7/run:a"]
+    authority.balance("tenant:t7")
+    assert len(looked) <= 2

@@ -235,6 +235,9 @@ class MemoryStore(Store):
         self.url = "memory://"
         self._lock = threading.Lock()
         self._levels: dict[str, dict[tuple[str, str], _Budget]] = {}  # scope -> (unit, period) -> budget
+        # tenant -> its scopes in _levels: a listing under a scope looks at its tenant's alone (looking
+        # at every tenant's, under the store's lock, stalled every call once budgets ran to 100,000s).
+        self._tenant_scopes: dict[str, set[str]] = {}
         self._parked: dict[tuple[str, str, str], _Budget] = {}  # removed budgets, kept for their counters
         self._budget_version = 0  # bumped whenever a budget is created or removed
         self._templates: list[tuple[float, str, str, str]] = []  # heap of (until, scope, unit, period)
@@ -354,9 +357,17 @@ class MemoryStore(Store):
             return
         del level[(unit, period)]
         if not level:
-            del self._levels[scope]
+            self._drop_level(scope)
         self._budget_version += 1
         self._log(now, "budget_remove", scope, None, ((unit, 0),), f"period={period or 'lifetime'} idle")
+
+    def _drop_level(self, scope: str) -> None:
+        del self._levels[scope]
+        root = scope.split("/", 1)[0]
+        scopes = self._tenant_scopes[root]
+        scopes.discard(scope)
+        if not scopes:
+            del self._tenant_scopes[root]
 
     def _refs_of(self, chain: tuple[str, ...], windows: Windows) -> list[tuple[_Budget, str, list[int]]]:
         """Every budget on ``chain`` (root first) with its counters in ``windows``. Cached per chain:
@@ -632,7 +643,10 @@ class MemoryStore(Store):
             self._set_budget_locked(scope, unit, period, limit, now)
 
     def _set_budget_locked(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
-        level = self._levels.setdefault(scope, {})
+        level = self._levels.get(scope)
+        if level is None:
+            level = self._levels[scope] = {}
+            self._tenant_scopes.setdefault(scope.split("/", 1)[0], set()).add(scope)
         budget = level.get((unit, period))
         if budget is None:
             budget = self._parked.pop((scope, unit, period), None) or _Budget(scope, unit, period, limit)
@@ -654,7 +668,7 @@ class MemoryStore(Store):
             self._parked[(scope, unit, period)] = level.pop((unit, period))
             self._budget_version += 1
             if not level:
-                del self._levels[scope]
+                self._drop_level(scope)
             self._log(now, "budget_remove", scope, None, ((unit, 0),), f"period={period or 'lifetime'}")
             return True
 
@@ -694,9 +708,14 @@ class MemoryStore(Store):
             self._reclaim(now)
             window_of = dict(windows)
             states: list[AccountState] = []
-            for path, level in sorted(self._levels.items()):
-                if not (in_subtree(path, scope) if subtree else path == scope):
-                    continue
+            if scope is None:
+                paths = sorted(self._levels)
+            elif subtree:
+                paths = sorted(p for p in self._tenant_scopes.get(scope.split("/", 1)[0], ()) if in_subtree(p, scope))
+            else:
+                paths = [scope] if scope in self._levels else []
+            for path in paths:
+                level = self._levels[path]
                 for (unit, period), budget in sorted(level.items()):
                     window = window_of[period]
                     spent, held = budget.counters.get(window, (0, 0))

@@ -130,6 +130,7 @@ def _is_ledger(db: sqlite3.Connection) -> bool:
 
 
 _HEADER = b"SQLite format 3\x00"
+_BUDGET_ROWS = "SELECT scope, unit, period, lim FROM budgets"
 _SMALLEST_DATABASE = 100  # bytes: a database file holds at least its 100-byte header
 
 
@@ -1327,13 +1328,17 @@ class SQLiteStore(Store):
                 self._reclaim(db, now)
         by_period = dict(windows)
         with self._read() as db:
-            rows = (
-                db.execute("SELECT scope, unit, period, lim FROM budgets ORDER BY scope, unit, period").fetchall()
-                if scope is None or subtree
-                else db.execute(
-                    "SELECT scope, unit, period, lim FROM budgets WHERE scope = ? ORDER BY unit, period", (scope,)
+            if scope is None:
+                rows = db.execute(f"{_BUDGET_ROWS} ORDER BY scope, unit, period").fetchall()
+            elif subtree:  # the scope and the paths under it: one range of the key ('0' follows '/')
+                rows = db.execute(
+                    f"{_BUDGET_ROWS} WHERE scope = ? OR (scope >= ? AND scope < ?) ORDER BY scope, unit, period",
+                    (scope, scope + "/", scope + "0"),
                 ).fetchall()
-            )
+            else:
+                rows = db.execute(
+                    f"{_BUDGET_ROWS} WHERE scope = ? ORDER BY unit, period", (scope,)
+                ).fetchall()
             states: list[AccountState] = []
             for path, unit, period, limit in rows:
                 if subtree and not in_subtree(path, scope):

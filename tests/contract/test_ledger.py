@@ -402,6 +402,24 @@ def test_periods_count_each_window_and_settle_where_held(authority: Authority, c
     assert today["month"].spent == 9 and today["month"].held == 2
 
 
+def test_budgets_under_a_scope_are_its_subtree_only(authority: Authority) -> None:
+    """A listing under a scope reads that tenant's budgets alone (it used to look at every
+    tenant's: 100 ms a balance with 100,000 budgets, under the memory store's lock): never a
+    sibling sharing its prefix ("tenant:t70", "tenant:t7.x")."""
+    for scope in ("tenant:t7", "tenant:t7/run:a", "tenant:t7/run:a/agent:b", "tenant:t70", "tenant:t7.x", "tenant:t6"):
+        authority.set_budget(Budget(scope, "usd", 1))
+    assert [b.scope for b in authority.budgets("tenant:t7")] == [
+        "tenant:t7",
+        "tenant:t7/run:a",
+        "tenant:t7/run:a/agent:b",
+    ]
+    assert [b.scope for b in authority.budgets("tenant:t7/run:a")] == ["tenant:t7/run:a", "tenant:t7/run:a/agent:b"]
+    assert set(authority.balance("tenant:t7")) == {"usd"}
+    assert authority.remove_budget("tenant:t7/run:a", "usd")
+    assert [b.scope for b in authority.budgets("tenant:t7")] == ["tenant:t7", "tenant:t7/run:a/agent:b"]
+    assert len(authority.budgets()) == 5
+
+
 def test_balance_reports_the_tightest_period(authority: Authority) -> None:
     authority.set_budget(Budget("tenant:acme", "usd", 100))
     authority.set_budget(Budget("tenant:acme", "usd", 5, period="hour"))
