@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from clearance import Authority
-from clearance.authority import _EMERGENCY_CAPS
+from clearance.authority import _EMERGENCY_CAPS, _warned
 from clearance.testing import FakeClock
 
 pytest_plugins = ["redis_servers"]
@@ -49,6 +49,7 @@ def _fresh_emergency_caps() -> None:
     """The fail-open emergency cap is per process (shared by the Authorities of one store URL and
     limits): each test starts with none, as a new process would."""
     _EMERGENCY_CAPS.clear()
+    _warned.clear()  # (and logs its first store-trouble decision of each kind)
 
 
 @pytest.fixture
