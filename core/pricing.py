@@ -128,6 +128,23 @@ def _store_rate(key: tuple[str | None, str], entry: tuple[ModelRate | None, floa
         _rates[key] = entry
 
 
+_GENAI_CACHE_LIMIT = 8192
+
+
+def _trim_genai_caches() -> None:
+    """genai-prices keeps every model name it is asked about, found or not, for good (its snapshot's
+    look-up caches): with names from user input (a fine-tune per tenant) that is ~440 bytes a name
+    without end. Past a bound they are emptied — caches only: the next look-ups fill them again
+    (its code only gets, tests and adds, so emptying one under another thread is safe)."""
+    from genai_prices import data_snapshot
+
+    snapshot = data_snapshot.get_snapshot()
+    for name in ("_lookup_cache", "_provider_cache", "_provider_misses"):
+        cache = getattr(snapshot, name, None)
+        if isinstance(cache, dict | set) and len(cache) > _GENAI_CACHE_LIMIT:
+            cache.clear()
+
+
 def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float]:
     """Flat rate of a model (``None`` when its prices are tiered: use :func:`_tiered`) and until when
     it applies (epoch seconds)."""
@@ -149,6 +166,7 @@ def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float]:
             usage = Usage(input_tokens=1, output_tokens=1)
             calc = calc_price(usage, model_ref=model, provider_id=provider, genai_request_timestamp=at)
     except LookupError:
+        _trim_genai_caches()
         fallback = _fallback
         if fallback is not None:
             entry = (fallback, math.inf)
@@ -159,6 +177,7 @@ def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float]:
             + (f" of provider {provider!r}" if provider else "")
             + "; register one with clearance.pricing.register_price() or set_fallback_price()"
         ) from None
+    _trim_genai_caches()
     price = calc.model_price
     rate: ModelRate | None = None
     if isinstance(price.input_mtok, Decimal | int) and isinstance(price.output_mtok, Decimal | int | None):

@@ -223,3 +223,24 @@ def test_the_unit_names_seen_are_bounded_and_forgetting_them_changes_no_amount(m
         assert len(units._known_units) <= 100
     assert to_steps("tool.mcp_0.usd", 1) == 10**9  # long forgotten: still at its scale
     assert to_steps("usd", "0.000000001") == 1
+
+
+def test_model_names_without_end_do_not_grow_genai_prices_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """genai-prices keeps every model name it is asked about, found or not, for good: with names from
+    user input (a fine-tune per tenant) ~440 bytes a name without end, past clearance's own bounded
+    cache. Its caches are emptied past a bound."""
+    from genai_prices import data_snapshot
+
+    from clearance import pricing
+
+    monkeypatch.setattr(pricing, "_GENAI_CACHE_LIMIT", 50)
+    set_fallback_price("3", "15")
+    try:
+        for i in range(300):
+            Action.model_call("openai", f"ft:gpt-4.1-mini:tenant{i}:support", 1200, 400)
+        snapshot = data_snapshot.get_snapshot()
+        sizes = [len(getattr(snapshot, n)) for n in ("_lookup_cache", "_provider_cache", "_provider_misses")]
+        assert max(sizes) <= 51, sizes
+        assert Action.model_call("openai", "gpt-4.1", 1000, 100).amounts["usd"] > 0  # still priced
+    finally:
+        set_fallback_price(None)
