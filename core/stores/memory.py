@@ -347,14 +347,21 @@ class MemoryStore(Store):
         _, scope, unit, period = entry
         level = self._levels.get(scope)
         budget = level.get((unit, period)) if level else None
-        if level is None or budget is None or budget.until is None or budget.until > now:
-            return  # removed, set by an operator since, or refreshed (a later heap entry has it)
+        parked = budget is None
+        if parked:  # removed: its counters are kept a retention (see remove_budget), then go
+            budget = self._parked.get((scope, unit, period))
+        if budget is None or budget.until is None or budget.until > now:
+            return  # set by an operator since, or refreshed (a later heap entry has it)
         held = any(held for _, held in budget.counters.values())
         if held or budget.held_seen:
             budget.held_seen = held
             budget.until = now + (TEMPLATE_RECHECK if held else self._retention)
             heapq.heappush(self._templates, (budget.until, scope, unit, period))
             return
+        if parked:
+            del self._parked[(scope, unit, period)]
+            return
+        assert level is not None
         del level[(unit, period)]
         if not level:
             self._drop_level(scope)
@@ -649,8 +656,13 @@ class MemoryStore(Store):
             self._tenant_scopes.setdefault(scope.split("/", 1)[0], set()).add(scope)
         budget = level.get((unit, period))
         if budget is None:
-            budget = self._parked.pop((scope, unit, period), None) or _Budget(scope, unit, period, limit)
+            budget = self._parked.pop((scope, unit, period), None)
+            if budget is None or (
+                budget.until is not None and budget.until <= now and not any(h for _, h in budget.counters.values())
+            ):
+                budget = _Budget(scope, unit, period, limit)  # (removed a retention ago: forgotten, a new count)
             budget.limit = limit
+            budget.held_seen = False
             level[(unit, period)] = budget
             self._budget_version += 1
         else:
@@ -664,8 +676,11 @@ class MemoryStore(Store):
             if not level or (unit, period) not in level:
                 return False
             # Parked, not dropped: held reservations still point at its counters, and a budget set
-            # again later continues from them (the same as the SQLite and Redis stores).
-            self._parked[(scope, unit, period)] = level.pop((unit, period))
+            # again within a retention continues from them (the same as the SQLite and Redis
+            # stores); then, once nothing is held on it, they are forgotten (see _forget_template).
+            budget = self._parked[(scope, unit, period)] = level.pop((unit, period))
+            budget.until, budget.held_seen = now + self._retention, False
+            heapq.heappush(self._templates, (budget.until, scope, unit, period))
             self._budget_version += 1
             if not level:
                 self._drop_level(scope)

@@ -21,8 +21,9 @@ reservation lands on one cluster slot::
     <prefix>{<root>}:l   hash    "@<scope>" -> "unit|period|limit|id ..." (that level's budgets, in
                                  order, each with its per-tenant id), "s<id>|<window>" -> spent,
                                  "h<id>|<window>" -> held, "#next" -> the last id given out,
-                                 "=<scope>|<unit>|<period>" -> id (kept when the budget is removed:
-                                 set again, it continues its counters), "#<id>" -> "<scope>|<unit>|<period>",
+                                 "=<scope>|<unit>|<period>" -> id (kept a retention after the budget
+                                 is removed: set again by then, it continues its counters),
+                                 "#<id>" -> "<scope>|<unit>|<period>",
                                  "w<id>" -> a period budget's windows with counters (its 8 latest are kept)
     <prefix>{<root>}:r   hash    "<token>" -> reservation record (13 tab-separated fields, the label
                                  last; its holds are "<id>|<window> steps …"),

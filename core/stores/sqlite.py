@@ -131,6 +131,14 @@ def _is_ledger(db: sqlite3.Connection) -> bool:
 
 _HEADER = b"SQLite format 3\x00"
 _BUDGET_ROWS = "SELECT scope, unit, period, lim FROM budgets"
+_HELD_ON_BUDGET = "SELECT 1 FROM accounts WHERE scope = ? AND unit = ? AND period = ? AND held <> 0 LIMIT 1"
+# A removed budget's counters are kept a retention: meta "removed\t<scope>\t<unit>\t<period>" ->
+# when they may go (no schema change; tab is in no scope, unit or period).
+_REMOVED, _REMOVED_END = "removed\t", "removed\n"
+
+
+def _removed_key(scope: str, unit: str, period: str) -> str:
+    return f"{_REMOVED}{scope}\t{unit}\t{period}"
 _SMALLEST_DATABASE = 100  # bytes: a database file holds at least its 100-byte header
 
 
@@ -804,6 +812,7 @@ class SQLiteStore(Store):
         more = self._prune_log(db, forgotten, marks.get("pruned") or 0) or more
         more = self._prune_windows(db, now) or more
         more = self._forget_templates(db, now) or more
+        more = self._forget_removed(db, now) or more
         db.execute(
             "INSERT INTO meta(key, value) VALUES ('maintained', (SELECT max(seq) FROM log)) "
             "ON CONFLICT DO UPDATE SET value = excluded.value"
@@ -1251,6 +1260,7 @@ class SQLiteStore(Store):
     # --- budgets -------------------------------------------------------------------------------
     def set_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
         with self._write() as db:
+            self._unpark(db, scope, unit, period, now)
             db.execute(  # (an operator's budget from now on, even if a template made it)
                 "INSERT INTO budgets(scope, unit, period, lim) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT DO UPDATE SET lim = excluded.lim, until = NULL, held_seen = NULL",
@@ -1266,9 +1276,42 @@ class SQLiteStore(Store):
             )
             if cursor.rowcount == 0:
                 return False
+            db.execute(  # its counters are kept a retention (set again, it continues them), then go
+                "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT DO UPDATE SET value = excluded.value",
+                (_removed_key(scope, unit, period), now + self._retention),
+            )
             db.execute(_BUDGETS_CHANGED)
             self._log(db, now, "budget_remove", scope, None, ((unit, 0),), f"period={period or 'lifetime'}")
             return True
+
+    @staticmethod
+    def _unpark(db: sqlite3.Connection, scope: str, unit: str, period: str, now: float) -> None:
+        """A budget about to be set: if it was removed, its kept counters go on — or, removed a
+        retention ago with nothing held on them, are forgotten first (a new count), whichever of
+        this and the maintenance pass comes first."""
+        key = _removed_key(scope, unit, period)
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return
+        db.execute("DELETE FROM meta WHERE key = ?", (key,))
+        if row[0] <= now and not db.execute(_HELD_ON_BUDGET, (scope, unit, period)).fetchone():
+            db.execute("DELETE FROM accounts WHERE scope = ? AND unit = ? AND period = ?", (scope, unit, period))
+
+    def _forget_removed(self, db: sqlite3.Connection, now: float) -> bool:
+        """Forget the counters of budgets removed a retention ago with nothing held on them (one
+        with something held is looked at again after ``TEMPLATE_RECHECK``)."""
+        due = db.execute(
+            "SELECT key FROM meta WHERE key >= ? AND key < ? AND value <= ? LIMIT ?",
+            (_REMOVED, _REMOVED_END, now, _TEMPLATE_BATCH),
+        ).fetchall()
+        for (key,) in due:
+            scope, unit, period = key[len(_REMOVED) :].split("\t")
+            if db.execute(_HELD_ON_BUDGET, (scope, unit, period)).fetchone():
+                db.execute("UPDATE meta SET value = ? WHERE key = ?", (now + TEMPLATE_RECHECK, key))
+                continue
+            db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            db.execute("DELETE FROM accounts WHERE scope = ? AND unit = ? AND period = ?", (scope, unit, period))
+        return len(due) >= _TEMPLATE_BATCH
 
     def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
         with self._write() as db:
@@ -1281,6 +1324,8 @@ class SQLiteStore(Store):
             overdue = found is not None and found[0] is not None and found[0] <= now
             if overdue and self._forget_template(db, scope, unit, period, bool(found[1]), now):
                 db.execute(_BUDGETS_CHANGED)
+            if found is None:
+                self._unpark(db, scope, unit, period, now)
             until = now + self._retention
             cursor = db.execute(
                 "INSERT INTO budgets(scope, unit, period, lim, until) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",

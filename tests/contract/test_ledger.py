@@ -437,6 +437,61 @@ def test_remove_budget(authority: Authority) -> None:
     assert authority.balance("tenant:acme") == {}
 
 
+def _removed_counters_kept(authority: Authority, scope: str) -> bool:
+    """Whether the store still keeps a removed usd budget's counters at ``scope``."""
+    import sqlite3
+
+    from clearance.stores.memory import MemoryStore
+    from clearance.stores.redis import RedisStore
+    from clearance.stores.sqlite import SQLiteStore
+
+    store = authority.store
+    if isinstance(store, MemoryStore):
+        return (scope, "usd", "") in store._parked
+    if isinstance(store, SQLiteStore):
+        with sqlite3.connect(store.path) as db:
+            return bool(db.execute("SELECT count(*) FROM accounts WHERE scope = ?", (scope,)).fetchone()[0])
+    assert isinstance(store, RedisStore)
+    ledger = store._keys(scope.split("/", maxsplit=1)[0])[0]
+    return bool(store._keyed(ledger, lambda client: client.hexists(ledger, f"={scope}|usd|")))
+
+
+def test_a_removed_budget_s_counters_are_kept_a_retention_then_forgotten(
+    authority: Authority, clock: FakeClock
+) -> None:
+    """A removed budget's counters were kept for good (set again, it continues them): budgets made
+    and removed per run added up without end on every store. They are kept a retention now, and
+    longer while something is held on them; then forgotten (set again, a new count)."""
+    scope = "tenant:acme/run:r1"
+    authority.set_budget(Budget(scope, "usd", 10))
+    authority.commit(authority.reserve(usd(3), scope).reservation)  # type: ignore[arg-type]
+    assert authority.remove_budget(scope, "usd")
+    clock.advance(3600)
+    authority.set_budget(Budget(scope, "usd", 10))  # within a retention: its counters go on
+    assert authority.balance(scope)["usd"].spent == 3
+    assert authority.remove_budget(scope, "usd")
+    clock.advance(49 * 3600)
+    authority.sweep()
+    assert not _removed_counters_kept(authority, scope)
+    authority.set_budget(Budget(scope, "usd", 10))  # a new count
+    assert authority.balance(scope)["usd"].spent == 0
+    authority.commit(authority.reserve(usd(2), scope).reservation)  # type: ignore[arg-type]
+    assert authority.remove_budget(scope, "usd")
+    clock.advance(49 * 3600)
+    authority.set_budget(Budget(scope, "usd", 10))  # past a retention, no sweep meanwhile: a new count too
+    assert authority.balance(scope)["usd"].spent == 0
+    held = authority.reserve(usd(4), scope, ttl=100 * 3600).reservation
+    assert held is not None
+    assert authority.remove_budget(scope, "usd")
+    clock.advance(49 * 3600)
+    authority.sweep()
+    assert _removed_counters_kept(authority, scope)  # something is held on them
+    authority.set_budget(Budget(scope, "usd", 10))
+    assert authority.balance(scope)["usd"].held == 4
+    authority.commit(held, {"usd": 1})
+    assert authority.balance(scope)["usd"].spent == 1
+
+
 def test_tenants_are_isolated(authority: Authority) -> None:
     authority.set_budget(Budget("tenant:acme", "usd", 1))
     authority.set_budget(Budget("tenant:acme-eu", "usd", 1))

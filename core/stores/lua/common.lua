@@ -5,8 +5,9 @@
 --                          "s<id>|<window>"           -> spent
 --                          "h<id>|<window>"           -> held
 --                          "#next"                    -> the last budget id given out in this tenant
---                          "=<scope>|<unit>|<period>" -> "<id>" (kept when the budget is removed, so a
---                                                        budget set again continues its counters)
+--                          "=<scope>|<unit>|<period>" -> "<id>" (kept a retention after the budget is
+--                                                        removed: set again by then, it continues its
+--                                                        counters; see remove_budget.lua)
 --                          "#<id>"                    -> "<scope>|<unit>|<period>" (records name ids)
 --                          "l<id>"                    -> the budget's limit (also in its "@<scope>" entry)
 --                          "#v"                       -> the budgets version: +1 whenever a budget is
@@ -322,11 +323,16 @@ local function forget_template(id)
   end
   redis.call('HDEL', K_LEDGER, '=' .. name)
   local field = '@' .. scope
-  local kept = {}
+  local kept, live = {}, false
   for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
     if string.match(entry, '|(%d+)$') ~= id then
       kept[#kept + 1] = entry
+    else
+      live = true
     end
+  end
+  if not live then
+    return  -- a removed budget's counters, kept a retention (see remove_budget): gone now
   end
   if #kept == 0 then
     redis.call('HDEL', K_LEDGER, field)

@@ -1,5 +1,7 @@
 -- remove_budget: remove one budget; its level no longer constrains that unit. Reply 1, or 0 if none.
--- Its counters and its id ("=<scope>|<unit>|<period>", "#<id>") stay: set again, it continues them.
+-- Its counters and its id ("=<scope>|<unit>|<period>", "#<id>") stay a retention ("u<id>" and "~<id>"
+-- in the due index, as a template's): set again by then, it continues them; after, once nothing is
+-- held on them, forget_template forgets them.
 -- ARGV[3] scope, [4] unit, [5] period, [6] audit detail.
 
 local scope, unit, period, detail = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
@@ -10,8 +12,13 @@ for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
   if string.sub(entry, 1, #head) == head then
     found = true
     local id = string.match(entry, '|(%d+)$')
-    if id and redis.call('HDEL', K_LEDGER, 'u' .. id) == 1 then  -- a template's: removed like any other
-      redis.call('ZREM', K_DUE, '~' .. id)
+    if id then  -- (a template's too: removed like any other)
+      local till = NOW_N + RETENTION
+      if MAX_SKEW + 0 > 0 then
+        till = math.max(till, server_seconds() + RETENTION)
+      end
+      redis.call('HSET', K_LEDGER, 'u' .. id, string.format('%.17g', till))
+      redis.call('ZADD', K_DUE, string.format('%.17g', -till), '~' .. id)
     end
   else
     kept[#kept + 1] = entry

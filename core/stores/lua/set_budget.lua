@@ -67,6 +67,19 @@ end
 if not found then
   local name = scope .. '|' .. unit .. '|' .. period
   local id = redis.call('HGET', K_LEDGER, '=' .. name)
+  if id then
+    -- A removed budget's counters (see remove_budget): they go on, or, removed a retention ago with
+    -- nothing held on them, are forgotten first (a new count), whichever of this and reclaim is first.
+    local till = string.match(redis.call('HGET', K_LEDGER, 'u' .. id) or '', '^([^!]+)')
+    if till and till + 0 <= NOW_N and clock_ok() then
+      forget_template(id)
+      id = redis.call('HGET', K_LEDGER, '=' .. name)
+    end
+    if id and till and only_new ~= '1' then  -- an operator's from now on
+      redis.call('HDEL', K_LEDGER, 'u' .. id)
+      redis.call('ZREM', K_DUE, '~' .. id)
+    end
+  end
   if not id then
     id = fmt_int(redis.call('HINCRBY', K_LEDGER, '#next', 1))
     redis.call('HSET', K_LEDGER, '=' .. name, id, '#' .. id, name)
