@@ -77,7 +77,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import cache, lru_cache, partial
 from importlib import resources
 from typing import Any, ClassVar, TypeVar
@@ -1027,20 +1027,26 @@ class RedisStore(Store):
             await self._acheck_eviction(client)
         return reply
 
-    def _keyed(self, key: str, command: Callable[[Any], _T]) -> _T:
-        """``command(client)``, one plain command on ``key`` (not a ledger script): on a cluster in a
-        turn on the node serving ``key``, as every call there must take one (see _in_turn: a policy
-        read or a listing beside busy ledger calls was refused MaxConnectionsError); every failure
-        is StoreUnavailable."""
+    @contextlib.contextmanager
+    def _trouble(self) -> Iterator[None]:
+        """Plain commands' failures as StoreUnavailable (a cluster client's own breakage included)."""
         try:
-            client = self._client
-            return self._in_turn(client, key, lambda: command(client))
+            yield
         except _ERRORS as error:
             raise _unavailable(error) from error
         except Exception as error:
             if not self.cluster:
                 raise
             raise _unavailable(_cluster_broke(error)) from error
+
+    def _keyed(self, key: str, command: Callable[[Any], _T]) -> _T:
+        """``command(client)``, one plain command on ``key`` (not a ledger script): on a cluster in a
+        turn on the node serving ``key``, as every call there must take one (see _in_turn: a policy
+        read or a listing beside busy ledger calls was refused MaxConnectionsError); every failure
+        is StoreUnavailable."""
+        with self._trouble():
+            client = self._client
+            return self._in_turn(client, key, lambda: command(client))
 
     async def _akeyed(self, key: str, command: Callable[[Any], Awaitable[_T]]) -> _T:
         """:meth:`_keyed` for asyncio."""
@@ -1513,7 +1519,7 @@ class RedisStore(Store):
         for node, chunk in chunks:
             start = "-" if after <= 0 else "(" + _stream_id(after)
             end = "+" if below <= 0 else "(" + _stream_id(below)
-            try:
+            with self._trouble():
                 client = self._client
                 pipe = client.pipeline(transaction=False)
                 for root in chunk:
@@ -1527,12 +1533,6 @@ class RedisStore(Store):
                     replies = self._in_node_turn(lender, pipe.execute)
                 else:
                     replies = pipe.execute()
-            except _ERRORS as error:
-                raise _unavailable(error) from error
-            except Exception as error:
-                if not self.cluster:
-                    raise
-                raise _unavailable(_cluster_broke(error)) from error
             for root, entries in zip(chunk, replies, strict=True):
                 found.extend(_events_of(root, entries))
             # Only the ``limit`` best so far are kept, and later tenants are read only past them.
@@ -1555,17 +1555,13 @@ class RedisStore(Store):
             seconds, micros = self._keyed(self._roots_key, lambda client: client.time())
             return (int(seconds) * 1_000_000 + int(micros)) * _SEQ_SPLIT
         least = None
-        try:
+        with self._trouble():
             client = self._client
             for node in client.get_primaries():  # each in a turn on its node, as every call takes one
                 lender = self._lender_of_node(node.name, self._lender.by_node, asynchronous=False)
                 seconds, micros = self._in_node_turn(lender, partial(client.time, target_nodes=node))
                 seq = (int(seconds) * 1_000_000 + int(micros)) * _SEQ_SPLIT
                 least = seq if least is None else min(least, seq)
-        except _ERRORS as error:
-            raise _unavailable(error) from error
-        except Exception as error:
-            raise _unavailable(_cluster_broke(error)) from error
         if least is None:
             raise StoreUnavailable("Redis Cluster: no primary known")
         return least

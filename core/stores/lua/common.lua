@@ -283,6 +283,17 @@ end
 -- a minute later (TEMPLATE_RECHECK; "u<id>" then ends in '!'), and once nothing is held any more, it
 -- is kept a whole retention more. Records of settled reservations may still name its id: public()
 -- skips it.
+-- A template budget, or a removed budget's counters, kept until now + retention (from the later of
+-- the two clocks, as settle()): "u<id>" -> that time, "~<id>" in the due index scored by minus it.
+local function keep_template(id)
+  local till = NOW_N + RETENTION
+  if MAX_SKEW + 0 > 0 then
+    till = math.max(till, server_seconds() + RETENTION)
+  end
+  redis.call('HSET', K_LEDGER, 'u' .. id, string.format('%.17g', till))
+  redis.call('ZADD', K_DUE, string.format('%.17g', -till), '~' .. id)
+end
+
 local function forget_template(id)
   local raw = redis.call('HGET', K_LEDGER, 'u' .. id)
   local till, held_seen = string.match(raw or '', '^([^!]+)(!?)$')

@@ -13,12 +13,7 @@ for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
     found = true
     local id = string.match(entry, '|(%d+)$')
     if id then  -- (a template's too: removed like any other)
-      local till = NOW_N + RETENTION
-      if MAX_SKEW + 0 > 0 then
-        till = math.max(till, server_seconds() + RETENTION)
-      end
-      redis.call('HSET', K_LEDGER, 'u' .. id, string.format('%.17g', till))
-      redis.call('ZADD', K_DUE, string.format('%.17g', -till), '~' .. id)
+      keep_template(id)
     end
   else
     kept[#kept + 1] = entry

@@ -12,16 +12,6 @@
 -- counters ("s<id>|<window>", "h<id>|<window>"); a (scope, unit, period) keeps its id for good
 -- ("=<scope>|<unit>|<period>"), so a budget removed and set again continues its counters.
 
--- A template budget is kept until now + retention (from the later of the two clocks, as settle()).
-local function keep_template(id)
-  local till = NOW_N + RETENTION
-  if MAX_SKEW + 0 > 0 then
-    till = math.max(till, server_seconds() + RETENTION)
-  end
-  redis.call('HSET', K_LEDGER, 'u' .. id, string.format('%.17g', till))
-  redis.call('ZADD', K_DUE, string.format('%.17g', -till), '~' .. id)
-end
-
 local scope, unit, period, limit, detail, only_new = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local retry = ARGV[9] == '1'
 if only_new == '1' and clock_ok() then
