@@ -581,10 +581,12 @@ def _emergency_cap_for(url: str, limits: dict[str, int]) -> _EmergencyCap:
 def _forget_emergency_caps() -> None:
     """In a forked child: every cap starts empty — the child is another process — but stays the
     one its store's Authorities share, those made before the fork included (they hold it too)."""
-    global _EMERGENCY_CAPS_LOCK  # noqa: PLW0603 - a fresh lock in a forked child (one held at fork stays held)
+    global _EMERGENCY_CAPS_LOCK, _warned_lock  # noqa: PLW0603 - fresh locks in a forked child (one held at fork stays held)
     _EMERGENCY_CAPS_LOCK = threading.Lock()
     for cap in _EMERGENCY_CAPS.values():
         cap.start_afresh()
+    _warned_lock = threading.Lock()  # (and its own warnings: another process's logs)
+    _warned.clear()
 
 
 if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)

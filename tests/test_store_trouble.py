@@ -463,3 +463,35 @@ def test_store_trouble_is_logged_once_a_period_not_once_a_decision(caplog: pytes
     with caplog.at_level(logging.WARNING, logger="clearance"):
         authority.reserve(ACTION, SCOPE)
     assert "and 49 more such decisions" in caplog.text
+
+
+def test_a_child_forked_while_a_thread_logs_store_trouble_still_decides() -> None:
+    """The lock of the store-trouble log throttle, held by another thread at fork time, stayed held in
+    the child: its next decision in store trouble hung for good. The child gets a fresh one."""
+    import os
+    import signal
+    import threading
+
+    from clearance import authority as authority_module
+
+    store = FlakyStore()
+    authority = Authority(store)
+    store.down = True
+    inside, done = threading.Event(), threading.Event()
+
+    def logging_thread() -> None:
+        with authority_module._warned_lock:  # another thread inside _warn at fork time
+            inside.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=logging_thread)
+    thread.start()
+    assert inside.wait(10)
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(10)  # (hung: killed, and the parent sees it)
+        os._exit(0 if authority.reserve(ACTION, SCOPE).denied else 1)
+    done.set()
+    thread.join(10)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

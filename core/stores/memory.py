@@ -353,7 +353,7 @@ class MemoryStore(Store):
         if budget is None or budget.until is None or budget.until > now:
             return  # set by an operator since, or refreshed (a later heap entry has it)
         held = any(held for _, held in budget.counters.values())
-        if held or budget.held_seen:
+        if held or (budget.held_seen and not parked):  # (a removed one goes once nothing is held)
             budget.held_seen = held
             budget.until = now + (TEMPLATE_RECHECK if held else self._retention)
             heapq.heappush(self._templates, (budget.until, scope, unit, period))
@@ -650,6 +650,9 @@ class MemoryStore(Store):
             self._set_budget_locked(scope, unit, period, limit, now)
 
     def _set_budget_locked(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
+        parked = self._parked.get((scope, unit, period))
+        if parked is not None and parked.until is not None and parked.until <= now:
+            self._reclaim(now)  # (holds due to expire first, as a sweep would: it may forget it)
         level = self._levels.get(scope)
         if level is None:
             level = self._levels[scope] = {}
@@ -693,7 +696,9 @@ class MemoryStore(Store):
             budget = level.get((unit, period)) if level else None
             if budget is not None and budget.until is not None and budget.until <= now:
                 # Idle past its time, and its run seen again before the maintenance forgot it: as
-                # if it had (a new count), whichever call comes first (see _forget_template).
+                # if it had (a new count), whichever call comes first (see _forget_template) — its
+                # holds due to expire expired first, as a sweep would.
+                self._reclaim(now)
                 self._forget_template((budget.until, scope, unit, period), now)
                 level = self._levels.get(scope)
                 budget = level.get((unit, period)) if level else None

@@ -132,13 +132,31 @@ def _is_ledger(db: sqlite3.Connection) -> bool:
 _HEADER = b"SQLite format 3\x00"
 _BUDGET_ROWS = "SELECT scope, unit, period, lim FROM budgets"
 _HELD_ON_BUDGET = "SELECT 1 FROM accounts WHERE scope = ? AND unit = ? AND period = ? AND held <> 0 LIMIT 1"
-# A removed budget's counters are kept a retention: meta "removed\t<scope>\t<unit>\t<period>" ->
-# when they may go (no schema change; tab is in no scope, unit or period).
-_REMOVED, _REMOVED_END = "removed\t", "removed\n"
+# A removed budget's counters are kept a retention, in two rows of meta (no schema change; a tab is
+# in no scope, unit or period): "removed\t<scope>\t<unit>\t<period>" -> when they may go, and
+# "removal\t<that time, fixed width>\t<scope>\t<unit>\t<period>", which sort by it: the
+# maintenance pass reads the due ones alone.
+_REMOVAL = "removal\t"
 
 
 def _removed_key(scope: str, unit: str, period: str) -> str:
-    return f"{_REMOVED}{scope}\t{unit}\t{period}"
+    return f"removed\t{scope}\t{unit}\t{period}"
+
+
+def _removal_key(due: float, scope: str, unit: str, period: str) -> str:
+    return f"{_REMOVAL}{due:020.6f}\t{scope}\t{unit}\t{period}"
+
+
+def _park(db: sqlite3.Connection, scope: str, unit: str, period: str, due: float | None) -> None:
+    """Note (or, with ``due`` None, drop) when a removed budget's counters may go."""
+    key = _removed_key(scope, unit, period)
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    if row is not None:
+        db.execute("DELETE FROM meta WHERE key IN (?, ?)", (key, _removal_key(row[0], scope, unit, period)))
+    if due is not None:
+        db.executemany(
+            "INSERT INTO meta(key, value) VALUES (?, ?)", [(key, due), (_removal_key(due, scope, unit, period), None)]
+        )
 _SMALLEST_DATABASE = 100  # bytes: a database file holds at least its 100-byte header
 
 
@@ -1276,40 +1294,38 @@ class SQLiteStore(Store):
             )
             if cursor.rowcount == 0:
                 return False
-            db.execute(  # its counters are kept a retention (set again, it continues them), then go
-                "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT DO UPDATE SET value = excluded.value",
-                (_removed_key(scope, unit, period), now + self._retention),
-            )
+            _park(db, scope, unit, period, now + self._retention)  # (set again by then, it continues them)
             db.execute(_BUDGETS_CHANGED)
             self._log(db, now, "budget_remove", scope, None, ((unit, 0),), f"period={period or 'lifetime'}")
             return True
 
-    @staticmethod
-    def _unpark(db: sqlite3.Connection, scope: str, unit: str, period: str, now: float) -> None:
+    def _unpark(self, db: sqlite3.Connection, scope: str, unit: str, period: str, now: float) -> None:
         """A budget about to be set: if it was removed, its kept counters go on — or, removed a
-        retention ago with nothing held on them, are forgotten first (a new count), whichever of
-        this and the maintenance pass comes first."""
-        key = _removed_key(scope, unit, period)
-        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        retention ago with nothing held on them (holds due to expire expired first, as the
+        maintenance pass would), are forgotten first (a new count), whichever comes first."""
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (_removed_key(scope, unit, period),)).fetchone()
         if row is None:
             return
-        db.execute("DELETE FROM meta WHERE key = ?", (key,))
-        if row[0] <= now and not db.execute(_HELD_ON_BUDGET, (scope, unit, period)).fetchone():
-            db.execute("DELETE FROM accounts WHERE scope = ? AND unit = ? AND period = ?", (scope, unit, period))
+        _park(db, scope, unit, period, None)
+        if row[0] <= now:
+            if db.execute(_DUE_SQL, (now,)).fetchone() is not None:
+                self._reclaim(db, now)
+            if not db.execute(_HELD_ON_BUDGET, (scope, unit, period)).fetchone():
+                db.execute("DELETE FROM accounts WHERE scope = ? AND unit = ? AND period = ?", (scope, unit, period))
 
     def _forget_removed(self, db: sqlite3.Connection, now: float) -> bool:
         """Forget the counters of budgets removed a retention ago with nothing held on them (one
         with something held is looked at again after ``TEMPLATE_RECHECK``)."""
         due = db.execute(
-            "SELECT key FROM meta WHERE key >= ? AND key < ? AND value <= ? LIMIT ?",
-            (_REMOVED, _REMOVED_END, now, _TEMPLATE_BATCH),
+            "SELECT key FROM meta WHERE key >= ? AND key < ? LIMIT ?",
+            (_REMOVAL, f"{_REMOVAL}{now:020.6f}\x7f", _TEMPLATE_BATCH),
         ).fetchall()
         for (key,) in due:
-            scope, unit, period = key[len(_REMOVED) :].split("\t")
+            _, _, scope, unit, period = key.split("\t")
             if db.execute(_HELD_ON_BUDGET, (scope, unit, period)).fetchone():
-                db.execute("UPDATE meta SET value = ? WHERE key = ?", (now + TEMPLATE_RECHECK, key))
+                _park(db, scope, unit, period, now + TEMPLATE_RECHECK)
                 continue
-            db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            _park(db, scope, unit, period, None)
             db.execute("DELETE FROM accounts WHERE scope = ? AND unit = ? AND period = ?", (scope, unit, period))
         return len(due) >= _TEMPLATE_BATCH
 
@@ -1322,6 +1338,8 @@ class SQLiteStore(Store):
             # Idle past its time, and its run seen again before the maintenance pass forgot it: as
             # if the pass had (a new count), whichever comes first.
             overdue = found is not None and found[0] is not None and found[0] <= now
+            if overdue and db.execute(_DUE_SQL, (now,)).fetchone() is not None:
+                self._reclaim(db, now)  # (holds due to expire first, as the maintenance pass would)
             if overdue and self._forget_template(db, scope, unit, period, bool(found[1]), now):
                 db.execute(_BUDGETS_CHANGED)
             if found is None:

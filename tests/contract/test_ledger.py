@@ -492,6 +492,39 @@ def test_a_removed_budget_s_counters_are_kept_a_retention_then_forgotten(
     assert authority.balance(scope)["usd"].spent == 1
 
 
+@pytest.mark.parametrize("sweep", [True, False])
+@pytest.mark.parametrize("how", ["set", "ensure"])
+def test_a_removed_budget_goes_once_nothing_is_held_on_it_lazily_as_swept(
+    authority: Authority, clock: FakeClock, how: str, sweep: bool
+) -> None:
+    """Whether a removed budget's counters are still there when it is set again must not depend on
+    the store, nor on whether a sweep ran: held when its retention ran out, it goes once nothing is
+    held on it; a hold that is due to expire but not yet reclaimed is expired first."""
+    retention = 48 * 3600
+    for case in ("released", "expired"):
+        scope = f"tenant:acme/run:{case}"
+        authority.set_budget(Budget(scope, "usd", 10))
+        authority.commit(authority.reserve(usd(3), scope).reservation)  # type: ignore[arg-type]
+        ttl = 3 * retention if case == "released" else retention + 50
+        held = authority.reserve(usd(4), scope, ttl=ttl).reservation
+        assert held is not None and authority.remove_budget(scope, "usd")
+        if case == "released":
+            clock.advance(retention + 1)
+            authority.sweep()  # due, but held: looked at again a minute later
+            authority.release(held)
+            clock.advance(61)
+        else:
+            clock.advance(retention + 100)  # the hold is past its TTL, nothing has reclaimed it yet
+        if sweep:
+            authority.sweep()
+        if how == "set":
+            authority.set_budget(Budget(scope, "usd", 10))
+        else:
+            authority.store.ensure_budget(scope, "usd", "", 10 * 10**9, clock())
+        balance = authority.balance(scope)["usd"]
+        assert (balance.spent, balance.held) == (0, 0), case
+
+
 def test_tenants_are_isolated(authority: Authority) -> None:
     authority.set_budget(Budget("tenant:acme", "usd", 1))
     authority.set_budget(Budget("tenant:acme-eu", "usd", 1))

@@ -305,6 +305,15 @@ local function forget_template(id)
   end
   local name = redis.call('HGET', K_LEDGER, '#' .. id)
   local scope, unit, period = string.match(name or '', '^([^|]*)|([^|]*)|([^|]*)$')
+  local field = '@' .. (scope or '')
+  local kept, live = {}, false  -- the level's other budgets; whether this one is still set (else removed)
+  for entry in string.gmatch(scope and redis.call('HGET', K_LEDGER, field) or '', '%S+') do
+    if string.match(entry, '|(%d+)$') ~= id then
+      kept[#kept + 1] = entry
+    else
+      live = true
+    end
+  end
   local windows = {''}
   if period and period ~= '' then
     windows = {}
@@ -320,7 +329,7 @@ local function forget_template(id)
     counters[#counters + 1] = 's' .. id .. '|' .. window
     counters[#counters + 1] = 'h' .. id .. '|' .. window
   end
-  if held or held_seen == '!' then
+  if held or (live and held_seen == '!') then  -- (a removed one goes once nothing is held on it)
     local later = NOW_N + (held and 60 or RETENTION)
     local text = string.format('%.17g', later)
     redis.call('HSET', K_LEDGER, 'u' .. id, held and text .. '!' or text)
@@ -333,15 +342,6 @@ local function forget_template(id)
     return
   end
   redis.call('HDEL', K_LEDGER, '=' .. name)
-  local field = '@' .. scope
-  local kept, live = {}, false
-  for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
-    if string.match(entry, '|(%d+)$') ~= id then
-      kept[#kept + 1] = entry
-    else
-      live = true
-    end
-  end
   if not live then
     return  -- a removed budget's counters, kept a retention (see remove_budget): gone now
   end

@@ -21,6 +21,7 @@ if only_new == '1' and clock_ok() then
   local id = redis.call('HGET', K_LEDGER, '=' .. scope .. '|' .. unit .. '|' .. period)
   local till = id and string.match(redis.call('HGET', K_LEDGER, 'u' .. id) or '', '^([^!]+)')
   if till and till + 0 <= NOW_N then
+    reclaim()  -- (holds due to expire first, as a sweep would)
     forget_template(id)
   end
 end
@@ -62,6 +63,7 @@ if not found then
     -- nothing held on them, are forgotten first (a new count), whichever of this and reclaim is first.
     local till = string.match(redis.call('HGET', K_LEDGER, 'u' .. id) or '', '^([^!]+)')
     if till and till + 0 <= NOW_N and clock_ok() then
+      reclaim()  -- (holds due to expire first, as a sweep would)
       forget_template(id)
       id = redis.call('HGET', K_LEDGER, '=' .. name)
     end
