@@ -353,7 +353,12 @@ class MemoryStore(Store):
         if budget is None or budget.until is None or budget.until > now:
             return  # set by an operator since, or refreshed (a later heap entry has it)
         held = any(held for _, held in budget.counters.values())
-        if held or (budget.held_seen and not parked):  # (a removed one goes once nothing is held)
+        if held and parked:
+            # A removed one goes once nothing is held on it: looked at again then, its deadline
+            # kept (set again meanwhile, it is judged by that deadline, whoever looked before).
+            heapq.heappush(self._templates, (now + TEMPLATE_RECHECK, scope, unit, period))
+            return
+        if held or (budget.held_seen and not parked):
             budget.held_seen = held
             budget.until = now + (TEMPLATE_RECHECK if held else self._retention)
             heapq.heappush(self._templates, (budget.until, scope, unit, period))

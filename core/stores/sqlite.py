@@ -133,9 +133,10 @@ _HEADER = b"SQLite format 3\x00"
 _BUDGET_ROWS = "SELECT scope, unit, period, lim FROM budgets"
 _HELD_ON_BUDGET = "SELECT 1 FROM accounts WHERE scope = ? AND unit = ? AND period = ? AND held <> 0 LIMIT 1"
 # A removed budget's counters are kept a retention, in two rows of meta (no schema change; a tab is
-# in no scope, unit or period): "removed\t<scope>\t<unit>\t<period>" -> when they may go, and
-# "removal\t<that time, fixed width>\t<scope>\t<unit>\t<period>", which sort by it: the
-# maintenance pass reads the due ones alone.
+# in no scope, unit or period): "removal\t<when it is next looked at, fixed width>\t<scope>\t<unit>
+# \t<period>" -> its deadline (removal + retention), which sort by that time: the maintenance pass
+# reads the due ones alone; and "removed\t<scope>\t<unit>\t<period>" -> when it is next looked at
+# (to find the first row). Held at its deadline, it is looked at again later; its deadline stays.
 _REMOVAL = "removal\t"
 
 
@@ -147,16 +148,34 @@ def _removal_key(due: float, scope: str, unit: str, period: str) -> str:
     return f"{_REMOVAL}{due:020.6f}\t{scope}\t{unit}\t{period}"
 
 
-def _park(db: sqlite3.Connection, scope: str, unit: str, period: str, due: float | None) -> None:
-    """Note (or, with ``due`` None, drop) when a removed budget's counters may go."""
-    key = _removed_key(scope, unit, period)
-    row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-    if row is not None:
-        db.execute("DELETE FROM meta WHERE key IN (?, ?)", (key, _removal_key(row[0], scope, unit, period)))
-    if due is not None:
-        db.executemany(
-            "INSERT INTO meta(key, value) VALUES (?, ?)", [(key, due), (_removal_key(due, scope, unit, period), None)]
+def _parked(db: sqlite3.Connection, scope: str, unit: str, period: str) -> tuple[float, float] | None:
+    """A removed budget's (next look, deadline), or None."""
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (_removed_key(scope, unit, period),)).fetchone()
+    if row is None:
+        return None
+    deadline = db.execute("SELECT value FROM meta WHERE key = ?", (_removal_key(row[0], scope, unit, period),))
+    found = deadline.fetchone()
+    return float(row[0]), float(found[0] if found else row[0])
+
+
+def _park(
+    db: sqlite3.Connection, scope: str, unit: str, period: str, look: float | None, deadline: float | None = None
+) -> None:
+    """Note when a removed budget is next looked at and its deadline (default: that time), or, with
+    ``look`` None, drop it."""
+    before = _parked(db, scope, unit, period)
+    if before is not None:
+        db.execute(
+            "DELETE FROM meta WHERE key IN (?, ?)",
+            (_removed_key(scope, unit, period), _removal_key(before[0], scope, unit, period)),
         )
+    if look is not None:
+        db.executemany(
+            "INSERT INTO meta(key, value) VALUES (?, ?)",
+            [(_removed_key(scope, unit, period), look), (_removal_key(look, scope, unit, period), deadline or look)],
+        )
+
+
 _SMALLEST_DATABASE = 100  # bytes: a database file holds at least its 100-byte header
 
 
@@ -1303,11 +1322,11 @@ class SQLiteStore(Store):
         """A budget about to be set: if it was removed, its kept counters go on — or, removed a
         retention ago with nothing held on them (holds due to expire expired first, as the
         maintenance pass would), are forgotten first (a new count), whichever comes first."""
-        row = db.execute("SELECT value FROM meta WHERE key = ?", (_removed_key(scope, unit, period),)).fetchone()
-        if row is None:
+        parked = _parked(db, scope, unit, period)
+        if parked is None:
             return
         _park(db, scope, unit, period, None)
-        if row[0] <= now:
+        if parked[1] <= now:  # (its deadline: whenever it was last looked at)
             if db.execute(_DUE_SQL, (now,)).fetchone() is not None:
                 self._reclaim(db, now)
             if not db.execute(_HELD_ON_BUDGET, (scope, unit, period)).fetchone():
@@ -1317,13 +1336,13 @@ class SQLiteStore(Store):
         """Forget the counters of budgets removed a retention ago with nothing held on them (one
         with something held is looked at again after ``TEMPLATE_RECHECK``)."""
         due = db.execute(
-            "SELECT key FROM meta WHERE key >= ? AND key < ? LIMIT ?",
+            "SELECT key, value FROM meta WHERE key >= ? AND key < ? LIMIT ?",
             (_REMOVAL, f"{_REMOVAL}{now:020.6f}\x7f", _TEMPLATE_BATCH),
         ).fetchall()
-        for (key,) in due:
+        for key, deadline in due:
             _, _, scope, unit, period = key.split("\t")
             if db.execute(_HELD_ON_BUDGET, (scope, unit, period)).fetchone():
-                _park(db, scope, unit, period, now + TEMPLATE_RECHECK)
+                _park(db, scope, unit, period, now + TEMPLATE_RECHECK, deadline)
                 continue
             _park(db, scope, unit, period, None)
             db.execute("DELETE FROM accounts WHERE scope = ? AND unit = ? AND period = ?", (scope, unit, period))

@@ -525,6 +525,36 @@ def test_a_removed_budget_goes_once_nothing_is_held_on_it_lazily_as_swept(
         assert (balance.spent, balance.held) == (0, 0), case
 
 
+@pytest.mark.parametrize("between", ["nothing", "budgets", "balance", "sweep", "lookup", "another commit"])
+def test_a_removed_budget_held_past_its_deadline_is_judged_by_it_whoever_looked(
+    authority: Authority, clock: FakeClock, between: str
+) -> None:
+    """A removed budget still held at its deadline is looked at again later; set again once
+    nothing is held on it, it is forgotten (a new count) — whether or not some call happened to look
+    at it while it was held (that look used to push its deadline a minute on, on some stores)."""
+    scope = "tenant:acme/app:a"
+    authority.set_budget(Budget(scope, "usd", 10))
+    authority.commit(authority.reserve(usd(3), scope, ttl=5).reservation)  # type: ignore[arg-type]
+    held = authority.reserve(usd(1), scope, ttl=72 * 3600).reservation
+    other = authority.reserve(usd(1), "tenant:acme/app:b", ttl=72 * 3600).reservation
+    assert held is not None and other is not None
+    assert authority.remove_budget(scope, "usd")
+    clock.advance(48 * 3600 + 1)
+    if between == "budgets":
+        authority.budgets()
+    elif between == "balance":
+        authority.balance(scope)
+    elif between == "sweep":
+        authority.sweep()
+    elif between == "lookup":
+        authority.reservation(held)
+    elif between == "another commit":
+        authority.commit(other)
+    authority.release(held)
+    authority.set_budget(Budget(scope, "usd", 10))
+    assert authority.balance(scope)["usd"].spent == 0
+
+
 def test_tenants_are_isolated(authority: Authority) -> None:
     authority.set_budget(Budget("tenant:acme", "usd", 1))
     authority.set_budget(Budget("tenant:acme-eu", "usd", 1))

@@ -329,7 +329,13 @@ local function forget_template(id)
     counters[#counters + 1] = 's' .. id .. '|' .. window
     counters[#counters + 1] = 'h' .. id .. '|' .. window
   end
-  if held or (live and held_seen == '!') then  -- (a removed one goes once nothing is held on it)
+  if held and not live then
+    -- A removed one goes once nothing is held on it: looked at again then, its deadline ("u<id>")
+    -- kept (set again meanwhile, it is judged by that deadline, whoever looked before).
+    redis.call('ZADD', K_DUE, string.format('%.17g', -(NOW_N + 60)), '~' .. id)
+    return
+  end
+  if held or (live and held_seen == '!') then
     local later = NOW_N + (held and 60 or RETENTION)
     local text = string.format('%.17g', later)
     redis.call('HSET', K_LEDGER, 'u' .. id, held and text .. '!' or text)
