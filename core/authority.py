@@ -1528,7 +1528,8 @@ class Authority:
     def remove_budget(self, scope: str | Scope, unit: str, period: Period | str | None = None) -> bool:
         """Remove one budget; returns False when there was none. Its counters are kept the store's
         retention (and while something is held on them): set again by then, it continues them —
-        removing and setting a budget again never resets its spend — and after, it starts anew."""
+        removing and setting a budget again within that time never resets its spend — and after,
+        it starts anew."""
         path = parse_scope(scope).path
         Budget(path, unit, 0, period)  # validates unit and period the same way set_budget does
         return self.store.remove_budget(path, unit, period_key(period), self.clock())

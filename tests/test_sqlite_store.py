@@ -945,18 +945,24 @@ def test_a_ledger_file_deleted_or_replaced_under_a_worker_fails_closed(
     authority.close()
 
 
-def test_a_short_file_is_refused_even_at_an_inode_number_this_process_had_open(tmp_path: Path) -> None:
+def test_a_short_file_is_refused_even_at_an_inode_number_this_process_had_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A ledger's inode number, once it is deleted, goes to the next new file: the check that skips
     reading the header of a file open in this process must not let a short text file through
-    (SQLite takes one for an empty database, and would make it a ledger)."""
+    (SQLite takes one for an empty database, and would make it a ledger). Shorter than any
+    database, it is refused without being opened (a ledger cut short under this process too)."""
     from clearance.stores import sqlite as sqlite_store
 
     notes = tmp_path / "notes.txt"
     notes.write_text("x")
     found = os.stat(notes)
     sqlite_store._opened_files.add((found.st_dev, found.st_ino))
+    opened: list[object] = []
+    monkeypatch.setattr(sqlite_store, "open", lambda *a, **k: opened.append(a), raising=False)
     with pytest.raises(StoreUnavailable, match="not a SQLite database"):
         SQLiteStore(str(notes))
+    assert opened == []
     assert notes.read_text() == "x"
 
 

@@ -201,12 +201,12 @@ def _check_header(path: str) -> None:
             raise StoreUnavailable(f"cannot open SQLite ledger {path}: not a regular file")
         if found.st_size == 0:
             return  # a new ledger (or one being made): nothing to read
-        if found.st_size < _SMALLEST_DATABASE or (found.st_dev, found.st_ino) not in _opened_files:
-            # Not a file open in this process (its inode number may be a deleted ledger's, reused:
-            # then it is short, refused unread, or SQLite reads its header itself).
+        if found.st_size < _SMALLEST_DATABASE:
+            head = b""  # no database is that short: refused unread
+        elif (found.st_dev, found.st_ino) not in _opened_files:
             with open(path, "rb") as file:
                 head = file.read(len(_HEADER))
-        else:
+        else:  # open in this process (or a deleted ledger's inode number, reused: SQLite reads its header)
             head = _HEADER
     except FileNotFoundError:
         return  # a new ledger

@@ -9,8 +9,9 @@
 -- forget_template in common.lua). Set by an operator, it is an operator's budget, kept for good.
 -- A scope's budgets live in one field, "@<scope>" -> "unit|period|limit|id ...", in the order they
 -- were first set, so reserve reads every level's budgets with one HMGET. The id names the budget's
--- counters ("s<id>|<window>", "h<id>|<window>"); a (scope, unit, period) keeps its id for good
--- ("=<scope>|<unit>|<period>"), so a budget removed and set again continues its counters.
+-- counters ("s<id>|<window>", "h<id>|<window>"); a (scope, unit, period) keeps its id while it is set
+-- and a retention after it is removed ("=<scope>|<unit>|<period>"), so a budget removed and set
+-- again by then continues its counters (see remove_budget.lua).
 
 local scope, unit, period, limit, detail, only_new = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local retry = ARGV[9] == '1'
