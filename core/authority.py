@@ -55,7 +55,7 @@ from clearance.policy import OutputRetry, Policy, PolicyRule, Proposal
 from clearance.policy_file import PolicyDocument
 from clearance.scope import Scope, parse_scope
 from clearance.stores import Store, store_from_url
-from clearance.units import MAX_AMOUNT, from_steps, to_step_map, to_steps
+from clearance.units import EXACT, MAX_AMOUNT, from_steps, to_step_map, to_steps
 
 logger = logging.getLogger("clearance")
 
@@ -233,7 +233,7 @@ def _reason(rejection: Rejection, plan_count: int) -> Reason:
     prefix = f"plan {rejection.plan_index + 1}: " if plan_count > 1 else ""
     if rejection.code == "min_headroom":
         threshold = from_steps(unit, rejection.required)
-        message = f"{prefix}{where} would keep {remaining - needed:f} < required headroom {threshold:f}"
+        message = f"{prefix}{where} would keep {EXACT.subtract(remaining, needed):f} < required headroom {threshold:f}"
         return Reason(
             rejection.code,
             message,
@@ -246,7 +246,7 @@ def _reason(rejection: Rejection, plan_count: int) -> Reason:
             threshold,
         )
     if rejection.code == "budget_overage":
-        message = f"{prefix}{where} is over its limit by {-remaining:f}"
+        message = f"{prefix}{where} is over its limit by {EXACT.minus(remaining):f}"
     else:
         message = f"{prefix}{where} needs {needed:f}, {remaining:f} remains"
     return Reason(

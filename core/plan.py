@@ -9,14 +9,15 @@ or "skip this optional step".
 from __future__ import annotations
 
 from collections.abc import Mapping
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
+from functools import lru_cache
 from typing import Any
 
 from pydantic import Field, field_validator
 
 from clearance._model import InputModel
 from clearance.errors import InvalidRequest
-from clearance.units import from_step_map, from_steps, to_step_map
+from clearance.units import EXACT, from_step_map, from_steps, to_step_map
 
 _KIND_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 
@@ -121,11 +122,19 @@ class Plan(InputModel):
         if not value:
             return _zeros(len(kinds))
         if isinstance(value, dict):
-            required = {kind: round(fraction * 1_000_000) for kind, fraction in value.items()}
+            required = {kind: ppm_of(fraction) for kind, fraction in value.items()}
             default = required.get("*", 0)
             return tuple(required.get(kind, default) for kind in kinds)
-        ppm = round(value * 1_000_000)
+        ppm = ppm_of(value)
         return (ppm,) * len(kinds)
+
+
+@lru_cache(maxsize=1024)
+def ppm_of(fraction: float) -> int:
+    """A headroom fraction in whole parts per million, rounded up, exactly: a demand is never
+    weakened (rounded to nearest, 2.5e-6 kept 2 ppm and 4e-7 none at all)."""
+    exact = EXACT.multiply(Decimal(float.__repr__(float(fraction))), Decimal(1_000_000))
+    return int(exact.to_integral_value(rounding=ROUND_CEILING))
 
 
 _ZEROS = tuple((0,) * n for n in range(17))

@@ -25,7 +25,7 @@ from clearance.action import Action
 from clearance.decision import Reason
 from clearance.errors import InvalidRequest
 from clearance.ledger import AccountState
-from clearance.plan import MAX_PLANS, Caps, Plan
+from clearance.plan import MAX_PLANS, Caps, Plan, ppm_of
 from clearance.policy_file import KNOWN_RISKS, Ladder, PolicyDocument, Rung
 from clearance.pricing import price_nano_usd
 from clearance.scope import Scope
@@ -365,7 +365,7 @@ def _required(headroom: float | dict[str, float], account: AccountState) -> int:
         fraction = headroom.get(kind, headroom.get("*", 0.0))
     else:
         fraction = headroom
-    ppm = round(fraction * 1_000_000)
+    ppm = ppm_of(fraction)
     return -(-account.limit * ppm // 1_000_000) if ppm else 0
 
 

@@ -36,17 +36,27 @@ _NANO_PER_MTOK = EXACT.divide(Decimal(USD_SCALE), Decimal(1_000_000))
 
 @dataclass(frozen=True, slots=True)
 class ModelRate:
-    """USD per million tokens for one model (input, output)."""
+    """USD per million tokens for one model (input, output), and USD per request (a fee some
+    providers charge on every call, whatever its tokens: left out, every such call was held short)."""
 
     input_per_mtok: Decimal
     output_per_mtok: Decimal
+    per_request: Decimal = Decimal(0)
 
     def nano_usd(self, input_tokens: int, output_tokens: int) -> int:
         exact = EXACT  # never the caller's decimal context (which may round, and round down)
         usd_per_mtok = exact.add(
             exact.multiply(input_tokens, self.input_per_mtok), exact.multiply(output_tokens, self.output_per_mtok)
         )
-        return int(exact.multiply(usd_per_mtok, _NANO_PER_MTOK).to_integral_value(rounding=ROUND_CEILING))
+        usd = exact.multiply(usd_per_mtok, _NANO_PER_MTOK)
+        if self.per_request:
+            usd = exact.add(usd, exact.multiply(self.per_request, USD_SCALE))
+        return int(usd.to_integral_value(rounding=ROUND_CEILING))
+
+
+def _nano(usd: Any) -> int:
+    """USD (genai-prices' Decimal) in nano-dollars, rounded up."""
+    return int(EXACT.multiply(Decimal(usd), USD_SCALE).to_integral_value(rounding=ROUND_CEILING))
 
 
 _lock = threading.Lock()
@@ -181,7 +191,11 @@ def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float]:
     price = calc.model_price
     rate: ModelRate | None = None
     if isinstance(price.input_mtok, Decimal | int) and isinstance(price.output_mtok, Decimal | int | None):
-        rate = ModelRate(Decimal(price.input_mtok), Decimal(price.output_mtok or 0))
+        fee = getattr(price, "requests_kcount", None)  # USD per 1,000 requests (perplexity's sonar)
+        per_request = EXACT.divide(Decimal(fee), Decimal(1000)) if isinstance(fee, Decimal | int) else Decimal(0)
+        rate = ModelRate(Decimal(price.input_mtok), Decimal(price.output_mtok or 0), per_request)
+        if rate.nano_usd(1, 1) != _nano(calc.total_price):
+            rate = None  # a charge the flat rate does not carry: priced exactly, call by call
     entry = (rate, _next_change(calc.model.prices, at))
     _store_rate(key, entry, generation)
     return entry
@@ -197,7 +211,7 @@ def _tiered(provider: str | None, model: str, input_tokens: int, output_tokens: 
         calc = calc_price(
             Usage(input_tokens=input_tokens, output_tokens=output_tokens), model_ref=model, provider_id=provider
         )
-    return int(EXACT.multiply(Decimal(calc.total_price), USD_SCALE).to_integral_value(rounding=ROUND_CEILING))
+    return _nano(calc.total_price)
 
 
 def price_nano_usd(provider: str | None, model: str, input_tokens: int, output_tokens: int) -> int:

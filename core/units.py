@@ -69,7 +69,8 @@ def _as_decimal(value: object, what: str) -> Decimal:
         if not math.isfinite(value):
             raise InvalidRequest(f"{what}: {value!r} is not a finite amount")
         # repr() gives the shortest string that round-trips, so 0.1 stays 0.1, not 0.1000000000000000055…
-        return Decimal(repr(value))
+        # (float's own: a subclass's may be another text — numpy's float64 is "np.float64(0.1)")
+        return Decimal(float.__repr__(value))
     if isinstance(value, Decimal):
         result = value
     elif isinstance(value, str):

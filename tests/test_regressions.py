@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -466,3 +467,35 @@ def test_a_fake_clock_moves_by_finite_seconds_only() -> None:
     with pytest.raises(ValueError):
         clock.set(float("nan"))
     assert clock() == FakeClock()()
+
+
+@pytest.mark.parametrize("url", ["memory://", "sqlite"])
+def test_min_headroom_is_never_weakened_by_rounding(url: str, tmp_path: Path) -> None:
+    """min_headroom went to whole parts per million rounded to nearest: 2.5e-6 kept 2 ppm and 4e-7
+    none, so a plan could keep less than it demanded. It is rounded up now."""
+    authority = Authority(url if url != "sqlite" else f"sqlite:///{tmp_path / 'ledger.db'}")
+    authority.set_budget(Budget("tenant:h", "usd", 1000))
+    for fraction, leaves in ((2.5e-6, "0.002"), (4e-7, "0.0001")):
+        amount = Decimal(1000) - Decimal(leaves)
+        ladder = [Plan({"usd": amount}, min_headroom=fraction), Plan({"usd": "0.000000001"})]
+        decision = authority.reserve(Action("step", "s", {"usd": amount}), "tenant:h", plans=ladder)
+        assert decision.plan_index == 1 and decision.reasons[0].code == "min_headroom", (fraction, decision)
+        authority.release(decision.reservation)  # type: ignore[arg-type]
+    assert Plan({"usd": 1}, min_headroom=0.3333334).headroom_ppm(("tenant",)) == (333334,)
+
+
+def test_decisions_never_use_the_callers_decimal_context() -> None:
+    """A denial's numbers were computed in the caller's decimal context: wrong in its message with
+    prec=3, and with Inexact trapped reserve() raised — after the store had held a later rung of the
+    ladder (that hold stayed until its TTL)."""
+    from decimal import Inexact, localcontext
+
+    authority = Authority("memory://")
+    authority.set_budget(Budget("tenant:l", "usd", 1))
+    ladder = [Plan({"usd": "0.912345678"}, min_headroom=0.5), Plan({"usd": "0.123456789"})]
+    with localcontext() as context:
+        context.prec = 3
+        context.traps[Inexact] = True
+        decision = authority.reserve(Action("step", "s", {"usd": "0.912345678"}), "tenant:l", plans=ladder)
+    assert decision.plan_index == 1
+    assert "would keep 0.087654322 < required headroom 0.5" in decision.reasons[0].message

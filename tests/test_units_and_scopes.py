@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clearance import Action, InvalidRequest, Scope
+from clearance import Action, Authority, Budget, InvalidRequest, Scope
 from clearance.periods import windows_at
 from clearance.pricing import price_usd, register_price, set_fallback_price
 from clearance.units import MAX_AMOUNT, from_steps, to_steps
@@ -244,3 +244,30 @@ def test_model_names_without_end_do_not_grow_genai_prices_caches(monkeypatch: py
         assert Action.model_call("openai", "gpt-4.1", 1000, 100).amounts["usd"] > 0  # still priced
     finally:
         set_fallback_price(None)
+
+
+def test_a_per_request_fee_is_part_of_a_model_calls_worst_case() -> None:
+    """Some models charge per request on top of their tokens (perplexity's sonar: $12 per 1,000):
+    left out, every such call was held 7.7x short of its price."""
+    from genai_prices import Usage, calc_price
+
+    for provider, model in (("perplexity", "sonar"), ("perplexity", "sonar-pro"), ("openai", "gpt-4o")):
+        held = Action.model_call(provider, model, input_tokens=1000, max_output_tokens=800).amounts["usd"]
+        price = calc_price(Usage(input_tokens=1000, output_tokens=800), model, provider_id=provider).total_price
+        assert held >= Decimal(price), (model, held, price)
+        assert held - Decimal(price) < Decimal("1e-9")
+
+
+def test_a_float_subclass_is_an_amount_like_any_float() -> None:
+    """numpy's float64 is a float whose repr() is "np.float64(0.0123)": taken for a number's text,
+    it raised a bare decimal.InvalidOperation from Budget, Action and commit (the cost unrecorded)."""
+
+    class Float64(float):
+        def __repr__(self) -> str:
+            return f"np.float64({float.__repr__(self)})"
+
+    authority = Authority("memory://")
+    authority.set_budget(Budget("tenant:a", "usd", Float64(5.0)))
+    decision = authority.reserve(Action("step", "x", {"usd": Float64(0.0123)}), "tenant:a")
+    assert decision.reservation is not None
+    assert authority.commit(decision.reservation, {"usd": Float64(0.01)}).charged == {"usd": Decimal("0.01")}
