@@ -136,6 +136,15 @@ class Rung(_Rule):
     model: str = Field(min_length=1, max_length=256)
     min_headroom: float | dict[str, float] = 0.0
 
+    @field_validator("min_headroom", mode="before")
+    @classmethod
+    def _no_bools(cls, value: object) -> object:
+        """``true`` is not a fraction (read as 1.0, the rung could never be chosen), as in Plan.
+        (A stored document never has one: it is stored as validated.)"""
+        if any(isinstance(f, bool) for f in (value.values() if isinstance(value, dict) else (value,))):
+            raise ValueError("a fraction between 0 and 1 is needed, not a boolean")
+        return value
+
     @field_validator("min_headroom")
     @classmethod
     def _check_headroom(cls, value: float | dict[str, float]) -> float | dict[str, float]:

@@ -1421,3 +1421,12 @@ def test_a_policy_built_in_python_is_checked_as_written_when_applied() -> None:
         Authority().apply_policy(document)
     with pytest.raises(InvalidRequest, match="not a scope kind"):
         Authority(policy=Policy(document))
+
+
+@pytest.mark.parametrize("headroom", [True, {"workflow": True}])
+def test_a_rungs_headroom_is_a_fraction_not_a_boolean(headroom: object) -> None:
+    """``min_headroom: true`` was read as 1.0: the rung demanded the whole budget stay untouched and
+    could never be chosen. Refused, as Plan refuses it."""
+    document = {"ladders": [{"rungs": [{"model": "gpt-4.1", "min_headroom": headroom}, {"model": "gpt-4.1-mini"}]}]}
+    with pytest.raises(InvalidRequest, match="not a boolean"):
+        PolicyDocument.parse(document)
