@@ -397,6 +397,8 @@ def test_a_ladder_rung_that_cannot_be_priced_is_a_warning(tmp_path: Path) -> Non
         (" sqlite:///rel.db", "must not begin or end with spaces"),
         ("sqlite:///rel.db ", "must not begin or end with spaces"),
         ("redis://:s3cret@localhost:1/0?socket_timout=1", "redis://:***@localhost:1/0"),
+        ("redis+cluster://127.0.0.1:1/3", "'redis+cluster://127.0.0.1:1/3': Argument 'db' must be 0"),
+        ("redis+cluster://", "requires at least one node"),
     ],
 )
 def test_bad_store_urls_are_one_line_and_never_show_a_password(store: str, message: str, tmp_path: Path) -> None:

@@ -316,8 +316,9 @@ def _check_url(url: str, options: dict[str, Any], cluster: bool) -> None:
             with warnings.catch_warnings():  # its deprecation notices belong to the real client's build
                 warnings.simplefilter("ignore")
                 redis.asyncio.cluster.RedisCluster.from_url(url, **options)
-    except (TypeError, ValueError) as error:
-        raise InvalidRequest(f"bad Redis store option in {redact_url(url)!r}: {error}") from None
+    except (TypeError, ValueError, redis.exceptions.RedisClusterException) as error:
+        shown = redact_url(url).replace("redis://", "redis+cluster://", 1) if cluster else redact_url(url)
+        raise InvalidRequest(f"bad Redis store option in {shown!r}: {error}") from None
 
 
 _CLUSTER_OPTIONS = frozenset(inspect.signature(redis.cluster.RedisCluster.__init__).parameters) - {"kwargs", "self"}
@@ -1535,14 +1536,23 @@ class RedisStore(Store):
                     replies = pipe.execute()
             for root, entries in zip(chunk, replies, strict=True):
                 found.extend(_events_of(root, entries))
-            # Only the ``limit`` best so far are kept, and later tenants are read only past them.
+            # Only the ``limit`` best so far are kept, and later tenants are read only past them. Never
+            # split events of one seq (on a cluster two nodes may stamp one in the same microsecond):
+            # a caller going on after the last seq would skip the one cut off. (A page then holds a
+            # few more than ``limit``.)
             found.sort(key=lambda e: e.seq)
             if len(found) >= limit:
                 if newest:
-                    found = found[-limit:]
+                    cut = len(found) - limit
+                    while cut > 0 and found[cut - 1].seq == found[cut].seq:
+                        cut -= 1
+                    found = found[cut:]
                     after = max(after, found[0].seq - 1)
                 else:
-                    found = found[:limit]
+                    cut = limit
+                    while cut < len(found) and found[cut].seq == found[cut - 1].seq:
+                        cut += 1
+                    found = found[:cut]
                     below = found[-1].seq + 1 if below <= 0 else min(below, found[-1].seq + 1)
         return found
 
