@@ -68,6 +68,10 @@ class _Budget:
         self.counters: dict[str, list[int]] = {}  # window -> [spent, held]
         self.pruned = ""  # the newest window pruned so far ("": none)
 
+    def holding(self) -> bool:
+        """Whether something is held on it, in any window."""
+        return any(held for _, held in self.counters.values())
+
     def window(self, window: str, *, charging: bool = False) -> list[int]:
         """The counters [spent, held] of ``window``. ``charging``: for a commit, not a hold."""
         counters = self.counters.get(window)
@@ -352,7 +356,7 @@ class MemoryStore(Store):
             budget = self._parked.get((scope, unit, period))
         if budget is None or budget.until is None or budget.until > now:
             return  # set by an operator since, or refreshed (a later heap entry has it)
-        held = any(held for _, held in budget.counters.values())
+        held = budget.holding()
         if held and parked:
             # A removed one goes once nothing is held on it: looked at again then, its deadline
             # kept (set again meanwhile, it is judged by that deadline, whoever looked before).
@@ -665,9 +669,7 @@ class MemoryStore(Store):
         budget = level.get((unit, period))
         if budget is None:
             budget = self._parked.pop((scope, unit, period), None)
-            if budget is None or (
-                budget.until is not None and budget.until <= now and not any(h for _, h in budget.counters.values())
-            ):
+            if budget is None or (budget.until is not None and budget.until <= now and not budget.holding()):
                 budget = _Budget(scope, unit, period, limit)  # (removed a retention ago: forgotten, a new count)
             budget.limit = limit
             budget.held_seen = False

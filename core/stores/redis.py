@@ -433,6 +433,15 @@ def _stream_id(seq: int) -> str:
     return f"{seq // _SEQ_SPLIT}-{seq % _SEQ_SPLIT}"
 
 
+def _remember(tenants: set[str], root: str) -> None:
+    """Add a tenant to a per-process set of them, bounded for workers serving tenants without end:
+    past 65,536 it starts afresh (a tenant forgotten costs its first call's work again: a
+    registration's SADD, a permission check)."""
+    if len(tenants) >= 65536:
+        tenants.clear()
+    tenants.add(root)
+
+
 _STREAMS_PER_TRIP = 500  # tenants' audit streams read in one pipeline (see RedisStore._read_streams)
 
 
@@ -924,18 +933,12 @@ class RedisStore(Store):
         except _ERRORS as error:
             raise _unavailable(error) from error
         if first:
-            self._permit(root)
+            _remember(self._permitted, root)  # (its scripts ran with the permission check: later calls skip it)
         if self._in_doubt:
             self._settle_in_doubt(root, args[0])
         if not self._eviction_checked:
             self._check_eviction(client)
         return reply
-
-    def _permit(self, root: str) -> None:
-        """``root``'s scripts ran with the permission check: later calls skip it."""
-        if len(self._permitted) >= 65536:
-            self._permitted.clear()  # (bounded: checking a tenant again costs a microsecond)
-        self._permitted.add(root)
 
     async def _aevalsha(self, client: Any, script: Any, root: str, args: list[str], lender: AsyncLender) -> Any:
         """:meth:`_evalsha` for asyncio: the same hand-packed command, on a connection lent by this
@@ -1021,7 +1024,7 @@ class RedisStore(Store):
         except _ERRORS as error:
             raise _unavailable(error) from error
         if first:
-            self._permit(root)
+            _remember(self._permitted, root)
         if self._in_doubt:
             await self._asettle_in_doubt(client, scripts, lender, root, args[0])
         if not self._eviction_checked:
@@ -1142,7 +1145,7 @@ class RedisStore(Store):
                 if self._skip_registration(required):
                     return
                 raise
-            self._registered(root)
+            _remember(self._known_roots, root)
 
     async def _aregister(self, root: str, required: bool = True) -> None:
         if self._register_now(root, required):
@@ -1152,12 +1155,7 @@ class RedisStore(Store):
                 if self._skip_registration(required):
                     return
                 raise
-            self._registered(root)
-
-    def _registered(self, root: str) -> None:
-        if len(self._known_roots) >= 65536:
-            self._known_roots.clear()  # (bounded, for workers serving tenants without end: one SADD again each)
-        self._known_roots.add(root)
+            _remember(self._known_roots, root)
 
     def _roots(self) -> list[str]:
         return sorted(self._keyed(self._roots_key, lambda client: client.smembers(self._roots_key)))

@@ -132,6 +132,7 @@ def _is_ledger(db: sqlite3.Connection) -> bool:
 _HEADER = b"SQLite format 3\x00"
 _BUDGET_ROWS = "SELECT scope, unit, period, lim FROM budgets"
 _HELD_ON_BUDGET = "SELECT 1 FROM accounts WHERE scope = ? AND unit = ? AND period = ? AND held <> 0 LIMIT 1"
+_DROP_COUNTERS = "DELETE FROM accounts WHERE scope = ? AND unit = ? AND period = ?"
 # A removed budget's counters are kept a retention, in two rows of meta (no schema change; a tab is
 # in no scope, unit or period): "removal\t<when it is next looked at, fixed width>\t<scope>\t<unit>
 # \t<period>" -> its deadline (removal + retention), which sort by that time: the maintenance pass
@@ -826,6 +827,11 @@ class SQLiteStore(Store):
     ) -> None:
         db.execute(_EVENT_SQL, (now, kind, scope, rid, _dump(amounts), detail))
 
+    def _reclaim_due(self, db: sqlite3.Connection, now: float) -> None:
+        """:meth:`_reclaim`, when some hold is due (one indexed look otherwise)."""
+        if db.execute(_DUE_SQL, (now,)).fetchone() is not None:
+            self._reclaim(db, now)
+
     def _reclaim(self, db: sqlite3.Connection, now: float) -> int:
         rows = db.execute(
             "SELECT seq, scope, holds, windows, at FROM log WHERE status = 'held' AND expires_at <= ?", (now,)
@@ -877,9 +883,7 @@ class SQLiteStore(Store):
         """One template budget past its ``until``: forgotten (True; the caller bumps the budgets
         version), or, in use, looked at again later."""
         key = (scope, unit, period)
-        held = db.execute(
-            "SELECT 1 FROM accounts WHERE scope = ? AND unit = ? AND period = ? AND held <> 0 LIMIT 1", key
-        ).fetchone()
+        held = db.execute(_HELD_ON_BUDGET, key).fetchone()
         if held or held_seen:
             db.execute(
                 "UPDATE budgets SET until = ?, held_seen = ? WHERE scope = ? AND unit = ? AND period = ?",
@@ -887,7 +891,7 @@ class SQLiteStore(Store):
             )
             return False
         db.execute("DELETE FROM budgets WHERE scope = ? AND unit = ? AND period = ?", key)
-        db.execute("DELETE FROM accounts WHERE scope = ? AND unit = ? AND period = ?", key)
+        db.execute(_DROP_COUNTERS, key)
         self._log(db, now, "budget_remove", scope, None, ((unit, 0),), f"period={period or 'lifetime'} idle")
         return True
 
@@ -1003,8 +1007,7 @@ class SQLiteStore(Store):
                     now = max(now, request.clock())
         try:
             if request.idempotency_key is not None:
-                if db.execute(_DUE_SQL, (now,)).fetchone() is not None:
-                    self._reclaim(db, now)
+                self._reclaim_due(db, now)
                 row = db.execute(
                     "SELECT rid, plan, expires_at, windows, amounts, at, forget_at, seq FROM log "
                     "WHERE root = ? AND idem = ?",
@@ -1327,10 +1330,9 @@ class SQLiteStore(Store):
             return
         _park(db, scope, unit, period, None)
         if parked[1] <= now:  # (its deadline: whenever it was last looked at)
-            if db.execute(_DUE_SQL, (now,)).fetchone() is not None:
-                self._reclaim(db, now)
+            self._reclaim_due(db, now)
             if not db.execute(_HELD_ON_BUDGET, (scope, unit, period)).fetchone():
-                db.execute("DELETE FROM accounts WHERE scope = ? AND unit = ? AND period = ?", (scope, unit, period))
+                db.execute(_DROP_COUNTERS, (scope, unit, period))
 
     def _forget_removed(self, db: sqlite3.Connection, now: float) -> bool:
         """Forget the counters of budgets removed a retention ago with nothing held on them (one
@@ -1345,7 +1347,7 @@ class SQLiteStore(Store):
                 _park(db, scope, unit, period, now + TEMPLATE_RECHECK, deadline)
                 continue
             _park(db, scope, unit, period, None)
-            db.execute("DELETE FROM accounts WHERE scope = ? AND unit = ? AND period = ?", (scope, unit, period))
+            db.execute(_DROP_COUNTERS, (scope, unit, period))
         return len(due) >= _TEMPLATE_BATCH
 
     def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
@@ -1357,8 +1359,8 @@ class SQLiteStore(Store):
             # Idle past its time, and its run seen again before the maintenance pass forgot it: as
             # if the pass had (a new count), whichever comes first.
             overdue = found is not None and found[0] is not None and found[0] <= now
-            if overdue and db.execute(_DUE_SQL, (now,)).fetchone() is not None:
-                self._reclaim(db, now)  # (holds due to expire first, as the maintenance pass would)
+            if overdue:
+                self._reclaim_due(db, now)  # (holds due to expire first, as the maintenance pass would)
             if overdue and self._forget_template(db, scope, unit, period, bool(found[1]), now):
                 db.execute(_BUDGETS_CHANGED)
             if found is None:

@@ -15,15 +15,24 @@
 
 local scope, unit, period, limit, detail, only_new = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local retry = ARGV[9] == '1'
-if only_new == '1' and clock_ok() then
-  -- A template idle past its time whose run is seen again before reclaim forgot it: as if it had
-  -- (a new count), whichever comes first. (forget_template leaves one in use. Not for a worker
-  -- whose clock is off the server's: like reclaim, it would forget a budget still in use.)
-  local id = redis.call('HGET', K_LEDGER, '=' .. scope .. '|' .. unit .. '|' .. period)
-  local till = id and string.match(redis.call('HGET', K_LEDGER, 'u' .. id) or '', '^([^!]+)')
-  if till and till + 0 <= NOW_N then
-    reclaim()  -- (holds due to expire first, as a sweep would)
+local name = scope .. '|' .. unit .. '|' .. period
+
+-- A template idle past its time (or a removed budget's counters past theirs) met again before
+-- reclaim forgot it: as if it had (a new count), whichever comes first — holds due to expire
+-- expired first, as a sweep would. (forget_template leaves one in use. Not for a worker whose
+-- clock is off the server's: like reclaim, it would forget a budget still in use.)
+local function forget_if_due(id)
+  local till = string.match(redis.call('HGET', K_LEDGER, 'u' .. id) or '', '^([^!]+)')
+  if till and till + 0 <= NOW_N and clock_ok() then
+    reclaim()
     forget_template(id)
+  end
+end
+
+if only_new == '1' then
+  local id = redis.call('HGET', K_LEDGER, '=' .. name)
+  if id then
+    forget_if_due(id)
   end
 end
 local field = '@' .. scope
@@ -57,19 +66,11 @@ for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
   end
 end
 if not found then
-  local name = scope .. '|' .. unit .. '|' .. period
   local id = redis.call('HGET', K_LEDGER, '=' .. name)
-  if id then
-    -- A removed budget's counters (see remove_budget): they go on, or, removed a retention ago with
-    -- nothing held on them, are forgotten first (a new count), whichever of this and reclaim is first.
-    local till = string.match(redis.call('HGET', K_LEDGER, 'u' .. id) or '', '^([^!]+)')
-    if till and till + 0 <= NOW_N and clock_ok() then
-      reclaim()  -- (holds due to expire first, as a sweep would)
-      forget_template(id)
-      id = redis.call('HGET', K_LEDGER, '=' .. name)
-    end
-    if id and till and only_new ~= '1' then  -- an operator's from now on
-      redis.call('HDEL', K_LEDGER, 'u' .. id)
+  if id and only_new ~= '1' then  -- a removed budget's counters (see remove_budget): go on, or start anew
+    forget_if_due(id)
+    id = redis.call('HGET', K_LEDGER, '=' .. name)
+    if id and redis.call('HDEL', K_LEDGER, 'u' .. id) == 1 then  -- an operator's from now on
       redis.call('ZREM', K_DUE, '~' .. id)
     end
   end
