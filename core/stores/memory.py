@@ -226,6 +226,12 @@ class _Reservation:
 _Packed = tuple[str, tuple[Any, ...], str, int, float, "float | None", "Amounts | None", tuple[str, ...], int]
 
 
+def _remembered_from(packed: _Packed) -> float:
+    """When a settled reservation's retention starts: its expiry if it expired (reclaiming is lazy,
+    and when it happens differs by store: the expiry is the same everywhere), else its settle."""
+    return packed[4] if packed[2] == EXPIRED else packed[5] or 0.0
+
+
 _PLAN_DETAIL = tuple(f"plan={index}" for index in range(17))
 
 
@@ -252,7 +258,8 @@ class MemoryStore(Store):
         # Settled ones to forget, oldest first: forget_at times and ids in two queues (floats and
         # strings are not tracked by the garbage collector; a tuple per reservation would be). The
         # retention is the same for all, so settling order is forgetting order; a settle stamped a
-        # little earlier than the one before it (threads) is forgotten that little later.
+        # little earlier than the one before it (threads), or an expiry reclaimed late (its retention
+        # runs from the expiry), is dropped that little later — looked up, it is forgotten on time.
         self._forget_at: deque[float] = deque()
         self._forget_ids: deque[str] = deque()
         self._retention = retention
@@ -277,14 +284,17 @@ class MemoryStore(Store):
         lazy, like expiry (settles out of order, or a clock stepped back, put it behind another)."""
         res = self._reservations.get(reservation_id)
         if isinstance(res, tuple):
-            if (res[5] or 0.0) + self._retention > now:
+            if _remembered_from(res) + self._retention > now:
                 return _Reservation.unpack(res)
-            del self._reservations[reservation_id]
-            fixed = res[1]
-            if fixed[4] is not None and self._idempotency.get((fixed[0][0], fixed[4])) == reservation_id:
-                del self._idempotency[(fixed[0][0], fixed[4])]
+            self._forget(reservation_id, res[1])
             return None
         return res
+
+    def _forget(self, reservation_id: str, fixed: tuple[Any, ...]) -> None:
+        """Forget a settled reservation: its record, and its idempotency key if still its own."""
+        del self._reservations[reservation_id]
+        if fixed[4] is not None and self._idempotency.get((fixed[0][0], fixed[4])) == reservation_id:
+            del self._idempotency[(fixed[0][0], fixed[4])]
 
     def _get(self, reservation_id: str, now: float) -> _Reservation:
         res = self._kept(reservation_id, now)
@@ -292,6 +302,12 @@ class MemoryStore(Store):
             root_of(reservation_id)  # a malformed id is InvalidRequest; a well-formed unknown one is not found
             raise ReservationNotFound(reservation_id)
         return res
+
+    def _known(self, res: _Reservation) -> None:
+        """``ReservationNotFound`` for a hold the reclaim just before expired a retention after its
+        expiry (no call came meanwhile): forgotten, as if it had been reclaimed on time."""
+        if res.id not in self._reservations:
+            raise ReservationNotFound(res.id)
 
     def _map(self, windows: Windows) -> dict[str, str]:
         if windows is not self._windows:  # the Authority passes the same tuple all minute long
@@ -310,8 +326,13 @@ class MemoryStore(Store):
         res.status = status
         res.settled_at = now
         res.holds = ()  # settled: nothing held any more, and no references kept alive
-        self._reservations[res.id] = res.pack()
-        self._forget_at.append(now + self._retention)
+        packed = res.pack()
+        forget_at = _remembered_from(packed) + self._retention
+        if forget_at <= now:  # expired a retention ago, and reclaimed only now: forgotten at once
+            self._forget(res.id, res.fixed)
+            return
+        self._reservations[res.id] = packed
+        self._forget_at.append(forget_at)
         self._forget_ids.append(res.id)
 
     def _reclaim(self, now: float) -> int:
@@ -332,13 +353,10 @@ class MemoryStore(Store):
             forget_at.popleft()
             rid = self._forget_ids.popleft()
             gone = known.get(rid)
-            # Only if settled that long ago: settled twice (expired, then committed late), its
+            # Only if remembered that long: settled twice (expired, then committed late), its
             # earlier entry comes first, and retention runs from the last settle.
-            if isinstance(gone, tuple) and (gone[5] or 0.0) + self._retention <= now:
-                del known[rid]
-                fixed = gone[1]
-                if fixed[4] is not None:
-                    self._idempotency.pop((fixed[0][0], fixed[4]), None)
+            if isinstance(gone, tuple) and _remembered_from(gone) + self._retention <= now:
+                self._forget(rid, gone[1])
         templates = self._templates
         while templates and templates[0][0] <= now:
             self._forget_template(heapq.heappop(templates), now)
@@ -551,6 +569,7 @@ class MemoryStore(Store):
                 res = self._get(reservation_id, now)
             if self._expiry and self._expiry[0][0] <= now:
                 self._reclaim(now)
+                self._known(res)
             if res.status == COMMITTED:
                 return SettleResult(res.id, COMMITTED, res.committed or (), res.flags, replayed=True)
             prior = res.status
@@ -619,6 +638,7 @@ class MemoryStore(Store):
         with self._lock:
             res = self._get(reservation_id, now)
             self._reclaim(now)
+            self._known(res)
             if res.status != HELD:
                 return SettleResult(res.id, res.status, (), res.flags, replayed=True)
             self._unhold(res)
@@ -630,6 +650,7 @@ class MemoryStore(Store):
         with self._lock:
             res = self._get(reservation_id, now)
             self._reclaim(now)
+            self._known(res)
             if res.status != HELD:
                 raise ReservationClosed(res.id, res.status)
             if expires_at <= res.expires_at:
@@ -643,12 +664,18 @@ class MemoryStore(Store):
         with self._lock:
             res = self._get(reservation_id, now)
             self._reclaim(now)
+            self._known(res)
             return res.record()
 
     def reservations(self, scope: str | None, status: str | None, limit: int, now: float) -> list[ReservationRecord]:
         with self._lock:
             self._reclaim(now)
-            every = (_Reservation.unpack(r) if isinstance(r, tuple) else r for r in self._reservations.values())
+            retention = self._retention  # (one settled out of order may still await its turn)
+            every = (
+                _Reservation.unpack(r) if isinstance(r, tuple) else r
+                for r in self._reservations.values()
+                if not isinstance(r, tuple) or _remembered_from(r) + retention > now
+            )
             found = [r for r in every if (status is None or r.status == status) and in_subtree(r.scope, scope)]
             found.sort(key=lambda r: r.created_at, reverse=True)
             return [r.record() for r in found[:limit]]

@@ -786,6 +786,9 @@ class SQLiteStore(Store):
         try:
             yield db
             db.execute("COMMIT")
+        except ReservationNotFound:
+            self._keep_reclaim(db)
+            raise
         except sqlite3.Error as error:
             raise self._failed(db, error) from error
         except BaseException:
@@ -834,14 +837,16 @@ class SQLiteStore(Store):
 
     def _reclaim(self, db: sqlite3.Connection, now: float) -> int:
         rows = db.execute(
-            "SELECT seq, scope, holds, windows, at FROM log WHERE status = 'held' AND expires_at <= ?", (now,)
+            "SELECT seq, scope, holds, windows, at, expires_at FROM log WHERE status = 'held' AND expires_at <= ?",
+            (now,),
         ).fetchall()
-        for seq, scope, holds, windows, created_at in rows:
+        for seq, scope, holds, windows, created_at, expires_at in rows:
             db.executemany(
                 _UNHOLD_SQL,
                 [(h[4], h[0], h[1], h[2], h[3]) for h in _holds(holds, scope, _windows(windows, created_at))],
             )
-            db.execute(_SETTLE_SQL, (EXPIRED, now, now + self._retention, seq))  # the trigger records it
+            # (the trigger records it; its retention runs from its expiry, as on every store)
+            db.execute(_SETTLE_SQL, (EXPIRED, now, expires_at + self._retention, seq))
         return len(rows)
 
     def _maintain(self, db: sqlite3.Connection, now: float) -> tuple[int, bool]:
@@ -1119,8 +1124,25 @@ class SQLiteStore(Store):
     def _expire_if_due(self, db: sqlite3.Connection, record: ReservationRecord, now: float) -> str:
         if record.status == HELD and record.expires_at <= now:
             self._reclaim(db, now)
+            self._known(record.id, record.expires_at, now)
             return EXPIRED
         return record.status
+
+    def _known(self, reservation_id: str, expires_at: float, now: float) -> None:
+        """``ReservationNotFound`` for a hold just expired a retention after its expiry (nothing
+        reclaimed it meanwhile): forgotten, as if reclaimed on time. The reclaim is kept: a
+        ``ReservationNotFound`` commits the transaction it is raised in (see ``_write``)."""
+        if expires_at + self._retention <= now:
+            raise ReservationNotFound(reservation_id)
+
+    @staticmethod
+    def _keep_reclaim(db: sqlite3.Connection) -> None:
+        """End a transaction that raises ``ReservationNotFound``: only lazy reclaims are in it, which
+        stand (the next call would make them anyway)."""
+        try:
+            db.execute("COMMIT")
+        except sqlite3.Error:
+            SQLiteStore._rollback(db)
 
     @staticmethod
     def _move_reading_budgets(
@@ -1190,6 +1212,7 @@ class SQLiteStore(Store):
             )
             if prior == HELD and expires_at <= now:
                 self._reclaim(db, now)
+                self._known(reservation_id, expires_at, now)
                 prior = EXPIRED
             if prior == COMMITTED:
                 db.execute("COMMIT")
@@ -1226,6 +1249,9 @@ class SQLiteStore(Store):
                     flags.append(OVER_LIMIT)
             db.execute(_COMMIT_SQL, (_dump(actual), ",".join(flags), now, now + self._retention, seq))
             db.execute("COMMIT")
+        except ReservationNotFound:
+            self._keep_reclaim(db)
+            raise
         except sqlite3.Error as error:
             raise self._failed(db, error) from error
         except BaseException:
@@ -1261,7 +1287,7 @@ class SQLiteStore(Store):
                 self._log(db, now, "extend", record.scope, record.id, (), f"expires_at={expires_at:.3f}")
                 return self._load(db, reservation_id, now)
         # Closed: raised after the transaction commits, so an expiry this call found is kept (and
-        # its retention runs from now, as on the other stores), not rolled back with the error.
+        # its retention runs from its expiry, as on every store), not rolled back with the error.
         raise ReservationClosed(record.id, status)
 
     def reservation(self, reservation_id: str, now: float) -> ReservationRecord:

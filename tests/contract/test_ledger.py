@@ -339,6 +339,48 @@ def test_a_late_commit_is_remembered_for_retention_from_the_commit(authority: Au
     assert again.replayed and authority.balance("tenant:acme")["usd"].spent == 3
 
 
+def test_an_expired_hold_is_remembered_for_retention_from_its_expiry(authority: Authority, clock: FakeClock) -> None:
+    # Not from when it was reclaimed, which is lazy and differs by store (memory on any call, SQLite
+    # on a reserve of any tenant, Redis on one of its own): a commit just past the retention was
+    # `late` on one store and `ReservationNotFound` on another.
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    decision = authority.reserve(usd(4), CHAIN, ttl=5, idempotency_key="job-1")
+    clock.advance(24 * 3600)
+    assert authority.sweep() == 1  # reclaimed a day after its expiry
+    clock.advance(24 * 3600 + 10)  # 48 h and 5 s after the expiry: within the retention from the reclaim
+    with pytest.raises(ReservationNotFound):
+        authority.commit(decision.reservation, {"usd": 3})  # type: ignore[arg-type]
+    assert not authority.reserve(usd(1), CHAIN, idempotency_key="job-1").replayed  # its key is free
+    assert authority.balance("tenant:acme")["usd"].spent == 0
+
+
+@pytest.mark.parametrize("call", ["commit", "release", "extend", "reservation"])
+def test_a_hold_expired_a_retention_ago_is_forgotten_and_its_budget_back(
+    authority: Authority, clock: FakeClock, call: str
+) -> None:
+    # No call at all since the hold (a crashed worker, an idle tenant): the first call that meets it
+    # returns its budget and finds it forgotten, as if it had been reclaimed at its expiry.
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    decision = authority.reserve(usd(4), CHAIN, ttl=5, idempotency_key="job-2")
+    reservation = decision.reservation
+    assert reservation is not None
+    clock.advance(48 * 3600 + 10)
+    with pytest.raises(ReservationNotFound):
+        if call == "commit":
+            authority.commit(reservation, {"usd": 3})
+        elif call == "release":
+            authority.release(reservation)
+        elif call == "extend":
+            authority.extend(reservation, 60)
+        else:
+            authority.reservation(reservation)
+    usd_balance = authority.balance("tenant:acme")["usd"]
+    assert (usd_balance.spent, usd_balance.held) == (0, 0)
+    assert [e.kind for e in authority.events(scope="tenant:acme")][-2:] == ["hold", "expire"]
+    assert not authority.reserve(usd(1), CHAIN, idempotency_key="job-2").replayed
+    assert all(r.id != reservation.id for r in authority.reservations("tenant:acme"))
+
+
 def test_sweep_returns_expired_holds(authority: Authority, clock: FakeClock) -> None:
     authority.set_budget(Budget("tenant:acme", "usd", 10))
     authority.set_budget(Budget("tenant:globex", "usd", 10))

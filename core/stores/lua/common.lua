@@ -207,9 +207,12 @@ local function settle(token, rec, status)
   redis.call('HSET', K_RES, token, encode(rec))
   -- Retention runs from the later of the worker's clock and the server's: a worker whose clock is
   -- behind (commits are never refused for it) must not shorten it. With MAX_SKEW 0 every clock is
-  -- trusted (a FakeClock in tests): the worker's alone, as on the other stores.
+  -- trusted (a FakeClock in tests): the worker's alone, as on the other stores. An expired hold's
+  -- runs from its expiry (when it is reclaimed differs by store; its expiry does not).
   local from = NOW_N
-  if MAX_SKEW + 0 > 0 then
+  if status == 'expired' then
+    from = rec.e + 0
+  elseif MAX_SKEW + 0 > 0 then
     local server = server_seconds()
     if server > from then
       from = server
@@ -401,8 +404,8 @@ local function load_current(token)
     if rec.st == 'held' then
       if rec.e + 0 <= NOW_N then
         -- Due: the tenant's other due holds go back too (as the other stores do on any call that
-        -- meets an expired hold, and reserve here always does), so when each is reclaimed — and
-        -- its retention starts — does not depend on which reservation a caller touched first.
+        -- meets an expired hold, and reserve here always does), so which of them are back does not
+        -- depend on which reservation a caller touched first.
         if clock_ok() then
           reclaim()
           rec = load(token)
@@ -411,7 +414,9 @@ local function load_current(token)
           expire(token, rec)
         end
       end
-    elseif forgotten_now(token, rec) then
+    end
+    -- (an expiry just reclaimed a retention after it came, no call meanwhile: forgotten now)
+    if rec and forgotten_now(token, rec) then
       return nil
     end
   end
