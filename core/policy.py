@@ -17,7 +17,6 @@ Built-in rules come from a :class:`~clearance.policy_file.PolicyDocument`; Pytho
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,7 +28,7 @@ from clearance.plan import MAX_PLANS, Caps, Plan, ppm_of
 from clearance.policy_file import KNOWN_RISKS, Ladder, PolicyDocument, Rung
 from clearance.pricing import price_nano_usd
 from clearance.scope import Scope
-from clearance.units import to_steps
+from clearance.units import MAX_UNIT_LENGTH, name_token, to_steps
 
 logger = logging.getLogger("clearance")
 _warned_unpriced: set[str] = set()
@@ -398,20 +397,10 @@ def _with_headroom(plan: Plan, thresholds: dict[str, float]) -> Plan:
     return Plan.of_steps(dict(plan.steps), plan.caps, merged, plan.rule)
 
 
-_TOKEN_BAD = re.compile(r"[^a-z0-9_-]")
-
-
-def name_token(name: str) -> str:
-    """A tool or toolset name as it appears inside a unit: lower case, anything but
-    ``[a-z0-9_-]`` (dots included) replaced by ``_``: ``GoogleSearch`` → ``googlesearch``,
-    ``web.search`` → ``web_search``."""
-    return _TOKEN_BAD.sub("_", name.lower())[:40] or "_"
-
-
 def tool_unit(prefix: str, name: str, unit: str) -> str:
-    """The unit a tool's (``prefix="tool"``) or toolset's amounts are also counted in. The name is
-    shortened, never the unit, so ``tool.x.usd`` keeps its nano-dollar scale."""
-    room = 64 - len(prefix) - len(unit) - 2
-    if room < 1:
-        raise InvalidRequest(f"unit {unit!r} is too long to be counted per tool")
-    return f"{prefix}.{name_token(name)[:room]}.{unit}"
+    """The unit a tool's (``prefix="tool"``) or toolset's amounts are also counted in:
+    ``<prefix>.<name token>.<unit>`` (see :func:`clearance.units.name_token`)."""
+    counted = f"{prefix}.{name_token(name)}.{unit}"
+    if len(counted) > MAX_UNIT_LENGTH:
+        raise InvalidRequest(f"unit {unit!r} is too long to be counted per tool ({counted!r})")
+    return counted

@@ -42,10 +42,11 @@ from clearance._model import InvalidModel
 from clearance.errors import InvalidRequest
 from clearance.periods import Period
 from clearance.scope import parse_scope
-from clearance.units import MAX_AMOUNT, check_unit, to_steps
+from clearance.units import MAX_AMOUNT, check_unit, name_token, to_steps
 
 _KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # a scope kind (see clearance.scope)
 _PRINTABLE = r"^[^\x00-\x1f\x7f]+$"  # a name printed on one line of `policy check`
+_WORD = re.compile(r"[a-z][a-z0-9_]{0,31}")  # an action's risk class or kind (see clearance.action)
 
 
 def _no_bool(value: Any) -> Any:
@@ -59,8 +60,9 @@ def _as_written_problems(document: PolicyDocument) -> list[str]:
     """What a document written today must not say, though a stored one (applied by an earlier
     version, read back by every worker) still reads: a worker refusing it would fail closed on every
     call until the policy was fixed. A scope kind outside the scope grammar makes a rule that never
-    applies; a control character breaks the one-line rules of ``policy check``; a count past
-    ``MAX_AMOUNT`` no store can hold."""
+    applies, and so does a risk class or action kind no action can carry (``Write``); a control
+    character breaks the one-line rules of ``policy check``; a count past ``MAX_AMOUNT`` no store
+    can hold."""
 
     def kind(where: str, value: str, star: bool = False) -> None:
         if not ((star and value == "*") or _KIND.fullmatch(value)):
@@ -75,6 +77,10 @@ def _as_written_problems(document: PolicyDocument) -> list[str]:
         if value is not None and value > MAX_AMOUNT:
             problems.append(f"{where}: {value} is past the largest supported amount ({MAX_AMOUNT})")
 
+    def word(where: str, value: str) -> None:
+        if not _WORD.fullmatch(value):  # (what Action takes for a risk or a kind)
+            problems.append(f"{where}: {value!r} is not a word [a-z][a-z0-9_]{{0,31}}: no action carries it")
+
     problems: list[str] = []
     for i, ladder in enumerate(document.ladders):
         printable(f"ladders.{i}.provider", ladder.provider)
@@ -85,9 +91,19 @@ def _as_written_problems(document: PolicyDocument) -> list[str]:
     for i, rule in enumerate(document.optional):
         kind(f"optional.{i}.level", rule.level, star=True)
     kind("tools.run_kind", document.tools.run_kind)
+    for toolset, tools in document.tools.toolsets.items():
+        printable("tools.toolsets", toolset)
+        for tool in tools:
+            printable(f"tools.toolsets.{toolset}", tool)
+    for i, risk in enumerate(document.risk):
+        for risk_class in risk.allow:
+            word(f"risk.{i}.allow", risk_class)
+        for action_kind in risk.kinds or ():
+            word(f"risk.{i}.kinds", action_kind)
     count("tools.calls_per_run", document.tools.calls_per_run)
     for i, rate in enumerate(document.rate_limits):
         count(f"rate_limits.{i}.limit", rate.limit)
+        printable(f"rate_limits.{i}.name", rate.name)
     return problems
 
 FORMAT_VERSION = 1
@@ -252,11 +268,10 @@ class RateLimit(_Rule):
     @property
     def unit(self) -> str:
         """``rate.<kind>``, or ``rate.<kind>.<name>`` with the name as a unit token (see
-        :func:`clearance.policy.name_token`)."""
+        :func:`clearance.units.name_token`)."""
         if self.name is None:
             return f"rate.{self.kind}"
-        token = re.sub(r"[^a-z0-9_-]", "_", self.name.lower())[: 64 - len(self.kind) - 6] or "_"
-        return f"rate.{self.kind}.{token}"
+        return f"rate.{self.kind}.{name_token(self.name)}"
 
 
 def _one_line(error: Exception) -> str:

@@ -15,6 +15,7 @@ or 9.0e15 tokens): the Redis store computes in Lua, whose numbers are doubles an
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Mapping
@@ -26,7 +27,11 @@ MAX_AMOUNT = 2**53 - 1
 """Largest amount in smallest steps any store accepts."""
 
 USD_SCALE = 10**9
-_UNIT_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+MAX_UNIT_LENGTH = 128
+_UNIT_RE = re.compile(r"[a-z][a-z0-9_.-]{0,127}")
+NAME_ROOM = 64
+"""The most characters a name (a tool's, a toolset's, a rate limit's) takes inside a unit."""
+_TOKEN_BAD = re.compile(r"[^a-z0-9_-]")
 _PLAIN_USD = re.compile(r"([0-9]{1,8})(?:\.([0-9]{1,9}))?")  # at most 9 decimals: nothing to round
 # Unit names seen valid -> their scale. Bounded (dynamic tool names make units without end: every
 # MCP tool is a `tool.<name>.calls`): emptied when full, and every reader copes with a unit gone.
@@ -43,7 +48,7 @@ AmountLike = int | str | Decimal | float
 
 
 def check_unit(unit: object) -> str:
-    """Return ``unit`` if it is a valid unit name (``[a-z][a-z0-9_.-]{0,63}``), else raise."""
+    """Return ``unit`` if it is a valid unit name (``[a-z][a-z0-9_.-]{0,127}``), else raise."""
     if isinstance(unit, str):
         if unit in _known_units:
             return unit
@@ -52,7 +57,20 @@ def check_unit(unit: object) -> str:
                 _known_units.clear()
             _known_units[unit] = scale_of(unit)
             return unit
-    raise InvalidRequest(f"invalid unit name {unit!r}: expected [a-z][a-z0-9_.-]{{0,63}}")
+    raise InvalidRequest(f"invalid unit name {unit!r}: expected [a-z][a-z0-9_.-]{{0,127}}")
+
+
+def name_token(name: str) -> str:
+    """A tool's, toolset's or rate limit's name as it appears inside a unit: lower case, anything
+    but ``[a-z0-9_-]`` (dots included) replaced by ``_`` (``GoogleSearch`` → ``googlesearch``,
+    ``web.search`` → ``web_search``). One longer than ``NAME_ROOM`` keeps its first 55 characters
+    and ends in ``-`` and 8 hex digits of its hash: cutting long names short made tools that share
+    a prefix (MCP tools: ``mcp__github__create_pull_request_review_...``) share one counter, and a
+    budget written with the whole name never counted anything."""
+    token = _TOKEN_BAD.sub("_", name.lower()) or "_"
+    if len(token) <= NAME_ROOM:
+        return token
+    return f"{token[: NAME_ROOM - 9]}-{hashlib.sha256(token.encode()).hexdigest()[:8]}"
 
 
 def scale_of(unit: str) -> int:

@@ -117,6 +117,34 @@ def test_tool_budget_exhausted_disables_the_tool_for_model_calls(store_url: str)
     assert model.reasons[-1].code == "tools_capped"
 
 
+def test_a_long_tool_name_counts_in_the_budget_written_with_it(store_url: str) -> None:
+    """Names were cut to 40 characters inside units: a budget written, as documented, with an MCP
+    tool's whole name was accepted and never charged (three calls against a limit of 1), and two
+    tools sharing their first 40 characters shared one counter."""
+    comment = "mcp__github__create_pull_request_review_comment"  # 47 characters
+    thread = "mcp__github__create_pull_request_review_thread"
+    document = {
+        "budgets": [{"scope": "tenant:acme", "unit": f"tool.{comment}.calls", "limit": 1}],
+        "tools": {"toolsets": {"github": [comment, thread]}},
+    }
+    authority = authority_with(document, store=store_url)
+    authority.apply_policy(PolicyDocument.parse(document))
+    assert authority.reserve(Action.tool_call(comment), RUN).allowed
+    denied = authority.reserve(Action.tool_call(comment), RUN)
+    assert denied.denied and denied.reasons[0].unit == f"tool.{comment}.calls"
+    assert authority.reserve(Action.tool_call(thread), RUN).allowed  # a counter of its own
+    assert authority.reserve(flagship(), RUN).caps == Caps(disabled_tools=(comment,))
+
+
+def test_names_too_long_for_a_unit_keep_a_counter_each() -> None:
+    from clearance.policy import tool_unit
+
+    first, second = "a" * 70 + "_first", "a" * 70 + "_second"
+    units = {tool_unit("tool", first, "calls"), tool_unit("tool", second, "calls")}
+    assert len(units) == 2 and all(len(unit) <= 128 for unit in units)
+    assert tool_unit("tool", first, "calls") == tool_unit("tool", first.upper(), "calls")  # (one token)
+
+
 def test_toolset_budget_disables_every_tool_of_the_set() -> None:
     document = {
         "budgets": [{"scope": "tenant:acme", "unit": "toolset.search.calls", "limit": 1}],
@@ -1421,6 +1449,23 @@ def test_a_policy_built_in_python_is_checked_as_written_when_applied() -> None:
         Authority().apply_policy(document)
     with pytest.raises(InvalidRequest, match="not a scope kind"):
         Authority(policy=Policy(document))
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('risk: [{scope: "tenant:a", allow: [Write]}]', "risk.0.allow: 'Write' is not a word"),
+        ('risk: [{scope: "tenant:a", allow: ["external "]}]', "'external ' is not a word"),
+        ('risk: [{scope: "tenant:a", allow: [write], kinds: [Tool]}]', "risk.0.kinds: 'Tool' is not a word"),
+        ('tools: {toolsets: {s: ["web\\nsearch: fake line"]}}', "tools.toolsets.s: .* has a control character"),
+        ('tools: {toolsets: {"s\\t": [x]}}', "tools.toolsets: .* has a control character"),
+    ],
+)
+def test_names_no_action_carries_or_no_line_prints_are_refused(text: str, problem: str) -> None:
+    """A risk class no Action can carry (``Write``) made an allow rule that never applied (the
+    actions it meant were denied); a newline in a tool name split ``policy check``'s rules."""
+    with pytest.raises(InvalidRequest, match=problem):
+        PolicyDocument.loads(text)
 
 
 @pytest.mark.parametrize("headroom", [True, {"workflow": True}])
