@@ -500,14 +500,45 @@ def _guarded(decision: Decision) -> Decision:
 
 
 class Grant:
-    """What ``guard`` yields: the decision, and :meth:`settle` to record the actual amounts."""
+    """What ``guard`` yields: the decision, what to call with (:attr:`model`,
+    :attr:`max_output_tokens`, :attr:`max_input_tokens`: the caps where a degraded plan set them,
+    else the action's own), and :meth:`settle` to record the actual amounts."""
 
-    __slots__ = ("_actual", "decision", "settlement")
+    __slots__ = ("_actual", "action", "decision", "settlement")
 
-    def __init__(self, decision: Decision) -> None:
+    def __init__(self, decision: Decision, action: Action | None = None) -> None:
         self.decision = decision
+        self.action = action
         self._actual: Amounts | None = None
         self.settlement: Settlement | None = None
+
+    @property
+    def model(self) -> str | None:
+        """The model to call: the cheaper one a degraded plan chose, else the action's."""
+        caps = self.decision.caps
+        if caps is not None and caps.model is not None:
+            return caps.model
+        return self.action.model if self.action is not None else None
+
+    @property
+    def max_output_tokens(self) -> int | None:
+        """The output limit to pass to the model — the one the hold was priced at: an output cap's,
+        else the action's ``max_output_tokens`` (``Caps.max_output_tokens`` alone is ``None`` unless
+        a cap changed it, and a call sent without a limit can cost more than was held)."""
+        return self._limit("max_output_tokens", "max_output_tokens")
+
+    @property
+    def max_input_tokens(self) -> int | None:
+        """The input to send at most: a context cap's, else the action's ``input_tokens``."""
+        return self._limit("max_input_tokens", "input_tokens")
+
+    def _limit(self, cap: str, estimate: str) -> int | None:
+        caps = self.decision.caps
+        capped: int | None = getattr(caps, cap) if caps is not None else None
+        if capped is not None:
+            return capped
+        given = self.action.metadata.get(estimate) if self.action is not None else None
+        return given if isinstance(given, int) and not isinstance(given, bool) else None
 
     @property
     def reservation(self) -> Reservation | None:
@@ -1643,11 +1674,11 @@ class Authority:
         """Reserve on enter (raise :class:`Denied` on DENY), commit on exit, release on exception.
 
         >>> with authority.guard(action, "tenant:acme/run:r1") as grant:
-        ...     reply = call_model(model=grant.caps.model if grant.caps else None)
+        ...     reply = call_model(model=grant.model, max_tokens=grant.max_output_tokens)
         ...     grant.settle({"usd": reply.cost})
         """
         decision = _guarded(self.reserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key))
-        grant = Grant(decision)
+        grant = Grant(decision, action)
         try:
             yield grant
         except BaseException:
@@ -1667,7 +1698,7 @@ class Authority:
     ) -> AsyncIterator[Grant]:
         """Async twin of :meth:`guard`."""
         decision = _guarded(await self.areserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key))
-        grant = Grant(decision)
+        grant = Grant(decision, action)
         reservation = decision.reservation
         try:
             yield grant

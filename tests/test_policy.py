@@ -1475,3 +1475,33 @@ def test_a_rungs_headroom_is_a_fraction_not_a_boolean(headroom: object) -> None:
     document = {"ladders": [{"rungs": [{"model": "gpt-4.1", "min_headroom": headroom}, {"model": "gpt-4.1-mini"}]}]}
     with pytest.raises(InvalidRequest, match="not a boolean"):
         PolicyDocument.parse(document)
+
+
+@pytest.mark.parametrize(("budget", "model", "output"), [("10", "gpt-4.1", 800), ("0.0035", "gpt-4.1-mini", 800)])
+def test_a_grant_says_what_to_call_with_and_that_fits_the_hold(budget: str, model: str, output: int) -> None:
+    """The README's recipe passed ``grant.caps and grant.caps.max_output_tokens`` — ``None`` unless
+    an output cap set it — so an obedient caller sent no output limit and could cost more than held."""
+    from clearance.pricing import price_usd
+
+    authority = Authority(policy=Policy(PolicyDocument.load("examples/policies/default.yaml")))
+    authority.set_budget(Budget("tenant:acme", "usd", budget))
+    action = Action.model_call("openai", "gpt-4.1", input_tokens=3_200, max_output_tokens=800)
+    with authority.guard(action, RUN) as grant:
+        assert (grant.model, grant.max_output_tokens, grant.max_input_tokens) == (model, output, 3_200)
+        assert grant.reservation is not None
+        cost = price_usd("openai", grant.model, grant.max_input_tokens, grant.max_output_tokens)
+        assert cost <= grant.reservation.amounts["usd"]
+        grant.settle({"usd": cost})
+    assert grant.settlement is not None and grant.settlement.flags == ()
+
+
+def test_a_grant_under_an_output_cap_passes_the_cap() -> None:
+    document = {"ladders": [{"provider": "openai", "rungs": ["gpt-4.1", "gpt-4.1-mini"]}], "output_cap": {"floor": 64}}
+    authority = authority_with(document)
+    authority.set_budget(Budget("tenant:acme", "usd", "0.001"))
+    with authority.guard(flagship(1000, 1000), RUN) as grant:
+        assert grant.caps is not None and grant.caps.max_output_tokens is not None
+        assert (grant.model, grant.max_output_tokens) == ("gpt-4.1-mini", grant.caps.max_output_tokens)
+        assert grant.max_output_tokens < 1000
+    with authority.guard(Action.tool_call("calc"), "tenant:acme/run:r2") as plain:
+        assert (plain.model, plain.max_output_tokens, plain.max_input_tokens) == (None, None, None)

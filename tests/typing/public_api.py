@@ -43,6 +43,9 @@ def sync_use(authority: Authority) -> Decimal | None:
     authority.reserve(action, "tenant:acme/run:r1", plans=plans)
     try:
         with authority.guard(action, "tenant:acme/run:r1") as grant:
+            model: str | None = grant.model
+            limits: tuple[int | None, int | None] = (grant.max_output_tokens, grant.max_input_tokens)
+            print(model, limits)
             grant.settle({"usd": 0.002})
     except Denied as denied:
         print(denied.decision.reasons)
