@@ -48,6 +48,7 @@ from clearance.ledger import (
     binds_before,
     commit_flags,
     merge_actual,
+    window_closed,
 )
 from clearance.periods import Period, period_key, windows_at
 from clearance.plan import Caps, Plan, _zeros, check_plans
@@ -245,7 +246,13 @@ def _reason(rejection: Rejection, plan_count: int) -> Reason:
             remaining,
             threshold,
         )
-    if rejection.code == "budget_overage":
+    if rejection.code == "budget_overage" and window_closed(rejection.remaining):
+        message = (
+            f"{prefix}{where}: its window is closed — older than the windows the store keeps (this "
+            "worker's clock is behind the ledger's: stepped back?); denied until the clock reaches them"
+        )
+        remaining = Decimal(0)
+    elif rejection.code == "budget_overage":
         message = f"{prefix}{where} is over its limit by {EXACT.minus(remaining):f}"
     else:
         message = f"{prefix}{where} needs {needed:f}, {remaining:f} remains"

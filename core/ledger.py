@@ -70,6 +70,18 @@ class HoldRequest:
     clock: Callable[[], float] | None = None
 
 
+CLOSED_WINDOW_SPENT = 2**62
+"""What a hold reads as spent in a *closed* window: one older than the windows a store keeps (a
+clock stepped back past them), whose counts may have been dropped. Reading it as empty would hand
+its budget out a second time; nothing fits in it instead, and the denial says why (see
+``window_closed``). Far past any real count (each commit adds at most ``MAX_AMOUNT``)."""
+
+
+def window_closed(remaining: int) -> bool:
+    """Whether a rejection's ``remaining`` comes from a closed window (see ``CLOSED_WINDOW_SPENT``)."""
+    return remaining <= -(CLOSED_WINDOW_SPENT // 2)
+
+
 LATE_HOLD = 0.05
 """Seconds a hold may wait after its expiry was computed before that expiry is moved by the wait."""
 

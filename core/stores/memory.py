@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from clearance.errors import ReservationClosed, ReservationNotFound
 from clearance.ledger import (
+    CLOSED_WINDOW_SPENT,
     COMMITTED,
     EXPIRED,
     HELD,
@@ -47,7 +48,6 @@ from clearance.stores.base import (
     in_subtree,
     root_of,
 )
-from clearance.units import MAX_AMOUNT
 
 
 def _states_after(after: list[tuple[str, str, str, str, int, int, int]]) -> tuple[AccountState, ...]:
@@ -83,7 +83,7 @@ class _Budget:
                 # rather than empty: nothing fits, denied as overage. A late commit there is
                 # recorded (reservation, audit) against counters of its own that are not kept —
                 # opening the window again would push out a newer one, or count from zero.
-                return [0, 0] if charging else [MAX_AMOUNT + 1, 0]
+                return [0, 0] if charging else [CLOSED_WINDOW_SPENT, 0]
             if len(self.counters) >= WINDOWS_KEPT:
                 # A period budget opens a window per minute/hour/...: without pruning a long-lived
                 # process keeps them all. The oldest windows with nothing held in them go (window

@@ -72,6 +72,7 @@ from typing import Any, ClassVar
 
 from clearance.errors import InvalidRequest, ReservationClosed, ReservationNotFound, StoreUnavailable
 from clearance.ledger import (
+    CLOSED_WINDOW_SPENT,
     COMMITTED,
     EXPIRED,
     HELD,
@@ -346,17 +347,28 @@ CREATE TABLE meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;;
 INSERT INTO meta(key, value) VALUES ('budgets', 0)
 """
 
-_STATES_SQL = """
-SELECT b.scope, b.unit, b.period, b.lim, COALESCE(a.spent, 0), COALESCE(a.held, 0)
+# A budget's counters in the window of its period (?1..?5) on the chain (?8...). A period window
+# without counters that is older than the oldest one the maintenance pass keeps ("closed\t<period>"
+# in meta: its counts may have been dropped — a clock stepped back past the kept windows) reads as
+# spent ?7 (CLOSED_WINDOW_SPENT for a hold: nothing fits there, as on the memory store; 0 for a
+# commit, which is recorded in it all the same, and for a replay's report).
+_WINDOW_OF = (
+    "CASE b.period WHEN '' THEN '' WHEN 'minute' THEN ?1 WHEN 'hour' THEN ?2 WHEN 'day' THEN ?3 "
+    "WHEN 'week' THEN ?4 ELSE ?5 END"
+)
+_STATES_SQL = f"""
+SELECT b.scope, b.unit, b.period, b.lim,
+       CASE WHEN a.spent IS NOT NULL THEN a.spent WHEN ?7 = 0 OR b.period = '' THEN 0
+            WHEN {_WINDOW_OF} < (SELECT value FROM meta WHERE key = 'closed' || char(9) || b.period) THEN ?7
+            ELSE 0 END,
+       COALESCE(a.held, 0)
 FROM budgets AS b LEFT JOIN accounts AS a
-  ON a.scope = b.scope AND a.unit = b.unit AND a.period = b.period
- AND a.win = CASE b.period WHEN '' THEN '' WHEN 'minute' THEN ?1 WHEN 'hour' THEN ?2 WHEN 'day' THEN ?3
-                           WHEN 'week' THEN ?4 ELSE ?5 END
-WHERE b.scope IN ({places})
+  ON a.scope = b.scope AND a.unit = b.unit AND a.period = b.period AND a.win = {_WINDOW_OF}
+WHERE b.scope IN ({{places}})
 """
-_STATES_BY_DEPTH = [_STATES_SQL.format(places=", ".join(f"?{7 + i}" for i in range(n))) for n in range(17)]
+_STATES_BY_DEPTH = [_STATES_SQL.format(places=", ".join(f"?{8 + i}" for i in range(n))) for n in range(17)]
 # The same, plus a last row (scope NULL) with the budgets version, whether some held reservation
-# is due (?6 = now) and the last seq (the new hold record takes the next): one round trip.
+# is due (?6 = now; unused above) and the last seq (the new hold record takes the next): one round trip.
 _STATES_DUE_BY_DEPTH = [
     sql + "UNION ALL SELECT NULL, (SELECT value FROM meta WHERE key = 'budgets'), "
     "EXISTS (SELECT 1 FROM log WHERE status = 'held' AND expires_at <= ?6), (SELECT max(seq) FROM log), "
@@ -427,6 +439,10 @@ _PRUNE_WINDOWS_SQL = (
     "FROM accounts WHERE period <> '' AND period = ? AND win < ? AND held = 0 LIMIT ?)"
 )
 _BUDGETS_CHANGED = "UPDATE meta SET value = value + 1 WHERE key = 'budgets'"
+# The oldest window of a period the pruning pass keeps: those before it are closed (see _STATES_SQL).
+_CLOSE_WINDOWS = (
+    "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT DO UPDATE SET value = max(value, excluded.value)"
+)
 _UNHOLD_SQL = "UPDATE accounts SET held = held - ? WHERE scope = ? AND unit = ? AND period = ? AND win = ?"
 _INSERT_SQL = (
     "INSERT INTO log(seq, at, kind, scope, rid, amounts, detail, known, root, status, plan, holds, windows, "
@@ -920,11 +936,15 @@ class SQLiteStore(Store):
     def _prune_windows(db: sqlite3.Connection, now: float) -> bool:
         """Delete the counters of period windows older than the ``WINDOWS_KEPT`` latest periods at
         ``now`` that hold nothing (window ids sort in time order). A late commit into such a
-        window writes its counters again (recorded, never dropped); the next pass deletes them."""
+        window writes its counters again (recorded, never dropped); the next pass deletes them.
+        The windows before the oldest kept are *closed* from then on (see ``_STATES_SQL``): after
+        a clock that ran ahead is set back, the window it is in again had its counts pruned, and
+        reading it as empty handed its budget out twice."""
         more = False
         for period in _PERIODS:
             oldest_kept = window_back(now, period, WINDOWS_KEPT - 1)
             more = db.execute(_PRUNE_WINDOWS_SQL, (period, oldest_kept, _PRUNE_BATCH)).rowcount >= _PRUNE_BATCH or more
+            db.execute(_CLOSE_WINDOWS, (f"closed\t{period}", oldest_kept))
         return more
 
     def _forget(self, db: sqlite3.Connection, now: float, start: int, pruned: int) -> tuple[int, bool]:
@@ -980,13 +1000,20 @@ class SQLiteStore(Store):
 
     @staticmethod
     def _states(
-        db: sqlite3.Connection, chain: tuple[str, ...], units: Any, params: list[Any], windows: Windows
+        db: sqlite3.Connection,
+        chain: tuple[str, ...],
+        units: Any,
+        params: list[Any],
+        windows: Windows,
+        closed: int = CLOSED_WINDOW_SPENT,
     ) -> list[AccountState]:
+        """The chain's budgets of ``units`` in ``windows``; a closed window reads as ``closed``
+        spent (see ``_STATES_SQL``: 0 for a replay's report)."""
         by_period = dict(windows)
         return [
             AccountState(scope, unit, period, by_period[period], limit, spent, held)
             for scope, unit, period, limit, spent, held in db.execute(
-                _STATES_BY_DEPTH[len(chain)], [*params, None, *chain]
+                _STATES_BY_DEPTH[len(chain)], [*params, None, closed, *chain]
             )
             if unit in units
         ]
@@ -1025,7 +1052,7 @@ class SQLiteStore(Store):
                     original = _windows(row[3], row[5])
                     held_units = {unit for unit, _ in _amounts(row[4])}.union(request.probes)
                     original_params = [dict(original)[p] for p in _PERIOD_ORDER]
-                    states = self._states(db, chain, held_units, original_params, original)
+                    states = self._states(db, chain, held_units, original_params, original, closed=0)
                     db.execute("COMMIT")
                     return HoldResult(row[0], row[1], row[2], tuple(states), (), replayed=True)
                 last, maintained = db.execute(_LAST_AND_MAINTAINED).fetchone()
@@ -1040,7 +1067,7 @@ class SQLiteStore(Store):
                 due = False
                 maintained = None
                 for scope, unit, period, limit, spent, held in db.execute(
-                    _STATES_DUE_BY_DEPTH[len(chain)], [*params, now, *chain]
+                    _STATES_DUE_BY_DEPTH[len(chain)], [*params, now, CLOSED_WINDOW_SPENT, *chain]
                 ):
                     if scope is None:
                         version, due, last, maintained = unit, period, limit, spent
@@ -1163,6 +1190,7 @@ class SQLiteStore(Store):
             by_period = dict(windows)
             params: list[Any] = [by_period[p] for p in _PERIOD_ORDER]
             params.append(None)
+            params.append(0)  # (a commit is recorded in a closed window too)
             params.extend(chain)
             for s, u, p, limit, spent, held in db.execute(_STATES_BY_DEPTH[len(chain)], params).fetchall():
                 steps = charges.get(u, 0)

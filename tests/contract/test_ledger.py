@@ -381,6 +381,31 @@ def test_a_hold_expired_a_retention_ago_is_forgotten_and_its_budget_back(
     assert all(r.id != reservation.id for r in authority.reservations("tenant:acme"))
 
 
+@pytest.mark.parametrize("busy", [False, True])
+def test_a_clock_run_ahead_and_set_back_never_spends_a_window_twice(
+    authority: Authority, clock: FakeClock, busy: bool
+) -> None:
+    """A clock 10 periods ahead, then corrected (a bad NTP source, a VM resumed): SQLite's
+    maintenance pass, judging windows by that clock, pruned the window really current, and once the
+    clock was back it read as empty: its whole limit spent a second time. ``busy``: the budget itself
+    is used in every period meanwhile (memory then prunes that window too)."""
+    authority.set_budget(Budget("tenant:acme", "calls", 5, period="hour"))
+    start = clock()
+    for _ in range(5):
+        authority.commit(authority.reserve(Action.tool_call("x"), CHAIN).reservation)  # type: ignore[arg-type]
+    for hour in range(10, 20 if busy else 11):  # the clock runs ten hours ahead
+        clock.set(start + hour * 3600)
+        if busy:
+            authority.commit(authority.reserve(Action.tool_call("x"), CHAIN).reservation)  # type: ignore[arg-type]
+    authority.sweep()  # (the maintenance pass, with the clock ahead)
+    clock.set(start + 60)  # set back: the same hour as the first five calls
+    again = authority.reserve(Action.tool_call("x"), CHAIN)
+    assert again.denied
+    (reason,) = again.reasons
+    assert reason.remaining == 0  # never a made-up overage of 2^62
+    assert "closed" in reason.message or reason.code == "budget_exhausted"
+
+
 def test_sweep_returns_expired_holds(authority: Authority, clock: FakeClock) -> None:
     authority.set_budget(Budget("tenant:acme", "usd", 10))
     authority.set_budget(Budget("tenant:globex", "usd", 10))
