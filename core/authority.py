@@ -1089,10 +1089,12 @@ class Authority:
             # allow rules: a policy in force governs risk whatever else it says.
             if policy is not None and (not policy.empty or checked.risk not in (None, "read")):
                 proposal = policy.propose(checked, parsed)
-                if proposal.deny is None and (proposal.plans is not None or proposal.probes):
+                if proposal.deny is None and proposal.plans is not None:
                     request, checked, parsed, chosen = self._request(
                         checked, parsed, proposal.plans, ttl, key, proposal.probes
                     )
+                elif proposal.deny is None:
+                    request.probes = proposal.probes  # (the action's own plan: only what to report)
         shadow: Decision | None = None
         if proposal is not None and proposal.shadow and proposal.deny is None:
             # Shadow mode: first the caller's own reservation, holding nothing, under its key (a

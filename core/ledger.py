@@ -11,9 +11,11 @@ The invariant every store keeps, for every budget and window at every moment::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import lru_cache
 from typing import NamedTuple
 
 from clearance.decision import Settlement
@@ -59,7 +61,9 @@ class HoldRequest:
     windows: Windows
     idempotency_key: str | None = None
     label: str = ""
-    probes: tuple[str, ...] = ()  # units to report in the result's accounts without checking them
+    # Units to report in the result's accounts without checking them; one ending in "*" stands for
+    # every unit that starts with the rest ("tool.*": every tool budget on the chain, however set).
+    probes: tuple[str, ...] = ()
     # time.monotonic() when the request was sent to the store (0: unknown). A store that had to wait
     # (for its write lock; on the async face, for a worker thread) counts that wait against its
     # timeout and makes the hold live its TTL from when it is made: one made with the expiry read
@@ -68,6 +72,40 @@ class HoldRequest:
     # The caller's clock (None: unknown): a store that waited re-reads it, so that what is due by
     # then (an expired hold, a reservation past retention) is judged at the time the hold is made.
     clock: Callable[[], float] | None = None
+
+
+class _Probed(frozenset[str]):
+    """Units, and every unit that starts with one of ``prefixes`` (see ``HoldRequest.probes``)."""
+
+    __slots__ = ("prefixes",)
+    prefixes: tuple[str, ...]
+
+    def __new__(cls, units: Iterable[str], prefixes: tuple[str, ...]) -> _Probed:
+        self = super().__new__(cls, units)
+        self.prefixes = prefixes
+        return self
+
+    def __contains__(self, unit: object) -> bool:
+        return frozenset.__contains__(self, unit) or (isinstance(unit, str) and unit.startswith(self.prefixes))
+
+
+def reported_units(units: Iterable[str], probes: tuple[str, ...]) -> AbstractSet[str]:
+    """The units whose budgets a hold reports: ``units`` (its plans') and its ``probes`` (see
+    ``HoldRequest.probes``), tested with ``in``."""
+    return _reported_units(tuple(units), probes)
+
+
+@lru_cache(maxsize=1024)
+def _reported_units(units: tuple[str, ...], probes: tuple[str, ...]) -> AbstractSet[str]:
+    """(Memoised: a policy's model calls ask with the same units and probes every time.)"""
+    plain = set(units)
+    prefixes = []
+    for probe in probes:
+        if probe.endswith("*"):
+            prefixes.append(probe[:-1])
+        else:
+            plain.add(probe)
+    return _Probed(plain, tuple(prefixes)) if prefixes else frozenset(plain)
 
 
 CLOSED_WINDOW_SPENT = 2**62

@@ -98,7 +98,10 @@ class Policy:
         tool_units = {b.unit for b in doc.budgets if b.unit.startswith(("tool.", "toolset."))}
         if doc.tools.calls_per_run is not None:
             tool_units.add("tool_calls")
-        self._tool_probes = tuple(sorted(tool_units))
+        # A model call is told of every exhausted tool and toolset budget on its chain, however it
+        # was set (this document, set_budget, the CLI, a newer policy that left it out): probed
+        # by prefix, not by the units this document names.
+        self._tool_probes = ("tool.*", "toolset.*", *(("tool_calls",) if "tool_calls" in tool_units else ()))
         self._empty = not (
             doc.ladders
             or doc.output_cap
@@ -140,7 +143,7 @@ class Policy:
             # best rungs and the last plan (the skip, or the cheapest) stay, within a reserve's 16.
             plans = [*plans[: MAX_PLANS - 1], plans[-1]]
         proposal.plans = plans
-        if action.kind == "model_call" and self._tool_probes:
+        if action.kind == "model_call":
             proposal.probes = self._tool_probes
             tools = self.document.tools
             run = scope.level_of(tools.run_kind)

@@ -145,6 +145,24 @@ def test_names_too_long_for_a_unit_keep_a_counter_each() -> None:
     assert tool_unit("tool", first, "calls") == tool_unit("tool", first.upper(), "calls")  # (one token)
 
 
+@pytest.mark.parametrize("document", [{"tools": {"toolsets": {"search": ["web.search", "news"]}}}, {"output_cap": {}}])
+def test_a_tool_budget_set_outside_the_policy_disables_the_tool_too(
+    store_url: str, document: dict[str, object]
+) -> None:
+    """Only the tool budgets the policy document named were looked at: one set with set_budget (or
+    the CLI, or left by an earlier policy) denied the tool call, yet model calls kept offering it."""
+    authority = authority_with(document, store=store_url)
+    authority.set_budget(Budget("tenant:acme", "tool.web_search.calls", 1))
+    authority.set_budget(Budget("tenant:acme/workflow:triage", "toolset.search.calls", 5))
+    assert authority.reserve(Action.tool_call("web.search"), RUN).allowed
+    assert authority.reserve(Action.tool_call("web.search"), RUN).denied
+    model = authority.reserve(flagship(), RUN, idempotency_key="m1")
+    named = "web.search" if "tools" in document else "web_search"  # (by its token when in no toolset)
+    assert model.outcome is Outcome.ALLOW_WITH_CAPS and model.caps == Caps(disabled_tools=(named,))
+    assert authority.reserve(flagship(), RUN, idempotency_key="m1").caps == model.caps  # a retry too
+    assert authority.reserve(Action.tool_call("news"), RUN).allowed
+
+
 def test_toolset_budget_disables_every_tool_of_the_set() -> None:
     document = {
         "budgets": [{"scope": "tenant:acme", "unit": "toolset.search.calls", "limit": 1}],

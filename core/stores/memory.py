@@ -38,6 +38,7 @@ from clearance.ledger import (
     commit_flags,
     merge_actual,
     new_account_state,
+    reported_units,
 )
 from clearance.periods import WINDOWS_KEPT, Windows
 from clearance.stores.base import (
@@ -468,11 +469,11 @@ class MemoryStore(Store):
         plans = request.plans
         # The usual reserve: its first plan fits and demands no headroom. One pass holds it, whatever
         # later rungs the ladder has (they are only reported: see _hold_fitting).
-        simple = not request.probes and not any(plans[0].headroom_ppm)
-        if simple and len(plans) == 1:
+        simple = not any(plans[0].headroom_ppm)
+        if simple and len(plans) == 1 and not request.probes:
             units: object = dict(plans[0].amounts)
         else:
-            units = {u for plan in plans for u, _ in plan.amounts}.union(request.probes)
+            units = reported_units((u for plan in plans for u, _ in plan.amounts), request.probes)
         with self._lock:
             now = request.now
             if (
@@ -485,11 +486,12 @@ class MemoryStore(Store):
                 existing = self._idempotency.get((request.chain[0], request.idempotency_key))
                 kept = None if existing is None else self._kept(existing, now)
                 if kept is not None:
-                    units = {*dict(kept.amounts), *request.probes}  # (probes: for the caller's tool caps)
+                    units = reported_units(dict(kept.amounts), request.probes)  # (probes: the caller's tool caps)
                     states = self._peek_states(request.chain, units, kept.windows)
                     return HoldResult(kept.id, kept.plan_index, kept.expires_at, tuple(states), (), replayed=True)
             if simple:
-                fitted = self._hold_fitting(request, dict(plans[0].amounts) if len(plans) > 1 else units, units)  # type: ignore[arg-type]
+                need = units if isinstance(units, dict) else dict(plans[0].amounts)
+                fitted = self._hold_fitting(request, need, units)
                 if fitted is not None:
                     return fitted
             states, refs = self._chain_budgets(request.chain, units, request.windows)

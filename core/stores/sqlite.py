@@ -90,6 +90,7 @@ from clearance.ledger import (
     commit_flags,
     merge_actual,
     new_account_state,
+    reported_units,
 )
 from clearance.periods import WINDOWS_KEPT, Windows, window_back, windows_at
 from clearance.stores.base import (
@@ -1024,7 +1025,7 @@ class SQLiteStore(Store):
         if len(plans) == 1 and not request.probes:
             units: Any = dict(plans[0].amounts)
         else:
-            units = {u for plan in plans for u, _ in plan.amounts}.union(request.probes)
+            units = reported_units((u for plan in plans for u, _ in plan.amounts), request.probes)
         now = request.now
         chain = request.chain
         windows = request.windows
@@ -1050,7 +1051,7 @@ class SQLiteStore(Store):
                     row = None
                 if row is not None:
                     original = _windows(row[3], row[5])
-                    held_units = {unit for unit, _ in _amounts(row[4])}.union(request.probes)
+                    held_units = reported_units((unit for unit, _ in _amounts(row[4])), request.probes)
                     original_params = [dict(original)[p] for p in _PERIOD_ORDER]
                     states = self._states(db, chain, held_units, original_params, original, closed=0)
                     db.execute("COMMIT")

@@ -36,10 +36,31 @@ for plan_text in string.gmatch(one_unit and '' or ARGV[9], '[^;]+') do
   end
   plans[#plans + 1] = {amounts, ppm, amounts_text}
 end
-if ARGV[10] ~= '' then
+-- Probes: units reported too (the caller's tool caps); one ending in '*' stands for every unit
+-- that starts with the rest ("tool.*": every tool budget on the chain).
+local function add_probes(units)
+  local prefixes = nil
   for unit in string.gmatch(ARGV[10], '%S+') do
-    wanted[unit] = true
+    if string.byte(unit, -1) == 42 then
+      prefixes = prefixes or {}
+      prefixes[#prefixes + 1] = string.sub(unit, 1, -2)
+    else
+      units[unit] = true
+    end
   end
+  if prefixes then
+    setmetatable(units, {__index = function(_, unit)
+      for _, prefix in ipairs(prefixes) do
+        if string.sub(unit, 1, #prefix) == prefix then
+          return true
+        end
+      end
+      return nil
+    end})
+  end
+end
+if ARGV[10] ~= '' then
+  add_probes(wanted)
 end
 
 -- A full batch of expired holds reclaimed: more may wait (a crashed fleet's holds, say), and a
@@ -53,9 +74,7 @@ local function replay(existing, kind, rec)
   for unit in string.gmatch(rec.a, '(%S+) %S+') do
     held_units[unit] = true
   end
-  for unit in string.gmatch(ARGV[10], '%S+') do  -- probes: reported too (the caller's tool caps)
-    held_units[unit] = true
-  end
+  add_probes(held_units)
   return kind .. '\n' .. existing .. '\n' .. rec.p .. '\n' .. rec.e .. '\n'
     .. states_text(states(chain, held_units, rec.w), nil) .. '\n'
 end
