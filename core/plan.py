@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 
 from clearance._model import InputModel
 from clearance.errors import InvalidRequest
-from clearance.units import EXACT, from_step_map, from_steps, to_step_map
+from clearance.units import EXACT, MAX_AMOUNT, check_unit, from_step_map, from_steps, to_step_map
 
 _KIND_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 
@@ -91,7 +91,21 @@ class Plan(InputModel):
         min_headroom: float | Mapping[str, float] = 0.0,
         rule: str | None = None,
     ) -> Plan:
-        """A plan from amounts already in integer steps (policies build plans this way)."""
+        """A plan from amounts already in integer steps (policies build plans this way: several per
+        model call). Checked as :class:`Plan` checks them, without reading the amounts back from
+        decimals; anything unusual takes the general constructor (and its errors)."""
+        headroom = _plain_headroom(min_headroom)
+        if (
+            headroom is not None
+            and type(steps) is dict
+            and len(steps) <= 64
+            and (caps is None or type(caps) is Caps)
+            and (rule is None or (type(rule) is str and len(rule) <= 200))
+            and all(type(n) is int and 0 <= n <= MAX_AMOUNT and check_unit(unit) for unit, n in steps.items())
+        ):
+            return cls.model_construct(
+                amounts=from_step_map(steps), caps=caps, min_headroom=headroom, rule=rule, steps=tuple(steps.items())
+            )
         return cls({unit: from_steps(unit, n) for unit, n in steps.items()}, caps, min_headroom, rule)
 
     @field_validator("min_headroom", mode="before")
@@ -127,6 +141,21 @@ class Plan(InputModel):
             return tuple(required.get(kind, default) for kind in kinds)
         ppm = ppm_of(value)
         return (ppm,) * len(kinds)
+
+
+def _plain_headroom(value: object) -> float | dict[str, float] | None:
+    """``min_headroom`` as a validated Plan holds it, when it is plainly valid (a fraction, or a
+    mapping of scope kinds — or ``*`` — to fractions); ``None`` for anything else."""
+    if type(value) is float or type(value) is int:
+        return float(value) if 0 <= value <= 1 else None
+    if type(value) is dict:
+        for kind, fraction in value.items():
+            if not (type(fraction) is float or type(fraction) is int) or not 0 <= fraction <= 1:
+                return None
+            if type(kind) is not str or (kind != "*" and (not kind or not set(kind) <= _KIND_CHARS)):
+                return None
+        return {kind: float(fraction) for kind, fraction in value.items()}
+    return None
 
 
 @lru_cache(maxsize=1024)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from clearance.action import Action
 from clearance.decision import Reason
@@ -230,7 +231,7 @@ class Policy:
         plans: list[Plan] = []
         priced: list[Rung] = []
         for rung in rungs:
-            caps = None if rung.model == action.model else Caps(model=rung.model)
+            caps = None if rung.model == action.model else _model_caps(rung.model)
             rule = f"ladder:{rung.model}" if found else None
             try:
                 steps = amounts(rung.model, input_tokens, output_tokens)
@@ -369,6 +370,12 @@ def _required(headroom: float | dict[str, float], account: AccountState) -> int:
         fraction = headroom
     ppm = ppm_of(fraction)
     return -(-account.limit * ppm // 1_000_000) if ppm else 0
+
+
+@lru_cache(maxsize=256)
+def _model_caps(model: str) -> Caps:
+    """A ladder rung's caps (immutable: one per model, not one per call)."""
+    return Caps(model=model)
 
 
 def _call_amounts(usd: int, tokens: int, others: dict[str, int]) -> dict[str, int]:

@@ -1523,3 +1523,35 @@ def test_a_grant_under_an_output_cap_passes_the_cap() -> None:
         assert grant.max_output_tokens < 1000
     with authority.guard(Action.tool_call("calc"), "tenant:acme/run:r2") as plain:
         assert (plain.model, plain.max_output_tokens, plain.max_input_tokens) == (None, None, None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.dictionaries(st.sampled_from(["usd", "tokens", "calls", "tool.x.usd"]), st.integers(-2, 2**53 + 2)),
+    headroom=st.one_of(
+        st.floats(-0.5, 1.5),
+        st.booleans(),
+        st.dictionaries(st.sampled_from(["workflow", "*", "Run", ""]), st.one_of(st.floats(-0.1, 1.1), st.booleans())),
+    ),
+    rule=st.one_of(st.none(), st.text(max_size=210)),
+)
+def test_a_plan_from_steps_is_the_plan_its_amounts_make(
+    steps: dict[str, int], headroom: object, rule: str | None
+) -> None:
+    """Plan.of_steps skips reading its amounts back from decimals (policies build several plans per
+    model call): it must accept and refuse exactly what the constructor does, and build the same plan."""
+    from clearance.units import from_steps
+
+    def build(make: object) -> object:
+        try:
+            return make()  # type: ignore[operator]
+        except InvalidRequest as error:
+            return type(error)
+
+    caps = Caps(model="gpt-4.1-mini")
+    fast = build(lambda: Plan.of_steps(steps, caps, headroom, rule))  # type: ignore[arg-type]
+    amounts = {unit: from_steps(unit, n) for unit, n in steps.items()}
+    slow = build(lambda: Plan(amounts, caps, headroom, rule))  # type: ignore[arg-type]
+    assert fast == slow
+    if isinstance(fast, Plan):
+        assert isinstance(slow, Plan) and fast.steps == slow.steps and fast.model_dump() == slow.model_dump()
