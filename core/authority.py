@@ -268,6 +268,20 @@ def _reason(rejection: Rejection, plan_count: int) -> Reason:
     )
 
 
+def _output_capped(plan: Plan, scope: Scope) -> Reason:
+    """Why an output-capped plan was held (a fresh decision and its replays say the same)."""
+    tokens = plan.caps.max_output_tokens if plan.caps is not None else None
+    message = f"no plan fit at full length; max_output_tokens={tokens} fits"
+    return Reason("output_cap", message, scope.path, rule="output_cap")
+
+
+def _selected(index: int, plan: Plan, scope: Scope) -> Reason:
+    """``plan_selected`` for the plan at ``index`` of ``index + 1`` (an output cap's: the last)."""
+    what = f" ({plan.rule})" if plan.rule else ""
+    message = f"plan {index + 1} of {index + 1} fits{what}"
+    return Reason("plan_selected", message, scope.path, plan=index, rule=plan.rule)
+
+
 _ALLOW = Outcome.ALLOW  # enum members looked up once: _decide runs on every reserve
 _ENFORCED = Mode.ENFORCED
 
@@ -1201,6 +1215,8 @@ class Authority:
         chosen = None if plans is None and match == 0 else tuple(candidates)
         replayed = HoldResult(rid, match, record.expires_at, result.accounts, (), replayed=True)
         decision = self._decide(replayed, action, scope, chosen, record.created_at)
+        if output_retry is not None and match == len(candidates) - 1 and candidates[match].rule == "output_cap":
+            decision.reasons = (_output_capped(candidates[match], scope), *decision.reasons)
         if decision.reservation is not None:  # the reservation as it stands (a committed one says so)
             found = decision.reservation
             found.status = record.status
@@ -1247,6 +1263,8 @@ class Authority:
             plan = policy.output_cap_plan(proposal.output_retry, accounts_of(result.accounts))
             if plan is not None:
                 request, _, _, chosen = self._request(action, scope, [plan], ttl, key, proposal.probes)
+                index = len(result.rejections)  # one past the plans that did not fit
+                request.first_index = index  # (the ledger records it as that plan of the ladder)
                 try:
                     retried: HoldResult = yield ("hold", (_issued(request),))
                 except StoreUnavailable as error:
@@ -1258,16 +1276,11 @@ class Authority:
                 second = self._decide(retried, action, scope, chosen, request.now)
                 if second.allowed:
                     assert plan.caps is not None
-                    why = Reason(
-                        "output_cap",
-                        f"no plan fit at full length; max_output_tokens={plan.caps.max_output_tokens} fits",
-                        scope.path,
-                        rule="output_cap",
-                    )
+                    assert second.reservation is not None
                     second.outcome = Outcome.ALLOW_WITH_CAPS
                     second.caps = plan.caps
-                    second.reasons = (*decision.reasons, why)
-                    second.plan_index = len(result.rejections)  # one past the plans that did not fit
+                    second.reasons = (*decision.reasons, _output_capped(plan, scope), _selected(index, plan, scope))
+                    second.plan_index = second.reservation.plan_index = index
                     decision, result = second, retried
         _cap_tools(decision, result, proposal, policy, scope)
         if notes:

@@ -72,6 +72,10 @@ class HoldRequest:
     # The caller's clock (None: unknown): a store that waited re-reads it, so that what is due by
     # then (an expired hold, a reservation past retention) is judged at the time the hold is made.
     clock: Callable[[], float] | None = None
+    # Where ``plans[0]`` stands in the decision's ladder: an output-cap retry holds the plan after
+    # the ladder's alone. Stores record (and audit) the chosen plan's index counted from it; a
+    # HoldResult's index stays one into ``plans``.
+    first_index: int = 0
 
 
 class _Probed(frozenset[str]):

@@ -76,8 +76,28 @@ def test_output_cap_offers_what_the_headroom_pays_for(store_url: str) -> None:
     assert decision.caps.model == "gpt-4.1-nano"
     # 1000 input tokens cost 0.0001; each output token 0.0000004 → 500 tokens fit in 0.0003.
     assert decision.caps.max_output_tokens == 500
-    assert decision.reasons[-1].code == "output_cap"
+    assert [r.code for r in decision.reasons][-2:] == ["output_cap", "plan_selected"]
     assert authority.balance("tenant:acme")["usd"].remaining == 0
+
+
+def test_an_output_capped_hold_is_recorded_as_the_plan_it_is(store_url: str) -> None:
+    """The retry holds the capped plan alone: the ledger and the audit trail recorded it as plan 0 —
+    the undegraded request — while the decision said plan 3; and a retry with the key gave other
+    reasons than the decision it replays."""
+    document = {"ladders": [{"provider": "openai", "rungs": ["gpt-4.1", "gpt-4.1-mini"]}], "output_cap": {"floor": 64}}
+    authority = authority_with(document, store=store_url)
+    authority.set_budget(Budget("tenant:acme", "usd", "0.001"))
+    decision = authority.reserve(flagship(), RUN, idempotency_key="k")
+    assert decision.caps is not None and decision.caps.max_output_tokens is not None
+    assert decision.reservation is not None
+    assert decision.plan_index == decision.reservation.plan_index == 2
+    assert authority.reservation(decision.reservation).plan_index == 2
+    assert [e.detail for e in authority.events(scope="tenant:acme") if e.kind == "hold"] == ["plan=2"]
+    again = authority.reserve(flagship(), RUN, idempotency_key="k")
+    assert again.replayed and again.caps == decision.caps
+    assert again.plan_index == again.reservation.plan_index == 2  # type: ignore[union-attr]
+    tail = [(r.code, r.message) for r in decision.reasons][-2:]
+    assert [(r.code, r.message) for r in again.reasons] == tail  # (the replay has no rejections to report)
 
 
 def test_output_cap_respects_its_floor() -> None:

@@ -136,7 +136,7 @@ class _Reservation:
             request.label,
         )
         self.status = HELD
-        self.plan_index = plan_index
+        self.plan_index = plan_index + request.first_index  # (in the decision's ladder)
         self.holds: Sequence[tuple[_Budget, str, list[int], int]] = holds
         self.expires_at = request.expires_at
         self.settled_at: float | None = None
@@ -234,6 +234,12 @@ def _remembered_from(packed: _Packed) -> float:
 
 
 _PLAN_DETAIL = tuple(f"plan={index}" for index in range(17))
+
+
+def _plan_detail(index: int, request: HoldRequest) -> str:
+    """The hold's audit detail: its plan's index in the decision's ladder."""
+    index += request.first_index
+    return _PLAN_DETAIL[index] if index < 17 else f"plan={index}"
 
 
 class MemoryStore(Store):
@@ -561,7 +567,15 @@ class MemoryStore(Store):
             self._idempotency[(request.chain[0], request.idempotency_key)] = rid
         self._seq += 1  # _log, inlined: every reserve passes here
         self._audit.append(
-            (self._seq, request.now, "hold", request.chain[-1], rid, request.plans[index].amounts, _PLAN_DETAIL[index])
+            (
+                self._seq,
+                request.now,
+                "hold",
+                request.chain[-1],
+                rid,
+                request.plans[index].amounts,
+                _plan_detail(index, request) if request.first_index else _PLAN_DETAIL[index],
+            )
         )
 
     def commit(self, reservation_id: str, actual: Amounts | None, now: float) -> SettleResult:

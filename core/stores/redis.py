@@ -1174,6 +1174,7 @@ class RedisStore(Store):
             " ".join(request.chain),
             ";".join(map(_plan_text, request.plans)),
             " ".join(request.probes),
+            str(request.first_index),
             "0",  # '1' on our retry after a lost reply: only then may the id exist already
         ]
 

@@ -1111,6 +1111,7 @@ class SQLiteStore(Store):
                 _upsert(db, _HOLD_BY_COUNT, flat, 5)
             seq = (last or 0) + 1
             rid = _reservation_id(seq, request.reservation_id, chain[0])
+            recorded = index + request.first_index  # (in the decision's ladder)
             db.execute(
                 _INSERT_SQL,
                 (
@@ -1119,9 +1120,9 @@ class SQLiteStore(Store):
                     chain[-1],
                     rid,
                     _dump(plans[index].amounts),
-                    _PLAN_DETAIL[index] if index < 17 else f"plan={index}",
+                    _PLAN_DETAIL[recorded] if recorded < 17 else f"plan={recorded}",
                     chain[0],
-                    index,
+                    recorded,
                     ";".join(holds),
                     "" if windows == windows_at(now) else json.dumps(windows, separators=(",", ":")),
                     expires_at,

@@ -869,7 +869,7 @@ def test_a_retried_reserve_asked_again_after_a_backlog_keeps_its_retry_flag(
     reserves: list[str] = []
 
     def lossy(client: Any, script: Any, root: str, args: list[str]) -> Any:
-        if len(args) == 11:  # a reserve
+        if len(args) == 12:  # a reserve
             reserves.append(args[-1])
             if len(reserves) == 1:
                 raise redis_py.ConnectionError("Connection reset by peer")  # the first copy: delayed

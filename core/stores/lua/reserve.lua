@@ -2,8 +2,10 @@
 -- ARGV[3] token, [4] expires_at, [5] idempotency key ('' = none), [6] label, [7] windows,
 -- [8] the chain, root first, space-separated, [9] the plans, ';'-separated, each
 -- "unit steps unit steps|ppm ppm ..." (ppm per level; empty = no headroom demanded),
--- [10] probe units, space-separated (reported in the accounts, never checked), [11] '1' when this is
--- the client's retry after a lost reply (only then can the token already exist).
+-- [10] probe units, space-separated (reported in the accounts, never checked), [11] where the first
+-- plan stands in the decision's ladder (an output-cap retry holds the plan after it alone: the
+-- record and audit count from it, the reply's index does not), [12] '1' when this is the client's
+-- retry after a lost reply (only then can the token already exist).
 -- Reply: "kind\ntoken\nplan index\nexpires_at\naccounts\nrejections" with kind 'held', 'denied',
 -- 'replay_key' (idempotency key seen) or 'replay_id' (this very id seen: a retry after a lost
 -- reply), or 'backlog': not answered while more expired holds wait than one call reclaims and a
@@ -79,7 +81,7 @@ local function replay(existing, kind, rec)
     .. states_text(states(chain, held_units, rec.w), nil) .. '\n'
 end
 
-if ARGV[11] == '1' then
+if ARGV[12] == '1' then
   local rec = load(token)
   if rec then
     return replay(token, 'replay_id', rec)
@@ -246,7 +248,8 @@ if #entries > 1 and version ~= '' then
 end
 local scope = chain[depth]
 local plan = fmt_int(chosen)
-local rec = 'held\t' .. plan .. (version ~= '' and '/' .. version or '') .. '\t' .. NOW .. '\t' .. expires_at
+local recorded = ARGV[11] == '0' and plan or fmt_int(chosen + ARGV[11])  -- (in the decision's ladder)
+local rec = 'held\t' .. recorded .. (version ~= '' and '/' .. version or '') .. '\t' .. NOW .. '\t' .. expires_at
   .. '\t\t' .. scope .. '\t' .. amounts_text .. '\t' .. table.concat(hold_fields, ' ') .. '\t' .. windows_text
   .. '\t\t\t' .. idem .. '\t' .. label  -- see encode()
 if idem ~= '' then
@@ -254,6 +257,6 @@ if idem ~= '' then
 else
   redis.call('HSET', K_RES, token, rec)
 end
-audit('hold', scope, token, amounts_text, 'plan=' .. plan)
+audit('hold', scope, token, amounts_text, 'plan=' .. recorded)
 return 'held\n' .. token .. '\n' .. plan .. '\n' .. expires_at .. '\n' .. states_text(list, held_now) .. '\n'
   .. table.concat(rejections, '|')
