@@ -284,11 +284,16 @@ def choose_plan(plans: Sequence[PlanSpec], chain: Sequence[str], budgets: Sequen
         headroom = plan.headroom_ppm
         demands_headroom = any(headroom)
         for unit, amount in plan.amounts:
+            # The plan's reason is its first level, root first, that does not fit, whichever unit
+            # (a tokens budget at the root before a usd one below it); at one level, its first unit.
+            named: Rejection | None = None  # this unit's
             for position, account in enumerate(budgets):
                 if account[1] != unit:
                     continue
-                if rejection is not None and account[0] != rejection.scope:
+                if named is not None and account[0] != named.scope:
                     break  # the level's budgets of a unit come together: past them
+                if named is None and rejection is not None and chain.index(account[0]) >= chain.index(rejection.scope):
+                    break  # no shallower than the level already named (budgets come root first)
                 limit = account[4]
                 remaining = limit - account[5] - account[6]
                 code = ""
@@ -306,12 +311,12 @@ def choose_plan(plans: Sequence[PlanSpec], chain: Sequence[str], budgets: Sequen
                 if code:
                     # Several budgets of this unit on this level (a daily and a monthly cap) may
                     # not fit: name the tightest, the same on every store whatever their order.
-                    if rejection is None or binds_before(remaining, account[2], rejection.remaining, rejection.period):
-                        rejection = Rejection(index, code, account[0], unit, account[2], amount, remaining, required)
-                elif amount and rejection is None:
+                    if named is None or binds_before(remaining, account[2], named.remaining, named.period):
+                        named = Rejection(index, code, account[0], unit, account[2], amount, remaining, required)
+                elif amount and rejection is None and named is None:
                     holds.append((position, amount))
-            if rejection is not None:
-                break
+            if named is not None:
+                rejection = named  # (shallower than any named before it)
         if rejection is None:
             choice.plan_index = index
             choice.holds = holds

@@ -75,6 +75,23 @@ def test_deny_when_any_level_lacks_room_and_holds_nothing(authority: Authority) 
     assert authority.balance("tenant:acme")["usd"].held == 0
 
 
+@pytest.mark.parametrize("order", [("usd", "tokens"), ("tokens", "usd")])
+def test_a_denial_names_the_first_level_root_first_whichever_unit(authority: Authority, order: tuple[str, ...]) -> None:
+    """The reason named the first unit of the action that did not fit, at whatever level: a model
+    call (usd, then tokens) short of tokens at the tenant and of usd in its workflow was sent to the
+    workflow's usd budget, and raising that one still denied."""
+    authority.set_budget(Budget("tenant:acme", "tokens", 100))
+    authority.set_budget(Budget("tenant:acme/workspace:eu", "usd", "0.0001"))
+    amounts = {"usd": "0.0028", "tokens": 1100}
+    decision = authority.reserve(Action("model_call", "m", {unit: amounts[unit] for unit in order}), CHAIN)
+    assert [(r.scope, r.unit) for r in decision.reasons] == [("tenant:acme", "tokens")]
+    assert decision.binding is not None and (decision.binding.scope, decision.binding.unit) == ("tenant:acme", "tokens")
+    # At one level, the action's first unit is named.
+    authority.set_budget(Budget("tenant:acme", "usd", "0.0001"))
+    decision = authority.reserve(Action("model_call", "m", {unit: amounts[unit] for unit in order}), CHAIN)
+    assert [(r.scope, r.unit) for r in decision.reasons] == [("tenant:acme", order[0])]
+
+
 def test_unbudgeted_levels_do_not_constrain(authority: Authority) -> None:
     decision = authority.reserve(usd(10**6), CHAIN)
     assert decision.outcome is Outcome.ALLOW

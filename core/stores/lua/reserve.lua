@@ -140,13 +140,17 @@ local chosen, chosen_holds = -1, nil
 for p, plan in ipairs(plans) do
   local ppm = plan[2]
   local holds = {}
-  local rejected = false
+  local rejected = false  -- the level of the rejection named for this plan: its first level, root
+  -- first, that does not fit, whichever unit (at one level, its first unit)
   for _, entry in ipairs(plan[1]) do
     local unit, steps, amount = entry[1], entry[2], entry[3]
-    local named = nil  -- {remaining, period, scope} of the rejection named so far
+    local named = nil  -- {remaining, period, scope} of this unit's rejection named so far
     for _, s in ipairs(by_unit[unit] or {}) do
       if named and s[1] ~= named[3] then
         break  -- the level's budgets of a unit come together: past them
+      end
+      if rejected and not named and s[8] >= rejected then
+        break  -- no shallower than the level already named (budgets come root first)
       end
       local limit = s[5] + 0  -- (arithmetic converts a numeric string for half what tonumber() costs)
       local remaining = limit - s[6] - s[7]
@@ -173,16 +177,13 @@ for p, plan in ipairs(plans) do
         if tighter then
           local text = fmt_int(p - 1) .. '|' .. code .. '|' .. s[1] .. '|' .. unit .. '|' .. s[3]
             .. '|' .. steps .. '|' .. fmt_int(remaining) .. '|' .. fmt_int(required)
-          rejections[named and #rejections or #rejections + 1] = text  -- a tighter one replaces this plan's
+          rejections[rejected and #rejections or #rejections + 1] = text  -- replaces this plan's
           named = {remaining, s[3], s[1]}
-          rejected = true
+          rejected = s[8]
         end
       elseif amount > 0 and not rejected then
         holds[#holds + 1] = {s[9], steps, amount}
       end
-    end
-    if rejected then
-      break
     end
   end
   if not rejected then
