@@ -93,6 +93,7 @@ from redis.retry import Retry
 
 from clearance.errors import ClockSkew, InvalidRequest, ReservationClosed, ReservationNotFound, StoreUnavailable
 from clearance.ledger import (
+    LATE_HOLD,
     AccountState,
     Amounts,
     AuditEvent,
@@ -394,6 +395,31 @@ def _windows(text: str) -> Windows:
 
 def _float(value: float) -> str:
     return repr(float(value))
+
+
+class _HoldArgs(list[str]):
+    """A reserve's arguments, stamped again as they are sent: a wait for a pooled connection (or
+    for a node's turn, or before a retry) moves the hold's clock and expiry by that wait, so the
+    hold lives its TTL from when it is made (see ``HoldRequest.issued``) — fixed before the wait, a
+    TTL shorter than it made a hold born expired, its budget handed out again at once."""
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: HoldRequest, args: list[str]) -> None:
+        super().__init__(args)
+        self.request = request
+
+    def stamp(self) -> None:
+        request = self.request
+        if not request.issued:
+            return
+        late = time.monotonic() - request.issued
+        if late > LATE_HOLD:
+            request.issued += late
+            request.expires_at += late
+            request.now = max(request.now + late, request.clock()) if request.clock is not None else request.now + late
+            self[0] = _float(request.now)
+            self[3] = _float(request.expires_at)
 
 
 def _states_of(text: str) -> list[AccountState]:
@@ -857,6 +883,8 @@ class RedisStore(Store):
             keys = self._keys(root)
 
             def run() -> Any:
+                if type(args) is _HoldArgs:
+                    args.stamp()
                 try:
                     try:
                         return client.evalsha(script.sha, len(keys), *keys, *args)
@@ -868,8 +896,6 @@ class RedisStore(Store):
                     raise _cluster_broke(error) from error
 
             return self._in_turn(client, keys[0], run)
-        body = b"".join(map(_bulk, args))
-        count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))  # EVALSHA, sha, numkeys, the keys, the arguments
         # A connection lent by the store (kept between calls, handed from caller to caller in turn:
         # see clearance.stores.lending); the pool still makes them, so max_connections holds. The
         # check below is the pool's own: a socket with something to read (the server closed it, or a
@@ -878,6 +904,10 @@ class RedisStore(Store):
         lender = self._lender
         connection, used = lender.borrow(pool)
         try:
+            if type(args) is _HoldArgs:
+                args.stamp()
+            body = b"".join(map(_bulk, args))
+            count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))  # EVALSHA, sha, numkeys, the keys, the arguments
             if used and connection._sock is not None:  # (can_read() would reconnect a closed one, waiting)
                 try:
                     stale = connection.can_read()
@@ -954,6 +984,8 @@ class RedisStore(Store):
             keys = self._keys(root)
 
             async def run() -> Any:
+                if type(args) is _HoldArgs:
+                    args.stamp()
                 try:
                     try:
                         return await client.evalsha(script.sha, len(keys), *keys, *args)
@@ -965,12 +997,14 @@ class RedisStore(Store):
                     raise _cluster_broke(error) from error
 
             return await self._ain_turn(client, lender, keys[0], run)
-        body = b"".join(map(_bulk, args))
-        count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))
         pool = client.connection_pool
         connection, _ = await lender.borrow(pool)
         clean = False
         try:
+            if type(args) is _HoldArgs:
+                args.stamp()
+            body = b"".join(map(_bulk, args))
+            count = b"*%d\r\n" % (3 + _KEY_COUNT + len(args))
             # Something to read on a kept connection (a reply left behind, or the server closed it):
             # reconnect it (the check is the pool's, and costs no system call).
             if connection.is_connected:
@@ -1163,7 +1197,7 @@ class RedisStore(Store):
     # --- reservations ----------------------------------------------------------------------------
     def _hold_args(self, request: HoldRequest) -> list[str]:
         """Few, packed arguments: every argument costs an encode on the client and an object on the server."""
-        return [
+        return _HoldArgs(request, [
             _float(request.now),
             self._config,
             request.reservation_id[:20],
@@ -1176,7 +1210,7 @@ class RedisStore(Store):
             " ".join(request.probes),
             str(request.first_index),
             "0",  # '1' on our retry after a lost reply: only then may the id exist already
-        ]
+        ])
 
     @staticmethod
     def _hold_result(request: HoldRequest, reply: str) -> HoldResult:

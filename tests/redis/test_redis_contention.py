@@ -15,7 +15,7 @@ from decimal import Decimal
 import pytest
 import redis as redis_py
 
-from clearance import Action, Authority, Budget
+from clearance import Action, Authority, Budget, Decision
 from clearance.stores.redis import RedisStore
 
 ACTION = Action("step", "s", {"calls": 1})
@@ -175,4 +175,40 @@ def test_a_burst_of_new_tenants_on_a_cluster_takes_turns_too(redis_cluster_url: 
 
     assert asyncio.run(main()) == []
     assert {f"tenant:burst{n}" for n in range(100)} <= set(store._roots())  # every one registered
+    authority.close()
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_hold_that_waited_for_a_connection_lives_its_ttl_from_when_it_is_made(redis_url: str, face: str) -> None:
+    """The reserve's arguments (its clock and expiry) were fixed before it waited for a pooled
+    connection: a TTL shorter than the wait made a hold born expired — its budget handed out again
+    by the next call while the action it was made for ran."""
+    authority = Authority(f"{redis_url}&max_connections=2&connect_timeout=2")
+    authority.set_budget(Budget("tenant:late", "calls", 1))
+    store = authority.store
+    assert isinstance(store, RedisStore)
+
+    def sync_reserve() -> Decision:
+        client, _ = store._sync_client()
+        pool, lender = client.connection_pool, store._lender
+        taken, _ = lender.borrow(pool)  # the one connection ledger calls may use, busy for 0.6 s
+        timer = threading.Timer(0.6, lambda: lender.give_back(pool, taken))
+        timer.start()
+        try:
+            return authority.reserve(ACTION, "tenant:late", ttl=0.3)
+        finally:
+            timer.join()
+
+    async def async_reserve() -> Decision:
+        client, _, lender = await store._async_client()
+        taken, _ = await lender.borrow(client.connection_pool)
+        asyncio.get_running_loop().call_later(0.6, lender.give_back, taken)
+        decision = await authority.areserve(ACTION, "tenant:late", ttl=0.3)
+        await store.aclose()
+        return decision
+
+    decision = sync_reserve() if face == "sync" else asyncio.run(async_reserve())
+    assert decision.reservation is not None
+    assert decision.reservation.expires_at > time.time() + 0.1
+    assert authority.reserve(ACTION, "tenant:late").denied  # its budget is still held
     authority.close()
