@@ -999,3 +999,119 @@ def test_a_ledger_path_that_is_not_utf8_opens_from_every_thread(tmp_path: Path) 
     thread.join(30)
     assert answers == [True]
     authority.close()
+
+
+class _Interrupted(BaseException):
+    """What a signal handler raises (a step timeout), or Ctrl-C."""
+
+
+def _other_process_writes(path: Path) -> bool:
+    """Whether another connection can take the ledger's write lock at once."""
+    other = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        other.close()
+
+
+def test_an_interrupt_as_begin_returns_leaves_no_transaction_open(tmp_path: Path) -> None:
+    """A step timeout (SIGALRM raising) while a reserve waited for another process's write landed
+    just after BEGIN IMMEDIATE returned: the write transaction stayed open for good — this thread's
+    calls failed, and every other process failed closed after its busy timeout."""
+    import signal
+
+    path = tmp_path / "ledger.db"
+    authority = Authority(f"sqlite:///{path}")
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    started = threading.Event()
+
+    def other_writer() -> None:  # another worker's transaction, half a second long
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        started.set()
+        time.sleep(0.5)
+        db.execute("COMMIT")
+        db.close()
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    writer = threading.Thread(target=other_writer)
+    writer.start()
+    started.wait()
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)  # runs once BEGIN is back, after the writer is done
+        with pytest.raises(_Interrupted):
+            authority.reserve(Action("step", "x", {"usd": 1}), "tenant:acme/run:r1")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        writer.join()
+    assert _other_process_writes(path)
+    assert authority.reserve(Action("step", "x", {"usd": 1}), "tenant:acme/run:r2").allowed
+    assert authority.balance("tenant:acme")["usd"].held == 1  # (the interrupted one held nothing)
+
+
+@pytest.mark.parametrize("where", ["turn", "begin"])
+def test_an_interrupt_right_after_a_step_gives_back_the_turn_and_the_transaction(tmp_path: Path, where: str) -> None:
+    """The same at each step, made to happen: right after this file's turn was taken, it was kept
+    (every other thread of the process then failed closed, and ``fork()`` hung)."""
+    path = tmp_path / "ledger.db"
+    authority = Authority(f"sqlite:///{path}")
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    store = authority.store
+    assert isinstance(store, SQLiteStore)
+    real_db, real_turns = store._local.db, store._turns
+
+    class Turns:
+        def acquire(self, *args: object, **kwargs: object) -> bool:
+            real_turns.acquire(*args, **kwargs)  # type: ignore[arg-type]
+            raise _Interrupted
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real_turns, name)
+
+    class Db:
+        def execute(self, sql: str, *args: object) -> object:
+            result = real_db.execute(sql, *args)
+            if sql == "BEGIN IMMEDIATE":
+                raise _Interrupted
+            return result
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real_db, name)
+
+    if where == "turn":
+        store._turns = Turns()  # type: ignore[assignment]
+    else:
+        store._local.db = Db()
+    with pytest.raises(_Interrupted):
+        authority.reserve(Action("step", "x", {"usd": 1}), "tenant:acme/run:r1")
+    store._turns, store._local.db = real_turns, real_db
+    assert not real_db.in_transaction and not real_turns._is_owned()  # type: ignore[attr-defined]
+    other = threading.Thread(target=lambda: authority.set_budget(Budget("tenant:beta", "usd", 1)))
+    other.start()
+    other.join(timeout=2)
+    assert not other.is_alive() and _other_process_writes(path)
+    assert authority.reserve(Action("step", "x", {"usd": 1}), "tenant:acme/run:r2").allowed
+
+
+def test_a_signal_handler_writing_inside_a_write_is_refused_not_let_in(tmp_path: Path) -> None:
+    """The turn lock tells its owner now (to give it back after an interrupt): a call made from a
+    signal handler while its thread is inside a write on the same file must not take it again."""
+    authority = Authority(f"sqlite:///{tmp_path / 'ledger.db'}")
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    store = authority.store
+    assert isinstance(store, SQLiteStore)
+    store._turns.acquire()  # as if this thread were inside a write
+    try:
+        with pytest.raises(StoreUnavailable, match="inside a write"):
+            store.set_budget("tenant:acme", "usd", "", 5, 0.0)
+    finally:
+        store._turns.release()
+    assert authority.balance("tenant:acme")["usd"].limit == 10

@@ -119,7 +119,7 @@ _PRUNE_BATCH = 20_000  # the most log rows one maintenance pass looks at (and wi
 # file's lock below, and fork() waits for all of them: a child starts with no transaction under way.
 # (It also queues this process's threads for the file's write lock, which SQLite's busy handler
 # would do by polling.) Reads take no lock: in WAL mode they never wait for a writer.
-_file_locks: dict[str, threading.Lock] = {}
+_file_locks: dict[str, threading.RLock] = {}
 _file_locks_guard = threading.Lock()
 
 
@@ -219,12 +219,15 @@ def _check_header(path: str) -> None:
         raise StoreUnavailable(f"{path} is not a SQLite database (not a clearance ledger): refused, left as it is")
 
 
-def _lock_of(path: str) -> threading.Lock:
+def _lock_of(path: str) -> threading.RLock:
+    """The file's turn lock (see ``SQLiteStore._begin``). Reentrant only so that a thread can tell
+    whether it holds it (an exception arriving right after it was taken must give it back; a call
+    from a signal handler inside a write on the file is refused); never taken twice."""
     key = os.path.realpath(path)
     with _file_locks_guard:
         lock = _file_locks.get(key)
         if lock is None:
-            lock = _file_locks[key] = threading.Lock()
+            lock = _file_locks[key] = threading.RLock()
         return lock
 
 
@@ -761,9 +764,16 @@ class SQLiteStore(Store):
         file's write lock share one ``busy_timeout``, counted from ``issued`` when given (a hold's
         request: on the async face its wait for a worker thread counts too)."""
         db = self._connection()
+        turns = self._turns
+        if turns._is_owned():  # type: ignore[attr-defined]
+            raise StoreUnavailable(
+                f"SQLite ledger {self.path}: called while this thread is inside a write on it (from a signal "
+                "handler?): refused"
+            )
+        if db.in_transaction:  # left open by a call interrupted in its error handling: roll it back
+            self._rollback(db)
         if time.monotonic() - self._file_checked >= FILE_CHECK_EVERY:
             self._same_file()
-        turns = self._turns
         started = issued
         waited = False  # (then BEGIN waits for other processes only as long as is left)
         if issued:
@@ -771,12 +781,12 @@ class SQLiteStore(Store):
             if elapsed > max(self._busy_timeout, LATE_HOLD):  # (busy_timeout 0: one try, never a wait)
                 raise StoreUnavailable(f"SQLite ledger {self.path} is busy: no transaction within the busy timeout")
             waited = elapsed > LATE_HOLD
-        if not turns.acquire(blocking=False):
-            started = started or time.monotonic()
-            if not turns.acquire(timeout=max(0.0, self._busy_timeout - (time.monotonic() - started))):
-                raise StoreUnavailable(f"SQLite ledger {self.path} is busy: no transaction within the busy timeout")
-            waited = True
         try:
+            if not turns.acquire(blocking=False):
+                started = started or time.monotonic()
+                if not turns.acquire(timeout=max(0.0, self._busy_timeout - (time.monotonic() - started))):
+                    raise StoreUnavailable(f"SQLite ledger {self.path} is busy: no transaction within the busy timeout")
+                waited = True
             if waited:  # SQLite waits for other processes only as long as is left (only the waiter pays)
                 left = self._busy_timeout - (time.monotonic() - started)
                 db.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
@@ -787,7 +797,12 @@ class SQLiteStore(Store):
             else:
                 db.execute("BEGIN IMMEDIATE")
         except BaseException as error:
-            turns.release()
+            # An exception can arrive between any two steps (a signal handler's: a step timeout,
+            # Ctrl-C). Right after BEGIN returned it left the write transaction open, shutting every
+            # process out of the ledger; right after the turn was taken, every thread of this one.
+            self._rollback(db)
+            if turns._is_owned():  # type: ignore[attr-defined]  # (taken by this call: see above)
+                turns.release()
             if isinstance(error, sqlite3.Error):
                 raise StoreUnavailable(f"SQLite ledger {self.path} is busy or unreadable: {error}") from error
             raise
@@ -1031,14 +1046,14 @@ class SQLiteStore(Store):
         windows = request.windows
         params = self._window_params(windows)
         db = self._begin(request.issued)
-        expires_at = request.expires_at
-        if request.issued:
-            late = time.monotonic() - request.issued
-            if late > LATE_HOLD:  # it waited for the lock: its TTL runs from now, not from the request
-                expires_at += late
-                if request.clock is not None:  # and what is due by now is judged now
-                    now = max(now, request.clock())
         try:
+            expires_at = request.expires_at
+            if request.issued:
+                late = time.monotonic() - request.issued
+                if late > LATE_HOLD:  # it waited for the lock: its TTL runs from now, not from the request
+                    expires_at += late
+                    if request.clock is not None:  # and what is due by now is judged now
+                        now = max(now, request.clock())
             if request.idempotency_key is not None:
                 self._reclaim_due(db, now)
                 row = db.execute(
