@@ -42,7 +42,7 @@ from clearance._model import InvalidModel
 from clearance.errors import InvalidRequest
 from clearance.periods import Period
 from clearance.scope import parse_scope
-from clearance.units import MAX_AMOUNT, check_unit, name_token, to_steps
+from clearance.units import MAX_AMOUNT, check_unit, to_steps
 
 _KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # a scope kind (see clearance.scope)
 _PRINTABLE = r"^[^\x00-\x1f\x7f]+$"  # a name printed on one line of `policy check`
@@ -268,10 +268,13 @@ class RateLimit(_Rule):
     @property
     def unit(self) -> str:
         """``rate.<kind>``, or ``rate.<kind>.<name>`` with the name as a unit token (see
-        :func:`clearance.units.name_token`)."""
+        :func:`clearance.units.name_token`), cut to keep the unit within 64 characters as every
+        version did: an applied policy's rate budgets are named so (unlike tool units, which were
+        cut at 40 and so never matched a budget written with a long name, they always matched)."""
         if self.name is None:
             return f"rate.{self.kind}"
-        return f"rate.{self.kind}.{name_token(self.name)}"
+        token = re.sub(r"[^a-z0-9_-]", "_", self.name.lower())[: 64 - len(self.kind) - 6] or "_"
+        return f"rate.{self.kind}.{token}"
 
 
 def _one_line(error: Exception) -> str:

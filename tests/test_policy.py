@@ -1575,3 +1575,13 @@ def test_a_plan_from_steps_is_the_plan_its_amounts_make(
     assert fast == slow
     if isinstance(fast, Plan):
         assert isinstance(slow, Plan) and fast.steps == slow.steps and fast.model_dump() == slow.model_dump()
+
+
+def test_a_rate_limits_unit_is_named_as_every_version_named_it() -> None:
+    """An applied policy made its rate budgets under these names: a worker of a later version
+    deriving another name from the stored document would count where no budget is (found in review:
+    a change to long names left such limits unenforced until the policy was applied again)."""
+    name = "mcp__github__create_pull_request_review_comment_reply"
+    rate = {"scope": "tenant:a", "kind": "tool_call", "name": name, "limit": 2, "per": "hour"}
+    document = PolicyDocument.parse({"rate_limits": [rate]})
+    assert document.rate_limits[0].unit == "rate.tool_call.mcp__github__create_pull_request_review_comment_r"

@@ -951,9 +951,9 @@ class SQLiteStore(Store):
     @staticmethod
     def _prune_windows(db: sqlite3.Connection, now: float) -> bool:
         """Delete the counters of period windows older than the ``WINDOWS_KEPT`` latest periods at
-        ``now`` that hold nothing (window ids sort in time order). A late commit into such a
-        window writes its counters again (recorded, never dropped); the next pass deletes them.
-        The windows before the oldest kept are *closed* from then on (see ``_STATES_SQL``): after
+        ``now`` that hold nothing (window ids sort in time order). The windows before the oldest
+        kept are *closed* from then on (a late commit into one is recorded in its reservation and
+        the audit trail, not in counters opened again) (see ``_STATES_SQL``): after
         a clock that ran ahead is set back, the window it is in again had its counts pruned, and
         reading it as empty handed its budget out twice."""
         more = False
@@ -1195,11 +1195,13 @@ class SQLiteStore(Store):
         windows: Windows,
         unholds: tuple[tuple[str, str, str, str, int], ...],
         charges: dict[str, int],
-    ) -> list[tuple[str, str, str, str]]:
+    ) -> tuple[list[tuple[str, str, str, str]], bool]:
         """A commit whose budgets may differ from its hold's: return the hold, then charge every
-        budget on the chain now (read first, to find the ones it takes past their limit: returned)."""
+        budget on the chain now (read first, to find the ones it takes past their limit: returned),
+        and whether it alone exceeds the limit of a closed window's budget (not charged there)."""
         moves: dict[tuple[str, str, str, str], list[int]] = {}  # key -> [spent, held] changes
         over: list[tuple[str, str, str, str]] = []
+        over_closed = False
         for s, u, p, w, steps in unholds:
             moves[(s, u, p, w)] = [0, -steps]
         if charges:
@@ -1207,10 +1209,16 @@ class SQLiteStore(Store):
             by_period = dict(windows)
             params: list[Any] = [by_period[p] for p in _PERIOD_ORDER]
             params.append(None)
-            params.append(0)  # (a commit is recorded in a closed window too)
+            params.append(CLOSED_WINDOW_SPENT)
             params.extend(chain)
             for s, u, p, limit, spent, held in db.execute(_STATES_BY_DEPTH[len(chain)], params).fetchall():
                 steps = charges.get(u, 0)
+                if steps and spent == CLOSED_WINDOW_SPENT:
+                    # A closed window (see _STATES_SQL): the commit is recorded (reservation, audit)
+                    # but its counters are not opened again — counted from zero, the window would
+                    # read as nearly empty, its budget spent twice — as on the memory store.
+                    over_closed = over_closed or steps > limit
+                    continue
                 if steps:
                     key = (s, u, p, by_period[p])
                     move = moves.get(key)
@@ -1227,7 +1235,7 @@ class SQLiteStore(Store):
                 flat.append(spent_change)
                 flat.append(held_change)
             _upsert(db, _MOVE_BY_COUNT, flat, 6)
-        return over
+        return over, over_closed
 
     def _over_once_expired_are_back(
         self, db: sqlite3.Connection, now: float, charged: Sequence[tuple[Any, ...]]
@@ -1289,8 +1297,8 @@ class SQLiteStore(Store):
                     if self._over_once_expired_are_back(db, now, charged):
                         flags.append(OVER_LIMIT)
             elif charges or unhold:
-                over = self._move_reading_budgets(db, scope, windows, holds if unhold else (), charges)
-                if over and self._over_once_expired_are_back(db, now, over):
+                over, over_closed = self._move_reading_budgets(db, scope, windows, holds if unhold else (), charges)
+                if over_closed or (over and self._over_once_expired_are_back(db, now, over)):
                     flags.append(OVER_LIMIT)
             db.execute(_COMMIT_SQL, (_dump(actual), ",".join(flags), now, now + self._retention, seq))
             db.execute("COMMIT")

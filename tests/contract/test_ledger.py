@@ -423,6 +423,30 @@ def test_a_clock_run_ahead_and_set_back_never_spends_a_window_twice(
     assert "closed" in reason.message or reason.code == "budget_exhausted"
 
 
+def test_a_late_commit_into_a_closed_window_does_not_open_it_again(authority: Authority, clock: FakeClock) -> None:
+    """SQLite wrote a late commit's counters into a closed window (its own pruned ones gone): it then
+    read as all but empty, and four more calls went through against a limit of 5 (found in review)."""
+    authority.set_budget(Budget("tenant:acme", "calls", 5, period="hour"))
+    start = clock()
+    for _ in range(4):
+        authority.commit(authority.reserve(Action.tool_call("x"), CHAIN).reservation)  # type: ignore[arg-type]
+    late = authority.reserve(Action.tool_call("x"), CHAIN, ttl=10).reservation
+    assert late is not None
+    for hour in range(10, 20):  # the clock runs ten hours ahead, the budget used every hour
+        clock.set(start + hour * 3600)
+        authority.commit(authority.reserve(Action.tool_call("x"), CHAIN).reservation)  # type: ignore[arg-type]
+    authority.sweep()
+    clock.set(start + 60)  # set back into the first hour
+    assert authority.commit(late).flags == ("late",)
+    allowed = 0
+    for _ in range(6):
+        decision = authority.reserve(Action.tool_call("x"), CHAIN)
+        if decision.reservation is not None:
+            allowed += 1
+            authority.commit(decision.reservation)
+    assert allowed == 0  # the hour's five calls are spent (or its window closed)
+
+
 def test_sweep_returns_expired_holds(authority: Authority, clock: FakeClock) -> None:
     authority.set_budget(Budget("tenant:acme", "usd", 10))
     authority.set_budget(Budget("tenant:globex", "usd", 10))

@@ -1466,3 +1466,36 @@ def test_the_tenants_a_process_registered_are_remembered_within_a_bound(redis_ur
     assert store._known_roots == {"tenant:fresh"}
     assert "tenant:fresh" in store._roots()
     authority.close()
+
+
+def test_an_output_capped_retry_whose_reply_is_lost_is_answered_as_its_first_run(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record counts the capped plan's index in the ladder (2 here); the client's retry after a
+    lost reply was answered with it as an index into its one-plan request: IndexError out of
+    reserve(), and the hold that landed stayed held until its TTL (found in review)."""
+    from clearance import Policy, PolicyDocument
+
+    document = {"ladders": [{"provider": "openai", "rungs": ["gpt-4.1", "gpt-4.1-mini"]}], "output_cap": {"floor": 64}}
+    authority = Authority(redis_url, policy=Policy(PolicyDocument.parse(document)))
+    authority.set_budget(Budget("tenant:capped", "usd", "0.001"))
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    send = store._evalsha
+    reserves: list[str] = []
+
+    def lossy(client: Any, script: Any, root: str, args: list[str]) -> Any:
+        reply = send(client, script, root, args)
+        if len(args) == 12:  # a reserve
+            reserves.append(args[-1])
+            if len(reserves) == 2:  # the output-capped retry ran on the server; its reply is lost
+                raise redis_py.ConnectionError("Connection reset by peer")
+        return reply
+
+    monkeypatch.setattr(store, "_evalsha", lossy)
+    decision = authority.reserve(Action.model_call("openai", "gpt-4.1", 1000, 1000), "tenant:capped/run:r1")
+    assert reserves == ["0", "0", "1"]
+    assert decision.reservation is not None and decision.plan_index == decision.reservation.plan_index == 2
+    assert decision.caps is not None and decision.caps.model == "gpt-4.1-mini" and decision.caps.max_output_tokens
+    assert [r.id for r in authority.reservations("tenant:capped")] == [decision.reservation.id]
+    authority.close()

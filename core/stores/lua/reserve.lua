@@ -77,7 +77,10 @@ local function replay(existing, kind, rec)
     held_units[unit] = true
   end
   add_probes(held_units)
-  return kind .. '\n' .. existing .. '\n' .. rec.p .. '\n' .. rec.e .. '\n'
+  -- This very request seen again answers as it first would have: its plan's index in the request
+  -- (the record counts from ARGV[11]; a key's replay is matched by the client against its plans).
+  local plan = kind == 'replay_id' and ARGV[11] ~= '0' and fmt_int(rec.p - ARGV[11]) or rec.p
+  return kind .. '\n' .. existing .. '\n' .. plan .. '\n' .. rec.e .. '\n'
     .. states_text(states(chain, held_units, rec.w), nil) .. '\n'
 end
 
