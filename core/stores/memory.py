@@ -171,6 +171,12 @@ class _Reservation:
     def root(self) -> str:
         return self.fixed[0][0]
 
+    def packed_as(self, status: str, settled_at: float, committed: Amounts | None, flags: tuple[str, ...]) -> _Packed:
+        """:meth:`pack` as it will be once settled so (nothing changes here: see ``MemoryStore._settle``)."""
+        return (
+            self.id, self.fixed, status, self.plan_index, self.expires_at, settled_at, committed, flags, self.budgets
+        )
+
     def pack(self) -> _Packed:
         """A settled reservation as a flat tuple of strings, numbers and tuples of them, which the
         garbage collector stops tracking: the store keeps settled reservations for the whole retention
@@ -234,6 +240,17 @@ def _remembered_from(packed: _Packed) -> float:
 
 
 _PLAN_DETAIL = tuple(f"plan={index}" for index in range(17))
+def _give_back(holds: list[tuple[_Budget, str, list[int], int]]) -> None:
+    """Lower the counters ``holds`` raised, emptying it as it goes (an interrupt midway leaves in it
+    exactly what is still to give back: see MemoryStore._end_hold)."""
+    while holds:
+        entry = holds[-1]
+        entry[2][1] -= entry[3]
+        holds.pop()
+
+
+_ONE_UNIT: dict[str, int] = {}  # (markers of the way a commit took: see MemoryStore.commit)
+_CHARGED_HELD: list[tuple[list[int], int]] = []
 
 
 def _plan_detail(index: int, request: HoldRequest) -> str:
@@ -322,43 +339,84 @@ class MemoryStore(Store):
             self._window_map = dict(windows)
         return self._window_map
 
-    @staticmethod
-    def _unhold(res: _Reservation) -> None:
-        for _, _, counters, steps in res.holds:
-            counters[1] -= steps
+    # Interrupts. An exception can arrive between any two steps of a call — a signal handler's (a
+    # step timeout, Ctrl-C) — wherever the interpreter checks for one: at a call, a loop's turn.
+    # Counters moved for a reservation whose status did not change yet were charged again by a
+    # retry (held going negative: budget handed out twice), or stranded for good. So each change
+    # moves its counters counting how far it got, then settles the reservation and records it in
+    # steps with no call or loop between them; an exception before that puts the counters back.
 
-    def _settle(self, res: _Reservation, status: str, now: float) -> None:
+    def _end_hold(self, res: _Reservation, status: str, now: float, kind: str) -> None:
+        """Return a held reservation's holds and settle it (released, expired): all or nothing."""
+        holds = res.holds
+        done = 0
+        try:
+            for _, _, counters, steps in holds:
+                counters[1] -= steps
+                done += 1
+            self._settle(res, status, now, kind, res.fixed[1])
+        except BaseException:
+            if res.status == HELD:  # (not settled: put back what was returned)
+                for _, _, counters, steps in holds[:done]:
+                    counters[1] += steps
+            raise
+
+    def _settle(
+        self,
+        res: _Reservation,
+        status: str,
+        now: float,
+        kind: str,
+        amounts: Amounts,
+        committed: Amounts | None = None,
+        flags: tuple[str, ...] = (),
+    ) -> None:
+        """Settle ``res`` and append its audit record, its counters already moved (see above)."""
+        packed = res.packed_as(status, now, committed if committed is not None else res.committed, flags or res.flags)
+        forget_at = _remembered_from(packed) + self._retention
+        rid = res.id
+        detail = ",".join(flags) if kind == "commit" else ""
+        # From here to the audit record: no call, no loop — settled and recorded, or not at all.
         if res.status == HELD:
             self._held -= 1
         res.status = status
         res.settled_at = now
+        res.committed = packed[6]
+        res.flags = packed[7]
         res.holds = ()  # settled: nothing held any more, and no references kept alive
-        packed = res.pack()
-        forget_at = _remembered_from(packed) + self._retention
         if forget_at <= now:  # expired a retention ago, and reclaimed only now: forgotten at once
-            self._forget(res.id, res.fixed)
-            return
-        self._reservations[res.id] = packed
-        self._forget_at.append(forget_at)
-        self._forget_ids.append(res.id)
+            del self._reservations[rid]
+        else:
+            self._reservations[rid] = packed
+        self._seq += 1
+        self._audit.append((self._seq, now, kind, res.fixed[0][-1], rid, amounts, detail))
+        if forget_at <= now:
+            fixed = res.fixed
+            if fixed[4] is not None and self._idempotency.get((fixed[0][0], fixed[4])) == rid:
+                del self._idempotency[(fixed[0][0], fixed[4])]
+        else:
+            self._forget_at.append(forget_at)
+            self._forget_ids.append(rid)
 
     def _reclaim(self, now: float) -> int:
         expired = 0
         heap = self._expiry
         while heap and heap[0][0] <= now:
-            _, rid = heapq.heappop(heap)
+            rid = heap[0][1]
             res = self._reservations.get(rid)
-            if res is None or isinstance(res, tuple) or res.status != HELD or res.expires_at > now:
-                continue  # settled, or extended (a newer heap entry exists)
-            self._unhold(res)
-            self._settle(res, EXPIRED, now)
-            self._log(now, "expire", res.scope, rid, res.amounts)
-            expired += 1
+            if type(res) is _Reservation and res.status == HELD and res.expires_at <= now:
+                self._end_hold(res, EXPIRED, now, "expire")  # (an interrupt there keeps the entry)
+                expired += 1
+            heapq.heappop(heap)  # (settled, or extended — a newer entry exists — or expired now)
         forget_at = self._forget_at
+        forget_ids = self._forget_ids
         known = self._reservations
         while forget_at and forget_at[0] <= now:
+            if not forget_ids:  # (an interrupt between the two appends or pops: the queues are tidying only)
+                forget_at.clear()
+                break
+            rid = forget_ids.popleft()
             forget_at.popleft()
-            rid = self._forget_ids.popleft()
             gone = known.get(rid)
             # Only if remembered that long: settled twice (expired, then committed late), its
             # earlier entry comes first, and retention runs from the last settle.
@@ -508,17 +566,21 @@ class MemoryStore(Store):
             # Every budget of the chosen plan's units is kept (amount 0 included): while no budget is
             # created or removed, commit charges exactly these counters without looking anything up.
             chosen = dict(plans[index].amounts)
-            holds = []
+            holds: list[tuple[_Budget, str, list[int], int]] = []
             after = []
-            for state, (budget, window, counters) in zip(states, refs, strict=True):
-                steps = chosen.get(budget.unit)
-                if steps is None:  # a probe, or a unit only another plan named
-                    after.append(state)
-                    continue
-                counters[1] += steps
-                holds.append((budget, window, counters, steps))
-                after.append(new_account_state(AccountState, (*state[:6], counters[1])))
-            self._keep(request, index, holds)
+            try:
+                for state, (budget, window, counters) in zip(states, refs, strict=True):
+                    steps = chosen.get(budget.unit)
+                    if steps is None:  # a probe, or a unit only another plan named
+                        after.append(state)
+                        continue
+                    counters[1] += steps
+                    holds.append((budget, window, counters, steps))
+                    after.append(new_account_state(AccountState, (*state[:6], counters[1])))
+                self._keep(request, index, holds)
+            except BaseException:
+                self._unkept(request, holds)
+                raise
         return HoldResult(request.reservation_id, index, request.expires_at, tuple(after), tuple(choice.rejections))
 
     def _hold_fitting(self, request: HoldRequest, need: dict[str, int], units: object) -> HoldResult | None:
@@ -528,31 +590,46 @@ class MemoryStore(Store):
         budgets are reported as the general path reports them (``need`` itself for one plan)."""
         holds: list[tuple[_Budget, str, list[int], int]] = []
         after: list[tuple[str, str, str, str, int, int, int]] = []  # plain values: no store objects kept
-        for budget, window, counters in self._refs_of(request.chain, request.windows):
-            steps = need.get(budget.unit)
-            if steps is None:
-                if budget.unit in units:  # type: ignore[operator]  # a unit only a later plan names
-                    spent, held = counters
-                    after.append((budget.scope, budget.unit, budget.period, window, budget.limit, spent, held))
-                continue
-            spent, held = counters
-            limit = budget.limit
-            if limit - spent - held < steps:  # also any overage, even for 0
-                for _, _, taken, amount in holds:  # undo this pass (the lock is held: nobody saw it)
-                    taken[1] -= amount
-                return None
-            counters[1] = held = held + steps
-            holds.append((budget, window, counters, steps))
-            after.append((budget.scope, budget.unit, budget.period, window, limit, spent, held))
-        self._keep(request, 0, holds)
+        try:
+            for budget, window, counters in self._refs_of(request.chain, request.windows):
+                steps = need.get(budget.unit)
+                if steps is None:
+                    if budget.unit in units:  # type: ignore[operator]  # a unit only a later plan names
+                        spent, held = counters
+                        after.append((budget.scope, budget.unit, budget.period, window, budget.limit, spent, held))
+                    continue
+                spent, held = counters
+                limit = budget.limit
+                if limit - spent - held < steps:  # also any overage, even for 0
+                    _give_back(holds)  # undo this pass (the lock is held: nobody saw it)
+                    return None
+                counters[1] = held = held + steps
+                holds.append((budget, window, counters, steps))
+                after.append((budget.scope, budget.unit, budget.period, window, limit, spent, held))
+            self._keep(request, 0, holds)
+        except BaseException:
+            self._unkept(request, holds)
+            raise
         return HoldResult(request.reservation_id, 0, request.expires_at, partial(_states_after, after), ())
 
     def _keep(self, request: HoldRequest, index: int, holds: list[tuple[_Budget, str, list[int], int]]) -> None:
+        """Record a hold whose counters are raised: the reservation, its key, its audit record."""
         rid = request.reservation_id
-        self._reservations[rid] = _Reservation(request, index, holds, self._budget_version)
+        res = _Reservation(request, index, holds, self._budget_version)
+        detail = _plan_detail(index, request) if request.first_index else _PLAN_DETAIL[index]
+        idem = request.idempotency_key
+        root = request.chain[0]
+        amounts = request.plans[index].amounts
         heap = self._expiry
-        heapq.heappush(heap, (request.expires_at, rid))
+        heapq.heappush(heap, (request.expires_at, rid))  # (an entry without its reservation is skipped)
+        # From here to the audit record: no call, no loop — kept and recorded, or not at all (see
+        # _end_hold: _unkept then puts the counters back).
+        self._reservations[rid] = res
+        if idem is not None:
+            self._idempotency[(root, idem)] = rid
         self._held += 1
+        self._seq += 1
+        self._audit.append((self._seq, request.now, "hold", request.chain[-1], rid, amounts, detail))
         if len(heap) > 4 * self._held + 1024:
             # Settled reservations leave their entry behind until its time comes; drop them now, so
             # the heap stays the size of what is held (amortised: this runs once per ~3x growth).
@@ -563,20 +640,11 @@ class MemoryStore(Store):
                 if isinstance(r := known.get(entry[1]), _Reservation) and r.status == HELD and r.expires_at == entry[0]
             ]
             heapq.heapify(heap)
-        if request.idempotency_key is not None:
-            self._idempotency[(request.chain[0], request.idempotency_key)] = rid
-        self._seq += 1  # _log, inlined: every reserve passes here
-        self._audit.append(
-            (
-                self._seq,
-                request.now,
-                "hold",
-                request.chain[-1],
-                rid,
-                request.plans[index].amounts,
-                _plan_detail(index, request) if request.first_index else _PLAN_DETAIL[index],
-            )
-        )
+
+    def _unkept(self, request: HoldRequest, holds: list[tuple[_Budget, str, list[int], int]]) -> None:
+        """A hold interrupted before it was kept (see _end_hold): its raised counters go back."""
+        if request.reservation_id not in self._reservations:
+            _give_back(holds)
 
     def commit(self, reservation_id: str, actual: Amounts | None, now: float) -> SettleResult:
         with self._lock:
@@ -593,62 +661,82 @@ class MemoryStore(Store):
             if actual is None:
                 actual = amounts
             over = False
-            if (
-                prior == HELD
-                and len(actual) == 1
-                and len(amounts) == 1
-                and actual[0][0] == amounts[0][0]
-                and res.budgets == self._budget_version
-            ):
-                # The usual commit: the one unit held, re-priced, on the budgets of hold time (every
-                # hold is of that unit). Same result as the general path below, in one pass.
-                steps = actual[0][1]
-                flags = [OVER_HOLD] if steps > amounts[0][1] else []
-                for budget, _, counters, held in res.holds:
-                    counters[1] -= held
-                    if steps:
-                        counters[0] += steps
-                        if counters[0] + counters[1] > budget.limit:
-                            over = True
-                return self._committed(res, actual, flags, over, now)
-            actual = merge_actual(amounts, actual)
-            flags = commit_flags(prior, amounts, actual) if prior != HELD or actual != amounts else []
-            charges = {unit: steps for unit, steps in actual if steps}
-            if prior == HELD and res.budgets == self._budget_version and charges.keys() <= dict(amounts).keys():
-                for budget, _, counters, held in res.holds:  # the same budgets as at hold time: no lookups
-                    counters[1] -= held
-                    steps = charges.get(budget.unit, 0)
-                    if steps:
-                        counters[0] += steps
-                        if counters[0] + counters[1] > budget.limit:
-                            over = True
-            elif charges or prior == HELD:
-                if prior == HELD:
-                    self._unhold(res)
-                windows = dict(res.windows)
-                for scope in res.chain:
-                    level = self._levels.get(scope)
-                    if level is None:
-                        continue
-                    for budget in level.values():
-                        steps = charges.get(budget.unit, 0)
+            holds = res.holds
+            done = 0  # holds returned so far (see _end_hold: an interrupt puts them back)
+            charges: dict[str, int] | None = None  # what the held counters were charged (the one-pass ways)
+            charged: list[tuple[list[int], int]] = []  # counters charged so far, and by how much (the general way)
+            try:
+                if (
+                    prior == HELD
+                    and len(actual) == 1
+                    and len(amounts) == 1
+                    and actual[0][0] == amounts[0][0]
+                    and res.budgets == self._budget_version
+                ):
+                    # The usual commit: the one unit held, re-priced, on the budgets of hold time
+                    # (every hold is of that unit). Same result as the general path, in one pass.
+                    steps = actual[0][1]
+                    flags = [OVER_HOLD] if steps > amounts[0][1] else []
+                    charges = _ONE_UNIT  # (steps, on every hold)
+                    for budget, _, counters, held in holds:
+                        counters[1] -= held
                         if steps:
-                            counters = budget.window(windows[budget.period], charging=True)
                             counters[0] += steps
                             if counters[0] + counters[1] > budget.limit:
                                 over = True
-            return self._committed(res, actual, flags, over, now)
+                        done += 1
+                    return self._committed(res, actual, flags, over, now)
+                actual = merge_actual(amounts, actual)
+                flags = commit_flags(prior, amounts, actual) if prior != HELD or actual != amounts else []
+                charges = {unit: steps for unit, steps in actual if steps}
+                if prior == HELD and res.budgets == self._budget_version and charges.keys() <= dict(amounts).keys():
+                    charged = _CHARGED_HELD  # (marks the way taken, for an interrupt)
+                    for budget, _, counters, held in holds:  # the same budgets as at hold time: no lookups
+                        counters[1] -= held
+                        steps = charges.get(budget.unit, 0)
+                        if steps:
+                            counters[0] += steps
+                            if counters[0] + counters[1] > budget.limit:
+                                over = True
+                        done += 1
+                elif charges or prior == HELD:
+                    if prior == HELD:
+                        for _, _, counters, held in holds:
+                            counters[1] -= held
+                            done += 1
+                    windows = dict(res.windows)
+                    for scope in res.chain:
+                        level = self._levels.get(scope)
+                        if level is None:
+                            continue
+                        for budget in level.values():
+                            steps = charges.get(budget.unit, 0)
+                            if steps:
+                                counters = budget.window(windows[budget.period], charging=True)
+                                counters[0] += steps
+                                charged.append((counters, steps))
+                                if counters[0] + counters[1] > budget.limit:
+                                    over = True
+                return self._committed(res, actual, flags, over, now)
+            except BaseException:
+                if res.status == prior:  # not committed: put the counters back as they were
+                    one_pass = charges is _ONE_UNIT or charged is _CHARGED_HELD
+                    for budget, _, counters, held in holds[:done]:
+                        counters[1] += held
+                        if one_pass:  # (these charge the held counters themselves)
+                            counters[0] -= actual[0][1] if charges is _ONE_UNIT else charges.get(budget.unit, 0)  # type: ignore[union-attr]
+                    if not one_pass:
+                        for counters, steps in charged:
+                            counters[0] -= steps
+                raise
 
     def _committed(self, res: _Reservation, actual: Amounts, flags: list[str], over: bool, now: float) -> SettleResult:
         """Record a commit whose counters are already moved: the reservation, its audit record."""
         if over:
             flags.append(OVER_LIMIT)
-        res.committed = actual
-        res.flags = tuple(flags)
-        self._settle(res, COMMITTED, now)
-        self._seq += 1  # _log, inlined: every commit passes here
-        self._audit.append((self._seq, now, "commit", res.fixed[0][-1], res.id, actual, ",".join(flags)))
-        return SettleResult(res.id, COMMITTED, actual, res.flags)
+        settled_flags = tuple(flags)
+        self._settle(res, COMMITTED, now, "commit", actual, actual, settled_flags)
+        return SettleResult(res.id, COMMITTED, actual, settled_flags)
 
     def release(self, reservation_id: str, now: float) -> SettleResult:
         with self._lock:
@@ -657,9 +745,7 @@ class MemoryStore(Store):
             self._known(res)
             if res.status != HELD:
                 return SettleResult(res.id, res.status, (), res.flags, replayed=True)
-            self._unhold(res)
-            self._settle(res, RELEASED, now)
-            self._log(now, "release", res.scope, res.id, res.amounts)
+            self._end_hold(res, RELEASED, now, "release")
             return SettleResult(res.id, RELEASED)
 
     def extend(self, reservation_id: str, expires_at: float, now: float) -> ReservationRecord:
@@ -671,9 +757,11 @@ class MemoryStore(Store):
                 raise ReservationClosed(res.id, res.status)
             if expires_at <= res.expires_at:
                 return res.record()  # it lives that long already: an extend never shortens a hold
-            res.expires_at = expires_at
-            heapq.heappush(self._expiry, (expires_at, res.id))
-            self._log(now, "extend", res.scope, res.id, (), f"expires_at={expires_at:.3f}")
+            detail = f"expires_at={expires_at:.3f}"
+            heapq.heappush(self._expiry, (expires_at, res.id))  # (an entry left by an interrupt: skipped)
+            res.expires_at = expires_at  # (then no call until the audit record: see _settle)
+            self._seq += 1
+            self._audit.append((self._seq, now, "extend", res.fixed[0][-1], res.id, (), detail))
             return res.record()
 
     def reservation(self, reservation_id: str, now: float) -> ReservationRecord:
