@@ -369,10 +369,12 @@ class MemoryStore(Store):
         kind: str,
         amounts: Amounts,
         committed: Amounts | None = None,
-        flags: tuple[str, ...] = (),
+        flags: tuple[str, ...] | None = None,
     ) -> None:
         """Settle ``res`` and append its audit record, its counters already moved (see above)."""
-        packed = res.packed_as(status, now, committed if committed is not None else res.committed, flags or res.flags)
+        if flags is None:
+            flags = res.flags
+        packed = res.packed_as(status, now, committed if committed is not None else res.committed, flags)
         forget_at = _remembered_from(packed) + self._retention
         rid = res.id
         detail = ",".join(flags) if kind == "commit" else ""
