@@ -1108,10 +1108,35 @@ def test_a_signal_handler_writing_inside_a_write_is_refused_not_let_in(tmp_path:
     authority.set_budget(Budget("tenant:acme", "usd", 10))
     store = authority.store
     assert isinstance(store, SQLiteStore)
-    store._turns.acquire()  # as if this thread were inside a write
+    import sys
+
+    from clearance.stores.sqlite import _turn_owners
+
+    store._turns.acquire()  # as if this thread were inside a write (this test's frame is its owner)
+    _turn_owners[store._turns] = sys._getframe()
     try:
         with pytest.raises(StoreUnavailable, match="inside a write"):
             store.set_budget("tenant:acme", "usd", "", 5, 0.0)
     finally:
         store._turns.release()
+        _turn_owners.pop(store._turns, None)
     assert authority.balance("tenant:acme")["usd"].limit == 10
+
+
+def test_a_turn_an_interrupted_write_left_is_given_back_by_the_next(tmp_path: Path) -> None:
+    """An exception as a write's context began to exit (a Python function: a signal handler's
+    exception can arrive at its start) left the turn and the transaction: the thread's next write
+    gives them back — it was refused as if called from inside a write (found in review)."""
+    authority = Authority(f"sqlite:///{tmp_path / 'ledger.db'}")
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    store = authority.store
+    assert isinstance(store, SQLiteStore)
+
+    def a_write_whose_exit_never_ran() -> None:
+        store._write().__enter__()
+
+    a_write_whose_exit_never_ran()
+    authority.set_budget(Budget("tenant:acme", "usd", 20))
+    assert not store._turns._is_owned()  # type: ignore[attr-defined]
+    assert _other_process_writes(tmp_path / "ledger.db")
+    assert authority.balance("tenant:acme")["usd"].limit == 20

@@ -279,13 +279,14 @@ class MemoryStore(Store):
         self._idempotency: dict[tuple[str, str], str] = {}
         self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, id) for held reservations
         self._held = 0  # how many reservations are held (the heap also has settled ones until compacted)
-        # Settled ones to forget, oldest first: forget_at times and ids in two queues (floats and
-        # strings are not tracked by the garbage collector; a tuple per reservation would be). The
-        # retention is the same for all, so settling order is forgetting order; a settle stamped a
-        # little earlier than the one before it (threads), or an expiry reclaimed late (its retention
-        # runs from the expiry), is dropped that little later — looked up, it is forgotten on time.
-        self._forget_at: deque[float] = deque()
-        self._forget_ids: deque[str] = deque()
+        # Settled ones to forget, oldest first: forget_at time, id, time, id, ... in one deque (floats
+        # and strings are not tracked by the garbage collector; a tuple per reservation would be; two
+        # deques got out of step for good after one interrupt between their appends, and nothing was
+        # forgotten again). The retention is the same for all, so settling order is forgetting order;
+        # a settle stamped a little earlier than the one before it (threads), or an expiry reclaimed
+        # late (its retention runs from the expiry), is dropped that little later — looked up, it is
+        # forgotten on time.
+        self._forgetting: deque[float | str] = deque()
         self._retention = retention
         # Raw tuples (seq, at, kind, scope, id, amounts, detail); AuditEvents are built when read.
         self._audit: deque[tuple[int, float, str, str, str | None, Amounts, str]] = deque(maxlen=audit_capacity)
@@ -378,6 +379,8 @@ class MemoryStore(Store):
         forget_at = _remembered_from(packed) + self._retention
         rid = res.id
         detail = ",".join(flags) if kind == "commit" else ""
+        if forget_at > now:  # (queued first: an entry whose reservation an interrupt left unsettled is skipped)
+            self._forgetting.extend((forget_at, rid))  # (one call: both or neither)
         # From here to the audit record: no call, no loop — settled and recorded, or not at all.
         if res.status == HELD:
             self._held -= 1
@@ -396,9 +399,6 @@ class MemoryStore(Store):
             fixed = res.fixed
             if fixed[4] is not None and self._idempotency.get((fixed[0][0], fixed[4])) == rid:
                 del self._idempotency[(fixed[0][0], fixed[4])]
-        else:
-            self._forget_at.append(forget_at)
-            self._forget_ids.append(rid)
 
     def _reclaim(self, now: float) -> int:
         expired = 0
@@ -410,20 +410,17 @@ class MemoryStore(Store):
                 self._end_hold(res, EXPIRED, now, "expire")  # (an interrupt there keeps the entry)
                 expired += 1
             heapq.heappop(heap)  # (settled, or extended — a newer entry exists — or expired now)
-        forget_at = self._forget_at
-        forget_ids = self._forget_ids
+        forgetting = self._forgetting
         known = self._reservations
-        while forget_at and forget_at[0] <= now:
-            if not forget_ids:  # (an interrupt between the two appends or pops: the queues are tidying only)
-                forget_at.clear()
-                break
-            rid = forget_ids.popleft()
-            forget_at.popleft()
-            gone = known.get(rid)
+        while forgetting and forgetting[0] <= now:  # type: ignore[operator]
+            gone_id: str = forgetting[1]  # type: ignore[assignment]
+            del forgetting[0]  # (no call between the two: the pair goes whole)
+            del forgetting[0]
+            gone = known.get(gone_id)
             # Only if remembered that long: settled twice (expired, then committed late), its
             # earlier entry comes first, and retention runs from the last settle.
             if isinstance(gone, tuple) and _remembered_from(gone) + self._retention <= now:
-                self._forget(rid, gone[1])
+                self._forget(gone_id, gone[1])
         templates = self._templates
         while templates and templates[0][0] <= now:
             self._forget_template(heapq.heappop(templates), now)
@@ -544,7 +541,7 @@ class MemoryStore(Store):
             now = request.now
             if (
                 (self._expiry and self._expiry[0][0] <= now)
-                or (self._forget_at and self._forget_at[0] <= now)
+                or (self._forgetting and self._forgetting[0] <= now)  # type: ignore[operator]
                 or (self._templates and self._templates[0][0] <= now)
             ):
                 self._reclaim(now)
@@ -694,8 +691,8 @@ class MemoryStore(Store):
                 if prior == HELD and res.budgets == self._budget_version and charges.keys() <= dict(amounts).keys():
                     charged = _CHARGED_HELD  # (marks the way taken, for an interrupt)
                     for budget, _, counters, held in holds:  # the same budgets as at hold time: no lookups
+                        steps = charges.get(budget.unit, 0)  # (a call: before the counters move)
                         counters[1] -= held
-                        steps = charges.get(budget.unit, 0)
                         if steps:
                             counters[0] += steps
                             if counters[0] + counters[1] > budget.limit:

@@ -62,12 +62,14 @@ import json
 import os
 import sqlite3
 import stat
+import sys
 import threading
 import time
 import urllib.parse
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any, ClassVar
 
 from clearance.errors import InvalidRequest, ReservationClosed, ReservationNotFound, StoreUnavailable
@@ -217,6 +219,22 @@ def _check_header(path: str) -> None:
         raise StoreUnavailable(f"cannot open SQLite ledger {path}: {error}") from None
     if head != _HEADER or found.st_size < _SMALLEST_DATABASE:
         raise StoreUnavailable(f"{path} is not a SQLite database (not a clearance ledger): refused, left as it is")
+
+
+# The frame of the write holding each file's turn (this process): a thread that finds it holds a
+# turn is inside that write when the frame is on its stack (a signal handler writing: refused), or
+# was left it by a write an exception ended (given back).
+_turn_owners: dict[threading.RLock, FrameType] = {}
+
+
+def _on_stack(frame: FrameType) -> bool:
+    """Whether ``frame`` is running on this thread's stack."""
+    here: FrameType | None = sys._getframe(1)
+    while here is not None:
+        if here is frame:
+            return True
+        here = here.f_back
+    return False
 
 
 def _lock_of(path: str) -> threading.RLock:
@@ -605,6 +623,42 @@ def _record(row: Any) -> ReservationRecord:
     )
 
 
+class _Writing:
+    """The context of ``SQLiteStore._write``: a class, not a generator — an exception arriving as
+    ``contextlib``'s ``__enter__`` took the generator's value left it suspended holding the turn and
+    the transaction until the exception was gone (a cleanup write in the caller's ``except`` was
+    refused, other threads waited). One arriving as ``__exit__`` starts (a Python function) still
+    leaves both: this thread's next write gives them back (see ``SQLiteStore._begin``)."""
+
+    __slots__ = ("db", "store")
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db = db = self.store._begin(owner=sys._getframe(1))  # (the method the with-block is in)
+        return db
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
+        store, db = self.store, self.db
+        try:
+            if kind is None:
+                db.execute("COMMIT")
+            elif issubclass(kind, ReservationNotFound):
+                store._keep_reclaim(db)
+            elif issubclass(kind, sqlite3.Error):
+                raise store._failed(db, error) from error  # type: ignore[arg-type]
+            else:
+                store._rollback(db)
+        except sqlite3.Error as failed:  # (the COMMIT)
+            raise store._failed(db, failed) from failed
+        finally:
+            store._turns.release()
+            _turn_owners.pop(store._turns, None)
+            if db.in_transaction:  # (an exception in the error handling skipped the rollback)
+                store._rollback(db)
+
+
 class SQLiteStore(Store):
     """``sqlite:///path.db`` — the ledger in one SQLite file, shared by every process on the machine."""
 
@@ -758,7 +812,7 @@ class SQLiteStore(Store):
             self._file_checked = time.monotonic()
         return db
 
-    def _begin(self, issued: float = 0.0) -> sqlite3.Connection:
+    def _begin(self, issued: float = 0.0, owner: FrameType | None = None) -> sqlite3.Connection:
         """A connection in a write transaction, holding this file's turn (``self._turns``: the caller
         releases it when the transaction ends, in a ``finally``). Waiting for the turn and for the
         file's write lock share one ``busy_timeout``, counted from ``issued`` when given (a hold's
@@ -766,10 +820,17 @@ class SQLiteStore(Store):
         db = self._connection()
         turns = self._turns
         if turns._is_owned():  # type: ignore[attr-defined]
-            raise StoreUnavailable(
-                f"SQLite ledger {self.path}: called while this thread is inside a write on it (from a signal "
-                "handler?): refused"
-            )
+            writing = _turn_owners.get(turns)
+            if writing is not None and _on_stack(writing):
+                raise StoreUnavailable(
+                    f"SQLite ledger {self.path}: called while this thread is inside a write on it (from a "
+                    "signal handler?): refused"
+                )
+            # Left by a write of this thread that an exception ended as its context's __exit__ began
+            # (a signal handler's): its turn and its transaction go back now.
+            self._rollback(db)
+            while turns._is_owned():  # type: ignore[attr-defined]
+                turns.release()
         if db.in_transaction:  # left open by a call interrupted in its error handling: roll it back
             self._rollback(db)
         if time.monotonic() - self._file_checked >= FILE_CHECK_EVERY:
@@ -787,6 +848,7 @@ class SQLiteStore(Store):
                 if not turns.acquire(timeout=max(0.0, self._busy_timeout - (time.monotonic() - started))):
                     raise StoreUnavailable(f"SQLite ledger {self.path} is busy: no transaction within the busy timeout")
                 waited = True
+            _turn_owners[turns] = owner or sys._getframe(1)
             if waited:  # SQLite waits for other processes only as long as is left (only the waiter pays)
                 left = self._busy_timeout - (time.monotonic() - started)
                 db.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
@@ -803,6 +865,7 @@ class SQLiteStore(Store):
             self._rollback(db)
             if turns._is_owned():  # type: ignore[attr-defined]  # (taken by this call: see above)
                 turns.release()
+                _turn_owners.pop(turns, None)
             if isinstance(error, sqlite3.Error):
                 raise StoreUnavailable(f"SQLite ledger {self.path} is busy or unreadable: {error}") from error
             raise
@@ -812,22 +875,11 @@ class SQLiteStore(Store):
         self._rollback(db)
         return StoreUnavailable(f"SQLite ledger {self.path} failed: {error}")
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        db = self._begin()
-        try:
-            yield db
-            db.execute("COMMIT")
-        except ReservationNotFound:
-            self._keep_reclaim(db)
-            raise
-        except sqlite3.Error as error:
-            raise self._failed(db, error) from error
-        except BaseException:
-            self._rollback(db)
-            raise
-        finally:
-            self._turns.release()
+    def _write(self) -> _Writing:
+        """``with self._write() as db``: a write transaction, committed when the block ends, rolled
+        back if it raises (``ReservationNotFound`` commits: only lazy reclaims are in it)."""
+        return _Writing(self)
+
 
     @staticmethod
     def _rollback(db: sqlite3.Connection) -> None:
@@ -1153,7 +1205,10 @@ class SQLiteStore(Store):
             self._rollback(db)
             raise
         finally:
-            self._turns.release()
+            self._turns.release()  # (first, and no call before it: nothing can arrive in between)
+            _turn_owners.pop(self._turns, None)
+            if db.in_transaction:  # (an exception in the error handling skipped the rollback)
+                self._rollback(db)
         return HoldResult(rid, index, expires_at, tuple(after), tuple(choice.rejections))
 
     def _load(self, db: sqlite3.Connection, reservation_id: str, now: float) -> ReservationRecord:
@@ -1311,7 +1366,10 @@ class SQLiteStore(Store):
             self._rollback(db)
             raise
         finally:
-            self._turns.release()
+            self._turns.release()  # (first, and no call before it: nothing can arrive in between)
+            _turn_owners.pop(self._turns, None)
+            if db.in_transaction:  # (an exception in the error handling skipped the rollback)
+                self._rollback(db)
         return SettleResult(reservation_id, COMMITTED, actual, tuple(flags))
 
     def release(self, reservation_id: str, now: float) -> SettleResult:

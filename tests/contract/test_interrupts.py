@@ -17,6 +17,7 @@ from decimal import Decimal
 import pytest
 
 from clearance import Action, Authority, Budget, ReservationNotFound, StoreUnavailable
+from clearance.stores.memory import MemoryStore
 from clearance.testing import FakeClock
 
 
@@ -87,3 +88,67 @@ def test_calls_interrupted_anywhere_leave_the_ledger_consistent(authority: Autho
         assert authority.reserve(action, chain).allowed  # and the store still answers
     except StoreUnavailable:  # pragma: no cover - the failure this test is about
         raise
+
+
+def _interrupt_at(point: int, call: object) -> bool:
+    """Run ``call()`` raising _Interrupted at its ``point``-th call or C-call return inside clearance
+    (where CPython takes a signal handler's exception); whether it was interrupted."""
+    import sys
+
+    seen = 0
+
+    def profile(frame: object, event: str, arg: object) -> None:
+        nonlocal seen
+        if event in ("call", "c_return") and "clearance" in frame.f_code.co_filename:  # type: ignore[attr-defined]
+            seen += 1
+            if seen == point:
+                sys.setprofile(None)
+                raise _Interrupted
+
+    sys.setprofile(profile)
+    try:
+        call()  # type: ignore[operator]
+    except _Interrupted:
+        return True
+    finally:
+        sys.setprofile(None)
+    return False
+
+
+@pytest.mark.parametrize("store_url", ["memory", "sqlite"], indirect=True)
+@pytest.mark.parametrize("step", ["reserve", "commit", "release"])
+def test_a_call_interrupted_at_each_point_then_retried_counts_once(store_url: str, step: str) -> None:
+    """Every point of a reserve, a commit of several units (found in review: an interrupt right
+    after a call inside its loop left one counter lowered that the retry lowered again) and a
+    release, in turn: retried, the ledger counts it once, and holds nobody knows of come back."""
+    point = 0
+    while True:
+        point += 1
+        clock = FakeClock()
+        url = f"{store_url}{point}" if store_url.startswith("sqlite") else store_url  # (a new ledger each time)
+        authority = Authority(f"{url}?retention=100", clock=clock)
+        authority.set_budget(Budget("tenant:acme", "usd", 10))
+        authority.set_budget(Budget("tenant:acme/run:r1", "tokens", 1000))
+        action = Action("step", "x", {"usd": 5, "tokens": 100})
+        reservation = None if step == "reserve" else authority.reserve(action, "tenant:acme/run:r1").reservation
+        if step == "reserve":
+            interrupted = _interrupt_at(point, lambda: authority.reserve(action, "tenant:acme/run:r1"))
+        elif step == "commit":
+            interrupted = _interrupt_at(point, lambda: authority.commit(reservation, {"usd": 2}))  # type: ignore[arg-type]
+            authority.commit(reservation, {"usd": 2})  # type: ignore[arg-type]  # the retry
+        else:
+            interrupted = _interrupt_at(point, lambda: authority.release(reservation))  # type: ignore[arg-type]
+            authority.release(reservation)  # type: ignore[arg-type]
+        clock.advance(300)  # past every TTL and retention: what nobody holds is back, and forgotten
+        authority.sweep()
+        usd, tokens = authority.balance("tenant:acme")["usd"], authority.balance("tenant:acme/run:r1")["tokens"]
+        expected = (2, 100) if step == "commit" else (0, 0)
+        assert (usd.spent, tokens.spent, usd.held, tokens.held) == (*expected, 0, 0), (step, point)
+        store = authority.store
+        if isinstance(store, MemoryStore):  # and what is past its retention is forgotten, not kept for good
+            assert not store._reservations, (step, point)
+        assert authority.reserve(Action("step", "y", {"usd": 9}), "tenant:acme/run:r2").allowed is (step != "commit")
+        authority.close()
+        if not interrupted:
+            break
+    assert point > 5
