@@ -10,6 +10,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -540,10 +541,12 @@ def test_a_child_forked_while_a_thread_is_in_a_transaction_can_write(tmp_path: P
     inside, done = threading.Event(), threading.Event()
 
     def in_a_transaction() -> None:
-        with store._write() as db:
+        def work(db: sqlite3.Connection) -> None:
             db.execute("UPDATE meta SET value = value WHERE key = 'budgets'")
             inside.set()
             done.wait(10)
+
+        store._in_write(work)
 
     busy = threading.Thread(target=in_a_transaction)
     busy.start()
@@ -577,9 +580,11 @@ def test_a_write_waiting_on_one_ledger_file_holds_up_no_other_file_and_no_read(t
     inside, done = threading.Event(), threading.Event()
 
     def in_a_transaction() -> None:
-        with busy_store._write():
+        def work(db: sqlite3.Connection) -> None:
             inside.set()
             done.wait(10)
+
+        busy_store._in_write(work)
 
     holder = threading.Thread(target=in_a_transaction)
     holder.start()
@@ -1108,35 +1113,52 @@ def test_a_signal_handler_writing_inside_a_write_is_refused_not_let_in(tmp_path:
     authority.set_budget(Budget("tenant:acme", "usd", 10))
     store = authority.store
     assert isinstance(store, SQLiteStore)
-    import sys
-
-    from clearance.stores.sqlite import _turn_owners
-
-    store._turns.acquire()  # as if this thread were inside a write (this test's frame is its owner)
-    _turn_owners[store._turns] = sys._getframe()
+    store._turns.acquire()  # as if this thread were inside a write
     try:
         with pytest.raises(StoreUnavailable, match="inside a write"):
             store.set_budget("tenant:acme", "usd", "", 5, 0.0)
     finally:
         store._turns.release()
-        _turn_owners.pop(store._turns, None)
     assert authority.balance("tenant:acme")["usd"].limit == 10
 
 
-def test_a_turn_an_interrupted_write_left_is_given_back_by_the_next(tmp_path: Path) -> None:
-    """An exception as a write's context began to exit (a Python function: a signal handler's
-    exception can arrive at its start) left the turn and the transaction: the thread's next write
-    gives them back — it was refused as if called from inside a write (found in review)."""
-    authority = Authority(f"sqlite:///{tmp_path / 'ledger.db'}")
-    authority.set_budget(Budget("tenant:acme", "usd", 10))
-    store = authority.store
-    assert isinstance(store, SQLiteStore)
+def test_a_write_interrupted_as_it_ends_gives_back_its_turn(tmp_path: Path) -> None:
+    """Writes other than reserve and commit ran in a ``with`` block: an exception arriving as its
+    context's ``__exit__`` began (a Python function: a signal handler's can arrive at its start)
+    left the turn and the transaction held (found in review). Every point of a release and a budget
+    change, in turn: the turn and the transaction are given back."""
+    import sys
 
-    def a_write_whose_exit_never_ran() -> None:
-        store._write().__enter__()
+    point = 0
+    while True:
+        point += 1
+        authority = Authority(f"sqlite:///{tmp_path / f'ledger{point}.db'}")
+        authority.set_budget(Budget("tenant:acme", "usd", 10))
+        reservation = authority.reserve(Action("step", "x", {"usd": 1}), "tenant:acme/run:r1").reservation
+        store = authority.store
+        assert isinstance(store, SQLiteStore)
+        seen = 0
 
-    a_write_whose_exit_never_ran()
-    authority.set_budget(Budget("tenant:acme", "usd", 20))
-    assert not store._turns._is_owned()  # type: ignore[attr-defined]
-    assert _other_process_writes(tmp_path / "ledger.db")
-    assert authority.balance("tenant:acme")["usd"].limit == 20
+        def profile(frame: Any, event: str, arg: object) -> None:
+            nonlocal seen
+            if event in ("call", "c_return") and "clearance" in frame.f_code.co_filename:
+                seen += 1
+                if seen == point:
+                    sys.setprofile(None)
+                    raise _Interrupted
+
+        sys.setprofile(profile)
+        try:
+            authority.release(reservation)  # type: ignore[arg-type]
+            authority.set_budget(Budget("tenant:acme", "usd", 20))
+        except _Interrupted:
+            pass
+        finally:
+            sys.setprofile(None)
+        assert not store._turns._is_owned(), point  # type: ignore[attr-defined]
+        assert not store._local.db.in_transaction, point
+        assert _other_process_writes(tmp_path / f"ledger{point}.db"), point
+        authority.close()
+        if seen < point:
+            break
+    assert point > 20

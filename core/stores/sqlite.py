@@ -62,15 +62,13 @@ import json
 import os
 import sqlite3
 import stat
-import sys
 import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from types import FrameType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from clearance.errors import InvalidRequest, ReservationClosed, ReservationNotFound, StoreUnavailable
 from clearance.ledger import (
@@ -221,20 +219,7 @@ def _check_header(path: str) -> None:
         raise StoreUnavailable(f"{path} is not a SQLite database (not a clearance ledger): refused, left as it is")
 
 
-# The frame of the write holding each file's turn (this process): a thread that finds it holds a
-# turn is inside that write when the frame is on its stack (a signal handler writing: refused), or
-# was left it by a write an exception ended (given back).
-_turn_owners: dict[threading.RLock, FrameType] = {}
-
-
-def _on_stack(frame: FrameType) -> bool:
-    """Whether ``frame`` is running on this thread's stack."""
-    here: FrameType | None = sys._getframe(1)
-    while here is not None:
-        if here is frame:
-            return True
-        here = here.f_back
-    return False
+_T = TypeVar("_T")
 
 
 def _lock_of(path: str) -> threading.RLock:
@@ -623,42 +608,6 @@ def _record(row: Any) -> ReservationRecord:
     )
 
 
-class _Writing:
-    """The context of ``SQLiteStore._write``: a class, not a generator — an exception arriving as
-    ``contextlib``'s ``__enter__`` took the generator's value left it suspended holding the turn and
-    the transaction until the exception was gone (a cleanup write in the caller's ``except`` was
-    refused, other threads waited). One arriving as ``__exit__`` starts (a Python function) still
-    leaves both: this thread's next write gives them back (see ``SQLiteStore._begin``)."""
-
-    __slots__ = ("db", "store")
-
-    def __init__(self, store: SQLiteStore) -> None:
-        self.store = store
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.db = db = self.store._begin(owner=sys._getframe(1))  # (the method the with-block is in)
-        return db
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
-        store, db = self.store, self.db
-        try:
-            if kind is None:
-                db.execute("COMMIT")
-            elif issubclass(kind, ReservationNotFound):
-                store._keep_reclaim(db)
-            elif issubclass(kind, sqlite3.Error):
-                raise store._failed(db, error) from error  # type: ignore[arg-type]
-            else:
-                store._rollback(db)
-        except sqlite3.Error as failed:  # (the COMMIT)
-            raise store._failed(db, failed) from failed
-        finally:
-            store._turns.release()
-            _turn_owners.pop(store._turns, None)
-            if db.in_transaction:  # (an exception in the error handling skipped the rollback)
-                store._rollback(db)
-
-
 class SQLiteStore(Store):
     """``sqlite:///path.db`` — the ledger in one SQLite file, shared by every process on the machine."""
 
@@ -699,7 +648,7 @@ class SQLiteStore(Store):
         with self._read() as db:
             if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION and _is_ledger(db):
                 return  # the usual case: a read, so a writer holding the lock cannot fail the construction
-        with self._write() as db:
+        def _create(db: sqlite3.Connection) -> None:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version in (*UPGRADABLE, SCHEMA_VERSION) and not _is_ledger(db):
                 version = -1  # another application's database that happens to carry such a number
@@ -742,6 +691,7 @@ class SQLiteStore(Store):
                     f"SQLite ledger {path} has {found}; this clearance reads schema version {SCHEMA_VERSION} "
                     "only. Start a new ledger file (there is no migration)."
                 )
+        self._in_write(_create)
 
     # --- connections and transactions -----------------------------------------------------------
     def _connection(self) -> sqlite3.Connection:
@@ -812,7 +762,7 @@ class SQLiteStore(Store):
             self._file_checked = time.monotonic()
         return db
 
-    def _begin(self, issued: float = 0.0, owner: FrameType | None = None) -> sqlite3.Connection:
+    def _begin(self, issued: float = 0.0) -> sqlite3.Connection:
         """A connection in a write transaction, holding this file's turn (``self._turns``: the caller
         releases it when the transaction ends, in a ``finally``). Waiting for the turn and for the
         file's write lock share one ``busy_timeout``, counted from ``issued`` when given (a hold's
@@ -820,17 +770,10 @@ class SQLiteStore(Store):
         db = self._connection()
         turns = self._turns
         if turns._is_owned():  # type: ignore[attr-defined]
-            writing = _turn_owners.get(turns)
-            if writing is not None and _on_stack(writing):
-                raise StoreUnavailable(
-                    f"SQLite ledger {self.path}: called while this thread is inside a write on it (from a "
-                    "signal handler?): refused"
-                )
-            # Left by a write of this thread that an exception ended as its context's __exit__ began
-            # (a signal handler's): its turn and its transaction go back now.
-            self._rollback(db)
-            while turns._is_owned():  # type: ignore[attr-defined]
-                turns.release()
+            raise StoreUnavailable(
+                f"SQLite ledger {self.path}: called while this thread is inside a write on it (from a signal "
+                "handler?): refused"
+            )
         if db.in_transaction:  # left open by a call interrupted in its error handling: roll it back
             self._rollback(db)
         if time.monotonic() - self._file_checked >= FILE_CHECK_EVERY:
@@ -848,7 +791,6 @@ class SQLiteStore(Store):
                 if not turns.acquire(timeout=max(0.0, self._busy_timeout - (time.monotonic() - started))):
                     raise StoreUnavailable(f"SQLite ledger {self.path} is busy: no transaction within the busy timeout")
                 waited = True
-            _turn_owners[turns] = owner or sys._getframe(1)
             if waited:  # SQLite waits for other processes only as long as is left (only the waiter pays)
                 left = self._busy_timeout - (time.monotonic() - started)
                 db.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
@@ -865,7 +807,6 @@ class SQLiteStore(Store):
             self._rollback(db)
             if turns._is_owned():  # type: ignore[attr-defined]  # (taken by this call: see above)
                 turns.release()
-                _turn_owners.pop(turns, None)
             if isinstance(error, sqlite3.Error):
                 raise StoreUnavailable(f"SQLite ledger {self.path} is busy or unreadable: {error}") from error
             raise
@@ -875,11 +816,29 @@ class SQLiteStore(Store):
         self._rollback(db)
         return StoreUnavailable(f"SQLite ledger {self.path} failed: {error}")
 
-    def _write(self) -> _Writing:
-        """``with self._write() as db``: a write transaction, committed when the block ends, rolled
-        back if it raises (``ReservationNotFound`` commits: only lazy reclaims are in it)."""
-        return _Writing(self)
-
+    def _in_write(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``work(db)`` in a write transaction, committed when it returns, rolled back if it raises
+        (``ReservationNotFound`` commits: only lazy reclaims are in it). A function, not a ``with``
+        block: an exception (a signal handler's) can arrive as a context's ``__exit__`` begins — a
+        Python function — and then leaves the turn and the transaction held; here the turn goes
+        back first thing in ``finally``, with no call before it."""
+        db = self._begin()
+        try:
+            result = work(db)
+            db.execute("COMMIT")
+            return result
+        except ReservationNotFound:
+            self._keep_reclaim(db)
+            raise
+        except sqlite3.Error as error:
+            raise self._failed(db, error) from error
+        except BaseException:
+            self._rollback(db)
+            raise
+        finally:
+            self._turns.release()
+            if db.in_transaction:  # (an exception in the error handling skipped the rollback)
+                self._rollback(db)
 
     @staticmethod
     def _rollback(db: sqlite3.Connection) -> None:
@@ -1206,7 +1165,6 @@ class SQLiteStore(Store):
             raise
         finally:
             self._turns.release()  # (first, and no call before it: nothing can arrive in between)
-            _turn_owners.pop(self._turns, None)
             if db.in_transaction:  # (an exception in the error handling skipped the rollback)
                 self._rollback(db)
         return HoldResult(rid, index, expires_at, tuple(after), tuple(choice.rejections))
@@ -1367,20 +1325,20 @@ class SQLiteStore(Store):
             raise
         finally:
             self._turns.release()  # (first, and no call before it: nothing can arrive in between)
-            _turn_owners.pop(self._turns, None)
             if db.in_transaction:  # (an exception in the error handling skipped the rollback)
                 self._rollback(db)
         return SettleResult(reservation_id, COMMITTED, actual, tuple(flags))
 
     def release(self, reservation_id: str, now: float) -> SettleResult:
-        with self._write() as db:
+        def _release(db: sqlite3.Connection) -> SettleResult:
             record = self._load(db, reservation_id, now)
             status = self._expire_if_due(db, record, now)
             if status != HELD:
                 return SettleResult(record.id, status, (), record.flags, replayed=True)
             db.executemany(_UNHOLD_SQL, [(h[4], h[0], h[1], h[2], h[3]) for h in record.holds])
             db.execute(_SETTLE_SQL, (RELEASED, now, now + self._retention, self._seq(db, record.id)))
-        return SettleResult(record.id, RELEASED)
+            return SettleResult(record.id, RELEASED)
+        return self._in_write(_release)
 
     @staticmethod
     def _seq(db: sqlite3.Connection, reservation_id: str) -> int:
@@ -1388,7 +1346,7 @@ class SQLiteStore(Store):
         return int(row[0])
 
     def extend(self, reservation_id: str, expires_at: float, now: float) -> ReservationRecord:
-        with self._write() as db:
+        def _extend(db: sqlite3.Connection) -> ReservationRecord | ReservationClosed:
             record = self._load(db, reservation_id, now)
             status = self._expire_if_due(db, record, now)
             if status == HELD and expires_at <= record.expires_at:
@@ -1397,9 +1355,13 @@ class SQLiteStore(Store):
                 db.execute("UPDATE log SET expires_at = ? WHERE seq = ?", (expires_at, self._seq(db, record.id)))
                 self._log(db, now, "extend", record.scope, record.id, (), f"expires_at={expires_at:.3f}")
                 return self._load(db, reservation_id, now)
-        # Closed: raised after the transaction commits, so an expiry this call found is kept (and
-        # its retention runs from its expiry, as on every store), not rolled back with the error.
-        raise ReservationClosed(record.id, status)
+            # Closed: raised after the transaction commits, so an expiry this call found is kept (and
+            # its retention runs from its expiry, as on every store), not rolled back with the error.
+            return ReservationClosed(record.id, status)
+        found = self._in_write(_extend)
+        if isinstance(found, ReservationClosed):
+            raise found
+        return found
 
     def reservation(self, reservation_id: str, now: float) -> ReservationRecord:
         # A read (no write lock: a look-up must not queue behind, or stall, the writers) unless the
@@ -1408,19 +1370,19 @@ class SQLiteStore(Store):
             record = self._load(db, reservation_id, now)
         if record.status != HELD or record.expires_at > now:
             return record
-        with self._write() as db:
+        def _expire(db: sqlite3.Connection) -> ReservationRecord:
             record = self._load(db, reservation_id, now)
             if self._expire_if_due(db, record, now) != record.status:
                 record = self._load(db, reservation_id, now)
             return record
+        return self._in_write(_expire)
 
     def reservations(self, scope: str | None, status: str | None, limit: int, now: float) -> list[ReservationRecord]:
         # Reads, after a write only when some hold is due to expire (as accounts() does).
         with self._read() as db:
             due = db.execute(_DUE_SQL, (now,)).fetchone() is not None
         if due:
-            with self._write() as db:
-                self._reclaim(db, now)
+            self._in_write(lambda db: self._reclaim(db, now))
         with self._read() as db:
             sql = f"SELECT {_RES_COLUMNS} FROM log WHERE {_LIVE}"
             params: list[Any] = [now]
@@ -1436,7 +1398,7 @@ class SQLiteStore(Store):
 
     # --- budgets -------------------------------------------------------------------------------
     def set_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
-        with self._write() as db:
+        def _set(db: sqlite3.Connection) -> None:
             self._unpark(db, scope, unit, period, now)
             db.execute(  # (an operator's budget from now on, even if a template made it)
                 "INSERT INTO budgets(scope, unit, period, lim) VALUES (?, ?, ?, ?) "
@@ -1445,9 +1407,10 @@ class SQLiteStore(Store):
             )
             db.execute(_BUDGETS_CHANGED)
             self._log(db, now, "budget_set", scope, None, ((unit, limit),), f"period={period or 'lifetime'}")
+        self._in_write(_set)
 
     def remove_budget(self, scope: str, unit: str, period: str, now: float) -> bool:
-        with self._write() as db:
+        def _remove(db: sqlite3.Connection) -> bool:
             cursor = db.execute(
                 "DELETE FROM budgets WHERE scope = ? AND unit = ? AND period = ?", (scope, unit, period)
             )
@@ -1457,6 +1420,7 @@ class SQLiteStore(Store):
             db.execute(_BUDGETS_CHANGED)
             self._log(db, now, "budget_remove", scope, None, ((unit, 0),), f"period={period or 'lifetime'}")
             return True
+        return self._in_write(_remove)
 
     def _unpark(self, db: sqlite3.Connection, scope: str, unit: str, period: str, now: float) -> None:
         """A budget about to be set: if it was removed, its kept counters go on — or, removed a
@@ -1488,7 +1452,7 @@ class SQLiteStore(Store):
         return len(due) >= _TEMPLATE_BATCH
 
     def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
-        with self._write() as db:
+        def _ensure(db: sqlite3.Connection) -> bool:
             found = db.execute(
                 "SELECT until, held_seen FROM budgets WHERE scope = ? AND unit = ? AND period = ?",
                 (scope, unit, period),
@@ -1517,10 +1481,11 @@ class SQLiteStore(Store):
             db.execute(_BUDGETS_CHANGED)
             self._log(db, now, "budget_set", scope, None, ((unit, limit),), f"period={period or 'lifetime'}")
             return True
+        return self._in_write(_ensure)
 
     # --- policy documents (rows of ``meta``: no schema change) -----------------------------------
     def put_policy(self, document: str, now: float) -> int:
-        with self._write() as db:
+        def _put(db: sqlite3.Connection) -> int:
             row = db.execute("SELECT value FROM meta WHERE key = 'policy_version'").fetchone()
             version = (int(row[0]) if row else 0) + 1
             db.executemany(
@@ -1529,6 +1494,7 @@ class SQLiteStore(Store):
             )
             self._log(db, now, "policy_set", "", None, (), f"version={version}")
             return version
+        return self._in_write(_put)
 
     def policy(self) -> tuple[int, str | None]:
         with self._read() as db:
@@ -1545,8 +1511,7 @@ class SQLiteStore(Store):
         with self._read() as db:
             due = db.execute(_DUE_SQL, (now,)).fetchone() is not None
         if due:
-            with self._write() as db:
-                self._reclaim(db, now)
+            self._in_write(lambda db: self._reclaim(db, now))
         by_period = dict(windows)
         with self._read() as db:
             if scope is None:
@@ -1579,8 +1544,7 @@ class SQLiteStore(Store):
         its own, so a long backlog never holds the write lock all at once)."""
         expired = 0
         for _ in range(10_000):
-            with self._write() as db:
-                found, more = self._maintain(db, now)
+            found, more = self._in_write(lambda db: self._maintain(db, now))
             expired += found
             if not more:
                 break
