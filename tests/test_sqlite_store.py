@@ -10,9 +10,9 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from interrupts import interrupt_at
 
 from clearance import Action, Authority, Budget, InvalidRequest, ReservationNotFound, StoreUnavailable
 from clearance.periods import WINDOWS_KEPT, windows_at
@@ -1127,8 +1127,6 @@ def test_a_write_interrupted_as_it_ends_gives_back_its_turn(tmp_path: Path) -> N
     context's ``__exit__`` began (a Python function: a signal handler's can arrive at its start)
     left the turn and the transaction held (found in review). Every point of a release and a budget
     change, in turn: the turn and the transaction are given back."""
-    import sys
-
     point = 0
     while True:
         point += 1
@@ -1137,28 +1135,16 @@ def test_a_write_interrupted_as_it_ends_gives_back_its_turn(tmp_path: Path) -> N
         reservation = authority.reserve(Action("step", "x", {"usd": 1}), "tenant:acme/run:r1").reservation
         store = authority.store
         assert isinstance(store, SQLiteStore)
-        seen = 0
 
-        def profile(frame: Any, event: str, arg: object) -> None:
-            nonlocal seen
-            if event in ("call", "c_return") and "clearance" in frame.f_code.co_filename:
-                seen += 1
-                if seen == point:
-                    sys.setprofile(None)
-                    raise _Interrupted
-
-        sys.setprofile(profile)
-        try:
+        def release_then_set() -> None:
             authority.release(reservation)  # type: ignore[arg-type]
             authority.set_budget(Budget("tenant:acme", "usd", 20))
-        except _Interrupted:
-            pass
-        finally:
-            sys.setprofile(None)
+
+        interrupted = interrupt_at(point, release_then_set)
         assert not store._turns._is_owned(), point  # type: ignore[attr-defined]
         assert not store._local.db.in_transaction, point
         assert _other_process_writes(tmp_path / f"ledger{point}.db"), point
         authority.close()
-        if seen < point:
+        if not interrupted:
             break
     assert point > 20

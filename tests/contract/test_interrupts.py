@@ -15,6 +15,7 @@ import signal
 from decimal import Decimal
 
 import pytest
+from interrupts import interrupt_at
 
 from clearance import Action, Authority, Budget, ReservationNotFound, StoreUnavailable
 from clearance.stores.memory import MemoryStore
@@ -90,31 +91,6 @@ def test_calls_interrupted_anywhere_leave_the_ledger_consistent(authority: Autho
         raise
 
 
-def _interrupt_at(point: int, call: object) -> bool:
-    """Run ``call()`` raising _Interrupted at its ``point``-th call or C-call return inside clearance
-    (where CPython takes a signal handler's exception); whether it was interrupted."""
-    import sys
-
-    seen = 0
-
-    def profile(frame: object, event: str, arg: object) -> None:
-        nonlocal seen
-        if event in ("call", "c_return") and "clearance" in frame.f_code.co_filename:  # type: ignore[attr-defined]
-            seen += 1
-            if seen == point:
-                sys.setprofile(None)
-                raise _Interrupted
-
-    sys.setprofile(profile)
-    try:
-        call()  # type: ignore[operator]
-    except _Interrupted:
-        return True
-    finally:
-        sys.setprofile(None)
-    return False
-
-
 @pytest.mark.parametrize("store_url", ["memory", "sqlite"], indirect=True)
 @pytest.mark.parametrize("step", ["reserve", "commit", "release"])
 def test_a_call_interrupted_at_each_point_then_retried_counts_once(store_url: str, step: str) -> None:
@@ -132,12 +108,12 @@ def test_a_call_interrupted_at_each_point_then_retried_counts_once(store_url: st
         action = Action("step", "x", {"usd": 5, "tokens": 100})
         reservation = None if step == "reserve" else authority.reserve(action, "tenant:acme/run:r1").reservation
         if step == "reserve":
-            interrupted = _interrupt_at(point, lambda: authority.reserve(action, "tenant:acme/run:r1"))
+            interrupted = interrupt_at(point, lambda: authority.reserve(action, "tenant:acme/run:r1"))
         elif step == "commit":
-            interrupted = _interrupt_at(point, lambda: authority.commit(reservation, {"usd": 2}))  # type: ignore[arg-type]
+            interrupted = interrupt_at(point, lambda: authority.commit(reservation, {"usd": 2}))  # type: ignore[arg-type]
             authority.commit(reservation, {"usd": 2})  # type: ignore[arg-type]  # the retry
         else:
-            interrupted = _interrupt_at(point, lambda: authority.release(reservation))  # type: ignore[arg-type]
+            interrupted = interrupt_at(point, lambda: authority.release(reservation))  # type: ignore[arg-type]
             authority.release(reservation)  # type: ignore[arg-type]
         clock.advance(300)  # past every TTL and retention: what nobody holds is back, and forgotten
         authority.sweep()
