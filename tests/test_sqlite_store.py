@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from interrupts import interrupt_at
+from interrupts import Interrupted, interrupt_at
 
 from clearance import Action, Authority, Budget, InvalidRequest, ReservationNotFound, StoreUnavailable
 from clearance.periods import WINDOWS_KEPT, windows_at
@@ -1006,10 +1006,6 @@ def test_a_ledger_path_that_is_not_utf8_opens_from_every_thread(tmp_path: Path) 
     authority.close()
 
 
-class _Interrupted(BaseException):
-    """What a signal handler raises (a step timeout), or Ctrl-C."""
-
-
 def _other_process_writes(path: Path) -> bool:
     """Whether another connection can take the ledger's write lock at once."""
     other = sqlite3.connect(path, timeout=0.2, isolation_level=None)
@@ -1043,7 +1039,7 @@ def test_an_interrupt_as_begin_returns_leaves_no_transaction_open(tmp_path: Path
         db.close()
 
     def on_alarm(signum: int, frame: object) -> None:
-        raise _Interrupted
+        raise Interrupted
 
     writer = threading.Thread(target=other_writer)
     writer.start()
@@ -1051,7 +1047,7 @@ def test_an_interrupt_as_begin_returns_leaves_no_transaction_open(tmp_path: Path
     previous = signal.signal(signal.SIGALRM, on_alarm)
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.1)  # runs once BEGIN is back, after the writer is done
-        with pytest.raises(_Interrupted):
+        with pytest.raises(Interrupted):
             authority.reserve(Action("step", "x", {"usd": 1}), "tenant:acme/run:r1")
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -1076,7 +1072,7 @@ def test_an_interrupt_right_after_a_step_gives_back_the_turn_and_the_transaction
     class Turns:
         def acquire(self, *args: object, **kwargs: object) -> bool:
             real_turns.acquire(*args, **kwargs)  # type: ignore[arg-type]
-            raise _Interrupted
+            raise Interrupted
 
         def __getattr__(self, name: str) -> object:
             return getattr(real_turns, name)
@@ -1085,7 +1081,7 @@ def test_an_interrupt_right_after_a_step_gives_back_the_turn_and_the_transaction
         def execute(self, sql: str, *args: object) -> object:
             result = real_db.execute(sql, *args)
             if sql == "BEGIN IMMEDIATE":
-                raise _Interrupted
+                raise Interrupted
             return result
 
         def __getattr__(self, name: str) -> object:
@@ -1095,7 +1091,7 @@ def test_an_interrupt_right_after_a_step_gives_back_the_turn_and_the_transaction
         store._turns = Turns()  # type: ignore[assignment]
     else:
         store._local.db = Db()
-    with pytest.raises(_Interrupted):
+    with pytest.raises(Interrupted):
         authority.reserve(Action("step", "x", {"usd": 1}), "tenant:acme/run:r1")
     store._turns, store._local.db = real_turns, real_db
     assert not real_db.in_transaction and not real_turns._is_owned()  # type: ignore[attr-defined]

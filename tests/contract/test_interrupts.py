@@ -15,15 +15,11 @@ import signal
 from decimal import Decimal
 
 import pytest
-from interrupts import interrupt_at
+from interrupts import Interrupted, interrupt_at
 
 from clearance import Action, Authority, Budget, ReservationNotFound, StoreUnavailable
 from clearance.stores.memory import MemoryStore
 from clearance.testing import FakeClock
-
-
-class _Interrupted(BaseException):
-    pass
 
 
 # (A signal arriving while the garbage collector runs a callback — hypothesis installs one — raises
@@ -35,7 +31,7 @@ def test_calls_interrupted_anywhere_leave_the_ledger_consistent(authority: Autho
 
     def on_alarm(signum: int, frame: object) -> None:
         if armed:
-            raise _Interrupted
+            raise Interrupted
 
     chain = "tenant:acme/workspace:eu/run:r1"
     authority.set_budget(Budget("tenant:acme", "usd", 10**6))
@@ -61,7 +57,7 @@ def test_calls_interrupted_anywhere_leave_the_ledger_consistent(authority: Autho
                 else:
                     authority.extend(reservation, 60)  # type: ignore[arg-type]
                     authority.release(reservation)  # type: ignore[arg-type]
-            except _Interrupted:
+            except Interrupted:
                 interrupted += 1
                 armed = False
                 signal.setitimer(signal.ITIMER_REAL, 0)
