@@ -1144,3 +1144,37 @@ def test_a_write_interrupted_as_it_ends_gives_back_its_turn(tmp_path: Path) -> N
         if not interrupted:
             break
     assert point > 20
+
+
+def test_a_signal_while_begin_waits_for_another_process_leaves_no_turn_held(tmp_path: Path) -> None:
+    """Ctrl-C (or a step timeout) while BEGIN waited for another process's write lock: BEGIN fails
+    busy, and the pending signal's exception arrives at the next call — the rollback in the error
+    handling, before the turn went back: this thread's writes were refused for good, every other
+    thread's timed out (found in review)."""
+    import signal
+
+    path = tmp_path / "ledger.db"
+    store = SQLiteStore(str(path), busy_timeout=0.5)
+    store.set_budget("tenant:acme", "usd", "", 100, 1.0)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)  # arrives while BEGIN waits (in C): run after it fails
+        with pytest.raises(Interrupted):
+            store.set_budget("tenant:acme", "usd", "", 200, 2.0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        other.execute("ROLLBACK")
+        other.close()
+    assert not store._turns._is_owned()  # type: ignore[attr-defined]
+    store.set_budget("tenant:acme", "usd", "", 300, 3.0)
+    elsewhere = threading.Thread(target=lambda: store.set_budget("tenant:acme", "usd", "", 400, 4.0))
+    elsewhere.start()
+    elsewhere.join(timeout=5)
+    assert not elsewhere.is_alive()

@@ -804,9 +804,13 @@ class SQLiteStore(Store):
             # An exception can arrive between any two steps (a signal handler's: a step timeout,
             # Ctrl-C). Right after BEGIN returned it left the write transaction open, shutting every
             # process out of the ledger; right after the turn was taken, every thread of this one.
-            self._rollback(db)
-            if turns._is_owned():  # type: ignore[attr-defined]  # (taken by this call: see above)
+            # The turn goes back first, with no call before it: Ctrl-C pressed while BEGIN waited
+            # for another process arrives at the next call (the rollback's), after a busy error.
+            try:  # noqa: SIM105 - not contextlib.suppress: its __enter__ would be a call before the release
                 turns.release()
+            except RuntimeError:  # (not taken by this call: none is held on entry, see above)
+                pass
+            self._rollback(db)
             if isinstance(error, sqlite3.Error):
                 raise StoreUnavailable(f"SQLite ledger {self.path} is busy or unreadable: {error}") from error
             raise
@@ -862,9 +866,9 @@ class SQLiteStore(Store):
     def close(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:
+            self._local.db = None  # (first: interrupted after the close, the next call opens another)
             with _readers.sharing():
                 db.close()
-            self._local.db = None
 
     # --- ledger steps (inside a write transaction) ---------------------------------------------
     @staticmethod
