@@ -112,6 +112,14 @@ def _reported_units(units: tuple[str, ...], probes: tuple[str, ...]) -> Abstract
     return _Probed(plain, tuple(prefixes)) if prefixes else frozenset(plain)
 
 
+_PLAN_DETAILS = tuple(f"plan={index}" for index in range(17))
+
+
+def plan_detail(index: int) -> str:
+    """A hold's audit detail: ``plan=<index>``, its plan's index in the decision's ladder."""
+    return _PLAN_DETAILS[index] if index < 17 else f"plan={index}"
+
+
 CLOSED_WINDOW_SPENT = 2**62
 """What a hold reads as spent in a *closed* window: one older than the windows a store keeps (a
 clock stepped back past them), whose counts may have been dropped. Reading it as empty would hand

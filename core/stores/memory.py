@@ -38,6 +38,7 @@ from clearance.ledger import (
     commit_flags,
     merge_actual,
     new_account_state,
+    plan_detail,
     reported_units,
 )
 from clearance.periods import WINDOWS_KEPT, Windows
@@ -239,7 +240,6 @@ def _remembered_from(packed: _Packed) -> float:
     return packed[4] if packed[2] == EXPIRED else packed[5] or 0.0
 
 
-_PLAN_DETAIL = tuple(f"plan={index}" for index in range(17))
 def _give_back(holds: list[tuple[_Budget, str, list[int], int]]) -> None:
     """Lower the counters ``holds`` raised, emptying it as it goes (an interrupt midway leaves in it
     exactly what is still to give back: see MemoryStore._end_hold)."""
@@ -247,16 +247,6 @@ def _give_back(holds: list[tuple[_Budget, str, list[int], int]]) -> None:
         entry = holds[-1]
         entry[2][1] -= entry[3]
         holds.pop()
-
-
-_ONE_UNIT: dict[str, int] = {}  # (markers of the way a commit took: see MemoryStore.commit)
-_CHARGED_HELD: list[tuple[list[int], int]] = []
-
-
-def _plan_detail(index: int, request: HoldRequest) -> str:
-    """The hold's audit detail: its plan's index in the decision's ladder."""
-    index += request.first_index
-    return _PLAN_DETAIL[index] if index < 17 else f"plan={index}"
 
 
 class MemoryStore(Store):
@@ -615,7 +605,7 @@ class MemoryStore(Store):
         """Record a hold whose counters are raised: the reservation, its key, its audit record."""
         rid = request.reservation_id
         res = _Reservation(request, index, holds, self._budget_version)
-        detail = _plan_detail(index, request) if request.first_index else _PLAN_DETAIL[index]
+        detail = plan_detail(index + request.first_index)
         idem = request.idempotency_key
         root = request.chain[0]
         amounts = request.plans[index].amounts
@@ -661,9 +651,11 @@ class MemoryStore(Store):
                 actual = amounts
             over = False
             holds = res.holds
-            done = 0  # holds returned so far (see _end_hold: an interrupt puts them back)
-            charges: dict[str, int] | None = None  # what the held counters were charged (the one-pass ways)
-            charged: list[tuple[list[int], int]] = []  # counters charged so far, and by how much (the general way)
+            done = 0  # holds returned so far (an interrupt puts them back: see _end_hold)
+            one_pass = False  # whether the held counters are charged themselves, one pass over them
+            steps_each = 0  # (the usual commit: what every hold is charged)
+            charges: dict[str, int] | None = None  # (else: what a hold of each unit is charged)
+            charged: list[tuple[list[int], int]] = []  # the general way: counters charged, by how much
             try:
                 if (
                     prior == HELD
@@ -674,24 +666,20 @@ class MemoryStore(Store):
                 ):
                     # The usual commit: the one unit held, re-priced, on the budgets of hold time
                     # (every hold is of that unit). Same result as the general path, in one pass.
-                    steps = actual[0][1]
-                    flags = [OVER_HOLD] if steps > amounts[0][1] else []
-                    charges = _ONE_UNIT  # (steps, on every hold)
+                    steps_each = actual[0][1]
+                    flags = [OVER_HOLD] if steps_each > amounts[0][1] else []
+                    one_pass = True
+                else:
+                    actual = merge_actual(amounts, actual)
+                    flags = commit_flags(prior, amounts, actual) if prior != HELD or actual != amounts else []
+                    charges = {unit: steps for unit, steps in actual if steps}
+                    # The same budgets as at hold time, every charged unit held: no lookups either.
+                    one_pass = (
+                        prior == HELD and res.budgets == self._budget_version and charges.keys() <= dict(amounts).keys()
+                    )
+                if one_pass:
                     for budget, _, counters, held in holds:
-                        counters[1] -= held
-                        if steps:
-                            counters[0] += steps
-                            if counters[0] + counters[1] > budget.limit:
-                                over = True
-                        done += 1
-                    return self._committed(res, actual, flags, over, now)
-                actual = merge_actual(amounts, actual)
-                flags = commit_flags(prior, amounts, actual) if prior != HELD or actual != amounts else []
-                charges = {unit: steps for unit, steps in actual if steps}
-                if prior == HELD and res.budgets == self._budget_version and charges.keys() <= dict(amounts).keys():
-                    charged = _CHARGED_HELD  # (marks the way taken, for an interrupt)
-                    for budget, _, counters, held in holds:  # the same budgets as at hold time: no lookups
-                        steps = charges.get(budget.unit, 0)  # (a call: before the counters move)
+                        steps = steps_each if charges is None else charges.get(budget.unit, 0)  # (before they move)
                         counters[1] -= held
                         if steps:
                             counters[0] += steps
@@ -709,7 +697,7 @@ class MemoryStore(Store):
                         if level is None:
                             continue
                         for budget in level.values():
-                            steps = charges.get(budget.unit, 0)
+                            steps = charges.get(budget.unit, 0)  # type: ignore[union-attr]
                             if steps:
                                 counters = budget.window(windows[budget.period], charging=True)
                                 counters[0] += steps
@@ -719,14 +707,12 @@ class MemoryStore(Store):
                 return self._committed(res, actual, flags, over, now)
             except BaseException:
                 if res.status == prior:  # not committed: put the counters back as they were
-                    one_pass = charges is _ONE_UNIT or charged is _CHARGED_HELD
                     for budget, _, counters, held in holds[:done]:
                         counters[1] += held
-                        if one_pass:  # (these charge the held counters themselves)
-                            counters[0] -= actual[0][1] if charges is _ONE_UNIT else charges.get(budget.unit, 0)  # type: ignore[union-attr]
-                    if not one_pass:
-                        for counters, steps in charged:
-                            counters[0] -= steps
+                        if one_pass:
+                            counters[0] -= steps_each if charges is None else charges.get(budget.unit, 0)
+                    for counters, steps in charged:
+                        counters[0] -= steps
                 raise
 
     def _committed(self, res: _Reservation, actual: Amounts, flags: list[str], over: bool, now: float) -> SettleResult:
