@@ -90,6 +90,7 @@ from clearance.ledger import (
     commit_flags,
     merge_actual,
     new_account_state,
+    plan_detail,
     reported_units,
 )
 from clearance.periods import WINDOWS_KEPT, Windows, window_back, windows_at
@@ -472,7 +473,6 @@ _FIND_KEPT = _FIND + " AND (forget_at IS NULL OR forget_at > ?)"
 _LIVE = "kind = 'hold' AND known IS NOT NULL AND (forget_at IS NULL OR forget_at > ?)"
 _FORGET_ONE = "UPDATE log SET known = NULL, idem = NULL, holds = NULL, windows = NULL WHERE seq = ?"
 _PERIOD_ORDER = ("minute", "hour", "day", "week", "month")
-_PLAN_DETAIL = tuple(f"plan={index}" for index in range(17))
 
 
 def _key(reservation_id: object) -> int:
@@ -820,13 +820,13 @@ class SQLiteStore(Store):
         self._rollback(db)
         return StoreUnavailable(f"SQLite ledger {self.path} failed: {error}")
 
-    def _in_write(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+    def _in_write(self, work: Callable[[sqlite3.Connection], _T], issued: float = 0.0) -> _T:
         """``work(db)`` in a write transaction, committed when it returns, rolled back if it raises
         (``ReservationNotFound`` commits: only lazy reclaims are in it). A function, not a ``with``
         block: an exception (a signal handler's) can arrive as a context's ``__exit__`` begins — a
         Python function — and then leaves the turn and the transaction held; here the turn goes
-        back first thing in ``finally``, with no call before it."""
-        db = self._begin()
+        back first thing in ``finally``, with no call before it. ``issued``: see :meth:`_begin`."""
+        db = self._begin(issued)
         try:
             result = work(db)
             db.execute("COMMIT")
@@ -967,10 +967,10 @@ class SQLiteStore(Store):
     def _prune_windows(db: sqlite3.Connection, now: float) -> bool:
         """Delete the counters of period windows older than the ``WINDOWS_KEPT`` latest periods at
         ``now`` that hold nothing (window ids sort in time order). The windows before the oldest
-        kept are *closed* from then on (a late commit into one is recorded in its reservation and
-        the audit trail, not in counters opened again) (see ``_STATES_SQL``): after
-        a clock that ran ahead is set back, the window it is in again had its counts pruned, and
-        reading it as empty handed its budget out twice."""
+        kept are *closed* from then on (see ``_STATES_SQL``): after a clock that ran ahead is set
+        back, the window it is in again had its counts pruned, and reading it as empty handed its
+        budget out twice. A late commit into one is recorded in its reservation and the audit
+        trail, not in counters opened again."""
         more = False
         for period in _PERIODS:
             oldest_kept = window_back(now, period, WINDOWS_KEPT - 1)
@@ -1060,8 +1060,9 @@ class SQLiteStore(Store):
         chain = request.chain
         windows = request.windows
         params = self._window_params(windows)
-        db = self._begin(request.issued)
-        try:
+
+        def _hold(db: sqlite3.Connection) -> HoldResult:
+            nonlocal now
             expires_at = request.expires_at
             if request.issued:
                 late = time.monotonic() - request.issued
@@ -1084,7 +1085,6 @@ class SQLiteStore(Store):
                     held_units = reported_units((unit for unit, _ in _amounts(row[4])), request.probes)
                     original_params = [dict(original)[p] for p in _PERIOD_ORDER]
                     states = self._states(db, chain, held_units, original_params, original, closed=0)
-                    db.execute("COMMIT")
                     return HoldResult(row[0], row[1], row[2], tuple(states), (), replayed=True)
                 last, maintained = db.execute(_LAST_AND_MAINTAINED).fetchone()
                 if (last or 0) - (maintained or 0) >= MAINTAIN_EVERY:
@@ -1122,7 +1122,6 @@ class SQLiteStore(Store):
             choice = choose_plan(plans, chain, states)
             index = choice.plan_index
             if index < 0:
-                db.execute("COMMIT")
                 return HoldResult(None, -1, 0.0, tuple(states), tuple(choice.rejections))
             after = list(states)
             added: dict[int, int] = {}
@@ -1150,7 +1149,7 @@ class SQLiteStore(Store):
                     chain[-1],
                     rid,
                     _dump(plans[index].amounts),
-                    _PLAN_DETAIL[recorded] if recorded < 17 else f"plan={recorded}",
+                    plan_detail(recorded),
                     chain[0],
                     recorded,
                     ";".join(holds),
@@ -1161,17 +1160,9 @@ class SQLiteStore(Store):
                     version,
                 ),
             )
-            db.execute("COMMIT")
-        except sqlite3.Error as error:
-            raise self._failed(db, error) from error
-        except BaseException:
-            self._rollback(db)
-            raise
-        finally:
-            self._turns.release()  # (first, and no call before it: nothing can arrive in between)
-            if db.in_transaction:  # (an exception in the error handling skipped the rollback)
-                self._rollback(db)
-        return HoldResult(rid, index, expires_at, tuple(after), tuple(choice.rejections))
+            return HoldResult(rid, index, expires_at, tuple(after), tuple(choice.rejections))
+
+        return self._in_write(_hold, request.issued)
 
     def _load(self, db: sqlite3.Connection, reservation_id: str, now: float) -> ReservationRecord:
         row = db.execute(
@@ -1192,7 +1183,7 @@ class SQLiteStore(Store):
     def _known(self, reservation_id: str, expires_at: float, now: float) -> None:
         """``ReservationNotFound`` for a hold just expired a retention after its expiry (nothing
         reclaimed it meanwhile): forgotten, as if reclaimed on time. The reclaim is kept: a
-        ``ReservationNotFound`` commits the transaction it is raised in (see ``_write``)."""
+        ``ReservationNotFound`` commits the transaction it is raised in (see ``_in_write``)."""
         if expires_at + self._retention <= now:
             raise ReservationNotFound(reservation_id)
 
@@ -1267,8 +1258,8 @@ class SQLiteStore(Store):
         return any(db.execute(_OVER_SQL, key).fetchone() is not None for key in dict.fromkeys(charged))
 
     def commit(self, reservation_id: str, actual: Amounts | None, now: float) -> SettleResult:
-        db = self._begin()
-        try:
+        def _commit(db: sqlite3.Connection) -> SettleResult:
+            nonlocal actual
             row = db.execute(
                 "SELECT seq, status, expires_at, scope, amounts, holds, windows, at, committed, flags, "
                 f"budgets = (SELECT value FROM meta WHERE key = 'budgets') FROM log {_FIND_KEPT}",
@@ -1285,7 +1276,6 @@ class SQLiteStore(Store):
                 self._known(reservation_id, expires_at, now)
                 prior = EXPIRED
             if prior == COMMITTED:
-                db.execute("COMMIT")
                 flags_done = tuple(flags_text.split(",")) if flags_text else ()
                 return SettleResult(reservation_id, COMMITTED, _amounts(committed), flags_done, replayed=True)
             amounts = _amounts(amounts_text)
@@ -1318,20 +1308,9 @@ class SQLiteStore(Store):
                 if over_closed or (over and self._over_once_expired_are_back(db, now, over)):
                     flags.append(OVER_LIMIT)
             db.execute(_COMMIT_SQL, (_dump(actual), ",".join(flags), now, now + self._retention, seq))
-            db.execute("COMMIT")
-        except ReservationNotFound:
-            self._keep_reclaim(db)
-            raise
-        except sqlite3.Error as error:
-            raise self._failed(db, error) from error
-        except BaseException:
-            self._rollback(db)
-            raise
-        finally:
-            self._turns.release()  # (first, and no call before it: nothing can arrive in between)
-            if db.in_transaction:  # (an exception in the error handling skipped the rollback)
-                self._rollback(db)
-        return SettleResult(reservation_id, COMMITTED, actual, tuple(flags))
+            return SettleResult(reservation_id, COMMITTED, actual, tuple(flags))
+
+        return self._in_write(_commit)
 
     def release(self, reservation_id: str, now: float) -> SettleResult:
         def _release(db: sqlite3.Connection) -> SettleResult:
