@@ -35,7 +35,6 @@ from clearance.errors import (
 )
 from clearance.ids import random_id
 from clearance.ledger import (
-    LATE_HOLD,
     AccountState,
     Amounts,
     AuditEvent,
@@ -214,15 +213,11 @@ def _shadow_actual(reservation: object, steps: Amounts | None) -> Amounts | None
 
 
 def _issued(request: HoldRequest) -> HoldRequest:
-    """``request`` stamped as sent to the store now: its waits from here on (for a worker thread,
-    for the store's lock) count against the store's timeout and move its expiry (see HoldRequest).
-    A wait since its expiry was computed (a policy read, a per-run budget created, each perhaps
-    waiting for the same lock) moves the expiry too: the TTL runs from the hold."""
-    sent = time.monotonic()
-    late = sent - request.issued if request.issued else 0.0
-    if late > LATE_HOLD:
-        request.expires_at += late
-    request.issued = sent
+    """``request`` stamped as sent to the store now (see ``HoldRequest.restamp``): its waits from
+    here on (for a worker thread, for the store's lock) count against the store's timeout and move
+    its expiry; so does a wait since its expiry was computed (a policy read, a per-run budget
+    created, each perhaps waiting for the same lock): the TTL runs from the hold."""
+    request.restamp()
     return request
 
 

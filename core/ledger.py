@@ -11,6 +11,7 @@ The invariant every store keeps, for every budget and window at every moment::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -76,6 +77,21 @@ class HoldRequest:
     # the ladder's alone. Stores record (and audit) the chosen plan's index counted from it; a
     # HoldResult's index stays one into ``plans``.
     first_index: int = 0
+
+    def restamp(self) -> None:
+        """The request as sent now. A wait since it was stamped (for a policy read, a worker thread,
+        the store's lock, a pooled connection) longer than ``LATE_HOLD`` moves its expiry by that
+        wait — the hold lives its TTL from when it is made: one whose expiry was read before a long
+        wait could be born expired, its budget handed out again at once — and what is due by then
+        (an expired hold, a reservation past retention) is judged at the caller's clock now."""
+        sent = time.monotonic()
+        if self.issued:
+            late = sent - self.issued
+            if late > LATE_HOLD:
+                self.expires_at += late
+                if self.clock is not None:
+                    self.now = max(self.now, self.clock())
+        self.issued = sent
 
 
 class _Probed(frozenset[str]):

@@ -93,7 +93,6 @@ from redis.retry import Retry
 
 from clearance.errors import ClockSkew, InvalidRequest, ReservationClosed, ReservationNotFound, StoreUnavailable
 from clearance.ledger import (
-    LATE_HOLD,
     AccountState,
     Amounts,
     AuditEvent,
@@ -411,13 +410,9 @@ class _HoldArgs(list[str]):
 
     def stamp(self) -> None:
         request = self.request
-        if not request.issued:
-            return
-        late = time.monotonic() - request.issued
-        if late > LATE_HOLD:
-            request.issued += late
-            request.expires_at += late
-            request.now = max(request.now + late, request.clock()) if request.clock is not None else request.now + late
+        expires_at = request.expires_at
+        request.restamp()
+        if request.expires_at != expires_at:
             self[0] = _float(request.now)
             self[3] = _float(request.expires_at)
 

@@ -1063,13 +1063,9 @@ class SQLiteStore(Store):
 
         def _hold(db: sqlite3.Connection) -> HoldResult:
             nonlocal now
+            request.restamp()  # (it may have waited for the lock: its TTL runs from now)
             expires_at = request.expires_at
-            if request.issued:
-                late = time.monotonic() - request.issued
-                if late > LATE_HOLD:  # it waited for the lock: its TTL runs from now, not from the request
-                    expires_at += late
-                    if request.clock is not None:  # and what is due by now is judged now
-                        now = max(now, request.clock())
+            now = request.now
             if request.idempotency_key is not None:
                 self._reclaim_due(db, now)
                 row = db.execute(
