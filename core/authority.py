@@ -270,11 +270,10 @@ def _output_capped(plan: Plan, scope: Scope) -> Reason:
     return Reason("output_cap", message, scope.path, rule="output_cap")
 
 
-def _selected(index: int, plan: Plan, scope: Scope) -> Reason:
-    """``plan_selected`` for the plan at ``index`` of ``index + 1`` (an output cap's: the last)."""
-    what = f" ({plan.rule})" if plan.rule else ""
-    message = f"plan {index + 1} of {index + 1} fits{what}"
-    return Reason("plan_selected", message, scope.path, plan=index, rule=plan.rule)
+def _selected(scope: Scope, index: int, count: int, rule: str | None, fits: str = "fits") -> Reason:
+    """``plan_selected``: the plan at ``index`` of ``count`` was held (and why, its ``rule``)."""
+    message = f"plan {index + 1} of {count} {fits}" + (f" ({rule})" if rule else "")
+    return Reason("plan_selected", message, scope.path, plan=index, rule=rule)
 
 
 _ALLOW = Outcome.ALLOW  # enum members looked up once: _decide runs on every reserve
@@ -799,11 +798,7 @@ class Authority:
         else:
             outcome = Outcome.ALLOW_WITH_CAPS
             caps = caps or Caps()
-            rule = plans[index].rule if plans is not None else None
-            what = f" ({rule})" if rule else ""
-            reasons.append(
-                Reason("plan_selected", f"plan {index + 1} of {count} fits{what}", scope.path, plan=index, rule=rule)
-            )
+            reasons.append(_selected(scope, index, count, plans[index].rule if plans is not None else None))
         reservation = Reservation(
             result.reservation_id or "", scope.path, steps, result.expires_at, index, "held", now, action.label
         )
@@ -885,10 +880,8 @@ class Authority:
         outcome = Outcome.ALLOW if index == 0 and caps is None else Outcome.ALLOW_WITH_CAPS
         if outcome is Outcome.ALLOW_WITH_CAPS:  # (as the ledger answers: a later plan says so, caps or not)
             caps = caps or Caps()
-            count = len(plans) if plans else 1
             rule = plans[index].rule if plans else None
-            message = f"plan {index + 1} of {count} fits the emergency cap" + (f" ({rule})" if rule else "")
-            reasons.append(Reason("plan_selected", message, scope.path, plan=index, rule=rule))
+            reasons.append(_selected(scope, index, len(plans) if plans else 1, rule, "fits the emergency cap"))
         return Decision(outcome, scope.path, action.label, reservation, caps, tuple(reasons), (), index, Mode.FAIL_OPEN)
 
     def _local_replay(
@@ -926,10 +919,7 @@ class Authority:
             reasons = [Reason("fail_open", "replayed a reservation made while the store was unavailable", scope.path)]
             if index > 0 and plans is not None:  # as the ledger's decision says it
                 caps = caps or Caps()
-                rule = plans[index].rule
-                what = f" ({rule})" if rule else ""
-                message = f"plan {index + 1} of {len(plans)} holds{what}"
-                reasons.append(Reason("plan_selected", message, scope.path, plan=index, rule=rule))
+                reasons.append(_selected(scope, index, len(plans), plans[index].rule, "holds"))
             outcome = Outcome.ALLOW if caps is None else Outcome.ALLOW_WITH_CAPS
             held_plan = replace(found, plan_index=index)
             return Decision(
@@ -1274,7 +1264,8 @@ class Authority:
                     assert second.reservation is not None
                     second.outcome = Outcome.ALLOW_WITH_CAPS
                     second.caps = plan.caps
-                    second.reasons = (*decision.reasons, _output_capped(plan, scope), _selected(index, plan, scope))
+                    capped = (_output_capped(plan, scope), _selected(scope, index, index + 1, plan.rule))
+                    second.reasons = (*decision.reasons, *capped)
                     second.plan_index = second.reservation.plan_index = index
                     decision, result = second, retried
         _cap_tools(decision, result, proposal, policy, scope)
