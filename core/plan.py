@@ -111,11 +111,7 @@ class Plan(InputModel):
     @field_validator("min_headroom", mode="before")
     @classmethod
     def _no_bools(cls, value: object) -> object:
-        """``True`` is not a fraction (pydantic would read it as 1.0: nothing may ever be spent)."""
-        values = value.values() if isinstance(value, Mapping) else (value,)
-        if any(isinstance(fraction, bool) for fraction in values):
-            raise ValueError("min_headroom must be a fraction between 0 and 1, not a bool")
-        return value
+        return no_boolean_fractions(value)
 
     @field_validator("min_headroom")
     @classmethod
@@ -141,6 +137,15 @@ class Plan(InputModel):
             return tuple(required.get(kind, default) for kind in kinds)
         ppm = ppm_of(value)
         return (ppm,) * len(kinds)
+
+
+def no_boolean_fractions(value: object) -> object:
+    """``value`` (a ``min_headroom``), refused if it is or holds a boolean: ``True`` is not a
+    fraction (pydantic would read it as 1.0: nothing may ever be spent, a rung never chosen)."""
+    values = value.values() if isinstance(value, Mapping) else (value,)
+    if any(isinstance(fraction, bool) for fraction in values):
+        raise ValueError("min_headroom must be a fraction between 0 and 1, not a boolean")
+    return value
 
 
 def _plain_headroom(value: object) -> float | dict[str, float] | None:

@@ -41,8 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from clearance._model import InvalidModel
 from clearance.errors import InvalidRequest
 from clearance.periods import Period
+from clearance.plan import no_boolean_fractions
 from clearance.scope import parse_scope
-from clearance.units import MAX_AMOUNT, check_unit, to_steps
+from clearance.units import MAX_AMOUNT, check_unit, plain_token, to_steps
 
 _KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # a scope kind (see clearance.scope)
 _PRINTABLE = r"^[^\x00-\x1f\x7f]+$"  # a name printed on one line of `policy check`
@@ -155,11 +156,8 @@ class Rung(_Rule):
     @field_validator("min_headroom", mode="before")
     @classmethod
     def _no_bools(cls, value: object) -> object:
-        """``true`` is not a fraction (read as 1.0, the rung could never be chosen), as in Plan.
-        (A stored document never has one: it is stored as validated.)"""
-        if any(isinstance(f, bool) for f in (value.values() if isinstance(value, dict) else (value,))):
-            raise ValueError("a fraction between 0 and 1 is needed, not a boolean")
-        return value
+        """(A stored document never has one: it is stored as validated.)"""
+        return no_boolean_fractions(value)
 
     @field_validator("min_headroom")
     @classmethod
@@ -273,7 +271,7 @@ class RateLimit(_Rule):
         cut at 40 and so never matched a budget written with a long name, they always matched)."""
         if self.name is None:
             return f"rate.{self.kind}"
-        token = re.sub(r"[^a-z0-9_-]", "_", self.name.lower())[: 64 - len(self.kind) - 6] or "_"
+        token = plain_token(self.name)[: 64 - len(self.kind) - 6]
         return f"rate.{self.kind}.{token}"
 
 

@@ -30,7 +30,7 @@ USD_SCALE = 10**9
 MAX_UNIT_LENGTH = 128
 _UNIT_RE = re.compile(r"[a-z][a-z0-9_.-]{0,127}")
 NAME_ROOM = 64
-"""The most characters a name (a tool's, a toolset's, a rate limit's) takes inside a unit."""
+"""The most characters a tool's or toolset's name takes inside a unit."""
 _TOKEN_BAD = re.compile(r"[^a-z0-9_-]")
 _PLAIN_USD = re.compile(r"([0-9]{1,8})(?:\.([0-9]{1,9}))?")  # at most 9 decimals: nothing to round
 # Unit names seen valid -> their scale. Bounded (dynamic tool names make units without end: every
@@ -60,14 +60,19 @@ def check_unit(unit: object) -> str:
     raise InvalidRequest(f"invalid unit name {unit!r}: expected [a-z][a-z0-9_.-]{{0,127}}")
 
 
+def plain_token(name: str) -> str:
+    """A name as a unit can hold it: lower case, anything but ``[a-z0-9_-]`` (dots included)
+    replaced by ``_`` (``GoogleSearch`` → ``googlesearch``, ``web.search`` → ``web_search``)."""
+    return _TOKEN_BAD.sub("_", name.lower()) or "_"
+
+
 def name_token(name: str) -> str:
-    """A tool's, toolset's or rate limit's name as it appears inside a unit: lower case, anything
-    but ``[a-z0-9_-]`` (dots included) replaced by ``_`` (``GoogleSearch`` → ``googlesearch``,
-    ``web.search`` → ``web_search``). One longer than ``NAME_ROOM`` keeps its first 55 characters
-    and ends in ``-`` and 8 hex digits of its hash: cutting long names short made tools that share
-    a prefix (MCP tools: ``mcp__github__create_pull_request_review_...``) share one counter, and a
-    budget written with the whole name never counted anything."""
-    token = _TOKEN_BAD.sub("_", name.lower()) or "_"
+    """A tool's or toolset's name as it appears inside a unit: its :func:`plain_token`, and one
+    longer than ``NAME_ROOM`` keeps its first 55 characters and ends in ``-`` and 8 hex digits of
+    its hash: cutting long names short made tools that share a prefix (MCP tools:
+    ``mcp__github__create_pull_request_review_...``) share one counter, and a budget written with
+    the whole name never counted anything. (Rate limits keep their names cut: see ``RateLimit.unit``.)"""
+    token = plain_token(name)
     if len(token) <= NAME_ROOM:
         return token
     return f"{token[: NAME_ROOM - 9]}-{hashlib.sha256(token.encode()).hexdigest()[:8]}"
