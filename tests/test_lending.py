@@ -5,6 +5,7 @@ waits past the lender's wait, and a failed take from the pool passes the turn on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 import threading
@@ -13,8 +14,9 @@ from typing import Any
 
 import pytest
 import redis
+from interrupts import interrupt_at
 
-from clearance.stores.lending import AsyncLender, Lender, NoConnection, _Wait
+from clearance.stores.lending import AsyncLender, Lender, Loan, NoConnection
 
 
 class FakePool:
@@ -41,6 +43,19 @@ class AsyncFakePool(FakePool):
         return FakePool.get_connection(self)
 
 
+def lend(lender: Lender, pool: Any) -> tuple[Loan, bool]:
+    """A sync borrow as a ledger call makes it: into a loan of its own."""
+    loan = Loan()
+    used = lender.borrow(pool, loan)
+    return loan, used
+
+
+def lent(lender: Lender, pool: Any) -> tuple[Any, bool]:
+    """What a borrow lent, and whether it was used before."""
+    loan, used = lend(lender, pool)
+    return loan.held, used
+
+
 def _waiting(lender: Lender, count: int) -> None:
     deadline = time.monotonic() + 5
     while len(lender._waits) < count:
@@ -50,15 +65,15 @@ def _waiting(lender: Lender, count: int) -> None:
 
 def test_a_connection_coming_back_goes_to_the_longest_waiter() -> None:
     pool, lender = FakePool(), Lender(limit=1, keep=1, wait=5.0)
-    first, used = lender.borrow(pool)
-    assert (first, used) == ("c1", False)
+    first, used = lend(lender, pool)
+    assert (first.held, used) == ("c1", False)
     served: list[tuple[int, Any]] = []
 
     def wait_for_one(n: int) -> None:
-        connection, used = lender.borrow(pool)
+        loan, used = lend(lender, pool)
         assert used
-        served.append((n, connection))
-        lender.give_back(pool, connection)
+        served.append((n, loan.held))
+        lender.give_back(pool, loan)
 
     threads = []
     for n in range(3):
@@ -71,29 +86,29 @@ def test_a_connection_coming_back_goes_to_the_longest_waiter() -> None:
         thread.join(5)
     assert served == [(0, "c1"), (1, "c1"), (2, "c1")]  # in turn, one connection, never the pool
     assert pool.made == 1 and pool.released == []
-    assert lender.borrow(pool) == ("c1", True)  # kept (keep=1)
+    assert lent(lender, pool) == ("c1", True)  # kept (keep=1)
 
 
 def test_nobody_waits_past_the_wait_and_a_late_caller_leaves_the_queue() -> None:
     pool, lender = FakePool(), Lender(limit=1, keep=0, wait=0.05)
-    held, _ = lender.borrow(pool)
+    held, _ = lend(lender, pool)
     started = time.monotonic()
     with pytest.raises(NoConnection, match="No connection available"):
-        lender.borrow(pool)
+        lend(lender, pool)
     assert time.monotonic() - started < 2
     assert not lender._waits
     lender.give_back(pool, held)  # keep=0 and nobody waiting: back to the pool
-    assert pool.released == ["c1"]
-    assert lender.borrow(pool) == ("c2", False)
+    assert pool.released == ["c1"] and held.held is None
+    assert lent(lender, pool) == ("c2", False)
 
 
 def test_limit_leaves_the_rest_of_the_pool_and_keep_bounds_what_is_kept() -> None:
     pool, lender = FakePool(), Lender(limit=3, keep=2, wait=0.05)
-    lent = [lender.borrow(pool)[0] for _ in range(3)]
+    loans = [lend(lender, pool)[0] for _ in range(3)]
     with pytest.raises(redis.ConnectionError):
-        lender.borrow(pool)  # a fourth would be the pool's last
-    for connection in lent:
-        lender.give_back(pool, connection)
+        lend(lender, pool)  # a fourth would be the pool's last
+    for loan in loans:
+        lender.give_back(pool, loan)
     assert pool.released == ["c3"]  # two kept, the third back to the pool
     assert lender._taken == 2
 
@@ -101,17 +116,48 @@ def test_limit_leaves_the_rest_of_the_pool_and_keep_bounds_what_is_kept() -> Non
 def test_a_failed_take_from_the_pool_passes_the_turn_to_a_waiter() -> None:
     pool, lender = FakePool(), Lender(limit=1, keep=0, wait=5.0)
     pool.fail = True
+    failed = Loan()
     with pytest.raises(redis.ConnectionError):
-        lender.borrow(pool)
+        lender.borrow(pool, failed)
+    lender.give_back(pool, failed)  # (as a ledger call's finally does) the slot it was counted for
     assert lender._taken == 0
-    assert lender.borrow(pool) == ("c1", False)  # the slot is free again
+    assert lent(lender, pool) == ("c1", False)  # the slot is free again
+
+    # A waiter queued behind a caller whose take then fails goes to the pool itself.
+    gate = threading.Event()
+
+    class GatedPool(FakePool):
+        def get_connection(self) -> Any:
+            if threading.current_thread().name == "failing":
+                assert gate.wait(5)
+                raise redis.ConnectionError("connecting to nowhere")
+            return super().get_connection()
+
+    gated, lender = GatedPool(), Lender(limit=1, keep=0, wait=5.0)
+
+    def failing() -> None:
+        loan = Loan()
+        try:
+            lender.borrow(gated, loan)
+        except redis.ConnectionError:
+            pass
+        finally:
+            lender.give_back(gated, loan)
+
+    first = threading.Thread(target=failing, name="failing")
+    first.start()
+    deadline = time.monotonic() + 5
+    while not lender._in_pool:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
     got: list[Any] = []
-    waiter = threading.Thread(target=lambda: got.append(lender.borrow(pool)))
+    waiter = threading.Thread(target=lambda: got.append(lent(lender, gated)))
     waiter.start()
     _waiting(lender, 1)
-    lender._untake()  # as when the holder's own take had failed: the waiter goes to the pool itself
+    gate.set()
+    first.join(5)
     waiter.join(5)
-    assert got == [("c2", False)]
+    assert got == [("c1", False)] and lender._taken == 1
 
 
 def test_async_callers_are_served_in_turn_and_time_out_cleanly() -> None:
@@ -180,34 +226,39 @@ def test_a_waiter_interrupted_while_waiting_leaves_the_queue_and_loses_nothing()
     # out of the wait. The waiter must leave the queue, or the next connection coming back would be
     # handed to nobody and lost for good.
     pool, lender = FakePool(), Lender(limit=1, keep=1, wait=5.0)
-    held, _ = lender.borrow(pool)
+    held, _ = lend(lender, pool)
     previous = signal.signal(signal.SIGALRM, _interrupt)
+    waiter = Loan()
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.05)
         with pytest.raises(_Interrupted):
-            lender.borrow(pool)
+            lender.borrow(pool, waiter)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        lender.give_back(pool, waiter)  # (as a ledger call's finally does)
     assert not lender._waits
     lender.give_back(pool, held)
-    assert lender.borrow(pool) == ("c1", True)  # kept, not handed to the one who left
+    assert lent(lender, pool) == ("c1", True)  # kept, not handed to the one who left
 
     # Interrupted just as it was handed one: it goes on to the next caller (or is kept).
     lender2 = Lender(limit=1, keep=1, wait=5.0)
-    held2, _ = lender2.borrow(pool)
-    wait = _Wait()
-    lender2._waits.append(wait)
-    lender2.give_back(pool, held2)  # handed to `wait`
-    lender2._leave(pool, wait)  # ... which leaves without using it
-    assert lender2.borrow(pool) == (held2, True) and not lender2._waits
+    held2, _ = lend(lender2, pool)
+    connection = held2.held
+    queued = Loan()
+    queued.event = threading.Event()
+    lender2._waits.append(queued)
+    lender2.give_back(pool, held2)  # handed to `queued`
+    assert queued.held == connection and held2.held is None
+    lender2.give_back(pool, queued)  # ... which leaves without using it
+    assert lent(lender2, pool) == (connection, True) and not lender2._waits
 
 
 def test_a_one_connection_pool_is_used_directly() -> None:
     # Keeping the only connection for ledger calls would leave the store's other commands none.
     pool, lender = FakePool(), Lender(limit=0, keep=0, wait=0.05)
-    first, used = lender.borrow(pool)
-    assert (first, used) == ("c1", False)
+    first, used = lend(lender, pool)
+    assert (first.held, used) == ("c1", False)
     lender.give_back(pool, first)
     assert pool.released == ["c1"] and not lender._idle
 
@@ -232,15 +283,15 @@ def test_a_caller_waiting_in_the_pool_is_served_before_later_ones() -> None:
             self.returned.set()
 
     pool, lender = SlowPool(), Lender(limit=2, keep=2, wait=5.0)
-    held, _ = lender.borrow(pool)
+    held, _ = lend(lender, pool)
     got: dict[str, Any] = {}
-    early = threading.Thread(target=lambda: got.setdefault("early", lender.borrow(pool)))
+    early = threading.Thread(target=lambda: got.setdefault("early", lent(lender, pool)))
     early.start()
     deadline = time.monotonic() + 5
     while not lender._in_pool:
         assert time.monotonic() < deadline
         time.sleep(0.001)
-    late = threading.Thread(target=lambda: got.setdefault("late", lender.borrow(pool)))
+    late = threading.Thread(target=lambda: got.setdefault("late", lent(lender, pool)))
     late.start()
     _waiting(lender, 1)
     lender.give_back(pool, held)  # to the pool, for the one waiting there
@@ -264,9 +315,9 @@ def test_slots_given_back_to_the_pool_for_its_waiter_are_offered_to_the_queue_af
             return super().get_connection()
 
     pool, lender = GatedPool(), Lender(limit=3, keep=1, wait=2.0)
-    a, _ = lender.borrow(pool)
-    b, _ = lender.borrow(pool)
-    c = threading.Thread(target=lambda: lender.borrow(pool), name="C")
+    a, _ = lend(lender, pool)
+    b, _ = lend(lender, pool)
+    c = threading.Thread(target=lambda: lend(lender, pool), name="C")
     c.start()
     deadline = time.monotonic() + 5
     while not lender._in_pool:
@@ -276,7 +327,7 @@ def test_slots_given_back_to_the_pool_for_its_waiter_are_offered_to_the_queue_af
 
     def wait_for_one(name: str) -> None:
         try:
-            got[name] = lender.borrow(pool)
+            got[name] = lent(lender, pool)
         except NoConnection as error:
             got[name] = error
 
@@ -286,9 +337,10 @@ def test_slots_given_back_to_the_pool_for_its_waiter_are_offered_to_the_queue_af
         thread.start()
         _waiting(lender, n + 1)
         queued.append(thread)
+    a_connection, b_connection = a.held, b.held
     lender.give_back(pool, a)
     lender.give_back(pool, b)
-    assert pool.released == [a, b]  # to the pool, for C
+    assert pool.released == [a_connection, b_connection]  # to the pool, for C
     gate.set()
     c.join(5)
     for thread in queued:
@@ -328,3 +380,63 @@ def test_async_slots_given_back_to_the_pool_are_offered_to_the_queue_after() -> 
         assert lender._taken == 3 and not lender._waits and not lender._in_pool
 
     asyncio.run(main())
+
+
+def _queued(lender: Lender) -> Loan:
+    """A caller waiting in the lender's queue (as a borrow that found none leaves it)."""
+    loan = Loan()
+    loan.event = threading.Event()
+    lender._waits.append(loan)
+    return loan
+
+
+@pytest.mark.parametrize("scene", ["kept", "from the pool", "handed over", "slot handed over", "to the pool"])
+def test_a_borrow_and_give_back_interrupted_at_each_point_lose_nothing(scene: str) -> None:
+    """A ledger call's borrow and give-back (its ``finally``, which gives back again if the first was
+    interrupted), with an exception at each point where Python runs a signal handler's: every
+    connection ends up once in the lender's keeping, in a caller's loan or in the pool, and the
+    lender's counts match. Before loans, an interrupt just after a kept connection was taken, or
+    as one came back, lost it for good (one fewer for every call after)."""
+    point = 0
+    while True:
+        point += 1
+        pool, lender = FakePool(), Lender(limit=3, keep=0 if scene == "to the pool" else 2, wait=5.0)
+        live: list[Loan] = []
+        giver: Loan | None = None  # the call gives back this loan (else it borrows and gives back)
+        if scene == "kept":
+            lender.give_back(pool, lend(lender, pool)[0])
+        elif scene == "to the pool":
+            giver = lend(lender, pool)[0]
+        elif scene in ("handed over", "slot handed over"):
+            live.extend(lend(lender, pool)[0] for _ in range(2))
+            giver = Loan()
+            pool.fail = scene == "slot handed over"  # the giver holds a slot whose take failed
+            with contextlib.suppress(redis.ConnectionError):
+                lender.borrow(pool, giver)
+            live.append(_queued(lender))
+        if giver is not None:
+            live.append(giver)
+
+        def call() -> None:
+            loan = giver or Loan()
+            try:
+                if giver is None:
+                    lender.borrow(pool, loan)
+            finally:
+                try:
+                    lender.give_back(pool, loan)
+                except BaseException:
+                    lender.give_back(pool, loan)
+                    raise
+
+        interrupted = interrupt_at(point, call)
+        held = [loan.held for loan in live if loan.held is not None]
+        connections = [h for h in held if isinstance(h, str)]
+        everywhere = [*lender._idle, *connections, *pool.released]
+        made = [f"c{n}" for n in range(1, pool.made + 1)]
+        assert sorted(everywhere) == made, (scene, point)  # each once: none lost, none twice
+        assert lender._taken == len(lender._idle) + len(held), (scene, point)
+        assert all(w in live and w.held is None for w in lender._waits) and not lender._in_pool, (scene, point)
+        if not interrupted:
+            break
+    assert point > 2

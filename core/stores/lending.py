@@ -33,7 +33,7 @@ from typing import Any
 
 import redis
 
-_GO_TO_POOL = object()  # handed to a waiter instead of a connection: take one from the pool yourself
+_GO_TO_POOL = object()  # handed to an asyncio waiter instead of a connection: take one from the pool yourself
 _EXPIRED = object()  # an asyncio waiter's own timeout
 
 
@@ -44,17 +44,39 @@ class NoConnection(redis.ConnectionError):
         super().__init__("No connection available.")
 
 
-class _Wait:
-    __slots__ = ("event", "handed")
+class Loan:
+    """What one ledger call has of a sync :class:`Lender`'s, kept by the caller across the call.
+
+    ``held`` is ``None`` (nothing yet), a slot (a connection the lender counted for this call, to be
+    taken from the pool) or the connection; ``in_pool`` whether the call waits in the pool itself;
+    ``event`` wakes it while it is queued. A step of the lender moves something into or out of a
+    loan with nothing between where an interrupt could arrive — a signal handler's exception (a step
+    timeout), Ctrl-C — (Python runs those only when a function starts and after a call into C
+    returns), so whatever the caller's ``finally`` finds in its loan is exactly what it has to give
+    back (:meth:`Lender.give_back`), and a give-back interrupted part-way is finished by calling it
+    again. Before loans, an interrupt just after a connection left the lender's keeping, or just as
+    one came back, lost it: after as many as the lender may take, every call waited in vain."""
+
+    __slots__ = ("event", "held", "in_pool")
 
     def __init__(self) -> None:
-        self.event = threading.Event()
-        self.handed: Any = None
+        self.held: Any = None
+        self.in_pool = False
+        self.event: threading.Event | None = None
+
+    @property
+    def connection(self) -> Any:
+        """The connection lent, if one was."""
+        held = self.held
+        return None if held is _SLOT else held
+
+
+_SLOT = object()  # a loan's: a connection the lender counted for it, to be taken from the pool
 
 
 class _Lending:
-    """What both lenders keep. On a cluster a store lends turns per node, not connections (the
-    cluster client picks the node's connection itself): ``by_node`` holds those lenders, by node."""
+    """What both lenders keep. On a cluster a store lends turns per node, not connections (the cluster
+    client picks the node's connection itself): ``by_node`` holds those lenders, by node."""
 
     def __init__(self, limit: int, keep: int, wait: float) -> None:
         self.direct = limit < 1
@@ -68,91 +90,103 @@ class _Lending:
 
 
 class Lender(_Lending):
-    """Connections of one sync pool for ledger calls, shared by threads (see the module docstring)."""
+    """Connections of one sync pool for ledger calls, shared by threads (see the module docstring),
+    lent into the callers' loans (:class:`Loan`)."""
 
     def __init__(self, limit: int, keep: int, wait: float) -> None:
         super().__init__(limit, keep, wait)
         self._lock = threading.Lock()
-        self._waits: deque[_Wait] = deque()
+        self._waits: deque[Loan] = deque()
 
-    def borrow(self, pool: Any) -> tuple[Any, bool]:
-        """A connection, and whether it was used before (kept or handed over: check it before use)."""
+    def borrow(self, pool: Any, loan: Loan) -> bool:
+        """Lend a connection into ``loan`` (new, empty); whether it was used before (kept or handed
+        over: check it before use). Call it inside the ``try`` whose ``finally`` gives the loan
+        back, whatever happens (a failed take from the pool leaves a slot there: it goes back too)."""
         if self.direct:
-            return pool.get_connection(), False
+            loan.held = pool.get_connection()
+            return False
         with self._lock:
             if self._idle:
-                return self._idle.pop(), True
+                loan.held = self._idle[-1]  # (subscripts, not pop(): no interrupt between the two)
+                del self._idle[-1]
+                return True
             if self._taken < self.limit and not self._waits:
                 self._taken += 1
-                wait = None
+                loan.held = _SLOT
             else:
-                wait = _Wait()
-                self._waits.append(wait)
-        if wait is not None:
-            try:
-                served = wait.event.wait(self.wait)
-            except BaseException:  # KeyboardInterrupt, a signal handler's exception, gevent.Timeout
-                self._leave(pool, wait)
-                raise
-            if not served:
-                with self._lock:
-                    if not wait.event.is_set():
-                        self._waits.remove(wait)
-                        raise NoConnection()
-            if wait.handed is not _GO_TO_POOL:
-                return wait.handed, True
+                loan.event = threading.Event()
+                self._waits.append(loan)
+        if loan.event is not None:
+            loan.event.wait(self.wait)
+            with self._lock:
+                if loan.held is None:  # (one handed over in time is taken, however late it was woken)
+                    if loan in self._waits:
+                        self._waits.remove(loan)
+                    raise NoConnection()
+            if loan.held is not _SLOT:
+                return True
         with self._lock:
             self._in_pool += 1
-        try:
-            return pool.get_connection(), False
-        except BaseException:
-            self._untake()
-            raise
-        finally:
-            with self._lock:
-                self._in_pool -= 1
-                self._send_to_pool()
-
-    def give_back(self, pool: Any, connection: Any) -> None:
-        if not self.direct:
-            with self._lock:
-                if self._waits and not self._in_pool:
-                    self._hand(connection)
-                    return
-                if len(self._idle) < self.keep and not self._in_pool:
-                    self._idle.append(connection)
-                    return
-                self._taken -= 1
-        pool.release(connection)
-
-    def _leave(self, pool: Any, wait: _Wait) -> None:
-        """A waiter leaves without using what it may have been handed: that goes on to the next one."""
+            loan.in_pool = True
+        loan.held = pool.get_connection()
         with self._lock:
-            if not wait.event.is_set():
-                self._waits.remove(wait)
-                return
-        if wait.handed is _GO_TO_POOL:
-            self._untake()
-        else:
-            self.give_back(pool, wait.handed)
-
-    def _untake(self) -> None:
-        """A connection taken from the pool is not (it could not be had): the next waiter may try."""
-        with self._lock:
-            self._taken -= 1
+            self._in_pool -= 1
+            loan.in_pool = False
             self._send_to_pool()
+        return False
+
+    def give_back(self, pool: Any, loan: Loan) -> None:
+        """Give back what ``loan`` holds: hand the connection to the longest waiter, keep it, or
+        release it to the pool; a slot no connection came for frees for the next caller; a caller
+        still queued leaves the queue. Called again after an interrupt, it does what is left."""
+        if self.direct:
+            connection = loan.held
+            if connection is not None:
+                loan.held = None
+                pool.release(connection)
+            return
+        with self._lock:
+            if loan.in_pool:
+                self._in_pool -= 1
+                loan.in_pool = False
+            held = loan.held
+            if held is None:
+                if loan in self._waits:  # interrupted while queued: nothing may be handed to it now
+                    self._waits.remove(loan)
+                self._send_to_pool()
+                return
+            if held is _SLOT:  # no connection came from the pool: the next waiter may try
+                loan.held = None
+                self._taken -= 1
+                self._send_to_pool()
+                return
+            if self._waits and not self._in_pool:
+                waiter = self._waits[0]  # (subscripts, not popleft(): nothing between these four)
+                waiter.held = held
+                loan.held = None
+                del self._waits[0]
+                waiter.event.set()  # type: ignore[union-attr]  # (interrupted before: it takes it at its wait's end)
+                return
+            if len(self._idle) < self.keep and not self._in_pool:
+                loan.held = None
+                self._idle.append(held)
+                return
+            loan.held = None
+            self._taken -= 1
+            # Released before the lock is: an interrupt as the lock is let go would lose it. (One
+            # inside redis-py's release may still: its steps cannot be made ours. Lost, not put
+            # back twice: a retried give-back finds the loan empty.)
+            pool.release(held)
 
     def _send_to_pool(self) -> None:
         """Waiters go to the pool for the connections the ledger calls may take and have not (some
         went back to the pool for a caller waiting there), once nobody waits there. Lock held."""
         while self._waits and self._taken < self.limit and not self._in_pool:
+            waiter = self._waits[0]
             self._taken += 1
-            self._hand(_GO_TO_POOL)
-
-    def _hand(self, handed: Any) -> None:
-        wait = self._waits.popleft()
-        wait.handed = handed
-        wait.event.set()
+            waiter.held = _SLOT
+            del self._waits[0]
+            waiter.event.set()  # type: ignore[union-attr]
 
 
 def _expire(waiting: asyncio.Future[Any]) -> None:

@@ -107,7 +107,7 @@ from clearance.periods import Windows
 from clearance.scope import parse_scope
 from clearance.stores import redact_url
 from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
-from clearance.stores.lending import AsyncLender, Lender, NoConnection
+from clearance.stores.lending import AsyncLender, Lender, Loan, NoConnection
 
 logger = logging.getLogger("clearance.redis")
 
@@ -661,8 +661,9 @@ class RedisStore(Store):
 
     def _in_node_turn(self, lender: Any, command: Callable[[], _T]) -> _T:
         """``command()`` in a turn of a cluster node's ``lender`` (see _in_turn)."""
-        permit, _ = lender.borrow(_PERMITS)
+        loan = Loan()
         try:
+            lender.borrow(_PERMITS, loan)
             pause, deadline = _POOL_PAUSE, time.monotonic() + self._timeouts[1]
             while True:
                 try:
@@ -676,7 +677,11 @@ class RedisStore(Store):
                     time.sleep(pause)
                     pause = min(2 * pause, _POOL_PAUSE_MAX)
         finally:
-            lender.give_back(_PERMITS, permit)
+            try:
+                lender.give_back(_PERMITS, loan)
+            except BaseException:  # an interrupt during the give-back: this one does what is left
+                lender.give_back(_PERMITS, loan)
+                raise
 
     async def _ain_turn(self, client: Any, lender: AsyncLender, key: str, command: Callable[[], Awaitable[_T]]) -> _T:
         """:meth:`_in_turn` for asyncio, with this loop's ``lender``."""
@@ -897,8 +902,10 @@ class RedisStore(Store):
         # reply was left behind) is reconnected before use.
         pool = client.connection_pool
         lender = self._lender
-        connection, used = lender.borrow(pool)
+        loan = Loan()  # (what the lender lent this call, wherever an interrupt may arrive: see Loan)
         try:
+            used = lender.borrow(pool, loan)
+            connection = loan.held
             if type(args) is _HoldArgs:
                 args.stamp()
             body = b"".join(map(_bulk, args))
@@ -921,10 +928,15 @@ class RedisStore(Store):
         except redis.ResponseError:
             raise  # the whole reply was read: the connection is fine
         except BaseException:
-            connection.disconnect()  # a request or reply may be half-way: never hand this socket out again
+            if loan.connection is not None:
+                loan.connection.disconnect()  # a request or reply may be half-way: never hand this socket out again
             raise
         finally:
-            lender.give_back(pool, connection)
+            try:
+                lender.give_back(pool, loan)
+            except BaseException:  # an interrupt during the give-back: this one does what is left
+                lender.give_back(pool, loan)
+                raise
 
     def _retry_args(self, name: str, args: list[str], started: float, error: redis.ConnectionError) -> list[str]:
         """The connection died, possibly after the server ran the script: the arguments to run it again

@@ -16,6 +16,7 @@ import pytest
 import redis as redis_py
 
 from clearance import Action, Authority, Budget, Decision
+from clearance.stores.lending import Loan
 from clearance.stores.redis import RedisStore
 
 ACTION = Action("step", "s", {"calls": 1})
@@ -92,7 +93,8 @@ def test_no_connection_in_time_is_not_retried_nor_in_doubt(redis_url: str) -> No
     store = authority.store
     assert isinstance(store, RedisStore)
     client, _ = store._sync_client()
-    taken, _ = store._lender.borrow(client.connection_pool)  # the one connection ledger calls may use
+    taken = Loan()
+    store._lender.borrow(client.connection_pool, taken)  # the one connection ledger calls may use
     try:
         decision = authority.reserve(ACTION, "tenant:busy")
     finally:
@@ -191,7 +193,8 @@ def test_a_hold_that_waited_for_a_connection_lives_its_ttl_from_when_it_is_made(
     def sync_reserve() -> Decision:
         client, _ = store._sync_client()
         pool, lender = client.connection_pool, store._lender
-        taken, _ = lender.borrow(pool)  # the one connection ledger calls may use, busy for 0.6 s
+        taken = Loan()
+        lender.borrow(pool, taken)  # the one connection ledger calls may use, busy for 0.6 s
         timer = threading.Timer(0.6, lambda: lender.give_back(pool, taken))
         timer.start()
         try:
