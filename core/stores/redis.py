@@ -350,6 +350,26 @@ async def _arelease(pool: Any, connection: Any) -> None:
 _RELEASING: set[asyncio.Future[Any]] = set()  # strong references to release tasks while they run
 
 
+def _cancels_so_far() -> tuple[asyncio.Task[Any] | None, int]:
+    """This task and how many cancellations it has been asked for (see :func:`_cancel_swallowed`)."""
+    task = asyncio.current_task()
+    return task, task.cancelling() if task is not None else 0
+
+
+def _cancel_swallowed(before: tuple[asyncio.Task[Any] | None, int]) -> None:
+    """Raise the ``CancelledError`` redis-py dropped since ``before``.
+
+    redis-py writes a request inside ``asyncio.wait_for``, which on Python 3.11 returns normally when
+    the write finished as the caller was cancelled: the cancellation is lost. In a hunt half the
+    cancellations of a reserve (``task.cancel()``, an ``asyncio.timeout`` expiring) were: the task
+    went on to its model call, and a reserve wrapped in ``wait_for`` left a hold nobody got, held
+    until its TTL. Raised here, after the reply was read whole: the connection stays usable, and a
+    reserve's hold is in doubt (released by the next good call), as for any cancelled reserve."""
+    task, count = before
+    if task is not None and task.cancelling() > count:
+        raise asyncio.CancelledError
+
+
 def _bulk(value: str) -> bytes:
     """One RESP bulk string."""
     data = value.encode()
@@ -987,6 +1007,7 @@ class RedisStore(Store):
         too; this does not rely on it; a disconnected connection reconnects on its next use). Giving
         one back to the lender does not suspend, so a cancellation cannot lose it; one returned to
         the pool under a contended lock is finished by :func:`_arelease`."""
+        before = _cancels_so_far()
         if self.cluster:  # see _evalsha: EVAL on the tenant's node, never a load on every primary; a turn first
             keys = self._keys(root)
 
@@ -1003,7 +1024,9 @@ class RedisStore(Store):
                 except Exception as error:
                     raise _cluster_broke(error) from error
 
-            return await self._ain_turn(client, lender, keys[0], run)
+            reply = await self._ain_turn(client, lender, keys[0], run)
+            _cancel_swallowed(before)
+            return reply
         pool = client.connection_pool
         connection, _ = await lender.borrow(pool)
         clean = False
@@ -1030,6 +1053,7 @@ class RedisStore(Store):
                 await connection.send_packed_command([count + self._command_head(script, root) + body])
                 reply = await connection.read_response()
             clean = True
+            _cancel_swallowed(before)
             return reply
         except redis.ResponseError:
             clean = True  # the whole reply was read: the connection is fine
@@ -1096,14 +1120,17 @@ class RedisStore(Store):
     async def _akeyed(self, key: str, command: Callable[[Any], Awaitable[_T]]) -> _T:
         """:meth:`_keyed` for asyncio."""
         client, _, lender = await self._async_client()
+        before = _cancels_so_far()
         try:
-            return await self._ain_turn(client, lender, key, lambda: command(client))
+            reply = await self._ain_turn(client, lender, key, lambda: command(client))
         except _ERRORS as error:
             raise _unavailable(error) from error
         except Exception as error:
             if not self.cluster:
                 raise
             raise _unavailable(_cluster_broke(error)) from error
+        _cancel_swallowed(before)
+        return reply
 
     # --- in-doubt holds --------------------------------------------------------------------------
     def _doubt(self, request: HoldRequest, error: BaseException) -> None:

@@ -395,6 +395,46 @@ async def test_async_calls_cancelled_midway_leave_the_pool_clean(redis_url: str,
     await authority.aclose()
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("server", ["redis_url", "redis_cluster_url"])
+async def test_a_cancelled_async_call_is_cancelled(server: str, request: pytest.FixtureRequest) -> None:
+    """redis-py writes a request inside ``asyncio.wait_for``, which on Python 3.11 drops a
+    cancellation arriving as the write finishes: half the cancels of a reserve were lost — the task
+    went on to its model call with an allowed decision, and one awaited in ``wait_for`` left a hold
+    nobody got until its TTL. Every cancel now cancels, and what such a reserve held is released by
+    the next good call."""
+    authority = Authority(str(request.getfixturevalue(server)))
+    await authority.aset_budget(Budget("tenant:acme", "usd", 100))
+    action = Action("step", "s", {"usd": 1})
+    warm = await authority.areserve(action, "tenant:acme/run:r1")  # connected, its policy read
+    await authority.arelease(warm.reservation)  # type: ignore[arg-type]
+
+    async def reserve(inside_wait_for: bool) -> Decision:
+        call = authority.areserve(action, "tenant:acme/run:r1", ttl=600)
+        return await (asyncio.wait_for(call, 30) if inside_wait_for else call)
+
+    lost = []
+    for steps in range(10):  # cancel after 0..9 loop iterations, alone and inside wait_for
+        for inside_wait_for in (False, True):
+            task = asyncio.ensure_future(reserve(inside_wait_for))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            requested = task.cancel()
+            try:
+                decision = await task
+            except asyncio.CancelledError:
+                continue
+            await authority.arelease(decision.reservation)  # type: ignore[arg-type]
+            if requested:
+                lost.append((steps, inside_wait_for))
+    assert lost == []
+    for _ in range(3):  # good calls: they release what cancelled reserves may have held
+        decision = await authority.areserve(action, "tenant:acme/run:r1")
+        await authority.arelease(decision.reservation)  # type: ignore[arg-type]
+    assert (await authority.abalance("tenant:acme"))["usd"].held == 0
+    await authority.aclose()
+
+
 def test_period_budgets_keep_their_latest_windows_only(redis_url: str, clock: FakeClock) -> None:
     """A per-minute budget would otherwise add two counters to the tenant's hash every minute for
     good. Past windows are pruned to the latest 8, but never a window something is still held in
