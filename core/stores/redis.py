@@ -188,6 +188,15 @@ def _backlog(reply: Any) -> bool:
     return reply == ["backlog"] or (isinstance(reply, str) and reply.startswith("backlog"))
 
 
+def _drained(name: str, args: list[str]) -> list[str]:
+    """The arguments to ask again with once the backlog was reclaimed: a reserve says so in its
+    retry flag ('2', unless it is our retry after a lost reply, '1'), so that a plan that fits is
+    held even if new expiries made another backlog meanwhile (see reserve.lua)."""
+    if name == "reserve" and args[-1] == "0":
+        args[-1] = "2"
+    return args
+
+
 def _caught_up(reply: Any, root: str) -> Any:
     """A reply after the backlog was reclaimed. A reserve's second 'backlog' is a denial all the
     same (it carries the states); a read with still more expired (a new batch meanwhile) gives up."""
@@ -1395,23 +1404,24 @@ class RedisStore(Store):
     def set_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
         root = parse_scope(scope).root
         self._register(root)
-        self._run("set_budget", root, self._budget_args(scope, unit, period, limit, now))
+        self._run_drained("set_budget", root, self._budget_args(scope, unit, period, limit, now), now)
 
     async def aset_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
         root = parse_scope(scope).root
         await self._aregister(root)
-        await self._arun("set_budget", root, self._budget_args(scope, unit, period, limit, now))
+        await self._arun_drained("set_budget", root, self._budget_args(scope, unit, period, limit, now), now)
 
     def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
         root = parse_scope(scope).root
         self._register(root)
-        return bool(self._run("set_budget", root, self._budget_args(scope, unit, period, limit, now, only_new=True)))
+        args = self._budget_args(scope, unit, period, limit, now, only_new=True)
+        return bool(self._run_drained("set_budget", root, args, now))
 
     async def aensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
         root = parse_scope(scope).root
         await self._aregister(root)
         args = self._budget_args(scope, unit, period, limit, now, only_new=True)
-        return bool(await self._arun("set_budget", root, args))
+        return bool(await self._arun_drained("set_budget", root, args, now))
 
     # --- policy documents (global keys, tag "{~}") ------------------------------------------------
     def put_policy(self, document: str, now: float) -> int:
@@ -1528,13 +1538,13 @@ class RedisStore(Store):
                 return expired
 
     def _run_drained(self, name: str, root: str, args: list[str], now: float) -> Any:
-        """A script (reserve, accounts, list) that answers 'backlog' when more expired holds wait
+        """A script (reserve, accounts, list, set_budget) that answers 'backlog' when more expired holds wait
         than one call reclaims and they could matter (a reserve's denial, a balance, a listing):
         they are reclaimed (see :meth:`_drain`), then it is asked once more."""
         reply = self._run(name, root, args)
         if _backlog(reply):
             self._drain(root, now, expired_only=True)
-            reply = _caught_up(self._run(name, root, args), root)
+            reply = _caught_up(self._run(name, root, _drained(name, args)), root)
         return reply
 
     async def _arun_drained(self, name: str, root: str, args: list[str], now: float) -> Any:
@@ -1542,7 +1552,7 @@ class RedisStore(Store):
         reply = await self._arun(name, root, args)
         if _backlog(reply):
             await self._adrain(root, now)
-            reply = _caught_up(await self._arun(name, root, args), root)
+            reply = _caught_up(await self._arun(name, root, _drained(name, args)), root)
         return reply
 
     def _node_of(self, root: str) -> str | None:

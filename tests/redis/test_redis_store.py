@@ -28,6 +28,7 @@ from clearance import (
     StoreUnavailable,
 )
 from clearance.periods import windows_at
+from clearance.policy_file import PolicyDocument
 from clearance.stores import store_from_url
 from clearance.stores.base import DEFAULT_RETENTION, root_of
 from clearance.stores.redis import RedisStore
@@ -1538,4 +1539,52 @@ def test_an_output_capped_retry_whose_reply_is_lost_is_answered_as_its_first_run
     assert decision.reservation is not None and decision.plan_index == decision.reservation.plan_index == 2
     assert decision.caps is not None and decision.caps.model == "gpt-4.1-mini" and decision.caps.max_output_tokens
     assert [r.id for r in authority.reservations("tenant:capped")] == [decision.reservation.id]
+    authority.close()
+
+
+# A reclaim batch reaches the latest expiries first: with more expired holds than one batch, the
+# ones not reached yet must not act as if still held. (Found by a differential hunt with
+# reclaim_batch 1; the same happens at the default 1,000 with 1,001 expired holds.)
+def test_a_key_of_a_hold_expired_a_retention_ago_is_free_whether_or_not_a_batch_reached_it(
+    redis_url: str, clock: FakeClock
+) -> None:
+    authority = Authority(f"{redis_url}&reclaim_batch=1&retention=900&max_clock_skew=0", clock=clock)
+    authority.set_budget(Budget("tenant:t", "usd", 100))
+    action = Action("s", "s", {"usd": 1})
+    authority.reserve(action, "tenant:t/run:a", ttl=60, idempotency_key="k")  # expires first
+    authority.reserve(action, "tenant:t/run:a", ttl=600)  # ... and this later: a batch takes it first
+    clock.advance(3600)  # both expired more than a retention ago: forgotten, the key free again
+    decision = authority.reserve(action, "tenant:t/run:a", ttl=60, idempotency_key="k")
+    assert decision.allowed and not decision.replayed  # (was: denied replay_settled, for good)
+    assert authority.balance("tenant:t")["usd"].held == 1
+    authority.close()
+
+
+def test_headroom_never_counts_an_expired_hold_a_batch_did_not_reach(redis_url: str, clock: FakeClock) -> None:
+    authority = Authority(f"{redis_url}&reclaim_batch=1&max_clock_skew=0", clock=clock)
+    authority.set_budget(Budget("tenant:t", "usd", 100))
+    for _ in range(3):
+        authority.reserve(Action("s", "s", {"usd": 10}), "tenant:t/run:a", ttl=5)
+    clock.advance(10)
+    decision = authority.reserve(Action("s", "s", {"usd": 1}), "tenant:t/run:a", ttl=60)
+    assert decision.allowed
+    assert [h.held for h in decision.headroom] == [1]  # (was 21: two expired holds counted)
+
+
+def test_a_per_run_budget_met_again_past_its_time_starts_anew_behind_a_backlog(
+    redis_url: str, clock: FakeClock
+) -> None:
+    authority = Authority(
+        f"{redis_url}&reclaim_batch=1&retention=900&max_clock_skew=0", clock=clock, policy_refresh=0
+    )
+    authority.apply_policy(PolicyDocument.loads("tools: {calls_per_run: 4}\n", "yaml"))
+    authority.set_budget(Budget("tenant:t", "calls", 1000))
+    spent = authority.reserve(Action.tool_call("calc"), "tenant:t/run:r", ttl=5)
+    authority.commit(spent.reservation)  # type: ignore[arg-type]
+    authority.reserve(Action.tool_call("calc"), "tenant:t/run:r", ttl=5)  # held, never settled
+    authority.reserve(Action("s", "s", {"calls": 1}), "tenant:t/app:x", ttl=60)  # expires later
+    clock.advance(30 * 86400)  # the run idle past its budget's time: seen again, a new count
+    decision = authority.reserve(Action.tool_call("calc"), "tenant:t/run:r", ttl=5)
+    tool_calls = [h for h in decision.headroom if h.unit == "tool_calls"]
+    assert decision.allowed and [(h.spent, h.held) for h in tool_calls] == [(0, 1)]  # (was spent 1)
     authority.close()

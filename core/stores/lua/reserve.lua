@@ -197,8 +197,11 @@ end
 
 -- With a backlog, a plan rejected may have been rejected for an expired hold not reached yet: a
 -- later plan chosen then is no more an answer than a denial is (the client drains and asks again;
--- a second 'backlog' in a row is taken as a denial).
-if chosen < 0 or (backlog and #rejections > 0) then
+-- a second 'backlog' in a row is taken as a denial). The first plan chosen is an answer, but its
+-- headroom would count those expired holds as held: asked again too, unless this is the ask after
+-- the drain (ARGV[12] '2': new expiries meanwhile, a flood, do not turn a hold that fits into a
+-- denial).
+if chosen < 0 or (backlog and (#rejections > 0 or ARGV[12] ~= '2')) then
   return (backlog and 'backlog' or 'denied') .. '\n\n-1\n0\n' .. states_text(list, nil) .. '\n' .. table.concat(rejections, '|')
 end
 

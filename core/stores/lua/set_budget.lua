@@ -2,7 +2,8 @@
 -- ARGV[3] scope, [4] unit, [5] period, [6] limit, [7] audit detail, [8] '1' = only if there is none
 -- (budget templates: an operator's own change is never undone), [9] '1' on the client's retry after a
 -- lost reply (a budget that already has this limit was set by the first run: no second audit event).
--- Reply 1 if set, 0 if it existed.
+-- Reply 1 if set, 0 if it existed; 'backlog' (nothing changed) while more expired holds wait than one
+-- call reclaims and a budget kept past its time is met again (see forget_if_due).
 -- A template budget (ARGV[8] = '1') is kept until now + retention ("u<id>" -> that time, and "~<id>"
 -- in the due index scored by minus it, so reclaim finds it like a reservation to forget), pushed that
 -- far again by a later template call once less than half is left; then reclaim forgets it (see
@@ -20,19 +21,25 @@ local name = scope .. '|' .. unit .. '|' .. period
 -- A template idle past its time (or a removed budget's counters past theirs) met again before
 -- reclaim forgot it: as if it had (a new count), whichever comes first — holds due to expire
 -- expired first, as a sweep would. (forget_template leaves one in use. Not for a worker whose
--- clock is off the server's: like reclaim, it would forget a budget still in use.)
+-- clock is off the server's: like reclaim, it would forget a budget still in use.) More expired
+-- holds than one batch: one not reached yet would look like a hold in use (the run's old count
+-- kept), so the script answers 'backlog' having changed nothing else, and the client drains the
+-- tenant and asks again. True when it did.
 local function forget_if_due(id)
   local till = string.match(redis.call('HGET', K_LEDGER, 'u' .. id) or '', '^([^!]+)')
   if till and till + 0 <= NOW_N and clock_ok() then
-    reclaim()
+    if reclaim() >= BATCH + 0 then
+      return false
+    end
     forget_template(id)
   end
+  return true
 end
 
 if only_new == '1' then
   local id = redis.call('HGET', K_LEDGER, '=' .. name)
-  if id then
-    forget_if_due(id)
+  if id and not forget_if_due(id) then
+    return 'backlog'
   end
 end
 local field = '@' .. scope
@@ -68,7 +75,9 @@ end
 if not found then
   local id = redis.call('HGET', K_LEDGER, '=' .. name)
   if id and only_new ~= '1' then  -- a removed budget's counters (see remove_budget): go on, or start anew
-    forget_if_due(id)
+    if not forget_if_due(id) then
+      return 'backlog'
+    end
     id = redis.call('HGET', K_LEDGER, '=' .. name)
     if id and redis.call('HDEL', K_LEDGER, 'u' .. id) == 1 then  -- an operator's from now on
       redis.call('ZREM', K_DUE, '~' .. id)
