@@ -102,9 +102,17 @@ class Action(InputModel):
         risk: str | None = None,
         extra: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
+        cache_write_tokens: int = 0,
+        cache_write_1h_tokens: int = 0,
     ) -> Action:
         """A model call priced at its worst case: ``usd`` for ``input_tokens`` plus
         ``max_output_tokens`` at the model's genai-prices rate, and ``tokens`` for both.
+
+        With prompt caching, ``cache_write_tokens`` says how many of the input tokens the call may
+        write to the provider's cache (its worst case: a miss), of which ``cache_write_1h_tokens``
+        with a one-hour lifetime; they are priced at the model's cache-write rates (Anthropic's
+        cost 1.25x and 2x its input: without them such a call is held short), and at its input rate
+        where it has none. Cache reads only make a call cheaper: the hold's input price covers them.
 
         An unknown model raises :class:`InvalidRequest` unless a fallback price is configured
         (:func:`clearance.pricing.set_fallback_price`). ``extra`` adds amounts of other units;
@@ -116,12 +124,22 @@ class Action(InputModel):
                 "Action.model_call prices usd and counts tokens itself: extra takes other units only, got "
                 + ", ".join(sorted(unit for unit in extra if unit in ("usd", "tokens")))
             )
-        nano = price_nano_usd(provider, model, input_tokens, max_output_tokens)
+        nano = price_nano_usd(
+            provider,
+            model,
+            input_tokens,
+            max_output_tokens,
+            cache_write_tokens=cache_write_tokens,
+            cache_write_1h_tokens=cache_write_1h_tokens,
+        )
         # (from_steps divides exactly: the caller's decimal context could round the price down)
         amounts: dict[str, Any] = {"usd": from_steps("usd", nano), "tokens": input_tokens + max_output_tokens}
         if extra:
             amounts.update(extra)
-        meta = {"input_tokens": input_tokens, "max_output_tokens": max_output_tokens, **(metadata or {})}
+        meta: dict[str, Any] = {"input_tokens": input_tokens, "max_output_tokens": max_output_tokens}
+        if cache_write_tokens:  # (a policy re-pricing the call prices them too)
+            meta.update(cache_write_tokens=cache_write_tokens, cache_write_1h_tokens=cache_write_1h_tokens)
+        meta.update(metadata or {})
         return cls(
             "model_call",
             name or model,

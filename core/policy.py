@@ -46,6 +46,41 @@ PolicyRule = Callable[[Action, Scope, "Proposal"], None]
 """A code rule: may change ``proposal.plans``, set ``proposal.deny``, add ``proposal.notes``."""
 
 
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """A model call's input as it is priced: its tokens, of which ``cache_write`` may be written to
+    the provider's prompt cache, of which ``cache_write_1h`` for an hour (see Action.model_call)."""
+
+    tokens: int
+    cache_write: int = 0
+    cache_write_1h: int = 0
+
+    @classmethod
+    def of(cls, action: Action) -> Prompt | None:
+        """The input of a call built by Action.model_call (None for any other action)."""
+        meta = action.metadata
+        tokens = meta.get("input_tokens")
+        write, write_1h = meta.get("cache_write_tokens", 0), meta.get("cache_write_1h_tokens", 0)
+        if type(tokens) is not int or type(write) is not int or type(write_1h) is not int:
+            return None
+        return cls(tokens, write, write_1h)
+
+    def cut_to(self, kept: int) -> Prompt:
+        """This input cut to ``kept`` tokens (a context cap): it writes at most those to the cache."""
+        write = min(self.cache_write, kept)
+        return Prompt(kept, write, min(self.cache_write_1h, write))
+
+    def nano_usd(self, provider: str | None, model: str, output_tokens: int) -> int:
+        return price_nano_usd(
+            provider,
+            model,
+            self.tokens,
+            output_tokens,
+            cache_write_tokens=self.cache_write,
+            cache_write_1h_tokens=self.cache_write_1h,
+        )
+
+
 @dataclass(slots=True)
 class OutputRetry:
     """What is needed to offer "the longest answer the headroom pays for" after a denial."""
@@ -53,11 +88,11 @@ class OutputRetry:
     provider: str | None
     model: str
     requested_model: str | None
-    input_tokens: int
+    prompt: Prompt
     max_output_tokens: int
     floor: int
     fixed: dict[str, int]  # every other unit the call holds
-    trimmed_input: bool = False  # input_tokens already reflects a context cap
+    trimmed_input: bool = False  # the prompt already reflects a context cap
     min_headroom: float | dict[str, float] = 0.0  # the cheapest rung's soft threshold still applies
 
 
@@ -215,18 +250,19 @@ class Policy:
     ) -> list[Plan] | None:
         if action.kind != "model_call" or action.model is None:
             return None
-        input_tokens = action.metadata.get("input_tokens")
+        prompt = Prompt.of(action)
         output_tokens = action.metadata.get("max_output_tokens")
-        if not isinstance(input_tokens, int) or not isinstance(output_tokens, int):
+        if prompt is None or not isinstance(output_tokens, int):
             return None  # not built by Action.model_call: nothing to re-price
+        input_tokens = prompt.tokens
         found = self._ladder(action, scope)
         rungs: list[Rung] = found[0].rungs[found[1] :] if found else [Rung(model=action.model)]
         provider = action.provider
         others = {unit: steps for unit, steps in action.steps if unit not in ("usd", "tokens")}
         others = _add(others, extra)
 
-        def amounts(model: str, tokens_in: int, tokens_out: int) -> dict[str, int]:
-            return _call_amounts(price_nano_usd(provider, model, tokens_in, tokens_out), tokens_in + tokens_out, others)
+        def amounts(model: str, given: Prompt, tokens_out: int) -> dict[str, int]:
+            return _call_amounts(given.nano_usd(provider, model, tokens_out), given.tokens + tokens_out, others)
 
         plans: list[Plan] = []
         priced: list[Rung] = []
@@ -234,7 +270,7 @@ class Policy:
             caps = None if rung.model == action.model else _model_caps(rung.model)
             rule = f"ladder:{rung.model}" if found else None
             try:
-                steps = amounts(rung.model, input_tokens, output_tokens)
+                steps = amounts(rung.model, prompt, output_tokens)
             except InvalidRequest as error:
                 if rung.model == action.model:
                     raise
@@ -248,18 +284,18 @@ class Policy:
         rungs = priced
         cheapest = rungs[-1].model
         changed_model = None if cheapest == action.model else cheapest
-        kept_input = input_tokens
+        kept_input = prompt
         context = self.document.context_cap
         if context is not None and _within(scope, context.scope) and input_tokens > context.floor:
-            full = price_nano_usd(provider, action.model, input_tokens, output_tokens)
-            input_only = price_nano_usd(provider, action.model, input_tokens, 0)
+            full = prompt.nano_usd(provider, action.model, output_tokens)
+            input_only = prompt.nano_usd(provider, action.model, 0)
             if full and input_only / full >= context.dominance:
                 kept = max(context.floor, int(input_tokens * context.keep))
                 if kept < input_tokens:
                     caps = Caps(model=changed_model, max_input_tokens=kept)
-                    steps = amounts(cheapest, kept, output_tokens)
+                    kept_input = prompt.cut_to(kept)
+                    steps = amounts(cheapest, kept_input, output_tokens)
                     plans.append(Plan.of_steps(steps, caps, rungs[-1].min_headroom, rule="context_cap"))
-                    kept_input = kept
         output = self.document.output_cap
         if output is not None and _within(scope, output.scope) and output_tokens > output.floor:
             proposal.output_retry = OutputRetry(
@@ -270,7 +306,7 @@ class Policy:
                 output_tokens,
                 output.floor,
                 others,
-                trimmed_input=kept_input < input_tokens,
+                trimmed_input=kept_input.tokens < input_tokens,
                 min_headroom=rungs[-1].min_headroom,
             )
         if len(plans) == 1 and not found and not extra:
@@ -321,7 +357,7 @@ class Policy:
     @staticmethod
     def output_cap_for(retry: OutputRetry, held: dict[str, int]) -> Plan | None:
         """The output-cap plan that holds exactly ``held``, if there is one (idempotent retries)."""
-        tokens_out = held.get("tokens", 0) - retry.input_tokens
+        tokens_out = held.get("tokens", 0) - retry.prompt.tokens
         if not retry.floor <= tokens_out < retry.max_output_tokens:
             return None
         plan = _output_plan(retry, tokens_out)
@@ -336,8 +372,8 @@ class Policy:
         keep = [(a, _required(retry.min_headroom, a)) for a in accounts if a.unit in held]
 
         def fits(tokens_out: int) -> bool:
-            usd = price_nano_usd(retry.provider, retry.model, retry.input_tokens, tokens_out)
-            need = _call_amounts(usd, retry.input_tokens + tokens_out, retry.fixed)
+            usd = retry.prompt.nano_usd(retry.provider, retry.model, tokens_out)
+            need = _call_amounts(usd, retry.prompt.tokens + tokens_out, retry.fixed)
             return all(need.get(a.unit, 0) <= a.remaining - required for a, required in keep)
 
         low, high = retry.floor, retry.max_output_tokens - 1
@@ -353,10 +389,10 @@ class Policy:
 
 
 def _output_plan(retry: OutputRetry, tokens_out: int) -> Plan:
-    usd = price_nano_usd(retry.provider, retry.model, retry.input_tokens, tokens_out)
-    steps = _call_amounts(usd, retry.input_tokens + tokens_out, retry.fixed)
+    usd = retry.prompt.nano_usd(retry.provider, retry.model, tokens_out)
+    steps = _call_amounts(usd, retry.prompt.tokens + tokens_out, retry.fixed)
     model = None if retry.model == retry.requested_model else retry.model
-    trimmed = retry.input_tokens if retry.trimmed_input else None
+    trimmed = retry.prompt.tokens if retry.trimmed_input else None
     caps = Caps(model=model, max_output_tokens=tokens_out, max_input_tokens=trimmed)
     return Plan.of_steps(steps, caps, retry.min_headroom, rule="output_cap")
 

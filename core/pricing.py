@@ -36,18 +36,37 @@ _NANO_PER_MTOK = EXACT.divide(Decimal(USD_SCALE), Decimal(1_000_000))
 
 @dataclass(frozen=True, slots=True)
 class ModelRate:
-    """USD per million tokens for one model (input, output), and USD per request (a fee some
-    providers charge on every call, whatever its tokens: left out, every such call was held short)."""
+    """USD per million tokens for one model (input, output), USD per request (a fee some providers
+    charge on every call, whatever its tokens: left out, every such call was held short), and USD
+    per million input tokens written to the prompt cache (5-minute and 1-hour writes: Anthropic's
+    cost 1.25x and 2x its input; ``None``: the model has no such price, they cost what input does)."""
 
     input_per_mtok: Decimal
     output_per_mtok: Decimal
     per_request: Decimal = Decimal(0)
+    cache_write_per_mtok: Decimal | None = None
+    cache_write_1h_per_mtok: Decimal | None = None
 
-    def nano_usd(self, input_tokens: int, output_tokens: int) -> int:
+    def nano_usd(
+        self, input_tokens: int, output_tokens: int, cache_write_tokens: int = 0, cache_write_1h_tokens: int = 0
+    ) -> int:
+        """The price in nano-dollars, rounded up; cache writes are part of ``input_tokens`` and 1-hour
+        writes part of ``cache_write_tokens`` (as genai-prices counts them)."""
         exact = EXACT  # never the caller's decimal context (which may round, and round down)
         usd_per_mtok = exact.add(
-            exact.multiply(input_tokens, self.input_per_mtok), exact.multiply(output_tokens, self.output_per_mtok)
+            exact.multiply(input_tokens - cache_write_tokens, self.input_per_mtok),
+            exact.multiply(output_tokens, self.output_per_mtok),
         )
+        if cache_write_tokens:
+            five_minute = self.cache_write_per_mtok if self.cache_write_per_mtok is not None else self.input_per_mtok
+            one_hour = self.cache_write_1h_per_mtok if self.cache_write_1h_per_mtok is not None else five_minute
+            usd_per_mtok = exact.add(
+                usd_per_mtok,
+                exact.add(
+                    exact.multiply(cache_write_tokens - cache_write_1h_tokens, five_minute),
+                    exact.multiply(cache_write_1h_tokens, one_hour),
+                ),
+            )
         usd = exact.multiply(usd_per_mtok, _NANO_PER_MTOK)
         if self.per_request:
             usd = exact.add(usd, exact.multiply(self.per_request, USD_SCALE))
@@ -190,45 +209,117 @@ def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float]:
     _trim_genai_caches()
     price = calc.model_price
     rate: ModelRate | None = None
-    if isinstance(price.input_mtok, Decimal | int) and isinstance(price.output_mtok, Decimal | int | None):
+    cache_writes = (getattr(price, "cache_write_mtok", None), getattr(price, "cache_write_1h_mtok", None))
+    if (
+        isinstance(price.input_mtok, Decimal | int)
+        and isinstance(price.output_mtok, Decimal | int | None)
+        and all(isinstance(write, Decimal | int | None) for write in cache_writes)
+    ):
         fee = getattr(price, "requests_kcount", None)  # USD per 1,000 requests (perplexity's sonar)
         per_request = EXACT.divide(Decimal(fee), Decimal(1000)) if isinstance(fee, Decimal | int) else Decimal(0)
-        rate = ModelRate(Decimal(price.input_mtok), Decimal(price.output_mtok or 0), per_request)
-        if rate.nano_usd(1, 1) != _nano(calc.total_price):
+        five_minute, one_hour = (None if write is None else Decimal(write) for write in cache_writes)
+        rate = ModelRate(Decimal(price.input_mtok), Decimal(price.output_mtok or 0), per_request, five_minute, one_hour)
+        if rate.nano_usd(1, 1) != _nano(calc.total_price) or rate.nano_usd(*_CACHE_PROBE) != _calc_nano(
+            provider, model, *_CACHE_PROBE, at=at
+        ):
             rate = None  # a charge the flat rate does not carry: priced exactly, call by call
     entry = (rate, _next_change(calc.model.prices, at))
     _store_rate(key, entry, generation)
     return entry
 
 
-@lru_cache(maxsize=4096)
-def _tiered(provider: str | None, model: str, input_tokens: int, output_tokens: int, until: float) -> int:
-    """The exact price of a tiered model's call, memoised per price period (``until``: when the
-    prices that apply now may change)."""
+# Token counts whose price, compared with genai-prices' own, tells whether a model's cache writes
+# are priced by its flat rate (input, output, cache writes of which 1-hour ones).
+_CACHE_PROBE = (7, 1, 3, 1)
+
+
+def _calc_nano(
+    provider: str | None,
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    cache_write_tokens: int = 0,
+    cache_write_1h_tokens: int = 0,
+    *,
+    at: datetime | None = None,
+) -> int:
+    """genai-prices' price of a call in nano-dollars, rounded up (computed, ~80 µs)."""
     from genai_prices import Usage, calc_price
 
+    counts = {"input_tokens": input_tokens, "output_tokens": output_tokens}
+    if cache_write_tokens:  # (genai-prices refuses 1-hour writes without the writes they are part of)
+        counts.update(cache_write_tokens=cache_write_tokens, cache_write_1h_tokens=cache_write_1h_tokens)
     with localcontext(_GENAI_CONTEXT):  # genai-prices computes in the current context: never the caller's
-        calc = calc_price(
-            Usage(input_tokens=input_tokens, output_tokens=output_tokens), model_ref=model, provider_id=provider
-        )
+        calc = calc_price(Usage(**counts), model_ref=model, provider_id=provider, genai_request_timestamp=at)
     return _nano(calc.total_price)
 
 
-def price_nano_usd(provider: str | None, model: str, input_tokens: int, output_tokens: int) -> int:
-    """Price of a call in nano-dollars (rounded up)."""
+@lru_cache(maxsize=4096)
+def _tiered(
+    provider: str | None,
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    cache_write_tokens: int,
+    cache_write_1h_tokens: int,
+    until: float,
+) -> int:
+    """The exact price of a tiered model's call, memoised per price period (``until``: when the
+    prices that apply now may change)."""
+    return _calc_nano(provider, model, input_tokens, output_tokens, cache_write_tokens, cache_write_1h_tokens)
+
+
+def price_nano_usd(
+    provider: str | None,
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    *,
+    cache_write_tokens: int = 0,
+    cache_write_1h_tokens: int = 0,
+) -> int:
+    """Price of a call in nano-dollars (rounded up). ``cache_write_tokens``: how many of the input
+    tokens may be written to the provider's prompt cache (priced at its cache-write rate where it
+    has one), of which ``cache_write_1h_tokens`` with a one-hour lifetime — genai-prices' counting."""
     if not isinstance(model, str) or not model:
         raise InvalidRequest("a model name is required to price a model call")
     if provider is not None and not isinstance(provider, str):
         raise InvalidRequest(f"provider must be a name or None, got {provider!r}")
-    for name, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens)):
+    counts = [("input_tokens", input_tokens), ("output_tokens", output_tokens)]
+    writes = cache_write_tokens.__class__ is not int or cache_write_1h_tokens.__class__ is not int
+    if writes or cache_write_tokens or cache_write_1h_tokens:  # (the usual call writes none: checked as it is)
+        counts += [("cache_write_tokens", cache_write_tokens), ("cache_write_1h_tokens", cache_write_1h_tokens)]
+    for name, value in counts:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value > 2**40:
             raise InvalidRequest(f"{name} must be a non-negative int, got {value!r}")
+    if not cache_write_1h_tokens <= cache_write_tokens <= input_tokens:
+        raise InvalidRequest(
+            "cache writes are part of the input, one-hour ones part of the cache writes: need "
+            f"cache_write_1h_tokens ({cache_write_1h_tokens}) <= cache_write_tokens ({cache_write_tokens}) "
+            f"<= input_tokens ({input_tokens})"
+        )
     rate, until = _lookup(provider, model)
     if rate is not None:
-        return rate.nano_usd(input_tokens, output_tokens)
-    return _tiered(provider, model, input_tokens, output_tokens, until)
+        return rate.nano_usd(input_tokens, output_tokens, cache_write_tokens, cache_write_1h_tokens)
+    return _tiered(provider, model, input_tokens, output_tokens, cache_write_tokens, cache_write_1h_tokens, until)
 
 
-def price_usd(provider: str | None, model: str, input_tokens: int, output_tokens: int) -> Decimal:
+def price_usd(
+    provider: str | None,
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    *,
+    cache_write_tokens: int = 0,
+    cache_write_1h_tokens: int = 0,
+) -> Decimal:
     """Price of a call in USD, as an exact ``Decimal`` (nano-dollar resolution)."""
-    return Decimal(price_nano_usd(provider, model, input_tokens, output_tokens)).scaleb(-9, EXACT)
+    nano = price_nano_usd(
+        provider,
+        model,
+        input_tokens,
+        output_tokens,
+        cache_write_tokens=cache_write_tokens,
+        cache_write_1h_tokens=cache_write_1h_tokens,
+    )
+    return Decimal(nano).scaleb(-9, EXACT)

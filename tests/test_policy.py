@@ -116,6 +116,37 @@ def test_context_cap_trims_input_heavy_calls() -> None:
     assert decision.reservation.amounts["tokens"] == 25_500
 
 
+def test_a_degraded_model_call_is_priced_with_its_cache_writes() -> None:
+    """A ladder's cheaper model, a context cap and an output cap re-price the call: each with the
+    prompt-cache writes the call said it may make (at most the input kept), or held short."""
+    ladder = {"provider": "anthropic", "rungs": ["claude-3-7-sonnet-latest", "claude-3-5-haiku-latest"]}
+    writes = {"cache_write_tokens": 80_000, "cache_write_1h_tokens": 30_000}
+
+    def call(model: str, input_tokens: int, output_tokens: int, **counts: int) -> Action:
+        return Action.model_call("anthropic", model, input_tokens, output_tokens, **counts)
+
+    authority = authority_with({"ladders": [ladder]})
+    cheaper = call("claude-3-5-haiku-latest", 100_000, 1000, **writes).amounts["usd"]
+    authority.set_budget(Budget("tenant:acme", "usd", cheaper))  # the haiku with its writes, exactly
+    decision = authority.reserve(call("claude-3-7-sonnet-latest", 100_000, 1000, **writes), RUN)
+    assert decision.caps == Caps(model="claude-3-5-haiku-latest")
+    assert decision.reservation is not None and decision.reservation.amounts["usd"] == cheaper
+
+    trimming = authority_with({"ladders": [ladder], "context_cap": {"dominance": 0.6, "keep": 0.25, "floor": 1000}})
+    trimming.set_budget(Budget("tenant:acme", "tokens", 30_000))
+    decision = trimming.reserve(call("claude-3-7-sonnet-latest", 100_000, 500, **writes), RUN)
+    assert decision.caps == Caps(model="claude-3-5-haiku-latest", max_input_tokens=25_000)
+    kept = call("claude-3-5-haiku-latest", 25_000, 500, cache_write_tokens=25_000, cache_write_1h_tokens=25_000)
+    assert decision.reservation is not None and decision.reservation.amounts["usd"] == kept.amounts["usd"]
+
+    capped = authority_with({"ladders": [ladder], "output_cap": {"floor": 100}})
+    longest = call("claude-3-5-haiku-latest", 100_000, 400, **writes).amounts["usd"]
+    capped.set_budget(Budget("tenant:acme", "usd", longest))
+    decision = capped.reserve(call("claude-3-7-sonnet-latest", 100_000, 1000, **writes), RUN)
+    assert decision.caps is not None and decision.caps.max_output_tokens == 400
+    assert decision.reservation is not None and decision.reservation.amounts["usd"] == longest
+
+
 def test_tool_budget_exhausted_disables_the_tool_for_model_calls(store_url: str) -> None:
     authority = authority_with(
         store=store_url,

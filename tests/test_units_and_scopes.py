@@ -271,3 +271,46 @@ def test_a_float_subclass_is_an_amount_like_any_float() -> None:
     decision = authority.reserve(Action("step", "x", {"usd": Float64(0.0123)}), "tenant:a")
     assert decision.reservation is not None
     assert authority.commit(decision.reservation, {"usd": Float64(0.01)}).charged == {"usd": Decimal("0.01")}
+
+
+@pytest.mark.parametrize(
+    ("provider", "model"),
+    [
+        ("anthropic", "claude-3-5-haiku-latest"),  # flat rates, with 5-minute and 1-hour cache writes
+        ("anthropic", "claude-sonnet-4-5"),  # tiered: genai-prices computes it
+        ("openai", "gpt-4o"),  # no cache-write price: written tokens cost what input does
+    ],
+)
+def test_a_model_call_that_may_write_the_prompt_cache_is_held_at_the_cache_write_price(
+    provider: str, model: str
+) -> None:
+    from genai_prices import Usage, calc_price
+
+    for writes, hour in ((0, 0), (600_000, 0), (600_000, 250_000), (1_000_000, 1_000_000)):
+        action = Action.model_call(
+            provider, model, 1_000_000, 2_000, cache_write_tokens=writes, cache_write_1h_tokens=hour
+        )
+        counts = {"cache_write_tokens": writes, "cache_write_1h_tokens": hour} if writes else {}
+        usage = Usage(input_tokens=1_000_000, output_tokens=2_000, **counts)
+        expected = calc_price(usage, model_ref=model, provider_id=provider).total_price
+        assert action.amounts["usd"] == expected, (writes, hour)
+        assert action.amounts["tokens"] == 1_002_000  # (cache writes are input tokens)
+    # Anthropic's writes cost 1.25x (5 minutes) and 2x (1 hour) its input: without them, held short.
+    plain = Action.model_call("anthropic", "claude-3-5-haiku-latest", 1_000_000, 0).amounts["usd"]
+    written = Action.model_call("anthropic", "claude-3-5-haiku-latest", 1_000_000, 0, cache_write_tokens=1_000_000)
+    assert (plain, written.amounts["usd"]) == (Decimal("0.8"), Decimal("1"))
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        {"cache_write_tokens": 1001},  # more than the input
+        {"cache_write_tokens": 10, "cache_write_1h_tokens": 11},  # 1-hour writes are some of the writes
+        {"cache_write_tokens": -1},
+        {"cache_write_tokens": True},
+        {"cache_write_tokens": 1.5},
+    ],
+)
+def test_cache_writes_outside_the_input_are_invalid(counts: dict[str, object]) -> None:
+    with pytest.raises(InvalidRequest):
+        Action.model_call("anthropic", "claude-3-5-haiku-latest", 1000, 10, **counts)  # type: ignore[arg-type]
