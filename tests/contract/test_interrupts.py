@@ -19,6 +19,7 @@ from interrupts import Interrupted, interrupt_at
 
 from clearance import Action, Authority, Budget, ReservationNotFound, StoreUnavailable
 from clearance.stores.memory import MemoryStore
+from clearance.stores.redis import RedisStore
 from clearance.testing import FakeClock
 
 
@@ -87,18 +88,27 @@ def test_calls_interrupted_anywhere_leave_the_ledger_consistent(authority: Autho
         raise
 
 
-@pytest.mark.parametrize("store_url", ["memory", "sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    "store_url", ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)], indirect=True
+)
 @pytest.mark.parametrize("step", ["reserve", "commit", "release"])
-def test_a_call_interrupted_at_each_point_then_retried_counts_once(store_url: str, step: str) -> None:
+def test_a_call_interrupted_at_each_point_then_retried_counts_once(
+    store_url: str, step: str, request: pytest.FixtureRequest
+) -> None:
     """Every point of a reserve, a commit of several units (found in review: an interrupt right
     after a call inside its loop left one counter lowered that the retry lowered again) and a
-    release, in turn: retried, the ledger counts it once, and holds nobody knows of come back."""
+    release, in turn: retried, the ledger counts it once, and holds nobody knows of come back. On
+    Redis the connection the call was lent goes back too (an interrupt just after a kept one was
+    taken, or as it came back, lost it: after as many as the lender may take, every call failed)."""
     point = 0
     while True:
         point += 1
         clock = FakeClock()
-        url = f"{store_url}{point}" if store_url.startswith("sqlite") else store_url  # (a new ledger each time)
-        authority = Authority(f"{url}?retention=100", clock=clock)
+        if store_url.startswith("redis"):  # (a new ledger each time; the FakeClock's time: clock check off)
+            url = f"{request.getfixturevalue('redis_url_factory')()}&max_clock_skew=0&"
+        else:
+            url = (f"{store_url}{point}" if store_url.startswith("sqlite") else store_url) + "?"
+        authority = Authority(f"{url}retention=100", clock=clock)
         authority.set_budget(Budget("tenant:acme", "usd", 10))
         authority.set_budget(Budget("tenant:acme/run:r1", "tokens", 1000))
         action = Action("step", "x", {"usd": 5, "tokens": 100})
@@ -119,6 +129,11 @@ def test_a_call_interrupted_at_each_point_then_retried_counts_once(store_url: st
         store = authority.store
         if isinstance(store, MemoryStore):  # and what is past its retention is forgotten, not kept for good
             assert not store._reservations, (step, point)
+        if isinstance(store, RedisStore):  # every connection lent is back: kept, or in the pool
+            lender, pool = store._lender, store._sync_client()[0].connection_pool
+            taken_from_pool = pool.max_connections - pool.pool.qsize()
+            assert (lender._taken, taken_from_pool) == (len(lender._idle), len(lender._idle)), (step, point)
+            assert not lender._waits and not lender._in_pool, (step, point)
         assert authority.reserve(Action("step", "y", {"usd": 9}), "tenant:acme/run:r2").allowed is (step != "commit")
         authority.close()
         if not interrupted:

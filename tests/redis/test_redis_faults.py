@@ -13,11 +13,10 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis as redis_py
-from interrupts import interrupt_at
 from redis_servers import RedisClusterServers, RedisServer, free_port, require_redis
 
 from clearance import Action, Authority, Budget, Mode, Outcome, StoreUnavailable
@@ -635,44 +634,3 @@ def test_cluster_events_across_tenants_take_turns_beside_busy_ledger_calls(redis
     authority.close()
     assert failures == [] and read[0] > 0
 
-
-@pytest.mark.parametrize("step", ["reserve", "commit", "release"])
-def test_a_call_interrupted_at_each_point_keeps_every_connection(
-    redis_url_factory: Callable[[], str], step: str
-) -> None:
-    """An exception at any point of a call (a signal handler's step timeout, Ctrl-C): the connection
-    it was lent goes back, and the ledger counts the call once once it is retried. Found with this
-    harness: an interrupt just after a kept connection was taken, or as it came back, lost it; after
-    as many as the lender may take, every call waited in vain and failed closed."""
-    point = 0
-    while True:
-        point += 1
-        clock = FakeClock()
-        authority = Authority(f"{redis_url_factory()}&{FAST}&retention=100", clock=clock)
-        authority.set_budget(Budget("tenant:acme", "usd", 10))
-        authority.set_budget(Budget("tenant:acme/run:r1", "tokens", 1000))
-        action = Action("step", "x", {"usd": 5, "tokens": 100})
-        reservation = None if step == "reserve" else authority.reserve(action, "tenant:acme/run:r1").reservation
-        if step == "reserve":
-            interrupted = interrupt_at(point, lambda: authority.reserve(action, "tenant:acme/run:r1"))
-        elif step == "commit":
-            interrupted = interrupt_at(point, lambda: authority.commit(reservation, {"usd": 2}))  # type: ignore[arg-type]
-            authority.commit(reservation, {"usd": 2})  # type: ignore[arg-type]  # the retry
-        else:
-            interrupted = interrupt_at(point, lambda: authority.release(reservation))  # type: ignore[arg-type]
-            authority.release(reservation)  # type: ignore[arg-type]
-        store = authority.store
-        assert isinstance(store, RedisStore)
-        lender, pool = store._lender, store._sync_client()[0].connection_pool
-        taken_from_pool = pool.max_connections - pool.pool.qsize()
-        assert (lender._taken, taken_from_pool) == (len(lender._idle), len(lender._idle)), (step, point)
-        assert not lender._waits and not lender._in_pool, (step, point)
-        clock.advance(300)  # past every TTL and retention: what nobody holds is back
-        authority.sweep()
-        usd, tokens = authority.balance("tenant:acme")["usd"], authority.balance("tenant:acme/run:r1")["tokens"]
-        expected = (2, 100) if step == "commit" else (0, 0)
-        assert (usd.spent, tokens.spent, usd.held, tokens.held) == (*expected, 0, 0), (step, point)
-        authority.close()
-        if not interrupted:
-            break
-    assert point > 20
