@@ -119,7 +119,11 @@ class Action(InputModel):
         naming ``usd`` or ``tokens`` there is an :class:`InvalidRequest` (it replaced the worst-case
         price, and a policy re-pricing the call dropped it: count a fee in a unit of its own).
         """
-        if isinstance(extra, Mapping) and ("usd" in extra or "tokens" in extra):
+        if extra is not None and not isinstance(extra, Mapping):  # (pairs replaced the price, unchecked)
+            raise InvalidRequest(f"extra must be a mapping of unit to amount, got {type(extra).__name__}")
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise InvalidRequest(f"metadata must be a mapping, got {type(metadata).__name__}")
+        if extra is not None and ("usd" in extra or "tokens" in extra):
             raise InvalidRequest(
                 "Action.model_call prices usd and counts tokens itself: extra takes other units only, got "
                 + ", ".join(sorted(unit for unit in extra if unit in ("usd", "tokens")))
@@ -136,10 +140,15 @@ class Action(InputModel):
         amounts: dict[str, Any] = {"usd": from_steps("usd", nano), "tokens": input_tokens + max_output_tokens}
         if extra:
             amounts.update(extra)
-        meta: dict[str, Any] = {"input_tokens": input_tokens, "max_output_tokens": max_output_tokens}
+        # The token counts the price was computed from win over the caller's metadata: policies
+        # re-price from them and Grant passes them on (a caller's max_output_tokens of 32,000 on a
+        # call held for 800 was handed back as the limit to send).
+        meta: dict[str, Any] = dict(metadata or {})
+        meta.pop("cache_write_tokens", None)
+        meta.pop("cache_write_1h_tokens", None)
+        meta.update(input_tokens=input_tokens, max_output_tokens=max_output_tokens)
         if cache_write_tokens:  # (a policy re-pricing the call prices them too)
             meta.update(cache_write_tokens=cache_write_tokens, cache_write_1h_tokens=cache_write_1h_tokens)
-        meta.update(metadata or {})
         return cls(
             "model_call",
             name or model,

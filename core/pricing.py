@@ -26,7 +26,7 @@ from functools import lru_cache
 from typing import Any
 
 from clearance.errors import InvalidRequest
-from clearance.units import EXACT, USD_SCALE
+from clearance.units import EXACT, MAX_AMOUNT, USD_SCALE
 
 # genai-prices does its Decimal arithmetic in the current context; a caller's (say prec=6, or traps
 # on) must not round or break a price, so its calls run in this one (Python's defaults, more digits).
@@ -86,6 +86,8 @@ _generation = 0  # +1 by every register_price / set_fallback_price: a lookup beg
 _rates: dict[tuple[str | None, str], tuple[ModelRate | None, float]] = {}
 _clock = _time.time  # (a name of this module's: tests move it)
 _MAX_RATES = 4096  # models cached (with a fallback price, model names from user input are all priced)
+# (provider, model, until) -> a moment of that price period, for the tiered models priced call by call
+_periods: dict[tuple[str | None, str, float], datetime] = {}
 
 
 def _price(name: str, value: Any) -> Decimal:
@@ -98,7 +100,15 @@ def _price(name: str, value: Any) -> Decimal:
         raise InvalidRequest(f"{name} must be a number of USD per million tokens, got {value!r}") from None
     if not price.is_finite() or price < 0:
         raise InvalidRequest(f"{name} must be finite and non-negative, got {value!r}")
+    if price > MAX_AMOUNT:  # (one token would cost more than any amount the ledger holds: 1e99999 hung)
+        raise InvalidRequest(f"{name} exceeds the largest supported price ({MAX_AMOUNT} USD per million tokens)")
     return price
+
+
+def _custom_key(provider: str | None, model: str) -> tuple[str | None, str]:
+    """A name as genai-prices matches it (the model's case ignored; the provider's too, and spaces
+    around it): an override registered as ``gpt-4o`` must price ``GPT-4o`` as well."""
+    return (provider.strip().lower() if provider is not None else None, model.lower())
 
 
 def register_price(model: str, input_per_mtok: Any, output_per_mtok: Any, *, provider: str | None = None) -> None:
@@ -108,7 +118,7 @@ def register_price(model: str, input_per_mtok: Any, output_per_mtok: Any, *, pro
     rate = ModelRate(_price("input_per_mtok", input_per_mtok), _price("output_per_mtok", output_per_mtok))
     global _generation  # noqa: PLW0603 - process-wide configuration by design
     with _lock:
-        _custom[(provider, model)] = rate
+        _custom[_custom_key(provider, model)] = rate
         _generation += 1
         _rates.clear()
 
@@ -182,14 +192,15 @@ def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float]:
     if entry is not None and _clock() < entry[1]:
         return entry
     generation = _generation
-    custom = _custom.get(key) or _custom.get((None, model))
+    provider_key, model_key = _custom_key(provider, model)
+    custom = _custom.get((provider_key, model_key)) or _custom.get((None, model_key))
     if custom is not None:
         entry = (custom, math.inf)
         _store_rate(key, entry, generation)
         return entry
     from genai_prices import Usage, calc_price  # imported on first use: keeps `import clearance` light
 
-    at = datetime.now(UTC)
+    at = datetime.fromtimestamp(_clock(), UTC)  # (one clock: the one a cached rate is judged by)
     try:
         with localcontext(_GENAI_CONTEXT):
             usage = Usage(input_tokens=1, output_tokens=1)
@@ -207,6 +218,11 @@ def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float]:
             + "; register one with clearance.pricing.register_price() or set_fallback_price()"
         ) from None
     _trim_genai_caches()
+    resolved = _custom.get((calc.provider.id, model_key))  # an override for the provider genai-prices chose
+    if resolved is not None:
+        entry = (resolved, math.inf)
+        _store_rate(key, entry, generation)
+        return entry
     price = calc.model_price
     rate: ModelRate | None = None
     cache_writes = (getattr(price, "cache_write_mtok", None), getattr(price, "cache_write_1h_mtok", None))
@@ -223,7 +239,13 @@ def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float]:
             provider, model, *_CACHE_PROBE, at=at
         ):
             rate = None  # a charge the flat rate does not carry: priced exactly, call by call
-    entry = (rate, _next_change(calc.model.prices, at))
+    until = _next_change(calc.model.prices, at)
+    entry = (rate, until)
+    if rate is None:  # priced call by call, at a moment of this price period (see _tiered)
+        with _lock:
+            if len(_periods) >= _MAX_RATES:
+                _periods.clear()
+            _periods[(provider, model, until)] = at
     _store_rate(key, entry, generation)
     return entry
 
@@ -266,7 +288,8 @@ def _tiered(
 ) -> int:
     """The exact price of a tiered model's call, memoised per price period (``until``: when the
     prices that apply now may change)."""
-    return _calc_nano(provider, model, input_tokens, output_tokens, cache_write_tokens, cache_write_1h_tokens)
+    at = _periods.get((provider, model, until))  # (None: now)
+    return _calc_nano(provider, model, input_tokens, output_tokens, cache_write_tokens, cache_write_1h_tokens, at=at)
 
 
 def price_nano_usd(

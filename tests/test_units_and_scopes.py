@@ -314,3 +314,67 @@ def test_a_model_call_that_may_write_the_prompt_cache_is_held_at_the_cache_write
 def test_cache_writes_outside_the_input_are_invalid(counts: dict[str, object]) -> None:
     with pytest.raises(InvalidRequest):
         Action.model_call("anthropic", "claude-3-5-haiku-latest", 1000, 10, **counts)  # type: ignore[arg-type]
+
+
+def test_a_model_calls_price_and_token_counts_cannot_be_replaced_through_its_arguments() -> None:
+    # Pairs instead of a mapping went past the check that keeps usd and tokens out of extra: held at $0.
+    with pytest.raises(InvalidRequest, match="extra must be a mapping"):
+        Action.model_call("openai", "gpt-4o", 1000, 800, extra=[("usd", 0)])  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="metadata must be a mapping"):
+        Action.model_call("openai", "gpt-4o", 1000, 800, metadata=[("k", 1)])  # type: ignore[arg-type]
+    # The token counts the hold was priced from win over the caller's metadata: a grant said to
+    # send 32,000 output tokens on a call held for 800.
+    action = Action.model_call(
+        "openai", "gpt-4o", 1000, 800, metadata={"max_output_tokens": 32_000, "cache_write_tokens": 900, "k": 1}
+    )
+    assert action.metadata == {"k": 1, "input_tokens": 1000, "max_output_tokens": 800}
+    authority = Authority()
+    with authority.guard(action, "tenant:acme/run:r1") as grant:
+        assert (grant.max_output_tokens, grant.max_input_tokens) == (800, 1000)
+
+
+def test_a_registered_price_applies_to_every_name_genai_prices_reads_as_that_model() -> None:
+    from clearance import pricing
+
+    register_price("gpt-4o", 50, 50, provider="openai")
+    register_price("Acme-FT", 40, 40)
+    set_fallback_price(1)
+    try:
+        for provider, model in (("openai", "gpt-4o"), (None, "gpt-4o"), ("OpenAI", "gpt-4o"), ("openai", "GPT-4o")):
+            assert price_usd(provider, model, 1_000_000, 0) == 50, (provider, model)  # (was $2.50: bundled)
+        assert price_usd(None, "acme-ft", 1_000_000, 0) == 40  # (was the $1 fallback)
+    finally:
+        set_fallback_price(None)
+        pricing._custom.clear()
+        pricing._rates.clear()
+
+
+@pytest.mark.parametrize("price", ["1e999999999999999999", "1e100000000", 10**17])
+def test_a_price_no_ledger_amount_can_hold_is_invalid(price: object) -> None:
+    with pytest.raises(InvalidRequest, match="largest supported price"):  # (was OverflowError, MemoryError, a hang)
+        register_price("absurd-model", price, 1)
+    with pytest.raises(InvalidRequest, match="largest supported price"):
+        set_fallback_price(price)
+
+
+def test_a_tiered_model_is_priced_at_the_moment_the_pricing_clock_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiered models are priced call by call by genai-prices: at the moment of the clock a cached
+    rate is judged by, not at genai-prices' own now (a moved clock held them below their price)."""
+    import datetime as real
+
+    from genai_prices import Usage, calc_price
+
+    from clearance import pricing
+
+    moment = real.datetime(2026, 4, 1, 12, 0, tzinfo=real.UTC)  # before grok-4.20's 2026-04-30 price cut
+    monkeypatch.setattr(pricing, "_clock", moment.timestamp)
+    pricing._rates.clear()
+    pricing._tiered.cache_clear()
+    try:
+        held = Action.model_call("x-ai", "grok-4.20", 300_000, 8_000).amounts["usd"]
+        usage = Usage(input_tokens=300_000, output_tokens=8_000)
+        truth = calc_price(usage, "grok-4.20", provider_id="x-ai", genai_request_timestamp=moment).total_price
+        assert held == Decimal(truth)  # (was 0.79 against 1.296)
+    finally:
+        pricing._rates.clear()
+        pricing._tiered.cache_clear()
