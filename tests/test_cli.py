@@ -276,6 +276,29 @@ def test_events_tail_follow_prints_new_events_until_ctrl_c(ledger: str, monkeypa
     assert "tenant:late" in lines[1]
 
 
+def test_events_tail_follow_keeps_up_with_more_events_than_a_page_per_poll(
+    ledger: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One page (1,000 events) a poll fell behind a ledger writing faster, for good; on a capped
+    trail the events it had not reached were trimmed before it printed them."""
+    with Authority(ledger) as authority:
+        polls: list[float] = []
+
+        def poll(seconds: float) -> None:
+            polls.append(seconds)
+            if len(polls) == 1:
+                for n in range(2_500):
+                    authority.set_budget(Budget(f"tenant:t{n}", "usd", 1))
+                return
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr("clearance.cli.app.time.sleep", poll)
+        result = runner.invoke(app, ["--store", ledger, "events", "tail", "--follow", "--interval", "0.1"])
+    assert result.exit_code == 0, result.output
+    printed = [line for line in result.output.splitlines() if "budget_set" in line]
+    assert len(printed) == 2_500 and "tenant:t2499" in printed[-1]  # all of them, at the first poll
+
+
 POLICY = """
 budgets:
   - {scope: "tenant:acme", unit: usd, limit: 500, period: month}

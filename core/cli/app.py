@@ -63,6 +63,10 @@ class _Console(Console):
 
 # soft_wrap: a line is never folded at 80 columns when piped (grep, logs); the terminal wraps it.
 out = _Console(highlight=False, soft_wrap=True)
+# Events read per page by ``events tail --follow``: each poll reads pages until one comes back
+# short (one page per poll fell behind a ledger writing faster, and on a capped trail the events it
+# had not reached were trimmed before it printed them).
+_TAIL_PAGE = 1000
 err = _Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -275,9 +279,13 @@ def events_tail(
         try:
             while True:
                 time.sleep(interval)
-                for event in authority.events(after=after, limit=1000, scope=scope):
-                    out.print(Text(event_line(event)))
-                    after = event.seq
+                while True:  # every page there is: one a poll fell behind a busy ledger for good
+                    page = authority.events(after=after, limit=_TAIL_PAGE, scope=scope)
+                    for event in page:
+                        out.print(Text(event_line(event)))
+                        after = event.seq
+                    if len(page) < _TAIL_PAGE:
+                        break
         except KeyboardInterrupt:
             return
 
