@@ -3,6 +3,7 @@ right after a C call inside it returns (the tests' stand-in for a step timeout o
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -12,14 +13,19 @@ class Interrupted(BaseException):
     """What a signal handler raises (a step timeout), or Ctrl-C."""
 
 
-def interrupt_at(point: int, call: Callable[[], object]) -> bool:
+def interrupt_at(point: int, call: Callable[[], object], *, anywhere: bool = False) -> bool:
     """Run ``call()``, raising :class:`Interrupted` at its ``point``-th call or C-call return inside
-    clearance; whether it got that far (False: ``call`` has fewer points, and ran whole)."""
+    clearance (``anywhere``: in any module it calls, the standard library's included, but the
+    tests'); whether it got that far (False: ``call`` has fewer points, and ran whole)."""
     seen = 0
+    here = os.path.dirname(os.path.abspath(__file__))
 
     def profile(frame: Any, event: str, arg: object) -> None:
         nonlocal seen
-        if event in ("call", "c_return") and "clearance" in frame.f_code.co_filename:
+        name = frame.f_code.co_filename
+        if event in ("call", "c_return") and (
+            "clearance" in name or (anywhere and not os.path.abspath(name).startswith(here))
+        ):
             seen += 1
             if seen == point:
                 sys.setprofile(None)

@@ -246,7 +246,8 @@ def test_a_waiter_interrupted_while_waiting_leaves_the_queue_and_loses_nothing()
     held2, _ = lend(lender2, pool)
     connection = held2.held
     queued = Loan()
-    queued.event = threading.Event()
+    queued.bell = threading.Lock()
+    queued.bell.acquire()
     lender2._waits.append(queued)
     lender2.give_back(pool, held2)  # handed to `queued`
     assert queued.held == connection and held2.held is None
@@ -385,7 +386,8 @@ def test_async_slots_given_back_to_the_pool_are_offered_to_the_queue_after() -> 
 def _queued(lender: Lender) -> Loan:
     """A caller waiting in the lender's queue (as a borrow that found none leaves it)."""
     loan = Loan()
-    loan.event = threading.Event()
+    loan.bell = threading.Lock()
+    loan.bell.acquire()
     lender._waits.append(loan)
     return loan
 
@@ -437,6 +439,46 @@ def test_a_borrow_and_give_back_interrupted_at_each_point_lose_nothing(scene: st
         assert sorted(everywhere) == made, (scene, point)  # each once: none lost, none twice
         assert lender._taken == len(lender._idle) + len(held), (scene, point)
         assert all(w in live and w.held is None for w in lender._waits) and not lender._in_pool, (scene, point)
+        if not interrupted:
+            break
+    assert point > 2
+
+
+def test_a_connection_handed_to_a_waiting_thread_arrives_whatever_interrupts_the_giver() -> None:
+    """The giver interrupted at any point of its give-back — in the standard library's code it calls
+    too: a waiter was woken with a threading.Event, whose set() runs Python code, and an interrupt
+    there left the Event's own lock taken; the woken waiter then hung for good, holding the
+    connection handed to it. Waiters are woken by letting go of a plain lock now (one C call)."""
+    point = 0
+    while True:
+        point += 1
+        pool, lender = FakePool(), Lender(limit=1, keep=1, wait=5.0)
+        giver, _ = lend(lender, pool)
+        got: list[Any] = []
+
+        def wait_for_one() -> None:
+            loan = Loan()
+            try:
+                lender.borrow(pool, loan)
+                got.append(loan.held)
+            finally:
+                lender.give_back(pool, loan)
+
+        waiter = threading.Thread(target=wait_for_one)
+        waiter.start()
+        _waiting(lender, 1)
+
+        def give_back() -> None:  # as a ledger call's finally does
+            try:
+                lender.give_back(pool, giver)
+            except BaseException:
+                lender.give_back(pool, giver)
+                raise
+
+        interrupted = interrupt_at(point, give_back, anywhere=True)
+        waiter.join(10)
+        assert not waiter.is_alive(), point
+        assert got == ["c1"] and lender._taken == len(lender._idle) == 1 and not lender._waits, point
         if not interrupted:
             break
     assert point > 2

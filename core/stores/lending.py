@@ -49,20 +49,23 @@ class Loan:
 
     ``held`` is ``None`` (nothing yet), a slot (a connection the lender counted for this call, to be
     taken from the pool) or the connection; ``in_pool`` whether the call waits in the pool itself;
-    ``event`` wakes it while it is queued. A step of the lender moves something into or out of a
-    loan with nothing between where an interrupt could arrive — a signal handler's exception (a step
-    timeout), Ctrl-C — (Python runs those only when a function starts and after a call into C
-    returns), so whatever the caller's ``finally`` finds in its loan is exactly what it has to give
-    back (:meth:`Lender.give_back`), and a give-back interrupted part-way is finished by calling it
-    again. Before loans, an interrupt just after a connection left the lender's keeping, or just as
-    one came back, lost it: after as many as the lender may take, every call waited in vain."""
+    ``bell`` a lock taken while it is queued and let go to wake it (one call into C each way: an
+    Event's ``set``/``wait`` run threading.py's Python code, and an interrupt there left its inner
+    lock taken — the woken caller hung for good with the connection handed to it). A step of the
+    lender moves something into or out of a loan with nothing between where an interrupt could
+    arrive — a signal handler's exception (a step timeout), Ctrl-C — (Python runs those only when a
+    function starts and after a call into C returns), so whatever the caller's ``finally`` finds in
+    its loan is exactly what it has to give back (:meth:`Lender.give_back`), and a give-back
+    interrupted part-way is finished by calling it again. Before loans, an interrupt just after a
+    connection left the lender's keeping, or just as one came back, lost it: after as many as the
+    lender may take, every call waited in vain."""
 
-    __slots__ = ("event", "held", "in_pool")
+    __slots__ = ("bell", "held", "in_pool")
 
     def __init__(self) -> None:
         self.held: Any = None
         self.in_pool = False
-        self.event: threading.Event | None = None
+        self.bell: Any = None
 
     @property
     def connection(self) -> Any:
@@ -114,10 +117,12 @@ class Lender(_Lending):
                 self._taken += 1
                 loan.held = _SLOT
             else:
-                loan.event = threading.Event()
+                bell = threading.Lock()
+                bell.acquire()
+                loan.bell = bell
                 self._waits.append(loan)
-        if loan.event is not None:
-            loan.event.wait(self.wait)
+        if loan.bell is not None:
+            loan.bell.acquire(True, self.wait)
             with self._lock:
                 if loan.held is None:  # (one handed over in time is taken, however late it was woken)
                     if loan in self._waits:
@@ -165,7 +170,7 @@ class Lender(_Lending):
                 waiter.held = held
                 loan.held = None
                 del self._waits[0]
-                waiter.event.set()  # type: ignore[union-attr]  # (interrupted before: it takes it at its wait's end)
+                waiter.bell.release()  # (interrupted before: it takes it at its wait's end)
                 return
             if len(self._idle) < self.keep and not self._in_pool:
                 loan.held = None
@@ -186,7 +191,7 @@ class Lender(_Lending):
             self._taken += 1
             waiter.held = _SLOT
             del self._waits[0]
-            waiter.event.set()  # type: ignore[union-attr]
+            waiter.bell.release()
 
 
 def _expire(waiting: asyncio.Future[Any]) -> None:

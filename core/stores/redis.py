@@ -141,6 +141,16 @@ _NOT_REPEATABLE = frozenset({"remove_budget", "policy"})
 # already made does not write a second audit event for it; a retried commit that finds its own amounts
 # committed answers as its first run would have (not replayed).
 _RETRY_FLAGGED = frozenset({"reserve", "set_budget", "extend", "commit"})
+# Scripts asked again once a backlog of expired holds was drained say so in the same last argument
+# (see _drained): the flag is a number, 1 for our retry plus 2 for the ask after a drain.
+_DRAIN_FLAGGED = frozenset({"reserve", "set_budget"})
+_RETRIED, _DRAINED = 1, 2
+
+
+def _flagged(args: list[str], bit: int) -> list[str]:
+    """``args`` with ``bit`` set in their last argument, the flag (whatever it said before is kept:
+    a retry asked again after a drain is both)."""
+    return [*args[:-1], str(int(args[-1]) | bit)]
 
 
 @cache
@@ -189,11 +199,11 @@ def _backlog(reply: Any) -> bool:
 
 
 def _drained(name: str, args: list[str]) -> list[str]:
-    """The arguments to ask again with once the backlog was reclaimed: a reserve says so in its
-    retry flag ('2', unless it is our retry after a lost reply, '1'), so that a plan that fits is
-    held even if new expiries made another backlog meanwhile (see reserve.lua)."""
-    if name == "reserve" and args[-1] == "0":
-        args[-1] = "2"
+    """The arguments to ask again with once the backlog was reclaimed: a reserve or set_budget says
+    so in its flag, so that new expiries meanwhile (a flood) do not make it answer 'backlog' again —
+    a plan that fits is held, a budget met again past its time is forgotten after one batch."""
+    if name in _DRAIN_FLAGGED:
+        args[:] = _flagged(args, _DRAINED)
     return args
 
 
@@ -359,24 +369,24 @@ async def _arelease(pool: Any, connection: Any) -> None:
 _RELEASING: set[asyncio.Future[Any]] = set()  # strong references to release tasks while they run
 
 
-def _cancels_so_far() -> tuple[asyncio.Task[Any] | None, int]:
-    """This task and how many cancellations it has been asked for (see :func:`_cancel_swallowed`)."""
-    task = asyncio.current_task()
-    return task, task.cancelling() if task is not None else 0
-
-
-def _cancel_swallowed(before: tuple[asyncio.Task[Any] | None, int]) -> None:
-    """Raise the ``CancelledError`` redis-py dropped since ``before``.
+@contextlib.contextmanager
+def _cancellation_kept() -> Iterator[None]:
+    """Raise the ``CancelledError`` redis-py dropped inside the block.
 
     redis-py writes a request inside ``asyncio.wait_for``, which on Python 3.11 returns normally when
     the write finished as the caller was cancelled: the cancellation is lost. In a hunt half the
     cancellations of a reserve (``task.cancel()``, an ``asyncio.timeout`` expiring) were: the task
     went on to its model call, and a reserve wrapped in ``wait_for`` left a hold nobody got, held
-    until its TTL. Raised here, after the reply was read whole: the connection stays usable, and a
-    reserve's hold is in doubt (released by the next good call), as for any cancelled reserve."""
-    task, count = before
-    if task is not None and task.cancelling() > count:
-        raise asyncio.CancelledError
+    until its TTL. Raised once the block is done (a reply read whole: the connection stays usable;
+    a reserve's hold is in doubt, released by the next good call), whether it answered or failed —
+    around a whole operation, its retry after a lost connection included."""
+    task = asyncio.current_task()
+    count = task.cancelling() if task is not None else 0
+    try:
+        yield
+    finally:
+        if task is not None and task.cancelling() > count:
+            raise asyncio.CancelledError
 
 
 def _bulk(value: str) -> bytes:
@@ -974,7 +984,7 @@ class RedisStore(Store):
         its last argument (see ``_RETRY_FLAGGED``)."""
         if name in _NOT_REPEATABLE or time.monotonic() - started > self._timeouts[0]:
             raise _unavailable(error) from error
-        return [*args[:-1], "1"] if name in _RETRY_FLAGGED else args
+        return _flagged(args, _RETRIED) if name in _RETRY_FLAGGED else args
 
     def _run(self, name: str, root: str, args: list[str]) -> Any:
         """One script, one round trip; one retry after a lost connection; every failure is StoreUnavailable."""
@@ -1016,7 +1026,6 @@ class RedisStore(Store):
         too; this does not rely on it; a disconnected connection reconnects on its next use). Giving
         one back to the lender does not suspend, so a cancellation cannot lose it; one returned to
         the pool under a contended lock is finished by :func:`_arelease`."""
-        before = _cancels_so_far()
         if self.cluster:  # see _evalsha: EVAL on the tenant's node, never a load on every primary; a turn first
             keys = self._keys(root)
 
@@ -1033,9 +1042,7 @@ class RedisStore(Store):
                 except Exception as error:
                     raise _cluster_broke(error) from error
 
-            reply = await self._ain_turn(client, lender, keys[0], run)
-            _cancel_swallowed(before)
-            return reply
+            return await self._ain_turn(client, lender, keys[0], run)
         pool = client.connection_pool
         connection, _ = await lender.borrow(pool)
         clean = False
@@ -1062,7 +1069,6 @@ class RedisStore(Store):
                 await connection.send_packed_command([count + self._command_head(script, root) + body])
                 reply = await connection.read_response()
             clean = True
-            _cancel_swallowed(before)
             return reply
         except redis.ResponseError:
             clean = True  # the whole reply was read: the connection is fine
@@ -1077,6 +1083,11 @@ class RedisStore(Store):
                     await _arelease(pool, spare)
 
     async def _arun(self, name: str, root: str, args: list[str]) -> Any:
+        with _cancellation_kept():
+            return await self._arun_kept(name, root, args)
+
+    async def _arun_kept(self, name: str, root: str, args: list[str]) -> Any:
+        """:meth:`_arun`'s work: one script, one retry after a lost connection."""
         client, scripts, lender = await self._async_client()
         script = scripts[name]
         started = time.monotonic()
@@ -1129,17 +1140,15 @@ class RedisStore(Store):
     async def _akeyed(self, key: str, command: Callable[[Any], Awaitable[_T]]) -> _T:
         """:meth:`_keyed` for asyncio."""
         client, _, lender = await self._async_client()
-        before = _cancels_so_far()
-        try:
-            reply = await self._ain_turn(client, lender, key, lambda: command(client))
-        except _ERRORS as error:
-            raise _unavailable(error) from error
-        except Exception as error:
-            if not self.cluster:
-                raise
-            raise _unavailable(_cluster_broke(error)) from error
-        _cancel_swallowed(before)
-        return reply
+        with _cancellation_kept():
+            try:
+                return await self._ain_turn(client, lender, key, lambda: command(client))
+            except _ERRORS as error:
+                raise _unavailable(error) from error
+            except Exception as error:
+                if not self.cluster:
+                    raise
+                raise _unavailable(_cluster_broke(error)) from error
 
     # --- in-doubt holds --------------------------------------------------------------------------
     def _doubt(self, request: HoldRequest, error: BaseException) -> None:
@@ -1252,7 +1261,7 @@ class RedisStore(Store):
             ";".join(map(_plan_text, request.plans)),
             " ".join(request.probes),
             str(request.first_index),
-            "0",  # '1' on our retry after a lost reply: only then may the id exist already
+            "0",  # the flag: +1 on our retry after a lost reply (only then may the id exist), +2 after a drain
         ])
 
     @staticmethod

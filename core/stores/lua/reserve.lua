@@ -4,14 +4,17 @@
 -- "unit steps unit steps|ppm ppm ..." (ppm per level; empty = no headroom demanded),
 -- [10] probe units, space-separated (reported in the accounts, never checked), [11] where the first
 -- plan stands in the decision's ladder (an output-cap retry holds the plan after it alone: the
--- record and audit count from it, the reply's index does not), [12] '1' when this is the client's
--- retry after a lost reply (only then can the token already exist).
+-- record and audit count from it, the reply's index does not), [12] a flag: 1 when this is the
+-- client's retry after a lost reply (only then can the token already exist), plus 2 when it asks
+-- again after draining a backlog of expired holds (see below).
 -- Reply: "kind\ntoken\nplan index\nexpires_at\naccounts\nrejections" with kind 'held', 'denied',
 -- 'replay_key' (idempotency key seen) or 'replay_id' (this very id seen: a retry after a lost
 -- reply), or 'backlog': not answered while more expired holds wait than one call reclaims and a
 -- plan was rejected (see below). Accounts and rejections are '|'-joined fields, 7 per account and 8 per rejection.
 
 local token, expires_at, idem, label, windows_text = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local flag = tonumber(ARGV[12])
+local retried, drained = flag % 2 == 1, flag >= 2
 local chain = split_words(ARGV[8])
 local depth = #chain
 local plans = {}
@@ -84,7 +87,7 @@ local function replay(existing, kind, rec)
     .. states_text(states(chain, held_units, rec.w), nil) .. '\n'
 end
 
-if ARGV[12] == '1' then
+if retried then
   local rec = load(token)
   if rec then
     return replay(token, 'replay_id', rec)
@@ -199,9 +202,8 @@ end
 -- later plan chosen then is no more an answer than a denial is (the client drains and asks again;
 -- a second 'backlog' in a row is taken as a denial). The first plan chosen is an answer, but its
 -- headroom would count those expired holds as held: asked again too, unless this is the ask after
--- the drain (ARGV[12] '2': new expiries meanwhile, a flood, do not turn a hold that fits into a
--- denial).
-if chosen < 0 or (backlog and (#rejections > 0 or ARGV[12] ~= '2')) then
+-- the drain (new expiries meanwhile, a flood, do not turn a hold that fits into a denial).
+if chosen < 0 or (backlog and (#rejections > 0 or not drained)) then
   return (backlog and 'backlog' or 'denied') .. '\n\n-1\n0\n' .. states_text(list, nil) .. '\n' .. table.concat(rejections, '|')
 end
 

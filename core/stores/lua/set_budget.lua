@@ -1,7 +1,8 @@
 -- set_budget: create or change a budget's limit (counters are kept).
 -- ARGV[3] scope, [4] unit, [5] period, [6] limit, [7] audit detail, [8] '1' = only if there is none
--- (budget templates: an operator's own change is never undone), [9] '1' on the client's retry after a
--- lost reply (a budget that already has this limit was set by the first run: no second audit event).
+-- (budget templates: an operator's own change is never undone), [9] a flag: 1 on the client's retry
+-- after a lost reply (a budget that already has this limit was set by the first run: no second audit
+-- event), plus 2 when it asks again after draining a backlog of expired holds (see forget_if_due).
 -- Reply 1 if set, 0 if it existed; 'backlog' (nothing changed) while more expired holds wait than one
 -- call reclaims and a budget kept past its time is met again (see forget_if_due).
 -- A template budget (ARGV[8] = '1') is kept until now + retention ("u<id>" -> that time, and "~<id>"
@@ -15,7 +16,8 @@
 -- again by then continues its counters (see remove_budget.lua).
 
 local scope, unit, period, limit, detail, only_new = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
-local retry = ARGV[9] == '1'
+local flag = tonumber(ARGV[9])
+local retry, drained = flag % 2 == 1, flag >= 2
 local name = scope .. '|' .. unit .. '|' .. period
 
 -- A template idle past its time (or a removed budget's counters past theirs) met again before
@@ -24,11 +26,12 @@ local name = scope .. '|' .. unit .. '|' .. period
 -- clock is off the server's: like reclaim, it would forget a budget still in use.) More expired
 -- holds than one batch: one not reached yet would look like a hold in use (the run's old count
 -- kept), so the script answers 'backlog' having changed nothing else, and the client drains the
--- tenant and asks again. True when it did.
+-- tenant and asks again (then one batch does: new expiries meanwhile, a flood, must not make it
+-- fail). True when it did.
 local function forget_if_due(id)
   local till = string.match(redis.call('HGET', K_LEDGER, 'u' .. id) or '', '^([^!]+)')
   if till and till + 0 <= NOW_N and clock_ok() then
-    if reclaim() >= BATCH + 0 then
+    if reclaim() >= BATCH + 0 and not drained then
       return false
     end
     forget_template(id)
@@ -59,12 +62,14 @@ for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
       end
       return 0
     end
+    -- (Still a template, it was not set by a first run of this call, which would have made it an
+    -- operator's: taken over now, with its audit event.)
+    if retry and current == limit and not till then
+      return 1
+    end
     if till then  -- an operator's from now on
       redis.call('HDEL', K_LEDGER, 'u' .. id)
       redis.call('ZREM', K_DUE, '~' .. id)
-    end
-    if retry and current == limit then
-      return 1
     end
     kept[#kept + 1] = head .. limit .. '|' .. id
     limit_field = 'l' .. id
