@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 
 from clearance._model import InputModel
 from clearance.errors import InvalidRequest
-from clearance.pricing import price_nano_usd
+from clearance.pricing import Prompt
 from clearance.units import from_step_map, from_steps, to_step_map
 
 _WORD_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -19,6 +19,10 @@ _LABEL_RE = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
 
 KINDS = ("model_call", "tool_call", "step", "side_effect")
 RISKS = ("read", "write", "external", "payment")
+
+
+# Metadata keys a model call's price was computed from (see Action.model_call).
+_PRICED_KEYS = frozenset({"input_tokens", "max_output_tokens", "cache_write_tokens", "cache_write_1h_tokens"})
 
 
 class Action(InputModel):
@@ -128,27 +132,17 @@ class Action(InputModel):
                 "Action.model_call prices usd and counts tokens itself: extra takes other units only, got "
                 + ", ".join(sorted(unit for unit in extra if unit in ("usd", "tokens")))
             )
-        nano = price_nano_usd(
-            provider,
-            model,
-            input_tokens,
-            max_output_tokens,
-            cache_write_tokens=cache_write_tokens,
-            cache_write_1h_tokens=cache_write_1h_tokens,
-        )
+        prompt = Prompt(input_tokens, cache_write_tokens, cache_write_1h_tokens)
+        nano = prompt.nano_usd(provider, model, max_output_tokens)
         # (from_steps divides exactly: the caller's decimal context could round the price down)
         amounts: dict[str, Any] = {"usd": from_steps("usd", nano), "tokens": input_tokens + max_output_tokens}
         if extra:
             amounts.update(extra)
-        # The token counts the price was computed from win over the caller's metadata: policies
-        # re-price from them and Grant passes them on (a caller's max_output_tokens of 32,000 on a
-        # call held for 800 was handed back as the limit to send).
-        meta: dict[str, Any] = dict(metadata or {})
-        meta.pop("cache_write_tokens", None)
-        meta.pop("cache_write_1h_tokens", None)
-        meta.update(input_tokens=input_tokens, max_output_tokens=max_output_tokens)
-        if cache_write_tokens:  # (a policy re-pricing the call prices them too)
-            meta.update(cache_write_tokens=cache_write_tokens, cache_write_1h_tokens=cache_write_1h_tokens)
+        # The counts the price was computed from win over the caller's metadata: policies re-price
+        # from them and Grant passes them on (a caller's max_output_tokens of 32,000 on a call held
+        # for 800 was handed back as the limit to send).
+        meta: dict[str, Any] = {key: value for key, value in (metadata or {}).items() if key not in _PRICED_KEYS}
+        meta.update(prompt.to_metadata(), max_output_tokens=max_output_tokens)
         return cls(
             "model_call",
             name or model,

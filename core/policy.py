@@ -27,7 +27,7 @@ from clearance.errors import InvalidRequest
 from clearance.ledger import AccountState
 from clearance.plan import MAX_PLANS, Caps, Plan, ppm_of
 from clearance.policy_file import KNOWN_RISKS, Ladder, PolicyDocument, Rung
-from clearance.pricing import price_nano_usd
+from clearance.pricing import Prompt
 from clearance.scope import Scope
 from clearance.units import MAX_UNIT_LENGTH, name_token, to_steps
 
@@ -44,41 +44,6 @@ def _warn_unpriced(model: str, error: InvalidRequest) -> None:
 
 PolicyRule = Callable[[Action, Scope, "Proposal"], None]
 """A code rule: may change ``proposal.plans``, set ``proposal.deny``, add ``proposal.notes``."""
-
-
-@dataclass(frozen=True, slots=True)
-class Prompt:
-    """A model call's input as it is priced: its tokens, of which ``cache_write`` may be written to
-    the provider's prompt cache, of which ``cache_write_1h`` for an hour (see Action.model_call)."""
-
-    tokens: int
-    cache_write: int = 0
-    cache_write_1h: int = 0
-
-    @classmethod
-    def of(cls, action: Action) -> Prompt | None:
-        """The input of a call built by Action.model_call (None for any other action)."""
-        meta = action.metadata
-        tokens = meta.get("input_tokens")
-        write, write_1h = meta.get("cache_write_tokens", 0), meta.get("cache_write_1h_tokens", 0)
-        if type(tokens) is not int or type(write) is not int or type(write_1h) is not int:
-            return None
-        return cls(tokens, write, write_1h)
-
-    def cut_to(self, kept: int) -> Prompt:
-        """This input cut to ``kept`` tokens (a context cap): it writes at most those to the cache."""
-        write = min(self.cache_write, kept)
-        return Prompt(kept, write, min(self.cache_write_1h, write))
-
-    def nano_usd(self, provider: str | None, model: str, output_tokens: int) -> int:
-        return price_nano_usd(
-            provider,
-            model,
-            self.tokens,
-            output_tokens,
-            cache_write_tokens=self.cache_write,
-            cache_write_1h_tokens=self.cache_write_1h,
-        )
 
 
 @dataclass(slots=True)
@@ -250,7 +215,7 @@ class Policy:
     ) -> list[Plan] | None:
         if action.kind != "model_call" or action.model is None:
             return None
-        prompt = Prompt.of(action)
+        prompt = Prompt.of_metadata(action.metadata)
         output_tokens = action.metadata.get("max_output_tokens")
         if prompt is None or not isinstance(output_tokens, int):
             return None  # not built by Action.model_call: nothing to re-price
@@ -261,8 +226,6 @@ class Policy:
         others = {unit: steps for unit, steps in action.steps if unit not in ("usd", "tokens")}
         others = _add(others, extra)
 
-        def amounts(model: str, given: Prompt, tokens_out: int) -> dict[str, int]:
-            return _call_amounts(given.nano_usd(provider, model, tokens_out), given.tokens + tokens_out, others)
 
         plans: list[Plan] = []
         priced: list[Rung] = []
@@ -270,7 +233,7 @@ class Policy:
             caps = None if rung.model == action.model else _model_caps(rung.model)
             rule = f"ladder:{rung.model}" if found else None
             try:
-                steps = amounts(rung.model, prompt, output_tokens)
+                steps = _call_amounts(prompt, provider, rung.model, output_tokens, others)
             except InvalidRequest as error:
                 if rung.model == action.model:
                     raise
@@ -294,7 +257,7 @@ class Policy:
                 if kept < input_tokens:
                     caps = Caps(model=changed_model, max_input_tokens=kept)
                     kept_input = prompt.cut_to(kept)
-                    steps = amounts(cheapest, kept_input, output_tokens)
+                    steps = _call_amounts(kept_input, provider, cheapest, output_tokens, others)
                     plans.append(Plan.of_steps(steps, caps, rungs[-1].min_headroom, rule="context_cap"))
         output = self.document.output_cap
         if output is not None and _within(scope, output.scope) and output_tokens > output.floor:
@@ -372,8 +335,7 @@ class Policy:
         keep = [(a, _required(retry.min_headroom, a)) for a in accounts if a.unit in held]
 
         def fits(tokens_out: int) -> bool:
-            usd = retry.prompt.nano_usd(retry.provider, retry.model, tokens_out)
-            need = _call_amounts(usd, retry.prompt.tokens + tokens_out, retry.fixed)
+            need = _call_amounts(retry.prompt, retry.provider, retry.model, tokens_out, retry.fixed)
             return all(need.get(a.unit, 0) <= a.remaining - required for a, required in keep)
 
         low, high = retry.floor, retry.max_output_tokens - 1
@@ -389,8 +351,7 @@ class Policy:
 
 
 def _output_plan(retry: OutputRetry, tokens_out: int) -> Plan:
-    usd = retry.prompt.nano_usd(retry.provider, retry.model, tokens_out)
-    steps = _call_amounts(usd, retry.prompt.tokens + tokens_out, retry.fixed)
+    steps = _call_amounts(retry.prompt, retry.provider, retry.model, tokens_out, retry.fixed)
     model = None if retry.model == retry.requested_model else retry.model
     trimmed = retry.prompt.tokens if retry.trimmed_input else None
     caps = Caps(model=model, max_output_tokens=tokens_out, max_input_tokens=trimmed)
@@ -414,10 +375,13 @@ def _model_caps(model: str) -> Caps:
     return Caps(model=model)
 
 
-def _call_amounts(usd: int, tokens: int, others: dict[str, int]) -> dict[str, int]:
-    """A model call's amounts: its price and tokens, plus what rules add (a risk class's ``usd``
-    comes on top of the price, never instead of it)."""
-    return _add({"usd": usd, "tokens": tokens}, others)
+def _call_amounts(
+    prompt: Prompt, provider: str | None, model: str, output_tokens: int, others: dict[str, int]
+) -> dict[str, int]:
+    """A model call's amounts with this input: its price and tokens, plus what rules add (a risk
+    class's ``usd`` comes on top of the price, never instead of it)."""
+    usd = prompt.nano_usd(provider, model, output_tokens)
+    return _add({"usd": usd, "tokens": prompt.tokens + output_tokens}, others)
 
 
 def _add(base: dict[str, int], extra: dict[str, int]) -> dict[str, int]:

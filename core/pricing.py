@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import threading
 import time as _time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from decimal import ROUND_CEILING, Context, Decimal, localcontext
@@ -79,15 +80,20 @@ def _nano(usd: Any) -> int:
 
 
 _lock = threading.Lock()
+# Registered prices by (provider, model) as given (the provider stripped and lower-cased, as
+# genai-prices reads it), and by the model's name lower-cased too: genai-prices matches a model it
+# knows whatever its case, so an override of ``gpt-4o`` must price ``GPT-4o`` (the exact name first:
+# two custom models told apart by case keep their own prices).
 _custom: dict[tuple[str | None, str], ModelRate] = {}
+_custom_folded: dict[tuple[str | None, str], ModelRate] = {}
 _fallback: ModelRate | None = None
 _generation = 0  # +1 by every register_price / set_fallback_price: a lookup begun before must not cache
 # (provider, model) -> (its flat rate, or None when tiered; until when, in epoch seconds, it applies)
-_rates: dict[tuple[str | None, str], tuple[ModelRate | None, float]] = {}
+# (provider, model) -> (its flat rate, or None when priced call by call; until when, in epoch
+# seconds, it applies; the moment it was looked up, at which a call-by-call price is computed)
+_rates: dict[tuple[str | None, str], tuple[ModelRate | None, float, datetime | None]] = {}
 _clock = _time.time  # (a name of this module's: tests move it)
 _MAX_RATES = 4096  # models cached (with a fallback price, model names from user input are all priced)
-# (provider, model, until) -> a moment of that price period, for the tiered models priced call by call
-_periods: dict[tuple[str | None, str, float], datetime] = {}
 
 
 def _price(name: str, value: Any) -> Decimal:
@@ -105,20 +111,40 @@ def _price(name: str, value: Any) -> Decimal:
     return price
 
 
-def _custom_key(provider: str | None, model: str) -> tuple[str | None, str]:
-    """A name as genai-prices matches it (the model's case ignored; the provider's too, and spaces
-    around it): an override registered as ``gpt-4o`` must price ``GPT-4o`` as well."""
-    return (provider.strip().lower() if provider is not None else None, model.lower())
+def _provider_key(provider: str | None) -> str | None:
+    return provider.strip().lower() if provider is not None else None
 
 
-def register_price(model: str, input_per_mtok: Any, output_per_mtok: Any, *, provider: str | None = None) -> None:
-    """Price a model genai-prices does not know (or override one), in USD per million tokens."""
+def _custom_rate(provider: str | None, model: str) -> ModelRate | None:
+    """The price registered for ``model`` of ``provider`` (normalised) if any: its exact name's,
+    else the one whose name differs only in case."""
+    return _custom.get((provider, model)) or _custom_folded.get((provider, model.lower()))
+
+
+def register_price(
+    model: str,
+    input_per_mtok: Any,
+    output_per_mtok: Any,
+    *,
+    provider: str | None = None,
+    cache_write_per_mtok: Any | None = None,
+    cache_write_1h_per_mtok: Any | None = None,
+) -> None:
+    """Price a model genai-prices does not know (or override one), in USD per million tokens;
+    prompt-cache writes (5-minute, 1-hour) at their own rates if given, else at the input rate (an
+    override of a model whose writes cost more than its input should give them)."""
     if not isinstance(model, str) or not model or not (provider is None or isinstance(provider, str)):
         raise InvalidRequest("register_price needs a model name (and, optionally, a provider name)")
-    rate = ModelRate(_price("input_per_mtok", input_per_mtok), _price("output_per_mtok", output_per_mtok))
+    given = (("cache_write_per_mtok", cache_write_per_mtok), ("cache_write_1h_per_mtok", cache_write_1h_per_mtok))
+    writes = [None if value is None else _price(name, value) for name, value in given]
+    rate = ModelRate(
+        _price("input_per_mtok", input_per_mtok), _price("output_per_mtok", output_per_mtok), Decimal(0), *writes
+    )
     global _generation  # noqa: PLW0603 - process-wide configuration by design
+    provider = _provider_key(provider)
     with _lock:
-        _custom[_custom_key(provider, model)] = rate
+        _custom[(provider, model)] = rate
+        _custom_folded[(provider, model.lower())] = rate
         _generation += 1
         _rates.clear()
 
@@ -158,13 +184,16 @@ def _next_change(prices: Any, at: datetime) -> float:
     return min(after).timestamp() if after else math.inf
 
 
-def _store_rate(key: tuple[str | None, str], entry: tuple[ModelRate | None, float], generation: int) -> None:
+def _store_rate(
+    key: tuple[str | None, str], entry: tuple[ModelRate | None, float, datetime | None], generation: int
+) -> tuple[ModelRate | None, float, datetime | None]:
     with _lock:
         if generation != _generation:  # a price was registered meanwhile: this lookup may predate it
-            return
+            return entry
         if len(_rates) >= _MAX_RATES:
             _rates.clear()
         _rates[key] = entry
+    return entry
 
 
 _GENAI_CACHE_LIMIT = 8192
@@ -184,20 +213,18 @@ def _trim_genai_caches() -> None:
             cache.clear()
 
 
-def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float]:
-    """Flat rate of a model (``None`` when its prices are tiered: use :func:`_tiered`) and until when
-    it applies (epoch seconds)."""
+def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float, datetime | None]:
+    """Flat rate of a model (``None`` when its prices are tiered: use :func:`_tiered`), until when
+    it applies (epoch seconds), and the moment it was looked up (a tiered model is priced at it)."""
     key = (provider, model)
     entry = _rates.get(key)
     if entry is not None and _clock() < entry[1]:
         return entry
     generation = _generation
-    provider_key, model_key = _custom_key(provider, model)
-    custom = _custom.get((provider_key, model_key)) or _custom.get((None, model_key))
+    provider_key = _provider_key(provider)
+    custom = _custom_rate(provider_key, model) or _custom_rate(None, model)
     if custom is not None:
-        entry = (custom, math.inf)
-        _store_rate(key, entry, generation)
-        return entry
+        return _store_rate(key, (custom, math.inf, None), generation)
     from genai_prices import Usage, calc_price  # imported on first use: keeps `import clearance` light
 
     at = datetime.fromtimestamp(_clock(), UTC)  # (one clock: the one a cached rate is judged by)
@@ -209,20 +236,18 @@ def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float]:
         _trim_genai_caches()
         fallback = _fallback
         if fallback is not None:
-            entry = (fallback, math.inf)
-            _store_rate(key, entry, generation)
-            return entry
+            return _store_rate(key, (fallback, math.inf, None), generation)
         raise InvalidRequest(
             f"no price known for model {model!r}"
             + (f" of provider {provider!r}" if provider else "")
             + "; register one with clearance.pricing.register_price() or set_fallback_price()"
         ) from None
     _trim_genai_caches()
-    resolved = _custom.get((calc.provider.id, model_key))  # an override for the provider genai-prices chose
+    # An override for the provider and model genai-prices resolved the names to (no provider given,
+    # an alias, a routed name such as litellm's "anthropic/claude-sonnet-4-5").
+    resolved = _custom_rate(calc.provider.id, model) or _custom_rate(calc.provider.id, calc.model.id)
     if resolved is not None:
-        entry = (resolved, math.inf)
-        _store_rate(key, entry, generation)
-        return entry
+        return _store_rate(key, (resolved, math.inf, None), generation)
     price = calc.model_price
     rate: ModelRate | None = None
     cache_writes = (getattr(price, "cache_write_mtok", None), getattr(price, "cache_write_1h_mtok", None))
@@ -239,15 +264,7 @@ def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float]:
             provider, model, *_CACHE_PROBE, at=at
         ):
             rate = None  # a charge the flat rate does not carry: priced exactly, call by call
-    until = _next_change(calc.model.prices, at)
-    entry = (rate, until)
-    if rate is None:  # priced call by call, at a moment of this price period (see _tiered)
-        with _lock:
-            if len(_periods) >= _MAX_RATES:
-                _periods.clear()
-            _periods[(provider, model, until)] = at
-    _store_rate(key, entry, generation)
-    return entry
+    return _store_rate(key, (rate, _next_change(calc.model.prices, at), at), generation)
 
 
 # Token counts whose price, compared with genai-prices' own, tells whether a model's cache writes
@@ -284,11 +301,10 @@ def _tiered(
     output_tokens: int,
     cache_write_tokens: int,
     cache_write_1h_tokens: int,
-    until: float,
+    at: datetime | None,
 ) -> int:
-    """The exact price of a tiered model's call, memoised per price period (``until``: when the
-    prices that apply now may change)."""
-    at = _periods.get((provider, model, until))  # (None: now)
+    """The exact price of a tiered model's call at ``at``, a moment of the price period its rate
+    entry covers (memoised per entry: every moment of a period has the same prices)."""
     return _calc_nano(provider, model, input_tokens, output_tokens, cache_write_tokens, cache_write_1h_tokens, at=at)
 
 
@@ -321,10 +337,24 @@ def price_nano_usd(
             f"cache_write_1h_tokens ({cache_write_1h_tokens}) <= cache_write_tokens ({cache_write_tokens}) "
             f"<= input_tokens ({input_tokens})"
         )
-    rate, until = _lookup(provider, model)
-    if rate is not None:
-        return rate.nano_usd(input_tokens, output_tokens, cache_write_tokens, cache_write_1h_tokens)
-    return _tiered(provider, model, input_tokens, output_tokens, cache_write_tokens, cache_write_1h_tokens, until)
+    rate, _, at = _lookup(provider, model)
+
+    def priced(write: int, write_1h: int) -> int:
+        if rate is not None:
+            return rate.nano_usd(input_tokens, output_tokens, write, write_1h)
+        return _tiered(provider, model, input_tokens, output_tokens, write, write_1h, at)
+
+    if not cache_write_tokens:
+        return priced(0, 0)
+    # "May write": each kind of write happens or not (tokens not written are plain input), and a
+    # write can cost less than input (minimax's highspeed models, OpenRouter's Gemini): the worst.
+    five_minute = cache_write_tokens - cache_write_1h_tokens
+    return max(
+        priced(cache_write_tokens, cache_write_1h_tokens),
+        priced(0, 0),
+        priced(five_minute, 0),
+        priced(cache_write_1h_tokens, cache_write_1h_tokens),
+    )
 
 
 def price_usd(
@@ -346,3 +376,47 @@ def price_usd(
         cache_write_1h_tokens=cache_write_1h_tokens,
     )
     return Decimal(nano).scaleb(-9, EXACT)
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """A model call's input as it is priced: its tokens, of which ``cache_write`` may be written to
+    the provider's prompt cache, of which ``cache_write_1h`` for an hour (see Action.model_call).
+    It travels in the action's metadata (``to_metadata``/``of_metadata``): policies re-price it."""
+
+    tokens: int
+    cache_write: int = 0
+    cache_write_1h: int = 0
+
+    def to_metadata(self) -> dict[str, int]:
+        if not self.cache_write:
+            return {"input_tokens": self.tokens}
+        return {"input_tokens": self.tokens, **{key: getattr(self, name) for key, name in _WRITE_KEYS}}
+
+    @classmethod
+    def of_metadata(cls, meta: Mapping[str, Any]) -> Prompt | None:
+        """The input a model call was priced from (None: not built by Action.model_call)."""
+        tokens = meta.get("input_tokens")
+        write, write_1h = (meta.get(key, 0) for key, _ in _WRITE_KEYS)
+        if type(tokens) is not int or type(write) is not int or type(write_1h) is not int:
+            return None
+        return cls(tokens, write, write_1h)
+
+    def cut_to(self, kept: int) -> Prompt:
+        """This input cut to ``kept`` tokens (a context cap): it writes at most those to the cache."""
+        write = min(self.cache_write, kept)
+        return Prompt(kept, write, min(self.cache_write_1h, write))
+
+    def nano_usd(self, provider: str | None, model: str, output_tokens: int) -> int:
+        return price_nano_usd(
+            provider,
+            model,
+            self.tokens,
+            output_tokens,
+            cache_write_tokens=self.cache_write,
+            cache_write_1h_tokens=self.cache_write_1h,
+        )
+
+
+_WRITE_KEYS = (("cache_write_tokens", "cache_write"), ("cache_write_1h_tokens", "cache_write_1h"))
+"""The metadata keys of a prompt's cache writes (Action.model_call's keyword names)."""

@@ -161,6 +161,7 @@ def test_a_price_registered_while_a_lookup_runs_is_not_lost(monkeypatch: pytest.
         assert price_usd("openai", "gpt-4o-mini", 1_000_000, 0) == 50
     finally:
         pricing._custom.pop(("openai", "gpt-4o-mini"), None)
+        pricing._custom_folded.pop(("openai", "gpt-4o-mini"), None)
         pricing._rates.clear()
 
 
@@ -346,6 +347,7 @@ def test_a_registered_price_applies_to_every_name_genai_prices_reads_as_that_mod
     finally:
         set_fallback_price(None)
         pricing._custom.clear()
+        pricing._custom_folded.clear()
         pricing._rates.clear()
 
 
@@ -378,3 +380,42 @@ def test_a_tiered_model_is_priced_at_the_moment_the_pricing_clock_says(monkeypat
     finally:
         pricing._rates.clear()
         pricing._tiered.cache_clear()
+
+
+def test_cache_writes_that_cost_less_than_input_never_lower_the_hold() -> None:
+    """"May write": a call that writes less than it may pays input for the rest, so where a write
+    costs less than input (minimax's highspeed models, OpenRouter's Gemini) the hold is the price
+    without the writes (found in review: declaring writes lowered it, 0.0624 to 0.0399)."""
+    for provider, model in (("minimax", "MiniMax-M2.1-highspeed"), ("openrouter", "google/gemini-2.5-pro")):
+        plain = Action.model_call(provider, model, 100_000, 1000).amounts["usd"]
+        for hour in (0, 50_000, 100_000):
+            counts = {"cache_write_tokens": 100_000, "cache_write_1h_tokens": hour}
+            written = Action.model_call(provider, model, 100_000, 1000, **counts)
+            assert written.amounts["usd"] >= plain, (model, hour)
+
+
+def test_a_registered_price_names_its_cache_write_rates_and_keeps_custom_names_apart() -> None:
+    from clearance import pricing
+
+    try:
+        register_price("claude-sonnet-4-5", 3, 15, provider="anthropic")  # writes at the input rate
+        assert price_usd("anthropic", "claude-sonnet-4-5", 100_000, 0, cache_write_tokens=100_000) == Decimal("0.3")
+        rates = {"cache_write_per_mtok": "3.75", "cache_write_1h_per_mtok": 6}
+        register_price("claude-sonnet-4-5", 3, 15, provider="anthropic", **rates)
+        writes = {"cache_write_tokens": 100_000, "cache_write_1h_tokens": 40_000}
+        full = price_usd("anthropic", "claude-sonnet-4-5", 100_000, 0, **writes)
+        assert full == Decimal("0.4650")  # 60k at 3.75 + 40k at 6 per million
+        with pytest.raises(InvalidRequest):
+            register_price("m", 1, 1, cache_write_per_mtok=-1)
+        # Two custom models told apart by case keep their own prices; another case finds the last.
+        register_price("ft:gpt-4o:acme:Legal", 100, 100)
+        register_price("ft:gpt-4o:acme:legal", 1, 1)
+        assert price_usd(None, "ft:gpt-4o:acme:Legal", 1_000_000, 0) == 100
+        assert price_usd(None, "ft:gpt-4o:acme:legal", 1_000_000, 0) == 1
+        # An override applies to the model a routed name resolves to.
+        register_price("claude-3-5-haiku-latest", 50, 50, provider="anthropic")
+        assert price_usd("litellm", "anthropic/claude-3-5-haiku-latest", 1_000_000, 0) == 50
+    finally:
+        pricing._custom.clear()
+        pricing._custom_folded.clear()
+        pricing._rates.clear()

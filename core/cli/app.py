@@ -63,10 +63,6 @@ class _Console(Console):
 
 # soft_wrap: a line is never folded at 80 columns when piped (grep, logs); the terminal wraps it.
 out = _Console(highlight=False, soft_wrap=True)
-# Events read per page by ``events tail --follow``: each poll reads pages until one comes back
-# short (one page per poll fell behind a ledger writing faster, and on a capped trail the events it
-# had not reached were trimmed before it printed them).
-_TAIL_PAGE = 1000
 err = _Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -253,6 +249,12 @@ def sweep(ctx: typer.Context, store: StoreOption = None) -> None:
 def _last_events(authority: Authority, scope: str | None, count: int) -> list[AuditEvent]:
     """The newest ``count`` events, read from the end of the trail."""
     return authority.events(limit=count, scope=scope, newest=True)
+
+
+# Events read per page by ``events tail --follow``: each poll reads pages until one comes back
+# short (one page per poll fell behind a ledger writing faster, and on a capped trail the events it
+# had not reached were trimmed before it printed them).
+_TAIL_PAGE = 1000
 
 
 @events_app.command("tail")

@@ -384,9 +384,14 @@ def _cancellation_kept() -> Iterator[None]:
     count = task.cancelling() if task is not None else 0
     try:
         yield
-    finally:
+    except asyncio.CancelledError:
+        raise  # delivered: as it came (its message kept)
+    except BaseException as error:
         if task is not None and task.cancelling() > count:
-            raise asyncio.CancelledError
+            raise asyncio.CancelledError from error  # (the failure it met too, as its cause)
+        raise
+    if task is not None and task.cancelling() > count:
+        raise asyncio.CancelledError
 
 
 def _bulk(value: str) -> bytes:

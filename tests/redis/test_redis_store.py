@@ -1734,3 +1734,27 @@ async def test_a_cancellation_dropped_before_a_lost_connection_is_not_lost_by_th
         await authority.abalance("tenant:acme")
     assert (await authority.abalance("tenant:acme"))["usd"].held == 0
     await authority.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_cancellation_delivered_in_a_call_keeps_its_message() -> None:
+    """Kept across an operation, a dropped cancellation is raised at its end; one delivered as usual
+    passes as it came (found in review: it was replaced, its message lost)."""
+    from clearance.stores.redis import _cancellation_kept
+
+    seen: list[tuple[object, ...]] = []
+
+    async def call() -> None:
+        try:
+            with _cancellation_kept():
+                await asyncio.sleep(5)
+        except asyncio.CancelledError as cancelled:
+            seen.append(cancelled.args)
+            raise
+
+    task = asyncio.ensure_future(call())
+    await asyncio.sleep(0)
+    task.cancel("deadline: the user aborted")
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen == [("deadline: the user aborted",)]
