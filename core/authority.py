@@ -511,6 +511,14 @@ def _guarded(decision: Decision) -> Decision:
         denied = Decision(Outcome.DENY, decision.scope, decision.action_label, reasons=(reason,), replayed=True)
         denied.mode = decision.mode  # (a local replay says it was made failing open)
         raise Denied(denied)
+    if decision.replayed and reservation is not None and reservation.status == "held":
+        # Its first guard may still be running the step: running it again does it twice, drops this
+        # run's cost (its commit replays) and, should this run fail, releases the running step's hold.
+        message = f"this idempotency key's reservation {reservation.id} is held: the step it guards is under way"
+        reason = Reason("replay_in_progress", message, decision.scope)
+        denied = Decision(Outcome.DENY, decision.scope, decision.action_label, reasons=(reason,), replayed=True)
+        denied.mode = decision.mode
+        raise Denied(denied)
     return decision
 
 
@@ -519,12 +527,13 @@ class Grant:
     :attr:`max_output_tokens`, :attr:`max_input_tokens`: the caps where a degraded plan set them,
     else the action's own), and :meth:`settle` to record the actual amounts."""
 
-    __slots__ = ("_actual", "action", "decision", "settlement")
+    __slots__ = ("_actual", "_ended", "action", "decision", "settlement")
 
     def __init__(self, decision: Decision, action: Action | None = None) -> None:
         self.decision = decision
         self.action = action
         self._actual: Amounts | None = None
+        self._ended = False
         self.settlement: Settlement | None = None
 
     @property
@@ -574,10 +583,12 @@ class Grant:
         (even if it then raises: money spent is spent). Inside the block only: once it has ended
         its reservation is settled, and an actual given now would be lost (``InvalidRequest``)."""
         steps = tuple(to_step_map(actual, "actual amounts").items())
-        if self.settlement is not None:
+        if self._ended:
+            state = "unsettled: its exit's settle failed" if self.settlement is None else self.settlement.status
+            rid = self.reservation.id if self.reservation is not None else "-"
             raise InvalidRequest(
-                f"settle() after the guard's block ended: reservation {self.settlement.reservation_id} is "
-                f"{self.settlement.status} already (settle inside the block; a later cost is not recorded)"
+                f"settle() after the guard's block ended: reservation {rid} is "
+                f"{state} already (settle inside the block; a later cost is not recorded)"
             )
         self._actual = steps
 
@@ -715,6 +726,9 @@ class Authority:
         # Would-be holds shadow mode could not release (the store failed just then): (id, expires_at),
         # released by the next shadow decision that can, unless their TTL has returned them first.
         self._shadow_unreleased: deque[tuple[str, str, float]] = deque(maxlen=10_000)  # (id, tenant, expires_at)
+        # The reservations of guards whose blocks are running, by id: a block settling its own
+        # (by id, or through the copy extend() returned) is seen by its guard.
+        self._guarded: dict[str, Reservation] = {}
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Authority:
@@ -1456,6 +1470,13 @@ class Authority:
         return await self._arun(self._reserve_flow(action, scope, plans, ttl, idempotency_key))
 
     # --- settle ------------------------------------------------------------------------------
+    def _told(self, rid: str, reservation: ReservationRef, settlement: Settlement) -> Settlement:
+        """``_settled``, and the same for the guard's own Reservation of ``rid``, if a block runs on it."""
+        guarded = self._guarded.get(rid)
+        if guarded is not None and guarded is not reservation:
+            _settled(guarded, settlement)
+        return _settled(reservation, settlement)
+
     def _local(self, rid: str, actual: Amounts | None, commit: bool) -> Settlement:
         return self._emergency.settle(rid, actual, commit, self.clock())
 
@@ -1478,30 +1499,30 @@ class Authority:
         rid = _reservation_id(reservation)
         steps = _shadow_actual(reservation, self._actual(actual))
         if rid.startswith(_LOCAL_PREFIX):
-            return _settled(reservation, self._local(rid, steps, commit=True))
-        return _settled(reservation, self.store.commit(rid, steps, self.clock()))
+            return self._told(rid, reservation, self._local(rid, steps, commit=True))
+        return self._told(rid, reservation, self.store.commit(rid, steps, self.clock()))
 
     async def acommit(self, reservation: ReservationRef, actual: AmountsLike | None = None) -> Settlement:
         """Async twin of :meth:`commit`."""
         rid = _reservation_id(reservation)
         steps = _shadow_actual(reservation, self._actual(actual))
         if rid.startswith(_LOCAL_PREFIX):
-            return _settled(reservation, self._local(rid, steps, commit=True))
-        return _settled(reservation, await self.store.acommit(rid, steps, self.clock()))
+            return self._told(rid, reservation, self._local(rid, steps, commit=True))
+        return self._told(rid, reservation, await self.store.acommit(rid, steps, self.clock()))
 
     def release(self, reservation: ReservationRef) -> Settlement:
         """Return the whole hold to the budgets (the action did not run). Idempotent."""
         rid = _reservation_id(reservation)
         if rid.startswith(_LOCAL_PREFIX):
-            return _settled(reservation, self._local(rid, None, commit=False))
-        return _settled(reservation, self.store.release(rid, self.clock()))
+            return self._told(rid, reservation, self._local(rid, None, commit=False))
+        return self._told(rid, reservation, self.store.release(rid, self.clock()))
 
     async def arelease(self, reservation: ReservationRef) -> Settlement:
         """Async twin of :meth:`release`."""
         rid = _reservation_id(reservation)
         if rid.startswith(_LOCAL_PREFIX):
-            return _settled(reservation, self._local(rid, None, commit=False))
-        return _settled(reservation, await self.store.arelease(rid, self.clock()))
+            return self._told(rid, reservation, self._local(rid, None, commit=False))
+        return self._told(rid, reservation, await self.store.arelease(rid, self.clock()))
 
     def extend(self, reservation: ReservationRef, ttl: float) -> Reservation:
         """Keep a held reservation alive for at least ``ttl`` more seconds from now (a hold that
@@ -1640,6 +1661,7 @@ class Authority:
 
     # --- context managers --------------------------------------------------------------------
     def _finish_sync(self, grant: Grant, failed: bool) -> None:
+        grant._ended = True
         reservation = grant.decision.reservation
         if reservation is None or _settled_by_block(grant, reservation):
             return
@@ -1656,6 +1678,10 @@ class Authority:
                 logger.exception("clearance: could not commit %s", reservation.id)
             return
         grant.settlement = self._commit_steps(reservation, grant._actual)
+
+    def _unguard(self, reservation: Reservation | None) -> None:
+        if reservation is not None and self._guarded.get(reservation.id) is reservation:
+            del self._guarded[reservation.id]
 
     def _commit_steps(self, reservation: Reservation, steps: Amounts | None) -> Settlement:
         steps = _shadow_actual(reservation, steps)
@@ -1687,11 +1713,16 @@ class Authority:
         """
         decision = _guarded(self.reserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key))
         grant = Grant(decision, action)
+        reservation = decision.reservation
+        if reservation is not None:
+            self._guarded[reservation.id] = reservation
         try:
             yield grant
         except BaseException:
+            self._unguard(reservation)
             self._finish_sync(grant, failed=True)
             raise
+        self._unguard(reservation)
         self._finish_sync(grant, failed=False)
 
     @asynccontextmanager
@@ -1708,9 +1739,13 @@ class Authority:
         decision = _guarded(await self.areserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key))
         grant = Grant(decision, action)
         reservation = decision.reservation
+        if reservation is not None:
+            self._guarded[reservation.id] = reservation
         try:
             yield grant
         except BaseException:
+            self._unguard(reservation)
+            grant._ended = True
             if reservation is not None and not _settled_by_block(grant, reservation):
                 try:
                     if grant._actual is None:
@@ -1721,5 +1756,7 @@ class Authority:
                 except Exception:  # never mask the caller's own exception
                     logger.exception("clearance: could not settle %s", reservation.id)
             raise
+        self._unguard(reservation)
+        grant._ended = True
         if reservation is not None and not _settled_by_block(grant, reservation):
             grant.settlement = await _finished(self._acommit_steps(reservation, grant._actual), reservation.id)

@@ -364,6 +364,33 @@ def test_settling_a_guard_after_its_block_is_an_error_not_a_lost_cost() -> None:
     assert authority.balance("tenant:acme")["usd"].spent == Decimal("0.4")
 
 
+def test_settling_a_guard_whose_exit_failed_is_an_error_too() -> None:
+    """The store down as the block ends: the exit's commit fails, and a settle() after it (a caller
+    trying again) raised nothing before — its cost lost without a word."""
+    import asyncio
+
+    from clearance import InvalidRequest
+
+    store = FlakyStore()
+    authority = Authority(store)
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    with pytest.raises(StoreUnavailable), authority.guard(ACTION, SCOPE) as grant:
+        store.down = True
+    assert grant.settlement is None
+    with pytest.raises(InvalidRequest, match="exit's settle failed"):
+        grant.settle({"usd": "0.3"})
+
+    async def main() -> None:
+        store.down = False
+        with pytest.raises(StoreUnavailable):
+            async with authority.aguard(ACTION, SCOPE) as agrant:
+                store.down = True
+        with pytest.raises(InvalidRequest, match="exit's settle failed"):
+            agrant.settle({"usd": "0.3"})
+
+    asyncio.run(main())
+
+
 def test_an_aguard_whose_block_released_its_reservation_charges_nothing() -> None:
     import asyncio
 

@@ -731,6 +731,36 @@ def test_guard_commits_what_was_spent_before_an_exception(authority: Authority) 
     assert authority.balance("tenant:acme")["usd"].spent == 2
 
 
+def test_a_keyed_guard_retried_while_its_step_runs_does_not_run_it_again(authority: Authority) -> None:
+    """A framework's retry of a step (the same key) while the first run is still inside its guard:
+    denied ``replay_in_progress``. Before, it ran the step again (its cost dropped: its commit
+    replayed) and, failing, released the running step's hold — another step was let in and the
+    budget ended over its limit (12 of 10)."""
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    with authority.guard(usd(6), CHAIN, idempotency_key="step-7") as first:
+        with pytest.raises(Denied) as info, authority.guard(usd(6), CHAIN, idempotency_key="step-7"):
+            pytest.fail("must not run the step a second time")
+        assert info.value.decision.reasons[0].code == "replay_in_progress"
+        assert authority.balance("tenant:acme")["usd"].held == 6  # still the running step's
+        assert not authority.reserve(usd(6), CHAIN).allowed
+        first.settle({"usd": 6})
+    assert authority.balance("tenant:acme")["usd"].spent == 6
+
+
+def test_a_guard_sees_its_reservation_settled_through_any_reference(authority: Authority) -> None:
+    """A block releasing its reservation by id, or through the copy extend() returned (a heartbeat),
+    is left so: the guard commits nothing more (it charged the whole hold, flagged after_release)."""
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    with authority.guard(usd(1), CHAIN) as grant:
+        kept = authority.extend(grant.reservation, 120)  # type: ignore[arg-type]
+        authority.release(kept)
+    assert grant.settlement is not None and grant.settlement.status == "released"
+    with authority.guard(usd(1), CHAIN) as grant:
+        authority.release(grant.reservation.id)  # type: ignore[union-attr]
+    assert grant.settlement is not None and grant.settlement.status == "released"
+    assert authority.balance("tenant:acme")["usd"].spent == 0
+
+
 @pytest.mark.asyncio
 async def test_async_twins(authority: Authority, clock: FakeClock) -> None:
     await authority.aset_budget(Budget("tenant:acme", "usd", 10))
