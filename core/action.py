@@ -22,7 +22,7 @@ RISKS = ("read", "write", "external", "payment")
 
 
 # Metadata keys a model call's price was computed from (see Action.model_call).
-_PRICED_KEYS = frozenset({"input_tokens", "max_output_tokens", "cache_write_tokens", "cache_write_1h_tokens"})
+_PRICED_KEYS = Prompt.KEYS | {"max_output_tokens"}
 
 
 class Action(InputModel):

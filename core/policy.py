@@ -217,7 +217,7 @@ class Policy:
             return None
         prompt = Prompt.of_metadata(action.metadata)
         output_tokens = action.metadata.get("max_output_tokens")
-        if prompt is None or not isinstance(output_tokens, int):
+        if prompt is None or type(output_tokens) is not int:
             return None  # not built by Action.model_call: nothing to re-price
         input_tokens = prompt.tokens
         found = self._ladder(action, scope)
@@ -225,7 +225,6 @@ class Policy:
         provider = action.provider
         others = {unit: steps for unit, steps in action.steps if unit not in ("usd", "tokens")}
         others = _add(others, extra)
-
 
         plans: list[Plan] = []
         priced: list[Rung] = []

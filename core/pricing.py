@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from decimal import ROUND_CEILING, Context, Decimal, localcontext
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 from clearance.errors import InvalidRequest
 from clearance.units import EXACT, MAX_AMOUNT, USD_SCALE
@@ -88,7 +88,6 @@ _custom: dict[tuple[str | None, str], ModelRate] = {}
 _custom_folded: dict[tuple[str | None, str], ModelRate] = {}
 _fallback: ModelRate | None = None
 _generation = 0  # +1 by every register_price / set_fallback_price: a lookup begun before must not cache
-# (provider, model) -> (its flat rate, or None when tiered; until when, in epoch seconds, it applies)
 # (provider, model) -> (its flat rate, or None when priced call by call; until when, in epoch
 # seconds, it applies; the moment it was looked up, at which a call-by-call price is computed)
 _rates: dict[tuple[str | None, str], tuple[ModelRate | None, float, datetime | None]] = {}
@@ -218,7 +217,9 @@ def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float, 
     it applies (epoch seconds), and the moment it was looked up (a tiered model is priced at it)."""
     key = (provider, model)
     entry = _rates.get(key)
-    if entry is not None and _clock() < entry[1]:
+    now = _clock()
+    # (within its period both ways: a clock stepped back before ``at`` is in another period)
+    if entry is not None and now < entry[1] and (entry[2] is None or entry[2].timestamp() <= now):
         return entry
     generation = _generation
     provider_key = _provider_key(provider)
@@ -245,7 +246,11 @@ def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float, 
     _trim_genai_caches()
     # An override for the provider and model genai-prices resolved the names to (no provider given,
     # an alias, a routed name such as litellm's "anthropic/claude-sonnet-4-5").
-    resolved = _custom_rate(calc.provider.id, model) or _custom_rate(calc.provider.id, calc.model.id)
+    resolved = (
+        _custom_rate(calc.provider.id, model)
+        or _custom_rate(calc.provider.id, calc.model.id)
+        or _custom_rate(None, calc.model.id)
+    )
     if resolved is not None:
         return _store_rate(key, (resolved, math.inf, None), generation)
     price = calc.model_price
@@ -378,6 +383,10 @@ def price_usd(
     return Decimal(nano).scaleb(-9, EXACT)
 
 
+_WRITE_KEYS = (("cache_write_tokens", "cache_write"), ("cache_write_1h_tokens", "cache_write_1h"))
+"""The metadata keys of a prompt's cache writes (Action.model_call's keyword names)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Prompt:
     """A model call's input as it is priced: its tokens, of which ``cache_write`` may be written to
@@ -387,6 +396,8 @@ class Prompt:
     tokens: int
     cache_write: int = 0
     cache_write_1h: int = 0
+
+    KEYS: ClassVar[frozenset[str]] = frozenset({"input_tokens", *(key for key, _ in _WRITE_KEYS)})
 
     def to_metadata(self) -> dict[str, int]:
         if not self.cache_write:
@@ -416,7 +427,3 @@ class Prompt:
             cache_write_tokens=self.cache_write,
             cache_write_1h_tokens=self.cache_write_1h,
         )
-
-
-_WRITE_KEYS = (("cache_write_tokens", "cache_write"), ("cache_write_1h_tokens", "cache_write_1h"))
-"""The metadata keys of a prompt's cache writes (Action.model_call's keyword names)."""

@@ -419,3 +419,33 @@ def test_a_registered_price_names_its_cache_write_rates_and_keeps_custom_names_a
         pricing._custom.clear()
         pricing._custom_folded.clear()
         pricing._rates.clear()
+
+
+def test_a_provider_less_override_applies_to_a_routed_name_and_a_clock_set_back_reprices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: an override registered without a provider did not reach a routed name
+    (litellm's "anthropic/..."); and a cached rate was used after the clock stepped back before the
+    moment it was looked up (deepseek's off-peak price kept at peak: half the price held)."""
+    import datetime as real
+
+    from clearance import pricing
+
+    try:
+        register_price("claude-3-5-haiku-latest", 50, 50)
+        assert price_usd("litellm", "anthropic/claude-3-5-haiku-latest", 1_000_000, 0) == 50
+    finally:
+        pricing._custom.clear()
+        pricing._custom_folded.clear()
+        pricing._rates.clear()
+
+    def at(hour: int) -> float:
+        return real.datetime(2026, 11, 27, hour, 0, tzinfo=real.UTC).timestamp()
+
+    monkeypatch.setattr(pricing, "_clock", lambda: at(17))  # off-peak (16:30-00:30 UTC)
+    off_peak = price_usd("deepseek", "deepseek-chat", 1_000_000, 0)
+    monkeypatch.setattr(pricing, "_clock", lambda: at(10))  # stepped back into peak hours
+    try:
+        assert price_usd("deepseek", "deepseek-chat", 1_000_000, 0) == 2 * off_peak
+    finally:
+        pricing._rates.clear()
