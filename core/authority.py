@@ -593,9 +593,17 @@ class Grant:
         self._actual = steps
 
 
-def _settled(reservation: ReservationRef, settlement: Settlement) -> Settlement:
+def _settled(
+    reservation: ReservationRef, settlement: Settlement, guarded: dict[str, Reservation] | None = None
+) -> Settlement:
     """``settlement``, after telling the caller's Reservation object (when given one) what became of
-    it: a guard whose block released or committed its reservation itself leaves it so."""
+    it: a guard whose block released or committed its reservation itself leaves it so. So is the
+    guard's own object, in ``guarded`` (the running guards', by id), whatever reference the block
+    settled it through: by id, or the copy extend() returned."""
+    if guarded:
+        own = guarded.get(settlement.reservation_id)
+        if own is not None and own is not reservation:
+            _settled(own, settlement)
     if isinstance(reservation, Reservation):
         reservation.status = settlement.status
         # (a release of a committed reservation answers "committed" with nothing charged by it:
@@ -1470,13 +1478,6 @@ class Authority:
         return await self._arun(self._reserve_flow(action, scope, plans, ttl, idempotency_key))
 
     # --- settle ------------------------------------------------------------------------------
-    def _told(self, rid: str, reservation: ReservationRef, settlement: Settlement) -> Settlement:
-        """``_settled``, and the same for the guard's own Reservation of ``rid``, if a block runs on it."""
-        guarded = self._guarded.get(rid)
-        if guarded is not None and guarded is not reservation:
-            _settled(guarded, settlement)
-        return _settled(reservation, settlement)
-
     def _local(self, rid: str, actual: Amounts | None, commit: bool) -> Settlement:
         return self._emergency.settle(rid, actual, commit, self.clock())
 
@@ -1499,30 +1500,30 @@ class Authority:
         rid = _reservation_id(reservation)
         steps = _shadow_actual(reservation, self._actual(actual))
         if rid.startswith(_LOCAL_PREFIX):
-            return self._told(rid, reservation, self._local(rid, steps, commit=True))
-        return self._told(rid, reservation, self.store.commit(rid, steps, self.clock()))
+            return _settled(reservation, self._local(rid, steps, commit=True), self._guarded)
+        return _settled(reservation, self.store.commit(rid, steps, self.clock()), self._guarded)
 
     async def acommit(self, reservation: ReservationRef, actual: AmountsLike | None = None) -> Settlement:
         """Async twin of :meth:`commit`."""
         rid = _reservation_id(reservation)
         steps = _shadow_actual(reservation, self._actual(actual))
         if rid.startswith(_LOCAL_PREFIX):
-            return self._told(rid, reservation, self._local(rid, steps, commit=True))
-        return self._told(rid, reservation, await self.store.acommit(rid, steps, self.clock()))
+            return _settled(reservation, self._local(rid, steps, commit=True), self._guarded)
+        return _settled(reservation, await self.store.acommit(rid, steps, self.clock()), self._guarded)
 
     def release(self, reservation: ReservationRef) -> Settlement:
         """Return the whole hold to the budgets (the action did not run). Idempotent."""
         rid = _reservation_id(reservation)
         if rid.startswith(_LOCAL_PREFIX):
-            return self._told(rid, reservation, self._local(rid, None, commit=False))
-        return self._told(rid, reservation, self.store.release(rid, self.clock()))
+            return _settled(reservation, self._local(rid, None, commit=False), self._guarded)
+        return _settled(reservation, self.store.release(rid, self.clock()), self._guarded)
 
     async def arelease(self, reservation: ReservationRef) -> Settlement:
         """Async twin of :meth:`release`."""
         rid = _reservation_id(reservation)
         if rid.startswith(_LOCAL_PREFIX):
-            return self._told(rid, reservation, self._local(rid, None, commit=False))
-        return self._told(rid, reservation, await self.store.arelease(rid, self.clock()))
+            return _settled(reservation, self._local(rid, None, commit=False), self._guarded)
+        return _settled(reservation, await self.store.arelease(rid, self.clock()), self._guarded)
 
     def extend(self, reservation: ReservationRef, ttl: float) -> Reservation:
         """Keep a held reservation alive for at least ``ttl`` more seconds from now (a hold that
