@@ -1145,15 +1145,8 @@ class RedisStore(Store):
     async def _akeyed(self, key: str, command: Callable[[Any], Awaitable[_T]]) -> _T:
         """:meth:`_keyed` for asyncio."""
         client, _, lender = await self._async_client()
-        with _cancellation_kept():
-            try:
-                return await self._ain_turn(client, lender, key, lambda: command(client))
-            except _ERRORS as error:
-                raise _unavailable(error) from error
-            except Exception as error:
-                if not self.cluster:
-                    raise
-                raise _unavailable(_cluster_broke(error)) from error
+        with _cancellation_kept(), self._trouble():
+            return await self._ain_turn(client, lender, key, lambda: command(client))
 
     # --- in-doubt holds --------------------------------------------------------------------------
     def _doubt(self, request: HoldRequest, error: BaseException) -> None:
