@@ -497,7 +497,7 @@ class _EmergencyCap:
             return Settlement(rid, "committed", charged, flags)
 
 
-def _guarded(decision: Decision) -> Decision:
+def _guarded(decision: Decision, unanswered: set[str] | None = None) -> Decision:
     """The decision a guard may run its block on, else :class:`Denied`. A guard retried with the
     idempotency key of one that already committed (its block ran, its cost is recorded) is denied
     ``replay_settled``, as a replay of a released or expired reservation is: running the block again
@@ -512,9 +512,20 @@ def _guarded(decision: Decision) -> Decision:
         denied.mode = decision.mode  # (a local replay says it was made failing open)
         raise Denied(denied)
     if decision.replayed and reservation is not None and reservation.status == "held":
+        if unanswered is not None:
+            try:  # this process's own keyed hold whose reply never came (lost, or its task cancelled):
+                unanswered.remove(reservation.id[12:])  # no block ever ran on it: this retry takes it over
+                # (ids end alike on every store: SQLite's start with its seq, then the request's digits 12-20)
+                return decision
+            except KeyError:
+                pass
         # Its first guard may still be running the step: running it again does it twice, drops this
         # run's cost (its commit replays) and, should this run fail, releases the running step's hold.
-        message = f"this idempotency key's reservation {reservation.id} is held: the step it guards is under way"
+        message = (
+            f"this idempotency key's reservation {reservation.id} is held: its step may be under way (or its "
+            f"process gone); it is settled, or returns at its TTL (expires_at {reservation.expires_at:.3f}): "
+            "retry with a new key then"
+        )
         reason = Reason("replay_in_progress", message, decision.scope)
         denied = Decision(Outcome.DENY, decision.scope, decision.action_label, reasons=(reason,), replayed=True)
         denied.mode = decision.mode
@@ -634,6 +645,16 @@ _EMERGENCY_CAPS: dict[tuple[str, tuple[tuple[str, int], ...]], _EmergencyCap] = 
 _EMERGENCY_CAPS_LOCK = threading.Lock()
 
 
+# The running guards' reservations, per store (by URL) and shared like the emergency caps: a block
+# settling its reservation through another Authority of the store (a framework adapter's) is seen too.
+_GUARDED: dict[str, dict[str, Reservation]] = {}
+
+
+def _guarded_for(url: str) -> dict[str, Reservation]:
+    with _EMERGENCY_CAPS_LOCK:
+        return _GUARDED.setdefault(url, {})
+
+
 def _emergency_cap_for(url: str, limits: dict[str, int]) -> _EmergencyCap:
     key = (url, tuple(sorted(limits.items())))
     with _EMERGENCY_CAPS_LOCK:
@@ -736,7 +757,10 @@ class Authority:
         self._shadow_unreleased: deque[tuple[str, str, float]] = deque(maxlen=10_000)  # (id, tenant, expires_at)
         # The reservations of guards whose blocks are running, by id: a block settling its own
         # (by id, or through the copy extend() returned) is seen by its guard.
-        self._guarded: dict[str, Reservation] = {}
+        self._guarded: dict[str, Reservation] = _guarded_for(self.store.url)
+        # Keyed holds this process sent without getting an answer (a lost reply, a cancelled task):
+        # they may have landed, and a guard retried with their key may run on them (see _guarded).
+        self._unanswered: set[str] = set()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Authority:
@@ -896,6 +920,9 @@ class Authority:
                 message = f"store unavailable and this process's emergency cap of {unit} is used"
             reason = Reason("emergency_cap", message, scope.path, unit=unit)
             return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_OPEN)
+        # A block will run on this local reservation: a hold of the same request that landed in the
+        # store after all is not one a retry may take over (see _guarded).
+        self._unanswered.discard(request.reservation_id[12:])
         _warn("open", "clearance store unavailable, failing open for %s at %s: %s", action.label, scope.path, error)
         reasons = [Reason("fail_open", f"store unavailable, allowed within the emergency cap: {error}", scope.path)]
         index = reservation.plan_index
@@ -1389,6 +1416,12 @@ class Authority:
             except ReservationNotFound:  # the ledger lost it (a Redis restarted without persistence)
                 continue
 
+    def _unanswered_hold(self, request: HoldRequest) -> None:
+        if request.idempotency_key is not None:
+            if len(self._unanswered) >= 10_000:
+                self._unanswered.clear()
+            self._unanswered.add(request.reservation_id[12:])
+
     def _run(self, flow: Generator[_Op, Any, _T]) -> _T:
         """Drive a flow against the sync face of the store."""
         store = self.store
@@ -1401,6 +1434,8 @@ class Authority:
                     else:
                         value = getattr(store, name)(*args)
                 except (StoreUnavailable, NotImplementedError, ReservationNotFound) as error:
+                    if name == "hold" and isinstance(error, StoreUnavailable):
+                        self._unanswered_hold(args[0])
                     name, args = flow.throw(error)  # (a flow that does not catch it raises it on)
                 else:
                     name, args = flow.send(value)
@@ -1424,7 +1459,11 @@ class Authority:
                     else:
                         call = getattr(store, "a" + name)(*args)
                         value = await (_finished(call, args[0]) if name == "release" else call)
-                except (StoreUnavailable, NotImplementedError, ReservationNotFound) as error:
+                except BaseException as error:
+                    if name == "hold" and not isinstance(error, (NotImplementedError, ReservationNotFound)):
+                        self._unanswered_hold(args[0])  # (StoreUnavailable, or cancelled on its way)
+                    if not isinstance(error, (StoreUnavailable, NotImplementedError, ReservationNotFound)):
+                        raise
                     name, args = flow.throw(error)  # (a flow that does not catch it raises it on)
                 else:
                     name, args = flow.send(value)
@@ -1460,6 +1499,7 @@ class Authority:
         try:
             result = self.store.hold(request)
         except StoreUnavailable as error:
+            self._unanswered_hold(request)
             return self._unavailable(error, request, checked, parsed, chosen)
         if result.replayed:
             return self._run(self._replay_flow(result, checked, parsed, chosen, None))
@@ -1712,7 +1752,9 @@ class Authority:
         ...     reply = call_model(model=grant.model, max_tokens=grant.max_output_tokens)
         ...     grant.settle({"usd": reply.cost})
         """
-        decision = _guarded(self.reserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key))
+        decision = _guarded(
+            self.reserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key), self._unanswered
+        )
         grant = Grant(decision, action)
         reservation = decision.reservation
         if reservation is not None:
@@ -1737,7 +1779,9 @@ class Authority:
         idempotency_key: str | None = None,
     ) -> AsyncIterator[Grant]:
         """Async twin of :meth:`guard`."""
-        decision = _guarded(await self.areserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key))
+        decision = _guarded(
+            await self.areserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key), self._unanswered
+        )
         grant = Grant(decision, action)
         reservation = decision.reservation
         if reservation is not None:

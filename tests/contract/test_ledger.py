@@ -758,6 +758,10 @@ def test_a_guard_sees_its_reservation_settled_through_any_reference(authority: A
     with authority.guard(usd(1), CHAIN) as grant:
         authority.release(grant.reservation.id)  # type: ignore[union-attr]
     assert grant.settlement is not None and grant.settlement.status == "released"
+    other = Authority(authority.store)  # (another of the process's Authorities: a framework adapter's)
+    with authority.guard(usd(1), CHAIN) as grant:
+        other.release(grant.reservation.id)  # type: ignore[union-attr]
+    assert grant.settlement is not None and grant.settlement.status == "released"
     assert authority.balance("tenant:acme")["usd"].spent == 0
 
 

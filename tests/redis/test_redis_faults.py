@@ -634,3 +634,37 @@ def test_cluster_events_across_tenants_take_turns_beside_busy_ledger_calls(redis
     authority.close()
     assert failures == [] and read[0] > 0
 
+
+
+def test_a_keyed_guard_whose_reply_was_lost_runs_its_step_on_retry(redis_url: str) -> None:
+    """The first reserve landed but its reply was lost (the guard failed closed; no block ran on the
+    hold): the retry with the same key runs the step on that hold. (Found in review: a guard retry
+    meeting its key's held reservation was denied replay_in_progress — and once the hold expired,
+    replay_settled for good: the step could never run under its key.)"""
+    authority = Authority(redis_url)
+    authority.set_budget(Budget("tenant:lost", "calls", 10))
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    send, lose = store._evalsha, [True]
+
+    def losing(client: object, script: object, root: str, args: list[str]) -> object:
+        reply = send(client, script, root, args)
+        if lose[0] and len(args) == 12:  # a reserve: it ran, its reply is lost
+            lose[0] = False
+            raise redis_py.TimeoutError("reply lost")
+        return reply
+
+    store._evalsha = losing  # type: ignore[method-assign]
+    action = Action("step", "s", {"calls": 1})
+    ran = []
+    for _ in range(2):
+        try:
+            with authority.guard(action, "tenant:lost/run:r1", idempotency_key="step-1") as grant:
+                ran.append(grant.reservation)
+                grant.settle({"calls": 1})
+        except Exception as error:  # (the first attempt fails closed)
+            ran.append(type(error).__name__)
+    assert ran[0] == "Denied" and len(ran) == 2 and ran[1] is not None
+    balance = authority.balance("tenant:lost")["calls"]
+    assert (balance.spent, balance.held) == (1, 0)  # one step, on the hold that landed
+    authority.close()
