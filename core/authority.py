@@ -497,7 +497,7 @@ class _EmergencyCap:
             return Settlement(rid, "committed", charged, flags)
 
 
-def _guarded(decision: Decision, unanswered: set[str] | None = None) -> Decision:
+def _guarded(decision: Decision, unanswered: bool = False) -> Decision:
     """The decision a guard may run its block on, else :class:`Denied`. A guard retried with the
     idempotency key of one that already committed (its block ran, its cost is recorded) is denied
     ``replay_settled``, as a replay of a released or expired reservation is: running the block again
@@ -512,13 +512,8 @@ def _guarded(decision: Decision, unanswered: set[str] | None = None) -> Decision
         denied.mode = decision.mode  # (a local replay says it was made failing open)
         raise Denied(denied)
     if decision.replayed and reservation is not None and reservation.status == "held":
-        if unanswered is not None:
-            try:  # this process's own keyed hold whose reply never came (lost, or its task cancelled):
-                unanswered.remove(reservation.id[12:])  # no block ever ran on it: this retry takes it over
-                # (ids end alike on every store: SQLite's start with its seq, then the request's digits 12-20)
-                return decision
-            except KeyError:
-                pass
+        if unanswered:  # this process's own keyed hold whose reply never came: no block ran on it
+            return decision
         # Its first guard may still be running the step: running it again does it twice, drops this
         # run's cost (its commit replays) and, should this run fail, releases the running step's hold.
         message = (
@@ -760,7 +755,11 @@ class Authority:
         self._guarded: dict[str, Reservation] = _guarded_for(self.store.url)
         # Keyed holds this process sent without getting an answer (a lost reply, a cancelled task):
         # they may have landed, and a guard retried with their key may run on them (see _guarded).
-        self._unanswered: set[str] = set()
+        # (Tenant, idempotency key) -> the end of the id of that key's hold (ids end alike on every
+        # store: SQLite's start with its seq, then the request's digits 12-20); kept by this process
+        # only — a forked child starts without them, or parent and child would both take one over.
+        self._unanswered: dict[tuple[str, str], str] = {}
+        self._unanswered_pid = os.getpid()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Authority:
@@ -922,7 +921,8 @@ class Authority:
             return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), mode=Mode.FAIL_OPEN)
         # A block will run on this local reservation: a hold of the same request that landed in the
         # store after all is not one a retry may take over (see _guarded).
-        self._unanswered.discard(request.reservation_id[12:])
+        if request.idempotency_key is not None:
+            self._unanswered.pop((request.chain[0], request.idempotency_key), None)
         _warn("open", "clearance store unavailable, failing open for %s at %s: %s", action.label, scope.path, error)
         reasons = [Reason("fail_open", f"store unavailable, allowed within the emergency cap: {error}", scope.path)]
         index = reservation.plan_index
@@ -1417,10 +1417,23 @@ class Authority:
                 continue
 
     def _unanswered_hold(self, request: HoldRequest) -> None:
+        """Remember a keyed hold sent without an answer: it may have landed, and a guard retried with
+        its key may take it over (see :meth:`_own_unanswered`)."""
         if request.idempotency_key is not None:
-            if len(self._unanswered) >= 10_000:
+            if len(self._unanswered) >= 10_000 or self._unanswered_pid != os.getpid():
                 self._unanswered.clear()
-            self._unanswered.add(request.reservation_id[12:])
+                self._unanswered_pid = os.getpid()
+            self._unanswered[(request.chain[0], request.idempotency_key)] = request.reservation_id[12:]
+
+    def _own_unanswered(self, decision: Decision, idempotency_key: str | None) -> bool:
+        """Whether a guard's decision holds this process's own keyed hold that never got an answer
+        (a lost reply, a cancelled task): no block ran on it, so the guard retried with its key may.
+        Whatever the answer, the key has one now: its entry goes (dict.pop: one retry takes it)."""
+        reservation = decision.reservation
+        if idempotency_key is None or reservation is None or not self._unanswered:
+            return False
+        end = self._unanswered.pop((reservation.scope.split("/", 1)[0], idempotency_key), None)
+        return decision.replayed and end == reservation.id[12:] and self._unanswered_pid == os.getpid()
 
     def _run(self, flow: Generator[_Op, Any, _T]) -> _T:
         """Drive a flow against the sync face of the store."""
@@ -1752,9 +1765,8 @@ class Authority:
         ...     reply = call_model(model=grant.model, max_tokens=grant.max_output_tokens)
         ...     grant.settle({"usd": reply.cost})
         """
-        decision = _guarded(
-            self.reserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key), self._unanswered
-        )
+        decision = self.reserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key)
+        decision = _guarded(decision, self._own_unanswered(decision, idempotency_key))
         grant = Grant(decision, action)
         reservation = decision.reservation
         if reservation is not None:
@@ -1779,9 +1791,8 @@ class Authority:
         idempotency_key: str | None = None,
     ) -> AsyncIterator[Grant]:
         """Async twin of :meth:`guard`."""
-        decision = _guarded(
-            await self.areserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key), self._unanswered
-        )
+        decision = await self.areserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key)
+        decision = _guarded(decision, self._own_unanswered(decision, idempotency_key))
         grant = Grant(decision, action)
         reservation = decision.reservation
         if reservation is not None:

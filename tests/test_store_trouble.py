@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -522,3 +524,39 @@ def test_a_child_forked_while_a_thread_logs_store_trouble_still_decides() -> Non
     thread.join(10)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_hold_whose_reply_was_lost_is_taken_over_once_not_by_a_forked_child_too(tmp_path: Path) -> None:
+    """A keyed hold landed, its answer lost: the guard retried with the key runs on it — in this
+    process only (found in review: a forked child inherited the memory of it, and parent and child
+    both ran the step on the one hold)."""
+    authority = Authority(f"sqlite:///{tmp_path / 'ledger.db'}")
+    authority.set_budget(Budget("tenant:f", "usd", 10))
+    store = authority.store
+    held = store.hold
+
+    def answer_lost(request):  # type: ignore[no-untyped-def]
+        held(request)
+        raise StoreUnavailable("reply lost (test)")
+
+    store.hold = answer_lost  # type: ignore[method-assign]
+    with pytest.raises(Denied), authority.guard(ACTION, "tenant:f/run:r1", idempotency_key="k1"):
+        pytest.fail("failed closed: the block does not run")
+    store.hold = held  # type: ignore[method-assign]
+    child = os.fork()
+    if child == 0:  # the child's retry must not run the step the parent's may
+        try:
+            with authority.guard(ACTION, "tenant:f/run:r1", idempotency_key="k1"):
+                os._exit(1)
+        except Denied as denied:
+            os._exit(0 if denied.decision.reasons[0].code == "replay_in_progress" else 2)
+        os._exit(3)
+    _, status = os.waitpid(child, 0)
+    assert os.WEXITSTATUS(status) == 0
+    with authority.guard(ACTION, "tenant:f/run:r1", idempotency_key="k1") as grant:
+        grant.settle({"usd": "0.4"})  # the parent's retry runs on the hold that landed
+    with pytest.raises(Denied):  # and only once
+        with authority.guard(ACTION, "tenant:f/run:r1", idempotency_key="k1"):
+            pytest.fail("must not run again")
+    assert authority.balance("tenant:f")["usd"].spent == Decimal("0.4")
