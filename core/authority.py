@@ -1472,12 +1472,14 @@ class Authority:
                     else:
                         call = getattr(store, "a" + name)(*args)
                         value = await (_finished(call, args[0]) if name == "release" else call)
-                except BaseException as error:
-                    if name == "hold" and not isinstance(error, (NotImplementedError, ReservationNotFound)):
-                        self._unanswered_hold(args[0])  # (StoreUnavailable, or cancelled on its way)
-                    if not isinstance(error, (StoreUnavailable, NotImplementedError, ReservationNotFound)):
-                        raise
+                except (StoreUnavailable, NotImplementedError, ReservationNotFound) as error:
+                    if name == "hold" and isinstance(error, StoreUnavailable):
+                        self._unanswered_hold(args[0])
                     name, args = flow.throw(error)  # (a flow that does not catch it raises it on)
+                except BaseException:
+                    if name == "hold":  # cancelled on its way: it may have landed all the same
+                        self._unanswered_hold(args[0])
+                    raise
                 else:
                     name, args = flow.send(value)
         except StopIteration as stop:

@@ -329,11 +329,12 @@ def price_nano_usd(
         raise InvalidRequest("a model name is required to price a model call")
     if provider is not None and not isinstance(provider, str):
         raise InvalidRequest(f"provider must be a name or None, got {provider!r}")
-    counts = [("input_tokens", input_tokens), ("output_tokens", output_tokens)]
-    writes = cache_write_tokens.__class__ is not int or cache_write_1h_tokens.__class__ is not int
-    if writes or cache_write_tokens or cache_write_1h_tokens:  # (the usual call writes none: checked as it is)
-        counts += [("cache_write_tokens", cache_write_tokens), ("cache_write_1h_tokens", cache_write_1h_tokens)]
-    for name, value in counts:
+    for name, value in (
+        ("input_tokens", input_tokens),
+        ("output_tokens", output_tokens),
+        ("cache_write_tokens", cache_write_tokens),
+        ("cache_write_1h_tokens", cache_write_1h_tokens),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value > 2**40:
             raise InvalidRequest(f"{name} must be a non-negative int, got {value!r}")
     if not cache_write_1h_tokens <= cache_write_tokens <= input_tokens:
@@ -372,14 +373,7 @@ def price_usd(
     cache_write_1h_tokens: int = 0,
 ) -> Decimal:
     """Price of a call in USD, as an exact ``Decimal`` (nano-dollar resolution)."""
-    nano = price_nano_usd(
-        provider,
-        model,
-        input_tokens,
-        output_tokens,
-        cache_write_tokens=cache_write_tokens,
-        cache_write_1h_tokens=cache_write_1h_tokens,
-    )
+    nano = Prompt(input_tokens, cache_write_tokens, cache_write_1h_tokens).nano_usd(provider, model, output_tokens)
     return Decimal(nano).scaleb(-9, EXACT)
 
 
