@@ -1,7 +1,8 @@
 """Shared fixtures: every contract test runs once per store backend.
 
-Backends: ``memory`` and ``sqlite`` always; ``redis`` and ``cluster`` when a throwaway
-``redis-server`` can be started (tests/redis_servers.py). With ``CI=true`` a missing redis-server
+Backends: ``memory`` and ``sqlite`` always; ``redis``, ``cluster`` and ``tls`` (a ``rediss://``
+server demanding client certificates) when a throwaway ``redis-server`` can be started
+(tests/redis_servers.py). With ``CI=true`` a missing redis-server
 fails the run instead of skipping.
 """
 
@@ -21,7 +22,10 @@ pytest_plugins = ["redis_servers"]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-STORE_KINDS = ["memory", "sqlite", "redis", "cluster"]
+STORE_KINDS = ["memory", "sqlite", "redis", "cluster", "tls"]
+
+
+_REDIS_FIXTURES = {"redis": "redis_url", "cluster": "redis_cluster_url", "tls": "redis_tls_url"}
 
 
 def make_store_url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
@@ -30,8 +34,8 @@ def make_store_url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) ->
         return "memory://"
     if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'ledger.db'}"
-    if kind in ("redis", "cluster"):
-        fixture = "redis_url" if kind == "redis" else "redis_cluster_url"
+    if kind in _REDIS_FIXTURES:
+        fixture = _REDIS_FIXTURES[kind]
         try:
             return str(request.getfixturevalue(fixture))
         except pytest.FixtureLookupError:

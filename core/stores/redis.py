@@ -296,13 +296,20 @@ def _drop_async(client: Any, loop_alive: bool) -> None:
     for connection in connections:
         writer = getattr(connection, "_writer", None)
         transport: Any = getattr(writer, "transport", None)
-        sock = getattr(transport, "_sock", None)
+        # A TLS connection's transport (asyncio's SSL protocol) sits on the socket's own transport:
+        # the socket is that one's, and both must read as closed (or each warns when collected).
+        tls = getattr(transport, "_ssl_protocol", None)
+        raw: Any = getattr(tls, "_transport", None) if tls is not None else transport
+        sock = getattr(raw, "_sock", None)
         if loop_alive and transport is not None:
             transport.close()
-        elif transport is not None and sock is not None:
-            transport._closing = True
-            transport._sock = None
-            sock.close()
+        elif transport is not None:
+            if tls is not None:
+                transport._closed = True
+            if sock is not None:
+                raw._closing = True
+                raw._sock = None
+                sock.close()
         connection._reader = None
         connection._writer = None
     if manager is not None:
