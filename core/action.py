@@ -15,7 +15,8 @@ from clearance.pricing import Prompt
 from clearance.units import from_step_map, from_steps, to_step_map
 
 _WORD_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
-_LABEL_RE = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+# (lone surrogates too: json.loads gives one for a cut-off emoji, and no store can encode it)
+_LABEL_RE = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]{1,256}")
 
 KINDS = ("model_call", "tool_call", "step", "side_effect")
 RISKS = ("read", "write", "external", "payment")
@@ -90,7 +91,7 @@ class Action(InputModel):
     @classmethod
     def _check_name(cls, value: str) -> str:
         if not _LABEL_RE.fullmatch(value):
-            raise ValueError("must be 1-256 printable characters")
+            raise ValueError("must be 1-256 printable characters (no control character, no lone surrogate)")
         return value
 
     @classmethod

@@ -981,32 +981,34 @@ class Authority:
     def apply_policy(self, document: PolicyDocument) -> int:
         """Write a policy's budgets (and rate-limit budgets) into the store, then store the policy
         as the next version; every Authority on the store picks it up. Returns the version."""
-        budgets = self._policy_budgets(document)
+        budgets, text = self._policy_budgets(document)
         removed, restored = _policy_leftovers(self.store.policy()[1], budgets)
         for budget in [*budgets, *restored]:
             self.set_budget(budget)
         for scope, unit, period in removed:
             self.remove_budget(scope, unit, period)
-        version = self.store.put_policy(document.to_json(), self.clock())
+        version = self.store.put_policy(text, self.clock())
         self._policy_resets += 1
         self._policy_checked = -math.inf  # this process sees it on its very next decision
         return version
 
     async def aapply_policy(self, document: PolicyDocument) -> int:
         """Async twin of :meth:`apply_policy`."""
-        budgets = self._policy_budgets(document)
+        budgets, text = self._policy_budgets(document)
         removed, restored = _policy_leftovers((await self.store.apolicy())[1], budgets)
         for budget in [*budgets, *restored]:
             await self.aset_budget(budget)
         for scope, unit, period in removed:
             await self.aremove_budget(scope, unit, period)
-        version = await self.store.aput_policy(document.to_json(), self.clock())
+        version = await self.store.aput_policy(text, self.clock())
         self._policy_resets += 1
         self._policy_checked = -math.inf
         return version
 
-    def _policy_budgets(self, document: PolicyDocument) -> list[Budget]:
-        """A policy's budgets, the whole document validated first: bad input changes nothing."""
+    def _policy_budgets(self, document: PolicyDocument) -> tuple[list[Budget], str]:
+        """A policy's budgets and the text to store, the whole document validated and written out
+        first: bad input changes nothing (a document that cannot be stored, found only after its
+        budgets were written, left them changed under the old policy)."""
         if not isinstance(document, PolicyDocument):
             raise InvalidRequest(f"expected a PolicyDocument, got {type(document).__name__}")
         document.check_as_written()  # (one built in Python skipped parse's checks)
@@ -1014,7 +1016,11 @@ class Authority:
             Budget(scope, unit, limit, period) for (scope, unit, period), limit in document.budget_limits().items()
         ]
         Policy(document, rules=self._rules)
-        return budgets
+        try:
+            text = document.to_json()
+        except ValueError as error:  # (pydantic's serialization error is one: text it cannot write)
+            raise InvalidRequest(f"invalid policy: it cannot be stored: {error}") from None
+        return budgets, text
 
     def current_policy(self) -> Policy | None:
         """The policy decisions use now (refreshing it from the store if it is due); ``None`` when

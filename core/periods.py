@@ -51,9 +51,6 @@ def period_key(period: Period | str | None) -> str:
         ) from None
 
 
-_cache: tuple[int, Windows] = (-1, ())
-
-
 def windows_at(now: float) -> Windows:
     """The window id of every period at ``now`` (epoch seconds, UTC)."""
     global _cache  # noqa: PLW0603 - a one-entry cache; races only recompute the same value
@@ -98,6 +95,9 @@ def _windows_of_minute(minute: int) -> Windows:
         ("week", f"{iso_year:04d}-W{iso_week:02d}"),
         ("month", t.strftime("%Y-%m")),
     )
+
+
+_cache: tuple[int, Windows] = (-1, _windows_of_minute(-1))  # (a real entry: minute -1 is a time too)
 
 
 def window_of(windows: Windows, period: str) -> str:

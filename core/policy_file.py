@@ -46,7 +46,7 @@ from clearance.scope import parse_scope
 from clearance.units import MAX_AMOUNT, check_unit, plain_token, to_steps
 
 _KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # a scope kind (see clearance.scope)
-_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"  # a name printed on one line of `policy check`
+_PRINTABLE = r"^[^\x00-\x1f\x7f\ud800-\udfff]+$"  # a name printed on one line of `policy check`, UTF-8
 _WORD = re.compile(r"[a-z][a-z0-9_]{0,31}")  # an action's risk class or kind (see clearance.action)
 
 
@@ -72,7 +72,7 @@ def _as_written_problems(document: PolicyDocument) -> list[str]:
 
     def printable(where: str, value: str | None) -> None:
         if value is not None and not re.fullmatch(_PRINTABLE, value):
-            problems.append(f"{where}: {value!r} has a control character")
+            problems.append(f"{where}: {value!r} has a control character or a lone surrogate (not UTF-8)")
 
     def count(where: str, value: int | None) -> None:
         if value is not None and value > MAX_AMOUNT:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -499,3 +502,69 @@ def test_decisions_never_use_the_callers_decimal_context() -> None:
         decision = authority.reserve(Action("step", "s", {"usd": "0.912345678"}), "tenant:l", plans=ladder)
     assert decision.plan_index == 1
     assert "would keep 0.087654322 < required headroom 0.5" in decision.reasons[0].message
+
+
+# A lone surrogate: what json.loads gives for a tool name cut off mid-emoji ("search\ud83d"). No store
+# can encode it: it was accepted, then SQLite and Redis raised a bare UnicodeEncodeError (memory held it).
+SURROGATE = json.loads('"search\\ud83d"')
+
+
+def test_a_lone_surrogate_in_an_action_is_an_invalid_request() -> None:
+    with pytest.raises(InvalidRequest, match="lone surrogate"):
+        Action("tool_call", SURROGATE, {"usd": 1})
+    with pytest.raises(InvalidRequest, match="lone surrogate"):
+        Action.model_call("openai", "gpt-4o", input_tokens=10, max_output_tokens=10, name=SURROGATE)
+    assert Action("tool_call", "search \U0001f50d é", {"usd": 1}).name == "search \U0001f50d é"  # real characters
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"rate_limits": [{"scope": "tenant:acme", "kind": "tool_call", "name": SURROGATE, "limit": 3}]},
+        {"tools": {"toolsets": {SURROGATE: ["search"]}}},
+        {"tools": {"toolsets": {"web": [SURROGATE]}}},
+    ],  # (a field with a length limit, a rung's model, pydantic refuses as not unicode itself)
+)
+def test_a_policy_with_a_lone_surrogate_is_refused_before_anything_is_written(
+    entry: dict[str, object], store_url: str, clock: FakeClock
+) -> None:
+    """It passed validation, then apply wrote its budgets and failed storing the policy: the usd
+    limit raised from 5 to 50 under the old policy, a bare PydanticSerializationError."""
+    authority = Authority(store_url, clock=clock)
+    authority.apply_policy(PolicyDocument.parse({"budgets": [{"scope": "tenant:acme", "unit": "usd", "limit": "5"}]}))
+    document = {"budgets": [{"scope": "tenant:acme", "unit": "usd", "limit": "50"}], **entry}
+    with pytest.raises(InvalidRequest, match="surrogate"):
+        PolicyDocument.loads(json.dumps(document), "json")
+    built = PolicyDocument.parse(document, stored=True)  # (read as stored: not checked as written)
+    with pytest.raises(InvalidRequest, match="surrogate"):
+        authority.apply_policy(built)
+    assert authority.balance("tenant:acme")["usd"].limit == 5
+    assert authority.store.policy()[0] == 1
+    assert [b.unit for b in authority.budgets("tenant:acme")] == ["usd"]
+    authority.close()
+
+
+def test_a_policy_that_cannot_be_stored_changes_no_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    authority = Authority("memory://")
+    document = PolicyDocument.parse({"budgets": [{"scope": "tenant:acme", "unit": "usd", "limit": "50"}]})
+
+    def unwritable(self: PolicyDocument) -> str:
+        raise ValueError("Error serializing to JSON")
+
+    monkeypatch.setattr(PolicyDocument, "to_json", unwritable)
+    with pytest.raises(InvalidRequest, match="cannot be stored"):
+        authority.apply_policy(document)
+    with pytest.raises(InvalidRequest, match="cannot be stored"):
+        asyncio.run(authority.aapply_policy(document))
+    assert authority.budgets("tenant:acme") == []
+
+
+def test_the_first_window_of_a_process_is_right_at_any_minute() -> None:
+    """The one-entry window cache started as minute -1 with no windows: a process whose first
+    call fell in the minute before the epoch got none (a bare KeyError on every store)."""
+    code = (
+        "from clearance.periods import windows_at, window_at; "
+        "print(windows_at(-30.0) == tuple((p, window_at(-30.0, p)) for p, _ in windows_at(0.0)))"
+    )
+    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert finished.stdout.strip() == "True"
