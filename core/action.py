@@ -33,7 +33,9 @@ class Action(InputModel):
     ``amounts`` are the estimated amounts per unit (the worst case to hold); ``optional`` marks a step
     a policy may skip; ``risk`` is ``read``, ``write``, ``external``, ``payment`` or a user word.
 
-    >>> Action("tool_call", "send_email", amounts={"emails": 1}, risk="external")
+    >>> email = Action("tool_call", "send_email", amounts={"emails": 1}, risk="external")
+    >>> email.label, email.amounts
+    ('tool_call:send_email', {'emails': Decimal('1')})
     """
 
     kind: str

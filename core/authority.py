@@ -680,7 +680,12 @@ class Authority:
     >>> authority = Authority()                       # in-memory; or Authority.from_url("sqlite:///ledger.db")
     >>> authority.set_budget(Budget("tenant:acme", "usd", "5.00", period="day"))
     >>> decision = authority.reserve(Action.model_call("openai", "gpt-4o", 1200, 800), "tenant:acme/run:r1")
-    >>> authority.commit(decision.reservation, {"usd": "0.0071"})
+    >>> decision.outcome.value
+    'allow'
+    >>> authority.commit(decision.reservation, {"usd": "0.0071"}).status
+    'committed'
+    >>> authority.balance("tenant:acme")["usd"].remaining
+    Decimal('4.9929')
 
     ``store`` is a :class:`Store` or a URL; by default the ``CLEARANCE_STORE`` environment variable,
     else ``memory://``. ``fail_open`` (``True`` or a list of scope prefixes) lets actions go ahead
@@ -1767,11 +1772,11 @@ class Authority:
         ttl: float | None = None,
         idempotency_key: str | None = None,
     ) -> Iterator[Grant]:
-        """Reserve on enter (raise :class:`Denied` on DENY), commit on exit, release on exception.
+        """Reserve on enter (raise :class:`Denied` on DENY), commit on exit, release on exception::
 
-        >>> with authority.guard(action, "tenant:acme/run:r1") as grant:
-        ...     reply = call_model(model=grant.model, max_tokens=grant.max_output_tokens)
-        ...     grant.settle({"usd": reply.cost})
+            with authority.guard(action, "tenant:acme/run:r1") as grant:
+                reply = call_model(model=grant.model, max_tokens=grant.max_output_tokens)
+                grant.settle({"usd": reply.cost})
         """
         decision = self.reserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key)
         decision = _guarded(decision, self._own_unanswered(decision, idempotency_key))

@@ -14,9 +14,11 @@ from clearance.units import check_unit, from_steps, to_steps
 
 
 class Budget(InputModel):
-    """A limit of ``unit`` for ``scope``; with ``period`` it resets every UTC hour/day/week/month.
+    """A limit of ``unit`` for ``scope``; with ``period`` it resets every UTC minute/hour/day/week/month.
 
-    >>> Budget("tenant:acme", "usd", "250.00", period="month")
+    >>> monthly = Budget("tenant:acme", "usd", "250.00", period="month")
+    >>> monthly.limit, monthly.period.value
+    (Decimal('250'), 'month')
 
     Several budgets may sit on one scope and unit with different periods (a daily and a monthly
     cap); a level without a budget does not constrain.

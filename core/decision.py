@@ -141,10 +141,11 @@ class Settlement:
 
 @dataclass(slots=True)
 class Decision:
-    """The answer to "may this action go ahead, and in what form?".
+    """The answer to "may this action go ahead, and in what form?"::
 
-    >>> decision = authority.reserve(action, "tenant:acme/run:r1")
-    >>> if decision.outcome is Outcome.DENY: ...
+        decision = authority.reserve(action, "tenant:acme/run:r1")
+        if decision.outcome is Outcome.DENY:
+            ...  # decision.reasons say why, with numbers
     """
 
     outcome: Outcome

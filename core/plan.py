@@ -26,7 +26,7 @@ class Caps(InputModel):
     """What a degraded plan changes. Every field left at its default means "as requested".
 
     >>> Caps(model="gpt-4.1-mini", max_output_tokens=300)
-    Caps(model='gpt-4.1-mini', max_output_tokens=300, ...)
+    Caps(model='gpt-4.1-mini', max_output_tokens=300)
     """
 
     model: str | None = Field(default=None, max_length=256)

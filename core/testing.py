@@ -3,7 +3,7 @@
 >>> from clearance.testing import FakeClock, test_authority
 >>> clock = FakeClock()
 >>> authority = test_authority(clock=clock)
->>> clock.advance(61)   # every 60 s hold has now expired
+>>> now = clock.advance(61)   # every 60 s hold has now expired
 """
 
 from __future__ import annotations

@@ -210,6 +210,34 @@ def test_the_audit_trail_keeps_its_newest_records_and_every_remembered_reservati
     authority.close()
 
 
+def test_records_after_the_last_settlement_are_pruned_too(tmp_path: Path) -> None:
+    """The prune stopped where the forget walk's last settle record was: budget changes, extends
+    and holds written after it stayed beyond the capacity for good (a ledger only ever configured
+    — set_budget, apply — was never pruned at all)."""
+    path = str(tmp_path / "ledger.db")
+    clock = FakeClock()
+    store = SQLiteStore(path, retention=100, audit_capacity=10)
+    authority = Authority(store, clock=clock)
+    for limit in range(1, 51):
+        authority.set_budget(Budget("tenant:acme", "usd", limit))
+    authority.sweep()
+    assert len(authority.events(limit=1000)) == 10  # nothing settled at all: capped all the same
+    for _ in range(20):
+        _lifecycle(authority)
+    for limit in range(100, 130):
+        authority.set_budget(Budget("tenant:acme", "usd", limit))
+    held = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN, ttl=10_000).reservation
+    assert held is not None
+    clock.advance(150)
+    authority.sweep()
+    events = authority.events(limit=1000)
+    assert len(events) == 10 and events[-1].kind == "hold"  # the newest 10: a budget change was the oldest
+    assert authority.reservation(held).status == "held"
+    authority.commit(held)
+    assert authority.balance("tenant:acme")["usd"].limit == 129
+    authority.close()
+
+
 def test_old_period_windows_are_pruned_unless_something_is_held_in_them(tmp_path: Path) -> None:
     """A minute budget opens a window a minute: counters of windows that began more than 8 periods
     ago go in the maintenance pass (the file used to keep them all), except one with a hold in it;

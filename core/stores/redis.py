@@ -537,10 +537,10 @@ def _events_of(root: str, entries: list[tuple[str, dict[str, str]]]) -> list[Aud
 
 
 class RedisStore(Store):
-    """``redis://`` — the ledger in Redis (or Redis Cluster), shared by every worker that can reach it.
+    """``redis://`` — the ledger in Redis (or Redis Cluster), shared by every worker that can reach it::
 
-    >>> store = RedisStore.from_url("redis://localhost:6379/0?key_prefix=ledger:&socket_timeout=0.25")
-    >>> authority = Authority(store)
+        store = RedisStore.from_url("redis://localhost:6379/0?key_prefix=ledger:&socket_timeout=0.25")
+        authority = Authority(store)
     """
 
     scheme: ClassVar[str] = "redis"

@@ -992,16 +992,24 @@ class SQLiteStore(Store):
         )
         # Stops at the first reservation not yet due (the next pass goes on from there): its own
         # forget time, which the process that settled it set from its retention.
+        stopped = False
         for seq, at, rid, recorded in cursor:
             due = recorded
             if due is None:  # a settle record from before schema version 5: ask its reservation
                 hold = db.execute("SELECT forget_at FROM log WHERE seq = ? AND rid = ?", (_key(rid), rid)).fetchone()
                 due = hold[0] if hold is not None and hold[0] is not None else at + self._retention
             if due > now or len(settled) >= 10_000:
+                stopped = True
                 break
             settled.append((_key(rid), rid, now))
             last = seq
         cursor.close()
+        if not stopped:
+            # Every settle record read: the walk is past the records after the last one too (budget
+            # changes, extends, holds), or the audit trail would be pruned only up to the last
+            # settlement — a ledger written to by set_budget/apply alone never pruned at all.
+            # (seq only grows: a settle record written later comes after the top.)
+            last = max(last, db.execute(_LAST_SEQ).fetchone()[0] or 0)
         if settled:
             # Out of the lookup and idempotency indexes; the hold record stays in the audit trail.
             db.executemany(

@@ -427,7 +427,10 @@ async def test_a_cancelled_async_call_is_cancelled(server: str, request: pytest.
             except asyncio.CancelledError:
                 continue
             await authority.arelease(decision.reservation)  # type: ignore[arg-type]
-            if requested:
+            # (Inside wait_for, only the standard library loses one: Python 3.11's wait_for returns
+            # the inner call's result when that call finished just as the cancel came — the task
+            # had not run since. Otherwise it cancels the call and raises whatever the call did.)
+            if requested and not inside_wait_for:
                 lost.append((steps, inside_wait_for))
     assert lost == []
     for _ in range(3):  # good calls: they release what cancelled reserves may have held
