@@ -211,13 +211,14 @@ class RedisClusterServers:
     """Three masters with ``cluster-enabled yes`` joined by ``redis-cli --cluster create``; with
     ``tls``, clients and the cluster bus speak TLS only."""
 
-    def __init__(self, masters: int = 3, tls: TLSFiles | None = None) -> None:
+    def __init__(self, masters: int = 3, tls: TLSFiles | None = None, replicas: int = 0) -> None:
         bus = ("--tls-cluster", "yes") if tls is not None else ()
         self.tls = tls
+        self.replicas = replicas
         self.nodes = [
             RedisServer(extra=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                                "--cluster-node-timeout", "2000", "--cluster-port", str(free_port()), *bus), tls=tls)
-            for _ in range(masters)
+            for _ in range(masters * (1 + replicas))
         ]  # fmt: skip
 
     @property
@@ -235,7 +236,7 @@ class RedisClusterServers:
             node.start()
         create = [*self.cli(), "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)]
         subprocess.run(
-            [*create, "--cluster-replicas", "0", "--cluster-yes"],
+            [*create, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

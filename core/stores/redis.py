@@ -225,6 +225,41 @@ def _cluster_broke(error: Exception) -> redis.ConnectionError:
     return redis.ConnectionError(f"the cluster client closed this call's connection: {type(error).__name__}: {error}")
 
 
+class _SafeClusterNode(redis.asyncio.cluster.ClusterNode):
+    """An asyncio cluster node whose idle connections are never closed under another task's call.
+
+    After a connection error redis-py's asyncio cluster client closes the failed node's idle
+    connections, awaiting each close: meanwhile other tasks take them from the idle queue and
+    have them closed mid-command (``'NoneType' object has no attribute 'writelines'``, or a read
+    ending in "Connection closed by server" — a connection error again, which closes more). With
+    tens of tasks one failover kept a process failing a call in five on every tenant, healthy
+    nodes' too, until it restarted. Here they are marked for reconnect instead, which redis-py
+    does itself on every topology refresh: the next task to take one closes it before use."""
+
+    __slots__ = ()
+
+    async def disconnect_free_connections(self) -> None:
+        for connection in self._free:
+            connection.mark_for_reconnect()  # type: ignore[no-untyped-call]
+
+
+class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
+    """redis-py's asyncio cluster client, its nodes made :class:`_SafeClusterNode` (the same
+    slots: only the class changes) whenever it learns of new ones."""
+
+    def _safe_nodes(self) -> None:
+        manager = self.nodes_manager
+        for node in (*manager.nodes_cache.values(), *manager.startup_nodes.values()):
+            if type(node) is redis.asyncio.cluster.ClusterNode:
+                node.__class__ = _SafeClusterNode
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().initialize(*args, **kwargs)
+        finally:
+            self._safe_nodes()
+
+
 def _unavailable(error: BaseException, earlier: BaseException | None = None) -> StoreUnavailable:
     if isinstance(error, redis.ResponseError) and "clearance: clock_skew" in str(error):
         skew = _ClockSkew(str(error).split("clearance: ", 1)[1].split(" script:", 1)[0])
@@ -645,10 +680,18 @@ class RedisStore(Store):
         }
         if self.cluster:
             options["max_connections"] = self._max_connections
-            module = redis.asyncio.cluster if asynchronous else redis.cluster
+            module: Any = redis.asyncio.cluster if asynchronous else redis.cluster
             known = list(self._nodes_seen)
             if known:  # besides the URL's seed, which may be the node that is down
                 options["startup_nodes"] = [module.ClusterNode(host, port) for host, port in known]
+            if asynchronous:
+                # A MOVED (a failover: the slot's new primary) patches that slot's entry. Not every
+                # fifth one closing every connection of every node to force a refresh (redis-py's
+                # default, reinitialize_steps=5): with tens of tasks on the moved slots, calls on
+                # healthy nodes died under it, each error refreshed again, and it never settled.
+                client = _AsyncCluster.from_url(self._url, **options, reinitialize_steps=0)
+                client._safe_nodes()  # type: ignore[attr-defined]  # (from_url builds the class it is called on)
+                return client
             return module.RedisCluster.from_url(self._url, **options)
         pool_options = {**options, "max_connections": self._max_connections, "timeout": connect_timeout}
         if asynchronous:
@@ -691,7 +734,10 @@ class RedisStore(Store):
         tenants on healthy ones. (A slot no node is known for shares one lender: the call fails
         its own way.)"""
         try:
-            name = client.nodes_manager.get_node_from_slot(client.keyslot(key)).name
+            node = client.nodes_manager.get_node_from_slot(client.keyslot(key))
+            if type(node) is redis.asyncio.cluster.ClusterNode:  # (one a MOVED brought in: see _SafeClusterNode)
+                node.__class__ = _SafeClusterNode
+            name = node.name
         except Exception:
             name = "?"
         return self._lender_of_node(name, lenders, asynchronous=asynchronous)

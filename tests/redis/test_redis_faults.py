@@ -668,3 +668,86 @@ def test_a_keyed_guard_whose_reply_was_lost_runs_its_step_on_retry(redis_url: st
     balance = authority.balance("tenant:lost")["calls"]
     assert (balance.spent, balance.held) == (1, 0)  # one step, on the hold that landed
     authority.close()
+
+
+@pytest.fixture
+def replicated_cluster() -> Iterator[RedisClusterServers]:
+    """A cluster of this test alone: 3 masters, a replica each (its nodes will fail over)."""
+    require_redis()
+    cluster = RedisClusterServers(replicas=1)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_asyncio_calls_ride_out_a_cluster_failover(replicated_cluster: RedisClusterServers) -> None:
+    """One ``CLUSTER FAILOVER`` under tens of asyncio tasks: redis-py's asyncio client answered the
+    MOVEDs by closing every connection of every node each fifth time (calls on healthy nodes died,
+    each death refreshed again) and closed idle connections another task was taking: a process
+    kept failing a call in five, on every tenant, until it restarted. Now calls on other nodes
+    never notice, the moved tenants' calls follow the new primary, and the ledger is exact."""
+    prefix = f"fo{time.monotonic_ns()}:"
+    authority = Authority(f"{replicated_cluster.url}?key_prefix={prefix}&max_clock_skew=0")
+    tenants = [f"tenant:t{i}" for i in range(12)]
+    for tenant in tenants:
+        authority.set_budget(Budget(tenant, "calls", 10**9))
+    admin = {node.port: redis_py.Redis(port=node.port, decode_responses=True) for node in replicated_cluster.nodes}
+
+    def primary_of(tenant: str) -> int:
+        slot = int(admin[replicated_cluster.nodes[0].port].cluster("keyslot", f"{prefix}{{{tenant}}}:l"))
+        for node in admin.values():
+            for start, end, primary, *_ in node.execute_command("CLUSTER SLOTS"):
+                if start <= slot <= end:
+                    return int(primary[1])
+        raise AssertionError(slot)
+
+    victim = primary_of(tenants[0])
+    replica = next(
+        port for port, node in admin.items() if node.info("replication").get("master_port") == victim
+    )
+    deadline = time.monotonic() + 20
+    while admin[replica].info("replication").get("master_link_status") != "up":
+        assert time.monotonic() < deadline, "the replica never synced"
+        time.sleep(0.05)
+    moved = {t for t in tenants if primary_of(t) == victim}
+    failures: list[tuple[float, str, str]] = []
+    committed: dict[str, int] = dict.fromkeys(tenants, 0)
+
+    async def run() -> None:
+        start = time.monotonic()
+
+        async def worker(k: int) -> None:
+            step = 0
+            while time.monotonic() - start < 6:
+                tenant = tenants[(k + step) % len(tenants)]
+                step += 1
+                decision = await authority.areserve(Action("tool_call", "x", {"calls": 1}), f"{tenant}/run:r{k}")
+                if decision.reservation is None:
+                    failures.append((time.monotonic() - start, tenant, decision.reasons[0].message))
+                    continue
+                try:
+                    await authority.acommit(decision.reservation)
+                    committed[tenant] += 1
+                except StoreUnavailable as error:
+                    failures.append((time.monotonic() - start, tenant, f"commit: {error}"))
+                await asyncio.sleep(0.005)
+
+        async def failover() -> None:
+            await asyncio.sleep(1.5)
+            await asyncio.to_thread(admin[replica].execute_command, "CLUSTER FAILOVER")
+
+        await asyncio.gather(failover(), *(worker(k) for k in range(48)))
+        await authority.aclose()
+
+    asyncio.run(run())
+    assert primary_of(tenants[0]) == replica  # it did fail over
+    healthy = [f for f in failures if f[1] not in moved]
+    assert healthy == [], healthy[:5]
+    assert [f for f in failures if f[0] > 3.5] == [], failures[:5]  # settled within 2 s, moved tenants too
+    for tenant in tenants:  # every commit counted once, nothing held
+        balance = authority.balance(tenant)["calls"]
+        assert committed[tenant] > 0
+        assert (balance.spent, balance.held) == (committed[tenant], 0), tenant
+    authority.close()
