@@ -77,7 +77,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import cache, lru_cache, partial
 from importlib import resources
 from typing import Any, ClassVar, TypeVar
@@ -228,19 +228,24 @@ def _cluster_broke(error: Exception) -> redis.ConnectionError:
 class _SafeClusterNode(redis.asyncio.cluster.ClusterNode):
     """An asyncio cluster node whose idle connections are never closed under another task's call.
 
-    After a connection error redis-py's asyncio cluster client closes the failed node's idle
-    connections, awaiting each close: meanwhile other tasks take them from the idle queue and
-    have them closed mid-command (``'NoneType' object has no attribute 'writelines'``, or a read
-    ending in "Connection closed by server" — a connection error again, which closes more). With
-    tens of tasks one failover kept a process failing a call in five on every tenant, healthy
-    nodes' too, until it restarted. Here they are marked for reconnect instead, which redis-py
-    does itself on every topology refresh: the next task to take one closes it before use."""
+    After a connection error (and for a node a topology refresh drops) redis-py's asyncio cluster
+    client closes the node's idle connections, awaiting each close from a task of its own: meanwhile
+    other tasks take them from the idle queue and have them closed mid-command (``'NoneType' object
+    has no attribute 'writelines'``, or a read ending in "Connection closed by server" — a
+    connection error again, which closes more). Here they leave the idle queue first, so nobody can
+    take one, and are closed without waiting for the close to finish (nothing suspends)."""
 
     __slots__ = ()
 
     async def disconnect_free_connections(self) -> None:
-        for connection in self._free:
-            connection.mark_for_reconnect()  # type: ignore[no-untyped-call]
+        free = self._free
+        idle = list(free)
+        free.clear()
+        try:
+            for connection in idle:
+                await connection.disconnect(nowait=True)
+        finally:
+            free.extend(idle)  # closed: each reconnects on its next use
 
 
 class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
@@ -349,6 +354,18 @@ def _drop_async(client: Any, loop_alive: bool) -> None:
         connection._writer = None
     if manager is not None:
         client._initialize = True  # what aclose() leaves behind
+
+
+def _seed(text: str, url: str) -> tuple[str, int]:
+    """One more seed of a cluster URL, ``host`` or ``host:port`` (6379 by default)."""
+    try:
+        probe = urlsplit(f"//{text}")
+        host, port = probe.hostname, probe.port or 6379
+    except ValueError:
+        host = None
+    if not host or "@" in text:
+        raise InvalidRequest(f"bad Redis URL {redact_url(url)!r}: {text!r} is not a seed host:port")
+    return host, port
 
 
 def _check_url(url: str, options: dict[str, Any], cluster: bool) -> None:
@@ -593,6 +610,7 @@ class RedisStore(Store):
         audit_capacity: int = 100_000,
         reclaim_batch: int = 1000,
         max_clock_skew: float = 10.0,
+        seeds: Sequence[tuple[str, int]] = (),
         **redis_options: Any,
     ) -> None:
         if "{" in key_prefix or "}" in key_prefix:
@@ -633,7 +651,11 @@ class RedisStore(Store):
         self._lender = self._new_lender()  # (on a cluster, its lenders of turns per node: see _in_turn)
         _STORES.add(self)
         self._sync: tuple[Any, dict[str, Any]] | None = None  # built on first use: a cluster client connects
-        self._nodes_seen: dict[tuple[str, int], None] = {}  # cluster nodes discovered (see _remember_nodes)
+        if seeds and not cluster:
+            raise InvalidRequest("seeds are cluster nodes: only a redis+cluster:// store takes more than one")
+        # Cluster nodes discovered (see _remember_nodes); until the first discovery, the other seeds
+        # the URL named, tried when its first one does not answer.
+        self._nodes_seen: dict[tuple[str, int], None] = dict.fromkeys((str(h), int(p)) for h, p in seeds)
         self._sync_lock = threading.Lock()
         self._eviction_checked = False
         # Per event loop: its asyncio client, scripts, the cluster's discovery and its lender.
@@ -665,8 +687,14 @@ class RedisStore(Store):
             except ValueError:
                 raise InvalidRequest(f"bad Redis store option {key}={value!r}") from None
         query = urlencode(passed)
-        base = f"{scheme.removesuffix('+cluster')}://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
-        return cls(base, cluster=cluster, **ours)
+        netloc, seeds = parts.netloc, []
+        if cluster and "," in netloc:  # several seeds, "host:port,host:port": the first one is the URL's
+            user, at, hosts = netloc.rpartition("@")
+            first, *others = hosts.split(",")
+            netloc = f"{user}{at}{first}"
+            seeds = [_seed(other, url) for other in others]
+        base = f"{scheme.removesuffix('+cluster')}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+        return cls(base, cluster=cluster, seeds=seeds, **ours)
 
     # --- clients ---------------------------------------------------------------------------------
     def _make_client(self, *, asynchronous: bool) -> Any:

@@ -318,6 +318,31 @@ def test_unreachable_cluster_is_a_decision(clock: FakeClock) -> None:
     authority.close()
 
 
+@pytest.mark.cluster
+def test_a_cluster_url_names_several_seeds(redis_cluster_url: str, clock: FakeClock) -> None:
+    """``redis+cluster://a:1,b:2``: a process starting while its first seed is down connects through
+    another (one seed alone denied every call, the cluster healthy), sync and asyncio alike."""
+    dead = f"127.0.0.1:{free_port()}"
+    live = redis_cluster_url.split("://", 1)[1].split("?", 1)[0]
+    options = redis_cluster_url.split("?", 1)[1]
+    authority = Authority(f"redis+cluster://{dead},{live}?{options}", clock=clock)
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    assert authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6).allowed
+
+    async def twin() -> bool:
+        return (await authority.areserve(Action("step", "s", {"usd": 1}), CHAIN6)).allowed
+
+    assert asyncio.run(twin())
+    assert authority.balance("tenant:acme")["usd"].held == 2
+    authority.close()
+    alone = Authority(f"redis+cluster://{dead}?{options}&connect_timeout=0.2", clock=clock)
+    assert alone.reserve(Action("step", "s", {"usd": 1}), CHAIN6).reasons[0].code == "store_unavailable"
+    alone.close()
+    for bad in (f"redis+cluster://{live},127.0.0.1:port", f"redis+cluster://{live},", "redis://127.0.0.1:1,127.0.0.1:2/0"):
+        with pytest.raises(InvalidRequest):
+            Authority(bad)
+
+
 def test_counters_are_named_by_budget_id_and_old_layout_is_refused(redis_url: str, clock: FakeClock) -> None:
     authority, store = _budgeted_chain6(redis_url, clock)
     decision = authority.reserve(Action("step", "s", {"usd": 3}), CHAIN6)
