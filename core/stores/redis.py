@@ -1207,6 +1207,8 @@ class RedisStore(Store):
         """Plain commands' failures as StoreUnavailable (a cluster client's own breakage included)."""
         try:
             yield
+        except StoreUnavailable:
+            raise  # (said already: building the client failed)
         except _ERRORS as error:
             raise _unavailable(error) from error
         except Exception as error:

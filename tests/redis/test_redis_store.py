@@ -312,6 +312,7 @@ def test_unreachable_cluster_is_a_decision(clock: FakeClock) -> None:
     started = time.monotonic()
     decision = authority.reserve(Action("step", "s", {"usd": 1}), CHAIN6)
     assert decision.denied and decision.reasons[0].code == "store_unavailable"
+    assert "_Unavailable" not in decision.reasons[0].message  # said once, not wrapped as a closed connection
     assert time.monotonic() - started < 2.0
     with pytest.raises(StoreUnavailable):
         authority.balance("tenant:acme")
