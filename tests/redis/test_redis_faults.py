@@ -689,7 +689,10 @@ def test_asyncio_calls_ride_out_a_cluster_failover(replicated_cluster: RedisClus
     kept failing a call in five, on every tenant, until it restarted. Now calls on other nodes
     never notice, the moved tenants' calls follow the new primary, and the ledger is exact."""
     prefix = f"fo{time.monotonic_ns()}:"
-    authority = Authority(f"{replicated_cluster.url}?key_prefix={prefix}&max_clock_skew=0")
+    # (Timeouts of 2 s: on a loaded machine a healthy node's reply can take longer than the default
+    # 0.5 s. The failure this catches is connections closed under calls, not slow replies.)
+    options = f"key_prefix={prefix}&max_clock_skew=0&socket_timeout=2&connect_timeout=2"
+    authority = Authority(f"{replicated_cluster.url}?{options}")
     tenants = [f"tenant:t{i}" for i in range(12)]
     for tenant in tenants:
         authority.set_budget(Budget(tenant, "calls", 10**9))
