@@ -55,6 +55,7 @@ from clearance.policy import OutputRetry, Policy, PolicyRule, Proposal
 from clearance.policy_file import PolicyDocument
 from clearance.scope import Scope, parse_scope
 from clearance.stores import Store, store_from_url
+from clearance.stores.base import template_refresh
 from clearance.units import EXACT, MAX_AMOUNT, from_steps, to_step_map, to_steps
 
 logger = logging.getLogger("clearance")
@@ -1272,14 +1273,14 @@ class Authority:
 
     def _ensure_flow(self, template: tuple[str, str, str, int]) -> Generator[_Op, Any, None]:
         """Create a template (per-run) budget on first use, and while it is used ensure it again at
-        least every hour (an eighth of the store's retention, if less): the store keeps a template
-        budget at least half its retention past the last such call, then forgets it (see
-        ``Store.ensure_budget``), so a budget still in use never looks unused to it."""
+        least every ``template_refresh`` (an hour, an eighth of the store's retention if less): the
+        store keeps a template budget a retention and that much more past the last such call, then
+        forgets it (see ``Store.ensure_budget``): kept a whole retention past its last use."""
         scope, unit, period, limit = template
         limit = min(limit, MAX_AMOUNT)  # (a policy stored by an earlier version may name more)
         now = self.clock()
         last = self._ensured.get((scope, unit, period))
-        if last is not None and 0 <= now - last < min(3600.0, self.store.retention / 8):
+        if last is not None and 0 <= now - last < template_refresh(self.store.retention):
             return
         try:
             yield ("ensure_budget", (scope, unit, period, limit, now))

@@ -245,7 +245,8 @@ def _with_option(url: str, option: str) -> str:
 
 
 def _counting_runs(store_url: str, calls: int) -> tuple[Authority, FakeClock]:
-    """An Authority counting ``calls`` tool calls per run, on a store keeping things 800 s."""
+    """An Authority counting ``calls`` tool calls per run, on a store keeping things 800 s: a run's
+    budget for 1000 s past its last refresh (a retention and twice the refresh interval, 100 s)."""
     clock = FakeClock()
     document = {"tools": {"calls_per_run": calls}}
     return authority_with(document, store=_with_option(store_url, "retention=800"), clock=clock), clock
@@ -266,7 +267,7 @@ def test_a_runs_budget_is_forgotten_once_the_run_is_idle(store_url: str) -> None
     clock.advance(500)
     authority.sweep()
     assert len(_tool_call_budgets(authority)) == 2  # not yet
-    clock.advance(400)
+    clock.advance(600)
     authority.sweep()
     assert _tool_call_budgets(authority) == []
     removed = [e for e in authority.events(limit=100) if e.kind == "budget_remove"]
@@ -321,7 +322,7 @@ def test_a_reservation_outliving_its_runs_budget_still_reads(store_url: str) -> 
     clock.advance(700)
     authority.sweep()  # expired
     assert "late" in authority.commit(held.reservation).flags
-    clock.advance(110)
+    clock.advance(310)
     authority.sweep()
     assert _tool_call_budgets(authority) == []
     record = authority.reservation(held.reservation.id)
@@ -352,9 +353,9 @@ def test_a_runs_budget_is_kept_a_retention_after_a_long_hold_settles(store_url: 
     """A hold outliving the retention keeps the run's budget in use: once it settles the budget is
     kept a whole retention more (found in review: it went a minute later, and the run's count with it)."""
     authority, clock = _counting_runs(store_url, calls=1)
-    held = authority.reserve(Action.tool_call("calc"), RUN, ttl=900)
+    held = authority.reserve(Action.tool_call("calc"), RUN, ttl=1100)
     assert held.reservation is not None
-    for _ in range(9):
+    for _ in range(11):
         clock.advance(100)
         authority.sweep()
     authority.commit(held.reservation)
@@ -1443,7 +1444,7 @@ def test_a_run_seen_again_after_its_budget_went_idle_starts_a_new_count(store_ur
     authority, clock = _counting_runs(store_url, calls=1)
     decision = authority.reserve(Action.tool_call("calc"), RUN)
     authority.commit(decision.reservation)  # type: ignore[arg-type]
-    clock.advance(900)  # idle past the retention; nothing else ran
+    clock.advance(1100)  # idle past the retention (and the refresh margin); nothing else ran
     again = authority.reserve(Action.tool_call("calc"), RUN)
     assert again.allowed
     assert authority.balance(RUN)["tool_calls"].held == 1
@@ -1616,3 +1617,26 @@ def test_a_rate_limits_unit_is_named_as_every_version_named_it() -> None:
     rate = {"scope": "tenant:a", "kind": "tool_call", "name": name, "limit": 2, "per": "hour"}
     document = PolicyDocument.parse({"rate_limits": [rate]})
     assert document.rate_limits[0].unit == "rate.tool_call.mcp__github__create_pull_request_review_comment_r"
+
+
+def test_a_runs_tool_calls_are_counted_a_whole_retention_past_its_last_use(store_url: str, clock: FakeClock) -> None:
+    """A run's budget was kept only half a retention past its last refresh: a run paused 25 h (the
+    docs promise 48) got its ``calls_per_run`` back, on every store."""
+    authority = Authority(store_url, clock=clock, policy_refresh=0)
+    authority.apply_policy(PolicyDocument.parse({"tools": {"calls_per_run": 2}}))
+    hour = 3600.0
+
+    def call() -> Outcome:
+        decision = authority.reserve(Action.tool_call("web_search"), RUN)
+        if decision.reservation is not None:
+            authority.commit(decision.reservation)
+        return decision.outcome
+
+    assert call() is Outcome.ALLOW
+    clock.advance(23 * hour)
+    assert call() is Outcome.ALLOW
+    clock.advance(48 * hour - 60)  # paused a minute short of a retention: still its count
+    assert call() is Outcome.DENY
+    clock.advance(48 * hour + 2 * hour + 60)  # unused past a retention (and the refresh margin): a new count
+    assert call() is Outcome.ALLOW
+    authority.close()

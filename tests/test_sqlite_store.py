@@ -165,7 +165,7 @@ def test_a_version_6_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
     upgraded = Authority(store, clock=clock)
     _lifecycle(upgraded)
     assert store.ensure_budget("tenant:acme/run:r1", "tool_calls", "", 5, clock())
-    clock.advance(101)
+    clock.advance(126)  # (a retention, and twice the refresh interval: see Store.ensure_budget)
     upgraded.sweep()
     assert [b.scope for b in upgraded.budgets()] == ["tenant:acme"]
     assert upgraded.balance("tenant:acme")["usd"].spent == 2

@@ -40,6 +40,14 @@ TEMPLATE_RECHECK = 60.0
 looked at again (see ``Store.ensure_budget``)."""
 
 
+def template_refresh(retention: float) -> float:
+    """How often, at most, the Authority ensures a template budget it keeps using again — an hour,
+    an eighth of the retention if less — and so the margin a store keeps it by beyond a retention
+    (see ``Store.ensure_budget``). It was kept only half a retention past the last refresh: a run
+    paused a day got its per-run tool calls back though the docs promise a retention."""
+    return min(3600.0, retention / 8)
+
+
 _ID = re.compile(r"[0-9a-f]{20}\.(.*)", re.DOTALL)  # (one match: it is on every commit's path)
 
 
@@ -176,10 +184,12 @@ class Store(ABC):
 
         A budget made here is a *template* budget: a run's, and a run has no end the ledger could
         see, so without more the ledger would keep every run's budget and counters for good. It is
-        kept until ``now + retention``, pushed that far again by a later call once less than half
-        of it is left (the Authority calls again while it keeps using the budget), and then
-        forgotten — budget, counters, everything — by the store's maintenance once that time has
-        passed with nothing held on it (a hold still there puts it off by ``TEMPLATE_RECHECK``).
+        kept until ``now + retention + 2 * template_refresh(retention)``, pushed that far again by
+        a later call once less than ``retention + template_refresh(retention)`` is left (the
+        Authority calls again at least every ``template_refresh`` while it keeps using the budget:
+        so it is kept at least a whole retention past its last use), and then forgotten — budget,
+        counters, everything — by the store's maintenance once that time has passed with nothing
+        held on it (a hold still there puts it off by ``TEMPLATE_RECHECK``).
         ``set_budget`` on a template budget makes it an operator's, kept like any other."""
         raise NotImplementedError(f"{type(self).__name__} does not support budget templates yet")
 

@@ -49,6 +49,7 @@ from clearance.stores.base import (
     audit_capacity_of,
     in_subtree,
     root_of,
+    template_refresh,
 )
 
 
@@ -829,9 +830,9 @@ class MemoryStore(Store):
             if budget is None:
                 self._set_budget_locked(scope, unit, period, limit, now)
                 budget = self._levels[scope][(unit, period)]
-            elif budget.until is None or budget.until >= now + self._retention / 2:
+            elif budget.until is None or budget.until >= now + self._retention + template_refresh(self._retention):
                 return False  # an operator's, or a template refreshed not long ago
-            budget.until = now + self._retention
+            budget.until = now + self._retention + 2 * template_refresh(self._retention)
             budget.held_seen = False
             heapq.heappush(self._templates, (budget.until, scope, unit, period))
             return created

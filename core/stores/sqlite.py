@@ -101,6 +101,7 @@ from clearance.stores.base import (
     audit_capacity_of,
     in_subtree,
     root_of,
+    template_refresh,
 )
 
 SCHEMA_VERSION = 7
@@ -1453,7 +1454,8 @@ class SQLiteStore(Store):
                 db.execute(_BUDGETS_CHANGED)
             if found is None:
                 self._unpark(db, scope, unit, period, now)
-            until = now + self._retention
+            refresh = template_refresh(self._retention)
+            until = now + self._retention + 2 * refresh
             cursor = db.execute(
                 "INSERT INTO budgets(scope, unit, period, lim, until) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (scope, unit, period, limit, until),
@@ -1462,7 +1464,7 @@ class SQLiteStore(Store):
                 db.execute(
                     "UPDATE budgets SET until = ?, held_seen = NULL WHERE scope = ? AND unit = ? AND period = ? "
                     "AND until < ?",
-                    (until, scope, unit, period, now + self._retention / 2),
+                    (until, scope, unit, period, now + self._retention + refresh),
                 )
                 return False
             db.execute(_BUDGETS_CHANGED)

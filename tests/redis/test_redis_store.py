@@ -1688,7 +1688,8 @@ def test_a_per_run_budget_met_again_during_a_flood_of_expiries_does_not_fail(
         authority.reserve(action, "tenant:a", ttl=5)
     clock.advance(1)
     assert store.ensure_budget("tenant:a/run:r", "tool_calls", "", 4, clock())
-    clock.advance(999)  # the template past its time; 5 expired holds: more than a batch (a drain
+    clock.advance(1224)  # the template past its time (a retention and 2 x 112.5 s: see Store.ensure_budget);
+    # 5 expired holds: more than a batch (a drain
     # reclaims them and stops: the settled reservations due before the template keep it from it)
     other = Authority(url, clock=FakeClock(start + 900))  # (before the template's time: its calls leave it)
     drain = store._drain

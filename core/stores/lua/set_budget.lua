@@ -6,8 +6,9 @@
 -- Reply 1 if set, 0 if it existed; 'backlog' (nothing changed) while more expired holds wait than one
 -- call reclaims and a budget kept past its time is met again (see forget_if_due).
 -- A template budget (ARGV[8] = '1') is kept until now + retention ("u<id>" -> that time, and "~<id>"
--- in the due index scored by minus it, so reclaim finds it like a reservation to forget), pushed that
--- far again by a later template call once less than half is left; then reclaim forgets it (see
+-- in the due index scored by minus it, so reclaim finds it like a reservation to forget; and 2 *
+-- REFRESH more), pushed that far again by a later template call once less than a retention and
+-- REFRESH is left (kept a retention past its last use: see Store.ensure_budget); then reclaim forgets it (see
 -- forget_template in common.lua). Set by an operator, it is an operator's budget, kept for good.
 -- A scope's budgets live in one field, "@<scope>" -> "unit|period|limit|id ...", in the order they
 -- were first set, so reserve reads every level's budgets with one HMGET. The id names the budget's
@@ -17,6 +18,8 @@
 
 local scope, unit, period, limit, detail, only_new = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local flag = tonumber(ARGV[9])
+-- clearance.stores.base.template_refresh: how often the Authority ensures a template it keeps using
+local REFRESH = math.min(3600, RETENTION / 8)
 local retry, drained = flag % 2 == 1, flag >= 2
 local name = scope .. '|' .. unit .. '|' .. period
 
@@ -57,8 +60,8 @@ for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
     end
     local till = string.match(redis.call('HGET', K_LEDGER, 'u' .. id) or '', '^([^!]+)')  -- (see forget_template)
     if only_new == '1' then
-      if till and till + 0 < NOW_N + RETENTION / 2 then
-        keep_template(id)
+      if till and till + 0 < NOW_N + RETENTION + REFRESH then
+        keep_template(id, 2 * REFRESH)
       end
       return 0
     end
@@ -95,7 +98,7 @@ if not found then
   kept[#kept + 1] = head .. limit .. '|' .. id
   limit_field = 'l' .. id
   if only_new == '1' then
-    keep_template(id)
+    keep_template(id, 2 * REFRESH)
   end
   redis.call('HINCRBY', K_LEDGER, '#v', 1)  -- a new budget on this chain: holds made before do not name it
 end
