@@ -250,7 +250,26 @@ class _SafeClusterNode(redis.asyncio.cluster.ClusterNode):
 
 class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
     """redis-py's asyncio cluster client, its nodes made :class:`_SafeClusterNode` (the same
-    slots: only the class changes) whenever it learns of new ones."""
+    slots: only the class changes) whenever it learns of new ones.
+
+    Built to follow each ``MOVED`` by patching that slot (see ``_make_client``), it would never
+    look at the whole topology again after a slot moved: nodes that left the cluster kept their
+    sockets for good (a helper's hunt: 16 per removed node per event loop, each scale-in). So
+    after ``MOVED`` replies it refreshes the whole topology on its next command, at most every
+    ``REFRESH_EVERY`` seconds: a refresh drops the nodes that left and closes their connections."""
+
+    REFRESH_EVERY = 5.0
+    _moves_seen = 0
+    _refresh_after = 0.0
+
+    def note_moves(self) -> None:
+        """Called after each ledger call: schedule a refresh if ``MOVED`` replies came meanwhile."""
+        if self.reinitialize_counter != self._moves_seen:
+            now = time.monotonic()
+            if now >= self._refresh_after:
+                self._moves_seen = self.reinitialize_counter
+                self._refresh_after = now + self.REFRESH_EVERY
+                self._initialize = True
 
     def _safe_nodes(self) -> None:
         manager = self.nodes_manager
@@ -826,6 +845,8 @@ class RedisStore(Store):
                     pause = min(2 * pause, _POOL_PAUSE_MAX)
         finally:
             node_lender.give_back(permit)  # (permits need no release: nothing suspends here)
+            if type(client) is _AsyncCluster:
+                client.note_moves()
 
     def _sync_client(self) -> tuple[Any, dict[str, Any]]:
         found = self._sync
