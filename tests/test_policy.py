@@ -1640,3 +1640,32 @@ def test_a_runs_tool_calls_are_counted_a_whole_retention_past_its_last_use(store
     clock.advance(48 * hour + 2 * hour + 60)  # unused past a retention (and the refresh margin): a new count
     assert call() is Outcome.ALLOW
     authority.close()
+
+
+def test_every_store_forgets_a_runs_budget_at_the_same_moment(store_url: str) -> None:
+    """Found in review: Redis summed the keep time in another order than the other stores, so at the
+    very moment the others forgot a run's budget it kept it (a last-bit difference of the doubles)."""
+    clock = FakeClock(254.768)
+    authority = Authority(_with_option(store_url, "retention=10.1"), clock=clock)
+    assert authority.store.ensure_budget("tenant:a/run:r", "tool_calls", "", 5, clock())
+    clock.advance(267.393 - clock())  # 254.768 + 10.1 + 2 * 10.1 / 8, as the stores sum it
+    authority.sweep()
+    assert [b.scope for b in authority.budgets() if b.unit == "tool_calls"] == []
+    authority.close()
+
+
+def test_refreshing_runs_do_not_pile_up_the_memory_stores_queue() -> None:
+    """Found in review: refreshed every two hours or so (it was every day), each refresh queued
+    another entry: 25 per run in use. A refresh queues none now; the due entry queues the new time."""
+    clock = FakeClock()
+    authority = authority_with({"tools": {"calls_per_run": 10**6}}, store="memory://", clock=clock)
+    runs = [f"tenant:acme/run:r{i}" for i in range(50)]
+    for _ in range(200):  # 200 hours of every run making a call an hour
+        for run in runs:
+            decision = authority.reserve(Action.tool_call("calc"), run)
+            authority.commit(decision.reservation)  # type: ignore[arg-type]
+        clock.advance(3600)
+        authority.sweep()
+    assert len(authority.store._templates) <= 2 * len(runs)  # type: ignore[attr-defined]
+    assert authority.balance(runs[0])["tool_calls"].spent == 200  # every run kept its count
+    authority.close()

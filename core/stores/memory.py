@@ -427,8 +427,11 @@ class MemoryStore(Store):
         parked = budget is None
         if parked:  # removed: its counters are kept a retention (see remove_budget), then go
             budget = self._parked.get((scope, unit, period))
-        if budget is None or budget.until is None or budget.until > now:
-            return  # set by an operator since, or refreshed (a later heap entry has it)
+        if budget is None or budget.until is None:
+            return  # set by an operator since
+        if budget.until > now:  # refreshed since this entry was queued (a refresh queues none): again, for then
+            heapq.heappush(self._templates, (budget.until, scope, unit, period))
+            return
         held = budget.holding()
         if held and parked:
             # A removed one goes once nothing is held on it: looked at again then, its deadline
@@ -834,7 +837,8 @@ class MemoryStore(Store):
                 return False  # an operator's, or a template refreshed not long ago
             budget.until = now + self._retention + 2 * template_refresh(self._retention)
             budget.held_seen = False
-            heapq.heappush(self._templates, (budget.until, scope, unit, period))
+            if created:  # (a refreshed one keeps its entry, which finds the later time and queues it again)
+                heapq.heappush(self._templates, (budget.until, scope, unit, period))
             return created
 
     def put_policy(self, document: str, now: float) -> int:

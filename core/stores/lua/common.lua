@@ -302,10 +302,10 @@ end
 -- A template budget, or a removed budget's counters, kept until now + retention (from the later of
 -- the two clocks, as settle()): "u<id>" -> that time, "~<id>" in the due index scored by minus it.
 local function keep_template(id, extra)
-  local keep = RETENTION + (extra or 0)
-  local till = NOW_N + keep
+  -- (summed left to right, as the other stores do: the same double to the last bit)
+  local till = NOW_N + RETENTION + (extra or 0)
   if MAX_SKEW + 0 > 0 then
-    till = math.max(till, server_seconds() + keep)
+    till = math.max(till, server_seconds() + RETENTION + (extra or 0))
   end
   redis.call('HSET', K_LEDGER, 'u' .. id, string.format('%.17g', till))
   redis.call('ZADD', K_DUE, string.format('%.17g', -till), '~' .. id)
