@@ -382,7 +382,7 @@ def _seed(text: str, url: str) -> tuple[str, int]:
         host, port = probe.hostname, probe.port or 6379
     except ValueError:
         host = None
-    if not host or "@" in text:
+    if not host:
         raise InvalidRequest(f"bad Redis URL {redact_url(url)!r}: {text!r} is not a seed host:port")
     return host, port
 
