@@ -830,12 +830,13 @@ class MemoryStore(Store):
                 level = self._levels.get(scope)
                 budget = level.get((unit, period)) if level else None
             created = budget is None
+            refresh = template_refresh(self._retention)
             if budget is None:
                 self._set_budget_locked(scope, unit, period, limit, now)
                 budget = self._levels[scope][(unit, period)]
-            elif budget.until is None or budget.until >= now + self._retention + template_refresh(self._retention):
+            elif budget.until is None or budget.until >= now + self._retention + refresh:
                 return False  # an operator's, or a template refreshed not long ago
-            budget.until = now + self._retention + 2 * template_refresh(self._retention)
+            budget.until = now + self._retention + 2 * refresh
             budget.held_seen = False
             if created:  # (a refreshed one keeps its entry, which finds the later time and queues it again)
                 heapq.heappush(self._templates, (budget.until, scope, unit, period))

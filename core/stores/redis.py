@@ -263,8 +263,10 @@ class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
     _refresh_after = 0.0
 
     def note_moves(self) -> None:
-        """Called after each ledger call: schedule a refresh if ``MOVED`` replies came meanwhile."""
+        """Called after each call: after ``MOVED`` replies, make safe the nodes they brought in and
+        schedule a refresh."""
         if self.reinitialize_counter != self._moves_seen:
+            self._safe_nodes()  # (a MOVED to a node the client did not know creates it)
             now = time.monotonic()
             if now >= self._refresh_after:
                 self._moves_seen = self.reinitialize_counter
@@ -781,10 +783,7 @@ class RedisStore(Store):
         tenants on healthy ones. (A slot no node is known for shares one lender: the call fails
         its own way.)"""
         try:
-            node = client.nodes_manager.get_node_from_slot(client.keyslot(key))
-            if type(node) is redis.asyncio.cluster.ClusterNode:  # (one a MOVED brought in: see _SafeClusterNode)
-                node.__class__ = _SafeClusterNode
-            name = node.name
+            name = client.nodes_manager.get_node_from_slot(client.keyslot(key)).name
         except Exception:
             name = "?"
         return self._lender_of_node(name, lenders, asynchronous=asynchronous)

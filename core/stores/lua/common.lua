@@ -299,8 +299,9 @@ end
 -- a minute later (TEMPLATE_RECHECK; "u<id>" then ends in '!'), and once nothing is held any more, it
 -- is kept a whole retention more. Records of settled reservations may still name its id: public()
 -- skips it.
--- A template budget, or a removed budget's counters, kept until now + retention (from the later of
--- the two clocks, as settle()): "u<id>" -> that time, "~<id>" in the due index scored by minus it.
+-- A template budget, or a removed budget's counters, kept until now + retention + extra (from the
+-- later of the two clocks, as settle()): "u<id>" -> that time, "~<id>" in the due index scored by
+-- minus it.
 local function keep_template(id, extra)
   -- (summed left to right, as the other stores do: the same double to the last bit)
   local till = NOW_N + RETENTION + (extra or 0)

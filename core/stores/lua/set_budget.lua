@@ -8,8 +8,8 @@
 -- A template budget (ARGV[8] = '1') is kept until now + retention ("u<id>" -> that time, and "~<id>"
 -- in the due index scored by minus it, so reclaim finds it like a reservation to forget; and 2 *
 -- REFRESH more), pushed that far again by a later template call once less than a retention and
--- REFRESH is left (kept a retention past its last use: see Store.ensure_budget); then reclaim forgets it (see
--- forget_template in common.lua). Set by an operator, it is an operator's budget, kept for good.
+-- REFRESH is left (kept a retention past its last use: see Store.ensure_budget); then reclaim
+-- forgets it (see forget_template in common.lua). Set by an operator, it is an operator's budget, kept for good.
 -- A scope's budgets live in one field, "@<scope>" -> "unit|period|limit|id ...", in the order they
 -- were first set, so reserve reads every level's budgets with one HMGET. The id names the budget's
 -- counters ("s<id>|<window>", "h<id>|<window>"); a (scope, unit, period) keeps its id while it is set
