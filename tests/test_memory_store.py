@@ -82,3 +82,28 @@ def test_a_listing_under_a_scope_looks_at_its_tenant_alone(monkeypatch: pytest.M
     assert [b.scope for b in authority.budgets("tenant:t7")] == ["tenant:t7", "tenant:t7/run:a"]
     authority.balance("tenant:t7")
     assert len(looked) <= 2
+
+
+class _InterruptedOnce(tuple):  # type: ignore[type-arg]
+    """Windows whose first read raises, as a signal handler's exception can at any call."""
+
+    raised = False
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        if not _InterruptedOnce.raised:
+            _InterruptedOnce.raised = True
+            raise KeyboardInterrupt
+        return super().__iter__()
+
+
+def test_an_interrupt_while_the_next_minute_s_windows_are_read_leaves_no_stale_windows() -> None:
+    """The store remembered the windows and their map in two steps: an exception between them left
+    the next minute's windows beside the last minute's map, so every hold for that whole minute was
+    counted in the windows before (a month's budget charged in the month before)."""
+    store = MemoryStore()
+    store._map(windows_at(T0))
+    later = T0 + 40 * 86400  # the next month
+    interrupted = _InterruptedOnce(windows_at(later))
+    with pytest.raises(KeyboardInterrupt):
+        store._map(interrupted)
+    assert store._map(interrupted) == dict(windows_at(later))

@@ -283,8 +283,7 @@ class MemoryStore(Store):
         self._audit: deque[tuple[int, float, str, str, str | None, Amounts, str]] = deque(maxlen=audit_capacity)
         self._seq = 0
         self._policy: tuple[int, str | None] = (0, None)
-        self._windows: Windows = ()
-        self._window_map: dict[str, str] = {}
+        self._window_map: tuple[Windows, dict[str, str]] = ((), {})  # (windows, the same as a dict)
         # chain -> (windows, its budgets root first with their counters), see _refs_of
         self._chain_budgets_cache: dict[tuple[str, ...], tuple[Windows, list[tuple[_Budget, str, list[int]]]]] = {}
         self._cache_version = 0
@@ -326,10 +325,13 @@ class MemoryStore(Store):
             raise ReservationNotFound(res.id)
 
     def _map(self, windows: Windows) -> dict[str, str]:
-        if windows is not self._windows:  # the Authority passes the same tuple all minute long
-            self._windows = windows
-            self._window_map = dict(windows)
-        return self._window_map
+        cached = self._window_map
+        if cached[0] is windows:  # the Authority passes the same tuple all minute long
+            return cached[1]
+        # One assignment: an interrupt (see below) between two left the next minute's windows
+        # beside the last minute's map, and a whole minute counted in the windows before.
+        self._window_map = (windows, by_period := dict(windows))
+        return by_period
 
     # Interrupts. An exception can arrive between any two steps of a call — a signal handler's (a
     # step timeout, Ctrl-C) — wherever the interpreter checks for one: at a call, a loop's turn.
