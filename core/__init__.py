@@ -14,7 +14,7 @@ settles the actual cost afterwards.
 """
 
 from clearance.action import Action
-from clearance.authority import Authority, Grant
+from clearance.authority import Authority
 from clearance.budget import Budget
 from clearance.decision import Balance, Decision, Mode, Outcome, Reason, Reservation, Settlement
 from clearance.errors import (
@@ -26,6 +26,7 @@ from clearance.errors import (
     ReservationNotFound,
     StoreUnavailable,
 )
+from clearance.grant import Grant
 from clearance.ledger import AuditEvent
 from clearance.periods import Period
 from clearance.plan import Caps, Plan

@@ -9,14 +9,13 @@ balances, and turns store trouble into a decision (fail closed by default).
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import math
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from decimal import Decimal
@@ -25,14 +24,14 @@ from typing import Any, TypeVar
 from clearance.action import Action
 from clearance.budget import Budget
 from clearance.decision import Balance, Decision, Mode, Outcome, Reason, Reservation, Settlement, balance_of
+from clearance.emergency import emergency_cap_for
 from clearance.errors import (
     ClockSkew,
-    Denied,
     InvalidRequest,
-    ReservationClosed,
     ReservationNotFound,
     StoreUnavailable,
 )
+from clearance.grant import AmountsLike, Grant, ReservationRef, guarded_decision, guarded_for, settled, settled_by_block
 from clearance.ids import random_id
 from clearance.ledger import (
     AccountState,
@@ -45,8 +44,6 @@ from clearance.ledger import (
     ReservationRecord,
     accounts_of,
     binds_before,
-    commit_flags,
-    merge_actual,
     window_closed,
 )
 from clearance.periods import Period, period_key, windows_at
@@ -66,8 +63,6 @@ _Op = tuple[str, tuple[Any, ...]]
 _FIRST_POLICY = "first policy"  # a flow's op for the first policy read (not a store method)
 
 Clock = Callable[[], float]
-AmountsLike = Mapping[str, Any]
-ReservationRef = Reservation | str
 
 MAX_TTL = 7 * 24 * 3600.0
 _LOCAL_PREFIX = "local-"
@@ -302,6 +297,18 @@ def _warn(kind: str, message: str, *args: object) -> None:
     logger.warning(message, *args)
 
 
+def _forget_warnings() -> None:
+    """In a forked child: its own warnings (another process's logs), under a fresh lock (one held
+    at fork stays held)."""
+    global _warned_lock  # noqa: PLW0603 - a fresh lock in a forked child
+    _warned_lock = threading.Lock()
+    _warned.clear()
+
+
+if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)
+    os.register_at_fork(after_in_child=_forget_warnings)
+
+
 def _clock_skew(error: ClockSkew, action: Action, scope: Scope) -> Decision:
     """The denial of a worker whose clock the store does not trust (fail open or not)."""
     _warn("clock_skew", "clearance: denying %s at %s: %s", action.label, scope.path, error)
@@ -332,347 +339,6 @@ def _reservation(record: ReservationRecord) -> Reservation:
         committed_steps=record.committed,
         flags=record.flags,
     )
-
-
-class _EmergencyCap:
-    """What this process may spend, per unit, while the store is unreachable (fail open).
-
-    Local reservations behave like ledger ones on a small scale: they expire after their TTL (their
-    hold returns to the cap), can be extended and looked up, a reserve retried with its idempotency
-    key answers with the same reservation, a repeated commit or release is a replay, and an id this
-    process never issued is :class:`ReservationNotFound`. An action none of whose units has an
-    emergency limit is not bounded by the cap, so it is refused (:meth:`take`)."""
-
-    _REMEMBERED = 10_000  # settled reservations kept (the most recent): the local "retention"
-
-    def __init__(self, limits: dict[str, int]) -> None:
-        self.limits = limits
-        self.used: dict[str, int] = dict.fromkeys(limits, 0)
-        self.holds: dict[str, Reservation] = {}  # held local reservations (this class's own copies)
-        self.settled: dict[str, Reservation] = {}  # the most recent settled ones
-        # (tenant, idempotency key) -> id, for every held or remembered keyed reservation: a key is
-        # forgotten with its reservation, never while it is held.
-        self.keys: dict[tuple[str, str], str] = {}
-        self.key_of: dict[str, tuple[str, str]] = {}
-        # (expires_at, id) of held ones, earliest first: expiry looks at what is due alone (a scan of
-        # every hold on every call cost 85 ms a reserve with 50,000 held through an outage).
-        self.expiry: list[tuple[float, str]] = []
-        self.lock = threading.Lock()
-
-    def start_afresh(self) -> None:
-        """Nothing used, held or remembered, and a new lock (see ``_forget_emergency_caps``)."""
-        self.lock = threading.Lock()
-        self.used = dict.fromkeys(self.limits, 0)
-        self.holds.clear()
-        self.settled.clear()
-        self.keys.clear()
-        self.key_of.clear()
-        self.expiry.clear()
-
-    def _give_back(self, steps: Amounts) -> None:
-        for unit, amount in steps:
-            if unit in self.limits:
-                self.used[unit] -= amount
-
-    def _remember(self, reservation: Reservation) -> None:
-        if reservation.id in self.settled:  # settled again (a late commit): never evict itself
-            self.settled[reservation.id] = reservation
-            return
-        if len(self.settled) >= self._REMEMBERED:
-            forgotten = self.settled.pop(next(iter(self.settled)))
-            key = self.key_of.pop(forgotten.id, None)
-            if key is not None:
-                self.keys.pop(key, None)
-        self.settled[reservation.id] = reservation
-
-    def _expire(self, now: float) -> None:
-        expiry = self.expiry
-        while expiry and expiry[0][0] <= now:
-            _, rid = heapq.heappop(expiry)
-            reservation = self.holds.get(rid)
-            if reservation is not None and reservation.expires_at <= now:  # (else settled, or extended)
-                del self.holds[rid]
-                self._give_back(reservation.steps)
-                reservation.status = "expired"
-                self._remember(reservation)
-
-    def _due(self, reservation: Reservation) -> None:
-        expiry = self.expiry
-        heapq.heappush(expiry, (reservation.expires_at, reservation.id))
-        if len(expiry) > 4 * len(self.holds) + 1024:  # settled ones' entries: dropped now and then
-            self.expiry = [(at, rid) for at, rid in expiry if (held := self.holds.get(rid)) and held.expires_at == at]
-            heapq.heapify(self.expiry)
-
-    def take(self, reservation: Reservation, now: float, key: tuple[str, str] | None) -> str | Reservation | None:
-        """Hold the reservation's steps against the cap. Returns None when held; the unit that does
-        not fit (or, when no unit of the action has an emergency limit, its first unit); or, when
-        ``key`` already made a local reservation (a concurrent retry got here first), a copy of that
-        one — checked under the same lock as the hold, so a key never holds twice."""
-        steps = reservation.steps
-        with self.lock:
-            self._expire(now)
-            if key is not None:
-                rid = self.keys.get(key)
-                existing = None if rid is None else self._find(rid)
-                if existing is not None:
-                    return replace(existing)
-            spending = [unit for unit, amount in steps if amount > 0]
-            if spending and not any(unit in self.limits for unit in spending):
-                return spending[0]
-            for unit, amount in steps:
-                if unit in self.limits and self.used[unit] + amount > self.limits[unit]:
-                    return unit
-            for unit, amount in steps:
-                if unit in self.limits:
-                    self.used[unit] += amount
-            self.holds[reservation.id] = held = replace(reservation)
-            self._due(held)
-            if key is not None:
-                self.keys[key] = reservation.id
-                self.key_of[reservation.id] = key
-            return None
-
-    def _find(self, rid: str) -> Reservation | None:
-        return self.holds.get(rid) or self.settled.get(rid)
-
-    def find(self, key: tuple[str, str], now: float) -> Reservation | None:
-        """The local reservation an idempotency key made, if this process still remembers it."""
-        with self.lock:
-            self._expire(now)
-            rid = self.keys.get(key)
-            found = None if rid is None else self._find(rid)
-            return None if found is None else replace(found)
-
-    def get(self, rid: str, now: float) -> Reservation:
-        with self.lock:
-            self._expire(now)
-            found = self._find(rid)
-            if found is None:
-                raise ReservationNotFound(rid)
-            return replace(found)
-
-    def extend(self, rid: str, expires_at: float, now: float) -> Reservation:
-        with self.lock:
-            self._expire(now)
-            held = self.holds.get(rid)
-            if held is None:
-                done = self.settled.get(rid)
-                if done is None:
-                    raise ReservationNotFound(rid)
-                raise ReservationClosed(rid, done.status)
-            if expires_at > held.expires_at:  # (never shortened, as in the ledger)
-                held.expires_at = expires_at
-                self._due(held)
-            return replace(held)
-
-    def settle(self, rid: str, actual: Amounts | None, commit: bool, now: float) -> Settlement:
-        with self.lock:
-            self._expire(now)
-            held = self.holds.pop(rid, None)
-            steps: Amounts
-            flags: tuple[str, ...]
-            if held is None:
-                done = self.settled.get(rid)
-                if done is None:
-                    raise ReservationNotFound(rid)
-                if done.status == "committed" or not commit:
-                    return Settlement(rid, done.status, done.committed_steps or (), done.flags, replayed=True)
-                # Reality wins, as in the ledger: a commit after release or expiry is charged (what was
-                # held came back then), flagged after_release / late.
-                reservation, prior = done, done.status
-            else:
-                reservation, prior = held, "held"
-                self._give_back(held.steps)
-            if not commit:
-                reservation.status = "released"
-                self._remember(reservation)
-                return Settlement(rid, "released")
-            steps = reservation.steps
-            charged = steps if actual is None else merge_actual(steps, actual)
-            flags = tuple(commit_flags(prior, steps, charged))
-            for unit, amount in charged:
-                if unit in self.limits:
-                    self.used[unit] += amount
-            reservation.status, reservation.committed_steps, reservation.flags = "committed", charged, flags
-            self._remember(reservation)
-            return Settlement(rid, "committed", charged, flags)
-
-
-def _guarded(decision: Decision, unanswered: bool = False) -> Decision:
-    """The decision a guard may run its block on, else :class:`Denied`. A guard retried with the
-    idempotency key of one that already committed (its block ran, its cost is recorded) is denied
-    ``replay_settled``, as a replay of a released or expired reservation is: running the block again
-    would do the step twice and its cost would be dropped (the commit replays)."""
-    if decision.denied:
-        raise Denied(decision)
-    reservation = decision.reservation
-    if decision.replayed and reservation is not None and reservation.status == "committed":
-        message = f"this idempotency key's reservation {reservation.id} is committed: the step it guards has run"
-        reason = Reason("replay_settled", message, decision.scope)
-        denied = Decision(Outcome.DENY, decision.scope, decision.action_label, reasons=(reason,), replayed=True)
-        denied.mode = decision.mode  # (a local replay says it was made failing open)
-        raise Denied(denied)
-    if decision.replayed and reservation is not None and reservation.status == "held":
-        if unanswered:  # this process's own keyed hold whose reply never came: no block ran on it
-            return decision
-        # Its first guard may still be running the step: running it again does it twice, drops this
-        # run's cost (its commit replays) and, should this run fail, releases the running step's hold.
-        message = (
-            f"this idempotency key's reservation {reservation.id} is held: its step may be under way (or its "
-            f"process gone); it is settled, or returns at its TTL (expires_at {reservation.expires_at:.3f}): "
-            "retry with a new key then"
-        )
-        reason = Reason("replay_in_progress", message, decision.scope)
-        denied = Decision(Outcome.DENY, decision.scope, decision.action_label, reasons=(reason,), replayed=True)
-        denied.mode = decision.mode
-        raise Denied(denied)
-    return decision
-
-
-class Grant:
-    """What ``guard`` yields: the decision, what to call with (:attr:`model`,
-    :attr:`max_output_tokens`, :attr:`max_input_tokens`: the caps where a degraded plan set them,
-    else the action's own), and :meth:`settle` to record the actual amounts."""
-
-    __slots__ = ("_actual", "_ended", "action", "decision", "settlement")
-
-    def __init__(self, decision: Decision, action: Action | None = None) -> None:
-        self.decision = decision
-        self.action = action
-        self._actual: Amounts | None = None
-        self._ended = False
-        self.settlement: Settlement | None = None
-
-    @property
-    def model(self) -> str | None:
-        """The model to call: the cheaper one a degraded plan chose, else the action's."""
-        caps = self.decision.caps
-        if caps is not None and caps.model is not None:
-            return caps.model
-        return self.action.model if self.action is not None else None
-
-    @property
-    def max_output_tokens(self) -> int | None:
-        """The output limit to pass to the model — the one the hold was priced at: an output cap's,
-        else the action's ``max_output_tokens`` (``Caps.max_output_tokens`` alone is ``None`` unless
-        a cap changed it, and a call sent without a limit can cost more than was held)."""
-        return self._limit("max_output_tokens", "max_output_tokens")
-
-    @property
-    def max_input_tokens(self) -> int | None:
-        """The input to send at most: a context cap's, else the action's ``input_tokens``."""
-        return self._limit("max_input_tokens", "input_tokens")
-
-    def _limit(self, cap: str, estimate: str) -> int | None:
-        caps = self.decision.caps
-        capped: int | None = getattr(caps, cap) if caps is not None else None
-        if capped is not None:
-            return capped
-        given = self.action.metadata.get(estimate) if self.action is not None else None
-        return given if isinstance(given, int) and not isinstance(given, bool) else None
-
-    @property
-    def reservation(self) -> Reservation | None:
-        return self.decision.reservation
-
-    @property
-    def caps(self) -> Caps | None:
-        return self.decision.caps
-
-    @property
-    def skipped(self) -> bool:
-        """True when the decision says to skip this optional step."""
-        caps = self.decision.caps
-        return caps is not None and caps.skip_optional
-
-    def settle(self, actual: AmountsLike) -> None:
-        """Record what the action actually cost; committed when the ``with`` block ends
-        (even if it then raises: money spent is spent). Inside the block only: once it has ended
-        its reservation is settled, and an actual given now would be lost (``InvalidRequest``)."""
-        steps = tuple(to_step_map(actual, "actual amounts").items())
-        if self._ended:
-            state = "unsettled: its exit's settle failed" if self.settlement is None else self.settlement.status
-            rid = self.reservation.id if self.reservation is not None else "-"
-            raise InvalidRequest(
-                f"settle() after the guard's block ended: reservation {rid} is "
-                f"{state} already (settle inside the block; a later cost is not recorded)"
-            )
-        self._actual = steps
-
-
-def _settled(
-    reservation: ReservationRef, settlement: Settlement, guarded: dict[str, Reservation] | None = None
-) -> Settlement:
-    """``settlement``, after telling the caller's Reservation object (when given one) what became of
-    it: a guard whose block released or committed its reservation itself leaves it so. So is the
-    guard's own object, in ``guarded`` (the running guards', by id), whatever reference the block
-    settled it through: by id, or the copy extend() returned."""
-    if guarded:
-        own = guarded.get(settlement.reservation_id)
-        if own is not None and own is not reservation:
-            _settled(own, settlement)
-    if isinstance(reservation, Reservation):
-        reservation.status = settlement.status
-        # (a release of a committed reservation answers "committed" with nothing charged by it:
-        # what was committed stays as it was)
-        if settlement.status == "committed" and (settlement.charged_steps or not settlement.replayed):
-            reservation.committed_steps, reservation.flags = settlement.charged_steps, settlement.flags
-    return settlement
-
-
-def _settled_by_block(grant: Grant, reservation: Reservation) -> bool:
-    """Whether the guard's block released or committed the reservation itself (through this
-    Authority, given the Reservation; a release that found it expired too): then the guard leaves
-    it as it is — committing the held amounts after a release charged an action that never ran.
-    (A block that only ``settle()``s is committed by the guard, after a release too: money spent is
-    spent.)"""
-    if grant._actual is not None or reservation.status not in ("released", "committed", "expired"):
-        return False
-    grant.settlement = Settlement(
-        reservation.id, reservation.status, reservation.committed_steps or (), reservation.flags, replayed=True
-    )
-    return True
-
-
-# The emergency cap is per process: Authorities of one store (by URL) and the same limits share
-# one. Each with its own — an Authority built per request, or one per framework adapter — would
-# multiply what failing open may spend. A forked child starts them afresh (it is another process).
-_EMERGENCY_CAPS: dict[tuple[str, tuple[tuple[str, int], ...]], _EmergencyCap] = {}
-_EMERGENCY_CAPS_LOCK = threading.Lock()
-
-
-# The running guards' reservations, per store (by URL) and shared like the emergency caps: a block
-# settling its reservation through another Authority of the store (a framework adapter's) is seen too.
-_GUARDED: dict[str, dict[str, Reservation]] = {}
-
-
-def _guarded_for(url: str) -> dict[str, Reservation]:
-    with _EMERGENCY_CAPS_LOCK:
-        return _GUARDED.setdefault(url, {})
-
-
-def _emergency_cap_for(url: str, limits: dict[str, int]) -> _EmergencyCap:
-    key = (url, tuple(sorted(limits.items())))
-    with _EMERGENCY_CAPS_LOCK:
-        cap = _EMERGENCY_CAPS.get(key)
-        if cap is None:
-            cap = _EMERGENCY_CAPS[key] = _EmergencyCap(limits)
-        return cap
-
-
-def _forget_emergency_caps() -> None:
-    """In a forked child: every cap starts empty — the child is another process — but stays the
-    one its store's Authorities share, those made before the fork included (they hold it too)."""
-    global _EMERGENCY_CAPS_LOCK, _warned_lock  # noqa: PLW0603 - fresh locks in a forked child (one held at fork stays held)
-    _EMERGENCY_CAPS_LOCK = threading.Lock()
-    for cap in _EMERGENCY_CAPS.values():
-        cap.start_afresh()
-    _warned_lock = threading.Lock()  # (and its own warnings: another process's logs)
-    _warned.clear()
-
-
-if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)
-    os.register_at_fork(after_in_child=_forget_emergency_caps)
 
 
 class Authority:
@@ -728,7 +394,7 @@ class Authority:
         else:
             raise InvalidRequest(f"fail_open must be True, False or scope prefixes, got {fail_open!r}")
         limits = to_step_map(emergency_limits if emergency_limits is not None else {"usd": 1}, "emergency_limits")
-        self._emergency = _emergency_cap_for(self.store.url, limits)
+        self._emergency = emergency_cap_for(self.store.url, limits)
         if policy is not None and not isinstance(policy, Policy):
             raise InvalidRequest(f"policy must be a clearance.Policy, got {type(policy).__name__}")
         if policy is not None:
@@ -758,7 +424,7 @@ class Authority:
         self._shadow_unreleased: deque[tuple[str, str, float]] = deque(maxlen=10_000)  # (id, tenant, expires_at)
         # The reservations of guards whose blocks are running, by id: a block settling its own
         # (by id, or through the copy extend() returned) is seen by its guard.
-        self._guarded: dict[str, Reservation] = _guarded_for(self.store.url)
+        self._guarded: dict[str, Reservation] = guarded_for(self.store.url)
         # Keyed holds this process sent without getting an answer (a lost reply, a cancelled task):
         # they may have landed, and a guard retried with their key may run on them (see _guarded).
         # (Tenant, idempotency key) -> the end of the id of that key's hold (ids end alike on every
@@ -1567,30 +1233,30 @@ class Authority:
         rid = _reservation_id(reservation)
         steps = _shadow_actual(reservation, self._actual(actual))
         if rid.startswith(_LOCAL_PREFIX):
-            return _settled(reservation, self._local(rid, steps, commit=True), self._guarded)
-        return _settled(reservation, self.store.commit(rid, steps, self.clock()), self._guarded)
+            return settled(reservation, self._local(rid, steps, commit=True), self._guarded)
+        return settled(reservation, self.store.commit(rid, steps, self.clock()), self._guarded)
 
     async def acommit(self, reservation: ReservationRef, actual: AmountsLike | None = None) -> Settlement:
         """Async twin of :meth:`commit`."""
         rid = _reservation_id(reservation)
         steps = _shadow_actual(reservation, self._actual(actual))
         if rid.startswith(_LOCAL_PREFIX):
-            return _settled(reservation, self._local(rid, steps, commit=True), self._guarded)
-        return _settled(reservation, await self.store.acommit(rid, steps, self.clock()), self._guarded)
+            return settled(reservation, self._local(rid, steps, commit=True), self._guarded)
+        return settled(reservation, await self.store.acommit(rid, steps, self.clock()), self._guarded)
 
     def release(self, reservation: ReservationRef) -> Settlement:
         """Return the whole hold to the budgets (the action did not run). Idempotent."""
         rid = _reservation_id(reservation)
         if rid.startswith(_LOCAL_PREFIX):
-            return _settled(reservation, self._local(rid, None, commit=False), self._guarded)
-        return _settled(reservation, self.store.release(rid, self.clock()), self._guarded)
+            return settled(reservation, self._local(rid, None, commit=False), self._guarded)
+        return settled(reservation, self.store.release(rid, self.clock()), self._guarded)
 
     async def arelease(self, reservation: ReservationRef) -> Settlement:
         """Async twin of :meth:`release`."""
         rid = _reservation_id(reservation)
         if rid.startswith(_LOCAL_PREFIX):
-            return _settled(reservation, self._local(rid, None, commit=False), self._guarded)
-        return _settled(reservation, await self.store.arelease(rid, self.clock()), self._guarded)
+            return settled(reservation, self._local(rid, None, commit=False), self._guarded)
+        return settled(reservation, await self.store.arelease(rid, self.clock()), self._guarded)
 
     def extend(self, reservation: ReservationRef, ttl: float) -> Reservation:
         """Keep a held reservation alive for at least ``ttl`` more seconds from now (a hold that
@@ -1731,7 +1397,7 @@ class Authority:
     def _finish_sync(self, grant: Grant, failed: bool) -> None:
         grant._ended = True
         reservation = grant.decision.reservation
-        if reservation is None or _settled_by_block(grant, reservation):
+        if reservation is None or settled_by_block(grant, reservation):
             return
         if failed and grant._actual is None:
             try:
@@ -1775,12 +1441,12 @@ class Authority:
     ) -> Iterator[Grant]:
         """Reserve on enter (raise :class:`Denied` on DENY), commit on exit, release on exception::
 
-            with authority.guard(action, "tenant:acme/run:r1") as grant:
-                reply = call_model(model=grant.model, max_tokens=grant.max_output_tokens)
-                grant.settle({"usd": reply.cost})
+        with authority.guard(action, "tenant:acme/run:r1") as grant:
+            reply = call_model(model=grant.model, max_tokens=grant.max_output_tokens)
+            grant.settle({"usd": reply.cost})
         """
         decision = self.reserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key)
-        decision = _guarded(decision, self._own_unanswered(decision, idempotency_key))
+        decision = guarded_decision(decision, self._own_unanswered(decision, idempotency_key))
         grant = Grant(decision, action)
         reservation = decision.reservation
         if reservation is not None:
@@ -1806,7 +1472,7 @@ class Authority:
     ) -> AsyncIterator[Grant]:
         """Async twin of :meth:`guard`."""
         decision = await self.areserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key)
-        decision = _guarded(decision, self._own_unanswered(decision, idempotency_key))
+        decision = guarded_decision(decision, self._own_unanswered(decision, idempotency_key))
         grant = Grant(decision, action)
         reservation = decision.reservation
         if reservation is not None:
@@ -1816,7 +1482,7 @@ class Authority:
         except BaseException:
             self._unguard(reservation)
             grant._ended = True
-            if reservation is not None and not _settled_by_block(grant, reservation):
+            if reservation is not None and not settled_by_block(grant, reservation):
                 try:
                     if grant._actual is None:
                         grant.settlement = await _finished(self.arelease(reservation), reservation.id)
@@ -1828,5 +1494,5 @@ class Authority:
             raise
         self._unguard(reservation)
         grant._ended = True
-        if reservation is not None and not _settled_by_block(grant, reservation):
+        if reservation is not None and not settled_by_block(grant, reservation):
             grant.settlement = await _finished(self._acommit_steps(reservation, grant._actual), reservation.id)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from clearance import Authority
-from clearance.authority import _EMERGENCY_CAPS, _warned
+from clearance.authority import _warned
+from clearance.emergency import _EMERGENCY_CAPS
 from clearance.testing import FakeClock
 
 pytest_plugins = ["redis_servers"]

@@ -215,9 +215,9 @@ def test_concurrent_fail_open_retries_with_one_key_hold_once(monkeypatch: pytest
 def test_a_held_local_reservations_key_is_never_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keys are forgotten with their reservation (the 10,000 most recent settled ones), never while
     it is held: many other keyed calls must not turn a retry into a second hold."""
-    from clearance.authority import _EmergencyCap
+    from clearance.emergency import EmergencyCap
 
-    monkeypatch.setattr(_EmergencyCap, "_REMEMBERED", 5)
+    monkeypatch.setattr(EmergencyCap, "_REMEMBERED", 5)
     store = FlakyStore()
     authority = Authority(store, fail_open=True, emergency_limits={"usd": 1})
     store.down = True
@@ -256,9 +256,9 @@ def test_a_local_reservation_replays_with_the_caps_of_the_plan_it_holds() -> Non
 def test_a_late_local_commit_keeps_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settling an expired local reservation again (a late commit) must not evict it, and its key,
     from the remembered ones: a retry with the key stays a replay, not a second hold."""
-    from clearance.authority import _EmergencyCap
+    from clearance.emergency import EmergencyCap
 
-    monkeypatch.setattr(_EmergencyCap, "_REMEMBERED", 3)
+    monkeypatch.setattr(EmergencyCap, "_REMEMBERED", 3)
     clock = FakeClock()
     store = FlakyStore()
     authority = Authority(store, clock=clock, fail_open=True, emergency_limits={"usd": 1})
@@ -452,7 +452,7 @@ def test_local_holds_expire_in_time_order_without_a_scan_of_them_all() -> None:
     """Every call failing open looked at every local hold to find the expired ones (85 ms a
     reserve with 50,000 held through an outage); they wait in expiry order now. An extended hold
     keeps its new time; settled ones' entries do not pile up."""
-    from clearance.authority import _EMERGENCY_CAPS
+    from clearance.emergency import _EMERGENCY_CAPS
 
     clock = FakeClock()
     store = FlakyStore()
