@@ -630,10 +630,10 @@ class Authority:
         if found.status not in ("held", "committed"):
             message = f"this idempotency key's reservation {found.id} is {found.status}: retry with a new key"
             code = "replay_settled"
-        elif found.scope != scope.path or dict(found.steps) != dict(steps):
+        elif found.scope != scope.path or found.label != action.label or dict(found.steps) != dict(steps):
             message = (
-                f"this idempotency key already holds local reservation {found.id} at {found.scope} "
-                "for other amounts or another scope: use a key per call"
+                f"this idempotency key already holds local reservation {found.id} for {found.label} at "
+                f"{found.scope}, or other amounts: use a key per call"
             )
             code = "replay_mismatch"
         else:
@@ -905,9 +905,12 @@ class Authority:
             message = f"this idempotency key's reservation {rid} is {record.status}: retry with a new key"
             reason = Reason("replay_settled", message, scope.path)
             return Decision(Outcome.DENY, scope.path, action.label, reasons=(reason,), replayed=True)
-        if record.scope != scope.path:  # keys are per tenant: the same key at another scope is another call
+        if record.scope != scope.path or record.label != action.label:
+            # Keys are per tenant: the same key at another scope, or for another action, is another
+            # call (one allowed on the first one's hold ran unpaid for, and named itself on a
+            # reservation the ledger holds for the first).
             message = (
-                f"this idempotency key already holds reservation {rid} at {record.scope}: "
+                f"this idempotency key already holds reservation {rid} for {record.label} at {record.scope}: "
                 "use a key per call (one per run and step, say)"
             )
             reason = Reason("replay_mismatch", message, scope.path)

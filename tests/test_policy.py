@@ -1326,6 +1326,10 @@ def test_shadow_mode_gives_the_callers_key_to_the_shadow_reservation(store_url: 
         assert grant.decision.would_be.outcome is Outcome.DENY
     again = authority.reserve(step, f"{beta}/run:r1", idempotency_key="k")  # its shadow reservation again
     assert again.replayed and again.mode is Mode.SHADOW and again.would_be is None
+    cheaper = authority.reserve(Action("step", "s", {"usd": "0.5"}), f"{beta}/run:r1", idempotency_key="k")
+    assert cheaper.replayed and cheaper.allowed  # the same action, other amounts: the shadow one holds nothing
+    another = authority.reserve(Action("step", "other", {"usd": 1}), f"{beta}/run:r1", idempotency_key="k")
+    assert another.denied and another.reasons[-1].code == "replay_mismatch" and another.mode is Mode.SHADOW
     clock.advance(61)  # enforcement would allow it now
     with (
         pytest.raises(Denied, match="the step it guards has run"),

@@ -153,6 +153,8 @@ def test_fail_open_retries_with_a_key_never_hold_twice_and_local_holds_can_be_ex
     assert authority.reserve(step, SCOPE, idempotency_key="k11").denied  # the cap, not a replay
     other = authority.reserve(step, "tenant:acme/run:other", idempotency_key="k9")
     assert other.denied and other.reasons[0].code == "replay_mismatch"
+    another = authority.reserve(Action("step", "another", {"usd": "0.4"}), SCOPE, idempotency_key="k9")
+    assert another.denied and another.reasons[0].code == "replay_mismatch"  # another action, the same amounts
     # look-up and extend work on local reservations
     clock.advance(20)
     extended = authority.extend(first.reservation, 60)

@@ -491,6 +491,15 @@ def test_idempotent_reserve_holds_once(authority: Authority) -> None:
     authority.set_budget(Budget("tenant:acme/run:r2", "usd", 1))
     elsewhere = authority.reserve(usd(4), "tenant:acme/run:r2", idempotency_key="call-1")
     assert elsewhere.denied and elsewhere.reasons[0].code == "replay_mismatch"
+    # So is the same key for another action with the same amounts: allowed on the first one's hold,
+    # it ran unpaid for, named on a reservation the ledger holds for the first.
+    for another in (Action("side_effect", "send_email", {"usd": 4}), Action("step", "other", {"usd": 4})):
+        mismatched = authority.reserve(another, CHAIN, idempotency_key="call-1")
+        assert mismatched.denied and mismatched.reasons[0].code == "replay_mismatch"
+        assert mismatched.replayed and mismatched.reservation is None
+        with pytest.raises(Denied):
+            with authority.guard(another, CHAIN, idempotency_key="call-1"):
+                pytest.fail("the block of a mismatched key ran")
     assert authority.balance("tenant:acme")["usd"].held == 4
 
 
