@@ -107,8 +107,19 @@ class Grant:
     def settle(self, actual: AmountsLike) -> None:
         """Record what the action actually cost; committed when the ``with`` block ends
         (even if it then raises: money spent is spent). Inside the block only: once it has ended
-        its reservation is settled, and an actual given now would be lost (``InvalidRequest``)."""
+        its reservation is settled, and an actual given now would be lost (``InvalidRequest``) — so
+        it is once the block has committed the reservation itself: its commit recorded the cost (a
+        settle before that commit is superseded by it, as a later settle supersedes an earlier one).
+        After a release by the block, a settle is committed all the same (flagged ``after_release``)."""
+        if actual is None:  # (to_step_map's None means "no amounts given": here it is a mistake)
+            raise InvalidRequest("settle() needs the actual amounts, {unit: amount}; got None")
         steps = tuple(to_step_map(actual, "actual amounts").items())
+        reservation = self.decision.reservation
+        if not self._ended and reservation is not None and reservation.status == "committed":
+            raise InvalidRequest(
+                f"settle() after the block committed reservation {reservation.id} itself: that commit "
+                "recorded its cost, and this one would be lost (commit once: through settle() or commit())"
+            )
         if self._ended:
             state = "unsettled: its exit's settle failed" if self.settlement is None else self.settlement.status
             rid = self.reservation.id if self.reservation is not None else "-"
@@ -144,8 +155,9 @@ def settled_by_block(grant: Grant, reservation: Reservation) -> bool:
     Authority, given the Reservation; a release that found it expired too): then the guard leaves
     it as it is — committing the held amounts after a release charged an action that never ran.
     (A block that only ``settle()``s is committed by the guard, after a release too: money spent is
-    spent.)"""
-    if grant._actual is not None or reservation.status not in ("released", "committed", "expired"):
+    spent; after the block's own commit, that commit stands — see ``Grant.settle``.)"""
+    status = reservation.status
+    if status not in ("released", "committed", "expired") or (grant._actual is not None and status != "committed"):
         return False
     grant.settlement = Settlement(
         reservation.id, reservation.status, reservation.committed_steps or (), reservation.flags, replayed=True

@@ -537,3 +537,12 @@ def test_budget_periods_on_the_command_line(ledger: str) -> None:
     assert wrong.exit_code == 2 and "or lifetime" in wrong.output and "None" not in wrong.output.split("or lifetime")[0]
     with Authority(ledger) as authority:
         assert [(b.scope, b.period) for b in authority.budgets()] == [("tenant:a", None)]
+
+
+def test_small_amounts_of_other_units_are_listed_with_every_digit(ledger: str) -> None:
+    """``budget ls`` printed a ``tool.x.usd`` limit of 0.000000001 as ``1E-9``."""
+    made = runner.invoke(app, ["--store", ledger, "budget", "set", "tenant:a", "tool.search.usd", "0.000000001"])
+    assert made.exit_code == 0, made.output
+    listed = runner.invoke(app, ["--store", ledger, "budget", "ls"])
+    assert listed.exit_code == 0, listed.output
+    assert "0.000000001" in listed.output and "E-" not in listed.output

@@ -19,9 +19,10 @@ from clearance import AuditEvent, Balance, Reservation
 
 def amount(unit: str, value: Decimal) -> str:
     """A readable amount: dollars to the cent above $100 and to 1/100 cent below, trailing zeros
-    dropped down to cents (``$40.00``, ``$2.535``, ``$0.0071``); other units are whole counts."""
+    dropped down to cents (``$40.00``, ``$2.535``, ``$0.0071``); other units every digit, never in
+    exponent form (a ``tool.x.usd`` limit of 0.000000001 printed as ``1E-9``)."""
     if unit != "usd":
-        return f"{value:,}"
+        return exact(unit, value)
     if value == 0:
         return "$0"
     places = 2 if abs(value) >= 100 else 4

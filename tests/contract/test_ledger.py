@@ -774,6 +774,29 @@ def test_a_guard_sees_its_reservation_settled_through_any_reference(authority: A
     assert authority.balance("tenant:acme")["usd"].spent == 0
 
 
+
+def test_a_guard_whose_block_commits_itself_refuses_a_settle_after_that_commit(authority: Authority) -> None:
+    """A block that committed its reservation and then called ``settle()``: the guard's exit commit
+    replayed the block's, and the settled amount was recorded nowhere, with no error. Refused now
+    (the block's commit recorded the cost); a settle before the block's commit is superseded by it,
+    and settle(None) is a mistake, not "no amounts"."""
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    with authority.guard(usd(1), CHAIN) as grant:
+        authority.commit(grant.reservation, {"usd": "0.3"})  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequest, match="committed"):
+            grant.settle({"usd": "0.7"})
+    assert grant.settlement is not None and grant.settlement.charged == {"usd": Decimal("0.3")}
+    with authority.guard(usd(1), CHAIN) as grant:
+        grant.settle({"usd": "0.7"})
+        authority.commit(grant.reservation.id, {"usd": "0.2"})  # type: ignore[union-attr]
+    assert grant.settlement is not None and grant.settlement.charged == {"usd": Decimal("0.2")}
+    with authority.guard(usd(1), CHAIN) as grant:
+        grant.settle({"usd": "0.4"})
+        with pytest.raises(InvalidRequest):
+            grant.settle(None)  # type: ignore[arg-type]
+    assert authority.balance("tenant:acme")["usd"].spent == Decimal("0.9")
+
+
 @pytest.mark.asyncio
 async def test_async_twins(authority: Authority, clock: FakeClock) -> None:
     await authority.aset_budget(Budget("tenant:acme", "usd", 10))
