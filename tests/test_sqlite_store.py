@@ -978,6 +978,42 @@ def test_a_ledger_file_deleted_or_replaced_under_a_worker_fails_closed(
     authority.close()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="the -shm check reads /proc/self/maps (Linux)")
+def test_a_shm_file_deleted_under_a_worker_fails_it_closed_and_no_budget_is_spent_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rm ledger.db-shm`` under a running worker: the next process made a new one, and each wrote
+    the WAL as its own index said — 19 of a 10-call budget granted, and holds lost from the file.
+    The worker whose index is gone from its path now refuses (the new process works on)."""
+    import subprocess
+    import sys
+
+    from clearance.stores import sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "FILE_CHECK_EVERY", 0.0)
+    path = tmp_path / "ledger.db"
+    url = f"sqlite:///{path}"
+    worker = Authority(url)
+    worker.set_budget(Budget("tenant:t", "calls", 10))
+    step = Action.tool_call("x")
+    assert worker.reserve(step, "tenant:t").allowed
+    os.remove(tmp_path / "ledger.db-shm")
+    other = (
+        "from clearance import Action, Authority\n"
+        f"a = Authority({url!r})\n"
+        "print(sum(a.reserve(Action.tool_call('x'), 'tenant:t').allowed for _ in range(20)))\n"
+    )
+    newcomer = subprocess.run([sys.executable, "-c", other], check=True, capture_output=True, text=True, timeout=60)
+    answers = [worker.reserve(step, "tenant:t") for _ in range(20)]
+    assert all(a.denied and a.reasons[0].code == "store_unavailable" for a in answers)
+    assert "-shm" in answers[0].reasons[0].message
+    assert 1 + int(newcomer.stdout) == 10  # the newcomer had the other nine, no more
+    worker.close()  # (and its close lost none of the newcomer's holds: its index does not know them)
+    look = f"from clearance import Authority\nprint(Authority({url!r}).balance('tenant:t')['calls'].held)\n"
+    seen = subprocess.run([sys.executable, "-c", look], check=True, capture_output=True, text=True, timeout=60)
+    assert seen.stdout.strip() == "10"  # a process started now sees every hold: nothing lost, nothing over
+
+
 def test_a_short_file_is_refused_even_at_an_inode_number_this_process_had_open(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
