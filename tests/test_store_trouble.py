@@ -562,3 +562,27 @@ def test_a_hold_whose_reply_was_lost_is_taken_over_once_not_by_a_forked_child_to
         with authority.guard(ACTION, "tenant:f/run:r1", idempotency_key="k1"):
             pytest.fail("must not run again")
     assert authority.balance("tenant:f")["usd"].spent == Decimal("0.4")
+
+
+_BAD_RETENTION = ({"retention": float("nan")}, {"retention": -1}, {"retention": float("inf")}, {"retention": "48h"})
+_BAD_EMBEDDED_OPTIONS = [
+    *(("memory", bad) for bad in (*_BAD_RETENTION, {"audit_capacity": 2**63})),
+    *(("sqlite", bad) for bad in (*_BAD_RETENTION, {"audit_capacity": 2**63})),
+    ("sqlite", {"busy_timeout": float("nan")}),  # (SQLite's own: a bare ValueError)
+    ("sqlite", {"busy_timeout": -1}),
+    ("sqlite", {"synchronous": "OFF"}),
+]
+
+
+@pytest.mark.parametrize(("kind", "options"), _BAD_EMBEDDED_OPTIONS)
+def test_bad_embedded_store_options_are_invalid_request(kind: str, options: dict[str, object], tmp_path: Path) -> None:
+    from clearance import InvalidRequest
+    from clearance.stores.memory import MemoryStore
+    from clearance.stores.sqlite import SQLiteStore
+
+    with pytest.raises(InvalidRequest):
+        if kind == "memory":
+            MemoryStore(**options)  # type: ignore[arg-type]
+        else:
+            SQLiteStore(str(tmp_path / "ledger.db"), **options)  # type: ignore[arg-type]
+    assert not (tmp_path / "ledger.db").exists()

@@ -51,11 +51,29 @@ def template_refresh(retention: float) -> float:
 _ID = re.compile(r"[0-9a-f]{20}\.(.*)", re.DOTALL)  # (one match: it is on every commit's path)
 
 
+MAX_AUDIT_CAPACITY = 10**12
+"""The most audit records a store may be asked to keep (Redis's ``XADD MAXLEN`` and SQLite take
+64-bit integers: 2^63 was taken, then every write was applied and reported failed on Redis)."""
+
+MAX_RETENTION = 10 * 366 * 86400.0
+"""The longest ``retention``: ten years (a NaN was taken, and Redis's commit then wrote the
+settlement and failed at the due index, the spend counted nowhere)."""
+
+
 def audit_capacity_of(value: object) -> int:
-    """A store's ``audit_capacity`` (how many audit records it keeps), checked: a positive int."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidRequest(f"audit_capacity must be a positive whole number, got {value!r}")
+    """A store's ``audit_capacity`` (how many audit records it keeps), checked: a whole number in
+    [1, ``MAX_AUDIT_CAPACITY``]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_AUDIT_CAPACITY:
+        raise InvalidRequest(f"audit_capacity must be a whole number in [1, {MAX_AUDIT_CAPACITY:,}], got {value!r}")
     return value
+
+
+def retention_of(value: object) -> float:
+    """A store's ``retention`` (seconds a settled reservation is remembered), checked: a number in
+    (0, ``MAX_RETENTION``] — never NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_RETENTION:
+        raise InvalidRequest(f"retention must be a number of seconds in (0, {MAX_RETENTION:.0f}], got {value!r}")
+    return float(value)
 
 
 def root_of(reservation_id: str) -> str:

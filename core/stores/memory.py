@@ -48,6 +48,7 @@ from clearance.stores.base import (
     Store,
     audit_capacity_of,
     in_subtree,
+    retention_of,
     root_of,
     template_refresh,
 )
@@ -257,6 +258,7 @@ class MemoryStore(Store):
 
     def __init__(self, *, retention: float = DEFAULT_RETENTION, audit_capacity: int = 100_000) -> None:
         audit_capacity = audit_capacity_of(audit_capacity)
+        retention = retention_of(retention)
         self.url = "memory://"
         self._lock = threading.Lock()
         self._levels: dict[str, dict[tuple[str, str], _Budget]] = {}  # scope -> (unit, period) -> budget

@@ -67,12 +67,14 @@ last ``seq`` (clock skew between nodes) or tail tenant by tenant.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import dataclasses
 import heapq
 import inspect
 import logging
 import os
+import re
 import threading
 import time
 import warnings
@@ -106,7 +108,7 @@ from clearance.ledger import (
 from clearance.periods import Windows
 from clearance.scope import parse_scope
 from clearance.stores import redact_url
-from clearance.stores.base import DEFAULT_RETENTION, Store, in_subtree, root_of
+from clearance.stores.base import DEFAULT_RETENTION, Store, audit_capacity_of, in_subtree, retention_of, root_of
 from clearance.stores.lending import AsyncLender, Lender, Loan, NoConnection
 
 logger = logging.getLogger("clearance.redis")
@@ -402,6 +404,7 @@ def _check_url(url: str, options: dict[str, Any], cluster: bool) -> None:
     if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
         raise InvalidRequest(f"bad Redis URL {redact_url(url)!r}: the database must be a number, got {database!r}")
     kwargs.update(options)
+    _check_passed(kwargs, url)
     kwargs.update(decode_responses=True, protocol=2, socket_timeout=1.0, socket_connect_timeout=1.0)
     connection_class = kwargs.pop("connection_class", redis.connection.Connection)
     if cluster:  # (redis-py's cluster client hands "timeout" and "ssl" to its connections: refused)
@@ -418,6 +421,34 @@ def _check_url(url: str, options: dict[str, Any], cluster: bool) -> None:
     except (TypeError, ValueError, redis.exceptions.RedisClusterException) as error:
         shown = redact_url(url).replace("redis://", "redis+cluster://", 1) if cluster else redact_url(url)
         raise InvalidRequest(f"bad Redis store option in {shown!r}: {error}") from None
+
+
+def _check_passed(options: dict[str, Any], url: str) -> None:
+    """Options handed to redis-py that it takes when the store is made and refuses only on the first
+    call — every call then: ``encoding=rot13`` raised a bare ``LookupError`` from every reserve."""
+    shown = redact_url(url)
+    encoding = options.get("encoding")
+    if encoding is not None:
+        try:
+            text = codecs.lookup(encoding)._is_text_encoding
+        except (LookupError, TypeError):
+            text = False
+        if not text:
+            raise InvalidRequest(f"bad Redis store option in {shown!r}: encoding {encoding!r} is not a text encoding")
+    errors = options.get("encoding_errors")
+    if errors is not None:
+        try:
+            codecs.lookup_error(errors)
+        except (LookupError, TypeError):
+            raise InvalidRequest(f"bad Redis store option in {shown!r}: encoding_errors {errors!r}") from None
+    protocol = options.get("protocol")
+    if protocol is not None and str(protocol) not in ("2", "3"):
+        raise InvalidRequest(f"bad Redis store option in {shown!r}: protocol must be 2 or 3, got {protocol!r}")
+    name = options.get("client_name")
+    if name is not None and not re.fullmatch(r"[!-~]+", str(name)):
+        raise InvalidRequest(
+            f"bad Redis store option in {shown!r}: client_name {name!r} (Redis takes printable ASCII, no spaces)"
+        )
 
 
 _CLUSTER_OPTIONS = frozenset(inspect.signature(redis.cluster.RedisCluster.__init__).parameters) - {"kwargs", "self"}
@@ -639,8 +670,14 @@ class RedisStore(Store):
         for name, value in (("socket_timeout", socket_timeout), ("connect_timeout", connect_timeout)):
             if not 0 < value <= 3600:
                 raise InvalidRequest(f"{name} must be in (0, 3600] seconds, got {value}")
-        if max_connections < 1 or audit_capacity < 1 or reclaim_batch < 1 or retention <= 0:
-            raise InvalidRequest("max_connections, audit_capacity, reclaim_batch and retention must be positive")
+        retention = retention_of(retention)
+        audit_capacity = audit_capacity_of(audit_capacity)
+        limits = (("max_connections", max_connections, 10_000), ("reclaim_batch", reclaim_batch, 100_000))
+        for name, value, most in limits:
+            # (redis-py's blocking pool fills a queue with a slot per connection when it is built:
+            # 10**13 hung the first call; a batch beyond what one script call should take stalls Redis)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise InvalidRequest(f"{name} must be a whole number in [1, {most:,}], got {value!r}")
         if not 0 <= max_clock_skew <= 86400:
             raise InvalidRequest(f"max_clock_skew must be in [0, 86400] seconds (0: off), got {max_clock_skew}")
         _check_url(url, redis_options, cluster)  # bad input now, not at the first call

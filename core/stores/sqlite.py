@@ -100,6 +100,7 @@ from clearance.stores.base import (
     Store,
     audit_capacity_of,
     in_subtree,
+    retention_of,
     root_of,
     template_refresh,
 )
@@ -686,10 +687,13 @@ class SQLiteStore(Store):
         path = os.path.abspath(path)
         self.path = path
         self.url = f"sqlite:///{path}"
-        self._retention = retention
-        self._busy_timeout = busy_timeout
-        if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
-            raise ValueError("synchronous must be NORMAL, FULL or EXTRA")
+        self._retention = retention_of(retention)
+        timeout_ok = isinstance(busy_timeout, (int, float)) and not isinstance(busy_timeout, bool)
+        if not timeout_ok or not 0 <= busy_timeout <= 3600:
+            raise InvalidRequest(f"busy_timeout must be in [0, 3600] seconds (0: one try), got {busy_timeout!r}")
+        self._busy_timeout = float(busy_timeout)
+        if not isinstance(synchronous, str) or synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
+            raise InvalidRequest(f"synchronous must be NORMAL, FULL or EXTRA, got {synchronous!r}")
         self._synchronous = synchronous.upper()
         self._local = threading.local()
         self._file: tuple[int, int] | None = None  # (device, inode) of the file, once opened

@@ -177,6 +177,29 @@ def test_url_options_and_prefix_validation(redis_url: str) -> None:
         store_from_url(good).close()
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        "retention=nan",  # taken: a commit then wrote the settlement and failed at the due index
+        "retention=inf",
+        "retention=0",
+        "audit_capacity=9223372036854775808",  # taken: every write applied, then reported failed
+        "reclaim_batch=9223372036854775808",
+        "max_connections=10000000000000",  # taken: the first call hung filling redis-py's pool
+        "max_connections=0",
+        "encoding=rot13",  # taken: every reserve raised a bare LookupError
+        "encoding=nonesuch",
+        "encoding_errors=nonesuch",
+        "protocol=9",
+        "client_name=a%20b",
+    ],
+)
+def test_store_options_redis_would_refuse_at_the_first_call_are_refused_when_the_store_is_made(option: str) -> None:
+    with pytest.raises(InvalidRequest):
+        store_from_url(f"redis://127.0.0.1:1/0?{option}")
+    store_from_url("redis://127.0.0.1:1/0?encoding=latin-1&protocol=3&client_name=worker-7").close()
+
+
 def test_scripts_reload_after_script_flush(redis_url: str, clock: FakeClock) -> None:
     authority = Authority(redis_url, clock=clock)
     authority.set_budget(Budget("tenant:acme", "usd", 10))
