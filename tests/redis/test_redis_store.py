@@ -200,6 +200,23 @@ def test_store_options_redis_would_refuse_at_the_first_call_are_refused_when_the
     store_from_url("redis://127.0.0.1:1/0?encoding=latin-1&protocol=3&client_name=worker-7").close()
 
 
+def test_a_budget_set_again_after_redis_lost_its_data_lists_its_tenant_again(redis_url: str) -> None:
+    """A Redis restarted without persistence (or a FLUSHALL) loses the set of tenants too; the
+    process that had registered a tenant never did again, so ``budgets()``, ``events()`` and
+    ``sweep()`` left it out — for every process — even after its budgets were set again."""
+    authority = Authority(redis_url)
+    authority.set_budget(Budget("tenant:acme", "usd", 2))
+    prefix = redis_url.split("key_prefix=", 1)[1].split("&", 1)[0]
+    raw = _raw(redis_url)
+    for key in raw.scan_iter(match=f"{prefix}*"):  # everything of this ledger gone (its FLUSHALL)
+        raw.delete(key)
+    assert authority.budgets() == []
+    authority.set_budget(Budget("tenant:acme", "usd", 2))
+    assert [(b.scope, b.limit) for b in authority.budgets()] == [("tenant:acme", 2)]
+    raw.close()
+    authority.close()
+
+
 def test_scripts_reload_after_script_flush(redis_url: str, clock: FakeClock) -> None:
     authority = Authority(redis_url, clock=clock)
     authority.set_budget(Budget("tenant:acme", "usd", 10))
