@@ -49,39 +49,58 @@ class EmergencyCap:
         self.key_of.clear()
         self.expiry.clear()
 
-    def _give_back(self, steps: Amounts) -> None:
+    # Interrupts. An exception can arrive at any call or loop turn of these methods (a signal
+    # handler's: a step timeout, Ctrl-C). A change made in steps with calls between them was left
+    # half done: a hold popped and never given back, cap used with no hold to give it back, a hold
+    # with no expiry entry (never expiring) — each leaking the cap for the rest of the process. So
+    # each change is worked out first (new ``used`` dicts, entries, flags: an interrupt there changes
+    # nothing), then made by statements with no call between them; extra expiry entries are pushed
+    # before (harmless: an entry whose hold is gone or has another time is skipped), and remembered
+    # settled reservations are evicted before (an interrupted eviction forgets one early: harmless).
+
+    def _used_with(self, steps: Amounts, sign: int, used: dict[str, int] | None = None) -> dict[str, int]:
+        """``used`` (this cap's, else the one given) with ``steps`` added (``sign`` 1) or given back
+        (-1): a new dict, for one assignment."""
+        used = dict(self.used if used is None else used)
         for unit, amount in steps:
             if unit in self.limits:
-                self.used[unit] -= amount
+                used[unit] += sign * amount
+        return used
 
-    def _remember(self, reservation: Reservation) -> None:
-        if reservation.id in self.settled:  # settled again (a late commit): never evict itself
-            self.settled[reservation.id] = reservation
-            return
-        if len(self.settled) >= self._REMEMBERED:
-            forgotten = self.settled.pop(next(iter(self.settled)))
-            key = self.key_of.pop(forgotten.id, None)
+    def _make_room(self, rid: str) -> None:
+        """Evict the oldest remembered reservation if ``rid`` is about to be remembered and there is
+        no room (never ``rid`` itself: settled again, a late commit, it stays)."""
+        if rid not in self.settled and len(self.settled) >= self._REMEMBERED:
+            forgotten = next(iter(self.settled))
+            key = self.key_of.get(forgotten)
+            del self.settled[forgotten]
             if key is not None:
+                del self.key_of[forgotten]
                 self.keys.pop(key, None)
-        self.settled[reservation.id] = reservation
 
     def _expire(self, now: float) -> None:
         expiry = self.expiry
         while expiry and expiry[0][0] <= now:
-            _, rid = heapq.heappop(expiry)
+            rid = expiry[0][1]
             reservation = self.holds.get(rid)
             if reservation is not None and reservation.expires_at <= now:  # (else settled, or extended)
+                used = self._used_with(reservation.steps, -1)
+                self._make_room(rid)
+                # (no call from here to the pop: see above; popped after, so an interrupt before it
+                # leaves the entry, skipped next time — the hold is gone)
                 del self.holds[rid]
-                self._give_back(reservation.steps)
                 reservation.status = "expired"
-                self._remember(reservation)
+                self.settled[rid] = reservation
+                self.used = used
+            heapq.heappop(expiry)
 
-    def _due(self, reservation: Reservation) -> None:
-        expiry = self.expiry
-        heapq.heappush(expiry, (reservation.expires_at, reservation.id))
-        if len(expiry) > 4 * len(self.holds) + 1024:  # settled ones' entries: dropped now and then
-            self.expiry = [(at, rid) for at, rid in expiry if (held := self.holds.get(rid)) and held.expires_at == at]
-            heapq.heapify(self.expiry)
+    def _due(self, expires_at: float, rid: str) -> None:
+        """Queue an expiry entry (before the hold it is for takes that time: see above)."""
+        heapq.heappush(self.expiry, (expires_at, rid))
+        if len(self.expiry) > 4 * len(self.holds) + 1024:  # settled ones' entries: dropped now and then
+            kept = [(at, r) for at, r in self.expiry if (held := self.holds.get(r)) and held.expires_at == at]
+            heapq.heapify(kept)
+            self.expiry = kept
 
     def take(self, reservation: Reservation, now: float, key: tuple[str, str] | None) -> str | Reservation | None:
         """Hold the reservation's steps against the cap. Returns None when held; the unit that does
@@ -102,14 +121,16 @@ class EmergencyCap:
             for unit, amount in steps:
                 if unit in self.limits and self.used[unit] + amount > self.limits[unit]:
                     return unit
-            for unit, amount in steps:
-                if unit in self.limits:
-                    self.used[unit] += amount
-            self.holds[reservation.id] = held = replace(reservation)
-            self._due(held)
+            used = self._used_with(steps, 1)
+            held = replace(reservation)
+            rid = held.id
+            self._due(held.expires_at, rid)
+            # (no call from here on: see above)
+            self.holds[rid] = held
             if key is not None:
-                self.keys[key] = reservation.id
-                self.key_of[reservation.id] = key
+                self.keys[key] = rid
+                self.key_of[rid] = key
+            self.used = used
             return None
 
     def _find(self, rid: str) -> Reservation | None:
@@ -141,16 +162,14 @@ class EmergencyCap:
                     raise ReservationNotFound(rid)
                 raise ReservationClosed(rid, done.status)
             if expires_at > held.expires_at:  # (never shortened, as in the ledger)
+                self._due(expires_at, rid)  # (first: a hold at a time with no entry never expired)
                 held.expires_at = expires_at
-                self._due(held)
             return replace(held)
 
     def settle(self, rid: str, actual: Amounts | None, commit: bool, now: float) -> Settlement:
         with self.lock:
             self._expire(now)
-            held = self.holds.pop(rid, None)
-            steps: Amounts
-            flags: tuple[str, ...]
+            held = self.holds.get(rid)
             if held is None:
                 done = self.settled.get(rid)
                 if done is None:
@@ -159,22 +178,28 @@ class EmergencyCap:
                     return Settlement(rid, done.status, done.committed_steps or (), done.flags, replayed=True)
                 # Reality wins, as in the ledger: a commit after release or expiry is charged (what was
                 # held came back then), flagged after_release / late.
-                reservation, prior = done, done.status
+                reservation, prior, used = done, done.status, self.used
             else:
-                reservation, prior = held, "held"
-                self._give_back(held.steps)
+                reservation, prior, used = held, "held", self._used_with(held.steps, -1)
             if not commit:
+                self._make_room(rid)
+                # (no call from here on: see above)
+                del self.holds[rid]  # (held: a release of a settled one replayed above)
                 reservation.status = "released"
-                self._remember(reservation)
+                self.settled[rid] = reservation
+                self.used = used
                 return Settlement(rid, "released")
             steps = reservation.steps
             charged = steps if actual is None else merge_actual(steps, actual)
             flags = tuple(commit_flags(prior, steps, charged))
-            for unit, amount in charged:
-                if unit in self.limits:
-                    self.used[unit] += amount
+            used = self._used_with(charged, 1, used)  # (the hold given back, the charge added)
+            self._make_room(rid)
+            # (no call from here on: see above)
+            if held is not None:
+                del self.holds[rid]
             reservation.status, reservation.committed_steps, reservation.flags = "committed", charged, flags
-            self._remember(reservation)
+            self.settled[rid] = reservation
+            self.used = used
             return Settlement(rid, "committed", charged, flags)
 
 

@@ -586,3 +586,58 @@ def test_bad_embedded_store_options_are_invalid_request(kind: str, options: dict
         else:
             SQLiteStore(str(tmp_path / "ledger.db"), **options)  # type: ignore[arg-type]
     assert not (tmp_path / "ledger.db").exists()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("op", ["reserve", "commit", "release", "extend", "expire"])
+def test_the_emergency_cap_stays_whole_when_a_call_failing_open_is_interrupted_anywhere(op: str) -> None:
+    """An exception at any call inside a fail-open reserve, commit, release, extend or expiry (a step
+    timeout's signal handler, Ctrl-C), then the caller's retry: the cap's ``used`` comes back to
+    what was committed once every hold has expired. It leaked for good before — a release popping
+    the hold and never giving it back, a reserve charging the cap with no hold recorded or recording
+    one with no expiry entry, a commit giving the hold back and charging nothing, its retry then
+    ReservationNotFound — until a process failing open was denied everything."""
+    from interrupts import interrupt_at
+
+    from clearance.emergency import _EMERGENCY_CAPS
+
+    point = 1
+    while True:
+        _EMERGENCY_CAPS.clear()
+        clock = FakeClock()
+        store = FlakyStore()
+        authority = Authority(store, clock=clock, fail_open=True, emergency_limits={"usd": 10})
+        store.down = True
+        expected = Decimal(0)
+        first = authority.reserve(ACTION, SCOPE, idempotency_key="k1", ttl=30).reservation
+        assert first is not None
+        if op == "reserve":
+            run = lambda: authority.reserve(ACTION, SCOPE, idempotency_key="k2", ttl=30)  # noqa: E731
+        elif op == "commit":
+            run = lambda: authority.commit(first, {"usd": "0.3"})  # noqa: E731
+        elif op == "release":
+            run = lambda: authority.release(first)  # noqa: E731
+        elif op == "extend":
+            run = lambda: authority.extend(first, 600)  # noqa: E731
+        else:
+            clock.advance(60)  # the first hold is due: the next reserve expires it
+            run = lambda: authority.reserve(ACTION, SCOPE, idempotency_key="k2", ttl=30)  # noqa: E731
+        interrupted = interrupt_at(point, run)
+        run()  # the caller's retry (the same key, the same reservation)
+        if op in ("reserve", "expire"):
+            again = authority.reserve(ACTION, SCOPE, idempotency_key="k2", ttl=30).reservation
+            assert again is not None and again.local
+            authority.commit(again, {"usd": "0.3"})
+            expected += Decimal("0.3")
+        if op == "commit":
+            expected += Decimal("0.3")
+            assert authority.reservation(first).status == "committed"
+        clock.advance(3600)  # every hold left is past its TTL
+        cap = authority._emergency
+        cap.find(("tenant:acme", "none"), clock())  # (expiry runs on any call)
+        assert not cap.holds, (op, point)
+        assert cap.used == {"usd": int(expected * 10**9)}, (op, point)
+        if not interrupted:
+            break
+        point += 1
+    assert point > 5  # (the call was interrupted at every one of its points)
