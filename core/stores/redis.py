@@ -1349,12 +1349,9 @@ class RedisStore(Store):
     # must still be served. A failed registration is tried again on a later reserve, a few seconds on.
     _REGISTER_RETRY = 5.0
 
-    def _register_now(self, root: str, required: bool, again: bool = False) -> bool:
-        """Whether to try registering ``root`` now (not after a recent failure, unless required).
-        ``again``: even if this process registered it before — an operator's ``set_budget``, rare,
-        after which the tenant must be listed and swept even if Redis lost the set meanwhile (a
-        restart without persistence, a ``FLUSHALL``: no process would register it again)."""
-        return (again or root not in self._known_roots) and (required or time.monotonic() >= self._register_after)
+    def _register_now(self, root: str, required: bool) -> bool:
+        """Whether to try registering ``root`` now (not after a recent failure, unless required)."""
+        return root not in self._known_roots and (required or time.monotonic() >= self._register_after)
 
     def _skip_registration(self, required: bool) -> bool:
         """After a failed registration: go on without it (a reserve on a cluster, tried again a few
@@ -1364,8 +1361,8 @@ class RedisStore(Store):
         self._register_after = time.monotonic() + self._REGISTER_RETRY
         return True
 
-    def _register(self, root: str, required: bool = True, again: bool = False) -> None:
-        if self._register_now(root, required, again):
+    def _register(self, root: str, required: bool = True) -> None:
+        if self._register_now(root, required):
             try:
                 self._keyed(self._roots_key, lambda client: client.sadd(self._roots_key, root))
             except StoreUnavailable:
@@ -1374,8 +1371,8 @@ class RedisStore(Store):
                 raise
             _remember(self._known_roots, root)
 
-    async def _aregister(self, root: str, required: bool = True, again: bool = False) -> None:
-        if self._register_now(root, required, again):
+    async def _aregister(self, root: str, required: bool = True) -> None:
+        if self._register_now(root, required):
             try:
                 await self._akeyed(self._roots_key, lambda client: client.sadd(self._roots_key, root))
             except StoreUnavailable:
@@ -1553,25 +1550,39 @@ class RedisStore(Store):
 
     def set_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
         root = parse_scope(scope).root
-        self._register(root, again=True)
-        self._run_drained("set_budget", root, self._budget_args(scope, unit, period, limit, now), now)
+        self._register(root)
+        reply = self._run_drained("set_budget", root, self._budget_args(scope, unit, period, limit, now), now)
+        if reply == 2:  # the tenant's first budget: a new tenant, or one whose keys Redis lost
+            self._known_roots.discard(root)
+            self._register(root, required=False)
 
     async def aset_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
         root = parse_scope(scope).root
-        await self._aregister(root, again=True)
-        await self._arun_drained("set_budget", root, self._budget_args(scope, unit, period, limit, now), now)
+        await self._aregister(root)
+        args = self._budget_args(scope, unit, period, limit, now)
+        if await self._arun_drained("set_budget", root, args, now) == 2:  # (see set_budget)
+            self._known_roots.discard(root)
+            await self._aregister(root, required=False)
 
     def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
         root = parse_scope(scope).root
         self._register(root)
         args = self._budget_args(scope, unit, period, limit, now, only_new=True)
-        return bool(self._run_drained("set_budget", root, args, now))
+        reply = self._run_drained("set_budget", root, args, now)
+        if reply == 2:  # (see set_budget)
+            self._known_roots.discard(root)
+            self._register(root, required=False)
+        return bool(reply)
 
     async def aensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
         root = parse_scope(scope).root
         await self._aregister(root)
         args = self._budget_args(scope, unit, period, limit, now, only_new=True)
-        return bool(await self._arun_drained("set_budget", root, args, now))
+        reply = await self._arun_drained("set_budget", root, args, now)
+        if reply == 2:  # (see set_budget)
+            self._known_roots.discard(root)
+            await self._aregister(root, required=False)
+        return bool(reply)
 
     # --- policy documents (global keys, tag "{~}") ------------------------------------------------
     def put_policy(self, document: str, now: float) -> int:

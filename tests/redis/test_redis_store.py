@@ -213,6 +213,10 @@ def test_a_budget_set_again_after_redis_lost_its_data_lists_its_tenant_again(red
     assert authority.budgets() == []
     authority.set_budget(Budget("tenant:acme", "usd", 2))
     assert [(b.scope, b.limit) for b in authority.budgets()] == [("tenant:acme", 2)]
+    # (a budget on a tenant that has some is not a registration again: no round trip more)
+    sadds = raw.info("commandstats").get("cmdstat_sadd", {}).get("calls", 0)
+    authority.set_budget(Budget("tenant:acme/run:r1", "usd", 1))
+    assert raw.info("commandstats").get("cmdstat_sadd", {}).get("calls", 0) == sadds
     raw.close()
     authority.close()
 

@@ -3,7 +3,7 @@
 -- (budget templates: an operator's own change is never undone), [9] a flag: 1 on the client's retry
 -- after a lost reply (a budget that already has this limit was set by the first run: no second audit
 -- event), plus 2 when it asks again after draining a backlog of expired holds (see forget_if_due).
--- Reply 1 if set, 0 if it existed; 'backlog' (nothing changed) while more expired holds wait than one
+-- Reply 1 if set (2 if it was the tenant's first budget id: see the end), 0 if it existed; 'backlog' (nothing changed) while more expired holds wait than one
 -- call reclaims and a budget kept past its time is met again (see forget_if_due).
 -- A template budget (ARGV[8] = '1') is kept until now + retention ("u<id>" -> that time, and "~<id>"
 -- in the due index scored by minus it, so reclaim finds it like a reservation to forget; and 2 *
@@ -51,6 +51,7 @@ end
 local field = '@' .. scope
 local head = unit .. '|' .. period .. '|'
 local kept, found, limit_field = {}, false, nil
+local first = false  -- the tenant's first budget id given out here (see the reply)
 for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
   if string.sub(entry, 1, #head) == head then
     found = true
@@ -94,6 +95,7 @@ if not found then
   if not id then
     id = fmt_int(redis.call('HINCRBY', K_LEDGER, '#next', 1))
     redis.call('HSET', K_LEDGER, '=' .. name, id, '#' .. id, name)
+    first = id == '1'
   end
   kept[#kept + 1] = head .. limit .. '|' .. id
   limit_field = 'l' .. id
@@ -104,4 +106,6 @@ if not found then
 end
 redis.call('HSET', K_LEDGER, field, table.concat(kept, ' '), limit_field, limit)
 audit('budget_set', scope, '', unit .. ' ' .. limit, detail)
-return 1
+-- 2: the tenant's first budget id — a new tenant, or one whose keys Redis lost (a restart without
+-- persistence, a FLUSHALL), which a process that registered it before registers again.
+return first and 2 or 1
