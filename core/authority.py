@@ -1444,9 +1444,9 @@ class Authority:
     ) -> Iterator[Grant]:
         """Reserve on enter (raise :class:`Denied` on DENY), commit on exit, release on exception::
 
-        with authority.guard(action, "tenant:acme/run:r1") as grant:
-            reply = call_model(model=grant.model, max_tokens=grant.max_output_tokens)
-            grant.settle({"usd": reply.cost})
+            with authority.guard(action, "tenant:acme/run:r1") as grant:
+                reply = call_model(model=grant.model, max_tokens=grant.max_output_tokens)
+                grant.settle({"usd": reply.cost})
         """
         decision = self.reserve(action, scope, plans=plans, ttl=ttl, idempotency_key=idempotency_key)
         decision = guarded_decision(decision, self._own_unanswered(decision, idempotency_key))

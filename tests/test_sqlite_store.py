@@ -1004,6 +1004,10 @@ def test_a_shm_file_deleted_under_a_worker_fails_it_closed_and_no_budget_is_spen
         "print(sum(a.reserve(Action.tool_call('x'), 'tenant:t').allowed for _ in range(20)))\n"
     )
     newcomer = subprocess.run([sys.executable, "-c", other], check=True, capture_output=True, text=True, timeout=60)
+    # An Authority made now in this process (one per request, say) shares its stale index: refused too.
+    for _ in range(3):
+        with pytest.raises(StoreUnavailable, match="-shm"):
+            Authority(url)
     answers = [worker.reserve(step, "tenant:t") for _ in range(20)]
     assert all(a.denied and a.reasons[0].code == "store_unavailable" for a in answers)
     assert "-shm" in answers[0].reasons[0].message

@@ -430,11 +430,11 @@ def _check_passed(options: dict[str, Any], url: str) -> None:
     encoding = options.get("encoding")
     if encoding is not None:
         try:
-            text = codecs.lookup(encoding)._is_text_encoding
+            utf8 = codecs.lookup(encoding).name == "utf-8"
         except (LookupError, TypeError):
-            text = False
-        if not text:
-            raise InvalidRequest(f"bad Redis store option in {shown!r}: encoding {encoding!r} is not a text encoding")
+            utf8 = False
+        if not utf8:  # (the scripts and the ledger's text are UTF-8: a label read back otherwise differs)
+            raise InvalidRequest(f"bad Redis store option in {shown!r}: encoding must be utf-8, got {encoding!r}")
     errors = options.get("encoding_errors")
     if errors is not None:
         try:

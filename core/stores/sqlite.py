@@ -266,10 +266,11 @@ def _keep_from_checkpointing(path: str) -> None:
     if path in _ANCHORS:
         return
     try:
-        anchor = sqlite3.connect(
-            f"file:{urllib.parse.quote(os.fsencode(path))}?mode=rw", uri=True, check_same_thread=False
-        )
-        anchor.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        with _readers.sharing():  # (as every connect: a fork meanwhile waits, see _Readers)
+            anchor = sqlite3.connect(
+                f"file:{urllib.parse.quote(os.fsencode(path))}?mode=rw", uri=True, check_same_thread=False
+            )
+            anchor.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
     except sqlite3.Error:
         return  # (the file gone too: nothing this process could checkpoint into)
     import ctypes  # (only here: a leaked reference is what this is for)
@@ -817,6 +818,15 @@ class SQLiteStore(Store):
         except sqlite3.Error as error:
             raise StoreUnavailable(f"cannot open SQLite ledger {self.path}: {error}") from error
         if first:
+            if self.path in _ANCHORS or _shm_replaced(self.path):
+                # A store made in a process whose WAL index of this file is stale (an Authority per
+                # request, say) shares that index: it would write over the other processes' commits.
+                _keep_from_checkpointing(self.path)
+                db.close()
+                raise StoreUnavailable(
+                    f"SQLite ledger {self.path}: its -shm file was deleted or replaced while this process used it: "
+                    "refused (restart the process)"
+                )
             try:
                 found = os.stat(self.path)
             except OSError as error:

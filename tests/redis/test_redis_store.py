@@ -189,6 +189,8 @@ def test_url_options_and_prefix_validation(redis_url: str) -> None:
         "max_connections=0",
         "encoding=rot13",  # taken: every reserve raised a bare LookupError
         "encoding=nonesuch",
+        "encoding=latin-1",  # the scripts' own text is UTF-8 (a bare UnicodeEncodeError), labels too
+        "encoding=utf-16",
         "encoding_errors=nonesuch",
         "protocol=9",
         "client_name=a%20b",
@@ -197,7 +199,7 @@ def test_url_options_and_prefix_validation(redis_url: str) -> None:
 def test_store_options_redis_would_refuse_at_the_first_call_are_refused_when_the_store_is_made(option: str) -> None:
     with pytest.raises(InvalidRequest):
         store_from_url(f"redis://127.0.0.1:1/0?{option}")
-    store_from_url("redis://127.0.0.1:1/0?encoding=latin-1&protocol=3&client_name=worker-7").close()
+    store_from_url("redis://127.0.0.1:1/0?encoding=UTF8&protocol=3&client_name=worker-7").close()
 
 
 def test_a_budget_set_again_after_redis_lost_its_data_lists_its_tenant_again(redis_url: str) -> None:
