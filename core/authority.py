@@ -831,9 +831,16 @@ class Authority:
                 return found  # a retry's answer, or store trouble (failing open or closed)
             shadow, key = found, None
             request.idempotency_key = None
+            try:
+                decision = yield from self._enforced_flow(request, checked, parsed, chosen, proposal, policy, ttl, key)
+                return (yield from self._shadow_finish(shadow, decision, parsed))
+            except BaseException:
+                # Cut short (a cancelled task, a step timeout) while the would-be decision was made
+                # or released: its hold, if it landed, has no owner — it kept its budget until its
+                # TTL. Released by the tenant's next shadow decision (an id never held: skipped).
+                self._shadow_unreleased.append((request.reservation_id, parsed.root, request.expires_at))
+                raise
         decision = yield from self._enforced_flow(request, checked, parsed, chosen, proposal, policy, ttl, key)
-        if shadow is not None:
-            return (yield from self._shadow_finish(shadow, decision, parsed))
         if proposal is not None and proposal.shadow:  # (a policy rule denied it: still a shadow decision)
             decision = yield from self._shadow_of_denial(decision, checked, parsed, ttl, key, request.plans[0].amounts)
         return decision
@@ -1117,8 +1124,13 @@ class Authority:
         return decision.replayed and end == reservation.id[12:] and self._unanswered_pid == os.getpid()
 
     def _run(self, flow: Generator[_Op, Any, _T]) -> _T:
-        """Drive a flow against the sync face of the store."""
+        """Drive a flow against the sync face of the store. An exception that leaves it after a hold
+        was sent (a step timeout's signal handler, Ctrl-C: anywhere, the hold's call included) means
+        the caller got no answer for a hold that may have landed: remembered, as a lost reply is, so
+        that a guard retried with its key takes it over (its step never ran) — it was denied
+        ``replay_in_progress``, then ``replay_settled``, for good."""
         store = self.store
+        sent: HoldRequest | None = None
         try:
             name, args = next(flow)
             while True:
@@ -1126,6 +1138,8 @@ class Authority:
                     if name == _FIRST_POLICY:
                         value = self._run(self._policy_read_flow())
                     else:
+                        if name == "hold" and args[0].idempotency_key is not None:
+                            sent = args[0]  # (a keyless one after it, shadow mode's would-be, is not the caller's)
                         value = getattr(store, name)(*args)
                 except (StoreUnavailable, NotImplementedError, ReservationNotFound) as error:
                     if name == "hold" and isinstance(error, StoreUnavailable):
@@ -1135,6 +1149,11 @@ class Authority:
                     name, args = flow.send(value)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
+        except BaseException:
+            if sent is not None:
+                self._unanswered_hold(sent)
+            flow.close()  # (now, not when its frames are freed: a flow cut short says what it left)
+            raise
 
     async def _arun(self, flow: Generator[_Op, Any, _T]) -> _T:
         """Drive a flow against the async face of the store. A release, once started, runs to its
@@ -1143,6 +1162,7 @@ class Authority:
         id — an SQLite job still queued for a worker thread is dropped with its task, a Redis
         request waiting for a connection is never sent)."""
         store = self.store
+        sent: HoldRequest | None = None  # (see _run: a cancel anywhere after it, its own await included)
         try:
             name, args = next(flow)
             while True:
@@ -1151,20 +1171,23 @@ class Authority:
                     if name == _FIRST_POLICY:
                         value = await self._first_policy_read()
                     else:
+                        if name == "hold" and args[0].idempotency_key is not None:
+                            sent = args[0]  # (a keyless one after it, shadow mode's would-be, is not the caller's)
                         call = getattr(store, "a" + name)(*args)
                         value = await (_finished(call, args[0]) if name == "release" else call)
                 except (StoreUnavailable, NotImplementedError, ReservationNotFound) as error:
                     if name == "hold" and isinstance(error, StoreUnavailable):
                         self._unanswered_hold(args[0])
                     name, args = flow.throw(error)  # (a flow that does not catch it raises it on)
-                except BaseException:
-                    if name == "hold":  # cancelled on its way: it may have landed all the same
-                        self._unanswered_hold(args[0])
-                    raise
                 else:
                     name, args = flow.send(value)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
+        except BaseException:
+            if sent is not None:
+                self._unanswered_hold(sent)
+            flow.close()  # (now, not when its frames are freed: a flow cut short says what it left)
+            raise
 
     def reserve(
         self,
@@ -1197,9 +1220,16 @@ class Authority:
         except StoreUnavailable as error:
             self._unanswered_hold(request)
             return self._unavailable(error, request, checked, parsed, chosen)
-        if result.replayed:
-            return self._run(self._replay_flow(result, checked, parsed, chosen, None))
-        return self._decide(result, checked, parsed, chosen, request.now)
+        except BaseException:  # (see _run)
+            self._unanswered_hold(request)
+            raise
+        try:
+            if result.replayed:
+                return self._run(self._replay_flow(result, checked, parsed, chosen, None))
+            return self._decide(result, checked, parsed, chosen, request.now)
+        except BaseException:
+            self._unanswered_hold(request)
+            raise
 
     async def areserve(
         self,

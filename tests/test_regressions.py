@@ -26,6 +26,7 @@ from clearance import (
     Scope,
     StoreUnavailable,
 )
+from clearance.ledger import HoldRequest, HoldResult
 from clearance.stores.memory import MemoryStore
 from clearance.testing import FakeClock
 
@@ -568,3 +569,61 @@ def test_the_first_window_of_a_process_is_right_at_any_minute() -> None:
     )
     finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert finished.stdout.strip() == "True"
+
+
+class _AnswerLost(MemoryStore):
+    """Its first hold of the kind asked for lands, then the caller is interrupted before the answer
+    (a step timeout's signal handler, Ctrl-C; a task cancelled as the reply arrives)."""
+
+    def __init__(self, keyed: bool) -> None:
+        super().__init__()
+        self.keyed, self.armed = keyed, True
+
+    def _lose(self, request: HoldRequest, error: BaseException) -> None:
+        if self.armed and (request.idempotency_key is not None) == self.keyed:
+            self.armed = False
+            raise error
+
+    def hold(self, request: HoldRequest) -> HoldResult:
+        result = super().hold(request)
+        self._lose(request, KeyboardInterrupt())
+        return result
+
+    async def ahold(self, request: HoldRequest) -> HoldResult:
+        result = super().hold(request)
+        self._lose(request, asyncio.CancelledError())
+        return result
+
+
+def test_a_keyed_guard_interrupted_after_its_hold_landed_runs_once_on_retry() -> None:
+    """Sync: an interrupt after the hold landed was not remembered as an unanswered hold (only a
+    store error was), so the guard retried with its key was denied ``replay_in_progress`` — and,
+    after the TTL, ``replay_settled`` for good: the step could never run under its key."""
+    authority = Authority(_AnswerLost(keyed=True), clock=FakeClock())
+    authority.set_budget(Budget("tenant:acme", "usd", 10))
+    step = Action("step", "x", {"usd": 1})
+    with pytest.raises(KeyboardInterrupt), authority.guard(step, "tenant:acme/run:r1", idempotency_key="k"):
+        pytest.fail("the block ran without a decision")
+    with authority.guard(step, "tenant:acme/run:r1", idempotency_key="k") as grant:
+        grant.settle({"usd": 1})
+    balance = authority.balance("tenant:acme")["usd"]
+    assert balance.spent == 1 and balance.held == 0
+
+
+@pytest.mark.asyncio
+async def test_a_shadow_aguard_cancelled_at_its_would_be_hold_runs_on_retry_and_frees_that_hold() -> None:
+    """Shadow mode: a task cancelled while the would-be decision was made left the caller's shadow
+    reservation unremembered (its key then denied for good) and the would-be hold with no owner,
+    keeping its budget until its TTL."""
+    clock = FakeClock()
+    authority = Authority(_AnswerLost(keyed=False), clock=clock, default_ttl=600)
+    document = 'shadow: ["tenant:globex"]\nbudgets: [{scope: "tenant:globex", unit: usd, limit: 10}]'
+    authority.apply_policy(PolicyDocument.loads(document, "yaml"))
+    step = Action("step", "x", {"usd": 1})
+    with pytest.raises(asyncio.CancelledError):
+        async with authority.aguard(step, "tenant:globex/run:r1", idempotency_key="k"):
+            pytest.fail("the block ran without a decision")
+    async with authority.aguard(step, "tenant:globex/run:r1", idempotency_key="k") as grant:
+        grant.settle({"usd": 1})
+    balance = authority.balance("tenant:globex")["usd"]
+    assert balance.spent == 1 and balance.held == 0  # (the would-be hold released by the retry's decision)
