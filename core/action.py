@@ -119,9 +119,13 @@ class Action(InputModel):
         write to the provider's cache (its worst case: a miss), of which ``cache_write_1h_tokens``
         with a one-hour lifetime; they are priced at the model's cache-write rates (Anthropic's
         cost 1.25x and 2x its input: without them such a call is held short), and at its input rate
-        where it has none. Cache reads only make a call cheaper: the hold's input price covers them.
+        where it has none. Input the provider may serve from its cache is held at the dearer of its
+        input and cache-read prices (a few models' reads cost more). Priced by genai-prices' text
+        token rates: a call sending or asking for audio, image or video tokens, or a priority
+        service tier, can cost more than is held (see docs/concepts.md).
 
-        An unknown model raises :class:`InvalidRequest` unless a fallback price is configured
+        An unknown model, or one priced by something other than tokens (audio hours, characters,
+        pages: whisper, tts, OCR), raises :class:`InvalidRequest` unless a fallback price is configured
         (:func:`clearance.pricing.set_fallback_price`). ``extra`` adds amounts of other units;
         naming ``usd`` or ``tokens`` there is an :class:`InvalidRequest` (it replaced the worst-case
         price, and a policy re-pricing the call dropped it: count a fee in a unit of its own).

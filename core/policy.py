@@ -225,6 +225,14 @@ class Policy:
         provider = action.provider
         others = {unit: steps for unit, steps in action.steps if unit not in ("usd", "tokens")}
         others = _add(others, extra)
+        # An Action built by hand with the metadata may hold more than its tokens cost (a fee it
+        # knows of): what it holds beyond the price of the call as asked comes on top of every
+        # plan's price — re-priced, a 5 USD worst case was held as 0.01.
+        asked = dict(action.steps)
+        price = _call_amounts(prompt, provider, action.model, output_tokens, {})
+        beyond = {unit: asked[unit] - price[unit] for unit in ("usd", "tokens") if asked.get(unit, 0) > price[unit]}
+        if beyond:
+            others = _add(others, beyond)
 
         plans: list[Plan] = []
         priced: list[Rung] = []

@@ -125,6 +125,14 @@ class _Scoped(_Rule):
         return None if value is None else parse_scope(value).path
 
 
+def _no_bool_fraction(value: Any) -> Any:
+    """A fraction (``keep``, ``below``, ``dominance``): ``true`` (YAML's ``yes``, ``on``) would be
+    read as 1.0 — every optional step always skipped, no input ever trimmed."""
+    if isinstance(value, bool):
+        raise ValueError("a fraction between 0 and 1 is needed, not a boolean")
+    return value
+
+
 def _fraction(value: float) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError("must be a fraction between 0 and 1")
@@ -189,6 +197,8 @@ class OutputCap(_Scoped):
 
     floor: int = Field(default=64, ge=1)
 
+    _count = field_validator("floor", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
+
 
 class ContextCap(_Scoped):
     """For calls whose input is at least ``dominance`` of their price: a rung that keeps only
@@ -199,6 +209,8 @@ class ContextCap(_Scoped):
     floor: int = Field(default=1000, ge=1)
 
     _fractions = field_validator("dominance", "keep")(classmethod(lambda cls, v: _fraction(v)))
+    _not_bools = field_validator("dominance", "keep", mode="before")(classmethod(lambda cls, v: _no_bool_fraction(v)))
+    _count = field_validator("floor", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
 
 
 class Tools(_Rule):
@@ -222,6 +234,7 @@ class OptionalSteps(_Scoped):
     below: float
 
     _below = field_validator("below")(classmethod(lambda cls, v: _fraction(v)))
+    _not_bool = field_validator("below", mode="before")(classmethod(lambda cls, v: _no_bool_fraction(v)))
 
 
 class RiskRule(_Scoped):

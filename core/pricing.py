@@ -16,6 +16,7 @@ final round-up.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time as _time
@@ -254,6 +255,15 @@ def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float, 
     if resolved is not None:
         return _store_rate(key, (resolved, math.inf, None), generation)
     price = calc.model_price
+    if price.input_mtok is None and price.output_mtok is None:
+        # Priced by audio hours, characters or pages (whisper, tts, OCR): genai-prices answers $0
+        # for tokens, and the call was held as free. Not a price tokens can express: as unknown.
+        if _fallback is not None:
+            return _store_rate(key, (_fallback, math.inf, None), generation)
+        raise InvalidRequest(
+            f"model {model!r}" + (f" of provider {provider!r}" if provider else "") + " is not priced by tokens "
+            f"({price}); register a token price with clearance.pricing.register_price() or set_fallback_price()"
+        )
     rate: ModelRate | None = None
     cache_writes = (getattr(price, "cache_write_mtok", None), getattr(price, "cache_write_1h_mtok", None))
     if (
@@ -269,6 +279,11 @@ def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float, 
             provider, model, *_CACHE_PROBE, at=at
         ):
             rate = None  # a charge the flat rate does not carry: priced exactly, call by call
+        read = getattr(price, "cache_read_mtok", None)
+        if rate is not None and isinstance(read, Decimal | int) and read > rate.input_per_mtok:
+            # A cache read that costs more than input (OpenRouter's deepseek-pro): input tokens the
+            # provider may serve from its cache are held at the dearer of the two.
+            rate = dataclasses.replace(rate, input_per_mtok=Decimal(read))
     return _store_rate(key, (rate, _next_change(calc.model.prices, at), at), generation)
 
 
@@ -295,7 +310,13 @@ def _calc_nano(
         counts.update(cache_write_tokens=cache_write_tokens, cache_write_1h_tokens=cache_write_1h_tokens)
     with localcontext(_GENAI_CONTEXT):  # genai-prices computes in the current context: never the caller's
         calc = calc_price(Usage(**counts), model_ref=model, provider_id=provider, genai_request_timestamp=at)
-    return _nano(calc.total_price)
+        price = calc.total_price
+        read = getattr(calc.model_price, "cache_read_mtok", None)
+        if read is not None and input_tokens > cache_write_tokens:  # "may read", as for the flat rate
+            counts["cache_read_tokens"] = input_tokens - cache_write_tokens
+            reading = calc_price(Usage(**counts), model_ref=model, provider_id=provider, genai_request_timestamp=at)
+            price = max(price, reading.total_price)
+    return _nano(price)
 
 
 @lru_cache(maxsize=4096)

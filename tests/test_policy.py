@@ -55,6 +55,29 @@ def test_a_cheaper_request_starts_lower_on_the_ladder() -> None:
     assert decision.caps == Caps(model="gpt-4.1-nano")
 
 
+def test_a_hand_built_model_call_keeps_what_it_holds_beyond_its_tokens() -> None:
+    """An Action built by hand with the model call's metadata and a worst case of its own (a fee
+    it knows of): a policy re-priced it from its tokens — 5 USD held as 0.01 — once any rule was in
+    force. What it holds beyond its price as asked now comes on top of every plan's price."""
+    rates = {"rate_limits": [{"scope": "tenant:acme", "kind": "model_call", "limit": 100}]}
+    authority = authority_with({**rates, "ladders": [LADDER]})
+    authority.set_budget(Budget("tenant:acme", "usd", "100"))
+    meta = {"input_tokens": 1000, "max_output_tokens": 1000}
+    amounts = {"usd": "5", "tokens": 2000}
+    own = Action("model_call", "gpt-4.1", amounts, provider="openai", model="gpt-4.1", metadata=meta)
+    held = authority.reserve(own, RUN).reservation
+    assert held is not None and held.amounts["usd"] == Decimal("5")
+    built = Action.model_call("openai", "gpt-4.1", 1000, 1000)  # (its own price: held as it is)
+    same = authority.reserve(built, RUN).reservation
+    assert same is not None and same.amounts["usd"] == built.amounts["usd"]
+    authority.set_budget(Budget("tenant:acme", "usd", "10.005"))  # 4.995 left: not the 5 as asked
+    fee = Decimal("5") - built.amounts["usd"]
+    cheaper = authority.reserve(own, RUN)
+    assert cheaper.caps == Caps(model="gpt-4.1-mini") and cheaper.reservation is not None
+    mini = Action.model_call("openai", "gpt-4.1-mini", 1000, 1000).amounts["usd"]
+    assert cheaper.reservation.amounts["usd"] == mini + fee  # the fee on the cheaper rung too
+
+
 def test_soft_threshold_keeps_the_flagship_for_when_there_is_room() -> None:
     ladder = {"provider": "openai", "rungs": [{"model": "gpt-4.1", "min_headroom": {"workflow": 0.5}}, "gpt-4.1-mini"]}
     authority = authority_with({"ladders": [ladder]})
@@ -1461,6 +1484,11 @@ def test_a_run_seen_again_after_its_budget_went_idle_starts_a_new_count(store_ur
     [
         ("tools: {calls_per_run: 100000000000000000000000}", "yaml", "calls_per_run"),
         ("tools: {calls_per_run: true}", "yaml", "calls_per_run"),
+        ("optional: [{level: tenant, below: yes}]", "yaml", "below"),  # 1.0: every optional step skipped
+        ("output_cap: {floor: true}", "yaml", "floor"),
+        ("context_cap: {keep: true}", "yaml", "keep"),  # 1.0: no input ever trimmed
+        ("context_cap: {dominance: on}", "yaml", "dominance"),
+        ("context_cap: {floor: true}", "yaml", "floor"),
         ("rate_limits: [{scope: 'tenant:a', kind: tool_call, limit: 9007199254740992}]", "yaml", "limit"),
         ("budgets: []\nrisk: []\nbudgets: []", "yaml", "given twice"),
         ('{"output_cap": {}, "output_cap": {"floor": 5}}', "json", "given twice"),

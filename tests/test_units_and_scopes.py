@@ -259,6 +259,33 @@ def test_a_per_request_fee_is_part_of_a_model_calls_worst_case() -> None:
         assert held - Decimal(price) < Decimal("1e-9")
 
 
+@pytest.mark.parametrize(
+    ("provider", "model"), [("openai", "whisper-1"), ("openai", "tts-1"), ("mistral", "mistral-ocr-latest")]
+)
+def test_a_model_not_priced_by_tokens_is_refused_not_held_as_free(provider: str, model: str) -> None:
+    """Models genai-prices prices by audio hours, characters or pages were held at $0 — past any
+    budget, an exhausted one included. Refused like an unknown model (a fallback price prices them)."""
+    with pytest.raises(InvalidRequest, match="not priced by tokens"):
+        Action.model_call(provider, model, input_tokens=10_000, max_output_tokens=10_000)
+    set_fallback_price("1", "2")
+    try:
+        held = Action.model_call(provider, model, input_tokens=1_000_000, max_output_tokens=1_000_000)
+        assert held.amounts["usd"] == 3
+    finally:
+        set_fallback_price(None)
+
+
+def test_a_cache_read_dearer_than_input_is_held_at_its_price() -> None:
+    """Input the provider may serve from its cache was held at the input price, though a few models'
+    cache reads cost more (OpenRouter's deepseek-pro: 0.23 against 0.225 per million)."""
+    from genai_prices import Usage, calc_price
+
+    provider, model = "openrouter", "~deepseek/deepseek-pro-latest"
+    held = Action.model_call(provider, model, input_tokens=1_000_000, max_output_tokens=0).amounts["usd"]
+    read = Usage(input_tokens=1_000_000, cache_read_tokens=1_000_000, output_tokens=0)
+    assert held >= Decimal(calc_price(read, model, provider_id=provider).total_price)
+
+
 def test_a_float_subclass_is_an_amount_like_any_float() -> None:
     """numpy's float64 is a float whose repr() is "np.float64(0.0123)": taken for a number's text,
     it raised a bare decimal.InvalidOperation from Budget, Action and commit (the cost unrecorded)."""
