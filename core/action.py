@@ -111,6 +111,7 @@ class Action(InputModel):
         metadata: Mapping[str, Any] | None = None,
         cache_write_tokens: int = 0,
         cache_write_1h_tokens: int = 0,
+        service_tier: str | None = None,
     ) -> Action:
         """A model call priced at its worst case: ``usd`` for ``input_tokens`` plus
         ``max_output_tokens`` at the model's genai-prices rate, and ``tokens`` for both.
@@ -120,9 +121,11 @@ class Action(InputModel):
         with a one-hour lifetime; they are priced at the model's cache-write rates (Anthropic's
         cost 1.25x and 2x its input: without them such a call is held short), and at its input rate
         where it has none. Input the provider may serve from its cache is held at the dearer of its
-        input and cache-read prices (a few models' reads cost more). Priced by genai-prices' text
-        token rates: a call sending or asking for audio, image or video tokens, or a priority
-        service tier, can cost more than is held (see docs/concepts.md).
+        input and cache-read prices (a few models' reads cost more). ``service_tier`` is the tier
+        the call asks for (``"priority"``, ``"flex"``, Anthropic's ``"fast"``), priced at the model's
+        variant for it where genai-prices has one (OpenAI's priority: twice the default). Priced by
+        genai-prices' text-token rates: a call sending or asking for audio, image or video tokens
+        can cost more than is held (see docs/concepts.md).
 
         An unknown model, or one priced by something other than tokens (audio hours, characters,
         pages: whisper, tts, OCR), raises :class:`InvalidRequest` unless a fallback price is configured
@@ -139,7 +142,7 @@ class Action(InputModel):
                 "Action.model_call prices usd and counts tokens itself: extra takes other units only, got "
                 + ", ".join(sorted(unit for unit in extra if unit in ("usd", "tokens")))
             )
-        prompt = Prompt(input_tokens, cache_write_tokens, cache_write_1h_tokens)
+        prompt = Prompt(input_tokens, cache_write_tokens, cache_write_1h_tokens, service_tier)
         nano = prompt.nano_usd(provider, model, max_output_tokens)
         # (from_steps divides exactly: the caller's decimal context could round the price down)
         amounts: dict[str, Any] = {"usd": from_steps("usd", nano), "tokens": input_tokens + max_output_tokens}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import threading
 import time as _time
 from collections.abc import Mapping
@@ -89,11 +90,20 @@ _custom: dict[tuple[str | None, str], ModelRate] = {}
 _custom_folded: dict[tuple[str | None, str], ModelRate] = {}
 _fallback: ModelRate | None = None
 _generation = 0  # +1 by every register_price / set_fallback_price: a lookup begun before must not cache
-# (provider, model) -> (its flat rate, or None when priced call by call; until when, in epoch
+# (provider, model, service tier) -> (its flat rate, or None when priced call by call; until when, in epoch
 # seconds, it applies; the moment it was looked up, at which a call-by-call price is computed)
-_rates: dict[tuple[str | None, str], tuple[ModelRate | None, float, datetime | None]] = {}
+_rates: dict[tuple[str | None, str, str | None], tuple[ModelRate | None, float, datetime | None]] = {}
 _clock = _time.time  # (a name of this module's: tests move it)
 _MAX_RATES = 4096  # models cached (with a fallback price, model names from user input are all priced)
+
+
+_TIER = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def check_service_tier(tier: object) -> None:
+    """A service tier is a short lower-case name (``priority``, ``flex``, ``fast``), or ``None``."""
+    if tier is not None and not (isinstance(tier, str) and _TIER.fullmatch(tier)):
+        raise InvalidRequest(f"service_tier must be a tier name such as 'priority' ([a-z0-9_-], 1-32), got {tier!r}")
 
 
 def _price(name: str, value: Any) -> Decimal:
@@ -185,7 +195,7 @@ def _next_change(prices: Any, at: datetime) -> float:
 
 
 def _store_rate(
-    key: tuple[str | None, str], entry: tuple[ModelRate | None, float, datetime | None], generation: int
+    key: tuple[str | None, str, str | None], entry: tuple[ModelRate | None, float, datetime | None], generation: int
 ) -> tuple[ModelRate | None, float, datetime | None]:
     with _lock:
         if generation != _generation:  # a price was registered meanwhile: this lookup may predate it
@@ -213,10 +223,19 @@ def _trim_genai_caches() -> None:
             cache.clear()
 
 
-def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float, datetime | None]:
-    """Flat rate of a model (``None`` when its prices are tiered: use :func:`_tiered`), until when
-    it applies (epoch seconds), and the moment it was looked up (a tiered model is priced at it)."""
-    key = (provider, model)
+def _context(tier: str | None) -> dict[str, str] | None:
+    """genai-prices' price context of a call: its service tier (OpenAI's and Google's ``priority``
+    and ``flex``, Anthropic's ``fast``), which picks the model's price variant."""
+    return None if tier is None else {"service_tier": tier}
+
+
+def _lookup(
+    provider: str | None, model: str, tier: str | None = None
+) -> tuple[ModelRate | None, float, datetime | None]:
+    """Flat rate of a model (``None`` when its prices are tiered: use :func:`_tiered`) at a service
+    ``tier``, until when it applies (epoch seconds), and the moment it was looked up (a tiered model
+    is priced at it)."""
+    key = (provider, model, tier)
     entry = _rates.get(key)
     now = _clock()
     # (within its period both ways: a clock stepped back before ``at`` is in another period)
@@ -233,7 +252,9 @@ def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float, 
     try:
         with localcontext(_GENAI_CONTEXT):
             usage = Usage(input_tokens=1, output_tokens=1)
-            calc = calc_price(usage, model_ref=model, provider_id=provider, genai_request_timestamp=at)
+            calc = calc_price(
+                usage, model_ref=model, provider_id=provider, genai_request_timestamp=at, price_context=_context(tier)
+            )
     except LookupError:
         _trim_genai_caches()
         fallback = _fallback
@@ -276,7 +297,7 @@ def _lookup(provider: str | None, model: str) -> tuple[ModelRate | None, float, 
         five_minute, one_hour = (None if write is None else Decimal(write) for write in cache_writes)
         rate = ModelRate(Decimal(price.input_mtok), Decimal(price.output_mtok or 0), per_request, five_minute, one_hour)
         if rate.nano_usd(1, 1) != _nano(calc.total_price) or rate.nano_usd(*_CACHE_PROBE) != _calc_nano(
-            provider, model, *_CACHE_PROBE, at=at
+            provider, model, *_CACHE_PROBE, at=at, tier=tier
         ):
             rate = None  # a charge the flat rate does not carry: priced exactly, call by call
         read = getattr(price, "cache_read_mtok", None)
@@ -301,6 +322,7 @@ def _calc_nano(
     cache_write_1h_tokens: int = 0,
     *,
     at: datetime | None = None,
+    tier: str | None = None,
 ) -> int:
     """genai-prices' price of a call in nano-dollars, rounded up (computed, ~80 µs)."""
     from genai_prices import Usage, calc_price
@@ -309,12 +331,13 @@ def _calc_nano(
     if cache_write_tokens:  # (genai-prices refuses 1-hour writes without the writes they are part of)
         counts.update(cache_write_tokens=cache_write_tokens, cache_write_1h_tokens=cache_write_1h_tokens)
     with localcontext(_GENAI_CONTEXT):  # genai-prices computes in the current context: never the caller's
-        calc = calc_price(Usage(**counts), model_ref=model, provider_id=provider, genai_request_timestamp=at)
+        where = {"model_ref": model, "provider_id": provider, "genai_request_timestamp": at}
+        calc = calc_price(Usage(**counts), **where, price_context=_context(tier))  # type: ignore[arg-type]
         price = calc.total_price
         read = getattr(calc.model_price, "cache_read_mtok", None)
         if read is not None and input_tokens > cache_write_tokens:  # "may read", as for the flat rate
             counts["cache_read_tokens"] = input_tokens - cache_write_tokens
-            reading = calc_price(Usage(**counts), model_ref=model, provider_id=provider, genai_request_timestamp=at)
+            reading = calc_price(Usage(**counts), **where, price_context=_context(tier))  # type: ignore[arg-type]
             price = max(price, reading.total_price)
     return _nano(price)
 
@@ -328,10 +351,13 @@ def _tiered(
     cache_write_tokens: int,
     cache_write_1h_tokens: int,
     at: datetime | None,
+    tier: str | None,
 ) -> int:
     """The exact price of a tiered model's call at ``at``, a moment of the price period its rate
     entry covers (memoised per entry: every moment of a period has the same prices)."""
-    return _calc_nano(provider, model, input_tokens, output_tokens, cache_write_tokens, cache_write_1h_tokens, at=at)
+    return _calc_nano(
+        provider, model, input_tokens, output_tokens, cache_write_tokens, cache_write_1h_tokens, at=at, tier=tier
+    )
 
 
 def price_nano_usd(
@@ -342,12 +368,16 @@ def price_nano_usd(
     *,
     cache_write_tokens: int = 0,
     cache_write_1h_tokens: int = 0,
+    service_tier: str | None = None,
 ) -> int:
     """Price of a call in nano-dollars (rounded up). ``cache_write_tokens``: how many of the input
     tokens may be written to the provider's prompt cache (priced at its cache-write rate where it
-    has one), of which ``cache_write_1h_tokens`` with a one-hour lifetime — genai-prices' counting."""
+    has one), of which ``cache_write_1h_tokens`` with a one-hour lifetime — genai-prices' counting.
+    ``service_tier``: the tier the call asks for (``priority``, ``flex``, ``fast``: the model's price
+    variant for it, where genai-prices has one; ``None``: the default tier)."""
     if not isinstance(model, str) or not model:
         raise InvalidRequest("a model name is required to price a model call")
+    check_service_tier(service_tier)
     if provider is not None and not isinstance(provider, str):
         raise InvalidRequest(f"provider must be a name or None, got {provider!r}")
     for name, value in (
@@ -364,12 +394,12 @@ def price_nano_usd(
             f"cache_write_1h_tokens ({cache_write_1h_tokens}) <= cache_write_tokens ({cache_write_tokens}) "
             f"<= input_tokens ({input_tokens})"
         )
-    rate, _, at = _lookup(provider, model)
+    rate, _, at = _lookup(provider, model, service_tier)
 
     def priced(write: int, write_1h: int) -> int:
         if rate is not None:
             return rate.nano_usd(input_tokens, output_tokens, write, write_1h)
-        return _tiered(provider, model, input_tokens, output_tokens, write, write_1h, at)
+        return _tiered(provider, model, input_tokens, output_tokens, write, write_1h, at, service_tier)
 
     if not cache_write_tokens:
         return priced(0, 0)
@@ -392,9 +422,11 @@ def price_usd(
     *,
     cache_write_tokens: int = 0,
     cache_write_1h_tokens: int = 0,
+    service_tier: str | None = None,
 ) -> Decimal:
     """Price of a call in USD, as an exact ``Decimal`` (nano-dollar resolution)."""
-    nano = Prompt(input_tokens, cache_write_tokens, cache_write_1h_tokens).nano_usd(provider, model, output_tokens)
+    prompt = Prompt(input_tokens, cache_write_tokens, cache_write_1h_tokens, service_tier)
+    nano = prompt.nano_usd(provider, model, output_tokens)
     return Decimal(nano).scaleb(-9, EXACT)
 
 
@@ -411,27 +443,32 @@ class Prompt:
     tokens: int
     cache_write: int = 0
     cache_write_1h: int = 0
+    tier: str | None = None  # the service tier it is sent at (see price_nano_usd)
 
-    KEYS: ClassVar[frozenset[str]] = frozenset({"input_tokens", *(key for key, _ in _WRITE_KEYS)})
+    KEYS: ClassVar[frozenset[str]] = frozenset({"input_tokens", "service_tier", *(key for key, _ in _WRITE_KEYS)})
 
-    def to_metadata(self) -> dict[str, int]:
-        if not self.cache_write:
-            return {"input_tokens": self.tokens}
-        return {"input_tokens": self.tokens, **{key: getattr(self, name) for key, name in _WRITE_KEYS}}
+    def to_metadata(self) -> dict[str, int | str]:
+        meta: dict[str, int | str] = {"input_tokens": self.tokens}
+        if self.cache_write:
+            meta.update({key: getattr(self, name) for key, name in _WRITE_KEYS})
+        if self.tier is not None:
+            meta["service_tier"] = self.tier
+        return meta
 
     @classmethod
     def of_metadata(cls, meta: Mapping[str, Any]) -> Prompt | None:
         """The input a model call was priced from (None: not built by Action.model_call)."""
         tokens = meta.get("input_tokens")
         write, write_1h = (meta.get(key, 0) for key, _ in _WRITE_KEYS)
+        tier = meta.get("service_tier")
         if type(tokens) is not int or type(write) is not int or type(write_1h) is not int:
             return None
-        return cls(tokens, write, write_1h)
+        return cls(tokens, write, write_1h, tier if isinstance(tier, str) else None)
 
     def cut_to(self, kept: int) -> Prompt:
         """This input cut to ``kept`` tokens (a context cap): it writes at most those to the cache."""
         write = min(self.cache_write, kept)
-        return Prompt(kept, write, min(self.cache_write_1h, write))
+        return Prompt(kept, write, min(self.cache_write_1h, write), self.tier)
 
     def nano_usd(self, provider: str | None, model: str, output_tokens: int) -> int:
         return price_nano_usd(
@@ -441,4 +478,5 @@ class Prompt:
             output_tokens,
             cache_write_tokens=self.cache_write,
             cache_write_1h_tokens=self.cache_write_1h,
+            service_tier=self.tier,
         )

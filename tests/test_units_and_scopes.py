@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clearance import Action, Authority, Budget, InvalidRequest, Scope
+from clearance import Action, Authority, Budget, InvalidRequest, Policy, PolicyDocument, Scope
 from clearance.periods import windows_at
 from clearance.pricing import price_usd, register_price, set_fallback_price
 from clearance.units import MAX_AMOUNT, from_steps, to_steps
@@ -284,6 +284,32 @@ def test_a_cache_read_dearer_than_input_is_held_at_its_price() -> None:
     held = Action.model_call(provider, model, input_tokens=1_000_000, max_output_tokens=0).amounts["usd"]
     read = Usage(input_tokens=1_000_000, cache_read_tokens=1_000_000, output_tokens=0)
     assert held >= Decimal(calc_price(read, model, provider_id=provider).total_price)
+
+
+def test_a_model_call_at_a_service_tier_is_held_at_that_tiers_price() -> None:
+    """OpenAI's priority tier costs twice the default (Anthropic's fast more): a call sent at it was
+    held at the default price, half short. ``service_tier`` prices the model's variant, and a
+    policy's cheaper rungs are priced at the same tier."""
+    from genai_prices import Usage, calc_price
+
+    usage = Usage(input_tokens=10_000, output_tokens=4_000)
+    for tier in ("priority", "flex"):
+        held = Action.model_call("openai", "gpt-5", 10_000, 4_000, service_tier=tier)
+        price = calc_price(usage, "gpt-5", provider_id="openai", price_context={"service_tier": tier}).total_price
+        assert held.amounts["usd"] == Decimal(price).quantize(Decimal("1e-9"), rounding=ROUND_CEILING)
+        assert held.metadata["service_tier"] == tier
+    default = Action.model_call("openai", "gpt-5", 10_000, 4_000).amounts["usd"]
+    assert Action.model_call("openai", "gpt-5", 10_000, 4_000, service_tier="priority").amounts["usd"] == 2 * default
+    ladder = {"ladders": [{"provider": "openai", "rungs": ["gpt-5", "gpt-5-mini"]}]}
+    authority = Authority("memory://", policy=Policy(PolicyDocument.parse(ladder)))
+    authority.set_budget(Budget("tenant:a", "usd", "0.06"))  # not the flagship at priority (0.105)
+    call = Action.model_call("openai", "gpt-5", 10_000, 4_000, service_tier="priority")
+    decision = authority.reserve(call, "tenant:a")
+    mini = Action.model_call("openai", "gpt-5-mini", 10_000, 4_000, service_tier="priority").amounts["usd"]
+    assert decision.reservation is not None and decision.reservation.amounts["usd"] == mini
+    for bad in ("Priority", "", "a b", 5):
+        with pytest.raises(InvalidRequest, match="service_tier"):
+            Action.model_call("openai", "gpt-5", 10, 10, service_tier=bad)  # type: ignore[arg-type]
 
 
 def test_a_float_subclass_is_an_amount_like_any_float() -> None:

@@ -32,7 +32,8 @@ def sync_use(authority: Authority) -> Decimal | None:
     authority.set_budget(Budget("tenant:acme", "usd", "10", period="day"))
     action: Action = Action.model_call("openai", "gpt-4.1", 1000, 500)
     cached: Action = Action.model_call("anthropic", "claude-3-5-haiku-latest", 1000, 500, cache_write_tokens=800)
-    assert cached.amounts["usd"] > 0
+    tiered: Action = Action.model_call("openai", "gpt-5", 1000, 500, service_tier="priority")
+    assert cached.amounts["usd"] > 0 and tiered.amounts["usd"] > 0
     decision: Decision = authority.reserve(action, "tenant:acme/run:r1", ttl=30.0, idempotency_key="k")
     if decision.outcome is Outcome.DENY:
         return None
