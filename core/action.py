@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 
 from clearance._model import InputModel
 from clearance.errors import InvalidRequest
-from clearance.pricing import Prompt
+from clearance.pricing import Prompt, modalities_of
 from clearance.units import from_step_map, from_steps, to_step_map
 
 _WORD_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -112,6 +112,7 @@ class Action(InputModel):
         cache_write_tokens: int = 0,
         cache_write_1h_tokens: int = 0,
         service_tier: str | None = None,
+        modalities: Sequence[str] = (),
     ) -> Action:
         """A model call priced at its worst case: ``usd`` for ``input_tokens`` plus
         ``max_output_tokens`` at the model's genai-prices rate, and ``tokens`` for both.
@@ -123,9 +124,11 @@ class Action(InputModel):
         where it has none. Input the provider may serve from its cache is held at the dearer of its
         input and cache-read prices (a few models' reads cost more). ``service_tier`` is the tier
         the call asks for (``"priority"``, ``"flex"``, Anthropic's ``"fast"``), priced at the model's
-        variant for it where genai-prices has one (OpenAI's priority: twice the default). Priced by
-        genai-prices' text-token rates: a call sending or asking for audio, image or video tokens
-        can cost more than is held (see docs/concepts.md).
+        variant for it where genai-prices has one (OpenAI's priority: twice the default).
+        ``modalities`` names the kinds of tokens besides text the call may send or receive
+        (``"audio"``, ``"image"``, ``"video"``): each input and output token is then held at the
+        dearest of text and those kinds (gpt-realtime's audio output costs 4x its text). Without
+        them the call is priced at the text rates, short for one that sends or asks for audio.
 
         An unknown model, or one priced by something other than tokens (audio hours, characters,
         pages: whisper, tts, OCR), raises :class:`InvalidRequest` unless a fallback price is configured
@@ -142,7 +145,8 @@ class Action(InputModel):
                 "Action.model_call prices usd and counts tokens itself: extra takes other units only, got "
                 + ", ".join(sorted(unit for unit in extra if unit in ("usd", "tokens")))
             )
-        prompt = Prompt(input_tokens, cache_write_tokens, cache_write_1h_tokens, service_tier)
+        kinds = modalities_of(modalities)
+        prompt = Prompt(input_tokens, cache_write_tokens, cache_write_1h_tokens, service_tier, kinds)
         nano = prompt.nano_usd(provider, model, max_output_tokens)
         # (from_steps divides exactly: the caller's decimal context could round the price down)
         amounts: dict[str, Any] = {"usd": from_steps("usd", nano), "tokens": input_tokens + max_output_tokens}

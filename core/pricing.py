@@ -21,7 +21,7 @@ import math
 import re
 import threading
 import time as _time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from decimal import ROUND_CEILING, Context, Decimal, localcontext
@@ -92,7 +92,8 @@ _fallback: ModelRate | None = None
 _generation = 0  # +1 by every register_price / set_fallback_price: a lookup begun before must not cache
 # (provider, model, service tier) -> (its flat rate, or None when priced call by call; until when, in epoch
 # seconds, it applies; the moment it was looked up, at which a call-by-call price is computed)
-_rates: dict[tuple[str | None, str, str | None], tuple[ModelRate | None, float, datetime | None]] = {}
+_RateKey = tuple[str | None, str, str | None, tuple[str, ...]]  # (provider, model, tier, kinds)
+_rates: dict[_RateKey, tuple[ModelRate | None, float, datetime | None]] = {}
 _clock = _time.time  # (a name of this module's: tests move it)
 _MAX_RATES = 4096  # models cached (with a fallback price, model names from user input are all priced)
 
@@ -104,6 +105,16 @@ def check_service_tier(tier: object) -> None:
     """A service tier is a short lower-case name (``priority``, ``flex``, ``fast``), or ``None``."""
     if tier is not None and not (isinstance(tier, str) and _TIER.fullmatch(tier)):
         raise InvalidRequest(f"service_tier must be a tier name such as 'priority' ([a-z0-9_-], 1-32), got {tier!r}")
+
+
+def modalities_of(modalities: object) -> tuple[str, ...]:
+    """``modalities`` checked (a sequence of ``audio``, ``image``, ``video``), sorted, without repeats."""
+    if isinstance(modalities, str) or not isinstance(modalities, Sequence | frozenset | set):
+        raise InvalidRequest(f"modalities must be a sequence of {', '.join(MODALITIES)}, got {modalities!r}")
+    unknown = [kind for kind in modalities if kind not in MODALITIES]
+    if unknown:
+        raise InvalidRequest(f"modalities must be among {', '.join(MODALITIES)}, got {unknown[0]!r}")
+    return tuple(sorted(set(modalities)))
 
 
 def _price(name: str, value: Any) -> Decimal:
@@ -195,7 +206,7 @@ def _next_change(prices: Any, at: datetime) -> float:
 
 
 def _store_rate(
-    key: tuple[str | None, str, str | None], entry: tuple[ModelRate | None, float, datetime | None], generation: int
+    key: _RateKey, entry: tuple[ModelRate | None, float, datetime | None], generation: int
 ) -> tuple[ModelRate | None, float, datetime | None]:
     with _lock:
         if generation != _generation:  # a price was registered meanwhile: this lookup may predate it
@@ -230,12 +241,12 @@ def _context(tier: str | None) -> dict[str, str] | None:
 
 
 def _lookup(
-    provider: str | None, model: str, tier: str | None = None
+    provider: str | None, model: str, tier: str | None = None, kinds: tuple[str, ...] = ()
 ) -> tuple[ModelRate | None, float, datetime | None]:
     """Flat rate of a model (``None`` when its prices are tiered: use :func:`_tiered`) at a service
-    ``tier``, until when it applies (epoch seconds), and the moment it was looked up (a tiered model
-    is priced at it)."""
-    key = (provider, model, tier)
+    ``tier`` for tokens that may be of the ``kinds`` besides text, until when it applies (epoch
+    seconds), and the moment it was looked up (a tiered model is priced at it)."""
+    key = (provider, model, tier, kinds)
     entry = _rates.get(key)
     now = _clock()
     # (within its period both ways: a clock stepped back before ``at`` is in another period)
@@ -305,7 +316,33 @@ def _lookup(
             # A cache read that costs more than input (OpenRouter's deepseek-pro): input tokens the
             # provider may serve from its cache are held at the dearer of the two.
             rate = dataclasses.replace(rate, input_per_mtok=Decimal(read))
+        if rate is not None and kinds:
+            rate = _dearest(rate, price, kinds)
     return _store_rate(key, (rate, _next_change(calc.model.prices, at), at), generation)
+
+
+MODALITIES = ("audio", "image", "video")
+"""Kinds of tokens besides text a model call may send or receive (genai-prices prices each)."""
+
+
+def _dearest(rate: ModelRate, price: Any, kinds: tuple[str, ...]) -> ModelRate | None:
+    """``rate`` with each input and output token at the dearest of text and ``kinds`` (an audio
+    call's tokens may all be audio: gpt-realtime's cost 4x its text), or ``None`` when a kind's
+    price is tiered (then priced call by call)."""
+    inputs = [rate.input_per_mtok]
+    outputs = [rate.output_per_mtok]
+    for kind in kinds:
+        for prices, names in (
+            (inputs, (f"input_{kind}_mtok", f"cache_{kind}_read_mtok")),
+            (outputs, (f"output_{kind}_mtok",)),
+        ):
+            for name in names:
+                value = getattr(price, name, None)
+                if isinstance(value, Decimal | int):
+                    prices.append(Decimal(value))
+                elif value is not None:
+                    return None
+    return dataclasses.replace(rate, input_per_mtok=max(inputs), output_per_mtok=max(outputs))
 
 
 # Token counts whose price, compared with genai-prices' own, tells whether a model's cache writes
@@ -323,8 +360,11 @@ def _calc_nano(
     *,
     at: datetime | None = None,
     tier: str | None = None,
+    kinds: tuple[str, ...] = (),
 ) -> int:
-    """genai-prices' price of a call in nano-dollars, rounded up (computed, ~80 µs)."""
+    """genai-prices' price of a call in nano-dollars, rounded up (computed, ~80 µs): its input
+    at the dearest of plain input and cache reads, and for tokens that may be of ``kinds``, each
+    direction at the dearest of text and those kinds."""
     from genai_prices import Usage, calc_price
 
     counts = {"input_tokens": input_tokens, "output_tokens": output_tokens}
@@ -334,11 +374,20 @@ def _calc_nano(
         where = {"model_ref": model, "provider_id": provider, "genai_request_timestamp": at}
         calc = calc_price(Usage(**counts), **where, price_context=_context(tier))  # type: ignore[arg-type]
         price = calc.total_price
+        plain = input_tokens - cache_write_tokens
         read = getattr(calc.model_price, "cache_read_mtok", None)
-        if read is not None and input_tokens > cache_write_tokens:  # "may read", as for the flat rate
-            counts["cache_read_tokens"] = input_tokens - cache_write_tokens
-            reading = calc_price(Usage(**counts), **where, price_context=_context(tier))  # type: ignore[arg-type]
+        if read is not None and plain:  # "may read", as for the flat rate
+            reading = calc_price(
+                Usage(**counts, cache_read_tokens=plain), **where, price_context=_context(tier)  # type: ignore[arg-type]
+            )
             price = max(price, reading.total_price)
+        extra_in = extra_out = Decimal(0)
+        for kind in kinds:  # (each direction at its dearest kind: the two may differ)
+            of_kind = {f"input_{kind}_tokens": plain, f"output_{kind}_tokens": output_tokens}
+            other = calc_price(Usage(**counts, **of_kind), **where, price_context=_context(tier))  # type: ignore[arg-type]
+            extra_in = max(extra_in, other.input_price - calc.input_price)
+            extra_out = max(extra_out, other.output_price - calc.output_price)
+        price += extra_in + extra_out
     return _nano(price)
 
 
@@ -352,12 +401,12 @@ def _tiered(
     cache_write_1h_tokens: int,
     at: datetime | None,
     tier: str | None,
+    kinds: tuple[str, ...],
 ) -> int:
     """The exact price of a tiered model's call at ``at``, a moment of the price period its rate
     entry covers (memoised per entry: every moment of a period has the same prices)."""
-    return _calc_nano(
-        provider, model, input_tokens, output_tokens, cache_write_tokens, cache_write_1h_tokens, at=at, tier=tier
-    )
+    writes = (cache_write_tokens, cache_write_1h_tokens)
+    return _calc_nano(provider, model, input_tokens, output_tokens, *writes, at=at, tier=tier, kinds=kinds)
 
 
 def price_nano_usd(
@@ -369,15 +418,19 @@ def price_nano_usd(
     cache_write_tokens: int = 0,
     cache_write_1h_tokens: int = 0,
     service_tier: str | None = None,
+    modalities: Sequence[str] = (),
 ) -> int:
     """Price of a call in nano-dollars (rounded up). ``cache_write_tokens``: how many of the input
     tokens may be written to the provider's prompt cache (priced at its cache-write rate where it
     has one), of which ``cache_write_1h_tokens`` with a one-hour lifetime — genai-prices' counting.
     ``service_tier``: the tier the call asks for (``priority``, ``flex``, ``fast``: the model's price
-    variant for it, where genai-prices has one; ``None``: the default tier)."""
+    variant for it, where genai-prices has one; ``None``: the default tier). ``modalities``: kinds
+    of tokens besides text the call may send or receive (``audio``, ``image``, ``video``): each of
+    its input and output tokens is priced at the dearest of text and those."""
     if not isinstance(model, str) or not model:
         raise InvalidRequest("a model name is required to price a model call")
     check_service_tier(service_tier)
+    kinds = modalities_of(modalities)
     if provider is not None and not isinstance(provider, str):
         raise InvalidRequest(f"provider must be a name or None, got {provider!r}")
     for name, value in (
@@ -394,12 +447,12 @@ def price_nano_usd(
             f"cache_write_1h_tokens ({cache_write_1h_tokens}) <= cache_write_tokens ({cache_write_tokens}) "
             f"<= input_tokens ({input_tokens})"
         )
-    rate, _, at = _lookup(provider, model, service_tier)
+    rate, _, at = _lookup(provider, model, service_tier, kinds)
 
     def priced(write: int, write_1h: int) -> int:
         if rate is not None:
             return rate.nano_usd(input_tokens, output_tokens, write, write_1h)
-        return _tiered(provider, model, input_tokens, output_tokens, write, write_1h, at, service_tier)
+        return _tiered(provider, model, input_tokens, output_tokens, write, write_1h, at, service_tier, kinds)
 
     if not cache_write_tokens:
         return priced(0, 0)
@@ -423,9 +476,10 @@ def price_usd(
     cache_write_tokens: int = 0,
     cache_write_1h_tokens: int = 0,
     service_tier: str | None = None,
+    modalities: Sequence[str] = (),
 ) -> Decimal:
     """Price of a call in USD, as an exact ``Decimal`` (nano-dollar resolution)."""
-    prompt = Prompt(input_tokens, cache_write_tokens, cache_write_1h_tokens, service_tier)
+    prompt = Prompt(input_tokens, cache_write_tokens, cache_write_1h_tokens, service_tier, modalities_of(modalities))
     nano = prompt.nano_usd(provider, model, output_tokens)
     return Decimal(nano).scaleb(-9, EXACT)
 
@@ -444,15 +498,20 @@ class Prompt:
     cache_write: int = 0
     cache_write_1h: int = 0
     tier: str | None = None  # the service tier it is sent at (see price_nano_usd)
+    kinds: tuple[str, ...] = ()  # kinds of tokens besides text it may carry (see price_nano_usd)
 
-    KEYS: ClassVar[frozenset[str]] = frozenset({"input_tokens", "service_tier", *(key for key, _ in _WRITE_KEYS)})
+    KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"input_tokens", "service_tier", "modalities", *(key for key, _ in _WRITE_KEYS)}
+    )
 
-    def to_metadata(self) -> dict[str, int | str]:
-        meta: dict[str, int | str] = {"input_tokens": self.tokens}
+    def to_metadata(self) -> dict[str, int | str | tuple[str, ...]]:
+        meta: dict[str, int | str | tuple[str, ...]] = {"input_tokens": self.tokens}
         if self.cache_write:
             meta.update({key: getattr(self, name) for key, name in _WRITE_KEYS})
         if self.tier is not None:
             meta["service_tier"] = self.tier
+        if self.kinds:
+            meta["modalities"] = self.kinds
         return meta
 
     @classmethod
@@ -461,14 +520,16 @@ class Prompt:
         tokens = meta.get("input_tokens")
         write, write_1h = (meta.get(key, 0) for key, _ in _WRITE_KEYS)
         tier = meta.get("service_tier")
+        kinds = meta.get("modalities", ())
         if type(tokens) is not int or type(write) is not int or type(write_1h) is not int:
             return None
-        return cls(tokens, write, write_1h, tier if isinstance(tier, str) else None)
+        known = tuple(kind for kind in kinds if kind in MODALITIES) if isinstance(kinds, tuple | list) else ()
+        return cls(tokens, write, write_1h, tier if isinstance(tier, str) else None, known)
 
     def cut_to(self, kept: int) -> Prompt:
         """This input cut to ``kept`` tokens (a context cap): it writes at most those to the cache."""
         write = min(self.cache_write, kept)
-        return Prompt(kept, write, min(self.cache_write_1h, write), self.tier)
+        return Prompt(kept, write, min(self.cache_write_1h, write), self.tier, self.kinds)
 
     def nano_usd(self, provider: str | None, model: str, output_tokens: int) -> int:
         return price_nano_usd(
@@ -479,4 +540,5 @@ class Prompt:
             cache_write_tokens=self.cache_write,
             cache_write_1h_tokens=self.cache_write_1h,
             service_tier=self.tier,
+            modalities=self.kinds,
         )

@@ -312,6 +312,53 @@ def test_a_model_call_at_a_service_tier_is_held_at_that_tiers_price() -> None:
             Action.model_call("openai", "gpt-5", 10, 10, service_tier=bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("provider", "model", "kinds"),
+    [
+        ("openai", "gpt-audio", ("audio",)),  # flat: audio in 32, out 64 per million against 2.5 / 10
+        ("openai", "gpt-realtime", ("audio", "image")),  # the dearest kind per direction
+        ("google", "gemini-2.5-flash-image", ("image",)),  # image output 30 against 2.5
+        ("google", "gemini-2.5-flash", ("audio",)),  # audio input 1.0 against 0.3
+        ("google", "gemini-2.5-pro", ("audio",)),  # tiered, no audio price of its own: as text
+    ],
+)
+def test_a_model_call_that_may_carry_audio_or_images_is_held_at_their_price(
+    provider: str, model: str, kinds: tuple[str, ...]
+) -> None:
+    """Every token was priced at the text rate: a gpt-audio call was held 6.8x short, an image
+    model's 11x. ``modalities`` holds each direction at its dearest kind, as genai-prices prices it;
+    a policy re-prices the call's rungs with them."""
+    from genai_prices import Usage, calc_price
+
+    for input_tokens, output_tokens in ((1000, 4000), (300_000, 1000)):
+        held = Action.model_call(provider, model, input_tokens, output_tokens, modalities=kinds).amounts["usd"]
+        text = Action.model_call(provider, model, input_tokens, output_tokens).amounts["usd"]
+        worst = Decimal(0)
+        for i in kinds:
+            for o in kinds:  # (audio in, image out: a call may)
+                usage = Usage(
+                    input_tokens=input_tokens,
+                    output_tokens=output_tokens,
+                    **{f"input_{i}_tokens": input_tokens, f"output_{o}_tokens": output_tokens},
+                )
+                price = calc_price(usage, model, provider_id=provider)
+                worst = max(worst, Decimal(price.total_price))
+        assert held >= worst >= text, (model, held, worst)
+        assert held - worst < Decimal("1e-8") or held == text  # (not held more than its worst)
+    with pytest.raises(InvalidRequest, match="modalities"):
+        Action.model_call(provider, model, 10, 10, modalities="audio")
+    with pytest.raises(InvalidRequest, match="modalities"):
+        Action.model_call(provider, model, 10, 10, modalities=["smell"])
+    ladder = {"ladders": [{"provider": "openai", "rungs": ["gpt-audio", "gpt-audio-mini"]}]}
+    authority = Authority("memory://", policy=Policy(PolicyDocument.parse(ladder)))
+    authority.set_budget(Budget("tenant:a", "usd", "0.1"))  # not gpt-audio's 0.288: its mini's 0.09
+    call = Action.model_call("openai", "gpt-audio", 1000, 4000, modalities=["audio"])
+    decision = authority.reserve(call, "tenant:a")
+    mini = Action.model_call("openai", "gpt-audio-mini", 1000, 4000, modalities=["audio"]).amounts["usd"]
+    assert decision.caps is not None and decision.caps.model == "gpt-audio-mini"
+    assert decision.reservation is not None and decision.reservation.amounts["usd"] == mini  # (not 0.0102)
+
+
 def test_a_float_subclass_is_an_amount_like_any_float() -> None:
     """numpy's float64 is a float whose repr() is "np.float64(0.0123)": taken for a number's text,
     it raised a bare decimal.InvalidOperation from Budget, Action and commit (the cost unrecorded)."""
