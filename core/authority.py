@@ -1320,7 +1320,8 @@ class Authority:
     def reservations(
         self, scope: str | Scope | None = None, *, status: str | None = "held", limit: int = 1000
     ) -> list[Reservation]:
-        """Reservations at or under ``scope`` (default: all held ones), newest first."""
+        """Reservations at or under ``scope`` (default: all held ones), newest first (made at the
+        same moment: in an order of the store's, the same at every ``limit``)."""
         path = _listing(scope, status, limit)
         return [_reservation(r) for r in self.store.reservations(path, status, limit, self.clock())]
 

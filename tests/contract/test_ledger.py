@@ -503,6 +503,22 @@ def test_idempotent_reserve_holds_once(authority: Authority) -> None:
     assert authority.balance("tenant:acme")["usd"].held == 4
 
 
+def test_a_listing_cut_at_any_limit_is_the_start_of_a_longer_one(authority: Authority) -> None:
+    """Reservations made at the same moment (a busy tenant, a fake clock): on Redis the script cut
+    its listing keeping one end of the tie and the client sorted what was left by the other, so
+    ``limit=1`` named a reservation the full listing did not start with."""
+    authority.set_budget(Budget("tenant:acme", "usd", 100))
+    authority.set_budget(Budget("tenant:globex", "usd", 100))
+    for tenant in ("tenant:acme", "tenant:globex"):
+        for _ in range(5):
+            authority.reserve(usd(1), f"{tenant}/run:r1")
+    for scope in ("tenant:acme", None):
+        whole = [r.id for r in authority.reservations(scope, limit=100)]
+        assert len(whole) == (5 if scope else 10)
+        for limit in range(1, len(whole) + 1):
+            assert [r.id for r in authority.reservations(scope, limit=limit)] == whole[:limit], (scope, limit)
+
+
 def test_periods_count_each_window_and_settle_where_held(authority: Authority, clock: FakeClock) -> None:
     clock.set(1_798_847_940.0)  # 2027-01-01T23:59:00Z
     authority.set_budget(Budget("tenant:acme", "usd", 10, period="day"))

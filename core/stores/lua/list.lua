@@ -36,11 +36,13 @@ for _, t in ipairs(tokens) do
     end
   end
 end
+-- Newest first; made at the same moment, by token, lowest first: the order the client merges
+-- tenants' listings in (by id), so a listing cut at any limit is the start of a longer one.
 table.sort(found, function(a, b)
   if a[1] ~= b[1] then
     return a[1] > b[1]
   end
-  return a[2] > b[2]
+  return a[2] < b[2]
 end)
 local reply = {}
 for i = 1, math.min(limit, #found) do
