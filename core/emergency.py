@@ -133,6 +133,13 @@ class EmergencyCap:
             self.used = used
             return None
 
+    def _settled_one(self, rid: str) -> Reservation:
+        """A remembered settled reservation (not held), else :class:`ReservationNotFound`."""
+        done = self.settled.get(rid)
+        if done is None:
+            raise ReservationNotFound(rid)
+        return done
+
     def _find(self, rid: str) -> Reservation | None:
         return self.holds.get(rid) or self.settled.get(rid)
 
@@ -157,10 +164,7 @@ class EmergencyCap:
             self._expire(now)
             held = self.holds.get(rid)
             if held is None:
-                done = self.settled.get(rid)
-                if done is None:
-                    raise ReservationNotFound(rid)
-                raise ReservationClosed(rid, done.status)
+                raise ReservationClosed(rid, self._settled_one(rid).status)
             if expires_at > held.expires_at:  # (never shortened, as in the ledger)
                 self._due(expires_at, rid)  # (first: a hold at a time with no entry never expired)
                 held.expires_at = expires_at
@@ -171,9 +175,7 @@ class EmergencyCap:
             self._expire(now)
             held = self.holds.get(rid)
             if held is None:
-                done = self.settled.get(rid)
-                if done is None:
-                    raise ReservationNotFound(rid)
+                done = self._settled_one(rid)
                 if done.status == "committed" or not commit:
                     return Settlement(rid, done.status, done.committed_steps or (), done.flags, replayed=True)
                 # Reality wins, as in the ledger: a commit after release or expiry is charged (what was
