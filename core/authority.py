@@ -831,14 +831,18 @@ class Authority:
                 return found  # a retry's answer, or store trouble (failing open or closed)
             shadow, key = found, None
             request.idempotency_key = None
+            would_be: list[HoldRequest] = []  # the would-be holds sent (an output cap's retry too)
             try:
-                decision = yield from self._enforced_flow(request, checked, parsed, chosen, proposal, policy, ttl, key)
+                decision = yield from self._enforced_flow(
+                    request, checked, parsed, chosen, proposal, policy, ttl, key, would_be
+                )
                 return (yield from self._shadow_finish(shadow, decision, parsed))
             except BaseException:
                 # Cut short (a cancelled task, a step timeout) while the would-be decision was made
-                # or released: its hold, if it landed, has no owner — it kept its budget until its
-                # TTL. Released by the tenant's next shadow decision (an id never held: skipped).
-                self._shadow_unreleased.append((request.reservation_id, parsed.root, request.expires_at))
+                # or released: its holds, if they landed, have no owner — they kept their budget
+                # until their TTL. Released by the tenant's next shadow decision (one never held: skipped).
+                for sent in would_be:
+                    self._shadow_unreleased.append((sent.reservation_id, parsed.root, sent.expires_at))
                 raise
         decision = yield from self._enforced_flow(request, checked, parsed, chosen, proposal, policy, ttl, key)
         if proposal is not None and proposal.shadow:  # (a policy rule denied it: still a shadow decision)
@@ -855,9 +859,10 @@ class Authority:
         policy: Policy | None,
         ttl: float | None,
         key: str | None,
+        would_be: list[HoldRequest] | None = None,
     ) -> Generator[_Op, Any, Decision]:
         """The decision as enforcement makes it, store trouble included (in shadow mode: the
-        would-be decision)."""
+        would-be decision, its holds' requests put in ``would_be`` before they are sent)."""
         if proposal is not None and proposal.deny is None:
             try:  # the per-run budgets this decision must count against: none may be skipped
                 for template in proposal.templates:
@@ -869,6 +874,8 @@ class Authority:
         elif key is not None and (local := self._local_replay(request, checked, parsed, chosen)) is not None:
             return local  # answered as the fail-open decision it replays was
         else:
+            if would_be is not None:
+                would_be.append(request)
             try:
                 result = yield ("hold", (_issued(request),))
             except StoreUnavailable as error:
@@ -882,7 +889,7 @@ class Authority:
                 decision = self._decide(result, checked, parsed, chosen, request.now)
                 if proposal is not None and policy is not None:
                     decision = yield from self._refine_flow(
-                        decision, result, proposal, policy, checked, parsed, chosen, ttl, key
+                        decision, result, proposal, policy, checked, parsed, chosen, ttl, key, would_be
                     )
         return decision
 
@@ -977,9 +984,11 @@ class Authority:
         plans: tuple[Plan, ...] | None,
         ttl: float | None,
         key: str | None,
+        would_be: list[HoldRequest] | None = None,
     ) -> Generator[_Op, Any, Decision]:
         """After the store decided: the output cap when nothing fit, and the tool caps. ``plans``:
-        the ones the store was asked to hold (a replay is matched against them and the capped one)."""
+        the ones the store was asked to hold (a replay is matched against them and the capped one);
+        ``would_be``: see :meth:`_enforced_flow`."""
         notes = tuple(proposal.notes)
         if decision.denied and proposal.output_retry is not None:
             plan = policy.output_cap_plan(proposal.output_retry, accounts_of(result.accounts))
@@ -987,6 +996,8 @@ class Authority:
                 request, _, _, chosen = self._request(action, scope, [plan], ttl, key, proposal.probes)
                 index = len(result.rejections)  # one past the plans that did not fit
                 request.first_index = index  # (the ledger records it as that plan of the ladder)
+                if would_be is not None:
+                    would_be.append(request)
                 try:
                     retried: HoldResult = yield ("hold", (_issued(request),))
                 except StoreUnavailable as error:

@@ -95,12 +95,14 @@ class EmergencyCap:
             heapq.heappop(expiry)
 
     def _due(self, expires_at: float, rid: str) -> None:
-        """Queue an expiry entry (before the hold it is for takes that time: see above)."""
-        heapq.heappush(self.expiry, (expires_at, rid))
-        if len(self.expiry) > 4 * len(self.holds) + 1024:  # settled ones' entries: dropped now and then
+        """Queue an expiry entry (before the hold it is for takes that time: see above), after
+        dropping, now and then, the entries of settled holds (the new one, not yet its hold's time,
+        would be dropped with them: that hold never expired)."""
+        if len(self.expiry) > 4 * len(self.holds) + 1024:
             kept = [(at, r) for at, r in self.expiry if (held := self.holds.get(r)) and held.expires_at == at]
             heapq.heapify(kept)
             self.expiry = kept
+        heapq.heappush(self.expiry, (expires_at, rid))
 
     def take(self, reservation: Reservation, now: float, key: tuple[str, str] | None) -> str | Reservation | None:
         """Hold the reservation's steps against the cap. Returns None when held; the unit that does

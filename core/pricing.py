@@ -235,9 +235,10 @@ def _trim_genai_caches() -> None:
 
 
 def _context(tier: str | None) -> dict[str, str] | None:
-    """genai-prices' price context of a call: its service tier (OpenAI's and Google's ``priority``
-    and ``flex``, Anthropic's ``fast``), which picks the model's price variant."""
-    return None if tier is None else {"service_tier": tier}
+    """genai-prices' price context of a call: its service tier, which picks the model's price
+    variant — OpenAI's and Google's ``service_tier`` (``priority``, ``flex``), Anthropic's ``speed``
+    (``fast``: passed as ``service_tier`` alone, a fast Opus call was held at half its price)."""
+    return None if tier is None else {"service_tier": tier, "speed": tier}
 
 
 def _lookup(
@@ -287,14 +288,18 @@ def _lookup(
     if resolved is not None:
         return _store_rate(key, (resolved, math.inf, None), generation)
     price = calc.model_price
-    if price.input_mtok is None and price.output_mtok is None:
-        # Priced by audio hours, characters or pages (whisper, tts, OCR): genai-prices answers $0
-        # for tokens, and the call was held as free. Not a price tokens can express: as unknown.
+    if (price.input_mtok is None and price.output_mtok is None) or any(
+        name.endswith(_NOT_TOKENS) for name, value in vars(price).items() if value is not None
+    ):
+        # Priced by audio hours, characters or pages, wholly (whisper, tts, OCR: genai-prices
+        # answers $0 for tokens, and the call was held as free) or in part (a realtime voice
+        # model's $4.8 per audio hour: held 0.01 of 4.81). Not a price tokens can express.
         if _fallback is not None:
             return _store_rate(key, (_fallback, math.inf, None), generation)
         raise InvalidRequest(
             f"model {model!r}" + (f" of provider {provider!r}" if provider else "") + " is not priced by tokens "
-            f"({price}); register a token price with clearance.pricing.register_price() or set_fallback_price()"
+            f"alone ({price}); register a token price with clearance.pricing.register_price() or "
+            "set_fallback_price()"
         )
     rate: ModelRate | None = None
     cache_writes = (getattr(price, "cache_write_mtok", None), getattr(price, "cache_write_1h_mtok", None))
@@ -320,6 +325,9 @@ def _lookup(
             rate = _dearest(rate, price, kinds)
     return _store_rate(key, (rate, _next_change(calc.model.prices, at), at), generation)
 
+
+_NOT_TOKENS = ("_hours", "_mchars", "_kpages", "_gpixels")
+"""genai-prices' price keys of units no token count says (durations, characters, pages, pixels)."""
 
 MODALITIES = ("audio", "image", "video")
 """Kinds of tokens besides text a model call may send or receive (genai-prices prices each)."""

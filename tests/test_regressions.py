@@ -627,3 +627,33 @@ async def test_a_shadow_aguard_cancelled_at_its_would_be_hold_runs_on_retry_and_
         grant.settle({"usd": 1})
     balance = authority.balance("tenant:globex")["usd"]
     assert balance.spent == 1 and balance.held == 0  # (the would-be hold released by the retry's decision)
+
+
+def test_a_shadow_decision_interrupted_at_its_output_cap_retry_frees_that_hold() -> None:
+    """The would-be decision's second hold (the output cap's retry, another reservation id) was not
+    among those queued for release when the decision was cut short: it kept its budget until its
+    TTL, and the tenant's would-be decisions meanwhile were denied (found in review)."""
+
+    class Lost(MemoryStore):
+        keyless = 0
+
+        def hold(self, request: HoldRequest) -> HoldResult:
+            result = super().hold(request)
+            if request.idempotency_key is None:
+                self.keyless += 1
+                if self.keyless == 2:  # the output cap's retry lands, its answer is lost
+                    raise KeyboardInterrupt
+            return result
+
+    clock = FakeClock()
+    authority = Authority(Lost(), clock=clock, default_ttl=600)
+    document = {"shadow": ["tenant:globex"], "output_cap": {"floor": 64}}
+    authority.apply_policy(PolicyDocument.parse(document))
+    authority.set_budget(Budget("tenant:globex", "usd", 1))
+    call = Action.model_call("openai", "gpt-4o", 1000, 200_000)  # 2.0025: only an output cap fits
+    with pytest.raises(KeyboardInterrupt):
+        authority.reserve(call, "tenant:globex/run:r1", idempotency_key="k")
+    assert authority.balance("tenant:globex")["usd"].held > 0  # the capped would-be hold, no owner
+    again = authority.reserve(call, "tenant:globex/run:r2")  # the tenant's next shadow decision
+    assert again.would_be is not None and again.would_be.allowed  # (its own would-be hold fits again)
+    assert authority.balance("tenant:globex")["usd"].held == 0

@@ -641,3 +641,31 @@ def test_the_emergency_cap_stays_whole_when_a_call_failing_open_is_interrupted_a
             break
         point += 1
     assert point > 5  # (the call was interrupted at every one of its points)
+
+
+def test_a_local_hold_taken_or_extended_as_old_expiry_entries_are_dropped_still_expires() -> None:
+    """The expiry entries of settled local holds are dropped now and then (past 4 per hold and
+    1,024); a hold taken (or extended) just then lost its new entry with them and never expired,
+    keeping its share of the emergency cap for the rest of the process (found in review)."""
+    from clearance.emergency import _EMERGENCY_CAPS
+
+    small = Action("step", "s", {"usd": "0.001"})
+    for extend in (False, True):
+        _EMERGENCY_CAPS.clear()
+        clock = FakeClock()
+        store = FlakyStore()
+        authority = Authority(store, clock=clock, fail_open=True, emergency_limits={"usd": 10})
+        store.down = True
+        if extend:
+            big = authority.reserve(Action("step", "s", {"usd": "9"}), SCOPE, ttl=30).reservation
+        for _ in range(1028 if extend else 1024):  # settled holds' entries pile up to the threshold
+            authority.release(authority.reserve(small, SCOPE, ttl=30).reservation)  # type: ignore[arg-type]
+        if extend:
+            authority.extend(big, 600)  # type: ignore[arg-type]
+        else:
+            big = authority.reserve(Action("step", "s", {"usd": "9"}), SCOPE, ttl=30).reservation
+        assert big is not None and big.local
+        clock.advance(3600)
+        cap = authority._emergency
+        cap.find(("tenant:acme", "none"), clock())
+        assert not cap.holds and cap.used == {"usd": 0}, extend

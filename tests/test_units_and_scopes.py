@@ -260,7 +260,13 @@ def test_a_per_request_fee_is_part_of_a_model_calls_worst_case() -> None:
 
 
 @pytest.mark.parametrize(
-    ("provider", "model"), [("openai", "whisper-1"), ("openai", "tts-1"), ("mistral", "mistral-ocr-latest")]
+    ("provider", "model"),
+    [
+        ("openai", "whisper-1"),
+        ("openai", "tts-1"),
+        ("mistral", "mistral-ocr-latest"),
+        ("elevenlabs", "eleven_realtime_v1_max"),  # tokens and $4.8 per audio hour: held 0.01 of 4.81
+    ],
 )
 def test_a_model_not_priced_by_tokens_is_refused_not_held_as_free(provider: str, model: str) -> None:
     """Models genai-prices prices by audio hours, characters or pages were held at $0 — past any
@@ -298,6 +304,11 @@ def test_a_model_call_at_a_service_tier_is_held_at_that_tiers_price() -> None:
         price = calc_price(usage, "gpt-5", provider_id="openai", price_context={"service_tier": tier}).total_price
         assert held.amounts["usd"] == Decimal(price).quantize(Decimal("1e-9"), rounding=ROUND_CEILING)
         assert held.metadata["service_tier"] == tier
+    fast = Usage(input_tokens=10_000, output_tokens=4_000)  # Anthropic's fast mode: its "speed"
+    opus = calc_price(fast, "claude-opus-4-8", provider_id="anthropic", price_context={"speed": "fast"}).total_price
+    held = Action.model_call("anthropic", "claude-opus-4-8", 10_000, 4_000, service_tier="fast").amounts["usd"]
+    assert held == Decimal(opus).quantize(Decimal("1e-9"), rounding=ROUND_CEILING)
+    assert held == 2 * Action.model_call("anthropic", "claude-opus-4-8", 10_000, 4_000).amounts["usd"]
     default = Action.model_call("openai", "gpt-5", 10_000, 4_000).amounts["usd"]
     assert Action.model_call("openai", "gpt-5", 10_000, 4_000, service_tier="priority").amounts["usd"] == 2 * default
     ladder = {"ladders": [{"provider": "openai", "rungs": ["gpt-5", "gpt-5-mini"]}]}
