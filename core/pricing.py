@@ -90,8 +90,9 @@ _custom: dict[tuple[str | None, str], ModelRate] = {}
 _custom_folded: dict[tuple[str | None, str], ModelRate] = {}
 _fallback: ModelRate | None = None
 _generation = 0  # +1 by every register_price / set_fallback_price: a lookup begun before must not cache
-# (provider, model, service tier) -> (its flat rate, or None when priced call by call; until when, in epoch
-# seconds, it applies; the moment it was looked up, at which a call-by-call price is computed)
+# (provider, model, service tier, kinds of tokens) -> (its flat rate, or None when priced call by
+# call; until when, in epoch seconds, it applies; the moment it was looked up, at which a
+# call-by-call price is computed)
 _RateKey = tuple[str | None, str, str | None, tuple[str, ...]]  # (provider, model, tier, kinds)
 _rates: dict[_RateKey, tuple[ModelRate | None, float, datetime | None]] = {}
 _clock = _time.time  # (a name of this module's: tests move it)
