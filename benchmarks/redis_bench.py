@@ -464,10 +464,10 @@ def add_live_holds(url: str, scope: str, count: int) -> None:
     client, scripts = store._sync_client()
     chain = tuple(scope.split("/")[: i + 1] for i in range(len(scope.split("/"))))
     chain_paths = tuple("/".join(parts) for parts in chain)
-    now = time.time()
     keys = store._keys(chain_paths[0])
     pipe = client.pipeline(transaction=False)
     for n in range(count):
+        now = time.time()  # (per request: parking 100,000 took past max_clock_skew on a slow host)
         request = HoldRequest(
             reservation_id=f"{os.urandom(10).hex()}.{chain_paths[0]}",
             chain=chain_paths,
