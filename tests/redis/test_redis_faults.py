@@ -836,3 +836,35 @@ def test_asyncio_clients_drop_the_nodes_that_left_the_cluster(
     finally:
         extra.stop()
         cluster.stop()
+
+
+def test_a_lost_reply_to_a_wiped_tenants_first_budget_still_registers_it(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After Redis lost a tenant's keys, the budget that gives it its first id registers it again
+    (listings, sweep); with that reply lost, the retry answered as for any budget already set and
+    the tenant stayed unregistered."""
+    authority = Authority(redis_url)
+    store = authority.store
+    assert isinstance(store, RedisStore)
+    authority.set_budget(Budget("tenant:wiped", "usd", 2))
+    prefix = redis_url.split("key_prefix=", 1)[1].split("&", 1)[0]
+    raw = redis_py.Redis.from_url(redis_url.split("?", maxsplit=1)[0])
+    for key in raw.scan_iter(match=f"{prefix}*"):
+        raw.delete(key)
+    real = RedisStore._evalsha
+    lose = [True]
+
+    def evalsha(self: RedisStore, client: object, script: object, root: str, args: list[str]) -> object:
+        reply = real(self, client, script, root, args)
+        if script is self._sync_client()[1]["set_budget"] and lose[0]:
+            lose[0] = False
+            raise redis_py.ConnectionError("reset before the reply")
+        return reply
+
+    monkeypatch.setattr(RedisStore, "_evalsha", evalsha)
+    authority.set_budget(Budget("tenant:wiped", "usd", 2))
+    assert not lose[0]  # (the reply was lost, the retry answered)
+    assert [b.scope for b in authority.budgets()] == ["tenant:wiped"]
+    raw.close()
+    authority.close()

@@ -69,7 +69,7 @@ for entry in string.gmatch(redis.call('HGET', K_LEDGER, field) or '', '%S+') do
     -- (Still a template, it was not set by a first run of this call, which would have made it an
     -- operator's: taken over now, with its audit event.)
     if retry and current == limit and not till then
-      return 1
+      return id == '1' and 2 or 1  -- (2: as the first run answered, see the end)
     end
     if till then  -- an operator's from now on
       redis.call('HDEL', K_LEDGER, 'u' .. id)
