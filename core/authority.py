@@ -827,6 +827,14 @@ class Authority:
             # retry finds it and is answered as under enforcement), then the would-be decision,
             # made without the key and its hold released at once.
             found = yield from self._shadow_hold(checked, parsed, ttl, key, request.plans[0].amounts)
+            if found.replayed and found.mode is Mode.SHADOW and found.reservation is not None:
+                # A retry: no would-be decision, but its commit counts in the run's per-run budgets
+                # (its tool_calls): made here if the first try was cut short before it made them.
+                try:
+                    for template in proposal.templates:
+                        yield from self._ensure_flow(template)
+                except StoreUnavailable:
+                    pass  # (counted once they exist: the store is failing this call anyway)
             if found.replayed or found.mode is not Mode.ENFORCED:
                 return found  # a retry's answer, or store trouble (failing open or closed)
             shadow, key = found, None

@@ -657,3 +657,29 @@ def test_a_shadow_decision_interrupted_at_its_output_cap_retry_frees_that_hold()
     again = authority.reserve(call, "tenant:globex/run:r2")  # the tenant's next shadow decision
     assert again.would_be is not None and again.would_be.allowed  # (its own would-be hold fits again)
     assert authority.balance("tenant:globex")["usd"].held == 0
+
+
+def test_a_shadow_tool_call_retried_after_an_interrupt_counts_on_its_run() -> None:
+    """A shadow decision cut short before it made the run's per-run budget (``calls_per_run``): its
+    keyed retry replays the shadow reservation without a would-be decision, so that budget was
+    never made and the call's commit counted nowhere (the run showed 1 call after 2)."""
+
+    class Interrupted(MemoryStore):
+        armed = True
+
+        def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
+            if self.armed:
+                self.armed = False
+                raise KeyboardInterrupt
+            return super().ensure_budget(scope, unit, period, limit, now)
+
+    authority = Authority(Interrupted(), clock=FakeClock())
+    authority.apply_policy(PolicyDocument.loads('shadow: ["tenant:globex"]\ntools: {calls_per_run: 20}', "yaml"))
+    call, run = Action.tool_call("web_search"), "tenant:globex/run:r1"
+    with pytest.raises(KeyboardInterrupt):
+        authority.reserve(call, run, idempotency_key="t1")
+    retried = authority.reserve(call, run, idempotency_key="t1")
+    assert retried.replayed and retried.reservation is not None
+    authority.commit(retried.reservation, {"calls": 1})
+    authority.commit(authority.reserve(call, run, idempotency_key="t2").reservation, {"calls": 1})  # type: ignore[arg-type]
+    assert [(b.unit, b.spent) for b in authority.budgets(run)] == [("tool_calls", 2)]
