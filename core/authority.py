@@ -1236,17 +1236,13 @@ class Authority:
                 return local
         try:
             result = self.store.hold(request)
+            if result.replayed:  # (the replay flow answers its own store trouble)
+                return self._run(self._replay_flow(result, checked, parsed, chosen, None))
+            return self._decide(result, checked, parsed, chosen, request.now)
         except StoreUnavailable as error:
             self._unanswered_hold(request)
             return self._unavailable(error, request, checked, parsed, chosen)
-        except BaseException:  # (see _run)
-            self._unanswered_hold(request)
-            raise
-        try:
-            if result.replayed:
-                return self._run(self._replay_flow(result, checked, parsed, chosen, None))
-            return self._decide(result, checked, parsed, chosen, request.now)
-        except BaseException:
+        except BaseException:  # no answer for a hold that may have landed (see _run)
             self._unanswered_hold(request)
             raise
 

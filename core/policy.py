@@ -225,22 +225,26 @@ class Policy:
         provider = action.provider
         others = {unit: steps for unit, steps in action.steps if unit not in ("usd", "tokens")}
         others = _add(others, extra)
-        # An Action built by hand with the metadata may hold more than its tokens cost (a fee it
-        # knows of): what it holds beyond the price of the call as asked comes on top of every
-        # plan's price — re-priced, a 5 USD worst case was held as 0.01.
-        asked = dict(action.steps)
-        price = _call_amounts(prompt, provider, action.model, output_tokens, {})
-        beyond = {unit: asked[unit] - price[unit] for unit in ("usd", "tokens") if asked.get(unit, 0) > price[unit]}
-        if beyond:
-            others = _add(others, beyond)
 
         plans: list[Plan] = []
         priced: list[Rung] = []
-        for rung in rungs:
+        for index, rung in enumerate(rungs):
             caps = None if rung.model == action.model else _model_caps(rung.model)
             rule = f"ladder:{rung.model}" if found else None
             try:
                 steps = _call_amounts(prompt, provider, rung.model, output_tokens, others)
+                if index == 0:  # the call as asked (rungs start at its model)
+                    # An Action built by hand with the metadata may hold more than its tokens cost
+                    # (a fee it knows of): what it holds beyond that price comes on top of every
+                    # plan's — re-priced, a 5 USD worst case was held as 0.01.
+                    beyond = {
+                        unit: held - (steps[unit] - others.get(unit, 0))
+                        for unit, held in action.steps
+                        if unit in ("usd", "tokens") and held > steps[unit] - others.get(unit, 0)
+                    }
+                    if beyond:
+                        others = _add(others, beyond)
+                        steps = _add(steps, beyond)
             except InvalidRequest as error:
                 if rung.model == action.model:
                     raise

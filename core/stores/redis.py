@@ -1548,41 +1548,40 @@ class RedisStore(Store):
         detail = f"period={period or 'lifetime'}"
         return [*self._head(now), scope, unit, period, str(limit), detail, "1" if only_new else "0", "0"]
 
-    def set_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
+    def _write_budget(self, scope: str, args: list[str], now: float) -> Any:
+        """Run set_budget for ``scope``'s tenant, registered first; registered again when the
+        script answers 2 — the tenant's first budget id: a new tenant, or one whose keys Redis lost
+        (a restart without persistence, a FLUSHALL), which this process registered before."""
         root = parse_scope(scope).root
         self._register(root)
-        reply = self._run_drained("set_budget", root, self._budget_args(scope, unit, period, limit, now), now)
-        if reply == 2:  # the tenant's first budget: a new tenant, or one whose keys Redis lost
+        reply = self._run_drained("set_budget", root, args, now)
+        if reply == 2:
             self._known_roots.discard(root)
             self._register(root, required=False)
+        return reply
+
+    async def _awrite_budget(self, scope: str, args: list[str], now: float) -> Any:
+        root = parse_scope(scope).root
+        await self._aregister(root)
+        reply = await self._arun_drained("set_budget", root, args, now)
+        if reply == 2:  # (see _write_budget)
+            self._known_roots.discard(root)
+            await self._aregister(root, required=False)
+        return reply
+
+    def set_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
+        self._write_budget(scope, self._budget_args(scope, unit, period, limit, now), now)
 
     async def aset_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> None:
-        root = parse_scope(scope).root
-        await self._aregister(root)
-        args = self._budget_args(scope, unit, period, limit, now)
-        if await self._arun_drained("set_budget", root, args, now) == 2:  # (see set_budget)
-            self._known_roots.discard(root)
-            await self._aregister(root, required=False)
+        await self._awrite_budget(scope, self._budget_args(scope, unit, period, limit, now), now)
 
     def ensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
-        root = parse_scope(scope).root
-        self._register(root)
         args = self._budget_args(scope, unit, period, limit, now, only_new=True)
-        reply = self._run_drained("set_budget", root, args, now)
-        if reply == 2:  # (see set_budget)
-            self._known_roots.discard(root)
-            self._register(root, required=False)
-        return bool(reply)
+        return bool(self._write_budget(scope, args, now))
 
     async def aensure_budget(self, scope: str, unit: str, period: str, limit: int, now: float) -> bool:
-        root = parse_scope(scope).root
-        await self._aregister(root)
         args = self._budget_args(scope, unit, period, limit, now, only_new=True)
-        reply = await self._arun_drained("set_budget", root, args, now)
-        if reply == 2:  # (see set_budget)
-            self._known_roots.discard(root)
-            await self._aregister(root, required=False)
-        return bool(reply)
+        return bool(await self._awrite_budget(scope, args, now))
 
     # --- policy documents (global keys, tag "{~}") ------------------------------------------------
     def put_policy(self, document: str, now: float) -> int:

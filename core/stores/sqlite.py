@@ -779,14 +779,20 @@ class SQLiteStore(Store):
                 f"SQLite ledger {self.path} was deleted or replaced since this process opened it: refused "
                 "(restart the process to use the file there now)"
             )
-        if _shm_replaced(self.path):
+        self._same_index()
+        self._file_checked = time.monotonic()
+
+    def _same_index(self) -> None:
+        """Refuse a ledger whose ``-shm`` (the WAL index every process shares through it) this
+        process holds is no longer the file at its path (see ``_shm_replaced``): each process would
+        write the WAL as its own index says, over the others' commits. So is every store made
+        afterwards in this process on the file (an Authority per request): it shares that index."""
+        if self.path in _ANCHORS or _shm_replaced(self.path):
             _keep_from_checkpointing(self.path)
             raise StoreUnavailable(
-                f"SQLite ledger {self.path}: its -shm file was deleted or replaced while this process used it "
-                "(its WAL index: each process would write the WAL as its own index says, over each other's "
-                "commits): refused (restart the process)"
+                f"SQLite ledger {self.path}: its -shm file was deleted or replaced while this process used it: "
+                "refused (restart the process)"
             )
-        self._file_checked = time.monotonic()
 
     def _connect(self) -> sqlite3.Connection:
         first = self._file is None
@@ -818,15 +824,11 @@ class SQLiteStore(Store):
         except sqlite3.Error as error:
             raise StoreUnavailable(f"cannot open SQLite ledger {self.path}: {error}") from error
         if first:
-            if self.path in _ANCHORS or _shm_replaced(self.path):
-                # A store made in a process whose WAL index of this file is stale (an Authority per
-                # request, say) shares that index: it would write over the other processes' commits.
-                _keep_from_checkpointing(self.path)
+            try:
+                self._same_index()
+            except StoreUnavailable:
                 db.close()
-                raise StoreUnavailable(
-                    f"SQLite ledger {self.path}: its -shm file was deleted or replaced while this process used it: "
-                    "refused (restart the process)"
-                )
+                raise
             try:
                 found = os.stat(self.path)
             except OSError as error:
